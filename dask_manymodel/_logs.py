@@ -1,0 +1,102 @@
+"""Capture what a user function prints or logs, per thread.
+
+A Dask worker runs several tasks at once in threads, so ``redirect_stdout``
+(which swaps the process-wide ``sys.stdout``) would mix their output. Instead
+one proxy is installed on ``sys.stdout``/``sys.stderr`` and one handler on
+the root logger; both route text to the capture buffer of the thread that
+produced it, and pass everything else through unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import sys
+import threading
+from typing import Iterator
+
+#: Default cap on the logs kept per group.
+DEFAULT_MAX_LOG_CHARS = 32_000
+
+_local = threading.local()
+_install_lock = threading.Lock()
+_installed = False
+
+
+class LogBuffer:
+    """Text captured during one group, cut at ``max_chars`` with a note."""
+
+    def __init__(self, max_chars: int):
+        self.max_chars = max_chars
+        self._parts: list[str] = []
+        self._size = 0
+        self.truncated = False
+
+    def write(self, text: str) -> None:
+        if self.truncated or not text:
+            return
+        room = self.max_chars - self._size
+        if len(text) > room:
+            text = text[:room]
+            self.truncated = True
+        self._parts.append(text)
+        self._size += len(text)
+
+    @property
+    def text(self) -> str:
+        out = "".join(self._parts)
+        if self.truncated:
+            out += f"\n[logs truncated at {self.max_chars} characters]\n"
+        return out
+
+
+class _ThreadRoutedStream(io.TextIOBase):
+    def __init__(self, original):
+        self.original = original
+
+    def write(self, text):  # type: ignore[override]
+        buffer = getattr(_local, "buffer", None)
+        if buffer is None:
+            return self.original.write(text)
+        buffer.write(text)
+        return len(text)
+
+    def flush(self):  # type: ignore[override]
+        self.original.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.original, name)
+
+
+class _ThreadRoutedHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        buffer = getattr(_local, "buffer", None)
+        if buffer is not None:
+            buffer.write(self.format(record) + "\n")
+
+
+def _install() -> None:
+    global _installed
+    with _install_lock:
+        if _installed:
+            return
+        sys.stdout = _ThreadRoutedStream(sys.stdout)
+        sys.stderr = _ThreadRoutedStream(sys.stderr)
+        handler = _ThreadRoutedHandler(level=logging.DEBUG)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+        _installed = True
+
+
+@contextlib.contextmanager
+def capture_logs(max_chars: int = DEFAULT_MAX_LOG_CHARS) -> Iterator[LogBuffer]:
+    """Collect this thread's prints and log records into a :class:`LogBuffer`."""
+    _install()
+    buffer = LogBuffer(max_chars)
+    previous = getattr(_local, "buffer", None)
+    _local.buffer = buffer
+    try:
+        yield buffer
+    finally:
+        _local.buffer = previous

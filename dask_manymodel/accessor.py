@@ -1,0 +1,157 @@
+"""``ddf.manymodel``: the accessor registered on Dask DataFrames.
+
+Each method is a thin call into :func:`dask_manymodel.engine.start_run`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import dask.dataframe as dd
+import pandas as pd
+
+from .engine import start_run
+from .exceptions import ManyModelError
+from .options import ExecutionOptions
+from .run import ManyModelRun
+from .serde import ModelSerde
+
+
+def _no_hidden_attribute_errors(method: Callable) -> Callable:
+    # Dask's __getattr__ turns an AttributeError raised inside an accessor into
+    # "'DataFrame' object has no attribute 'manymodel'" (xarray issue 933), so
+    # report it as something that keeps its message.
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except AttributeError as exc:
+            raise ManyModelError(f"AttributeError: {exc}") from exc
+
+    return wrapper
+
+
+@dd.extensions.register_dataframe_accessor("manymodel")
+class ManyModelAccessor:
+    """One model per group of this Dask DataFrame.
+
+    Examples
+    --------
+    >>> import dask_manymodel  # doctest: +SKIP
+    >>> run = ddf.manymodel.train(train, by="store", url="/tmp/models", run_id="r1")  # doctest: +SKIP
+    """
+
+    def __init__(self, dask_obj: dd.DataFrame):
+        self._obj = dask_obj
+
+    @_no_hidden_attribute_errors
+    def train(
+        self,
+        train_func: Callable,
+        *,
+        by: str | list[str],
+        url: str,
+        run_id: str,
+        storage_options: dict | None = None,
+        serde: ModelSerde | None = None,
+        on_existing_artifacts: str = "error",
+        execution_options: ExecutionOptions | None = None,
+    ) -> ManyModelRun:
+        """Train ``train_func(data, ctx)`` on every group; store each returned model.
+
+        Parameters
+        ----------
+        train_func : callable
+            ``train_func(data: DataConnector, ctx: PartitionContext) -> model``.
+        by : str or list of str
+            Column(s) whose values define the groups.
+        url : str
+            Where runs live: a local path or any fsspec URL.
+        run_id : str
+            The run's folder under ``url``.
+        storage_options : dict, optional
+            Passed to fsspec; never written anywhere.
+        serde : ModelSerde, optional
+            How models become files; default :class:`PickleSerde`.
+        on_existing_artifacts : {"error", "overwrite"}
+        execution_options : ExecutionOptions, optional
+
+        Returns
+        -------
+        ManyModelRun
+        """
+        return start_run(
+            "train",
+            train_func,
+            self._obj,
+            by=by,
+            url=url,
+            run_id=run_id,
+            storage_options=storage_options,
+            serde=serde,
+            on_existing_artifacts=on_existing_artifacts,
+            execution_options=execution_options,
+        )
+
+    @_no_hidden_attribute_errors
+    def predict(
+        self,
+        inference_func: Callable,
+        *,
+        by: str | list[str],
+        url: str,
+        training_run_id: str,
+        run_id: str,
+        storage_options: dict | None = None,
+        serde: ModelSerde | None = None,
+        on_existing_artifacts: str = "error",
+        execution_options: ExecutionOptions | None = None,
+        meta: pd.DataFrame | None = None,
+    ) -> ManyModelRun:
+        """Run ``inference_func(data, model, ctx)`` on every group with its trained model.
+
+        The frames it returns are stored as hive-partitioned parquet under
+        ``url/run_id`` and read back lazily with ``run.to_dask_dataframe()``.
+        ``meta`` fixes that frame's schema; by default it comes from the first
+        finished group.
+        """
+        return start_run(
+            "predict",
+            inference_func,
+            self._obj,
+            by=by,
+            url=url,
+            run_id=run_id,
+            storage_options=storage_options,
+            serde=serde,
+            on_existing_artifacts=on_existing_artifacts,
+            execution_options=execution_options,
+            training_run_id=training_run_id,
+            meta=meta,
+        )
+
+    @_no_hidden_attribute_errors
+    def dpf(
+        self,
+        func: Callable,
+        *,
+        by: str | list[str],
+        url: str,
+        run_id: str,
+        storage_options: dict | None = None,
+        on_existing_artifacts: str = "error",
+        execution_options: ExecutionOptions | None = None,
+    ) -> ManyModelRun:
+        """Run ``func(data, ctx)`` on every group; it saves files with ``ctx.upload``."""
+        return start_run(
+            "dpf",
+            func,
+            self._obj,
+            by=by,
+            url=url,
+            run_id=run_id,
+            storage_options=storage_options,
+            on_existing_artifacts=on_existing_artifacts,
+            execution_options=execution_options,
+        )

@@ -1,0 +1,206 @@
+"""What a user function receives: :class:`DataConnector` (the group's rows)
+and :class:`PartitionContext` (who it is, and a place to save files)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import tempfile
+from typing import TYPE_CHECKING, Any, Callable
+
+import cloudpickle
+import pandas as pd
+
+from .exceptions import InvalidArgumentError
+from .store import PARTITION_FILE, group_path, normalize_key
+
+if TYPE_CHECKING:
+    from .store import RunStore
+
+__all__ = ["DataConnector", "PartitionContext"]
+
+USER_LOGGER_NAME = "dask_manymodel.user"
+
+
+class DataConnector:
+    """The rows of one group, ready for pandas, PyTorch or TensorFlow.
+
+    The frame includes the ``by`` columns. Build one outside a run with
+    :meth:`from_pandas`.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> data = DataConnector.from_pandas(pd.DataFrame({"x": [1, 2, 3]}))
+    >>> data.to_pandas(limit=2)
+       x
+    0  1
+    1  2
+    """
+
+    def __init__(self, frame: pd.DataFrame):
+        if not isinstance(frame, pd.DataFrame):
+            raise InvalidArgumentError(
+                f"DataConnector needs a pandas DataFrame, got {type(frame).__name__}"
+            )
+        self._frame = frame
+
+    @classmethod
+    def from_pandas(cls, df: pd.DataFrame) -> "DataConnector":
+        """Wrap a pandas DataFrame (for notebooks and tests)."""
+        return cls(df)
+
+    @property
+    def columns(self) -> list[str]:
+        """Column names of the group's frame."""
+        return list(self._frame.columns)
+
+    def __len__(self) -> int:
+        return len(self._frame)
+
+    def __repr__(self) -> str:
+        return f"DataConnector(rows={len(self._frame)}, columns={self.columns})"
+
+    def to_pandas(self, limit: int | None = None) -> pd.DataFrame:
+        """The group's rows as a pandas DataFrame (the first ``limit`` rows if given).
+
+        The frame is shared with the engine, not copied: copy it before
+        changing it in place.
+        """
+        if limit is None:
+            return self._frame
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            raise InvalidArgumentError(f"limit must be a non-negative int or None, got {limit!r}")
+        return self._frame.iloc[:limit]
+
+
+def _check_artifact_name(filename: str) -> str:
+    if (
+        not isinstance(filename, str)
+        or not filename
+        or filename in {".", ".."}
+        or "/" in filename
+        or "\\" in filename
+        or "\x00" in filename
+    ):
+        raise InvalidArgumentError(
+            f"artifact filename {filename!r} must be a plain file name "
+            f"(no '/', '\\', NUL, '.' or '..')"
+        )
+    if filename == PARTITION_FILE or filename.startswith("_"):
+        raise InvalidArgumentError(
+            f"artifact filename {filename!r} is reserved: names starting with '_' "
+            f"belong to dask_manymodel"
+        )
+    return filename
+
+
+def _pickle_write(obj: Any, path: str) -> None:
+    with open(path, "wb") as f:
+        cloudpickle.dump(obj, f)
+
+
+def _pickle_read(path: str) -> Any:
+    with open(path, "rb") as f:
+        return cloudpickle.load(f)
+
+
+class PartitionContext:
+    """Who the current group is, and where it may save and read files.
+
+    Attributes
+    ----------
+    partition_id : object
+        The group's value (a tuple when ``by`` has several columns).
+    run_id : str
+        The run this group belongs to.
+    logger : logging.Logger
+        Records logged here (and anything printed) are kept in the group's
+        ``PartitionDetails.logs``.
+    """
+
+    def __init__(self, partition_id: Any, run_id: str, *, store: "RunStore", by: list[str]):
+        self.partition_id = partition_id
+        self.run_id = run_id
+        self.logger = logging.getLogger(USER_LOGGER_NAME)
+        self._store = store
+        self._by = by
+        self._uploaded: list[str] = []
+
+    def __repr__(self) -> str:
+        return f"PartitionContext(partition_id={self.partition_id!r}, run_id={self.run_id!r})"
+
+    def _group_folder(self, partition_id: Any, run_id: str | None) -> tuple["RunStore", str]:
+        from .store import RunStore
+
+        store = self._store
+        if run_id is not None and run_id != store.run_id:
+            store = RunStore(store.url, run_id, fs=store.fs)
+        key = normalize_key(partition_id, len(self._by))
+        return store, store.path(group_path(self._by, key))
+
+    def upload(
+        self,
+        obj: Any,
+        filename: str,
+        write_function: Callable[[Any, str], None] | None = None,
+    ) -> str:
+        """Save ``obj`` as ``filename`` in this group's folder.
+
+        Parameters
+        ----------
+        obj : object
+            What to save.
+        filename : str
+            A plain file name (no folders). Names starting with ``_`` are reserved.
+        write_function : callable, optional
+            ``write_function(obj, local_path)`` writes the file; the default
+            pickles ``obj`` with cloudpickle.
+
+        Returns
+        -------
+        str
+            The URL of the saved file.
+        """
+        _check_artifact_name(filename)
+        store, folder = self._group_folder(self.partition_id, None)
+        write = write_function or _pickle_write
+        with tempfile.TemporaryDirectory(prefix="manymodel-") as tmp:
+            local = os.path.join(tmp, filename)
+            write(obj, local)
+            store.upload_file(local, posixpath.join(folder, filename))
+        if filename not in self._uploaded:
+            self._uploaded.append(filename)
+        return store.display(group_path(self._by, normalize_key(self.partition_id, len(self._by))), filename)
+
+    def download(
+        self,
+        filename: str,
+        partition_id: Any = None,
+        run_id: str | None = None,
+        read_function: Callable[[str], Any] | None = None,
+    ) -> Any:
+        """Read a file saved by :meth:`upload`, from this group or another.
+
+        Parameters
+        ----------
+        filename : str
+            The name given to :meth:`upload`.
+        partition_id : object, optional
+            Another group of the same ``by`` columns; default this group.
+        run_id : str, optional
+            Another run under the same URL; default this run.
+        read_function : callable, optional
+            ``read_function(local_path)`` returns the object; the default unpickles.
+        """
+        if not isinstance(filename, str) or "/" in filename or "\\" in filename or filename in {"", ".", ".."}:
+            raise InvalidArgumentError(f"filename {filename!r} must be a plain file name")
+        store, folder = self._group_folder(
+            self.partition_id if partition_id is None else partition_id, run_id
+        )
+        read = read_function or _pickle_read
+        with tempfile.TemporaryDirectory(prefix="manymodel-") as tmp:
+            local = os.path.join(tmp, filename)
+            store.download_file(posixpath.join(folder, filename), local)
+            return read(local)

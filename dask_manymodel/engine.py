@@ -1,0 +1,757 @@
+"""The engine behind train, predict and DPF runs.
+
+On the client (:func:`start_run`): validate everything that can be checked
+without compute, count rows per group, assign groups to output partitions
+largest first, shuffle on that assignment, and submit one task per output
+partition. On the workers (:func:`run_partition`): loop over the groups of
+one partition, run the user function on each, save what it returns, and
+write the group's ``_partition.json`` last. Errors are caught per group; a
+model never travels back to the client, only a small record per group.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import heapq
+import inspect
+import io
+import logging
+import os
+import re
+import tempfile
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import dask
+import dask.dataframe as dd
+import distributed
+import numpy as np
+import pandas as pd
+
+from ._client import get_or_start_client
+from ._logs import capture_logs
+from .context import DataConnector, PartitionContext
+from .exceptions import (
+    InvalidArgumentError,
+    InvalidURLError,
+    RunExistsError,
+    RunNotFoundError,
+    StorageError,
+)
+from .options import ExecutionOptions
+from .serde import ModelSerde, PickleSerde, serde_from_manifest, serde_to_manifest
+from .store import (
+    GROUPS_FILE,
+    PARTITION_FILE,
+    RUN_MANIFEST,
+    RunStore,
+    group_path,
+    key_from_json,
+    key_to_json,
+)
+
+logger = logging.getLogger(__name__)
+
+KINDS = {
+    # kind: (positional arguments of the user function, their names)
+    "train": (2, "data, ctx"),
+    "predict": (3, "data, model, ctx"),
+    "dpf": (2, "data, ctx"),
+}
+ON_EXISTING = ("error", "overwrite")
+PARTITION_COLUMN = "__manymodel_partition__"
+PREDICTION_COLUMN = "prediction"
+OUTPUT_FILE = "part-0.parquet"
+FORMAT_VERSION = 1
+_RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# How often a task asks the scheduler whether the run was cancelled, and
+# reports progress: often enough to feel prompt, rarely enough to cost nothing.
+_HEARTBEAT_SECONDS = 0.5
+
+
+# --------------------------------------------------------------------------
+# validation (client side, before any compute)
+
+
+def check_run_id(run_id: Any, what: str = "run_id") -> str:
+    """A run_id is one safe path segment: letters, digits, ``.``, ``_``, ``-``."""
+    if not isinstance(run_id, str) or not _RUN_ID_PATTERN.match(run_id) or ".." in run_id:
+        raise InvalidArgumentError(
+            f"{what} {run_id!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', "
+            f"starting with a letter or digit, without '..', '/' or whitespace"
+        )
+    return run_id
+
+
+def check_function(func: Any, kind: str) -> Callable:
+    """The user function is callable with the kind's positional arguments."""
+    n_args, names = KINDS[kind]
+    if not callable(func):
+        raise InvalidArgumentError(
+            f"the {kind} function must be callable as f({names}), got {func!r}"
+        )
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):  # some builtins have no signature: trust them
+        return func
+    try:
+        signature.bind(*range(n_args))
+    except TypeError:
+        name = getattr(func, "__qualname__", repr(func))
+        raise InvalidArgumentError(
+            f"the {kind} function {name}{signature} must accept {n_args} positional "
+            f"arguments ({names})"
+        ) from None
+    return func
+
+
+def check_by(by: Any, ddf: dd.DataFrame) -> list:
+    """``by`` as a non-empty list of distinct columns of ``ddf``."""
+    columns = [by] if isinstance(by, str) or not isinstance(by, (list, tuple)) else list(by)
+    if not columns:
+        raise InvalidArgumentError(
+            "partition_by/by is empty: name the column(s) that define the groups"
+        )
+    if len(set(map(str, columns))) != len(columns):
+        raise InvalidArgumentError(f"partition_by/by {columns!r} names a column twice")
+    missing = [c for c in columns if c not in ddf.columns]
+    if missing:
+        raise InvalidArgumentError(
+            f"partition_by/by column(s) {missing!r} not in the dataframe; "
+            f"its columns are {list(ddf.columns)!r}"
+        )
+    return columns
+
+
+def check_on_existing(value: Any, allowed: Sequence[str] = ON_EXISTING) -> str:
+    if value not in allowed:
+        raise InvalidArgumentError(
+            f"on_existing_artifacts={value!r} is not one of {', '.join(map(repr, allowed))}"
+        )
+    return value
+
+
+def check_serde(serde: Any) -> ModelSerde:
+    if serde is None:
+        return PickleSerde()
+    if not isinstance(serde, ModelSerde):
+        raise InvalidArgumentError(
+            f"serde must be a ModelSerde instance (e.g. PickleSerde()), got {serde!r}"
+        )
+    return serde
+
+
+def as_dask_dataframe(dataframe: Any) -> dd.DataFrame:
+    """Accept a Dask DataFrame, or a pandas one (split into a few partitions)."""
+    if isinstance(dataframe, dd.DataFrame):
+        return dataframe
+    if isinstance(dataframe, pd.DataFrame):
+        return dd.from_pandas(dataframe, npartitions=max(1, min(8, len(dataframe) // 100_000 + 1)))
+    raise InvalidArgumentError(
+        f"dataframe must be a dask.dataframe.DataFrame or pandas.DataFrame, "
+        f"got {type(dataframe).__name__}"
+    )
+
+
+def check_reachable(store: RunStore) -> None:
+    """Fail now, not inside a task, when the URL cannot be listed."""
+    try:
+        store.fs.exists(store.base)
+    except Exception as exc:  # any backend error: credentials, DNS, permissions
+        raise InvalidURLError(
+            f"cannot reach {store.url!r}: {type(exc).__name__}: {exc}; check the URL "
+            f"and storage_options"
+        ) from exc
+
+
+def run_exists(store: RunStore) -> bool:
+    try:
+        return store.fs.exists(store.root) and bool(store.fs.ls(store.root))
+    except FileNotFoundError:
+        return False
+
+
+# --------------------------------------------------------------------------
+# assignment of groups to output partitions
+
+
+def default_npartitions(client: distributed.Client, n_groups: int) -> int:
+    """About four tasks per worker thread: enough to balance, few enough to be cheap."""
+    threads = sum(client.nthreads().values()) or 1
+    return max(1, min(n_groups, 4 * threads))
+
+
+def assign_groups(sizes: np.ndarray, npartitions: int) -> np.ndarray:
+    """Longest-processing-time-first: each group, largest first, goes to the
+    output partition with the fewest rows so far. Returns one partition
+    number per group."""
+    parts = np.empty(len(sizes), dtype=np.int64)
+    loads = [(0, p) for p in range(npartitions)]
+    for index in np.argsort(-np.asarray(sizes), kind="stable"):
+        load, part = heapq.heappop(loads)
+        parts[index] = part
+        heapq.heappush(loads, (load + int(sizes[index]), part))
+    return parts
+
+
+def _group_index(df: pd.DataFrame, by: list) -> pd.Index:
+    if len(by) == 1:
+        return pd.Index(df[by[0]])
+    return pd.MultiIndex.from_frame(df[by])
+
+
+def _tag_partition(df: pd.DataFrame, by: list, keys: pd.Index, parts: np.ndarray) -> pd.DataFrame:
+    """Add the output-partition column to one input partition."""
+    positions = keys.get_indexer(_group_index(df, by))
+    if (positions < 0).any():  # the data changed between the count and the shuffle
+        raise RuntimeError("a group appeared that was not counted; is the input deterministic?")
+    return df.assign(**{PARTITION_COLUMN: parts[positions]})
+
+
+# --------------------------------------------------------------------------
+# what the workers get
+
+
+@dataclass
+class RunSpec:
+    """Everything a partition task needs; scattered to the workers once per run."""
+
+    kind: str
+    run_id: str
+    attempt: str
+    by: list
+    func: Callable
+    store: RunStore
+    serde: ModelSerde | None
+    options: ExecutionOptions
+    cancel_event: str
+    progress_topic: str
+    training_store: RunStore | None = None
+    training_attempt: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class _Heartbeat:
+    """Throttled cancel checks and progress events from inside a task."""
+
+    def __init__(self, spec: RunSpec):
+        self.spec = spec
+        self.last = 0.0
+        self.cancelled = False
+        self.pending = {"done": 0, "failed": 0}
+        try:
+            self.worker = distributed.get_worker()
+        except ValueError:  # run outside a worker (unit tests)
+            self.worker = None
+
+    def _event(self) -> distributed.Event | None:
+        if self.worker is None:
+            return None
+        return distributed.Event(self.spec.cancel_event)
+
+    def count(self, status: str) -> None:
+        self.pending["done" if status == "DONE" else "failed"] += 1
+
+    def beat(self, force: bool = False) -> bool:
+        """Report progress and return True if the run was cancelled."""
+        now = time.monotonic()
+        if self.cancelled or self.worker is None or (not force and now - self.last < _HEARTBEAT_SECONDS):
+            return self.cancelled
+        self.last = now
+        if any(self.pending.values()):
+            self.worker.log_event(self.spec.progress_topic, dict(self.pending))
+            self.pending = {"done": 0, "failed": 0}
+        try:
+            self.cancelled = self._event().is_set()
+        except Exception:  # the scheduler is busy or gone: keep working
+            logger.debug("could not check the cancel event", exc_info=True)
+        return self.cancelled
+
+    def cancel_run(self) -> None:
+        """fail_fast: tell every task of the run to stop."""
+        self.cancelled = True
+        event = self._event()
+        if event is not None:
+            event.set()
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat()
+
+
+def _record(spec: RunSpec, key: tuple, rel: str, **values: Any) -> dict:
+    partition_id = key[0] if len(key) == 1 else key
+    record = {
+        "partition_id": [key_to_json(v) for v in key] if len(key) > 1 else key_to_json(partition_id),
+        "path": rel,
+        "status": "DONE",
+        "seconds": 0.0,
+        "rows": 0,
+        "bytes": 0,
+        "error": None,
+        "traceback": None,
+        "logs": "",
+        "artifacts": [],
+        "attempts": 0,
+        "attempt": spec.attempt,
+        "finished": None,
+    }
+    record.update(values)
+    return record
+
+
+def _write_status(spec: RunSpec, record: dict) -> dict:
+    """Write ``_partition.json`` (last, so a reader trusts only a finished group)."""
+    record["finished"] = _now()
+    try:
+        spec.store.write_json(spec.store.path(record["path"], PARTITION_FILE), record)
+    except Exception as exc:
+        record.update(
+            status="INTERNAL_ERROR",
+            error=f"could not write the status of group {record['path']}: {exc}",
+            traceback=traceback.format_exc(),
+        )
+    return record
+
+
+def _save_model(spec: RunSpec, model: Any, rel: str, partition_id: Any) -> int:
+    serde = spec.serde
+    with tempfile.TemporaryDirectory(prefix="manymodel-") as tmp:
+        local = os.path.join(tmp, serde.filename)
+        try:
+            serde.write(model, local)
+        except Exception as exc:
+            raise _UserError(
+                f"{type(serde).__name__} could not write the model of group {partition_id!r} "
+                f"(a {type(model).__module__}.{type(model).__qualname__}): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        size = os.path.getsize(local)
+        spec.store.upload_file(local, spec.store.path(rel, serde.filename))
+    return size
+
+
+def _save_output(spec: RunSpec, result: Any, frame: pd.DataFrame, rel: str) -> tuple[int, int]:
+    """Store what an inference function returned; returns (rows, bytes)."""
+    if result is None:
+        return 0, 0
+    if isinstance(result, pd.Series):
+        if len(result) != len(frame):
+            raise _UserError(f"the returned Series has {len(result)} rows, the group {len(frame)}")
+        result = frame.assign(**{str(result.name or PREDICTION_COLUMN): result.to_numpy()})
+    elif isinstance(result, np.ndarray):
+        if result.ndim != 1 or len(result) != len(frame):
+            raise _UserError(
+                f"the returned array has shape {result.shape}; return one value per row "
+                f"({len(frame)},), a Series, a DataFrame or None"
+            )
+        result = frame.assign(**{PREDICTION_COLUMN: result})
+    elif not isinstance(result, pd.DataFrame):
+        raise _UserError(
+            f"the inference function returned a {type(result).__name__}; return a pandas "
+            f"DataFrame, Series, a 1-d numpy array with one value per row, or None"
+        )
+    # the by columns live in the path (hive style), not in the file
+    output = result.drop(columns=[c for c in spec.by if c in result.columns])
+    buffer = io.BytesIO()
+    output.reset_index(drop=True).to_parquet(buffer, index=False)
+    data = buffer.getvalue()
+    spec.store.write_bytes(spec.store.path(rel, OUTPUT_FILE), data)
+    return len(output), len(data)
+
+
+class _UserError(Exception):
+    """A failure the user can fix (FAILED, not INTERNAL_ERROR)."""
+
+
+def _load_model(spec: RunSpec, rel: str, training_status: dict | None, partition_id: Any) -> Any:
+    training = spec.training_store
+    if training_status is None or training_status.get("attempt") != spec.training_attempt:
+        raise _UserError(
+            f"group {partition_id!r} has no model in training run {training.run_id!r} "
+            f"(it was never trained there)"
+        )
+    if training_status.get("status") != "DONE":
+        raise _UserError(
+            f"group {partition_id!r} has no model in training run {training.run_id!r}: "
+            f"it ended {training_status.get('status')} there"
+        )
+    remote = training.path(rel, spec.serde.filename)
+    with tempfile.TemporaryDirectory(prefix="manymodel-") as tmp:
+        local = os.path.join(tmp, spec.serde.filename)
+        try:
+            training.download_file(remote, local)
+        except FileNotFoundError as exc:
+            raise _UserError(f"model file {training.display(rel, spec.serde.filename)} is missing") from exc
+        try:
+            return spec.serde.read(local)
+        except Exception as exc:
+            raise _UserError(
+                f"{type(spec.serde).__name__} could not read model file "
+                f"{training.display(rel, spec.serde.filename)}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+def run_group(
+    spec: RunSpec,
+    key: tuple,
+    frame: pd.DataFrame,
+    heartbeat: _Heartbeat,
+    training_status: dict | None = None,
+) -> dict:
+    """Run the user function on one group and store the outcome. Never raises."""
+    partition_id = key[0] if len(key) == 1 else key
+    rel = group_path(spec.by, key)
+    start = time.perf_counter()
+    record = _record(spec, key, rel, rows=len(frame))
+    ctx = PartitionContext(partition_id, spec.run_id, store=spec.store, by=spec.by)
+    with capture_logs(spec.options.max_log_chars) as logs:
+        try:
+            model = None
+            if spec.kind == "predict":
+                model = _load_model(spec, rel, training_status, partition_id)
+            result = _call_with_retries(spec, record, ctx, frame, model)
+            if record["status"] == "DONE":
+                if spec.kind == "train":
+                    if result is None:
+                        raise _UserError(
+                            "the train function returned None; return the model to save "
+                            "(or use DPF to save files yourself through ctx.upload)"
+                        )
+                    record["bytes"] = _save_model(spec, result, rel, partition_id)
+                elif spec.kind == "predict":
+                    record["output_rows"], record["bytes"] = _save_output(spec, result, frame, rel)
+        except _UserError as exc:
+            record.update(status="FAILED", error=str(exc), traceback=traceback.format_exc())
+        except StorageError as exc:
+            record.update(status="INTERNAL_ERROR", error=str(exc), traceback=traceback.format_exc())
+        except Exception as exc:  # our own bug, or something unexpected underneath
+            record.update(
+                status="INTERNAL_ERROR",
+                error=f"{type(exc).__name__}: {exc}",
+                traceback=traceback.format_exc(),
+            )
+    record.update(
+        logs=logs.text,
+        artifacts=list(ctx._uploaded),
+        seconds=time.perf_counter() - start,
+    )
+    return _write_status(spec, record)
+
+
+def _call_with_retries(spec, record, ctx, frame, model) -> Any:
+    data = DataConnector(frame)
+    for attempt in range(spec.options.max_retries + 1):
+        record["attempts"] = attempt + 1
+        try:
+            if spec.kind == "predict":
+                result = spec.func(data, model, ctx)
+            else:
+                result = spec.func(data, ctx)
+        except Exception as exc:
+            record.update(
+                status="FAILED",
+                error=f"{type(exc).__name__}: {exc}",
+                traceback=traceback.format_exc(),
+            )
+            logger.debug("group %s failed (attempt %d)", record["path"], attempt + 1)
+            continue
+        record.update(status="DONE", error=None, traceback=None)
+        return result
+    return None
+
+
+def run_partition(spec: RunSpec, frame: pd.DataFrame) -> list[dict]:
+    """One task: every group of one output partition, one after the other.
+
+    Returns one small record per group; the models stay in storage.
+    """
+    frame = frame.reset_index(drop=True)
+    heartbeat = _Heartbeat(spec)
+    grouped = frame.groupby(spec.by, dropna=False, sort=False, observed=True)
+    training_statuses: dict[str, dict] = {}
+    if spec.kind == "predict":
+        # one batched read of this partition's training statuses
+        rels = [group_path(spec.by, k if isinstance(k, tuple) else (k,)) for k in grouped.groups]
+        paths = {spec.training_store.path(rel, PARTITION_FILE): rel for rel in rels}
+        found = spec.training_store.read_many_json(list(paths))
+        training_statuses = {paths[p]: v for p, v in found.items() if p in paths}
+    records = []
+    cancelled = heartbeat.beat(force=True)
+    for key, group in grouped:
+        key = key if isinstance(key, tuple) else (key,)
+        if cancelled or heartbeat.beat():
+            cancelled = True
+            rel = group_path(spec.by, key)
+            records.append(
+                _write_status(spec, _record(spec, key, rel, status="CANCELLED", rows=len(group)))
+            )
+            continue
+        record = run_group(spec, key, group, heartbeat, training_statuses.get(group_path(spec.by, key)))
+        heartbeat.count(record["status"])
+        records.append(record)
+        if spec.options.fail_fast and record["status"] != "DONE":
+            heartbeat.cancel_run()
+            cancelled = True
+    heartbeat.beat(force=True)
+    return records
+
+
+# --------------------------------------------------------------------------
+# the client side
+
+
+def versions() -> dict:
+    import platform
+
+    from . import __version__
+
+    return {
+        "dask_manymodel": __version__,
+        "dask": dask.__version__,
+        "distributed": distributed.__version__,
+        "pandas": pd.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def start_run(
+    kind: str,
+    func: Callable,
+    dataframe: Any,
+    *,
+    by: Any,
+    url: str,
+    run_id: str,
+    storage_options: dict | None = None,
+    serde: ModelSerde | None = None,
+    on_existing_artifacts: str = "error",
+    execution_options: ExecutionOptions | None = None,
+    training_run_id: str | None = None,
+    meta: pd.DataFrame | None = None,
+):
+    """Validate, count, shuffle and submit a run; return its live handle.
+
+    This is what ``ddf.manymodel.train``, ``ManyModelTraining.run`` and the
+    others call. See :class:`dask_manymodel.ManyModelRun` for the handle.
+    """
+    from .run import ManyModelRun
+
+    # 1. everything that needs no compute -----------------------------------
+    check_function(func, kind)
+    ddf = as_dask_dataframe(dataframe)
+    by = check_by(by, ddf)
+    check_run_id(run_id)
+    check_on_existing(on_existing_artifacts)
+    options = execution_options or ExecutionOptions()
+    if not isinstance(options, ExecutionOptions):
+        raise InvalidArgumentError(
+            f"execution_options must be an ExecutionOptions, got {type(options).__name__}"
+        )
+    if storage_options is not None and not isinstance(storage_options, dict):
+        raise InvalidArgumentError(f"storage_options must be a dict, got {type(storage_options).__name__}")
+    store = RunStore(
+        url,
+        run_id,
+        storage_options,
+        retries=options.storage_retries,
+        retry_backoff=options.storage_retry_backoff,
+    )
+    check_reachable(store)
+
+    training_store = training_manifest = None
+    if kind == "predict":
+        check_run_id(training_run_id, "training_run_id")
+        if training_run_id == run_id:
+            raise InvalidArgumentError(
+                f"run_id {run_id!r} is the training run's id; give the inference run its own"
+            )
+        training_store = RunStore(url, training_run_id, storage_options, retries=options.storage_retries, fs=store.fs)
+        training_manifest = _read_manifest_or_none(training_store)
+        if training_manifest is None:
+            raise RunNotFoundError(
+                f"training run {training_run_id!r} does not exist at {store.url}; "
+                f"train it first or check training_run_id and url"
+            )
+        if training_manifest.get("kind") != "train":
+            raise InvalidArgumentError(
+                f"run {training_run_id!r} at {store.url} is a {training_manifest.get('kind')} "
+                f"run, not a training run"
+            )
+        if list(training_manifest["partition_by"]) != [str(c) for c in by]:
+            raise InvalidArgumentError(
+                f"by={by!r} differs from the training run's partition_by "
+                f"{training_manifest['partition_by']!r}"
+            )
+        serde = _inference_serde(serde, training_manifest, training_run_id)
+    elif kind == "train":
+        serde = check_serde(serde)
+    else:
+        serde = None
+
+    if run_exists(store) and on_existing_artifacts == "error":
+        raise RunExistsError(
+            f"run {run_id!r} already exists at {store.url}; pass "
+            f"on_existing_artifacts='overwrite' to replace it, or choose another run_id"
+        )
+
+    # 2. count rows per group: the only compute before anything is written --
+    client = get_or_start_client()
+    try:
+        counts = client.compute(
+            ddf.groupby(by, dropna=False, observed=True).size()
+        ).result()
+    except TypeError as exc:
+        raise InvalidArgumentError(
+            f"cannot group by {by!r}: {exc}; group values must be hashable scalars "
+            f"(not lists or dicts)"
+        ) from exc
+
+    keys: pd.Index = counts.index
+    sizes = counts.to_numpy()
+    key_tuples = [k if isinstance(k, tuple) else (k,) for k in keys]
+    groups = [
+        {"partition_id": _json_key(k), "path": group_path(by, k), "rows": int(n)}
+        for k, n in zip(key_tuples, sizes)
+    ]
+    paths = [g["path"] for g in groups]
+    if len(set(paths)) != len(paths):
+        # e.g. 1 and "1" in one object column share the folder "store=1"
+        clash = collections.Counter(paths).most_common(1)[0][0]
+        raise InvalidArgumentError(
+            f"two different group values map to the same folder {clash!r}; make the "
+            f"{by!r} column(s) one type (e.g. .astype(str))"
+        )
+
+    # 3. write the manifest (the run now exists) -----------------------------
+    attempt = uuid.uuid4().hex
+    if on_existing_artifacts == "overwrite":
+        store.delete_run()
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "run_id": run_id,
+        "kind": kind,
+        "partition_by": [str(c) for c in by],
+        "serde": serde_to_manifest(serde) if serde is not None else None,
+        "training_run_id": training_run_id,
+        "training_attempt": training_manifest.get("attempt") if training_manifest else None,
+        "created": _now(),
+        "finished": None,
+        "status": "IN_PROGRESS" if groups else "SUCCESS",
+        "attempt": attempt,
+        "n_groups": len(groups),
+        "counts": {},
+        "cancelled": False,
+        "versions": versions(),
+    }
+    store.write_json(store.path(GROUPS_FILE), groups)
+    store.write_json(store.path(RUN_MANIFEST), manifest)
+
+    spec = RunSpec(
+        kind=kind,
+        run_id=run_id,
+        attempt=attempt,
+        by=by,
+        func=func,
+        store=store,
+        serde=serde,
+        options=options,
+        cancel_event=f"manymodel-cancel-{attempt}",
+        progress_topic=f"manymodel-progress-{attempt}",
+        training_store=training_store,
+        training_attempt=manifest["training_attempt"],
+    )
+    if not groups:
+        logger.info("the dataframe has no rows: run %r is an empty SUCCESS", run_id)
+        manifest["finished"] = manifest["created"]
+        store.write_json(store.path(RUN_MANIFEST), manifest)
+        return ManyModelRun(store=store, manifest=manifest, groups=[], client=client, spec=spec, futures=[], meta=meta)
+
+    # 4. shuffle on the assignment ------------------------------------------
+    npartitions = options.npartitions or default_npartitions(client, len(groups))
+    npartitions = min(npartitions, len(groups))
+    parts = assign_groups(sizes, npartitions)
+    for group, part in zip(groups, parts):
+        group["task"] = int(part)
+    tagged = ddf.map_partitions(
+        _tag_partition,
+        by,
+        keys,
+        parts,
+        meta=ddf._meta.assign(**{PARTITION_COLUMN: np.int64(0)}),
+        token="manymodel-assign",
+    )
+    shuffle_kwargs = {"shuffle_method": options.shuffle_method} if options.shuffle_method else {}
+    # explicit divisions 0..n: output partition i holds exactly the groups assigned to i
+    shuffled = tagged.set_index(
+        PARTITION_COLUMN, divisions=list(range(npartitions + 1)), **shuffle_kwargs
+    )
+    shuffled = client.persist(shuffled)
+    # the persisted keys are those of the lowered graph, (name, i) for i in 0..n-1
+    ordered = sorted(distributed.futures_of(shuffled), key=lambda f: f.key[1])
+    assert len(ordered) == npartitions, (len(ordered), npartitions)
+
+    # 5. one task per output partition --------------------------------------
+    spec_future = client.scatter(spec, broadcast=False, hash=False)
+    name = f"manymodel-{kind}-{attempt}"
+    futures = [
+        # Submitted by hand rather than through map_partitions: query planning
+        # drops dask.annotate, and only these tasks (not the shuffle) may
+        # carry resources such as {"GPU": 1}. pure=False: every run is new work.
+        client.submit(
+            run_partition,
+            spec_future,
+            part,
+            key=(name, i),
+            resources=options.resources,
+            retries=options.task_retries,
+            pure=False,
+        )
+        for i, part in enumerate(ordered)
+    ]
+    del shuffled, ordered  # the tasks hold them now
+    return ManyModelRun(
+        store=store, manifest=manifest, groups=groups, client=client, spec=spec, futures=futures, meta=meta
+    )
+
+
+def _json_key(key: tuple) -> Any:
+    return key_to_json(key[0]) if len(key) == 1 else [key_to_json(v) for v in key]
+
+
+def _read_manifest_or_none(store: RunStore) -> dict | None:
+    try:
+        return store.read_json(store.path(RUN_MANIFEST))
+    except FileNotFoundError:
+        return None
+
+
+def _inference_serde(serde: ModelSerde | None, training_manifest: dict, training_run_id: str) -> ModelSerde:
+    stored = training_manifest.get("serde") or {}
+    if serde is None:
+        rebuilt = serde_from_manifest(stored) if stored else None
+        if rebuilt is None:
+            raise InvalidArgumentError(
+                f"cannot rebuild serde {stored.get('class')!r} of training run "
+                f"{training_run_id!r}; pass serde= explicitly"
+            )
+        return rebuilt
+    serde = check_serde(serde)
+    if stored and serde.filename != stored.get("filename"):
+        raise InvalidArgumentError(
+            f"serde {serde!r} reads {serde.filename!r} but training run {training_run_id!r} "
+            f"stored its models as {stored.get('filename')!r} with {stored.get('class')}; "
+            f"pass a matching serde or leave serde=None"
+        )
+    return serde
+
+
+def json_key_to_partition_id(data: Any) -> Any:
+    """A stored partition_id back as a value (a tuple for several columns)."""
+    if isinstance(data, list):
+        return tuple(key_from_json(v) for v in data)
+    return key_from_json(data)

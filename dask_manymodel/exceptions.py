@@ -1,0 +1,92 @@
+"""Every error that dask_manymodel raises on purpose.
+
+Each class inherits from :class:`ManyModelError` *and* from the builtin that
+fits it, so ``except ValueError`` keeps working for code that does not know
+this library::
+
+    ManyModelError
+    ├── InvalidArgumentError     (ValueError)   bad input, found before any compute
+    ├── InvalidURLError          (ValueError)   a URL fsspec cannot open
+    ├── RunExistsError           (FileExistsError)
+    ├── RunNotFoundError         (FileNotFoundError)
+    ├── PartitionNotFoundError   (KeyError)     no such group in a run
+    ├── ModelNotAvailableError   (LookupError)  the group exists but has no DONE model
+    ├── ReadOnlyRunError         (RuntimeError) wait()/cancel() on a restored run
+    ├── RunTimeoutError          (TimeoutError)
+    ├── StorageError             (OSError)      the store failed underneath us
+    └── MissingDependencyError   (ImportError)  an optional extra is not installed
+
+Foreign errors (fsspec, distributed, torch) are translated in one place each,
+with ``raise ... from exc`` so the original stays in the traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "InvalidArgumentError",
+    "InvalidURLError",
+    "ManyModelError",
+    "MissingDependencyError",
+    "ModelNotAvailableError",
+    "PartitionNotFoundError",
+    "ReadOnlyRunError",
+    "RunExistsError",
+    "RunNotFoundError",
+    "RunTimeoutError",
+    "StorageError",
+]
+
+
+class ManyModelError(Exception):
+    """Base class of every error raised on purpose by dask_manymodel."""
+
+
+class InvalidArgumentError(ManyModelError, ValueError):
+    """An argument is wrong; raised before any compute, nothing is written."""
+
+
+class InvalidURLError(ManyModelError, ValueError):
+    """A URL names a protocol fsspec does not know, or cannot be reached."""
+
+
+class RunExistsError(ManyModelError, FileExistsError):
+    """A run with this run_id already exists at the URL."""
+
+
+class RunNotFoundError(ManyModelError, FileNotFoundError):
+    """No run with this run_id exists at the URL."""
+
+
+class PartitionNotFoundError(ManyModelError, KeyError):
+    """The run has no group with this partition_id."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ModelNotAvailableError(ManyModelError, LookupError):
+    """The group exists in the run but did not finish DONE, so it has no model."""
+
+
+class ReadOnlyRunError(ManyModelError, RuntimeError):
+    """A restored run handle cannot wait for or cancel work it did not start."""
+
+
+class RunTimeoutError(ManyModelError, TimeoutError):
+    """``wait(timeout=...)`` ran out of time; the run goes on."""
+
+
+class StorageError(ManyModelError, OSError):
+    """Reading or writing the store failed."""
+
+
+class MissingDependencyError(ManyModelError, ImportError):
+    """An optional dependency is missing; the message names the extra to install."""
+
+
+def missing_dependency(package: str, extra: str) -> MissingDependencyError:
+    """Build the error for an optional package that is not installed."""
+    return MissingDependencyError(
+        f"{package} is required for this; install it with "
+        f"`pip install 'dask-manymodel[{extra}]'`"
+    )

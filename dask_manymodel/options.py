@@ -1,0 +1,76 @@
+"""ExecutionOptions: how a run uses the cluster and the store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .exceptions import InvalidArgumentError
+
+__all__ = ["ExecutionOptions"]
+
+
+@dataclass(frozen=True)
+class ExecutionOptions:
+    """How a many-model run is executed.
+
+    Parameters
+    ----------
+    npartitions : int, optional
+        Number of tasks the groups are spread over. Default: about four
+        tasks per worker thread, never more than the number of groups.
+    resources : dict, optional
+        Dask worker resources every user-function task needs, e.g.
+        ``{"GPU": 1}``. The shuffle before it does not carry them.
+    max_retries : int
+        How many more times a group whose function raised is run again
+        before it is marked FAILED.
+    fail_fast : bool
+        After the first FAILED group, stop the rest of the run (CANCELLED).
+    storage_retries : int
+        How many times each object write or read is retried on ``OSError``,
+        with exponential backoff starting at ``storage_retry_backoff`` seconds.
+    storage_retry_backoff : float
+        First backoff delay in seconds.
+    shuffle_method : str, optional
+        ``"p2p"``, ``"tasks"`` or ``"disk"``; default is Dask's own choice.
+    max_log_chars : int
+        Cap on the captured logs kept per group (a note marks the cut).
+    task_retries : int
+        Dask-level retries of a whole task (e.g. after a worker is lost).
+    """
+
+    npartitions: int | None = None
+    resources: dict[str, Any] | None = None
+    max_retries: int = 0
+    fail_fast: bool = False
+    storage_retries: int = 3
+    storage_retry_backoff: float = 0.1
+    shuffle_method: str | None = None
+    max_log_chars: int = 32_000
+    task_retries: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.npartitions is not None and (
+            not isinstance(self.npartitions, int) or self.npartitions < 1
+        ):
+            raise InvalidArgumentError(
+                f"npartitions must be a positive int or None, got {self.npartitions!r}"
+            )
+        if self.resources is not None and not isinstance(self.resources, dict):
+            raise InvalidArgumentError(
+                f"resources must be a dict such as {{'GPU': 1}}, got {self.resources!r}"
+            )
+        for name in ("max_retries", "storage_retries", "task_retries"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise InvalidArgumentError(f"{name} must be an int >= 0, got {value!r}")
+        if self.shuffle_method not in (None, "p2p", "tasks", "disk"):
+            raise InvalidArgumentError(
+                f"shuffle_method must be 'p2p', 'tasks', 'disk' or None, got {self.shuffle_method!r}"
+            )
+        if not isinstance(self.max_log_chars, int) or self.max_log_chars < 0:
+            raise InvalidArgumentError(
+                f"max_log_chars must be an int >= 0, got {self.max_log_chars!r}"
+            )

@@ -1,0 +1,636 @@
+"""The run handle: statuses, per-group details, waiting, cancelling, restoring."""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import html
+import logging
+import os
+import posixpath
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import distributed
+import pandas as pd
+
+from .exceptions import (
+    InvalidArgumentError,
+    ModelNotAvailableError,
+    PartitionNotFoundError,
+    ReadOnlyRunError,
+    RunNotFoundError,
+    RunTimeoutError,
+)
+from .serde import ModelSerde, serde_from_manifest
+from .store import GROUPS_FILE, PARTITION_FILE, RUN_MANIFEST, RunStore, group_path, normalize_key
+
+if TYPE_CHECKING:
+    from .engine import RunSpec
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Artifacts", "ManyModelRun", "PartitionDetails", "PartitionStatus", "RunStatus"]
+
+
+class RunStatus(str, enum.Enum):
+    """Status of a whole run."""
+
+    SUCCESS = "SUCCESS"
+    PARTIAL_FAILURE = "PARTIAL_FAILURE"
+    FAILURE = "FAILURE"
+    CANCELLED = "CANCELLED"
+    IN_PROGRESS = "IN_PROGRESS"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class PartitionStatus(str, enum.Enum):
+    """Status of one group (partition) of a run."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FINAL_STATUSES = frozenset(
+    {PartitionStatus.DONE, PartitionStatus.FAILED, PartitionStatus.CANCELLED, PartitionStatus.INTERNAL_ERROR}
+)
+
+
+class Artifacts:
+    """The files a group saved with ``ctx.upload`` (and the model file)."""
+
+    def __init__(self, store: RunStore, folder: str, names: list[str]):
+        self._store = store
+        self._folder = folder
+        self._names = list(names)
+
+    def __repr__(self) -> str:
+        return f"Artifacts({self._names!r})"
+
+    def list(self) -> list[str]:
+        """Names of the group's artifacts."""
+        return list(self._names)
+
+    def _remote(self, name: str) -> str:
+        if name not in self._names:
+            raise PartitionNotFoundError(
+                f"no artifact {name!r} in {self._store.display(self._folder)}; "
+                f"it has {self._names!r}"
+            )
+        return self._store.path(self._folder, name)
+
+    def download(self, name: str, local_path: str) -> str:
+        """Copy artifact ``name`` to ``local_path``; returns ``local_path``."""
+        self._store.download_file(self._remote(name), local_path)
+        return local_path
+
+    def get(self, name: str, read_function: Callable[[str], Any] | None = None) -> Any:
+        """Load artifact ``name``: with ``read_function(local_path)``, or unpickled."""
+        from .context import _pickle_read
+
+        with tempfile.TemporaryDirectory(prefix="manymodel-") as tmp:
+            local = self.download(name, os.path.join(tmp, name))
+            return (read_function or _pickle_read)(local)
+
+
+@dataclass
+class PartitionDetails:
+    """What is known about one group of a run.
+
+    Attributes
+    ----------
+    partition_id : object
+        The group value (a tuple when the run has several ``by`` columns).
+    status : PartitionStatus
+    error : str or None
+        One-line error for FAILED / INTERNAL_ERROR groups.
+    traceback : str or None
+    logs : str
+        What the user function printed or logged (capped).
+    seconds : float
+        Time spent on the group, model saving included.
+    rows : int
+        Rows of the group.
+    path : str
+        Folder of the group, relative to the run.
+    artifacts : Artifacts
+        ``list()``, ``get(name)``, ``download(name, local_path)``.
+    """
+
+    partition_id: Any
+    status: PartitionStatus
+    error: str | None = None
+    traceback: str | None = None
+    logs: str = ""
+    seconds: float = 0.0
+    rows: int = 0
+    bytes: int = 0
+    path: str = ""
+    attempts: int = 0
+    artifacts: Artifacts | None = field(default=None, repr=False)
+    output_rows: int | None = field(default=None, repr=False)
+
+
+def _aggregate(statuses: list[PartitionStatus], cancelled: bool, finished: bool) -> RunStatus:
+    if not finished:
+        return RunStatus.IN_PROGRESS
+    if cancelled:
+        return RunStatus.CANCELLED
+    done = sum(s == PartitionStatus.DONE for s in statuses)
+    if done == len(statuses):
+        return RunStatus.SUCCESS
+    if done == 0:
+        return RunStatus.FAILURE
+    return RunStatus.PARTIAL_FAILURE
+
+
+class ManyModelRun:
+    """Handle on a many-model run: live (it started the run) or restored
+    (read-only, from storage, in any process).
+
+    Use :meth:`wait` to block with a progress bar, :meth:`get_progress` and
+    :meth:`summary` to inspect groups, :meth:`get_model` to load one, and
+    :meth:`restore_from` to reopen a run from its URL.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: RunStore,
+        manifest: dict,
+        groups: list[dict],
+        client: distributed.Client | None = None,
+        spec: "RunSpec | None" = None,
+        futures: list[distributed.Future] | None = None,
+        meta: pd.DataFrame | None = None,
+        serde: ModelSerde | None = None,
+    ):
+        self._store = store
+        self._manifest = manifest
+        self._groups = groups
+        self._path_index = {g["path"]: i for i, g in enumerate(groups)}
+        self._client = client
+        self._spec = spec
+        self._futures = futures
+        self._meta = meta
+        self._serde = serde
+        self._lock = threading.Lock()
+        self._records: dict[str, dict] = {}
+        self._event_counts = {"done": 0, "failed": 0}
+        self._finished = threading.Event()
+        if self.read_only:
+            self._finished.set()
+            return
+        if not groups:
+            self._finished.set()
+            return
+        client.subscribe_topic(spec.progress_topic, self._on_progress_event)
+        self._collector = threading.Thread(
+            target=self._collect, name=f"manymodel-collect-{self.run_id}", daemon=True
+        )
+        self._collector.start()
+
+    # ------------------------------------------------------------------
+    # identity
+
+    @property
+    def run_id(self) -> str:
+        return self._store.run_id
+
+    @property
+    def url(self) -> str:
+        """Base URL the run lives under (``url/run_id`` is its folder)."""
+        return self._store.url
+
+    @property
+    def kind(self) -> str:
+        """``"train"``, ``"predict"`` or ``"dpf"``."""
+        return self._manifest["kind"]
+
+    @property
+    def partition_by(self) -> list[str]:
+        return list(self._manifest["partition_by"])
+
+    @property
+    def read_only(self) -> bool:
+        """True for a handle rebuilt by :meth:`restore_from`."""
+        return self._futures is None
+
+    @property
+    def futures(self) -> list[distributed.Future]:
+        """The Dask futures of the run's tasks (one per output partition)."""
+        if self.read_only:
+            raise ReadOnlyRunError(f"run {self.run_id!r} was restored from storage; it has no futures")
+        return list(self._futures)
+
+    @property
+    def dashboard_link(self) -> str | None:
+        return self._client.dashboard_link if self._client is not None else None
+
+    @property
+    def manifest(self) -> dict:
+        """A copy of the run's ``_run.json``."""
+        return dict(self._manifest)
+
+    # ------------------------------------------------------------------
+    # live collection (background thread of a live handle)
+
+    def _on_progress_event(self, event: tuple) -> None:
+        _, msg = event
+        with self._lock:
+            for name in ("done", "failed"):
+                self._event_counts[name] += int(msg.get(name, 0))
+
+    def _collect(self) -> None:
+        try:
+            for future in distributed.as_completed(self._futures):
+                task_index = future.key[1]
+                try:
+                    records = future.result()
+                except BaseException as exc:  # KilledWorker, CancelledError, a bug of ours
+                    records = self._task_lost(task_index, exc)
+                with self._lock:
+                    for record in records:
+                        self._records[record["path"]] = record
+            self._finalize()
+        except Exception:
+            logger.exception("collecting the results of run %r failed", self.run_id)
+        finally:
+            try:
+                self._client.unsubscribe_topic(self._spec.progress_topic)
+            except Exception:
+                pass
+            self._finished.set()
+
+    def _task_lost(self, task_index: int, exc: BaseException) -> list[dict]:
+        """A whole task failed: its groups without a final status become INTERNAL_ERROR."""
+        from .engine import _record, _write_status
+
+        paths = [g["path"] for g in self._groups if g.get("task") == task_index]
+        stored = self._read_statuses(paths)
+        records = []
+        for group in self._groups:
+            if group.get("task") != task_index:
+                continue
+            existing = stored.get(group["path"])
+            if existing is not None and existing.get("status") in FINAL_STATUSES:
+                records.append(existing)
+                continue
+            key = normalize_key(self._partition_id(group), len(self.partition_by))
+            record = _record(
+                self._spec,
+                key,
+                group["path"],
+                status="INTERNAL_ERROR",
+                rows=group.get("rows", 0),
+                error=f"the task running this group failed: {type(exc).__name__}: {exc}",
+            )
+            records.append(_write_status(self._spec, record))
+        return records
+
+    def _finalize(self) -> None:
+        statuses = [PartitionStatus(r["status"]) for r in self._records.values()]
+        counts = {s.value: statuses.count(s) for s in PartitionStatus if statuses.count(s)}
+        cancelled = bool(self._manifest.get("cancelled"))
+        status = _aggregate(statuses, cancelled and PartitionStatus.CANCELLED in statuses, True)
+        self._manifest.update(
+            status=status.value,
+            counts=counts,
+            finished=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        )
+        self._store.write_json(self._store.path(RUN_MANIFEST), self._manifest)
+
+    # ------------------------------------------------------------------
+    # status
+
+    def _partition_id(self, group: dict) -> Any:
+        from .engine import json_key_to_partition_id
+
+        return json_key_to_partition_id(group["partition_id"])
+
+    def _read_statuses(self, paths: list[str]) -> dict[str, dict]:
+        """Stored ``_partition.json`` of these groups that belong to this attempt."""
+        files = {self._store.path(p, PARTITION_FILE): p for p in paths}
+        found = self._store.read_many_json(list(files))
+        attempt = self._manifest.get("attempt")
+        return {
+            files[path]: record
+            for path, record in found.items()
+            if path in files and record.get("attempt") == attempt
+        }
+
+    def _current_records(self) -> dict[str, dict]:
+        if self.read_only:
+            return self._read_statuses([g["path"] for g in self._groups])
+        with self._lock:
+            return dict(self._records)
+
+    def _running_tasks(self) -> set[int]:
+        if self.read_only or self._finished.is_set():
+            return set()
+        try:
+            processing = self._client.processing()
+        except Exception:
+            return set()
+        name = self._futures[0].key[0] if self._futures else None
+        return {
+            key[1]
+            for keys in processing.values()
+            for key in keys
+            if isinstance(key, tuple) and key[0] == name
+        }
+
+    def _details(self) -> dict[str, PartitionDetails]:
+        records = self._current_records()
+        running = self._running_tasks()
+        details = {}
+        for group in self._groups:
+            record = records.get(group["path"])
+            if record is None:
+                status = PartitionStatus.RUNNING if group.get("task") in running else PartitionStatus.PENDING
+                record = {"status": status, "rows": group.get("rows", 0)}
+            details[group["path"]] = PartitionDetails(
+                partition_id=self._partition_id(group),
+                status=PartitionStatus(record["status"]),
+                error=record.get("error"),
+                traceback=record.get("traceback"),
+                logs=record.get("logs") or "",
+                seconds=float(record.get("seconds") or 0.0),
+                rows=int(record.get("rows") or 0),
+                bytes=int(record.get("bytes") or 0),
+                path=group["path"],
+                attempts=int(record.get("attempts") or 0),
+                artifacts=Artifacts(self._store, group["path"], self._artifact_names(record)),
+                output_rows=record.get("output_rows"),
+            )
+        return details
+
+    def _artifact_names(self, record: dict) -> list[str]:
+        names = list(record.get("artifacts") or [])
+        serde = self._manifest.get("serde")
+        if record.get("status") == "DONE" and self.kind == "train" and serde:
+            names.insert(0, serde["filename"])
+        if record.get("status") == "DONE" and record.get("output_rows"):
+            from .engine import OUTPUT_FILE
+
+            names.append(OUTPUT_FILE)
+        return names
+
+    @property
+    def status(self) -> RunStatus:
+        """The run's :class:`RunStatus` now (IN_PROGRESS until every group is final)."""
+        if not self.read_only:
+            if not self._finished.is_set():
+                return RunStatus.IN_PROGRESS
+            return RunStatus(self._manifest["status"])
+        stored = RunStatus(self._manifest["status"])
+        if stored != RunStatus.IN_PROGRESS:
+            return stored
+        # the client that ran it may have died before writing the final status
+        records = self._current_records()
+        statuses = [PartitionStatus(r["status"]) for r in records.values()]
+        finished = len(records) == len(self._groups)
+        return _aggregate(statuses, PartitionStatus.CANCELLED in statuses and bool(self._manifest.get("cancelled")), finished)
+
+    @property
+    def partition_details(self) -> dict[Any, PartitionDetails]:
+        """``{partition_id: PartitionDetails}`` for every group of the run."""
+        return {d.partition_id: d for d in self._details().values()}
+
+    def get_progress(self) -> dict[str, list[PartitionDetails]]:
+        """Groups by status: ``{"DONE": [PartitionDetails, ...], "FAILED": [...]}``.
+
+        Only statuses that occur are keys.
+        """
+        progress: dict[str, list[PartitionDetails]] = {}
+        for details in self._details().values():
+            progress.setdefault(details.status.value, []).append(details)
+        return progress
+
+    def summary(self) -> pd.DataFrame:
+        """One row per group: partition_id, status, seconds, rows, bytes, attempts, error, path."""
+        rows = [
+            {
+                "partition_id": d.partition_id,
+                "status": d.status.value,
+                "seconds": d.seconds,
+                "rows": d.rows,
+                "bytes": d.bytes,
+                "attempts": d.attempts,
+                "error": d.error,
+                "path": d.path,
+            }
+            for d in self._details().values()
+        ]
+        columns = ["partition_id", "status", "seconds", "rows", "bytes", "attempts", "error", "path"]
+        return pd.DataFrame(rows, columns=columns)
+
+    def _finished_count(self) -> int:
+        with self._lock:
+            from_events = self._event_counts["done"] + self._event_counts["failed"]
+            return max(len(self._records), from_events)
+
+    # ------------------------------------------------------------------
+    # waiting and cancelling
+
+    def wait(self, timeout: float | None = None, show_progress: bool = True) -> RunStatus:
+        """Block until every group is final; return the final :class:`RunStatus`.
+
+        Parameters
+        ----------
+        timeout : float, optional
+            Seconds to wait; then :class:`RunTimeoutError` (the run goes on).
+        show_progress : bool
+            Show a tqdm bar of finished groups out of all groups (a widget in
+            notebooks).
+
+        Raises
+        ------
+        ReadOnlyRunError
+            On a restored handle: it did not start the work.
+        """
+        if self.read_only:
+            raise ReadOnlyRunError(
+                f"run {self.run_id!r} was restored from storage: it cannot be waited on; "
+                f"read .status or .get_progress() instead"
+            )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bar = None
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(self._groups), desc=f"{self.kind} {self.run_id}", unit="group")
+        try:
+            while not self._finished.wait(0.2):
+                if bar is not None:
+                    bar.update(min(self._finished_count(), len(self._groups)) - bar.n)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise RunTimeoutError(
+                        f"run {self.run_id!r} did not finish within {timeout}s; it goes on, "
+                        f"call wait() again or cancel()"
+                    )
+            if bar is not None:
+                bar.update(len(self._groups) - bar.n)
+        finally:
+            if bar is not None:
+                bar.close()
+        return self.status
+
+    def cancel(self, timeout: float | None = 60) -> RunStatus:
+        """Stop the run: running tasks stop before their next group, and groups
+        not yet started become CANCELLED. Returns the final status once every
+        task has stopped."""
+        if self.read_only:
+            raise ReadOnlyRunError(f"run {self.run_id!r} was restored from storage: it cannot be cancelled")
+        if self._finished.is_set():
+            return self.status
+        self._manifest["cancelled"] = True
+        distributed.Event(self._spec.cancel_event, client=self._client).set()
+        if not self._finished.wait(timeout):
+            raise RunTimeoutError(f"run {self.run_id!r} did not stop within {timeout}s")
+        return self.status
+
+    def progress(self, **kwargs: Any):
+        """``distributed.progress`` over the run's futures (a widget in notebooks)."""
+        return distributed.progress(self.futures, **kwargs)
+
+    # ------------------------------------------------------------------
+    # models
+
+    def _model_serde(self) -> ModelSerde:
+        if self._serde is not None:
+            return self._serde
+        if self._spec is not None and self._spec.serde is not None:
+            return self._spec.serde
+        entry = self._manifest.get("serde")
+        serde = serde_from_manifest(entry) if entry else None
+        if serde is None:
+            raise InvalidArgumentError(
+                f"run {self.run_id!r} was saved with serde {entry!r}, which cannot be rebuilt "
+                f"here; pass serde= to restore_from"
+            )
+        return serde
+
+    def _group_for(self, partition_id: Any) -> dict:
+        try:
+            key = normalize_key(partition_id, len(self.partition_by))
+        except KeyError as exc:
+            raise PartitionNotFoundError(str(exc.args[0])) from None
+        path = group_path(self.partition_by, key)
+        if path not in self._path_index:
+            sample = [self._partition_id(g) for g in self._groups[:5]]
+            raise PartitionNotFoundError(
+                f"run {self.run_id!r} has no group {partition_id!r} (folder {path!r}); "
+                f"groups include {sample!r}"
+            )
+        return self._groups[self._path_index[path]]
+
+    def get_model(self, partition_id: Any) -> Any:
+        """Load the model of one group through the run's serde.
+
+        Raises
+        ------
+        PartitionNotFoundError
+            The run has no such group.
+        ModelNotAvailableError
+            The group did not finish DONE (the message says how it ended).
+        """
+        if self.kind != "train":
+            raise InvalidArgumentError(f"run {self.run_id!r} is a {self.kind} run; it has no models")
+        group = self._group_for(partition_id)
+        record = self._read_statuses([group["path"]]).get(group["path"])
+        if record is None or record.get("status") != "DONE":
+            status = record.get("status") if record else "PENDING"
+            error = f": {record.get('error')}" if record and record.get("error") else ""
+            raise ModelNotAvailableError(
+                f"group {partition_id!r} of run {self.run_id!r} has no model: it is {status}{error}"
+            )
+        serde = self._model_serde()
+        with tempfile.TemporaryDirectory(prefix="manymodel-") as tmp:
+            local = os.path.join(tmp, serde.filename)
+            self._store.download_file(self._store.path(group["path"], serde.filename), local)
+            return serde.read(local)
+
+    # ------------------------------------------------------------------
+    # restore
+
+    @classmethod
+    def restore_from(
+        cls,
+        run_id: str,
+        url: str,
+        storage_options: dict | None = None,
+        *,
+        serde: ModelSerde | None = None,
+    ) -> "ManyModelRun":
+        """Rebuild a read-only handle of run ``run_id`` stored under ``url``.
+
+        Works from any process, after the client that started the run is gone.
+        ``wait()`` and ``cancel()`` raise :class:`ReadOnlyRunError`.
+
+        Examples
+        --------
+        >>> run = ManyModelRun.restore_from("r1", "s3://bucket/models")  # doctest: +SKIP
+        >>> run.status  # doctest: +SKIP
+        <RunStatus.SUCCESS: 'SUCCESS'>
+        """
+        from .engine import check_run_id
+
+        check_run_id(run_id)
+        store = RunStore(url, run_id, storage_options)
+        try:
+            manifest = store.read_json(store.path(RUN_MANIFEST))
+            groups = store.read_json(store.path(GROUPS_FILE))
+        except FileNotFoundError:
+            raise RunNotFoundError(f"no run {run_id!r} at {store.url} (no {RUN_MANIFEST})") from None
+        return cls(store=store, manifest=manifest, groups=groups, serde=serde)
+
+    # ------------------------------------------------------------------
+    # display
+
+    def _counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for details in self._details().values():
+            counts[details.status.value] = counts.get(details.status.value, 0) + 1
+        return counts
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(self._counts().items()))
+        mode = "restored" if self.read_only else "live"
+        return (
+            f"<ManyModelRun {self.kind} {self.run_id!r} {self.status.value} ({mode}) "
+            f"groups={len(self._groups)} [{counts}] at {self._store.display()}>"
+        )
+
+    def _repr_html_(self) -> str:
+        details = self._details()
+        counts = self._counts()
+        esc = html.escape
+        rows = "".join(f"<tr><td>{esc(k)}</td><td>{v}</td></tr>" for k, v in sorted(counts.items()))
+        failed = [d for d in details.values() if d.status in (PartitionStatus.FAILED, PartitionStatus.INTERNAL_ERROR)][:5]
+        failed_html = "".join(
+            f"<li><code>{esc(repr(d.partition_id))}</code>: {esc((d.error or '').splitlines()[0] if d.error else '')}</li>"
+            for d in failed
+        )
+        link = self.dashboard_link
+        dashboard = f'<a href="{esc(link)}" target="_blank">dashboard</a>' if link else "no dashboard"
+        return (
+            f"<div><strong>ManyModelRun</strong> {esc(self.kind)} <code>{esc(self.run_id)}</code>: "
+            f"<strong>{esc(self.status.value)}</strong>, {len(self._groups)} groups, "
+            f"<code>{esc(self._store.display())}</code>, {dashboard}"
+            f"<table><tr><th>status</th><th>groups</th></tr>{rows}</table>"
+            + (f"<p>Failed groups:</p><ul>{failed_html}</ul>" if failed else "")
+            + "</div>"
+        )

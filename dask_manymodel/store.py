@@ -1,0 +1,352 @@
+"""Where things live: the storage layout, group keys as path segments, and
+atomic writes over fsspec.
+
+Layout of one run (hive style, so any parquet tool can read predict output)::
+
+    URL/RUN_ID/_run.json                  manifest (never credentials)
+    URL/RUN_ID/_groups.json               every group of the run, written before compute
+    URL/RUN_ID/<col>=<value>/model.pkl    the serde's file
+    URL/RUN_ID/<col>=<value>/_partition.json   status of the group, written last
+
+A group value becomes one path segment ``<col>=<percent-encoded value>``.
+Every byte that could change the meaning of a path (``/``, ``\\``, ``%``,
+NUL, ``~``) is percent-encoded, and the segment always starts with
+``<col>=``, so no value can name ``.``, ``..`` or a folder outside its own.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import random
+import time
+import uuid
+from typing import Any, Callable, Sequence, TypeVar
+from urllib.parse import quote
+
+import fsspec
+import numpy as np
+import pandas as pd
+
+from .exceptions import InvalidURLError, StorageError
+
+logger = logging.getLogger(__name__)
+
+RUN_MANIFEST = "_run.json"
+GROUPS_FILE = "_groups.json"
+PARTITION_FILE = "_partition.json"
+
+#: What hive readers (pyarrow, Spark) read back as null.
+NULL_SEGMENT = "__HIVE_DEFAULT_PARTITION__"
+#: File systems cap a name at 255 bytes; longer values keep a prefix and a hash.
+MAX_SEGMENT_CHARS = 200
+_HASH_CHARS = 16
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------
+# group keys <-> path segments and JSON
+
+
+def is_null(value: Any) -> bool:
+    """True for None, NaN, NaT and pd.NA (what ``groupby(dropna=False)`` yields)."""
+    if value is None:
+        return True
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):  # list-likes
+        return False
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, (pd.Timestamp, datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, pd.Timedelta):
+        return value.isoformat()
+    return str(value)
+
+
+def _encode_text(text: str) -> str:
+    # quote() leaves only letters, digits and "_.-~" alone; "~" is taken as
+    # the marker of a shortened segment, so it is encoded too.
+    return quote(text, safe="", errors="surrogatepass").replace("~", "%7E")
+
+
+def encode_value(value: Any) -> str:
+    """Turn one group value into the part of a path segment after ``=``.
+
+    The mapping is deterministic, so the same value always finds the same
+    folder (``7`` and ``"7"`` share one); it never yields ``/``, ``\\``, an
+    empty name of its own, or more than :data:`MAX_SEGMENT_CHARS` characters.
+
+    Examples
+    --------
+    >>> encode_value("a/b")
+    'a%2Fb'
+    >>> encode_value(None)
+    '__HIVE_DEFAULT_PARTITION__'
+    """
+    if is_null(value):
+        return NULL_SEGMENT
+    text = _as_text(value)
+    encoded = _encode_text(text)
+    if encoded == NULL_SEGMENT:  # the string itself, not a null
+        encoded = "%5F" + encoded[1:]
+    if len(encoded) > MAX_SEGMENT_CHARS:
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        prefix = encoded[: MAX_SEGMENT_CHARS - _HASH_CHARS - 1]
+        # do not cut a %XX escape in half
+        cut = prefix.rfind("%", len(prefix) - 2)
+        if cut != -1:
+            prefix = prefix[:cut]
+        encoded = f"{prefix}~{digest[:_HASH_CHARS]}"
+    return encoded
+
+
+def group_path(by: Sequence[str], key: Sequence[Any]) -> str:
+    """Relative folder of one group: ``col=value`` segments joined by ``/``."""
+    return "/".join(f"{_encode_text(str(col))}={encode_value(v)}" for col, v in zip(by, key))
+
+
+def key_to_json(value: Any) -> Any:
+    """A group value as JSON that :func:`key_from_json` turns back into it."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if is_null(value):
+        return None
+    if isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value
+    if isinstance(value, pd.Timestamp):
+        return {"__timestamp__": value.isoformat(), "tz": str(value.tz) if value.tz else None}
+    if isinstance(value, datetime.datetime):
+        return {"__timestamp__": value.isoformat(), "tz": None}
+    if isinstance(value, datetime.date):
+        return {"__date__": value.isoformat()}
+    return {"__str__": str(value)}
+
+
+def key_from_json(data: Any) -> Any:
+    """Inverse of :func:`key_to_json`."""
+    if isinstance(data, dict):
+        if "__timestamp__" in data:
+            return pd.Timestamp(data["__timestamp__"])
+        if "__date__" in data:
+            return datetime.date.fromisoformat(data["__date__"])
+        return data.get("__str__")
+    return data
+
+
+def normalize_key(partition_id: Any, n_columns: int) -> tuple:
+    """A user's partition_id as a tuple with one value per ``by`` column."""
+    if n_columns == 1:
+        if isinstance(partition_id, tuple) and len(partition_id) == 1:
+            return partition_id
+        return (partition_id,)
+    if not isinstance(partition_id, (tuple, list)) or len(partition_id) != n_columns:
+        raise KeyError(
+            f"partition_id {partition_id!r} must be a tuple of {n_columns} values, "
+            f"one per partition_by column"
+        )
+    return tuple(partition_id)
+
+
+# --------------------------------------------------------------------------
+# the file system
+
+
+def open_url(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``fsspec.core.url_to_fs`` with errors that say what to do."""
+    if not isinstance(url, (str, os.PathLike)) or not str(url):
+        raise InvalidURLError(f"url must be a non-empty string or path, got {url!r}")
+    try:
+        fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    except ValueError as exc:  # unknown protocol
+        raise InvalidURLError(
+            f"cannot open url {str(url)!r}: {exc}; use a local path or an fsspec URL "
+            f"such as file://, memory://, s3:// or gs://"
+        ) from exc
+    except ImportError as exc:
+        raise InvalidURLError(
+            f"cannot open url {str(url)!r}: {exc} (install the fsspec backend it names)"
+        ) from exc
+    return fs, path.rstrip("/") or "/"
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
+
+
+def with_retries(
+    action: Callable[[], T], *, what: str, retries: int = 3, backoff: float = 0.1
+) -> T:
+    """Run ``action``; on ``OSError`` try again up to ``retries`` times with
+    exponential backoff and jitter, then raise :class:`StorageError`."""
+    for attempt in range(retries + 1):
+        try:
+            return action()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if attempt == retries:
+                raise StorageError(f"{what} failed after {retries + 1} attempts: {exc}") from exc
+            delay = backoff * (2**attempt) * (0.5 + random.random())
+            logger.debug("%s failed (%s); retrying in %.2fs", what, exc, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class RunStore:
+    """The files of one run under ``url/run_id``, written atomically.
+
+    A :class:`RunStore` pickles (fsspec file systems do), so the same object
+    is used on the client and inside worker tasks. ``storage_options`` go to
+    fsspec only; nothing here writes them anywhere.
+
+    Parameters
+    ----------
+    url : str
+        Base URL of the runs (any fsspec URL or a local path).
+    run_id : str
+        Folder of this run under ``url``.
+    storage_options : dict, optional
+        Passed to fsspec, e.g. credentials or an endpoint.
+    retries : int
+        How many times a failed object write or read is retried.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        run_id: str,
+        storage_options: dict | None = None,
+        *,
+        retries: int = 3,
+        retry_backoff: float = 0.1,
+        fs: fsspec.AbstractFileSystem | None = None,
+    ):
+        self.url = str(url).rstrip("/")
+        self.run_id = run_id
+        if fs is None:
+            fs, base = open_url(url, storage_options)
+        else:
+            base = fs._strip_protocol(str(url)).rstrip("/")
+        self.fs = fs
+        self.base = base
+        self.root = posixpath.join(base, run_id)
+        self.retries = retries
+        self.retry_backoff = retry_backoff
+
+    def __repr__(self) -> str:
+        return f"RunStore({self.url!r}, {self.run_id!r})"
+
+    # paths -------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        """Absolute path (for ``self.fs``) of a file under the run's folder."""
+        return posixpath.join(self.root, *[p for p in parts if p])
+
+    def display(self, *parts: str) -> str:
+        """The URL a user would type for a file of this run."""
+        return "/".join([self.url, self.run_id, *[p for p in parts if p]])
+
+    # writes ----------------------------------------------------------
+    def _retry(self, action: Callable[[], T], what: str) -> T:
+        return with_retries(action, what=what, retries=self.retries, backoff=self.retry_backoff)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write ``data`` to ``path`` so that a reader sees all of it or none."""
+
+        def write() -> None:
+            if _is_local(self.fs):
+                self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                    os.replace(tmp, path)  # atomic on POSIX
+                finally:
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
+            else:
+                # one PUT: object stores commit it whole or not at all
+                self.fs.pipe_file(path, data)
+
+        self._retry(write, f"writing {path}")
+
+    def upload_file(self, local_path: str, path: str) -> None:
+        """Copy a local file to ``path`` atomically (temp name and rename, or one upload)."""
+
+        def upload() -> None:
+            if _is_local(self.fs):
+                self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+                try:
+                    self.fs.put_file(local_path, tmp)
+                    os.replace(tmp, path)
+                finally:
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
+            else:
+                # multipart uploads commit only when the last part lands
+                self.fs.put_file(local_path, path)
+
+        self._retry(upload, f"uploading {path}")
+
+    def write_json(self, path: str, data: Any) -> None:
+        self.write_bytes(path, json.dumps(data, indent=1, default=str).encode())
+
+    # reads -----------------------------------------------------------
+    def read_bytes(self, path: str) -> bytes:
+        return self._retry(lambda: self.fs.cat_file(path), f"reading {path}")
+
+    def read_json(self, path: str) -> Any:
+        return json.loads(self.read_bytes(path))
+
+    def read_many_json(self, paths: list[str]) -> dict[str, Any]:
+        """Read many small JSON files at once; missing ones are left out."""
+        if not paths:
+            return {}
+        found = self._retry(
+            lambda: self.fs.cat(paths, on_error="omit"), f"reading {len(paths)} status files"
+        )
+        out = {}
+        for path, data in found.items():
+            if isinstance(data, Exception):
+                continue
+            try:
+                out[self.fs._strip_protocol(path)] = json.loads(data)
+            except ValueError:
+                logger.warning("ignoring unreadable status file %s", path)
+        return out
+
+    def download_file(self, path: str, local_path: str) -> None:
+        self._retry(lambda: self.fs.get_file(path, local_path), f"downloading {path}")
+
+    def exists(self, path: str) -> bool:
+        return self._retry(lambda: self.fs.exists(path), f"checking {path}")
+
+    def list_files(self, folder: str) -> list[str]:
+        """Names of the files directly in ``folder`` (relative), or [] if it does not exist."""
+        try:
+            entries = self.fs.ls(folder, detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(
+            posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "file"
+        )
+
+    def delete_run(self) -> None:
+        """Remove the whole run folder."""
+        if self.fs.exists(self.root):
+            self._retry(lambda: self.fs.rm(self.root, recursive=True), f"deleting {self.root}")
+        # fsspec caches listings; a stale cache would show deleted files
+        self.fs.invalidate_cache(self.root)
