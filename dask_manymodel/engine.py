@@ -168,6 +168,21 @@ def check_reachable(store: RunStore) -> None:
         ) from exc
 
 
+def check_workers_share_store(store: RunStore, client: distributed.Client) -> None:
+    """memory:// lives inside one process: worker processes would each write
+    into their own copy, invisible to the client."""
+    protocols = store.fs.protocol if isinstance(store.fs.protocol, tuple) else (store.fs.protocol,)
+    if "memory" not in protocols:
+        return
+    worker_pids = set(client.run(os.getpid).values())
+    if worker_pids - {os.getpid()}:
+        raise InvalidURLError(
+            f"{store.url!r} is in-memory and private to each process, but the cluster's "
+            f"workers run in other processes; use a local folder or object store URL, or "
+            f"LocalCluster(processes=False)"
+        )
+
+
 def run_exists(store: RunStore) -> bool:
     try:
         return store.fs.exists(store.root) and bool(store.fs.ls(store.root))
@@ -601,6 +616,7 @@ def start_run(
 
     # 2. count rows per group: the only compute before anything is written --
     client = get_or_start_client()
+    check_workers_share_store(store, client)
     try:
         counts = client.compute(
             ddf.groupby(by, dropna=False, observed=True).size()

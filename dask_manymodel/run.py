@@ -335,7 +335,13 @@ class ManyModelRun:
         if self.read_only:
             return self._read_statuses([g["path"] for g in self._groups])
         with self._lock:
-            return dict(self._records)
+            records = dict(self._records)
+        if not self._finished.is_set():
+            # tasks report back when all their groups are done; storage knows
+            # each group as soon as it finishes
+            missing = [g["path"] for g in self._groups if g["path"] not in records]
+            records.update(self._read_statuses(missing))
+        return records
 
     def _running_tasks(self) -> set[int]:
         if self.read_only or self._finished.is_set():

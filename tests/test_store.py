@@ -1,0 +1,103 @@
+"""Group values as path segments: encoding, round trips, path safety."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import posixpath
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dask_manymodel.store import (
+    MAX_SEGMENT_CHARS,
+    NULL_SEGMENT,
+    RunStore,
+    encode_value,
+    group_path,
+    key_from_json,
+    key_to_json,
+)
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("a/b", "a%2Fb"),
+        ("..", ".."),
+        ("", ""),
+        ("ü", "%C3%BC"),
+        (7, "7"),
+        ("7", "7"),
+        (np.int64(7), "7"),
+        (None, NULL_SEGMENT),
+        (float("nan"), NULL_SEGMENT),
+        (pd.NA, NULL_SEGMENT),
+        (NULL_SEGMENT, "%5F" + NULL_SEGMENT[1:]),
+        ("a~b", "a%7Eb"),
+        ("%2F", "%252F"),
+        (pd.Timestamp("2024-01-02 03:04"), "2024-01-02T03%3A04%3A00"),
+        (True, "True"),
+    ],
+)
+def test_encode_value(value, expected):
+    assert encode_value(value) == expected
+
+
+def test_long_values_are_shortened_with_a_hash():
+    a, b = "x" * 300, "x" * 299 + "y"
+    assert len(encode_value(a)) <= MAX_SEGMENT_CHARS
+    assert encode_value(a) != encode_value(b)
+    assert "~" in encode_value(a)
+    # a cut never leaves half of a %XX escape
+    assert "%" not in encode_value("é" * 300).split("~")[0][-2:]
+
+
+def test_group_path_nests_columns():
+    assert group_path(["a", "b/c"], (1, "x/y")) == "a=1/b%2Fc=x%2Fy"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [7, "7", 1.5, True, None, "a/b", pd.Timestamp("2024-01-01"), datetime.date(2024, 1, 2)],
+)
+def test_key_json_round_trip(value):
+    back = key_from_json(key_to_json(value))
+    assert back == value or (back is None and value is None)
+
+
+def test_nan_key_json_is_null():
+    assert key_to_json(math.nan) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.text(), st.integers(), st.floats(), st.none()), min_size=1, max_size=3))
+def test_no_value_leaves_the_run_folder(values):
+    by = [f"c{i}" for i in range(len(values))]
+    rel = group_path(by, tuple(values))
+    segments = rel.split("/")
+    assert len(segments) == len(values)  # one segment per column, no extra "/"
+    for col, segment in zip(by, segments):
+        assert segment.startswith(f"{col}=")
+        assert "\\" not in segment and "\x00" not in segment
+        assert len(segment) <= len(col) + 1 + MAX_SEGMENT_CHARS
+    root = "/base/run"
+    assert posixpath.normpath(posixpath.join(root, rel)).startswith(root + "/")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(), st.text())
+def test_distinct_values_get_distinct_folders(a, b):
+    if a != b:
+        assert encode_value(a) != encode_value(b)
+
+
+def test_atomic_local_write_leaves_no_temp_files(tmp_path):
+    store = RunStore(str(tmp_path), "r1")
+    store.write_bytes(store.path("g=1", "x.bin"), b"hello")
+    store.write_bytes(store.path("g=1", "x.bin"), b"world")
+    assert (tmp_path / "r1" / "g=1" / "x.bin").read_bytes() == b"world"
+    assert sorted(p.name for p in (tmp_path / "r1" / "g=1").iterdir()) == ["x.bin"]

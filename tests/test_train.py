@@ -1,0 +1,398 @@
+"""Training runs end to end on a real LocalCluster with worker processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pytest
+from dask.utils import key_split
+
+import dask_manymodel  # noqa: F401  (registers the accessor)
+from dask_manymodel import (
+    DPF,
+    ExecutionOptions,
+    ManyModelRun,
+    ManyModelTraining,
+    ModelNotAvailableError,
+    PartitionNotFoundError,
+    PartitionStatus,
+    PickleSerde,
+    ReadOnlyRunError,
+    RunStatus,
+    RunTimeoutError,
+)
+
+from .conftest import fit_line, make_frame, poll
+
+
+def expected_line(g: int) -> np.ndarray:
+    return np.array([1 + g / 10, g])
+
+
+def test_train_round_trip_and_layout(client, ddf, store_url):
+    run = ddf.manymodel.train(fit_line, by="store", url=store_url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    assert run.status == RunStatus.SUCCESS
+    for g in (0, 7, 11):
+        np.testing.assert_allclose(run.get_model(g), expected_line(g), atol=1e-9)
+    np.testing.assert_allclose(run.get_model("7"), expected_line(7), atol=1e-9)
+
+    root = os.path.join(store_url, "r1")
+    assert os.path.isfile(os.path.join(root, "_run.json"))
+    assert sorted(os.listdir(os.path.join(root, "store=3"))) == ["_partition.json", "model.pkl"]
+    manifest = json.load(open(os.path.join(root, "_run.json")))
+    assert manifest["status"] == "SUCCESS"
+    assert manifest["kind"] == "train" and manifest["partition_by"] == ["store"]
+    assert manifest["serde"]["filename"] == "model.pkl"
+    assert manifest["counts"] == {"DONE": 12}
+    status = json.load(open(os.path.join(root, "store=3", "_partition.json")))
+    assert status["status"] == "DONE" and status["rows"] == 40 and status["bytes"] > 0
+
+    progress = run.get_progress()
+    assert list(progress) == ["DONE"] and len(progress["DONE"]) == 12
+    summary = run.summary()
+    assert len(summary) == 12 and set(summary["status"]) == {"DONE"}
+    assert summary["rows"].sum() == 12 * 40
+    assert set(run.partition_details) == set(range(12))
+
+
+def test_class_api_and_memory_store(thread_client):
+    ddf = dd.from_pandas(make_frame(n_groups=5), npartitions=2)
+    url = "memory://class-api"
+    run = ManyModelTraining(fit_line, stage_name=url, serde=PickleSerde()).run(
+        partition_by="store",
+        dataframe=ddf,
+        run_id="r1",
+        execution_options=ExecutionOptions(npartitions=2),
+    )
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    np.testing.assert_allclose(run.get_model(4), expected_line(4), atol=1e-9)
+    restored = ManyModelRun.restore_from("r1", url)
+    assert restored.status == RunStatus.SUCCESS
+    np.testing.assert_allclose(restored.get_model(4), expected_line(4), atol=1e-9)
+
+
+def test_storage_options_are_never_written(thread_client):
+    import fsspec
+
+    ddf = dd.from_pandas(make_frame(n_groups=3), npartitions=1)
+    url = "memory://secret-check"
+    run = ddf.manymodel.train(
+        fit_line, by="store", url=url, run_id="r1", storage_options={"secret_token": "hunter2"}
+    )
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    fs = fsspec.filesystem("memory")
+    files = fs.find("/secret-check")
+    assert len(files) >= 7
+    for path in files:
+        assert b"hunter2" not in fs.cat_file(path), path
+
+
+def failing_on_odd(data, ctx):
+    df = data.to_pandas()
+    ctx.logger.warning("group %s has %d rows", ctx.partition_id, len(df))
+    print("printed by", ctx.partition_id)
+    if ctx.partition_id % 2:
+        raise ValueError(f"odd group {ctx.partition_id}")
+    return fit_line(data, ctx)
+
+
+def test_errors_in_some_groups(client, ddf, store_url):
+    run = ddf.manymodel.train(failing_on_odd, by="store", url=store_url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    progress = run.get_progress()
+    assert sorted(d.partition_id for d in progress["DONE"]) == [0, 2, 4, 6, 8, 10]
+    failed = {d.partition_id: d for d in progress["FAILED"]}
+    assert sorted(failed) == [1, 3, 5, 7, 9, 11]
+    assert failed[3].error == "ValueError: odd group 3"
+    assert "Traceback" in failed[3].traceback and "failing_on_odd" in failed[3].traceback
+    assert "group 3 has 40 rows" in failed[3].logs and "printed by 3" in failed[3].logs
+    with pytest.raises(ModelNotAvailableError, match="FAILED: ValueError: odd group 3"):
+        run.get_model(3)
+    with pytest.raises(PartitionNotFoundError, match="no group 99"):
+        run.get_model(99)
+    stored = json.load(open(os.path.join(store_url, "r1", "store=3", "_partition.json")))
+    assert stored["status"] == "FAILED" and "odd group 3" in stored["traceback"]
+    assert not os.path.exists(os.path.join(store_url, "r1", "store=3", "model.pkl"))
+
+
+def always_failing(data, ctx):
+    raise RuntimeError("nope")
+
+
+def test_all_groups_failing_is_failure(client, ddf, store_url):
+    run = ddf.manymodel.train(always_failing, by="store", url=store_url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.FAILURE
+
+
+EDGE_VALUES = ["a/b", "..", ".", "", "ü/ñ", "x" * 300, "%2F", "a\\b", "__HIVE_DEFAULT_PARTITION__"]
+
+
+def test_edge_values_round_trip(client, tmp_path):
+    url = str(tmp_path / "models")
+    pdf = pd.DataFrame({"key": pd.Series(EDGE_VALUES + [None], dtype=object).repeat(3).to_numpy()})
+    pdf["x"] = np.arange(len(pdf), dtype=float)
+    pdf["y"] = 2 * pdf["x"]
+
+    def keep_key(data, ctx):
+        return {"key": ctx.partition_id, "rows": len(data)}
+
+    run = dd.from_pandas(pdf, npartitions=2).manymodel.train(keep_key, by="key", url=url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    for value in EDGE_VALUES:
+        assert run.get_model(value) == {"key": value, "rows": 3}
+    null_model = run.get_model(None)
+    assert null_model["rows"] == 3 and pd.isna(null_model["key"])
+    # every file is inside the run folder, one folder per group
+    root = os.path.realpath(os.path.join(url, "r1"))
+    folders = set()
+    for dirpath, _, files in os.walk(tmp_path):
+        for name in files:
+            real = os.path.realpath(os.path.join(dirpath, name))
+            assert real.startswith(root + os.sep), real
+            if name == "model.pkl":
+                folders.add(os.path.dirname(real))
+    assert len(folders) == len(EDGE_VALUES) + 1
+    assert os.path.isdir(os.path.join(root, "key=__HIVE_DEFAULT_PARTITION__"))
+
+
+def test_typed_keys_ints_dates_and_strings_with_na(client, tmp_path):
+    url = str(tmp_path / "models")
+    days = pd.to_datetime(["2024-01-01", "2024-01-02"])
+    pdf = pd.DataFrame(
+        {
+            "day": np.repeat(days, 4),
+            "shop": pd.array(["a", "b", None, "a", "a", "b", None, "a"], dtype="string"),
+            "n": np.arange(8),
+        }
+    )
+
+    def count(data, ctx):
+        return len(data.to_pandas())
+
+    run = dd.from_pandas(pdf, npartitions=2).manymodel.train(
+        count, by=["day", "shop"], url=url, run_id="r1"
+    )
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    assert run.get_model((days[0], "a")) == 2
+    assert run.get_model((days[1], None)) == 1
+    assert os.path.isfile(os.path.join(url, "r1", "day=2024-01-01T00%3A00%3A00", "shop=a", "model.pkl"))
+    restored = ManyModelRun.restore_from("r1", url)
+    assert (days[0], "a") in restored.partition_details
+
+
+def test_restore_from_a_fresh_process(client, ddf, store_url):
+    run = ddf.manymodel.train(failing_on_odd, by="store", url=store_url, run_id="r1")
+    run.wait(show_progress=False)
+    script = textwrap.dedent(
+        f"""
+        import json
+        from dask_manymodel import ManyModelRun
+        run = ManyModelRun.restore_from("r1", {store_url!r})
+        progress = run.get_progress()
+        print(json.dumps({{
+            "status": run.status.value,
+            "done": sorted(d.partition_id for d in progress["DONE"]),
+            "failed_error": run.partition_details[5].error,
+            "model": list(run.get_model(4)),
+        }}))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["status"] == "PARTIAL_FAILURE"
+    assert result["done"] == [0, 2, 4, 6, 8, 10]
+    assert result["failed_error"] == "ValueError: odd group 5"
+    np.testing.assert_allclose(result["model"], expected_line(4), atol=1e-9)
+
+    restored = ManyModelRun.restore_from("r1", store_url)
+    assert restored.read_only
+    with pytest.raises(ReadOnlyRunError):
+        restored.wait()
+    with pytest.raises(ReadOnlyRunError):
+        restored.cancel()
+
+
+def test_overwrite_replaces_the_old_run(client, store_url):
+    old = dd.from_pandas(make_frame(n_groups=6), npartitions=2)
+    old.manymodel.train(fit_line, by="store", url=store_url, run_id="r1").wait(show_progress=False)
+    new = dd.from_pandas(make_frame(n_groups=3, seed=1), npartitions=2)
+    from dask_manymodel import RunExistsError
+
+    with pytest.raises(RunExistsError, match="on_existing_artifacts='overwrite'"):
+        new.manymodel.train(fit_line, by="store", url=store_url, run_id="r1")
+    run = new.manymodel.train(
+        fit_line, by="store", url=store_url, run_id="r1", on_existing_artifacts="overwrite"
+    )
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    assert sorted(os.listdir(os.path.join(store_url, "r1"))) == [
+        "_groups.json", "_run.json", "store=0", "store=1", "store=2"
+    ]
+    restored = ManyModelRun.restore_from("r1", store_url)
+    assert len(restored.partition_details) == 3
+    with pytest.raises(PartitionNotFoundError):
+        restored.get_model(5)
+
+
+def save_through_context(data, ctx):
+    df = data.to_pandas()
+    ctx.upload({"mean": float(df["x"].mean())}, "stats.pkl")
+    ctx.upload(df["y"].sum(), "ysum.txt", write_function=lambda obj, path: open(path, "w").write(str(obj)))
+    if ctx.partition_id == 1:
+        # read what another group of this run saved (group 0 runs first in its task
+        # or not: download from the previous run instead)
+        pass
+
+
+def test_dpf_saves_artifacts(client, ddf, store_url):
+    run = DPF(save_through_context, stage_name=store_url).run(
+        partition_by="store", dataframe=ddf, run_id="d1"
+    )
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    details = run.partition_details[2]
+    assert details.artifacts.list() == ["stats.pkl", "ysum.txt"]
+    expected = make_frame().query("store == 2")
+    assert details.artifacts.get("stats.pkl") == {"mean": pytest.approx(expected["x"].mean())}
+    text = details.artifacts.get("ysum.txt", read_function=lambda p: open(p).read())
+    assert float(text) == pytest.approx(expected["y"].sum())
+
+    def read_previous(data, ctx):
+        return ctx.download("stats.pkl", partition_id=0, run_id="d1")
+
+    later = ddf.manymodel.train(read_previous, by="store", url=store_url, run_id="t2")
+    assert later.wait(show_progress=False) == RunStatus.SUCCESS
+    assert later.get_model(5) == details.artifacts.get("stats.pkl") | {
+        "mean": pytest.approx(make_frame().query("store == 0")["x"].mean())
+    }
+
+
+def slow_fit(data, ctx):
+    import time
+
+    time.sleep(0.3)  # simulated work, so that the run is still going when cancelled
+    return fit_line(data, ctx)
+
+
+def test_cancel_stops_before_the_next_group(client, store_url):
+    ddf = dd.from_pandas(make_frame(n_groups=40, rows=5), npartitions=2)
+    run = ddf.manymodel.train(
+        slow_fit, by="store", url=store_url, run_id="r1", execution_options=ExecutionOptions(npartitions=2)
+    )
+    poll(lambda: "DONE" in run.get_progress())
+    assert run.cancel() == RunStatus.CANCELLED
+    progress = run.get_progress()
+    assert 1 <= len(progress["DONE"]) < 40
+    assert len(progress["CANCELLED"]) >= 1
+    assert set(progress) <= {"DONE", "CANCELLED"}
+    restored = ManyModelRun.restore_from("r1", store_url)
+    assert restored.status == RunStatus.CANCELLED
+    stored = restored.get_progress()
+    assert set(stored) <= {"DONE", "CANCELLED"}  # nothing left RUNNING or PENDING
+    assert len(stored["DONE"]) == len(progress["DONE"])
+
+
+def test_wait_timeout_and_progress_while_running(client, store_url):
+    ddf = dd.from_pandas(make_frame(n_groups=8, rows=5), npartitions=2)
+    run = ddf.manymodel.train(
+        slow_fit, by="store", url=store_url, run_id="r1", execution_options=ExecutionOptions(npartitions=2)
+    )
+    with pytest.raises(RunTimeoutError):
+        run.wait(timeout=0.1, show_progress=False)
+    assert run.status == RunStatus.IN_PROGRESS
+    assert "IN_PROGRESS" in repr(run)
+    assert run.wait(show_progress=True) == RunStatus.SUCCESS
+
+
+def test_task_names_and_one_task_per_partition(client, ddf, store_url):
+    run = ddf.manymodel.train(
+        fit_line, by="store", url=store_url, run_id="r1", execution_options=ExecutionOptions(npartitions=3)
+    )
+    run.wait(show_progress=False)
+    assert len(run.futures) == 3
+    assert {key_split(f.key) for f in run.futures} == {"manymodel-train"}
+    dpf = DPF(lambda data, ctx: None, stage_name=store_url).run(partition_by="store", dataframe=ddf, run_id="d1")
+    dpf.wait(show_progress=False)
+    assert {key_split(f.key) for f in dpf.futures} == {"manymodel-dpf"}
+
+
+def test_groups_are_balanced_largest_first(client, store_url):
+    sizes = [400] + [10] * 40
+    pdf = pd.DataFrame({"store": np.repeat(np.arange(len(sizes)), sizes), "x": 1.0, "y": 1.0})
+    run = dd.from_pandas(pdf, npartitions=4).manymodel.train(
+        lambda data, ctx: os.getpid(), by="store", url=store_url, run_id="r1",
+        execution_options=ExecutionOptions(npartitions=2),
+    )
+    run.wait(show_progress=False)
+    tasks = {g["path"]: g["task"] for g in run._groups}
+    big_task = tasks["store=0"]
+    # the 400-row group shares its task with no other group: 40 x 10 rows fill the other
+    assert [path for path, task in tasks.items() if task == big_task] == ["store=0"]
+
+
+def test_zero_rows_is_an_empty_success(client, store_url):
+    empty = dd.from_pandas(make_frame().iloc[:0], npartitions=1)
+    run = empty.manymodel.train(fit_line, by="store", url=store_url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    assert run.summary().empty
+    assert ManyModelRun.restore_from("r1", store_url).status == RunStatus.SUCCESS
+
+
+def test_resources_only_on_user_function_tasks():
+    import logging
+
+    import distributed
+
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0",
+        resources={"GPU": 1}, silence_logs=logging.ERROR,
+    ) as cluster, distributed.Client(cluster) as client:
+        ddf = dd.from_pandas(make_frame(n_groups=4), npartitions=2)
+        run = ddf.manymodel.train(
+            slow_fit, by="store", url="memory://gpu", run_id="r1",
+            execution_options=ExecutionOptions(resources={"GPU": 1}, npartitions=2),
+        )
+
+        def restrictions(dask_scheduler):
+            return {
+                str(ts.key): ts.resource_restrictions or {}
+                for ts in dask_scheduler.tasks.values()
+            }
+
+        # snapshot while the shuffle's output still waits for the train tasks
+        seen: dict = {}
+
+        def both_train_tasks_seen() -> bool:
+            seen.update(client.run_on_scheduler(restrictions))
+            return sum("manymodel-train" in key for key in seen) == 2
+
+        poll(both_train_tasks_seen)
+        assert run.wait(show_progress=False) == RunStatus.SUCCESS
+        ours = {k: v for k, v in seen.items() if "manymodel-train" in k}
+        others = {k: v for k, v in seen.items() if "manymodel-train" not in k}
+        assert len(ours) == 2 and all(v == {"GPU": 1} for v in ours.values())
+        assert others and not any(others.values())
+
+
+def test_embedded_cluster_without_a_client(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import logging
+        import dask.dataframe as dd, pandas as pd, numpy as np
+        import dask_manymodel
+        logging.basicConfig(level=logging.INFO)
+        pdf = pd.DataFrame({{"g": np.repeat([1, 2, 3], 5), "x": np.arange(15.0)}})
+        run = dd.from_pandas(pdf, npartitions=2).manymodel.train(
+            lambda data, ctx: len(data), by="g", url={str(tmp_path)!r}, run_id="r1")
+        print("STATUS", run.wait(show_progress=False).value, run.get_model(2))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert "STATUS SUCCESS 5" in out.stdout, out.stderr[-3000:]
+    assert "started a LocalCluster" in out.stderr and "dashboard at http" in out.stderr
