@@ -630,6 +630,7 @@ def start_run(
     keys: pd.Index = counts.index
     sizes = counts.to_numpy()
     key_tuples = [k if isinstance(k, tuple) else (k,) for k in keys]
+    _check_scalar_keys(by, key_tuples)
     groups = [
         {"partition_id": _json_key(k), "path": group_path(by, k), "rows": int(n)}
         for k, n in zip(key_tuples, sizes)
@@ -733,6 +734,18 @@ def start_run(
     return ManyModelRun(
         store=store, manifest=manifest, groups=groups, client=client, spec=spec, futures=futures, meta=meta
     )
+
+
+def _check_scalar_keys(by: list, key_tuples: list[tuple]) -> None:
+    """Group values must be scalars: a list or array cannot name a folder."""
+    for key in key_tuples:
+        for column, value in zip(by, key):
+            if isinstance(value, (list, tuple, dict, set, np.ndarray, pd.Series)):
+                raise InvalidArgumentError(
+                    f"column {column!r} holds {type(value).__name__} values such as {value!r}; "
+                    f"group values must be hashable scalars (convert them, e.g. with "
+                    f".astype(str))"
+                )
 
 
 def _json_key(key: tuple) -> Any:

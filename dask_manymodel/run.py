@@ -570,6 +570,56 @@ class ManyModelRun:
             return serde.read(local)
 
     # ------------------------------------------------------------------
+    # inference output
+
+    def to_dask_dataframe(self):
+        """The frames an inference run's groups returned, as a lazy Dask DataFrame.
+
+        The ``by`` columns come first, with each group's value; the rest is
+        what the function returned. The schema (``meta``) is the ``meta=``
+        given to ``predict``, or else that of the first finished group's
+        file; the user function is never called on fake data. Nothing is
+        read until the frame is computed. The same rows are a hive-partitioned
+        parquet dataset at ``url/run_id`` for any parquet reader.
+
+        Raises
+        ------
+        InvalidArgumentError
+            The run is not an inference run, or is still in progress.
+        """
+        import dask.dataframe as dd
+
+        from .engine import OUTPUT_FILE
+
+        if self.kind != "predict":
+            raise InvalidArgumentError(f"run {self.run_id!r} is a {self.kind} run; only predict runs have output")
+        if self.status == RunStatus.IN_PROGRESS:
+            raise InvalidArgumentError(f"run {self.run_id!r} is in progress; call wait() first")
+        details = [d for d in self._details().values() if d.status == PartitionStatus.DONE and d.output_rows]
+        by = self.partition_by
+        items = [
+            (self._store.path(d.path, OUTPUT_FILE), normalize_key(d.partition_id, len(by)))
+            for d in details
+        ]
+        if self._meta is not None:
+            meta = _with_group_columns(self._meta.iloc[:0], by, items[0][1] if items else (None,) * len(by))
+        elif items:
+            meta = _read_output(items[:1], self._store.fs, by).iloc[:0]
+        else:
+            raise InvalidArgumentError(
+                f"run {self.run_id!r} stored no output (no group returned rows); pass meta= "
+                f"to predict to get an empty frame"
+            )
+        if not items:
+            return dd.from_pandas(meta, npartitions=1)
+        n_chunks = max(1, min(len(items), len(self._futures or []) or 8))
+        chunks = [items[i::n_chunks] for i in range(n_chunks)]
+        return dd.from_map(
+            _read_output, chunks, fs=self._store.fs, by=by, meta=meta, enforce_metadata=False,
+            label="manymodel-read-output",
+        )
+
+    # ------------------------------------------------------------------
     # restore
 
     @classmethod
@@ -640,3 +690,18 @@ class ManyModelRun:
             + (f"<p>Failed groups:</p><ul>{failed_html}</ul>" if failed else "")
             + "</div>"
         )
+
+
+def _with_group_columns(frame: pd.DataFrame, by: list[str], key: tuple) -> pd.DataFrame:
+    """Put the group's values in front, as hive readers would from the path."""
+    values = {col: pd.Series([value] * len(frame), index=frame.index) for col, value in zip(by, key)}
+    return pd.concat([pd.DataFrame(values), frame], axis=1) if len(frame.columns) else pd.DataFrame(values)
+
+
+def _read_output(items: list[tuple[str, tuple]], fs, by: list[str]) -> pd.DataFrame:
+    """Read the output files of some groups into one frame (runs on a worker)."""
+    frames = []
+    for path, key in items:
+        with fs.open(path, "rb") as f:
+            frames.append(_with_group_columns(pd.read_parquet(f), by, key))
+    return pd.concat(frames, ignore_index=True)

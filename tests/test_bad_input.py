@@ -1,0 +1,104 @@
+"""Bad input gets a clear error before any compute, and nothing is written."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import dask_manymodel  # noqa: F401
+from dask_manymodel import (
+    ExecutionOptions,
+    InvalidArgumentError,
+    InvalidURLError,
+    ManyModelError,
+    ManyModelRun,
+    ManyModelTraining,
+    RunNotFoundError,
+)
+
+from .conftest import fit_line
+
+
+def no_args():
+    return None
+
+
+def three_args(data, model, ctx):
+    return None
+
+
+CASES = [
+    # (id, keyword overrides, error class, message fragment)
+    ("missing-by-column", {"by": "shop"}, InvalidArgumentError, "['shop'] not in the dataframe"),
+    ("empty-by", {"by": []}, InvalidArgumentError, "is empty"),
+    ("run-id-slash", {"run_id": "a/b"}, InvalidArgumentError, "run_id 'a/b' is not allowed"),
+    ("run-id-dotdot", {"run_id": ".."}, InvalidArgumentError, "run_id '..' is not allowed"),
+    ("run-id-whitespace", {"run_id": "my run"}, InvalidArgumentError, "run_id 'my run'"),
+    ("run-id-empty", {"run_id": ""}, InvalidArgumentError, "run_id '' is not allowed"),
+    ("func-not-callable", {"train_func": 42}, InvalidArgumentError, "must be callable"),
+    ("func-no-args", {"train_func": no_args}, InvalidArgumentError, "must accept 2 positional"),
+    ("func-three-args", {"train_func": three_args}, InvalidArgumentError, "must accept 2 positional"),
+    ("unknown-on-existing", {"on_existing_artifacts": "merge"}, InvalidArgumentError, "'merge' is not one of"),
+    ("serde-not-a-serde", {"serde": "pickle"}, InvalidArgumentError, "serde must be a ModelSerde"),
+    ("unknown-protocol", {"url": "nosuchproto://bucket/x"}, InvalidURLError, "nosuchproto"),
+    ("options-not-options", {"execution_options": {"npartitions": 2}}, InvalidArgumentError, "ExecutionOptions"),
+]
+
+
+@pytest.mark.parametrize("overrides, error, fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_before_anything_is_written(client, ddf, tmp_path, overrides, error, fragment):
+    url = str(tmp_path / "models")
+    kwargs = {"train_func": fit_line, "by": "store", "url": url, "run_id": "r1"} | overrides
+    train_func = kwargs.pop("train_func")
+    with pytest.raises(error) as info:
+        ddf.manymodel.train(train_func, **kwargs)
+    assert fragment in str(info.value)
+    assert isinstance(info.value, ManyModelError)
+    assert not os.path.exists(url)
+
+
+def test_bad_execution_options():
+    with pytest.raises(InvalidArgumentError, match="npartitions must be a positive int"):
+        ExecutionOptions(npartitions=0)
+    with pytest.raises(InvalidArgumentError, match="resources must be a dict"):
+        ExecutionOptions(resources="GPU")
+
+
+def test_class_api_checks_the_function_at_construction(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="must accept 2 positional"):
+        ManyModelTraining(no_args, stage_name=str(tmp_path))
+
+
+def test_restore_of_a_missing_run(tmp_path):
+    with pytest.raises(RunNotFoundError, match="no run 'nope'"):
+        ManyModelRun.restore_from("nope", str(tmp_path))
+
+
+def test_memory_url_with_worker_processes_is_refused(client, ddf):
+    with pytest.raises(InvalidURLError, match="private to each process"):
+        ddf.manymodel.train(fit_line, by="store", url="memory://x", run_id="r1")
+
+
+def test_unhashable_group_values(client, tmp_path):
+    import dask.dataframe as dd
+    import pandas as pd
+
+    import dask
+
+    pdf = pd.DataFrame({"key": [[1], [2]], "x": [1.0, 2.0]})
+    url = str(tmp_path / "models")
+    # by default Dask turns object columns into strings ("[1]"), which group fine
+    with dask.config.set({"dataframe.convert-string": False}):
+        lists = dd.from_pandas(pdf, npartitions=1)
+        with pytest.raises(InvalidArgumentError, match="hashable"):
+            lists.manymodel.train(fit_line, by="key", url=url, run_id="r1")
+    assert not os.path.exists(url)
+
+
+def test_errors_inherit_builtins():
+    from dask_manymodel import PartitionNotFoundError, RunExistsError
+
+    assert issubclass(RunExistsError, FileExistsError)
+    assert issubclass(PartitionNotFoundError, KeyError)
+    assert issubclass(InvalidArgumentError, ValueError)
