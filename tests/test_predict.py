@@ -1,0 +1,214 @@
+"""Inference runs: models loaded per group on the workers, output as Dask and parquet."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as pa_dataset
+import pytest
+from dask.utils import key_split
+
+import dask_manymodel  # noqa: F401
+from dask_manymodel import (
+    InvalidArgumentError,
+    ManyModelInference,
+    ManyModelRun,
+    PickleSerde,
+    RunNotFoundError,
+    RunStatus,
+)
+
+from .conftest import fit_line, make_frame
+
+
+def predict_frame(data, model, ctx):
+    df = data.to_pandas()
+    return df.assign(pred=np.polyval(model, df["x"].to_numpy()))
+
+
+@pytest.fixture
+def trained(client, ddf, store_url):
+    run = ddf.manymodel.train(fit_line, by="store", url=store_url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    return run
+
+
+def test_train_then_predict_matches_a_hand_fit(trained, ddf, store_url):
+    inf = ddf.manymodel.predict(predict_frame, by="store", url=store_url, training_run_id="r1", run_id="s1")
+    assert inf.wait(show_progress=False) == RunStatus.SUCCESS
+    assert {key_split(f.key) for f in inf.futures} == {"manymodel-predict"}
+    scores = inf.to_dask_dataframe()
+    assert list(scores.columns) == ["store", "x", "y", "pred"]
+    result = scores.compute()
+    assert len(result) == 12 * 40
+    pdf = make_frame()
+    for g in (2, 9):  # fit by hand with pandas/numpy, compare
+        group = pdf[pdf["store"] == g]
+        slope, intercept = np.polyfit(group["x"], group["y"], 1)
+        got = result[result["store"] == g].sort_values("x")
+        np.testing.assert_allclose(got["pred"], slope * group.sort_values("x")["x"] + intercept, atol=1e-9)
+    assert os.path.isfile(os.path.join(store_url, "s1", "store=2", "part-0.parquet"))
+
+
+def test_output_is_a_hive_dataset(trained, ddf, store_url):
+    inf = ddf.manymodel.predict(predict_frame, by="store", url=store_url, training_run_id="r1", run_id="s1")
+    inf.wait(show_progress=False)
+    path = os.path.join(store_url, "s1")
+    via_dask = dd.read_parquet(path).compute()
+    assert len(via_dask) == 480 and set(via_dask.columns) == {"x", "y", "pred", "store"}
+    table = pa_dataset.dataset(path, partitioning="hive").to_table().to_pandas()
+    assert len(table) == 480
+    assert sorted(table["store"].astype(int).unique()) == list(range(12))
+    expected = inf.to_dask_dataframe().compute()
+    pd.testing.assert_series_equal(
+        table.sort_values("x")["pred"].reset_index(drop=True),
+        expected.sort_values("x")["pred"].reset_index(drop=True),
+    )
+
+
+def test_missing_and_failed_models(client, store_url):
+    train_data = dd.from_pandas(make_frame(n_groups=4), npartitions=2)
+
+    def fail_group_1(data, ctx):
+        if ctx.partition_id == 1:
+            raise ValueError("no model for 1")
+        return fit_line(data, ctx)
+
+    train_data.manymodel.train(fail_group_1, by="store", url=store_url, run_id="r1").wait(show_progress=False)
+    new = dd.from_pandas(make_frame(n_groups=6), npartitions=2)  # groups 4, 5 were never trained
+    inf = new.manymodel.predict(predict_frame, by="store", url=store_url, training_run_id="r1", run_id="s1")
+    assert inf.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    details = inf.partition_details
+    assert [g for g, d in details.items() if d.status == "DONE"] == [0, 2, 3]
+    assert details[1].error == "group 1 has no model in training run 'r1': it ended FAILED there"
+    assert details[5].error == "group 5 has no model in training run 'r1' (it was never trained there)"
+    assert sorted(inf.to_dask_dataframe().compute()["store"].unique()) == [0, 2, 3]
+
+
+def test_corrupt_model_file_fails_only_that_group(trained, ddf, store_url):
+    with open(os.path.join(store_url, "r1", "store=3", "model.pkl"), "wb") as f:
+        f.write(b"not a pickle")
+    inf = ddf.manymodel.predict(predict_frame, by="store", url=store_url, training_run_id="r1", run_id="s1")
+    assert inf.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    error = inf.partition_details[3].error
+    assert "could not read model file" in error and "store=3/model.pkl" in error
+    assert inf.partition_details[4].status == "DONE"
+
+
+def test_wrong_serde_is_refused_before_compute(trained, ddf, store_url):
+    with pytest.raises(InvalidArgumentError, match="stored its models as 'model.pkl'"):
+        ddf.manymodel.predict(
+            predict_frame, by="store", url=store_url, training_run_id="r1", run_id="s1",
+            serde=PickleSerde(filename="other.pkl"),
+        )
+    assert not os.path.exists(os.path.join(store_url, "s1"))
+
+
+def test_unknown_training_run(client, ddf, store_url):
+    with pytest.raises(RunNotFoundError, match="training run 'nope' does not exist"):
+        ddf.manymodel.predict(predict_frame, by="store", url=store_url, training_run_id="nope", run_id="s1")
+
+
+def test_by_must_match_the_training_run(trained, store_url):
+    other = dd.from_pandas(make_frame().rename(columns={"store": "shop"}), npartitions=1)
+    with pytest.raises(InvalidArgumentError, match="differs from the training run"):
+        other.manymodel.predict(predict_frame, by="shop", url=store_url, training_run_id="r1", run_id="s1")
+
+
+def return_series(data, model, ctx):
+    df = data.to_pandas()
+    return pd.Series(np.polyval(model, df["x"].to_numpy()), index=df.index, name="score")
+
+
+def return_array(data, model, ctx):
+    return np.polyval(model, data.to_pandas()["x"].to_numpy())
+
+
+def return_none(data, model, ctx):
+    return None
+
+
+def return_a_string(data, model, ctx):
+    return "oops"
+
+
+@pytest.mark.parametrize(
+    "func, column",
+    [(predict_frame, "pred"), (return_series, "score"), (return_array, "prediction")],
+)
+def test_return_types(trained, ddf, store_url, func, column):
+    inf = ddf.manymodel.predict(func, by="store", url=store_url, training_run_id="r1", run_id="s1")
+    assert inf.wait(show_progress=False) == RunStatus.SUCCESS
+    result = inf.to_dask_dataframe().compute()
+    assert column in result.columns and len(result) == 480
+    row = result[result["store"] == 5].iloc[0]
+    np.testing.assert_allclose(row[column], np.polyval(trained.get_model(5), row["x"]), atol=1e-9)
+
+
+def test_none_stores_nothing(trained, ddf, store_url):
+    inf = ddf.manymodel.predict(return_none, by="store", url=store_url, training_run_id="r1", run_id="s1")
+    assert inf.wait(show_progress=False) == RunStatus.SUCCESS
+    assert not os.path.exists(os.path.join(store_url, "s1", "store=0", "part-0.parquet"))
+    with pytest.raises(InvalidArgumentError, match="stored no output"):
+        inf.to_dask_dataframe()
+    meta = pd.DataFrame({"store": pd.Series([], dtype="int64"), "pred": pd.Series([], dtype=float)})
+    with_meta = ManyModelInference(return_none, stage_name=store_url, training_run_id="r1", meta=meta).run(
+        partition_by="store", dataframe=ddf, run_id="s2"
+    )
+    with_meta.wait(show_progress=False)
+    assert len(with_meta.to_dask_dataframe().compute()) == 0
+
+
+def test_a_wrong_return_type_fails_the_group(trained, ddf, store_url):
+    inf = ddf.manymodel.predict(return_a_string, by="store", url=store_url, training_run_id="r1", run_id="s1")
+    assert inf.wait(show_progress=False) == RunStatus.FAILURE
+    assert "returned a str" in inf.partition_details[0].error
+
+
+def test_restore_an_inference_run_in_a_fresh_process(trained, ddf, store_url):
+    inf = ddf.manymodel.predict(predict_frame, by="store", url=store_url, training_run_id="r1", run_id="s1")
+    inf.wait(show_progress=False)
+    script = textwrap.dedent(
+        f"""
+        import json
+        from dask_manymodel import ManyModelRun
+        run = ManyModelRun.restore_from("s1", {store_url!r})
+        frame = run.to_dask_dataframe().compute(scheduler="sync")
+        print(json.dumps({{"status": run.status.value, "kind": run.kind, "rows": len(frame),
+                           "stores": sorted(int(s) for s in frame["store"].unique())}}))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"status": "SUCCESS", "kind": "predict", "rows": 480, "stores": list(range(12))}
+
+
+class CountingSerde(PickleSerde):
+    """Appends a line to a file on every read: counts model loads across processes."""
+
+    def __init__(self, filename="model.pkl", log_path=None):
+        super().__init__(filename)
+        self.log_path = log_path
+
+    def read(self, file_path):
+        with open(self.log_path, "a") as f:
+            f.write("read\n")
+        return super().read(file_path)
+
+
+def test_each_model_is_loaded_once_per_group(trained, ddf, store_url, tmp_path):
+    log = tmp_path / "reads.log"
+    inf = ddf.manymodel.predict(
+        predict_frame, by="store", url=store_url, training_run_id="r1", run_id="s1",
+        serde=CountingSerde(log_path=str(log)),
+    )
+    assert inf.wait(show_progress=False) == RunStatus.SUCCESS
+    assert log.read_text().count("read") == 12
+    assert ManyModelRun.restore_from("s1", store_url).status == RunStatus.SUCCESS
