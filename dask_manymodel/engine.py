@@ -16,6 +16,7 @@ import datetime
 import heapq
 import inspect
 import io
+import json
 import logging
 import os
 import re
@@ -62,7 +63,7 @@ KINDS = {
     "predict": (3, "data, model, ctx"),
     "dpf": (2, "data, ctx"),
 }
-ON_EXISTING = ("error", "overwrite")
+ON_EXISTING = ("error", "overwrite", "resume")
 PARTITION_COLUMN = "__manymodel_partition__"
 PREDICTION_COLUMN = "prediction"
 OUTPUT_FILE = "part-0.parquet"
@@ -411,6 +412,27 @@ def _load_model(spec: RunSpec, rel: str, training_status: dict | None, partition
             ) from exc
 
 
+def _check_group_fits(spec: RunSpec, frame: pd.DataFrame, partition_id: Any, heartbeat: "_Heartbeat") -> None:
+    """Refuse a group too big for its worker, before the user function copies it."""
+    fraction = spec.options.max_group_memory_fraction
+    worker = heartbeat.worker
+    limit = getattr(getattr(worker, "memory_manager", None), "memory_limit", None) if worker else None
+    if not fraction or not limit:
+        return
+    nbytes = int(frame.memory_usage(deep=True, index=False).sum())
+    if nbytes > fraction * limit:
+        raise _GroupTooBig(
+            f"group {partition_id!r} has {len(frame):,} rows ({nbytes / 2**20:,.0f} MiB in memory), "
+            f"more than {fraction:g} of the worker's memory limit ({limit / 2**20:,.0f} MiB); "
+            f"give workers more memory, split the group, or raise "
+            f"ExecutionOptions(max_group_memory_fraction=...)"
+        )
+
+
+class _GroupTooBig(Exception):
+    """A group that would not fit in its worker's memory (INTERNAL_ERROR)."""
+
+
 def run_group(
     spec: RunSpec,
     key: tuple,
@@ -427,6 +449,7 @@ def run_group(
     with capture_logs(spec.options.max_log_chars) as logs:
         try:
             model = None
+            _check_group_fits(spec, frame, partition_id, heartbeat)
             if spec.kind == "predict":
                 model = _load_model(spec, rel, training_status, partition_id)
             result = _call_with_retries(spec, record, ctx, frame, model)
@@ -442,7 +465,7 @@ def run_group(
                     record["output_rows"], record["bytes"] = _save_output(spec, result, frame, rel)
         except _UserError as exc:
             record.update(status="FAILED", error=str(exc), traceback=traceback.format_exc())
-        except StorageError as exc:
+        except (StorageError, _GroupTooBig) as exc:
             record.update(status="INTERNAL_ERROR", error=str(exc), traceback=traceback.format_exc())
         except Exception as exc:  # our own bug, or something unexpected underneath
             record.update(
@@ -608,11 +631,20 @@ def start_run(
     else:
         serde = None
 
-    if run_exists(store) and on_existing_artifacts == "error":
-        raise RunExistsError(
-            f"run {run_id!r} already exists at {store.url}; pass "
-            f"on_existing_artifacts='overwrite' to replace it, or choose another run_id"
-        )
+    previous = None
+    if on_existing_artifacts == "resume":
+        previous = _read_manifest_or_none(store)
+        if previous is None:
+            raise RunNotFoundError(
+                f"cannot resume run {run_id!r}: it does not exist at {store.url}"
+            )
+        if previous.get("kind") != kind or previous.get("partition_by") != [str(c) for c in by]:
+            raise InvalidArgumentError(
+                f"cannot resume run {run_id!r}: it is a {previous.get('kind')} run by "
+                f"{previous.get('partition_by')!r}, not a {kind} run by {[str(c) for c in by]!r}"
+            )
+    elif run_exists(store) and on_existing_artifacts == "error":
+        raise RunExistsError(_exists_message(run_id, store))
 
     # 2. count rows per group: the only compute before anything is written --
     client = get_or_start_client()
@@ -645,9 +677,12 @@ def start_run(
         )
 
     # 3. write the manifest (the run now exists) -----------------------------
-    attempt = uuid.uuid4().hex
-    if on_existing_artifacts == "overwrite":
-        store.delete_run()
+    attempt = previous["attempt"] if previous else uuid.uuid4().hex
+    done_paths: set[str] = set()
+    initial_records: list[dict] = []
+    counted_paths = [g["path"] for g in groups]  # in the order of `sizes`
+    if previous is not None:
+        groups, done_paths, initial_records = _merge_for_resume(store, previous, groups)
     manifest = {
         "format_version": FORMAT_VERSION,
         "run_id": run_id,
@@ -656,18 +691,17 @@ def start_run(
         "serde": serde_to_manifest(serde) if serde is not None else None,
         "training_run_id": training_run_id,
         "training_attempt": training_manifest.get("attempt") if training_manifest else None,
-        "created": _now(),
+        "created": previous["created"] if previous else _now(),
         "finished": None,
-        "status": "IN_PROGRESS" if groups else "SUCCESS",
+        "status": "IN_PROGRESS" if len(groups) > len(done_paths) else "SUCCESS",
         "attempt": attempt,
         "n_groups": len(groups),
         "counts": {},
         "cancelled": False,
         "versions": versions(),
     }
-    store.write_json(store.path(GROUPS_FILE), groups)
-    store.write_json(store.path(RUN_MANIFEST), manifest)
-
+    _write_manifest(store, manifest, on_existing_artifacts)
+    submission = uuid.uuid4().hex
     spec = RunSpec(
         kind=kind,
         run_id=run_id,
@@ -677,23 +711,38 @@ def start_run(
         store=store,
         serde=serde,
         options=options,
-        cancel_event=f"manymodel-cancel-{attempt}",
-        progress_topic=f"manymodel-progress-{attempt}",
+        # per submission, not per attempt: a resumed run must not find the
+        # cancel event of the submission it resumes, nor its task keys
+        cancel_event=f"manymodel-cancel-{submission}",
+        progress_topic=f"manymodel-progress-{submission}",
         training_store=training_store,
         training_attempt=manifest["training_attempt"],
     )
-    if not groups:
-        logger.info("the dataframe has no rows: run %r is an empty SUCCESS", run_id)
-        manifest["finished"] = manifest["created"]
+    # kept in memory by the handle for retry_failed(); never written anywhere
+    source = {"dataframe": ddf, "execution_options": options, "meta": meta, "storage_options": storage_options}
+    todo = [p for p in counted_paths if p not in done_paths]
+    if not todo:
+        logger.info("run %r has no group to run: it is a SUCCESS", run_id)
+        manifest["finished"] = _now()
+        manifest["counts"] = {"DONE": len(done_paths)} if done_paths else {}
+        store.write_json(store.path(GROUPS_FILE), groups)
         store.write_json(store.path(RUN_MANIFEST), manifest)
-        return ManyModelRun(store=store, manifest=manifest, groups=[], client=client, spec=spec, futures=[], meta=meta)
+        return ManyModelRun(
+            store=store, manifest=manifest, groups=groups, client=client, spec=spec, futures=[],
+            meta=meta, initial_records=initial_records, source=source,
+        )
 
     # 4. shuffle on the assignment ------------------------------------------
-    npartitions = options.npartitions or default_npartitions(client, len(groups))
-    npartitions = min(npartitions, len(groups))
-    parts = assign_groups(sizes, npartitions)
-    for group, part in zip(groups, parts):
-        group["task"] = int(part)
+    npartitions = options.npartitions or default_npartitions(client, len(todo))
+    npartitions = min(npartitions, len(todo))
+    # counted groups in count order; DONE ones (resume) get -1 and are dropped
+    by_path = {g["path"]: g for g in groups}
+    parts = np.full(len(counted_paths), -1, dtype=np.int64)
+    pending = np.array([p not in done_paths for p in counted_paths], dtype=bool)
+    parts[pending] = assign_groups(sizes[pending], npartitions)
+    for path, part in zip(counted_paths, parts):
+        by_path[path]["task"] = int(part)
+    store.write_json(store.path(GROUPS_FILE), groups)
     tagged = ddf.map_partitions(
         _tag_partition,
         by,
@@ -702,6 +751,8 @@ def start_run(
         meta=ddf._meta.assign(**{PARTITION_COLUMN: np.int64(0)}),
         token="manymodel-assign",
     )
+    if done_paths:
+        tagged = tagged[tagged[PARTITION_COLUMN] >= 0]
     shuffle_kwargs = {"shuffle_method": options.shuffle_method} if options.shuffle_method else {}
     # explicit divisions 0..n: output partition i holds exactly the groups assigned to i
     shuffled = tagged.set_index(
@@ -714,7 +765,7 @@ def start_run(
 
     # 5. one task per output partition --------------------------------------
     spec_future = client.scatter(spec, broadcast=False, hash=False)
-    name = f"manymodel-{kind}-{attempt}"
+    name = f"manymodel-{kind}-{submission}"
     futures = [
         # Submitted by hand rather than through map_partitions: query planning
         # drops dask.annotate, and only these tasks (not the shuffle) may
@@ -732,8 +783,73 @@ def start_run(
     ]
     del shuffled, ordered  # the tasks hold them now
     return ManyModelRun(
-        store=store, manifest=manifest, groups=groups, client=client, spec=spec, futures=futures, meta=meta
+        store=store, manifest=manifest, groups=groups, client=client, spec=spec, futures=futures,
+        meta=meta, initial_records=initial_records, source=source,
     )
+
+
+def _exists_message(run_id: str, store: RunStore) -> str:
+    return (
+        f"run {run_id!r} already exists at {store.url}; pass on_existing_artifacts='overwrite' "
+        f"to replace it, 'resume' to run only its groups that are not DONE, or choose "
+        f"another run_id"
+    )
+
+
+def _write_manifest(store: RunStore, manifest: dict, on_existing: str) -> None:
+    """Make the run exist, so that no reader ever trusts a mix of two attempts.
+
+    error: create ``_run.json`` exclusively; of two runs started at once with
+    the same id, exactly one succeeds. overwrite: first the new manifest
+    (with a new attempt id, so old ``_partition.json`` files stop counting),
+    then delete the old files. resume: the manifest keeps its attempt id.
+    """
+    data = json.dumps(manifest, indent=1, default=str).encode()
+    path = store.path(RUN_MANIFEST)
+    try:
+        if on_existing == "error":
+            try:
+                store.create_exclusive(path, data)
+            except FileExistsError:
+                raise RunExistsError(
+                    _exists_message(manifest["run_id"], store)
+                    + " (it was created while this run was being prepared)"
+                ) from None
+        else:
+            store.write_bytes(path, data)
+            if on_existing == "overwrite":
+                store.delete_run(keep=(RUN_MANIFEST,))
+    except PermissionError as exc:
+        raise InvalidURLError(
+            f"cannot write to {store.display()}: permission denied ({exc}); check the URL "
+            f"and the credentials in storage_options"
+        ) from exc
+
+
+def _merge_for_resume(store: RunStore, previous: dict, counted: list[dict]) -> tuple[list[dict], set[str], list[dict]]:
+    """Groups of a resumed run: the stored ones plus any new ones in the data.
+
+    Returns the merged group list, the paths of the groups already DONE
+    (left untouched), and their stored records.
+    """
+    try:
+        stored_groups = store.read_json(store.path(GROUPS_FILE))
+    except FileNotFoundError:
+        stored_groups = []
+    merged = {g["path"]: {k: v for k, v in g.items() if k != "task"} for g in stored_groups}
+    for group in counted:
+        merged[group["path"]] = {**merged.get(group["path"], {}), **group}
+    statuses = [
+        r
+        for r in store.read_many_json([store.path(p, PARTITION_FILE) for p in merged]).values()
+        if r.get("attempt") == previous["attempt"] and r.get("path") in merged
+    ]
+    done_paths = {r["path"] for r in statuses if r.get("status") == "DONE"}
+    rerun = {g["path"] for g in counted} - done_paths
+    # groups that will not run again keep their stored outcome (DONE, or FAILED
+    # for a group that is no longer in the data)
+    kept = [r for r in statuses if r["path"] not in rerun]
+    return list(merged.values()), done_paths, kept
 
 
 def _check_scalar_keys(by: list, key_tuples: list[tuple]) -> None:

@@ -38,6 +38,10 @@ class ExecutionOptions:
         Cap on the captured logs kept per group (a note marks the cut).
     task_retries : int
         Dask-level retries of a whole task (e.g. after a worker is lost).
+    max_group_memory_fraction : float or None
+        A group whose rows take more than this fraction of its worker's
+        memory limit is not run: it becomes INTERNAL_ERROR with its size,
+        instead of taking the worker down. None turns the check off.
     """
 
     npartitions: int | None = None
@@ -49,6 +53,7 @@ class ExecutionOptions:
     shuffle_method: str | None = None
     max_log_chars: int = 32_000
     task_retries: int = 1
+    max_group_memory_fraction: float | None = 0.5
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -69,6 +74,11 @@ class ExecutionOptions:
         if self.shuffle_method not in (None, "p2p", "tasks", "disk"):
             raise InvalidArgumentError(
                 f"shuffle_method must be 'p2p', 'tasks', 'disk' or None, got {self.shuffle_method!r}"
+            )
+        fraction = self.max_group_memory_fraction
+        if fraction is not None and not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+            raise InvalidArgumentError(
+                f"max_group_memory_fraction must be in (0, 1] or None, got {fraction!r}"
             )
         if not isinstance(self.max_log_chars, int) or self.max_log_chars < 0:
             raise InvalidArgumentError(

@@ -176,6 +176,8 @@ class ManyModelRun:
         futures: list[distributed.Future] | None = None,
         meta: pd.DataFrame | None = None,
         serde: ModelSerde | None = None,
+        initial_records: list[dict] | None = None,
+        source: dict | None = None,
     ):
         self._store = store
         self._manifest = manifest
@@ -187,13 +189,15 @@ class ManyModelRun:
         self._meta = meta
         self._serde = serde
         self._lock = threading.Lock()
-        self._records: dict[str, dict] = {}
+        # records of groups that this run does not (re)run: a resumed run's DONE groups
+        self._records: dict[str, dict] = {r["path"]: r for r in initial_records or []}
+        self._source = source
         self._event_counts = {"done": 0, "failed": 0}
         self._finished = threading.Event()
         if self.read_only:
             self._finished.set()
             return
-        if not groups:
+        if not futures:
             self._finished.set()
             return
         client.subscribe_topic(spec.progress_topic, self._on_progress_event)
@@ -295,7 +299,15 @@ class ManyModelRun:
                 group["path"],
                 status="INTERNAL_ERROR",
                 rows=group.get("rows", 0),
-                error=f"the task running this group failed: {type(exc).__name__}: {exc}",
+                error=(
+                    f"group {self._partition_id(group)!r} ({group.get('rows', 0):,} rows) was lost "
+                    f"with the task running it: {type(exc).__name__}: {exc}"
+                    + (
+                        "; its worker may have run out of memory"
+                        if type(exc).__name__ == "KilledWorker"
+                        else ""
+                    )
+                ),
             )
             records.append(_write_status(self._spec, record))
         return records
@@ -407,7 +419,9 @@ class ManyModelRun:
         # the client that ran it may have died before writing the final status
         records = self._current_records()
         statuses = [PartitionStatus(r["status"]) for r in records.values()]
-        finished = len(records) == len(self._groups)
+        # _groups.json may be missing (being written, or an interrupted overwrite)
+        all_groups_known = len(self._groups) >= int(self._manifest.get("n_groups") or 0)
+        finished = all_groups_known and len(records) == len(self._groups)
         return _aggregate(statuses, PartitionStatus.CANCELLED in statuses and bool(self._manifest.get("cancelled")), finished)
 
     @property
@@ -507,6 +521,38 @@ class ManyModelRun:
         if not self._finished.wait(timeout):
             raise RunTimeoutError(f"run {self.run_id!r} did not stop within {timeout}s")
         return self.status
+
+    def retry_failed(self, *, show_progress: bool = False) -> "ManyModelRun":
+        """Run again every group that is not DONE; DONE groups are left untouched.
+
+        Waits for this run to finish first, then starts a resumed run (same
+        run_id, same attempt) over the same dataframe and returns its handle.
+        A restored handle has no dataframe: use
+        ``ManyModelTraining(...).run(..., on_existing_artifacts="resume")``.
+        """
+        if self.read_only or self._source is None:
+            raise ReadOnlyRunError(
+                f"run {self.run_id!r} was restored from storage and has no dataframe; call "
+                f".run(..., run_id={self.run_id!r}, on_existing_artifacts='resume') with the data"
+            )
+        self.wait(show_progress=show_progress)
+        from .engine import start_run
+
+        spec = self._spec
+        return start_run(
+            spec.kind,
+            spec.func,
+            self._source["dataframe"],
+            by=spec.by,
+            url=self._store.url,
+            run_id=self.run_id,
+            storage_options=self._source["storage_options"],
+            serde=spec.serde,
+            on_existing_artifacts="resume",
+            execution_options=self._source["execution_options"],
+            training_run_id=self._manifest.get("training_run_id"),
+            meta=self._source["meta"],
+        )
 
     def progress(self, **kwargs: Any):
         """``distributed.progress`` over the run's futures (a widget in notebooks)."""
@@ -648,9 +694,12 @@ class ManyModelRun:
         store = RunStore(url, run_id, storage_options)
         try:
             manifest = store.read_json(store.path(RUN_MANIFEST))
-            groups = store.read_json(store.path(GROUPS_FILE))
         except FileNotFoundError:
             raise RunNotFoundError(f"no run {run_id!r} at {store.url} (no {RUN_MANIFEST})") from None
+        try:
+            groups = store.read_json(store.path(GROUPS_FILE))
+        except FileNotFoundError:  # the run is being set up right now
+            groups = []
         return cls(store=store, manifest=manifest, groups=groups, serde=serde)
 
     # ------------------------------------------------------------------

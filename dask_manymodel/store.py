@@ -194,8 +194,8 @@ def with_retries(
     for attempt in range(retries + 1):
         try:
             return action()
-        except FileNotFoundError:
-            raise
+        except (FileNotFoundError, FileExistsError, PermissionError):
+            raise  # retrying cannot change these
         except OSError as exc:
             if attempt == retries:
                 raise StorageError(f"{what} failed after {retries + 1} attempts: {exc}") from exc
@@ -301,6 +301,39 @@ class RunStore:
 
         self._retry(upload, f"uploading {path}")
 
+    def create_exclusive(self, path: str, data: bytes) -> None:
+        """Write ``data`` to ``path`` only if nothing is there yet.
+
+        Raises ``FileExistsError`` if the object exists, also when another
+        process created it a moment earlier. Local folders use a hard link of a
+        finished temp file (atomic and exclusive); object stores use a
+        conditional PUT where the backend supports one (S3's If-None-Match),
+        and fsspec's check-then-write elsewhere.
+        """
+
+        def create() -> None:
+            if _is_local(self.fs):
+                self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                    os.link(tmp, path)  # fails if path exists
+                finally:
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
+                return
+            try:
+                self.fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
+                raise
+            except OSError as exc:
+                if "PreconditionFailed" in str(exc) or "412" in str(exc):
+                    raise FileExistsError(path) from exc
+                raise
+
+        self._retry(create, f"creating {path}")
+
     def write_json(self, path: str, data: Any) -> None:
         self.write_bytes(path, json.dumps(data, indent=1, default=str).encode())
 
@@ -344,9 +377,14 @@ class RunStore:
             posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "file"
         )
 
-    def delete_run(self) -> None:
-        """Remove the whole run folder."""
-        if self.fs.exists(self.root):
-            self._retry(lambda: self.fs.rm(self.root, recursive=True), f"deleting {self.root}")
+    def delete_run(self, keep: tuple[str, ...] = ()) -> None:
+        """Remove the run folder's contents, except the top-level files in ``keep``."""
+        try:
+            entries = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return
+        doomed = [e for e in entries if posixpath.basename(e.rstrip("/")) not in keep]
+        if doomed:
+            self._retry(lambda: self.fs.rm(doomed, recursive=True), f"deleting the old files of {self.root}")
         # fsspec caches listings; a stale cache would show deleted files
         self.fs.invalidate_cache(self.root)

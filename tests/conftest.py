@@ -82,3 +82,13 @@ def poll(condition: Callable[[], bool], timeout: float = 30, interval: float = 0
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+def _set_env(name: str, value: str) -> None:
+    os.environ[name] = value
+
+
+def set_worker_env(client: distributed.Client, name: str, value: str) -> None:
+    """Set an environment variable in every worker process (and this one)."""
+    os.environ[name] = value
+    client.run(_set_env, name, value)

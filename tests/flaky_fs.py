@@ -1,0 +1,120 @@
+"""File systems that fail on purpose, for the fault tests.
+
+They are real fsspec file systems (local disk, or S3 through s3fs) with
+injected ``OSError``s on writes. Instances pickle to the workers with their
+options; each failure is appended to ``log_path`` so a test can check that
+failures really happened in the worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+class _Injector:
+    def __init__(self, fail_rate=0.0, fail_paths=(), fail_rm=False, readonly=False, log_path=None, seed=None):
+        self.fail_rate = fail_rate
+        self.fail_paths = tuple(fail_paths)
+        self.fail_rm = fail_rm
+        self.readonly = readonly
+        self.log_path = log_path
+        self.rng = random.Random(seed if seed is not None else os.getpid())
+
+    def log(self, what: str) -> None:
+        if self.log_path:
+            with open(self.log_path, "a") as f:
+                f.write(what + "\n")
+
+    def before_write(self, path: str) -> None:
+        if self.readonly:
+            raise PermissionError(f"read-only store: {path}")
+        if any(fragment in path for fragment in self.fail_paths):
+            self.log(f"permanent {path}")
+            raise OSError(f"injected permanent failure writing {path}")
+        if self.rng.random() < self.fail_rate:
+            self.log(f"transient {path}")
+            raise OSError(f"injected transient failure writing {path}")
+
+
+class FlakyLocalFileSystem(LocalFileSystem):
+    """Local disk under the ``flaky://`` protocol, with injected write failures."""
+
+    protocol = "flaky"
+
+    def __init__(self, fail_rate=0.0, fail_paths=(), fail_rm=False, readonly=False, log_path=None, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.injector = _Injector(fail_rate, fail_paths, fail_rm, readonly, log_path, seed)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = str(path)
+        if path.startswith("flaky://"):
+            path = path[len("flaky://"):]
+        return LocalFileSystem._strip_protocol(path)
+
+    def pipe_file(self, path, value, mode="overwrite", **kwargs):
+        self.injector.before_write(path)
+        self.makedirs(os.path.dirname(path), exist_ok=True)
+        if mode == "create":
+            # exclusive like a conditional PUT: O_EXCL on the final name
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            with os.fdopen(fd, "wb") as f:
+                f.write(value)
+            return
+        return super().pipe_file(path, value, **kwargs)
+
+    def put_file(self, lpath, rpath, **kwargs):
+        self.injector.before_write(rpath)
+        self.makedirs(os.path.dirname(rpath), exist_ok=True)
+        return super().put_file(lpath, rpath, **kwargs)
+
+    def rm(self, path, recursive=False, maxdepth=None):
+        if self.injector.fail_rm:
+            paths = path if isinstance(path, list) else [path]
+            # delete half, then fail: an overwrite interrupted half-way
+            super().rm(paths[: len(paths) // 2], recursive=recursive, maxdepth=maxdepth)
+            raise OSError("injected failure half-way through a delete")
+        return super().rm(path, recursive=recursive, maxdepth=maxdepth)
+
+
+def register() -> None:
+    fsspec.register_implementation("flaky", FlakyLocalFileSystem, clobber=True)
+
+
+try:
+    from s3fs import S3FileSystem
+except ImportError:  # pragma: no cover - s3fs is a test dependency
+    S3FileSystem = None
+
+if S3FileSystem is not None:
+
+    class FlakyS3FileSystem(S3FileSystem):
+        """s3fs with injected write failures (``flakys3://``)."""
+
+        protocol = ("flakys3",)
+
+        def __init__(self, *args, fail_rate=0.0, fail_paths=(), log_path=None, seed=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.injector = _Injector(fail_rate, fail_paths, False, False, log_path, seed)
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            path = str(path)
+            if path.startswith("flakys3://"):
+                path = path[len("flakys3://"):]
+            return S3FileSystem._strip_protocol(path)
+
+        async def _pipe_file(self, path, data, *args, **kwargs):
+            self.injector.before_write(path)
+            return await super()._pipe_file(path, data, *args, **kwargs)
+
+        async def _put_file(self, lpath, rpath, *args, **kwargs):
+            self.injector.before_write(rpath)
+            return await super()._put_file(lpath, rpath, *args, **kwargs)
+
+    def register_s3() -> None:
+        fsspec.register_implementation("flakys3", FlakyS3FileSystem, clobber=True)

@@ -1,0 +1,272 @@
+"""Nothing is lost under faults: killed workers, a flaky store, failing
+functions, retries and resume, concurrent runs, interrupted overwrites,
+groups too big for a worker."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+
+import dask.dataframe as dd
+import distributed
+import numpy as np
+import pandas as pd
+import pytest
+
+import dask_manymodel  # noqa: F401
+from dask_manymodel import (
+    ExecutionOptions,
+    ManyModelRun,
+    ManyModelTraining,
+    RunExistsError,
+    RunStatus,
+    StorageError,
+)
+
+from . import flaky_fs
+from .conftest import fit_line, make_frame, poll, set_worker_env
+
+
+def generated_frame(n_groups: int, rows: int, npartitions: int = 4) -> dd.DataFrame:
+    """make_frame() split into chunks generated on the workers (small graphs)."""
+    chunks = np.array_split(np.arange(n_groups), npartitions)
+    return dd.from_map(lambda groups: make_frame(n_groups, rows).query("store in @groups"), list(chunks))
+
+
+def slowish_fit(data, ctx):
+    import time
+
+    time.sleep(0.02)  # simulated work, so that a worker dies mid-run
+    return fit_line(data, ctx)
+
+
+def test_a_killed_worker_loses_nothing(tmp_path):
+    url = str(tmp_path / "models")
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+        silence_logs=logging.CRITICAL,
+    ) as cluster, distributed.Client(cluster) as client:
+        ddf = generated_frame(240, 5)
+        run = ddf.manymodel.train(slowish_fit, by="store", url=url, run_id="r1",
+                                  execution_options=ExecutionOptions(npartitions=8))
+
+        def some_groups_done() -> bool:
+            return os.path.isdir(os.path.join(url, "r1")) and any(
+                os.path.exists(os.path.join(url, "r1", d, "_partition.json"))
+                for d in os.listdir(os.path.join(url, "r1"))
+            )
+
+        poll(some_groups_done, timeout=60, interval=0.01)
+        victim = next(iter(client.run(os.getpid).values()))
+        os.kill(victim, signal.SIGKILL)
+        assert run.wait(show_progress=False, timeout=180) == RunStatus.SUCCESS
+        for g in range(240):
+            np.testing.assert_allclose(run.get_model(g), [1 + g / 10, g], atol=1e-6)
+    manifest = json.load(open(os.path.join(url, "r1", "_run.json")))
+    assert manifest["status"] == "SUCCESS" and manifest["counts"] == {"DONE": 240}
+    restored = ManyModelRun.restore_from("r1", url)
+    assert restored.status == RunStatus.SUCCESS
+    assert list(restored.get_progress()) == ["DONE"]
+
+
+@pytest.fixture
+def flaky():
+    flaky_fs.register()
+
+
+def test_transient_store_failures_are_retried(client, flaky, tmp_path):
+    log = tmp_path / "failures.log"
+    url = f"flaky://{tmp_path}/models"
+    ddf = dd.from_pandas(make_frame(n_groups=60, rows=5), npartitions=3)
+    run = ddf.manymodel.train(
+        fit_line, by="store", url=url, run_id="r1",
+        storage_options={"fail_rate": 0.1, "log_path": str(log)},
+        execution_options=ExecutionOptions(storage_retries=6, storage_retry_backoff=0.001),
+    )
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    assert log.read_text().count("transient") >= 3  # failures really happened
+    for g in (0, 29, 59):
+        np.testing.assert_allclose(run.get_model(g), [1 + g / 10, g], atol=1e-9)
+
+
+def test_a_permanent_store_failure_is_an_internal_error(client, flaky, tmp_path):
+    url = f"flaky://{tmp_path}/models"
+    ddf = dd.from_pandas(make_frame(n_groups=6, rows=5), npartitions=2)
+    run = ddf.manymodel.train(
+        fit_line, by="store", url=url, run_id="r1",
+        storage_options={"fail_paths": ["store=3/model.pkl"]},
+        execution_options=ExecutionOptions(storage_retries=2, storage_retry_backoff=0.001),
+    )
+    assert run.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    details = run.partition_details[3]
+    assert details.status == "INTERNAL_ERROR"
+    assert "failed after 3 attempts" in details.error and "injected permanent failure" in details.error
+    assert not os.path.exists(tmp_path / "models" / "r1" / "store=3" / "model.pkl")
+    assert [d.partition_id for d in run.get_progress()["DONE"]] == [0, 1, 2, 4, 5]
+
+
+def fail_first_attempt(data, ctx):
+    """Fails the first time each of groups 0, 10, 20, ... runs (marker files count attempts)."""
+    marker = os.path.join(os.environ["MANYMODEL_TEST_MARKERS"], f"{ctx.partition_id}")
+    if ctx.partition_id % 10 == 0 and not os.path.exists(marker):
+        open(marker, "w").close()
+        raise RuntimeError(f"flaky group {ctx.partition_id}")
+    return fit_line(data, ctx)
+
+
+def test_max_retries_reruns_failing_groups(client, tmp_path, monkeypatch):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    set_worker_env(client, "MANYMODEL_TEST_MARKERS", str(markers))
+    ddf = dd.from_pandas(make_frame(n_groups=30, rows=5), npartitions=3)
+    run = ddf.manymodel.train(
+        fail_first_attempt, by="store", url=str(tmp_path / "m"), run_id="r1",
+        execution_options=ExecutionOptions(max_retries=1),
+    )
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    attempts = run.summary().set_index("partition_id")["attempts"]
+    assert attempts[[0, 10, 20]].tolist() == [2, 2, 2] and attempts[5] == 1
+
+
+def fail_group_zero_slowly_others(data, ctx):
+    import time
+
+    if ctx.partition_id == 0:
+        raise ValueError("group 0 is broken")
+    time.sleep(0.05)  # simulated work: the rest of the run is still going
+    return fit_line(data, ctx)
+
+
+def test_fail_fast_cancels_the_rest(client, tmp_path):
+    pdf = make_frame(n_groups=60, rows=5)
+    ddf = dd.from_pandas(pdf, npartitions=2)
+    run = ddf.manymodel.train(
+        fail_group_zero_slowly_others, by="store", url=str(tmp_path / "m"), run_id="r1",
+        execution_options=ExecutionOptions(fail_fast=True, npartitions=2),
+    )
+    status = run.wait(show_progress=False)
+    progress = run.get_progress()
+    assert status in (RunStatus.FAILURE, RunStatus.PARTIAL_FAILURE)
+    assert [d.partition_id for d in progress["FAILED"]] == [0]
+    assert len(progress["CANCELLED"]) > 30  # stopped long before the end
+    assert sum(len(v) for v in progress.values()) == 60
+
+
+def fail_when_flag(data, ctx):
+    if os.path.exists(os.environ["MANYMODEL_TEST_FLAG"]) and ctx.partition_id % 10 == 3:
+        raise RuntimeError(f"group {ctx.partition_id} failed this time")
+    return fit_line(data, ctx)
+
+
+def test_retry_failed_and_resume_touch_only_groups_not_done(client, tmp_path):
+    flag = tmp_path / "flag"
+    flag.touch()
+    set_worker_env(client, "MANYMODEL_TEST_FLAG", str(flag))
+    url = str(tmp_path / "m")
+    ddf = dd.from_pandas(make_frame(n_groups=30, rows=5), npartitions=3)
+    run = ddf.manymodel.train(fail_when_flag, by="store", url=url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    failed = sorted(d.partition_id for d in run.get_progress()["FAILED"])
+    assert failed == [3, 13, 23]
+    mtimes = {g: os.stat(os.path.join(url, "r1", f"store={g}", "model.pkl")).st_mtime_ns for g in (0, 5, 29)}
+
+    flag.unlink()
+    retried = run.retry_failed()
+    assert retried.wait(show_progress=False) == RunStatus.SUCCESS
+    assert len(retried.partition_details) == 30
+    for g, mtime in mtimes.items():
+        assert os.stat(os.path.join(url, "r1", f"store={g}", "model.pkl")).st_mtime_ns == mtime
+    np.testing.assert_allclose(retried.get_model(13), [2.3, 13], atol=1e-9)
+    assert ManyModelRun.restore_from("r1", url).status == RunStatus.SUCCESS
+
+    # resume through the class API after a restore: nothing left to do
+    flag.touch()  # would fail groups 3, 13, 23 again if they were re-run
+    resumed = ManyModelTraining(fail_when_flag, stage_name=url).run(
+        partition_by="store", dataframe=ddf, run_id="r1", on_existing_artifacts="resume"
+    )
+    assert resumed.wait(show_progress=False) == RunStatus.SUCCESS
+    assert os.stat(os.path.join(url, "r1", "store=0", "model.pkl")).st_mtime_ns == mtimes[0]
+
+
+def test_two_runs_with_one_id_at_once(client, tmp_path):
+    url = str(tmp_path / "m")
+    ddf = dd.from_pandas(make_frame(n_groups=10, rows=5), npartitions=2)
+    barrier = threading.Barrier(2)
+    outcomes: list = []
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            outcomes.append(ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1"))
+        except RunExistsError as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    errors = [o for o in outcomes if isinstance(o, RunExistsError)]
+    runs = [o for o in outcomes if not isinstance(o, RunExistsError)]
+    assert len(errors) == 1 and len(runs) == 1
+    assert "already exists" in str(errors[0])
+    assert runs[0].wait(show_progress=False) == RunStatus.SUCCESS
+    restored = ManyModelRun.restore_from("r1", url)
+    assert restored.status == RunStatus.SUCCESS
+    assert restored.manifest["attempt"] == runs[0].manifest["attempt"]
+    assert len(restored.get_progress()["DONE"]) == 10
+
+
+def test_an_interrupted_overwrite_never_mixes_runs(client, flaky, tmp_path):
+    url = f"flaky://{tmp_path}/models"
+    old = dd.from_pandas(make_frame(n_groups=10, rows=5), npartitions=2)
+    assert old.manymodel.train(fit_line, by="store", url=url, run_id="r1").wait(show_progress=False) == RunStatus.SUCCESS
+    new = dd.from_pandas(make_frame(n_groups=10, rows=5, seed=7), npartitions=2)
+    with pytest.raises(StorageError, match="half-way"):
+        new.manymodel.train(
+            fit_line, by="store", url=url, run_id="r1", on_existing_artifacts="overwrite",
+            storage_options={"fail_rm": True},
+            execution_options=ExecutionOptions(storage_retries=0),
+        )
+    restored = ManyModelRun.restore_from("r1", url)
+    assert restored.status != RunStatus.SUCCESS
+    assert "DONE" not in restored.get_progress()  # the old groups no longer count
+    survivors = [g for g in range(10) if os.path.exists(tmp_path / "models" / "r1" / f"store={g}" / "model.pkl")]
+    assert survivors  # some old files are still there, and still not served:
+    with pytest.raises(LookupError):  # PartitionNotFoundError or ModelNotAvailableError
+        restored.get_model(survivors[0])
+
+
+def test_a_group_too_big_for_its_worker(tmp_path):
+    url = str(tmp_path / "m")
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
+        memory_limit="1GiB", silence_logs=logging.ERROR,
+    ) as cluster, distributed.Client(cluster):
+        def chunk(i: int) -> pd.DataFrame:
+            rows = 1_000_000 if i == 0 else 10
+            return pd.DataFrame({"store": i, "x": np.ones(rows), "y": np.ones(rows), "z": np.ones(rows)})
+
+        ddf = dd.from_map(chunk, range(5))
+        run = ddf.manymodel.train(
+            lambda data, ctx: len(data), by="store", url=url, run_id="r1",
+            execution_options=ExecutionOptions(max_group_memory_fraction=0.02),
+        )
+        assert run.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+        big = run.partition_details[0]
+        assert big.status == "INTERNAL_ERROR"
+        assert "group 0 has 1,000,000 rows" in big.error and "memory limit" in big.error
+        assert [run.get_model(g) for g in range(1, 5)] == [10, 10, 10, 10]
+
+
+def test_a_read_only_store_is_refused_before_anything_is_written(client, flaky, tmp_path):
+    from dask_manymodel import InvalidURLError
+
+    ddf = dd.from_pandas(make_frame(n_groups=3, rows=5), npartitions=1)
+    with pytest.raises(InvalidURLError, match="permission denied"):
+        ddf.manymodel.train(fit_line, by="store", url=f"flaky://{tmp_path}/m", run_id="r1",
+                            storage_options={"readonly": True})
+    assert not os.path.exists(tmp_path / "m" / "r1" / "_run.json")
