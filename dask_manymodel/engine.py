@@ -185,6 +185,7 @@ def check_workers_share_store(store: RunStore, client: distributed.Client) -> No
 
 
 def run_exists(store: RunStore) -> bool:
+    store.fs.invalidate_cache(store.root)
     try:
         return store.fs.exists(store.root) and bool(store.fs.ls(store.root))
     except FileNotFoundError:

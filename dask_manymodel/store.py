@@ -379,6 +379,7 @@ class RunStore:
 
     def delete_run(self, keep: tuple[str, ...] = ()) -> None:
         """Remove the run folder's contents, except the top-level files in ``keep``."""
+        self.fs.invalidate_cache(self.root)  # workers wrote here behind the cache's back
         try:
             entries = self.fs.ls(self.root, detail=False)
         except FileNotFoundError:

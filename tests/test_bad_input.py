@@ -102,3 +102,36 @@ def test_errors_inherit_builtins():
     assert issubclass(RunExistsError, FileExistsError)
     assert issubclass(PartitionNotFoundError, KeyError)
     assert issubclass(InvalidArgumentError, ValueError)
+
+
+class BrokenSerde(dask_manymodel.PickleSerde):
+    def write(self, model, file_path):
+        raise RuntimeError("disk full in serde")
+
+
+def test_a_serde_whose_write_raises_fails_the_groups(client, ddf, tmp_path):
+    from dask_manymodel import RunStatus
+
+    run = ddf.manymodel.train(fit_line, by="store", url=str(tmp_path), run_id="r1", serde=BrokenSerde())
+    assert run.wait(show_progress=False) == RunStatus.FAILURE
+    error = run.partition_details[4].error
+    assert "BrokenSerde could not write the model of group 4" in error
+    assert "numpy.ndarray" in error and "disk full in serde" in error
+    assert not os.path.exists(tmp_path / "r1" / "store=4" / "model.pkl")
+
+
+def unpicklable_model(data, ctx):
+    import threading
+
+    return {"lock": threading.Lock()}
+
+
+def test_a_model_that_cannot_be_pickled(client, ddf, tmp_path):
+    from dask_manymodel import RunStatus
+
+    run = ddf.manymodel.train(unpicklable_model, by="store", url=str(tmp_path), run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.FAILURE
+    details = run.partition_details[2]
+    assert details.status == "FAILED"
+    assert "could not write the model of group 2 (a builtins.dict)" in details.error
+    assert "lock" in details.error

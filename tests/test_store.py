@@ -101,3 +101,34 @@ def test_atomic_local_write_leaves_no_temp_files(tmp_path):
     store.write_bytes(store.path("g=1", "x.bin"), b"world")
     assert (tmp_path / "r1" / "g=1" / "x.bin").read_bytes() == b"world"
     assert sorted(p.name for p in (tmp_path / "r1" / "g=1").iterdir()) == ["x.bin"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_no_run_id_leaves_the_base_folder(run_id):
+    from dask_manymodel.engine import check_run_id
+    from dask_manymodel.exceptions import InvalidArgumentError
+
+    try:
+        check_run_id(run_id)
+    except InvalidArgumentError:
+        return
+    store = RunStore("/base", run_id)
+    assert posixpath.dirname(store.root) == "/base"
+    assert posixpath.normpath(store.root) == store.root
+
+
+@pytest.mark.parametrize("value", ["../x", "/", "\\", "\x00", "%2F", "..%2F..", "a/../../b"])
+def test_hostile_values_stay_in_one_segment(value):
+    rel = group_path(["k"], (value,))
+    assert "/" not in rel and "\\" not in rel and "\x00" not in rel
+    assert rel.startswith("k=")
+
+
+def test_unicode_normalization_forms_are_distinct_folders():
+    import unicodedata
+
+    nfc = unicodedata.normalize("NFC", "café")
+    nfd = unicodedata.normalize("NFD", "café")
+    assert nfc != nfd
+    assert encode_value(nfc) != encode_value(nfd)

@@ -1,0 +1,90 @@
+"""The whole flow against a real S3 server on 127.0.0.1 (moto), through s3fs."""
+
+from __future__ import annotations
+
+import socket
+
+import dask.dataframe as dd
+import numpy as np
+import pytest
+
+import dask_manymodel  # noqa: F401
+from dask_manymodel import ExecutionOptions, ManyModelRun, RunStatus
+
+from . import flaky_fs
+from .conftest import fit_line, make_frame
+
+s3fs = pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+SECRET = "s3cr3t-never-stored"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_options():
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {
+        "key": "testing",
+        "secret": SECRET,
+        "client_kwargs": {"endpoint_url": f"http://{host}:{port}", "region_name": "eu-west-1"},
+        "skip_instance_cache": True,
+    }
+    s3fs.S3FileSystem(**options).mkdir("models")
+    yield options
+    server.stop()
+
+
+def predict_frame(data, model, ctx):
+    df = data.to_pandas()
+    return df.assign(pred=np.polyval(model, df["x"].to_numpy()))
+
+
+def test_train_predict_restore_on_s3(client, s3_options):
+    url = "s3://models/flow"
+    ddf = dd.from_pandas(make_frame(n_groups=8, rows=10), npartitions=2)
+    run = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", storage_options=s3_options)
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    inf = ddf.manymodel.predict(
+        predict_frame, by="store", url=url, training_run_id="r1", run_id="s1", storage_options=s3_options
+    )
+    assert inf.wait(show_progress=False) == RunStatus.SUCCESS
+    scores = inf.to_dask_dataframe().compute()
+    assert len(scores) == 80
+    np.testing.assert_allclose(scores["pred"], scores["y"], atol=1e-9)  # exact lines
+
+    restored = ManyModelRun.restore_from("r1", url, storage_options=s3_options)
+    assert restored.status == RunStatus.SUCCESS
+    np.testing.assert_allclose(restored.get_model(6), [1.6, 6], atol=1e-9)
+    restored_scores = ManyModelRun.restore_from("s1", url, storage_options=s3_options)
+    assert len(restored_scores.to_dask_dataframe().compute()) == 80
+
+    fs = s3fs.S3FileSystem(**s3_options)
+    objects = fs.find("models/flow")
+    assert "models/flow/r1/store=6/model.pkl" in objects
+    assert "models/flow/s1/store=6/part-0.parquet" in objects
+    for path in objects:
+        assert SECRET.encode() not in fs.cat_file(path), path
+
+
+def test_transient_s3_failures_are_retried(client, s3_options, tmp_path):
+    flaky_fs.register_s3()
+    log = tmp_path / "failures.log"
+    options = dict(s3_options, fail_rate=0.15, log_path=str(log))
+    ddf = dd.from_pandas(make_frame(n_groups=30, rows=5), npartitions=2)
+    run = ddf.manymodel.train(
+        fit_line, by="store", url="flakys3://models/flaky", run_id="r1", storage_options=options,
+        execution_options=ExecutionOptions(storage_retries=6, storage_retry_backoff=0.001),
+    )
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    assert log.read_text().count("transient") >= 2
+    restored = ManyModelRun.restore_from("r1", "s3://models/flaky", storage_options=s3_options)
+    assert restored.status == RunStatus.SUCCESS
+    np.testing.assert_allclose(restored.get_model(17), [2.7, 17], atol=1e-9)
