@@ -212,3 +212,14 @@ def test_each_model_is_loaded_once_per_group(trained, ddf, store_url, tmp_path):
     assert inf.wait(show_progress=False) == RunStatus.SUCCESS
     assert log.read_text().count("read") == 12
     assert ManyModelRun.restore_from("s1", store_url).status == RunStatus.SUCCESS
+
+
+def test_predict_output_stays_on_the_workers(trained, ddf, store_url):
+    """The engine sends back one small record per group, never the frames."""
+    inf = ddf.manymodel.predict(predict_frame, by="store", url=store_url, training_run_id="r1", run_id="s1")
+    inf.wait(show_progress=False)
+    records = [r for f in inf.futures for r in f.result()]
+    assert len(records) == 12
+    assert json.loads(json.dumps(records)) == records  # plain JSON: no frames, no models
+    assert max(len(json.dumps(r)) for r in records) < 2_000
+    assert all(r["output_rows"] == 40 for r in records)
