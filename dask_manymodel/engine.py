@@ -301,9 +301,8 @@ def _now() -> str:
 
 
 def _record(spec: RunSpec, key: tuple, rel: str, **values: Any) -> dict:
-    partition_id = key[0] if len(key) == 1 else key
     record = {
-        "partition_id": [key_to_json(v) for v in key] if len(key) > 1 else key_to_json(partition_id),
+        "partition_id": _json_key(key),
         "path": rel,
         "status": "DONE",
         "seconds": 0.0,
