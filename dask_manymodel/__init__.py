@@ -13,6 +13,9 @@ from . import accessor as _accessor  # noqa: F401
 from .api import DPF, ManyModelInference, ManyModelTraining
 from .context import DataConnector, PartitionContext
 from .exceptions import (
+    FileSetDeletedError,
+    FileSetExistsError,
+    FileSetNotFoundError,
     InvalidArgumentError,
     InvalidURLError,
     ManyModelError,
@@ -27,12 +30,17 @@ from .exceptions import (
 )
 from .options import ExecutionOptions
 from .run import ManyModelRun, PartitionDetails, PartitionStatus, RunStatus
-from .serde import ModelSerde, PickleSerde
+from .fileset import FileSet
+from .serde import ModelSerde, PickleSerde, TensorFlowSerde, TorchSerde
 
 __all__ = [
     "DPF",
     "DataConnector",
     "ExecutionOptions",
+    "FileSet",
+    "FileSetDeletedError",
+    "FileSetExistsError",
+    "FileSetNotFoundError",
     "InvalidArgumentError",
     "InvalidURLError",
     "ManyModelError",
@@ -53,5 +61,7 @@ __all__ = [
     "RunStatus",
     "RunTimeoutError",
     "StorageError",
+    "TensorFlowSerde",
+    "TorchSerde",
     "__version__",
 ]

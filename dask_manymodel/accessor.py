@@ -155,3 +155,10 @@ class ManyModelAccessor:
             on_existing_artifacts=on_existing_artifacts,
             execution_options=execution_options,
         )
+
+    @_no_hidden_attribute_errors
+    def to_fileset(self, url: str, name: str, shuffle: bool = False, *, storage_options: dict | None = None):
+        """Write this dataframe as an immutable :class:`~dask_manymodel.FileSet` (see ``FileSet.make``)."""
+        from .fileset import FileSet
+
+        return FileSet.make(url, name, self._obj, shuffle=shuffle, storage_options=storage_options)

@@ -74,6 +74,77 @@ class DataConnector:
             raise InvalidArgumentError(f"limit must be a non-negative int or None, got {limit!r}")
         return self._frame.iloc[:limit]
 
+    def _source(self):
+        from .connectors._batching import FrameSource
+
+        return FrameSource(self._frame)
+
+    def to_torch_dataset(
+        self,
+        *,
+        batch_size: int | None = None,
+        shuffle: bool = False,
+        drop_last_batch: bool = True,
+        seed: int | None = None,
+    ):
+        """The rows as a ``torch.utils.data.IterableDataset`` of ``dict[column -> Tensor]``.
+
+        Use it as ``DataLoader(ds, batch_size=None, num_workers=k)``. Each item
+        has exactly ``batch_size`` rows (a smaller last one only with
+        ``drop_last_batch=False``); ``batch_size=None`` yields single rows.
+        Numeric columns keep their dtype, missing floats are NaN, strings
+        come as Python lists. With ``num_workers=k`` each worker yields a
+        disjoint share of the batches. Dask workers are daemonic: set
+        ``distributed.worker.daemon: False`` to use ``num_workers > 0`` in a run.
+
+        Examples
+        --------
+        >>> import pandas as pd
+        >>> data = DataConnector.from_pandas(pd.DataFrame({"x": [1.0, 2.0, 3.0]}))
+        >>> [b["x"].tolist() for b in data.to_torch_dataset(batch_size=2)]  # doctest: +SKIP
+        [[1.0, 2.0]]
+        """
+        from .connectors.torch import make_torch_dataset
+
+        return make_torch_dataset(
+            self._source(), batch_size=batch_size, shuffle=shuffle,
+            drop_last_batch=drop_last_batch, seed=seed,
+        )
+
+    def to_torch_datapipe(
+        self,
+        *,
+        batch_size: int | None = None,
+        shuffle: bool = False,
+        drop_last_batch: bool = True,
+        seed: int | None = None,
+    ):
+        """As :meth:`to_torch_dataset`, as a datapipe where torch still has them
+        (else the same dataset, with a DeprecationWarning)."""
+        from .connectors.torch import make_torch_datapipe
+
+        return make_torch_datapipe(
+            self._source(), batch_size=batch_size, shuffle=shuffle,
+            drop_last_batch=drop_last_batch, seed=seed,
+        )
+
+    def to_tf_dataset(
+        self,
+        *,
+        batch_size: int,
+        shuffle: bool = False,
+        drop_last_batch: bool = True,
+        seed: int | None = None,
+    ):
+        """The rows as a ``tf.data.Dataset`` of ``dict[column -> Tensor]`` batches
+        (strings as ``tf.string``); works with ``model.fit``."""
+        from .connectors.tensorflow import make_tf_dataset
+
+        return make_tf_dataset(
+            self._source(), batch_size=batch_size, shuffle=shuffle,
+            drop_last_batch=drop_last_batch, seed=seed,
+        )
+
 
 def _check_artifact_name(filename: str) -> str:
     if (

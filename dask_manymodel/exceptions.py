@@ -8,6 +8,9 @@ this library::
     ├── InvalidArgumentError     (ValueError)   bad input, found before any compute
     ├── InvalidURLError          (ValueError)   a URL fsspec cannot open
     ├── RunExistsError           (FileExistsError)
+    ├── FileSetExistsError       (FileExistsError)
+    ├── FileSetNotFoundError     (FileNotFoundError)
+    ├── FileSetDeletedError      (RuntimeError) a FileSet used after delete()
     ├── RunNotFoundError         (FileNotFoundError)
     ├── PartitionNotFoundError   (KeyError)     no such group in a run
     ├── ModelNotAvailableError   (LookupError)  the group exists but has no DONE model
@@ -23,6 +26,9 @@ with ``raise ... from exc`` so the original stays in the traceback.
 from __future__ import annotations
 
 __all__ = [
+    "FileSetDeletedError",
+    "FileSetExistsError",
+    "FileSetNotFoundError",
     "InvalidArgumentError",
     "InvalidURLError",
     "ManyModelError",
@@ -51,6 +57,18 @@ class InvalidURLError(ManyModelError, ValueError):
 
 class RunExistsError(ManyModelError, FileExistsError):
     """A run with this run_id already exists at the URL."""
+
+
+class FileSetExistsError(ManyModelError, FileExistsError):
+    """A FileSet with this name already exists (FileSets are immutable)."""
+
+
+class FileSetNotFoundError(ManyModelError, FileNotFoundError):
+    """No FileSet with this name exists at the URL."""
+
+
+class FileSetDeletedError(ManyModelError, RuntimeError):
+    """The FileSet was deleted; this handle can no longer be used."""
 
 
 class RunNotFoundError(ManyModelError, FileNotFoundError):

@@ -18,7 +18,16 @@ from typing import Any
 
 import cloudpickle
 
-__all__ = ["ModelSerde", "PickleSerde", "serde_from_manifest", "serde_to_manifest"]
+from .exceptions import missing_dependency
+
+__all__ = [
+    "ModelSerde",
+    "PickleSerde",
+    "TensorFlowSerde",
+    "TorchSerde",
+    "serde_from_manifest",
+    "serde_to_manifest",
+]
 
 
 class ModelSerde(abc.ABC):
@@ -51,8 +60,13 @@ class ModelSerde(abc.ABC):
     def read(self, file_path: str) -> Any:
         """Read a model back from the local file ``file_path``."""
 
+    def manifest_params(self) -> dict:
+        """Constructor arguments recorded in ``_run.json`` to rebuild this serde."""
+        return {"filename": self.filename}
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(filename={self.filename!r})"
+        params = ", ".join(f"{k}={v!r}" for k, v in self.manifest_params().items())
+        return f"{type(self).__name__}({params})"
 
 
 class PickleSerde(ModelSerde):
@@ -78,10 +92,101 @@ class PickleSerde(ModelSerde):
             return cloudpickle.load(f)
 
 
+class TorchSerde(ModelSerde):
+    """Save PyTorch models with ``torch.save``.
+
+    Parameters
+    ----------
+    filename : str
+        Name of the model file in each group's folder.
+    weights_only : bool
+        False (default): save the whole module; reading unpickles it, which
+        runs code from the file. True: save only the ``state_dict`` and read
+        it with torch's safe loader (``torch.load(weights_only=True)``); then
+        :meth:`read` returns ``model_factory()`` with the weights loaded, or
+        the state_dict itself when no ``model_factory`` is given.
+    model_factory : callable, optional
+        Builds an empty module to load the weights into (``weights_only=True``).
+    map_location : str
+        Where tensors are loaded; ``"cpu"`` by default, so models trained on
+        a GPU worker load anywhere.
+    """
+
+    def __init__(self, filename: str = "model.pt", weights_only: bool = False, model_factory=None,
+                 map_location: str = "cpu"):
+        self.filename = filename
+        self.weights_only = weights_only
+        self.model_factory = model_factory
+        self.map_location = map_location
+
+    def manifest_params(self) -> dict:
+        return {"filename": self.filename, "weights_only": self.weights_only}
+
+    @staticmethod
+    def _torch():
+        try:
+            import torch
+        except ImportError as exc:
+            raise missing_dependency("torch", "torch") from exc
+        return torch
+
+    def write(self, model: Any, file_path: str) -> None:
+        torch = self._torch()
+        if self.weights_only:
+            state = model.state_dict() if hasattr(model, "state_dict") else model
+            torch.save(state, file_path)
+        else:
+            torch.save(model, file_path)
+
+    def read(self, file_path: str) -> Any:
+        torch = self._torch()
+        if not self.weights_only:
+            return torch.load(file_path, weights_only=False, map_location=self.map_location)
+        state = torch.load(file_path, weights_only=True, map_location=self.map_location)
+        if self.model_factory is None:
+            return state
+        model = self.model_factory()
+        model.load_state_dict(state)
+        return model
+
+
+class TensorFlowSerde(ModelSerde):
+    """Save Keras models in the native ``.keras`` format.
+
+    Parameters
+    ----------
+    filename : str
+        Must end with ``.keras`` (Keras chooses the format from it).
+    """
+
+    def __init__(self, filename: str = "model.keras"):
+        if not filename.endswith(".keras"):
+            from .exceptions import InvalidArgumentError
+
+            raise InvalidArgumentError(f"TensorFlowSerde filename must end with '.keras', got {filename!r}")
+        self.filename = filename
+
+    @staticmethod
+    def _tf():
+        try:
+            import tensorflow as tf
+        except ImportError as exc:
+            raise missing_dependency("tensorflow", "tensorflow") from exc
+        return tf
+
+    def write(self, model: Any, file_path: str) -> None:
+        model.save(file_path)
+
+    def read(self, file_path: str) -> Any:
+        return self._tf().keras.models.load_model(file_path)
+
+
 def serde_to_manifest(serde: ModelSerde) -> dict:
-    """What ``_run.json`` records of a serde: its class and file name."""
+    """What ``_run.json`` records of a serde: its class, file name and the
+    arguments that rebuild it (never a model factory or credentials)."""
     cls = type(serde)
-    return {"class": f"{cls.__module__}.{cls.__qualname__}", "filename": serde.filename}
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", "filename": serde.filename,
+            "params": serde.manifest_params()}
 
 
 def serde_from_manifest(entry: dict) -> ModelSerde | None:
@@ -93,7 +198,7 @@ def serde_from_manifest(entry: dict) -> ModelSerde | None:
     except (ImportError, AttributeError):
         return None
     try:
-        return cls(filename=entry["filename"])
+        return cls(**entry.get("params", {"filename": entry["filename"]}))
     except TypeError:
         try:
             serde = cls()

@@ -1,0 +1,180 @@
+"""The framework-free core: columns as numpy arrays, cut into batches.
+
+A frame is converted to numpy once. Each epoch is then one permutation (if
+shuffling) and one gather per column per batch: no Python loop over rows.
+Several readers of the same epoch (DataLoader workers) compute the same
+permutation from the same seed and each takes every k-th batch, so together
+they cover every row exactly once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+
+from ..exceptions import InvalidArgumentError
+
+
+def check_batch_size(batch_size: Any, *, allow_none: bool = True) -> int | None:
+    """``batch_size`` must be a positive int (or None where single rows are allowed)."""
+    if batch_size is None and allow_none:
+        return None
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size <= 0:
+        raise InvalidArgumentError(
+            f"batch_size must be a positive int{' or None' if allow_none else ''}, got {batch_size!r}"
+        )
+    return int(batch_size)
+
+
+def column_to_numpy(series: pd.Series) -> tuple[np.ndarray, bool]:
+    """One column as numpy; returns (array, is_string).
+
+    Numbers keep their dtype; nullable ints/bools with missing values become
+    float64 with NaN; datetimes become int64 nanoseconds; strings, categories
+    and other objects become an object array (None for missing).
+    """
+    dtype = series.dtype
+    if isinstance(dtype, pd.CategoricalDtype) or pd.api.types.is_string_dtype(dtype) or dtype == object:
+        values = series.astype(object).to_numpy(copy=True)
+        values[pd.isna(values)] = None
+        return values, True
+    if pd.api.types.is_datetime64_any_dtype(dtype) or pd.api.types.is_timedelta64_dtype(dtype):
+        return series.to_numpy().view("int64"), False
+    if isinstance(dtype, pd.api.extensions.ExtensionDtype):
+        numpy_dtype = getattr(dtype, "numpy_dtype", np.dtype("float64"))
+        if series.isna().any():
+            return series.to_numpy(dtype="float64", na_value=np.nan), False
+        return series.to_numpy(dtype=numpy_dtype), False
+    return series.to_numpy(), False
+
+
+@dataclass
+class Columns:
+    """A frame as named numpy columns, converted once."""
+
+    arrays: dict[str, np.ndarray]
+    strings: frozenset[str]
+    n_rows: int
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> "Columns":
+        arrays, strings = {}, set()
+        for name in frame.columns:
+            array, is_string = column_to_numpy(frame[name])
+            if not array.flags.writeable:  # pandas' copy-on-write hands out read-only views
+                array = array.copy()
+            arrays[str(name)] = array
+            if is_string:
+                strings.add(str(name))
+        return cls(arrays, frozenset(strings), len(frame))
+
+    def take(self, index: np.ndarray | slice) -> dict[str, np.ndarray]:
+        return {name: array[index] for name, array in self.arrays.items()}
+
+
+def epoch_rng(seed: int, *keys: int) -> np.random.Generator:
+    """The generator of one epoch: the same keys give the same permutation."""
+    return np.random.default_rng([seed, *keys])
+
+
+def count_batches(n_rows: int, batch_size: int, drop_last: bool) -> int:
+    """How many batches one epoch of ``n_rows`` rows has."""
+    return n_rows // batch_size + (1 if not drop_last and n_rows % batch_size else 0)
+
+
+def batch_bounds(n_rows: int, batch_size: int, drop_last: bool) -> list[tuple[int, int]]:
+    stops = list(range(batch_size, n_rows + 1, batch_size))
+    bounds = [(stop - batch_size, stop) for stop in stops]
+    if not drop_last and n_rows % batch_size:
+        bounds.append((n_rows - n_rows % batch_size, n_rows))
+    return bounds
+
+
+def iter_batches(
+    columns: Columns,
+    *,
+    batch_size: int | None,
+    shuffle: bool,
+    drop_last: bool,
+    rng: np.random.Generator | None,
+    share: int = 0,
+    n_shares: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yield this reader's batches of one epoch as dicts of numpy arrays.
+
+    With ``batch_size=None`` the batches are single rows (dicts of scalars).
+    Reader ``share`` of ``n_shares`` takes batches share, share + n_shares, ...
+    """
+    order = rng.permutation(columns.n_rows) if shuffle else None
+    size = batch_size or 1
+    for number, (start, stop) in enumerate(batch_bounds(columns.n_rows, size, drop_last or batch_size is None)):
+        if number % n_shares != share:
+            continue
+        index = order[start:stop] if order is not None else slice(start, stop)
+        batch = columns.take(index)
+        if batch_size is None:
+            yield {name: values[0] for name, values in batch.items()}
+        else:
+            yield batch
+
+
+class Rebatcher:
+    """Cut a stream of column chunks (one per file) into equal batches.
+
+    Rows left over at the end of one chunk are carried into the next, so
+    batches may span files; only the very last batch can be short.
+    """
+
+    def __init__(self, batch_size: int | None, drop_last: bool):
+        self.size = batch_size or 1
+        self.single_rows = batch_size is None
+        self.drop_last = drop_last or batch_size is None
+        self.carry: dict[str, np.ndarray] | None = None
+
+    def feed(self, chunk: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        if self.carry is not None:
+            chunk = {name: np.concatenate([self.carry[name], values]) for name, values in chunk.items()}
+        n_rows = len(next(iter(chunk.values()))) if chunk else 0
+        full = n_rows - n_rows % self.size
+        for start in range(0, full, self.size):
+            batch = {name: values[start : start + self.size] for name, values in chunk.items()}
+            yield {k: v[0] for k, v in batch.items()} if self.single_rows else batch
+        self.carry = {name: values[full:] for name, values in chunk.items()}
+
+    def finish(self) -> Iterator[dict[str, np.ndarray]]:
+        if self.carry is not None and not self.drop_last:
+            rest = len(next(iter(self.carry.values()))) if self.carry else 0
+            if rest:
+                yield self.carry
+        self.carry = None
+
+
+class FrameSource:
+    """Batches of one in-memory frame (a group's rows)."""
+
+    def __init__(self, frame: pd.DataFrame):
+        self.columns = Columns.from_frame(frame)
+
+    @property
+    def n_rows(self) -> int:
+        return self.columns.n_rows
+
+    @property
+    def schema(self) -> dict[str, tuple[np.dtype, bool]]:
+        """``{column: (numpy dtype, is_string)}``."""
+        return {n: (a.dtype, n in self.columns.strings) for n, a in self.columns.arrays.items()}
+
+    def epoch(self, rng, *, batch_size, shuffle, drop_last, share=0, n_shares=1):
+        return iter_batches(
+            self.columns, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+            rng=rng, share=share, n_shares=n_shares,
+        )
+
+
+def new_seed() -> int:
+    """A random seed, drawn once where a dataset is made: its copies in
+    DataLoader workers share it, so their permutations agree."""
+    return int(np.random.SeedSequence().entropy % (2**63))

@@ -1,0 +1,103 @@
+"""PyTorch adapter: an ``IterableDataset`` of ``dict[column -> Tensor]`` batches.
+
+Use it as ``DataLoader(ds, batch_size=None, num_workers=k)``: batching is
+done here, on whole numpy columns. Each DataLoader worker yields every k-th
+batch of the same epoch permutation, so together they cover every row once.
+
+Dask worker processes are daemonic and cannot start DataLoader workers: to
+use ``num_workers > 0`` inside a many-model run, start the Dask workers with
+``dask.config.set({"distributed.worker.daemon": False})``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+
+from ..exceptions import missing_dependency
+from ._batching import check_batch_size, epoch_rng, new_seed
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError as exc:
+        raise missing_dependency("torch", "torch") from exc
+    return torch
+
+
+def _to_torch(batch: dict[str, Any], torch) -> dict[str, Any]:
+    out = {}
+    for name, values in batch.items():
+        if isinstance(values, np.ndarray):
+            out[name] = values.tolist() if values.dtype == object else torch.from_numpy(np.ascontiguousarray(values))
+        elif isinstance(values, np.generic):  # a single row
+            out[name] = torch.tensor(values.item()) if not isinstance(values, (np.str_, np.bytes_)) else str(values)
+        else:  # a single row of a string column
+            out[name] = values
+    return out
+
+
+def make_torch_dataset(source, *, batch_size=None, shuffle=False, drop_last_batch=True, seed=None):
+    """Build the ``IterableDataset`` over ``source`` (see the module docstring)."""
+    torch = _import_torch()
+    batch_size = check_batch_size(batch_size)
+
+    class ManyModelIterableDataset(torch.utils.data.IterableDataset):
+        """Batches as ``dict[column -> Tensor]`` (strings as lists).
+
+        Each iteration is one epoch. With ``shuffle=True`` every epoch has a
+        new order: from ``seed`` and the epoch number without DataLoader
+        workers (or with ``persistent_workers=True``); with non-persistent
+        workers, also from the DataLoader's per-epoch seed, so pass
+        ``generator=torch.Generator().manual_seed(...)`` to the DataLoader,
+        or call :meth:`set_epoch` before each epoch, for a reproducible order.
+        """
+
+        def __init__(self):
+            super().__init__()
+            self.source = source
+            self.seed = new_seed() if seed is None else int(seed)
+            self._iterations = 0
+            self._epoch: int | None = None
+
+        def set_epoch(self, epoch: int) -> None:
+            """Fix the epoch number (as ``DistributedSampler.set_epoch``)."""
+            self._epoch = int(epoch)
+
+        def __iter__(self):
+            info = torch.utils.data.get_worker_info()
+            share, n_shares = (info.id, info.num_workers) if info is not None else (0, 1)
+            keys = [self._iterations]
+            if self._epoch is not None:
+                keys.append(self._epoch)
+            elif info is not None:
+                keys.append((info.seed - info.id) % 2**63)  # shared by this epoch's workers
+            self._iterations += 1
+            rng = epoch_rng(self.seed, *keys)
+            for batch in self.source.epoch(
+                rng, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last_batch,
+                share=share, n_shares=n_shares,
+            ):
+                yield _to_torch(batch, torch)
+
+    return ManyModelIterableDataset()
+
+
+def make_torch_datapipe(source, **kwargs):
+    """The same dataset as a datapipe where torch still has datapipes."""
+    torch = _import_torch()
+    dataset = make_torch_dataset(source, **kwargs)
+    try:
+        from torch.utils.data.datapipes.iter import IterableWrapper
+    except ImportError:
+        warnings.warn(
+            "torch.utils.data datapipes are gone in this torch; to_torch_datapipe() returns "
+            "the IterableDataset of to_torch_dataset() instead",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return dataset
+    return IterableWrapper(dataset, deepcopy=False)

@@ -1,0 +1,247 @@
+"""FileSet: an immutable parquet snapshot of a dataframe at a URL, streamed
+file by file to PyTorch and TensorFlow.
+
+Layout::
+
+    URL/NAME/part.0.parquet ...    the rows (written by Dask's to_parquet)
+    URL/NAME/_fileset.json         manifest: files, rows, columns; written last
+
+A FileSet exists once its manifest does; ``make`` refuses an existing name.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import posixpath
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from .connectors._batching import Columns, Rebatcher, check_batch_size
+from .engine import as_dask_dataframe
+from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError, InvalidArgumentError
+from .store import open_url
+
+__all__ = ["FileSet"]
+
+MANIFEST = "_fileset.json"
+_SHUFFLE_COLUMN = "__manymodel_shuffle__"
+
+
+def _check_name(name: Any) -> str:
+    from .engine import check_run_id
+
+    return check_run_id(name, "FileSet name")
+
+
+def _shuffle_partition(df: pd.DataFrame, seed: int, partition_info=None) -> pd.DataFrame:
+    number = partition_info["number"] if partition_info else 0
+    rng = np.random.default_rng([seed, number])
+    return df.iloc[rng.permutation(len(df))]
+
+
+def _random_keys(df: pd.DataFrame, seed: int, partition_info=None) -> pd.DataFrame:
+    number = partition_info["number"] if partition_info else 0
+    rng = np.random.default_rng([seed, number, 1])
+    return df.assign(**{_SHUFFLE_COLUMN: rng.integers(0, 2**62, len(df))})
+
+
+class FileSet:
+    """An immutable parquet snapshot: reopen with ``FileSet(url, name)``.
+
+    Parameters
+    ----------
+    url : str
+        Folder (any fsspec URL or local path) holding FileSets.
+    name : str
+        The FileSet's folder under ``url``.
+    storage_options : dict, optional
+        Passed to fsspec.
+
+    Raises
+    ------
+    FileSetNotFoundError
+        No FileSet of that name exists.
+    """
+
+    def __init__(self, url: str, name: str, storage_options: dict | None = None):
+        self.url = str(url).rstrip("/")
+        self.name = _check_name(name)
+        self._storage_options = storage_options
+        self._fs, base = open_url(url, storage_options)
+        self._root = posixpath.join(base, name)
+        self._deleted = False
+        try:
+            self._manifest = json.loads(self._fs.cat_file(posixpath.join(self._root, MANIFEST)))
+        except FileNotFoundError:
+            raise FileSetNotFoundError(
+                f"no FileSet {name!r} at {self.url}; create it with FileSet.make(url, name, dataframe)"
+            ) from None
+
+    def __repr__(self) -> str:
+        state = "deleted" if self._deleted else f"{len(self._manifest['files'])} files, {self._manifest['rows']} rows"
+        return f"FileSet({self.url!r}, {self.name!r}: {state})"
+
+    @classmethod
+    def make(
+        cls,
+        url: str,
+        name: str,
+        dataframe: Any,
+        shuffle: bool = False,
+        *,
+        storage_options: dict | None = None,
+        seed: int | None = None,
+    ) -> "FileSet":
+        """Write ``dataframe`` (Dask or pandas) as a new FileSet and return it.
+
+        With ``shuffle=True`` the rows are shuffled globally (across
+        partitions) before writing.
+
+        Raises
+        ------
+        FileSetExistsError
+            A FileSet (or anything) already exists under that name.
+        """
+        _check_name(name)
+        fs, base = open_url(url, storage_options)
+        root = posixpath.join(base, name)
+        if fs.exists(root) and fs.ls(root):
+            raise FileSetExistsError(
+                f"FileSet {name!r} already exists at {str(url).rstrip('/')}; FileSets are immutable: "
+                f"choose another name or delete() the old one"
+            )
+        ddf = as_dask_dataframe(dataframe)
+        if shuffle:
+            seed = int(np.random.SeedSequence().entropy % 2**62) if seed is None else seed
+            keyed = ddf.map_partitions(_random_keys, seed, meta=ddf._meta.assign(**{_SHUFFLE_COLUMN: np.int64(0)}))
+            ddf = keyed.shuffle(on=_SHUFFLE_COLUMN).drop(columns=[_SHUFFLE_COLUMN])
+            ddf = ddf.map_partitions(_shuffle_partition, seed, meta=ddf._meta)
+        ddf.to_parquet(
+            f"{str(url).rstrip('/')}/{name}", write_index=False, storage_options=storage_options,
+            write_metadata_file=False,
+        )
+        fs.invalidate_cache(root)
+        files = sorted(
+            (p for p in fs.ls(root, detail=False) if p.endswith(".parquet")),
+            key=lambda p: int(posixpath.basename(p).split(".")[1]) if posixpath.basename(p).count(".") == 2 else 0,
+        )
+        rows = []
+        for path in files:
+            with fs.open(path, "rb") as f:
+                rows.append(pq.ParquetFile(f).metadata.num_rows)
+        manifest = {
+            "name": name,
+            "files": [posixpath.basename(p) for p in files],
+            "rows_per_file": rows,
+            "rows": int(sum(rows)),
+            "columns": [str(c) for c in ddf.columns],
+            "shuffled": bool(shuffle),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        }
+        fs.pipe_file(posixpath.join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
+        return cls(url, name, storage_options)
+
+    # ------------------------------------------------------------------
+    def _check_alive(self) -> None:
+        if self._deleted:
+            raise FileSetDeletedError(
+                f"FileSet {self.name!r} at {self.url} was deleted; make a new one with FileSet.make"
+            )
+
+    def files(self) -> list[str]:
+        """URLs of the parquet files, in order."""
+        self._check_alive()
+        return [f"{self.url}/{self.name}/{f}" for f in self._manifest["files"]]
+
+    @property
+    def num_rows(self) -> int:
+        self._check_alive()
+        return int(self._manifest["rows"])
+
+    def _paths(self) -> list[str]:
+        return [posixpath.join(self._root, f) for f in self._manifest["files"]]
+
+    def _source(self) -> "_FileSource":
+        self._check_alive()
+        return _FileSource(self._fs, self._paths(), int(self._manifest["rows"]))
+
+    def to_dask_dataframe(self):
+        """The rows as a lazy Dask DataFrame."""
+        import dask.dataframe as dd
+
+        self._check_alive()
+        return dd.read_parquet(self.files(), storage_options=self._storage_options)
+
+    def to_torch_dataset(self, *, batch_size=None, shuffle=False, drop_last_batch=True, seed=None):
+        """Stream the files as a torch ``IterableDataset`` of ``dict[column -> Tensor]``.
+
+        Files are read one at a time (never the whole set into memory). With
+        ``shuffle=True`` file order and row order change every epoch. With
+        DataLoader workers each worker reads a disjoint share of the files;
+        with ``drop_last_batch=True`` each drops its own short last batch.
+        """
+        from .connectors.torch import make_torch_dataset
+
+        return make_torch_dataset(
+            self._source(), batch_size=batch_size, shuffle=shuffle, drop_last_batch=drop_last_batch, seed=seed
+        )
+
+    def to_torch_datapipe(self, *, batch_size=None, shuffle=False, drop_last_batch=True, seed=None):
+        """As :meth:`to_torch_dataset`, as a datapipe where torch still has them."""
+        from .connectors.torch import make_torch_datapipe
+
+        return make_torch_datapipe(
+            self._source(), batch_size=batch_size, shuffle=shuffle, drop_last_batch=drop_last_batch, seed=seed
+        )
+
+    def to_tf_dataset(self, *, batch_size, shuffle=False, drop_last_batch=True, seed=None):
+        """Stream the files as a ``tf.data.Dataset`` of ``dict[column -> Tensor]`` batches."""
+        from .connectors.tensorflow import make_tf_dataset
+
+        return make_tf_dataset(
+            self._source(), batch_size=batch_size, shuffle=shuffle, drop_last_batch=drop_last_batch, seed=seed
+        )
+
+    def delete(self) -> None:
+        """Remove the FileSet's files; every later call on this handle raises."""
+        self._check_alive()
+        # the manifest goes first: from then on nobody can open a half-deleted set
+        self._fs.rm(posixpath.join(self._root, MANIFEST))
+        self._fs.rm(self._root, recursive=True)
+        self._fs.invalidate_cache(self._root)
+        self._deleted = True
+
+
+class _FileSource:
+    """Batches streamed from parquet files, one file in memory at a time."""
+
+    def __init__(self, fs, paths: list[str], n_rows: int):
+        self.fs = fs
+        self.paths = paths
+        self.n_rows = n_rows
+
+    def _read(self, path: str) -> Columns:
+        with self.fs.open(path, "rb") as f:
+            return Columns.from_frame(pq.read_table(f).to_pandas())
+
+    @property
+    def schema(self) -> dict[str, tuple[np.dtype, bool]]:
+        with self.fs.open(self.paths[0], "rb") as f:
+            empty = pq.read_schema(f).empty_table().to_pandas()
+        columns = Columns.from_frame(empty)
+        return {n: (a.dtype, n in columns.strings) for n, a in columns.arrays.items()}
+
+    def epoch(self, rng, *, batch_size, shuffle, drop_last, share=0, n_shares=1):
+        check_batch_size(batch_size)
+        order = rng.permutation(len(self.paths)) if shuffle else np.arange(len(self.paths))
+        mine = [self.paths[i] for i in order[share::n_shares]]
+        rebatcher = Rebatcher(batch_size, drop_last)
+        for path in mine:
+            columns = self._read(path)
+            index = rng.permutation(columns.n_rows) if shuffle else slice(None)
+            yield from rebatcher.feed(columns.take(index))
+        yield from rebatcher.finish()

@@ -1,0 +1,69 @@
+"""DataConnector -> TensorFlow: batches, dtypes, strings, shuffling, model.fit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dask_manymodel import DataConnector, InvalidArgumentError
+
+tf = pytest.importorskip("tensorflow")
+
+
+@pytest.fixture
+def data():
+    n = 50
+    return DataConnector.from_pandas(
+        pd.DataFrame(
+            {
+                "x": np.arange(n, dtype="float32"),
+                "i": np.arange(n, dtype="int64"),
+                "nan": np.where(np.arange(n) % 4 == 0, np.nan, 2.0),
+                "s": [f"s{i}" if i % 9 else None for i in range(n)],
+            }
+        )
+    )
+
+
+def rows(dataset):
+    return [v for b in dataset for v in b["i"].numpy().tolist()]
+
+
+def test_batches_dtypes_and_strings(data):
+    batches = list(data.to_tf_dataset(batch_size=8))
+    assert len(batches) == 6
+    first = batches[0]
+    assert first["x"].dtype == tf.float32 and first["i"].dtype == tf.int64 and first["s"].dtype == tf.string
+    assert first["x"].shape == (8,)
+    assert np.isnan(first["nan"].numpy()[0])
+    assert first["s"].numpy().tolist()[:2] == [b"", b"s1"]  # a missing string is ""
+
+
+def test_drop_last_and_cardinality(data):
+    assert int(data.to_tf_dataset(batch_size=8).cardinality()) == 6
+    kept = data.to_tf_dataset(batch_size=8, drop_last_batch=False)
+    assert int(kept.cardinality()) == 7 and rows(kept) == list(range(50))
+
+
+def test_shuffle_per_epoch_and_seed(data):
+    ds = data.to_tf_dataset(batch_size=10, shuffle=True, seed=5)
+    first, second = rows(ds), rows(ds)
+    assert first != second and sorted(first) == sorted(second) == list(range(50))
+    assert rows(data.to_tf_dataset(batch_size=10, shuffle=True, seed=5)) == first
+
+
+def test_works_with_model_fit(data):
+    inputs = tf.keras.Input(shape=(1,))
+    model = tf.keras.Model(inputs, tf.keras.layers.Dense(1)(inputs))
+    model.compile(optimizer="sgd", loss="mse")
+    dataset = data.to_tf_dataset(batch_size=10, shuffle=True).map(lambda b: (tf.reshape(b["x"], (-1, 1)), b["x"]))
+    history = model.fit(dataset, epochs=2, verbose=0, shuffle=False)
+    assert len(history.history["loss"]) == 2
+
+
+def test_batch_size_is_required_and_positive(data):
+    with pytest.raises(InvalidArgumentError, match="got 0"):
+        data.to_tf_dataset(batch_size=0)
+    with pytest.raises(InvalidArgumentError, match="got None"):
+        data.to_tf_dataset(batch_size=None)

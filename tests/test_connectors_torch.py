@@ -1,0 +1,104 @@
+"""DataConnector -> PyTorch: batches, dtypes, NaN, strings, workers, seeds."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dask_manymodel import DataConnector, InvalidArgumentError
+
+torch = pytest.importorskip("torch")
+DataLoader = torch.utils.data.DataLoader
+
+
+@pytest.fixture
+def frame():
+    n = 103
+    return pd.DataFrame(
+        {
+            "f64": np.arange(n, dtype="float64"),
+            "f32": np.arange(n, dtype="float32"),
+            "i64": np.arange(n, dtype="int64"),
+            "flag": np.arange(n) % 3 == 0,
+            "nan": np.where(np.arange(n) % 5 == 0, np.nan, 1.0),
+            "name": pd.array([f"row{i}" if i % 7 else None for i in range(n)], dtype="string"),
+        }
+    )
+
+
+def rows_of(batches, column="i64"):
+    return [v for b in batches for v in b[column].tolist()]
+
+
+def test_batches_keep_dtypes_nan_and_strings(frame):
+    batches = list(DataConnector.from_pandas(frame).to_torch_dataset(batch_size=10))
+    assert len(batches) == 10  # 103 rows, the short last batch dropped
+    first = batches[0]
+    assert first["f64"].dtype == torch.float64 and first["f32"].dtype == torch.float32
+    assert first["i64"].dtype == torch.int64 and first["flag"].dtype == torch.bool
+    assert all(v.shape == (10,) for k, v in first.items() if k != "name")
+    assert torch.isnan(first["nan"][0]) and first["nan"][1] == 1.0
+    assert first["name"][:2] == [None, "row1"] and isinstance(first["name"], list)
+
+
+def test_drop_last_false_keeps_the_short_batch(frame):
+    batches = list(DataConnector.from_pandas(frame).to_torch_dataset(batch_size=10, drop_last_batch=False))
+    assert [len(b["i64"]) for b in batches] == [10] * 10 + [3]
+    assert rows_of(batches) == list(range(103))
+
+
+def test_single_rows_without_batch_size(frame):
+    rows = list(DataConnector.from_pandas(frame.head(3)).to_torch_dataset())
+    assert len(rows) == 3 and rows[1]["i64"].item() == 1 and rows[1]["name"] == "row1"
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_two_loader_workers_cover_every_row_once(frame, shuffle, drop_last):
+    ds = DataConnector.from_pandas(frame).to_torch_dataset(batch_size=8, shuffle=shuffle, drop_last_batch=drop_last)
+    batches = list(DataLoader(ds, batch_size=None, num_workers=2))
+    rows = rows_of(batches)
+    assert len(rows) == len(set(rows))  # no row twice
+    if drop_last:
+        assert len(batches) == 12 and len(rows) == 96  # 12 full batches of 8
+    else:
+        assert sorted(rows) == list(range(103))
+    assert (rows == sorted(rows)) is (not shuffle)
+
+
+def test_shuffle_changes_every_epoch_and_seed_reproduces(frame):
+    data = DataConnector.from_pandas(frame)
+    ds = data.to_torch_dataset(batch_size=10, shuffle=True, seed=42, drop_last_batch=False)
+    epoch1, epoch2 = rows_of(ds), rows_of(ds)
+    assert epoch1 != epoch2 and sorted(epoch1) == sorted(epoch2)
+    again = data.to_torch_dataset(batch_size=10, shuffle=True, seed=42, drop_last_batch=False)
+    assert rows_of(again) == epoch1 and rows_of(again) == epoch2
+    other = data.to_torch_dataset(batch_size=10, shuffle=True, seed=7)
+    assert rows_of(other) != epoch1
+
+
+def test_seeded_loader_with_workers_is_reproducible(frame):
+    data = DataConnector.from_pandas(frame)
+
+    def one_epoch():
+        ds = data.to_torch_dataset(batch_size=10, shuffle=True, seed=1)
+        loader = DataLoader(ds, batch_size=None, num_workers=2, generator=torch.Generator().manual_seed(0))
+        return rows_of(loader)
+
+    assert one_epoch() == one_epoch()
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "8", True])
+def test_bad_batch_size(frame, bad):
+    with pytest.raises(InvalidArgumentError, match="batch_size must be a positive int"):
+        DataConnector.from_pandas(frame).to_torch_dataset(batch_size=bad)
+
+
+def test_datapipe_is_the_same_data(frame):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # where torch dropped datapipes
+        pipe = DataConnector.from_pandas(frame).to_torch_datapipe(batch_size=10, drop_last_batch=False)
+    assert rows_of(pipe) == list(range(103))

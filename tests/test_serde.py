@@ -1,0 +1,171 @@
+"""A round-trip contract every serde passes, and framework models per group.
+
+Each serde gets the same tests by subclassing :class:`SerdeContract`
+(as fsspec's abstract filesystem tests do).
+"""
+
+from __future__ import annotations
+
+import os
+
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pytest
+
+import dask_manymodel  # noqa: F401
+from dask_manymodel import ManyModelRun, ModelSerde, PickleSerde, RunStatus
+from dask_manymodel.serde import serde_from_manifest, serde_to_manifest
+
+from .conftest import make_frame
+
+
+class SerdeContract:
+    """Subclasses set ``make_serde`` and ``make_model``, and ``predict``."""
+
+    def make_serde(self) -> ModelSerde:
+        raise NotImplementedError
+
+    def make_model(self):
+        raise NotImplementedError
+
+    def predict(self, model, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def test_round_trip_predicts_the_same(self, tmp_path):
+        serde, model = self.make_serde(), self.make_model()
+        path = str(tmp_path / serde.filename)
+        serde.write(model, path)
+        assert os.path.getsize(path) > 0
+        x = np.linspace(-1, 1, 7, dtype="float32")
+        np.testing.assert_allclose(self.predict(serde.read(path), x), self.predict(model, x), rtol=1e-6)
+
+    def test_rebuilt_from_the_manifest(self):
+        serde = self.make_serde()
+        rebuilt = serde_from_manifest(serde_to_manifest(serde))
+        assert type(rebuilt) is type(serde) and rebuilt.manifest_params() == serde.manifest_params()
+
+
+class TestPickleSerde(SerdeContract):
+    def make_serde(self):
+        return PickleSerde()
+
+    def make_model(self):
+        return np.array([2.0, 1.0])
+
+    def predict(self, model, x):
+        return np.polyval(model, x)
+
+
+class TestTorchSerde(SerdeContract):
+    weights_only = False
+
+    def make_serde(self):
+        from dask_manymodel import TorchSerde
+
+        pytest.importorskip("torch")
+        return TorchSerde(weights_only=self.weights_only, model_factory=lambda: __import__("torch").nn.Linear(1, 1))
+
+    def make_model(self):
+        torch = pytest.importorskip("torch")
+        torch.manual_seed(0)
+        return torch.nn.Linear(1, 1)
+
+    def predict(self, model, x):
+        import torch
+
+        with torch.no_grad():
+            return model(torch.from_numpy(x).reshape(-1, 1)).numpy().ravel()
+
+
+class TestTorchSerdeWeightsOnly(TestTorchSerde):
+    weights_only = True
+
+    def test_without_a_factory_it_returns_the_state_dict(self, tmp_path):
+        from dask_manymodel import TorchSerde
+
+        path = str(tmp_path / "model.pt")
+        TorchSerde(weights_only=True).write(self.make_model(), path)
+        state = TorchSerde(weights_only=True).read(path)
+        assert set(state) == {"weight", "bias"}
+
+
+class TestTensorFlowSerde(SerdeContract):
+    def make_serde(self):
+        from dask_manymodel import TensorFlowSerde
+
+        pytest.importorskip("tensorflow")
+        return TensorFlowSerde()
+
+    def make_model(self):
+        tf = pytest.importorskip("tensorflow")
+        inputs = tf.keras.Input(shape=(1,))
+        return tf.keras.Model(inputs, tf.keras.layers.Dense(1)(inputs))
+
+    def predict(self, model, x):
+        return model.predict(x.reshape(-1, 1), verbose=0).ravel()
+
+
+# ---------------------------------------------------------------------------
+# a framework model per group, inside a real many-model run
+
+
+def train_torch(data, ctx):
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(30):  # epochs
+        for batch in data.to_torch_dataset(batch_size=16, shuffle=True, seed=0):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(batch["x"].reshape(-1, 1)).ravel(), batch["y"])
+            loss.backward()
+            optimizer.step()
+    return model
+
+
+def test_a_torch_model_per_group(client, tmp_path):
+    torch = pytest.importorskip("torch")
+    from dask_manymodel import TorchSerde
+
+    ddf = dd.from_pandas(make_frame(n_groups=3, rows=64), npartitions=2)
+    run = ddf.manymodel.train(train_torch, by="store", url=str(tmp_path), run_id="t1", serde=TorchSerde())
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    assert os.path.isfile(tmp_path / "t1" / "store=2" / "model.pt")
+    restored = ManyModelRun.restore_from("t1", str(tmp_path))
+    x = torch.tensor([[0.5], [-1.0]], dtype=torch.float64)
+    with torch.no_grad():
+        live, again = run.get_model(2)(x), restored.get_model(2)(x)
+    assert torch.equal(live, again)
+    np.testing.assert_allclose(live.numpy().ravel(), [1.2 * 0.5 + 2, 1.2 * -1 + 2], atol=0.05)
+
+
+def train_keras(data, ctx):
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(0)
+    inputs = tf.keras.Input(shape=(1,))
+    model = tf.keras.Model(inputs, tf.keras.layers.Dense(1)(inputs))
+    model.compile(optimizer=tf.keras.optimizers.Adam(0.1), loss="mse")
+    dataset = data.to_tf_dataset(batch_size=16, shuffle=True, seed=0).map(
+        lambda b: (tf.reshape(b["x"], (-1, 1)), b["y"])
+    )
+    model.fit(dataset, epochs=40, verbose=0, shuffle=False)
+    return model
+
+
+def test_a_keras_model_per_group(client, tmp_path):
+    pytest.importorskip("tensorflow")
+    from dask_manymodel import TensorFlowSerde
+
+    frame = make_frame(n_groups=2, rows=64).astype({"x": "float32", "y": "float32"})
+    ddf = dd.from_pandas(frame, npartitions=1)
+    run = ddf.manymodel.train(train_keras, by="store", url=str(tmp_path), run_id="k1", serde=TensorFlowSerde())
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS, run.summary()["error"].tolist()
+    x = np.array([[0.5], [-1.0]], dtype="float32")
+    live = run.get_model(1).predict(x, verbose=0).ravel()
+    again = ManyModelRun.restore_from("k1", str(tmp_path)).get_model(1).predict(x, verbose=0).ravel()
+    np.testing.assert_array_equal(live, again)
+    np.testing.assert_allclose(live, [1.1 * 0.5 + 1, 1.1 * -1 + 1], atol=0.1)
+    assert isinstance(pd.DataFrame(run.summary()), pd.DataFrame)
