@@ -18,7 +18,7 @@ from typing import Any
 
 import cloudpickle
 
-from .exceptions import missing_dependency
+from ._compat import import_optional
 
 __all__ = [
     "ModelSerde",
@@ -122,16 +122,8 @@ class TorchSerde(ModelSerde):
     def manifest_params(self) -> dict:
         return {"filename": self.filename, "weights_only": self.weights_only}
 
-    @staticmethod
-    def _torch():
-        try:
-            import torch
-        except ImportError as exc:
-            raise missing_dependency("torch", "torch") from exc
-        return torch
-
     def write(self, model: Any, file_path: str) -> None:
-        torch = self._torch()
+        torch = import_optional("torch")
         if self.weights_only:
             state = model.state_dict() if hasattr(model, "state_dict") else model
             torch.save(state, file_path)
@@ -139,7 +131,7 @@ class TorchSerde(ModelSerde):
             torch.save(model, file_path)
 
     def read(self, file_path: str) -> Any:
-        torch = self._torch()
+        torch = import_optional("torch")
         if not self.weights_only:
             return torch.load(file_path, weights_only=False, map_location=self.map_location)
         state = torch.load(file_path, weights_only=True, map_location=self.map_location)
@@ -166,19 +158,11 @@ class TensorFlowSerde(ModelSerde):
             raise InvalidArgumentError(f"TensorFlowSerde filename must end with '.keras', got {filename!r}")
         self.filename = filename
 
-    @staticmethod
-    def _tf():
-        try:
-            import tensorflow as tf
-        except ImportError as exc:
-            raise missing_dependency("tensorflow", "tensorflow") from exc
-        return tf
-
     def write(self, model: Any, file_path: str) -> None:
         model.save(file_path)
 
     def read(self, file_path: str) -> Any:
-        return self._tf().keras.models.load_model(file_path)
+        return import_optional("tensorflow").keras.models.load_model(file_path)
 
 
 def serde_to_manifest(serde: ModelSerde) -> dict:

@@ -10,16 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..exceptions import missing_dependency
+from .._compat import import_optional
 from ._batching import check_batch_size, count_batches, epoch_rng, new_seed
 
 
-def _import_tensorflow():
-    try:
-        import tensorflow as tf
-    except ImportError as exc:
-        raise missing_dependency("tensorflow", "tensorflow") from exc
-    return tf
 
 
 def _strings(values: np.ndarray) -> np.ndarray:
@@ -29,7 +23,7 @@ def _strings(values: np.ndarray) -> np.ndarray:
 
 def make_tf_dataset(source, *, batch_size, shuffle=False, drop_last_batch=True, seed=None):
     """Build the ``tf.data.Dataset`` over ``source`` (see the module docstring)."""
-    tf = _import_tensorflow()
+    tf = import_optional("tensorflow")
     batch_size = check_batch_size(batch_size, allow_none=False)
     schema = source.schema
     shape = (batch_size,) if drop_last_batch else (None,)

@@ -16,16 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from ..exceptions import missing_dependency
+from .._compat import import_optional
 from ._batching import check_batch_size, epoch_rng, new_seed
 
 
-def _import_torch():
-    try:
-        import torch
-    except ImportError as exc:
-        raise missing_dependency("torch", "torch") from exc
-    return torch
 
 
 def _to_torch(batch: dict[str, Any], torch) -> dict[str, Any]:
@@ -42,7 +36,7 @@ def _to_torch(batch: dict[str, Any], torch) -> dict[str, Any]:
 
 def make_torch_dataset(source, *, batch_size=None, shuffle=False, drop_last_batch=True, seed=None):
     """Build the ``IterableDataset`` over ``source`` (see the module docstring)."""
-    torch = _import_torch()
+    torch = import_optional("torch")
     batch_size = check_batch_size(batch_size)
 
     class ManyModelIterableDataset(torch.utils.data.IterableDataset):
@@ -88,7 +82,7 @@ def make_torch_dataset(source, *, batch_size=None, shuffle=False, drop_last_batc
 
 def make_torch_datapipe(source, **kwargs):
     """The same dataset as a datapipe where torch still has datapipes."""
-    torch = _import_torch()
+    torch = import_optional("torch")
     dataset = make_torch_dataset(source, **kwargs)
     try:
         from torch.utils.data.datapipes.iter import IterableWrapper
