@@ -19,13 +19,14 @@ import io
 import json
 import logging
 import os
+import posixpath
 import re
 import tempfile
 import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import dask
 import dask.dataframe as dd
@@ -324,7 +325,14 @@ def _write_status(spec: RunSpec, record: dict) -> dict:
     """Write ``_partition.json`` (last, so a reader trusts only a finished group)."""
     record["finished"] = _now()
     try:
-        spec.store.write_json(spec.store.path(record["path"], PARTITION_FILE), record)
+        # compact, and without a rename on local disk: a half-written status
+        # does not parse, and readers treat it as absent (store.write_bytes)
+        path = spec.store.path(record["path"], PARTITION_FILE)
+        try:
+            spec.store.write_json(path, record, indent=None, atomic=False)
+        except FileNotFoundError:  # a CANCELLED group has no folder yet
+            spec.store.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            spec.store.write_json(path, record, indent=None, atomic=False)
     except Exception as exc:
         record.update(
             status="INTERNAL_ERROR",
@@ -334,21 +342,20 @@ def _write_status(spec: RunSpec, record: dict) -> dict:
     return record
 
 
-def _save_model(spec: RunSpec, model: Any, rel: str, partition_id: Any) -> int:
+def _save_model(spec: RunSpec, model: Any, rel: str, partition_id: Any, scratch_dir: str) -> int:
     serde = spec.serde
-    with tempfile.TemporaryDirectory(prefix="manymodel-") as tmp:
-        local = os.path.join(tmp, serde.filename)
+
+    def write(local_path: str) -> None:
         try:
-            serde.write(model, local)
+            serde.write(model, local_path)
         except Exception as exc:
             raise _UserError(
                 f"{type(serde).__name__} could not write the model of group {partition_id!r} "
                 f"(a {type(model).__module__}.{type(model).__qualname__}): "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
-        size = os.path.getsize(local)
-        spec.store.upload_file(local, spec.store.path(rel, serde.filename))
-    return size
+
+    return spec.store.write_via_file(spec.store.path(rel, serde.filename), write, scratch_dir)
 
 
 def _save_output(spec: RunSpec, result: Any, frame: pd.DataFrame, rel: str) -> tuple[int, int]:
@@ -412,6 +419,18 @@ def _load_model(spec: RunSpec, rel: str, training_status: dict | None, partition
             ) from exc
 
 
+def _memory_limit(spec: RunSpec, heartbeat: "_Heartbeat") -> float | None:
+    fraction = spec.options.max_group_memory_fraction
+    worker = heartbeat.worker
+    limit = getattr(getattr(worker, "memory_manager", None), "memory_limit", None) if worker else None
+    return fraction * limit if fraction and limit else None
+
+
+def _partition_may_not_fit(spec: RunSpec, frame: pd.DataFrame, heartbeat: "_Heartbeat") -> bool:
+    allowed = _memory_limit(spec, heartbeat)
+    return allowed is not None and frame.memory_usage(deep=True, index=False).sum() > allowed
+
+
 def _check_group_fits(spec: RunSpec, frame: pd.DataFrame, partition_id: Any, heartbeat: "_Heartbeat") -> None:
     """Refuse a group too big for its worker, before the user function copies it."""
     fraction = spec.options.max_group_memory_fraction
@@ -439,6 +458,8 @@ def run_group(
     frame: pd.DataFrame,
     heartbeat: _Heartbeat,
     training_status: dict | None = None,
+    scratch_dir: str | None = None,
+    check_memory: bool = True,
 ) -> dict:
     """Run the user function on one group and store the outcome. Never raises."""
     partition_id = key[0] if len(key) == 1 else key
@@ -449,7 +470,8 @@ def run_group(
     with capture_logs(spec.options.max_log_chars) as logs:
         try:
             model = None
-            _check_group_fits(spec, frame, partition_id, heartbeat)
+            if check_memory:
+                _check_group_fits(spec, frame, partition_id, heartbeat)
             if spec.kind == "predict":
                 model = _load_model(spec, rel, training_status, partition_id)
             result = _call_with_retries(spec, record, ctx, frame, model)
@@ -460,7 +482,7 @@ def run_group(
                             "the train function returned None; return the model to save "
                             "(or use DPF to save files yourself through ctx.upload)"
                         )
-                    record["bytes"] = _save_model(spec, result, rel, partition_id)
+                    record["bytes"] = _save_model(spec, result, rel, partition_id, scratch_dir)
                 elif spec.kind == "predict":
                     record["output_rows"], record["bytes"] = _save_output(spec, result, frame, rel)
         except _UserError as exc:
@@ -503,38 +525,58 @@ def _call_with_retries(spec, record, ctx, frame, model) -> Any:
     return None
 
 
+def iter_groups(frame: pd.DataFrame, by: list) -> Iterator[tuple[tuple, pd.DataFrame]]:
+    """``(key, rows)`` per group: one sort of the partition, then cheap slices
+    (``groupby`` iteration would copy every group with a ``take``)."""
+    if frame.empty:
+        return
+    codes = frame.groupby(by, dropna=False, sort=False, observed=True).ngroup().to_numpy()
+    order = np.argsort(codes, kind="stable")
+    ordered = frame.take(order)
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(codes))])
+    firsts = bounds[:-1]
+    # key values from each group's first row, as Python objects (Timestamps, not datetime64)
+    columns = [ordered[column].iloc[firsts].tolist() for column in by]
+    for number, key in enumerate(zip(*columns)):
+        yield key, ordered.iloc[bounds[number] : bounds[number + 1]]
+
+
 def run_partition(spec: RunSpec, frame: pd.DataFrame) -> list[dict]:
     """One task: every group of one output partition, one after the other.
 
     Returns one small record per group; the models stay in storage.
     """
-    frame = frame.reset_index(drop=True)
+    # a shuffle hands over one block per column; one copy consolidates them,
+    # which makes every later per-group slice and column selection cheaper
+    frame = frame.reset_index(drop=True).copy()
     heartbeat = _Heartbeat(spec)
-    grouped = frame.groupby(spec.by, dropna=False, sort=False, observed=True)
+    groups = list(iter_groups(frame, spec.by))
+    # the per-group memory check is only needed if the whole partition is large
+    check_memory = _partition_may_not_fit(spec, frame, heartbeat)
     training_statuses: dict[str, dict] = {}
     if spec.kind == "predict":
         # one batched read of this partition's training statuses
-        rels = [group_path(spec.by, k if isinstance(k, tuple) else (k,)) for k in grouped.groups]
+        rels = [group_path(spec.by, key) for key, _ in groups]
         paths = {spec.training_store.path(rel, PARTITION_FILE): rel for rel in rels}
         found = spec.training_store.read_many_json(list(paths))
         training_statuses = {paths[p]: v for p, v in found.items() if p in paths}
     records = []
     cancelled = heartbeat.beat(force=True)
-    for key, group in grouped:
-        key = key if isinstance(key, tuple) else (key,)
-        if cancelled or heartbeat.beat():
-            cancelled = True
+    with tempfile.TemporaryDirectory(prefix="manymodel-") as scratch_dir:
+        for key, group in groups:
             rel = group_path(spec.by, key)
-            records.append(
-                _write_status(spec, _record(spec, key, rel, status="CANCELLED", rows=len(group)))
+            if cancelled or heartbeat.beat():
+                cancelled = True
+                records.append(_write_status(spec, _record(spec, key, rel, status="CANCELLED", rows=len(group))))
+                continue
+            record = run_group(
+                spec, key, group, heartbeat, training_statuses.get(rel), scratch_dir, check_memory
             )
-            continue
-        record = run_group(spec, key, group, heartbeat, training_statuses.get(group_path(spec.by, key)))
-        heartbeat.count(record["status"])
-        records.append(record)
-        if spec.options.fail_fast and record["status"] != "DONE":
-            heartbeat.cancel_run()
-            cancelled = True
+            heartbeat.count(record["status"])
+            records.append(record)
+            if spec.options.fail_fast and record["status"] != "DONE":
+                heartbeat.cancel_run()
+                cancelled = True
     heartbeat.beat(force=True)
     return records
 

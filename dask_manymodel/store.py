@@ -262,11 +262,19 @@ class RunStore:
     def _retry(self, action: Callable[[], T], what: str) -> T:
         return with_retries(action, what=what, retries=self.retries, backoff=self.retry_backoff)
 
-    def write_bytes(self, path: str, data: bytes) -> None:
-        """Write ``data`` to ``path`` so that a reader sees all of it or none."""
+    def write_bytes(self, path: str, data: bytes, *, atomic: bool = True) -> None:
+        """Write ``data`` to ``path`` so that a reader sees all of it or none.
+
+        ``atomic=False`` skips the temp name and rename on local disk: only for
+        JSON status files, where a reader that catches one half-written cannot
+        parse it and treats it as absent (a JSON object has no valid prefix).
+        """
 
         def write() -> None:
-            if _is_local(self.fs):
+            if _is_local(self.fs) and not atomic:
+                with open(path, "wb") as f:
+                    f.write(data)
+            elif _is_local(self.fs):
                 self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
                 tmp = f"{path}.tmp-{uuid.uuid4().hex}"
                 try:
@@ -281,6 +289,38 @@ class RunStore:
                 self.fs.pipe_file(path, data)
 
         self._retry(write, f"writing {path}")
+
+    def write_via_file(self, path: str, fill: Callable[[str], None], scratch_dir: str) -> int:
+        """Have ``fill(local_path)`` write a file, and commit it at ``path`` atomically.
+
+        On a local store the file is written next to its target under a
+        temporary name and renamed (no copy); elsewhere it is written in
+        ``scratch_dir`` and uploaded in one go. Returns its size in bytes.
+        """
+        if _is_local(self.fs):
+
+            def write_local() -> int:
+                os.makedirs(posixpath.dirname(path), exist_ok=True)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+                try:
+                    fill(tmp)
+                    size = os.path.getsize(tmp)
+                    os.replace(tmp, path)  # atomic on POSIX
+                    return size
+                finally:
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
+
+            return self._retry(write_local, f"writing {path}")
+        local = os.path.join(scratch_dir, posixpath.basename(path))
+        try:
+            fill(local)
+            size = os.path.getsize(local)
+            self.upload_file(local, path)
+            return size
+        finally:
+            if os.path.exists(local):
+                os.remove(local)
 
     def upload_file(self, local_path: str, path: str) -> None:
         """Copy a local file to ``path`` atomically (temp name and rename, or one upload)."""
@@ -334,8 +374,8 @@ class RunStore:
 
         self._retry(create, f"creating {path}")
 
-    def write_json(self, path: str, data: Any) -> None:
-        self.write_bytes(path, json.dumps(data, indent=1, default=str).encode())
+    def write_json(self, path: str, data: Any, *, indent: int | None = 1, atomic: bool = True) -> None:
+        self.write_bytes(path, json.dumps(data, indent=indent, default=str).encode(), atomic=atomic)
 
     # reads -----------------------------------------------------------
     def read_bytes(self, path: str) -> bytes:

@@ -1,0 +1,116 @@
+"""Shared pieces of the workload benchmarks: data, the per-group work, and
+the three ways to run it (a serial pandas loop, Dask's groupby.apply,
+dask_manymodel)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import shutil
+import statistics
+import tempfile
+import time
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+FEATURES = [f"x{i}" for i in range(5)]
+
+
+def make_chunk(groups: np.ndarray, rows_per_group: np.ndarray, seed: int) -> pd.DataFrame:
+    """Rows of some groups: y = x @ w_group + noise."""
+    rng = np.random.default_rng(seed)
+    key = np.repeat(groups, rows_per_group)
+    x = rng.normal(size=(len(key), len(FEATURES)))
+    weights = np.random.default_rng(12345).normal(size=(int(groups.max()) + 1, len(FEATURES)))
+    frame = pd.DataFrame(x, columns=FEATURES)
+    frame.insert(0, "g", key)
+    frame["y"] = np.einsum("ij,ij->i", x, weights[key]) + rng.normal(scale=0.1, size=len(key))
+    return frame
+
+
+def make_dask(rows_per_group: np.ndarray, npartitions: int = 8):
+    """The data as a Dask DataFrame generated on the workers (small graphs)."""
+    import dask.dataframe as dd
+
+    groups = np.arange(len(rows_per_group))
+    chunks = [c for c in np.array_split(groups, npartitions) if len(c)]
+    return dd.from_map(lambda c: make_chunk(c, rows_per_group[c], int(c[0])), chunks)
+
+
+def make_pandas(rows_per_group: np.ndarray, npartitions: int = 8) -> pd.DataFrame:
+    groups = np.arange(len(rows_per_group))
+    chunks = [c for c in np.array_split(groups, npartitions) if len(c)]
+    return pd.concat([make_chunk(c, rows_per_group[c], int(c[0])) for c in chunks], ignore_index=True)
+
+
+def fit(df: pd.DataFrame) -> np.ndarray:
+    """The per-group work: a 5-feature least-squares fit."""
+    weights, *_ = np.linalg.lstsq(df[FEATURES].to_numpy(), df["y"].to_numpy(), rcond=None)
+    return weights
+
+
+def save(folder: str, key, model) -> None:
+    path = os.path.join(folder, f"g={key}")
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "model.pkl"), "wb") as f:
+        pickle.dump(model, f)
+
+
+def serial_loop(pdf: pd.DataFrame, folder: str) -> None:
+    for key, group in pdf.groupby("g", sort=False):
+        save(folder, key, fit(group))
+
+
+def dask_groupby_apply(ddf, folder: str) -> None:
+    def work(group: pd.DataFrame) -> int:
+        save(folder, group.name, fit(group))  # pandas 3 hides the key column in apply
+        return len(group)
+
+    ddf.groupby("g").apply(work, meta=("rows", "int64")).compute()
+
+
+def manymodel_train(ddf, folder: str, **kwargs):
+    import dask_manymodel  # noqa: F401
+
+    def train(data, ctx):
+        return fit(data.to_pandas())
+
+    run = ddf.manymodel.train(train, by="g", url=folder, run_id="bench", **kwargs)
+    status = run.wait(show_progress=False)
+    assert status.value == "SUCCESS", run.summary()["error"].dropna().head()
+    return run
+
+
+def median_seconds(job: Callable[[str], object], repeats: int = 3) -> float:
+    """Median wall time of ``job(fresh_folder)`` over ``repeats`` runs."""
+    times = []
+    for _ in range(repeats):
+        folder = tempfile.mkdtemp(prefix="mm-bench-")
+        try:
+            start = time.perf_counter()
+            job(folder)
+            times.append(time.perf_counter() - start)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    return statistics.median(times)
+
+
+def local_cluster():
+    """2 single-thread worker processes, as the targets assume."""
+    import distributed
+
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
+    )
+    return cluster, distributed.Client(cluster)
+
+
+def print_table(title: str, rows: list[tuple[str, float]], baseline_serial: float, baseline_apply: float | None):
+    print(f"\n{title}")
+    print(f"{'way':<34}{'seconds':>10}{'vs serial':>11}{'vs apply':>10}")
+    for name, seconds in rows:
+        vs_apply = f"{seconds / baseline_apply:>10.2f}" if baseline_apply else f"{'':>10}"
+        print(f"{name:<34}{seconds:>10.2f}{seconds / baseline_serial:>11.2f}{vs_apply}")
