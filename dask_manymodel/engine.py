@@ -578,7 +578,18 @@ def run_partition(spec: RunSpec, frame: pd.DataFrame) -> list[dict]:
                 heartbeat.cancel_run()
                 cancelled = True
     heartbeat.beat(force=True)
-    return records
+    return [_compact(record) for record in records]
+
+
+def _compact(record: dict) -> dict:
+    """What travels back to the client: the stored record without what the
+    client already knows (attempt id) or what is empty, so that 200,000
+    records stay small in the client's memory."""
+    return {
+        key: value
+        for key, value in record.items()
+        if key in ("path", "status", "partition_id") or (key not in ("attempt", "finished") and value)
+    }
 
 
 # --------------------------------------------------------------------------

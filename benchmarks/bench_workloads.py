@@ -1,0 +1,184 @@
+"""The issue-7 workloads: dask_manymodel against a serial pandas loop and
+Dask's groupby.apply, doing the same per-group work (a 5-feature least-squares
+fit, pickled, one file per group in a local folder).
+
+    python benchmarks/bench_workloads.py            # all workloads
+    python benchmarks/bench_workloads.py W1 W3      # some
+
+Times exclude cluster start and data generation (the data is persisted on
+the workers first). Medians of --repeats runs (default 3; W4 runs once).
+Ray Data and Spark are compared only when installed (they are not here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import pickle
+import resource
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (  # noqa: E402
+    dask_groupby_apply,
+    fit,
+    local_cluster,
+    make_dask,
+    make_pandas,
+    manymodel_train,
+    median_seconds,
+    print_table,
+    save,
+    serial_loop,
+)
+
+
+def persisted(client, sizes):
+    import distributed
+
+    ddf = make_dask(sizes).persist()
+    distributed.wait(ddf)
+    return ddf
+
+
+def three_ways(client, title: str, sizes: np.ndarray, repeats: int) -> None:
+    pdf = make_pandas(sizes)
+    ddf = persisted(client, sizes)
+    serial = median_seconds(lambda folder: serial_loop(pdf, folder), repeats)
+    apply = median_seconds(lambda folder: dask_groupby_apply(ddf, folder), repeats)
+    ours = median_seconds(lambda folder: manymodel_train(ddf, folder), repeats)
+    rows = [("serial pandas loop", serial), ("dask groupby.apply", apply), ("dask_manymodel", ours)]
+    for name in ("ray", "pyspark"):
+        if importlib.util.find_spec(name) is None:
+            print(f"({name} is not installed: skipped)")
+    print_table(title, rows, serial, apply)
+
+
+def heavy_fit(df):
+    """W3's work grows with rows: 60 fits of the whole group."""
+    for _ in range(59):
+        fit(df)
+    return fit(df)
+
+
+def skew(client, repeats: int) -> None:
+    import dask_manymodel  # noqa: F401
+
+    total = 1_000_000
+    sizes = np.full(200, int(total * 0.6 / 199))
+    sizes[0] = int(total * 0.4)
+    pdf = make_pandas(sizes)
+    work = {}
+    for key, group in pdf.groupby("g"):
+        start = time.perf_counter()
+        heavy_fit(group)
+        work[key] = time.perf_counter() - start
+    ideal = max(sum(work.values()) / 2, max(work.values()))
+    ddf = persisted(client, sizes)
+
+    def ours(folder):
+        run = ddf.manymodel.train(lambda data, ctx: heavy_fit(data.to_pandas()), by="g", url=folder, run_id="w3")
+        assert run.wait(show_progress=False).value == "SUCCESS"
+
+    seconds = median_seconds(ours, repeats)
+    print("\nW3 skew: 200 groups, group 0 holds 40% of the rows, work grows with rows")
+    print(f"{'total work (serial)':<34}{sum(work.values()):>10.2f}")
+    print(f"{'largest group':<34}{max(work.values()):>10.2f}")
+    print(f"{'ideal max(total/2, largest)':<34}{ideal:>10.2f}")
+    print(f"{'dask_manymodel':<34}{seconds:>10.2f}   {seconds / ideal:.2f}x ideal")
+
+
+def scale(client) -> None:
+    import dask_manymodel  # noqa: F401
+
+    print("\nW4 scale: groups x 5 rows (one run each; client MB is the peak RSS of this process)")
+    print(f"{'groups':>10}{'seconds':>10}{'s/1000 groups':>15}{'train tasks':>13}{'all tasks':>11}{'client MB':>11}")
+    for n_groups in (20_000, 200_000):
+        ddf = persisted(client, np.full(n_groups, 5))
+        before = client.run_on_scheduler(_count_tasks)
+        folder = tempfile.mkdtemp(prefix="mm-bench-")
+        start = time.perf_counter()
+        run = manymodel_train(ddf, folder)
+        seconds = time.perf_counter() - start
+        tasks = client.run_on_scheduler(_count_tasks) - before
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"{n_groups:>10,}{seconds:>10.1f}{seconds / n_groups * 1000:>15.3f}{len(run.futures):>13}"
+              f"{tasks:>11,}{peak_mb:>11.0f}")
+        shutil.rmtree(folder, ignore_errors=True)
+        del ddf, run
+
+
+def _count_tasks(dask_scheduler):
+    """How many tasks the scheduler has seen so far (all states, all prefixes)."""
+    return int(sum(sum(tp.state_counts.values()) for tp in dask_scheduler.task_prefixes.values()))
+
+
+def inference(client, repeats: int) -> None:
+    import dask_manymodel  # noqa: F401
+
+    sizes = np.full(2000, 500)
+    pdf = make_pandas(sizes)
+    ddf = persisted(client, sizes)
+    models = tempfile.mkdtemp(prefix="mm-bench-")
+    manymodel_train(ddf, models)
+    serial_models = tempfile.mkdtemp(prefix="mm-bench-")
+    serial_loop(pdf, serial_models)
+    features = [f"x{i}" for i in range(5)]
+
+    def serial(folder):
+        for key, group in pdf.groupby("g", sort=False):
+            with open(os.path.join(serial_models, f"g={key}", "model.pkl"), "rb") as f:
+                model = pickle.load(f)
+            out = group.assign(pred=group[features].to_numpy() @ model)
+            path = os.path.join(folder, f"g={key}")
+            os.makedirs(path, exist_ok=True)
+            out.to_parquet(os.path.join(path, "part-0.parquet"))
+
+    def ours(folder):
+        def infer(data, model, ctx):
+            df = data.to_pandas()
+            return df.assign(pred=df[features].to_numpy() @ model)
+
+        run_id = f"p{time.monotonic_ns()}"
+        run = ddf.manymodel.predict(infer, by="g", url=models, training_run_id="bench", run_id=run_id)
+        assert run.wait(show_progress=False).value == "SUCCESS"
+
+    serial_s = median_seconds(serial, repeats)
+    ours_s = median_seconds(ours, repeats)
+    print_table("Inference on W2 (2,000 groups x 500 rows): load the model, predict, write parquet",
+                [("serial loop", serial_s), ("dask_manymodel predict", ours_s)], serial_s, None)
+    save  # noqa: B018 (shared helper, used by the serial loop)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("workloads", nargs="*", default=["W1", "W2", "W3", "W4", "predict"])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    cluster, client = local_cluster()
+    try:
+        for workload in args.workloads:
+            if workload == "W1":
+                three_ways(client, "W1 many small: 20,000 groups x 50 rows", np.full(20_000, 50), args.repeats)
+            elif workload == "W2":
+                three_ways(client, "W2 medium: 2,000 groups x 500 rows", np.full(2_000, 500), args.repeats)
+            elif workload == "W3":
+                skew(client, args.repeats)
+            elif workload == "W4":
+                scale(client)
+            elif workload == "predict":
+                inference(client, args.repeats)
+            sys.stdout.flush()
+    finally:
+        client.close()
+        cluster.close()
+
+
+if __name__ == "__main__":
+    main()
