@@ -205,6 +205,11 @@ def with_retries(
     raise AssertionError("unreachable")
 
 
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 class RunStore:
     """The files of one run under ``url/run_id``, written atomically.
 
@@ -262,6 +267,27 @@ class RunStore:
     def _retry(self, action: Callable[[], T], what: str) -> T:
         return with_retries(action, what=what, retries=self.retries, backoff=self.retry_backoff)
 
+    @staticmethod
+    def _commit_local(path: str, fill: Callable[[str], None], *, exclusive: bool = False) -> int:
+        """Local disk: ``fill`` a temp file beside ``path``, then commit it in one
+        step (rename, or a hard link that fails if ``path`` exists). Returns its size."""
+        folder, name = posixpath.split(path)
+        os.makedirs(folder, exist_ok=True)
+        # hidden (hive readers skip it) and ending in the real name, so that
+        # writers that pick a format from the extension (Keras) still work
+        tmp = posixpath.join(folder, f".tmp-{uuid.uuid4().hex}-{name}")
+        try:
+            fill(tmp)
+            size = os.path.getsize(tmp)
+            if exclusive:
+                os.link(tmp, path)  # raises FileExistsError if path exists
+            else:
+                os.replace(tmp, path)  # atomic on POSIX
+            return size
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
     def write_bytes(self, path: str, data: bytes, *, atomic: bool = True) -> None:
         """Write ``data`` to ``path`` so that a reader sees all of it or none.
 
@@ -272,18 +298,9 @@ class RunStore:
 
         def write() -> None:
             if _is_local(self.fs) and not atomic:
-                with open(path, "wb") as f:
-                    f.write(data)
+                _write_file(path, data)
             elif _is_local(self.fs):
-                self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-                try:
-                    with open(tmp, "wb") as f:
-                        f.write(data)
-                    os.replace(tmp, path)  # atomic on POSIX
-                finally:
-                    if os.path.exists(tmp):
-                        os.remove(tmp)
+                self._commit_local(path, lambda tmp: _write_file(tmp, data))
             else:
                 # one PUT: object stores commit it whole or not at all
                 self.fs.pipe_file(path, data)
@@ -298,20 +315,7 @@ class RunStore:
         ``scratch_dir`` and uploaded in one go. Returns its size in bytes.
         """
         if _is_local(self.fs):
-
-            def write_local() -> int:
-                os.makedirs(posixpath.dirname(path), exist_ok=True)
-                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-                try:
-                    fill(tmp)
-                    size = os.path.getsize(tmp)
-                    os.replace(tmp, path)  # atomic on POSIX
-                    return size
-                finally:
-                    if os.path.exists(tmp):
-                        os.remove(tmp)
-
-            return self._retry(write_local, f"writing {path}")
+            return self._retry(lambda: self._commit_local(path, fill), f"writing {path}")
         local = os.path.join(scratch_dir, posixpath.basename(path))
         try:
             fill(local)
@@ -327,14 +331,7 @@ class RunStore:
 
         def upload() -> None:
             if _is_local(self.fs):
-                self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-                try:
-                    self.fs.put_file(local_path, tmp)
-                    os.replace(tmp, path)
-                finally:
-                    if os.path.exists(tmp):
-                        os.remove(tmp)
+                self._commit_local(path, lambda tmp: self.fs.put_file(local_path, tmp))
             else:
                 # multipart uploads commit only when the last part lands
                 self.fs.put_file(local_path, path)
@@ -353,15 +350,7 @@ class RunStore:
 
         def create() -> None:
             if _is_local(self.fs):
-                self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-                try:
-                    with open(tmp, "wb") as f:
-                        f.write(data)
-                    os.link(tmp, path)  # fails if path exists
-                finally:
-                    if os.path.exists(tmp):
-                        os.remove(tmp)
+                self._commit_local(path, lambda tmp: _write_file(tmp, data), exclusive=True)
                 return
             try:
                 self.fs.pipe_file(path, data, mode="create")
