@@ -1,4 +1,5 @@
-"""The Dask dashboard, loaded in headless Chromium, shows a manymodel-train bar."""
+"""The Dask dashboard, loaded in headless Chromium, shows a manymodel-train bar
+that fills as the run's tasks finish, apart from the shuffle's bars."""
 
 from __future__ import annotations
 
@@ -10,63 +11,125 @@ import dask.dataframe as dd
 import distributed
 import pytest
 
-import dask_manymodel  # noqa: F401
+import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
 from dask_manymodel import ExecutionOptions, RunStatus
 
 from .conftest import make_frame
 
 CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed")
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is missing (Debian's chromium package; .ci/run installs it)"
+)
 sync_api = pytest.importorskip("playwright.sync_api")
 
-# names of every task group the dashboard's Bokeh document holds in its data sources
-BAR_NAMES_JS = """
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+N_TASKS = 4
+
+# The /status page's "Progress" plot is the Bokeh figure named task_progress;
+# its bar labels are drawn on a canvas from the "show-name" column of the
+# figure's data source, so that column is what the page shows. Returns the
+# bars and the figure's box on the page, or null until the plot has data.
+PROGRESS_BARS_JS = """
 () => {
-  const names = [];
-  for (const doc of (window.Bokeh ? Bokeh.documents : [])) {
-    const models = doc._all_models ? doc._all_models.values() : doc.all_models;
-    for (const model of models) {
-      const data = model.data;
-      if (!data || typeof data !== "object") continue;
-      const column = data instanceof Map ? data.get("name") : data.name;
-      if (column) names.push(...Array.from(column));
+  if (!window.Bokeh || !Bokeh.documents) return null;
+  const models = [...Bokeh.documents].flatMap(doc => [...doc._all_models.values()]);
+  const figure = models.find(model => model.name === "task_progress");
+  if (!figure) return null;
+  let bars = null;
+  for (const renderer of figure.renderers) {
+    const data = renderer.data_source ? renderer.data_source.data : null;
+    const column = key => data instanceof Map ? data.get(key) : (data || {})[key];
+    if (column("show-name") && column("show-name").length) {
+      bars = ["name", "show-name", "done", "all"].reduce(
+        (out, key) => Object.assign(out, {[key]: Array.from(column(key))}), {});
+      break;
     }
   }
-  return names;
+  if (!bars) return null;
+  // the figure's view: its element must be laid out inside the window
+  const seen = new Set();
+  let box = null;
+  const walk = view => {
+    if (!view || seen.has(view) || box) return;
+    seen.add(view);
+    if (view.model === figure) {
+      const rect = view.el.getBoundingClientRect();
+      box = {width: rect.width, height: rect.height, top: rect.top, left: rect.left};
+    }
+    for (const child of (view.child_views || [])) walk(child);
+  };
+  const roots = typeof Bokeh.index.roots === "function" ? Bokeh.index.roots() : Bokeh.index.roots;
+  for (const root of roots) walk(root);
+  return Object.assign(bars, {box});
 }
 """
 
 
+def bar(bars: dict | None, name: str) -> dict | None:
+    """The row of bar ``name`` in the plot's data, as {field: value}."""
+    if not bars or name not in bars["name"]:
+        return None
+    row = bars["name"].index(name)
+    return {key: bars[key][row] for key in ("name", "show-name", "done", "all")}
+
+
 def slow_group(data, ctx):
-    time.sleep(0.15)  # simulated training, so that the run is visible for a while
+    time.sleep(0.2)  # simulated training, so that the run is visible for a while
     return len(data)
 
 
-def test_progress_page_shows_the_run(tmp_path):
+def test_progress_page_shows_the_run_bar_filling(tmp_path):
     with distributed.LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
         silence_logs=logging.ERROR,
-    ) as cluster, distributed.Client(cluster) as client:
-        ddf = dd.from_pandas(make_frame(n_groups=100, rows=2), npartitions=2)
-        run = ddf.manymodel.train(slow_group, by="store", url=str(tmp_path / "m"), run_id="r1",
-                                  execution_options=ExecutionOptions(npartitions=4))
-        with sync_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path=CHROMIUM,
-                args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-            )
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
+    ) as cluster, distributed.Client(cluster) as client, sync_api.sync_playwright() as playwright:
+        profile = tmp_path / "chromium-profile"
+        profile.mkdir()  # empty: no state from any earlier browser
+        browser = playwright.chromium.launch_persistent_context(
+            str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1400, "height": 900},
+        )
+        try:
+            page = browser.new_page()
+            # load the page before the run starts, so that none of the run is missed
             page.goto(client.dashboard_link, wait_until="domcontentloaded")  # .../status
-            names: list[str] = []
-            deadline = time.monotonic() + 60
-            while "manymodel-train" not in names:
-                assert time.monotonic() < deadline, f"no manymodel-train bar; bars: {sorted(set(names))}"
-                page.wait_for_timeout(200)  # the page polls the scheduler; look again shortly
-                names = page.evaluate(BAR_NAMES_JS)
+            assert page.url.endswith("/status")
+
+            ddf = dd.from_pandas(make_frame(n_groups=40, rows=2), npartitions=2)
+            run = ddf.manymodel.train(slow_group, by="store", url=str(tmp_path / "m"), run_id="r1",
+                                      execution_options=ExecutionOptions(npartitions=N_TASKS))
+
+            # wait_for_function polls inside the page until the condition holds or the
+            # deadline passes; first the bar partly filled (some of the run's tasks done)
+            partly = page.wait_for_function(
+                f"() => {{ const b = ({PROGRESS_BARS_JS})(); if (!b) return null;"
+                f" const i = b['show-name'].indexOf('manymodel-train');"
+                f" if (i < 0) return null; const done = parseInt(b.done[i]);"
+                f" return done > 0 && done < b.all[i] ? b : null; }}",
+                polling=100, timeout=60_000,
+            ).json_value()
             page.screenshot(path=str(tmp_path / "dashboard.png"))
+            ours = bar(partly, "manymodel-train")
+            assert ours["show-name"] == "manymodel-train"  # the label drawn on the bar, not cut
+            assert ours["all"] == N_TASKS and 0 < int(ours["done"].split(" / ")[0]) < N_TASKS
+            box = partly["box"]
+            assert box and box["width"] > 100 and box["height"] > 100, box
+            assert 0 <= box["top"] < 900 and 0 <= box["left"] < 1400, box
+            # the shuffle has bars of its own; ours counts only the run's tasks
+            assert any("shuffle" in name for name in partly["name"]), partly["name"]
+            assert sum(name.startswith("manymodel-train") for name in partly["name"]) == 1
+
+            full = page.wait_for_function(
+                f"() => {{ const b = ({PROGRESS_BARS_JS})(); if (!b) return null;"
+                f" const i = b['show-name'].indexOf('manymodel-train');"
+                f" return i >= 0 && b.done[i] === '{N_TASKS} / {N_TASKS}' ? b : null; }}",
+                polling=100, timeout=60_000,
+            ).json_value()
+            assert bar(full, "manymodel-train")["done"] == f"{N_TASKS} / {N_TASKS}"
+        finally:
             browser.close()
-        assert (tmp_path / "dashboard.png").stat().st_size > 10_000
-        # the run's bar is its own, apart from the shuffle's
-        assert any(name != "manymodel-train" for name in names)
         assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    assert (tmp_path / "dashboard.png").stat().st_size > 10_000
