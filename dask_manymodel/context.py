@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 __all__ = ["DataConnector", "PartitionContext"]
 
 USER_LOGGER_NAME = "dask_manymodel.user"
+# ctx.logger.info(...) must reach the group's captured logs even though the
+# root logger stays at WARNING in worker processes; a level the user set wins
+if logging.getLogger(USER_LOGGER_NAME).level == logging.NOTSET:
+    logging.getLogger(USER_LOGGER_NAME).setLevel(logging.INFO)
 
 
 class DataConnector:
@@ -187,8 +191,12 @@ class PartitionContext:
     run_id : str
         The run this group belongs to.
     logger : logging.Logger
-        Records logged here (and anything printed) are kept in the group's
-        ``PartitionDetails.logs``.
+        The ``dask_manymodel.user`` logger, at INFO unless you set its level.
+        Records logged here, anything printed to stdout or stderr, and
+        records of other loggers that pass their own level (the root logger's
+        default is WARNING) are kept in the group's ``PartitionDetails.logs``.
+        Only the thread running the group is captured: threads the function
+        starts itself are not.
     """
 
     def __init__(self, partition_id: Any, run_id: str, *, store: "RunStore", by: list[str]):
