@@ -1,7 +1,8 @@
 """``dask-manymodel``: inspect runs stored at a URL, and run the demo.
 
 Exit codes: 0 success, 1 the command ran but found failures (e.g. the demo
-run was not a SUCCESS), 2 bad input (a missing run, an unreachable URL).
+run was not a SUCCESS), 2 bad input (a missing run or group, an unreachable
+URL, an unknown protocol).
 """
 
 from __future__ import annotations
@@ -10,39 +11,66 @@ import argparse
 import json
 import posixpath
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
-from .exceptions import ManyModelError
+from .exceptions import InvalidArgumentError, InvalidURLError, ManyModelError, RunNotFoundError
 from .store import RUN_MANIFEST, open_url
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
     widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
-    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
-    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns).rstrip()]
+    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns).rstrip() for r in rows]
     return "\n".join(lines)
 
 
-def cmd_runs(args: argparse.Namespace) -> int:
-    fs, base = open_url(args.url)
+def _storage_options(text: str | None) -> dict | None:
+    if text is None:
+        return None
     try:
-        entries = fs.ls(base, detail=True)
-    except FileNotFoundError:
-        raise ManyModelError(f"no runs at {args.url!r}: the location does not exist") from None
+        options = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgumentError(f"--storage-options must be a JSON object, got {text!r}: {exc}") from None
+    if not isinstance(options, dict):
+        raise InvalidArgumentError(f"--storage-options must be a JSON object, got {text!r}")
+    return options
+
+
+def _reach(url: str, storage_options: dict | None) -> tuple[Any, str]:
+    """Open ``url`` and check that it can be listed; every backend error
+    (credentials, DNS, a refused connection) becomes one clear message."""
+    fs, base = open_url(url, storage_options)
+    try:
+        exists = fs.exists(base)
+    except Exception as exc:
+        raise InvalidURLError(
+            f"cannot reach {url!r}: {type(exc).__name__}: {exc}; check the URL and --storage-options"
+        ) from exc
+    if not exists:
+        raise RunNotFoundError(f"no runs at {url!r}: the location does not exist")
+    return fs, base
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    fs, base = _reach(args.url, args.storage_options)
+    entries = fs.ls(base, detail=True)
     manifests = [posixpath.join(e["name"], RUN_MANIFEST) for e in entries if e["type"] == "directory"]
     found = fs.cat(manifests, on_error="omit") if manifests else {}
     rows = []
     for path, data in sorted(found.items()):
-        manifest = json.loads(data)
-        rows.append(
-            {
-                "run_id": manifest["run_id"],
-                "kind": manifest["kind"],
-                "status": manifest["status"],
-                "groups": manifest.get("n_groups", ""),
-                "created": manifest.get("created", "")[:19],
-            }
-        )
+        try:
+            manifest = json.loads(data)
+            rows.append(
+                {
+                    "run_id": manifest["run_id"],
+                    "kind": manifest["kind"],
+                    "status": manifest["status"],
+                    "groups": manifest.get("n_groups", ""),
+                    "created": (manifest.get("created") or "")[:19],
+                }
+            )
+        except (ValueError, KeyError, TypeError):  # a damaged manifest: list the folder anyway
+            rows.append({"run_id": posixpath.basename(posixpath.dirname(path)), "status": f"unreadable {RUN_MANIFEST}"})
     if not rows:
         print(f"no runs at {args.url}")
         return 0
@@ -50,43 +78,66 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_show(args: argparse.Namespace) -> int:
+def _restore(args: argparse.Namespace):
     from .run import ManyModelRun
 
-    run = ManyModelRun.restore_from(args.run_id, args.url)
+    _reach(args.url, args.storage_options)
+    return ManyModelRun.restore_from(args.run_id, args.url, args.storage_options)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    run = _restore(args)
     summary = run.summary()
     print(f"run {run.run_id} ({run.kind}) at {args.url}: {run.status.value}")
-    print(summary["status"].value_counts().to_string() if len(summary) else "no groups")
+    counts = run._counts()
+    if counts:
+        print(_table([{"status": k, "groups": v} for k, v in counts.items()], ["status", "groups"]))
+    else:
+        print("no groups")
     done = summary[summary["status"] == "DONE"].nlargest(args.top, "seconds")
     if len(done):
         print("\nslowest groups:")
-        print(done[["partition_id", "seconds", "rows"]].to_string(index=False))
+        rows = [
+            {"group": repr(r.partition_id), "seconds": f"{r.seconds:.3f}", "rows": r.rows}
+            for r in done.itertuples()
+        ]
+        print(_table(rows, ["group", "seconds", "rows"]))
     failed = summary[summary["status"].isin(["FAILED", "INTERNAL_ERROR"])]
     if len(failed):
-        print("\nfailed groups:")
+        print(f"\nfailed groups ({len(failed)}):")
         for row in failed.head(args.top).itertuples():
-            first_line = (row.error or "").splitlines()[0] if row.error else ""
+            first_line = row.error.splitlines()[0] if row.error else ""
             print(f"  {row.partition_id!r}: {row.status}: {first_line}")
+        if len(failed) > args.top:
+            print(f"  ... and {len(failed) - args.top} more")
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from .run import ManyModelRun
-
-    run = ManyModelRun.restore_from(args.run_id, args.url)
-    key = args.group[0] if len(args.group) == 1 else tuple(args.group)
-    details = run._details()
     from .store import group_path, normalize_key
 
-    path = group_path(run.partition_by, normalize_key(key, len(run.partition_by)))
+    run = _restore(args)
+    key = args.group[0] if len(args.group) == 1 else tuple(args.group)
+    try:
+        path = group_path(run.partition_by, normalize_key(key, len(run.partition_by)))
+    except KeyError as exc:  # wrong number of values for the run's columns
+        raise InvalidArgumentError(str(exc.args[0])) from None
+    details = run._details()
     if path not in details:
-        raise ManyModelError(f"run {args.run_id!r} has no group {key!r}")
+        raise RunNotFoundError(
+            f"run {args.run_id!r} has no group {key!r} (partition_by {run.partition_by!r}); "
+            f"`dask-manymodel show {args.url} {args.run_id}` lists some"
+        )
     group = details[path]
     print(f"group {group.partition_id!r}: {group.status.value}")
+    if group.error:
+        print(f"error: {group.error.splitlines()[0]}")
     if group.logs:
         print(group.logs, end="" if group.logs.endswith("\n") else "\n")
+    else:
+        print("(no logs captured)")
     if group.traceback:
-        print(group.traceback, end="")
+        print(group.traceback, end="" if group.traceback.endswith("\n") else "\n")
     return 0
 
 
@@ -99,15 +150,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dask-manymodel", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("runs", help="list the runs stored at URL")
+    storage = argparse.ArgumentParser(add_help=False)
+    storage.add_argument(
+        "--storage-options", metavar="JSON", default=None,
+        help='fsspec options as JSON, e.g. \'{"anon": true}\'; never stored',
+    )
+    p = sub.add_parser("runs", parents=[storage], help="list the runs stored at URL")
     p.add_argument("url")
     p.set_defaults(func=cmd_runs)
-    p = sub.add_parser("show", help="status counts, slowest and failed groups of a run")
+    p = sub.add_parser("show", parents=[storage], help="status counts, slowest and failed groups of a run")
     p.add_argument("url")
     p.add_argument("run_id")
     p.add_argument("--top", type=int, default=5, help="how many slow/failed groups to list")
     p.set_defaults(func=cmd_show)
-    p = sub.add_parser("logs", help="captured logs and traceback of one group")
+    p = sub.add_parser("logs", parents=[storage], help="captured logs and traceback of one group")
     p.add_argument("url")
     p.add_argument("run_id")
     p.add_argument("group", nargs="+", help="the group's value (one per partition_by column)")
@@ -122,9 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``dask-manymodel`` console script."""
+    """Entry point of the ``dask-manymodel`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "storage_options"):
+            args.storage_options = _storage_options(args.storage_options)
         return args.func(args)
     except ManyModelError as exc:
         print(f"dask-manymodel: error: {exc}", file=sys.stderr)

@@ -1,0 +1,163 @@
+"""The ``dask-manymodel`` command line: tables, logs, exit codes, the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
+from dask_manymodel.cli import main
+
+from .conftest import fit_line
+
+CLI = [sys.executable, "-m", "dask_manymodel.cli"]
+
+
+def flaky(data, ctx):
+    print(f"hello from {ctx.partition_id}")
+    if ctx.partition_id in (2, 3):
+        raise ValueError(f"group {ctx.partition_id} is broken\nsecond line of the error")
+    return fit_line(data, ctx)
+
+
+def scores(data, model, ctx):
+    return data.to_pandas().assign(pred=1.0)
+
+
+@pytest.fixture
+def runs(client, ddf, store_url):
+    """A training run with two FAILED groups, and an inference run on it."""
+    ddf.manymodel.train(flaky, by="store", url=store_url, run_id="r1").wait(show_progress=False)
+    ddf.manymodel.predict(scores, by="store", url=store_url, training_run_id="r1", run_id="s1").wait(
+        show_progress=False
+    )
+    return store_url
+
+
+def lines_of(text: str) -> list[list[str]]:
+    return [line.split() for line in text.strip().splitlines()]
+
+
+def test_runs_lists_every_run_as_a_table(runs, capsys):
+    assert main(["runs", runs]) == 0
+    table = lines_of(capsys.readouterr().out)
+    assert table[0] == ["run_id", "kind", "status", "groups", "created"]
+    assert [row[:4] for row in table[1:]] == [
+        ["r1", "train", "PARTIAL_FAILURE", "12"],
+        ["s1", "predict", "PARTIAL_FAILURE", "12"],
+    ]
+    assert all(row[4].startswith("20") and "T" in row[4] for row in table[1:])  # ISO time
+
+
+def test_runs_skips_foreign_folders_and_survives_a_damaged_manifest(runs, capsys):
+    os.makedirs(os.path.join(runs, "not-a-run"))
+    with open(os.path.join(runs, "s1", "_run.json"), "w") as f:
+        f.write("{ half a manifest")
+    assert main(["runs", runs]) == 0
+    out = capsys.readouterr().out
+    assert "not-a-run" not in out
+    assert "s1" in out and "unreadable _run.json" in out and "r1" in out
+
+
+def test_runs_of_an_empty_folder(tmp_path, capsys):
+    assert main(["runs", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == f"no runs at {tmp_path}"
+
+
+def test_show_counts_slowest_and_failed_groups(runs, capsys):
+    assert main(["show", runs, "r1", "--top", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"run r1 (train) at {runs}: PARTIAL_FAILURE\n")
+    assert ["DONE", "10"] in lines_of(out) and ["FAILED", "2"] in lines_of(out)
+    slowest = out.split("slowest groups:\n")[1].split("\n\n")[0].splitlines()
+    assert slowest[0].split() == ["group", "seconds", "rows"] and len(slowest) == 2  # --top 1
+    failed = out.split("failed groups (2):\n")[1]
+    assert "ValueError: group 2 is broken" in failed and "second line" not in failed
+    assert "... and 1 more" in failed
+
+
+def test_show_an_inference_run(runs, capsys):
+    assert main(["show", runs, "s1"]) == 0
+    out = capsys.readouterr().out
+    assert "run s1 (predict)" in out and "has no model in training run 'r1'" in out
+
+
+def test_logs_of_a_failed_and_a_done_group(runs, capsys):
+    assert main(["logs", runs, "r1", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("group 2: FAILED\nerror: ValueError: group 2 is broken\n")
+    assert "hello from 2" in out and "hello from 5" not in out
+    assert "Traceback (most recent call last)" in out and "second line of the error" in out
+    assert main(["logs", runs, "r1", "5"]) == 0
+    out = capsys.readouterr().out
+    assert out == "group 5: DONE\nhello from 5\n"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["show", "{url}", "missing"], "no run 'missing' at"),
+        (["logs", "{url}", "missing", "1"], "no run 'missing' at"),
+        (["logs", "{url}", "r1", "99"], "run 'r1' has no group '99'"),
+        (["runs", "{url}/does-not-exist"], "the location does not exist"),
+        (["show", "{url}/does-not-exist", "r1"], "the location does not exist"),
+        (["runs", "nosuchproto://x"], "Protocol not known: nosuchproto"),
+        (["runs", "{url}", "--storage-options", "[1]"], "--storage-options must be a JSON object"),
+        (["show", "{url}", "../r1"], "run_id '../r1' is not allowed"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(runs, capsys, argv, message):
+    assert main([arg.format(url=runs) for arg in argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("dask-manymodel: error: ") and message in captured.err
+    assert captured.out == ""
+
+
+def test_unreachable_url_exits_2(capsys):
+    pytest.importorskip("s3fs")
+    # nothing listens on port 9: the connection is refused at once
+    options = {"anon": True, "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+               "config_kwargs": {"retries": {"max_attempts": 1}}}
+    assert main(["runs", "s3://bucket/models", "--storage-options", json.dumps(options)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach 's3://bucket/models'" in err and "EndpointConnectionError" in err
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
+    assert "usage: dask-manymodel" in capsys.readouterr().err
+
+
+def test_as_a_module_and_a_console_script(runs):
+    out = subprocess.run([*CLI, "runs", runs], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "r1" in out.stdout
+    out = subprocess.run([*CLI, "show", runs, "nope"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "no run 'nope'" in out.stderr and "Traceback" not in out.stderr
+    # the console script that `pip install` puts beside the interpreter
+    script = shutil.which("dask-manymodel", path=os.path.dirname(sys.executable))
+    if script is None:
+        pytest.skip("dask-manymodel is not installed as a console script in this environment")
+    out = subprocess.run([script, "logs", runs, "r1", "3"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("group 3: FAILED")
+
+
+def test_demo(tmp_path):
+    url = str(tmp_path / "demo")
+    out = subprocess.run(
+        [*CLI, "demo", "--groups", "50", "--rows", "20", "--url", url],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Dask dashboard: http" in out.stdout
+    assert "training run 'demo-train': SUCCESS" in out.stdout
+    assert "inference run 'demo-scores': SUCCESS" in out.stdout
+    assert "rows scored: 1000" in out.stdout  # 50 groups x 20 rows
+    assert sorted(os.listdir(url)) == ["demo-scores", "demo-train"]
+    assert main(["show", url, "demo-train"]) == 0
