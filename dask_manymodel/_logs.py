@@ -10,7 +10,6 @@ produced it, and pass everything else through unchanged.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import sys
 import threading
@@ -21,7 +20,7 @@ DEFAULT_MAX_LOG_CHARS = 32_000
 
 _local = threading.local()
 _install_lock = threading.Lock()
-_installed = False
+_handler: logging.Handler | None = None
 
 
 class LogBuffer:
@@ -51,18 +50,30 @@ class LogBuffer:
         return out
 
 
-class _ThreadRoutedStream(io.TextIOBase):
+class _ThreadRoutedStream:
+    """Stands in for ``sys.stdout``/``sys.stderr``: text written by a thread
+    that is capturing goes to its buffer, all else to the original stream.
+
+    Not an ``io.TextIOBase``: that base class would answer ``encoding``,
+    ``fileno()`` and ``isatty()`` itself (None, an error, False) instead of
+    the original stream, and libraries that look at them would break.
+    """
+
     def __init__(self, original):
         self.original = original
 
-    def write(self, text):  # type: ignore[override]
+    def write(self, text):
         buffer = getattr(_local, "buffer", None)
         if buffer is None:
             return self.original.write(text)
         buffer.write(text)
         return len(text)
 
-    def flush(self):  # type: ignore[override]
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
         self.original.flush()
 
     def __getattr__(self, name):
@@ -77,16 +88,22 @@ class _ThreadRoutedHandler(logging.Handler):
 
 
 def _install() -> None:
-    global _installed
+    """Route ``sys.stdout``, ``sys.stderr`` and the root logger through the
+    per-thread buffers. Checked on every capture, not once: a host that swaps
+    ``sys.stdout`` later (pytest, some notebook kernels) would silently end
+    the capture."""
+    global _handler
     with _install_lock:
-        if _installed:
-            return
-        sys.stdout = _ThreadRoutedStream(sys.stdout)
-        sys.stderr = _ThreadRoutedStream(sys.stderr)
-        handler = _ThreadRoutedHandler(level=logging.DEBUG)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger().addHandler(handler)
-        _installed = True
+        for name in ("stdout", "stderr"):
+            stream = getattr(sys, name)
+            if not isinstance(stream, _ThreadRoutedStream):
+                setattr(sys, name, _ThreadRoutedStream(stream))
+        root = logging.getLogger()
+        if _handler is None:
+            _handler = _ThreadRoutedHandler(level=logging.DEBUG)
+            _handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        if _handler not in root.handlers:
+            root.addHandler(_handler)
 
 
 @contextlib.contextmanager

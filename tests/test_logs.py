@@ -1,0 +1,158 @@
+"""What a group prints or logs is captured per group, stored, and capped."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+
+import dask.dataframe as dd
+import distributed
+import pytest
+
+import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
+from dask_manymodel import ExecutionOptions, ManyModelRun, RunStatus
+from dask_manymodel._logs import LogBuffer, capture_logs
+
+from .conftest import fit_line, make_frame
+
+
+def noisy(data, ctx):
+    print(f"hello from {ctx.partition_id}")
+    print(f"stderr of {ctx.partition_id}", file=sys.stderr)
+    ctx.logger.info("rows=%d", len(data.to_pandas()))
+    ctx.logger.debug("debug is below ctx.logger's level")
+    logging.getLogger("somebody.else").error("a library logs too")
+    logging.getLogger("somebody.else").info("below the root logger's WARNING")
+    if ctx.partition_id == 2:
+        raise ValueError("group 2 is broken")
+    return fit_line(data, ctx)
+
+
+def test_prints_and_log_records_are_kept_per_group_and_stored(client, ddf, store_url):
+    run = ddf.manymodel.train(noisy, by="store", url=store_url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    details = run.partition_details
+    logs = details[5].logs
+    lines = logs.splitlines()
+    assert lines[:2] == ["hello from 5", "stderr of 5"]
+    assert lines[2].endswith("INFO dask_manymodel.user: rows=40")
+    assert lines[3].endswith("ERROR somebody.else: a library logs too")
+    assert len(lines) == 4  # nothing below the loggers' levels, nothing of other groups
+    # a failed group keeps its logs too, beside its traceback
+    assert details[2].logs.startswith("hello from 2\n") and "ValueError" in details[2].traceback
+    # stored in the group's _partition.json, and read back by a restored handle
+    with open(f"{store_url}/r1/store=5/_partition.json") as f:
+        assert json.load(f)["logs"] == logs
+    assert ManyModelRun.restore_from("r1", store_url).partition_details[5].logs == logs
+
+
+def chatty(data, ctx):
+    for i in range(2000):
+        print(f"line {i} of group {ctx.partition_id}")
+    return 1
+
+
+def test_logs_are_capped_with_a_note(client, ddf, store_url):
+    run = ddf.manymodel.train(chatty, by="store", url=store_url, run_id="r1",
+                              execution_options=ExecutionOptions(max_log_chars=500))
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    logs = run.partition_details[7].logs
+    note = "\n[logs truncated at 500 characters]\n"
+    assert logs.endswith(note)
+    kept = logs[: -len(note)]
+    assert len(kept) == 500 and kept.startswith("line 0 of group 7\nline 1 of group 7\n")
+    with open(f"{store_url}/r1/store=7/_partition.json") as f:
+        assert json.load(f)["logs"] == logs
+
+
+def test_log_buffer_cuts_at_the_cap_and_notes_it_once():
+    buffer = LogBuffer(10)
+    buffer.write("12345")
+    assert buffer.text == "12345" and not buffer.truncated
+    buffer.write("67890abc")
+    buffer.write("more")
+    assert buffer.truncated and buffer.text == "1234567890\n[logs truncated at 10 characters]\n"
+
+
+def test_capture_is_per_thread():
+    """Two threads capturing at once: each keeps only its own prints and records."""
+    barrier = threading.Barrier(2, timeout=10)
+    texts = {}
+
+    def work(name):
+        with capture_logs(10_000) as buffer:
+            for i in range(50):
+                print(f"{name} {i}")
+                logging.getLogger("test.capture").warning("%s record %d", name, i)
+                if i % 10 == 0:
+                    barrier.wait()  # keep the two threads writing side by side
+        texts[name] = buffer.text
+
+    threads = [threading.Thread(target=work, args=(name,)) for name in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for name, other in (("a", "b"), ("b", "a")):
+        lines = texts[name].splitlines()
+        assert [line for line in lines if " record " not in line] == [f"{name} {i}" for i in range(50)]
+        assert sum(f"{name} record" in line for line in lines) == 50
+        assert not any(line.startswith(f"{other} ") or f"{other} record" in line for line in lines)
+
+
+_running: set = set()
+_overlapped = threading.Event()
+_lock = threading.Lock()
+
+
+def threaded_logger(data, ctx):
+    """Prints step by step, first waiting (bounded) until another group runs
+    in the other thread of this worker, so that their prints interleave."""
+    with _lock:
+        _running.add(ctx.partition_id)
+        if len(_running) > 1:
+            _overlapped.set()
+    try:
+        _overlapped.wait(timeout=20)
+        together = len(_running) > 1
+        for i in range(20):
+            print(f"group {ctx.partition_id} step {i}")
+            time.sleep(0.005)  # simulated work: lets the other thread print in between
+        return together
+    finally:
+        with _lock:
+            _running.discard(ctx.partition_id)
+
+
+def test_two_threads_of_one_worker_do_not_mix_logs(tmp_path):
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0",
+                                  silence_logs=logging.ERROR) as cluster, distributed.Client(cluster):
+        ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=2)
+        run = ddf.manymodel.train(threaded_logger, by="store", url=str(tmp_path), run_id="r1",
+                                  execution_options=ExecutionOptions(npartitions=2))
+        assert run.wait(show_progress=False) == RunStatus.SUCCESS
+        # the first group of each task ran alongside the other task's
+        assert sum(run.get_model(g) for g in range(4)) >= 2
+        for g, details in run.partition_details.items():
+            assert details.logs.splitlines() == [f"group {g} step {i}" for i in range(20)]
+
+
+@pytest.mark.parametrize("cap", [0, 1])
+def test_tiny_caps(cap):
+    with capture_logs(cap) as buffer:
+        print("xy")
+    assert buffer.text == "xy"[:cap] + f"\n[logs truncated at {cap} characters]\n"
+
+
+def test_the_routed_streams_still_look_like_the_originals():
+    """Libraries ask sys.stdout for its encoding or file descriptor."""
+    original = sys.stdout
+    with capture_logs() as buffer:
+        assert sys.stdout is not original
+        assert sys.stdout.encoding == original.encoding
+        assert sys.stdout.isatty() == original.isatty()
+        sys.stdout.writelines(["a\n", "b\n"])
+    assert buffer.text == "a\nb\n"
