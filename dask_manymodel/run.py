@@ -473,11 +473,18 @@ class ManyModelRun:
         timeout : float, optional
             Seconds to wait; then :class:`RunTimeoutError` (the run goes on).
         show_progress : bool
-            Show a tqdm bar of finished groups out of all groups (a widget in
-            notebooks).
+            Show a tqdm bar of finished groups (DONE or FAILED) out of all
+            groups, on stderr; in a notebook with ipywidgets, a widget.
+
+        Returns
+        -------
+        RunStatus
+            SUCCESS, PARTIAL_FAILURE, FAILURE or CANCELLED.
 
         Raises
         ------
+        RunTimeoutError
+            ``timeout`` passed first.
         ReadOnlyRunError
             On a restored handle: it did not start the work.
         """
@@ -555,7 +562,27 @@ class ManyModelRun:
         )
 
     def progress(self, **kwargs: Any):
-        """``distributed.progress`` over the run's futures (a widget in notebooks)."""
+        """Dask's own progress bar over the run's tasks (one task per output
+        partition, so it counts tasks; :meth:`wait` counts groups).
+
+        Parameters
+        ----------
+        **kwargs
+            Passed to :func:`distributed.progress`: ``notebook=False`` for a
+            text bar, ``multi=True`` (the default) for one bar per task prefix.
+
+        Returns
+        -------
+        distributed.diagnostics.progressbar.MultiProgressWidget or None
+            In a notebook the widget (make it the cell's last expression to
+            show it); in a terminal None, after printing a bar until every
+            task has finished.
+
+        Raises
+        ------
+        ReadOnlyRunError
+            On a restored handle: it has no futures; use :meth:`get_progress`.
+        """
         return distributed.progress(self.futures, **kwargs)
 
     # ------------------------------------------------------------------
@@ -705,38 +732,56 @@ class ManyModelRun:
     # ------------------------------------------------------------------
     # display
 
-    def _counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for details in self._details().values():
-            counts[details.status.value] = counts.get(details.status.value, 0) + 1
-        return counts
+    def _counts(self, details: dict[str, PartitionDetails] | None = None) -> dict[str, int]:
+        """Groups per status, in the order of :class:`PartitionStatus`; only those that occur."""
+        details = self._details() if details is None else details
+        found = [d.status for d in details.values()]
+        return {s.value: found.count(s) for s in PartitionStatus if s in found}
 
     def __repr__(self) -> str:
-        counts = ", ".join(f"{k}={v}" for k, v in sorted(self._counts().items()))
+        details = self._details()
+        counts = ", ".join(f"{k}={v}" for k, v in self._counts(details).items())
         mode = "restored" if self.read_only else "live"
         return (
             f"<ManyModelRun {self.kind} {self.run_id!r} {self.status.value} ({mode}) "
             f"groups={len(self._groups)} [{counts}] at {self._store.display()}>"
         )
 
+    #: how many failed groups the notebook display lists
+    _HTML_FAILED_SHOWN = 5
+
     def _repr_html_(self) -> str:
+        """Jupyter display: status, groups per status, where the run lives, the
+        dashboard link, and the first failed groups with their errors."""
         details = self._details()
-        counts = self._counts()
+        counts = self._counts(details)
+        status = self.status.value
         esc = html.escape
-        rows = "".join(f"<tr><td>{esc(k)}</td><td>{v}</td></tr>" for k, v in sorted(counts.items()))
-        failed = [d for d in details.values() if d.status in (PartitionStatus.FAILED, PartitionStatus.INTERNAL_ERROR)][:5]
-        failed_html = "".join(
-            f"<li><code>{esc(repr(d.partition_id))}</code>: {esc((d.error or '').splitlines()[0] if d.error else '')}</li>"
-            for d in failed
+        rows = "".join(
+            f"<tr><td>{esc(name)}</td><td style='text-align:right'>{n:,}</td></tr>"
+            for name, n in counts.items()
         )
+        failed = [d for d in details.values() if d.status in (PartitionStatus.FAILED, PartitionStatus.INTERNAL_ERROR)]
+        shown = failed[: self._HTML_FAILED_SHOWN]
+        items = "".join(
+            f"<li><code>{esc(repr(d.partition_id))}</code> {esc(d.status.value)}: "
+            f"{esc(d.error.splitlines()[0] if d.error else '(no error message)')}</li>"
+            for d in shown
+        )
+        if len(failed) > len(shown):
+            items += f"<li>… and {len(failed) - len(shown):,} more (see <code>.summary()</code>)</li>"
         link = self.dashboard_link
-        dashboard = f'<a href="{esc(link)}" target="_blank">dashboard</a>' if link else "no dashboard"
+        if link:
+            dashboard = f'<a href="{esc(link)}" target="_blank">Dask dashboard</a>'
+        else:
+            dashboard = "restored from storage (no dashboard)" if self.read_only else "no dashboard"
         return (
-            f"<div><strong>ManyModelRun</strong> {esc(self.kind)} <code>{esc(self.run_id)}</code>: "
-            f"<strong>{esc(self.status.value)}</strong>, {len(self._groups)} groups, "
-            f"<code>{esc(self._store.display())}</code>, {dashboard}"
+            f"<div class='manymodel-run'>"
+            f"<p><strong>ManyModelRun</strong> {esc(self.kind)} <code>{esc(self.run_id)}</code>: "
+            f"<strong>{esc(status)}</strong>, {len(self._groups):,} groups</p>"
+            f"<p>at <code>{esc(self._store.display())}</code> · {dashboard}</p>"
             f"<table><tr><th>status</th><th>groups</th></tr>{rows}</table>"
-            + (f"<p>Failed groups:</p><ul>{failed_html}</ul>" if failed else "")
+            + (f"<p>Failed groups ({len(failed):,}):</p><ul>{items}</ul>" if failed else "")
             + "</div>"
         )
 

@@ -1,154 +1,135 @@
-"""Watching runs: progress bars, reprs, captured logs, the command line."""
+"""Watching runs: progress bars, progress read from storage, notebook display."""
 
 from __future__ import annotations
 
-import logging
-import subprocess
-import sys
+import importlib.util
+import re
 
 import dask.dataframe as dd
-import distributed
 import pytest
 
-import dask_manymodel  # noqa: F401
-from dask_manymodel import ExecutionOptions, ManyModelRun, RunStatus
-from dask_manymodel.cli import main
+import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
+from dask_manymodel import ExecutionOptions, ManyModelRun, ReadOnlyRunError, RunStatus
 
 from .conftest import fit_line, make_frame, poll
 
 
-def noisy(data, ctx):
-    print(f"hello from {ctx.partition_id}")
-    ctx.logger.warning("rows=%d", len(data))
-    logging.getLogger("somebody.else").error("a library logs too")
+def broken_2(data, ctx):
     if ctx.partition_id == 2:
-        raise ValueError("group 2 <is> broken")
+        raise ValueError("group 2 <is> broken & so\nthe second line")
     return fit_line(data, ctx)
+
+
+def always_fails(data, ctx):
+    raise RuntimeError(f"no model for <{ctx.partition_id}>")
 
 
 @pytest.fixture
 def finished(client, ddf, store_url):
-    run = ddf.manymodel.train(noisy, by="store", url=store_url, run_id="r1")
+    run = ddf.manymodel.train(broken_2, by="store", url=store_url, run_id="r1")
     run.wait(show_progress=False)
     return run
 
 
-def test_wait_shows_groups_not_tasks(client, ddf, store_url, capsys):
-    run = ddf.manymodel.train(fit_line, by="store", url=store_url, run_id="r1",
+def test_wait_counts_groups_not_tasks(client, ddf, store_url, capsys):
+    # 12 groups in 2 tasks: the bar counts the groups, failed ones included
+    run = ddf.manymodel.train(broken_2, by="store", url=store_url, run_id="r1",
                               execution_options=ExecutionOptions(npartitions=2))
-    run.wait(show_progress=True)
-    err = capsys.readouterr().err
-    assert "12/12" in err and "group" in err
-    quiet = ddf.manymodel.train(fit_line, by="store", url=store_url, run_id="r2")
-    quiet.wait(show_progress=False)
+    assert run.wait(show_progress=True) == RunStatus.PARTIAL_FAILURE
     captured = capsys.readouterr()
-    assert captured.err == "" and captured.out == ""
+    final = captured.err.replace("\r", "\n").strip().splitlines()[-1]
+    assert final.startswith("train r1: 100%") and "12/12" in final and "group" in final, final
+    assert captured.out == ""
 
 
-def test_logs_are_captured_per_group_and_stored(finished, store_url):
-    details = finished.partition_details
-    assert "hello from 5" in details[5].logs and "rows=40" in details[5].logs
-    assert "a library logs too" in details[5].logs
-    assert "hello from 4" not in details[5].logs
-    restored = ManyModelRun.restore_from("r1", store_url)
-    assert restored.partition_details[5].logs == details[5].logs
+def test_show_progress_false_prints_nothing(client, ddf, store_url, capsys):
+    run = ddf.manymodel.train(fit_line, by="store", url=store_url, run_id="quiet")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    assert capsys.readouterr() == ("", "")
 
 
-def chatty(data, ctx):
-    for i in range(2000):
-        print(f"line {i} of group {ctx.partition_id}")
-    return 1
+def test_distributed_progress_over_the_runs_tasks(finished, capsys):
+    capsys.readouterr()
+    finished.progress(notebook=False)  # distributed's own bar, over the run's tasks
+    assert "100% Completed" in capsys.readouterr().out
+    if importlib.util.find_spec("ipywidgets"):
+        # in a notebook: one widget bar per task prefix, here the run's alone
+        widget = finished.progress(notebook=True)
+        assert type(widget).__name__ == "MultiProgressWidget"
+        assert widget.keys == {future.key for future in finished.futures}
+        assert {key[0].rsplit("-", 1)[0] for key in widget.keys} == {"manymodel-train"}
+    with pytest.raises(ReadOnlyRunError, match="restored from storage"):
+        ManyModelRun.restore_from("r1", finished.url).progress()
 
 
-def test_logs_are_capped_with_a_note(client, ddf, store_url):
-    run = ddf.manymodel.train(chatty, by="store", url=store_url, run_id="r1",
-                              execution_options=ExecutionOptions(max_log_chars=500))
-    run.wait(show_progress=False)
-    logs = run.partition_details[0].logs
-    assert logs.startswith("line 0 of group 0")
-    assert logs.endswith("[logs truncated at 500 characters]\n")
-    assert len(logs) < 600
-
-
-def threaded_logger(data, ctx):
+def slow(data, ctx):
     import time
 
-    for i in range(20):
-        print(f"group {ctx.partition_id} step {i}")
-        time.sleep(0.005)  # interleave with the other thread of this worker
+    time.sleep(0.1)  # simulated work: the run stays in progress for about a second
     return 1
 
 
-def test_two_threads_of_one_worker_do_not_mix_logs(tmp_path):
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0",
-                                  silence_logs=logging.ERROR) as cluster, distributed.Client(cluster):
-        ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=2)
-        run = ddf.manymodel.train(threaded_logger, by="store", url=str(tmp_path), run_id="r1",
-                                  execution_options=ExecutionOptions(npartitions=2))
-        assert run.wait(show_progress=False) == RunStatus.SUCCESS
-        for g, details in run.partition_details.items():
-            lines = details.logs.strip().splitlines()
-            assert lines == [f"group {g} step {i}" for i in range(20)]
-
-
-def test_reprs(finished):
-    text = repr(finished)
-    assert "PARTIAL_FAILURE" in text and "DONE=11" in text and "FAILED=1" in text and "r1" in text
-    page = finished._repr_html_()
-    assert "PARTIAL_FAILURE" in page and "dashboard" in page and finished.dashboard_link in page
-    assert "group 2 &lt;is&gt; broken" in page and "<is>" not in page
-
-
-def test_restored_progress_while_running(client, store_url, capsys):
-    def slow(data, ctx):
-        import time
-
-        time.sleep(0.1)  # simulated work
-        return 1
-
+def test_progress_of_a_running_run_from_another_handle(client, store_url):
     ddf = dd.from_pandas(make_frame(n_groups=20, rows=2), npartitions=2)
     run = ddf.manymodel.train(slow, by="store", url=store_url, run_id="r1",
                               execution_options=ExecutionOptions(npartitions=2))
+    # what another process would do: rebuild a handle from storage alone
     restored = ManyModelRun.restore_from("r1", store_url)
+    seen = {}
 
-    def some_done_some_pending() -> bool:
-        progress = restored.get_progress()
-        return "DONE" in progress and "PENDING" in progress
+    def partly_done() -> bool:
+        progress = {k: len(v) for k, v in restored.get_progress().items()}
+        if progress.get("DONE") and progress.get("PENDING") and restored.status == RunStatus.IN_PROGRESS:
+            seen.update(progress)
+            return True
+        return False
 
-    poll(some_done_some_pending)
-    assert restored.status == RunStatus.IN_PROGRESS
+    poll(partly_done)
+    assert sum(seen.values()) == 20 and 0 < seen["DONE"] < 20
+    assert "IN_PROGRESS" in repr(restored)
     run.wait(show_progress=False)
     assert restored.status == RunStatus.SUCCESS
-    capsys.readouterr()
-    run.progress(notebook=False)  # distributed's own bar over the run's tasks
-    assert "100% Completed" in capsys.readouterr().out
+    assert {k: len(v) for k, v in restored.get_progress().items()} == {"DONE": 20}
+    with pytest.raises(ReadOnlyRunError):
+        restored.wait()
 
 
-def test_cli_runs_show_logs(finished, store_url, capsys):
-    assert main(["runs", store_url]) == 0
-    out = capsys.readouterr().out
-    assert "run_id" in out and "r1" in out and "PARTIAL_FAILURE" in out and "12" in out
-    assert main(["show", store_url, "r1"]) == 0
-    out = capsys.readouterr().out
-    assert "DONE" in out and "slowest groups" in out and "ValueError: group 2 <is> broken" in out
-    assert main(["logs", store_url, "r1", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "group 2: FAILED" in out and "hello from 2" in out and "Traceback" in out
-
-
-def test_cli_errors(store_url, capsys):
-    assert main(["show", store_url, "missing"]) == 2
-    assert "no run 'missing'" in capsys.readouterr().err
-    assert main(["runs", "nosuchproto://x"]) == 2
-    assert "nosuchproto" in capsys.readouterr().err
-    assert main(["runs", store_url + "/does-not-exist"]) == 2
-
-
-def test_cli_demo_as_a_console_script(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "dask_manymodel.cli", "demo", "--groups", "30", "--rows", "20", "--url", str(tmp_path)],
-        capture_output=True, text=True, timeout=240,
+def test_repr(finished):
+    text = repr(finished)
+    assert text == (
+        f"<ManyModelRun train 'r1' PARTIAL_FAILURE (live) groups=12 [DONE=11, FAILED=1] "
+        f"at {finished.url}/r1>"
     )
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "Dask dashboard: http" in out.stdout and "training run 'demo-train': SUCCESS" in out.stdout
-    assert "rows scored: 600" in out.stdout
+    restored = ManyModelRun.restore_from("r1", finished.url)
+    assert repr(restored) == text.replace("(live)", "(restored)")
+
+
+def test_repr_html(finished):
+    page = finished._repr_html_()
+    assert "<strong>PARTIAL_FAILURE</strong>, 12 groups" in page
+    assert f"<code>{finished.url}/r1</code>" in page
+    assert f'<a href="{finished.dashboard_link}" target="_blank">Dask dashboard</a>' in page
+    assert re.search(r"<td>DONE</td><td[^>]*>11</td>", page) and re.search(r"<td>FAILED</td><td[^>]*>1</td>", page)
+    # the failed group with the first line of its error, escaped
+    assert "<code>2</code> FAILED: ValueError: group 2 &lt;is&gt; broken &amp; so</li>" in page
+    assert "<is>" not in page and "second line" not in page
+    restored = ManyModelRun.restore_from("r1", finished.url)._repr_html_()
+    assert "restored from storage (no dashboard)" in restored and "href" not in restored
+
+
+def test_repr_html_lists_a_few_failed_groups(client, ddf, store_url):
+    run = ddf.manymodel.train(always_fails, by="store", url=store_url, run_id="bad")
+    assert run.wait(show_progress=False) == RunStatus.FAILURE
+    page = run._repr_html_()
+    assert "Failed groups (12):" in page and page.count("RuntimeError: no model for &lt;") == 5
+    assert "… and 7 more" in page
+
+
+def test_repr_of_a_run_in_progress(client, store_url):
+    ddf = dd.from_pandas(make_frame(n_groups=20, rows=2), npartitions=2)
+    run = ddf.manymodel.train(slow, by="store", url=store_url, run_id="r1",
+                              execution_options=ExecutionOptions(npartitions=2))
+    text, page = repr(run), run._repr_html_()
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS  # about 1s of work: it was still running above
+    assert "IN_PROGRESS (live) groups=20" in text and "<strong>IN_PROGRESS</strong>" in page
+    assert re.search(r"\[(PENDING|RUNNING)=", text)
