@@ -39,12 +39,17 @@ ddf = dd.from_pandas(sales, npartitions=4)''',
     return np.polyfit(df["x"], df["y"], 1)
 
 run = ddf.manymodel.train(train, by="store", url=url, run_id="r1")
-run.wait()''',
+run.wait()   # a bar of groups, DONE or FAILED, out of all 50''',
+        "## Watch\nWhile a run goes, the dashboard's *Progress* page shows a `manymodel-train` bar "
+        "(one task per batch of groups), `run` displays its counts so far, and any other process "
+        "can follow it from storage alone with `ManyModelRun.restore_from(run_id, url).get_progress()`.",
+        '''run.progress()   # Dask's own bars over the run's tasks''',
         "## Inspect",
         "run",
         '''run.summary().head()''',
         '''failed = run.get_progress()["FAILED"][0]
 print(failed.partition_id, failed.error)''',
+        '''print(run.partition_details[7].logs)   # what the group printed or logged''',
         '''run.get_model(7)''',
         "## Predict with the trained models",
         '''def infer(data, model, ctx):
@@ -124,8 +129,9 @@ client.close(); cluster.close()''',
 }
 
 
-def build() -> None:
-    folder = Path(__file__).parent
+def build(folder: Path | None = None) -> None:
+    """Write every notebook into ``folder`` (default: beside this script)."""
+    folder = Path(__file__).parent if folder is None else Path(folder)
     for name, cells in NOTEBOOKS.items():
         notebook = nbformat.v4.new_notebook()
         notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -133,6 +139,8 @@ def build() -> None:
             nbformat.v4.new_markdown_cell(text) if text.startswith("#") else nbformat.v4.new_code_cell(text)
             for text in cells
         ]
+        for number, cell in enumerate(notebook.cells):
+            cell.id = f"cell-{number}"  # stable ids: regenerating changes only what was edited
         nbformat.write(notebook, folder / name)
 
 
