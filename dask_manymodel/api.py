@@ -54,10 +54,12 @@ class DPF:
         partition_by : str or list of str
             Column(s) whose values define the groups.
         dataframe : dask.dataframe.DataFrame or pandas.DataFrame
+            The rows; a pandas frame is split into a few partitions.
         run_id : str
             Folder of the run under ``stage_name``.
-        on_existing_artifacts : {"error", "overwrite"}
-            What to do when the run already exists.
+        on_existing_artifacts : {"error", "overwrite", "resume"}
+            What to do when the run already exists: refuse, replace it, or
+            run only its groups that are not DONE.
         execution_options : ExecutionOptions, optional
         """
         return start_run(

@@ -13,7 +13,13 @@ import posixpath
 import sys
 from typing import Any, Sequence
 
-from .exceptions import InvalidArgumentError, InvalidURLError, ManyModelError, RunNotFoundError
+from .exceptions import (
+    InvalidArgumentError,
+    InvalidURLError,
+    ManyModelError,
+    PartitionNotFoundError,
+    RunNotFoundError,
+)
 from .store import RUN_MANIFEST, open_url
 
 
@@ -124,7 +130,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(str(exc.args[0])) from None
     details = run._details()
     if path not in details:
-        raise RunNotFoundError(
+        raise PartitionNotFoundError(
             f"run {args.run_id!r} has no group {key!r} (partition_by {run.partition_by!r}); "
             f"`dask-manymodel show {args.url} {args.run_id}` lists some"
         )
