@@ -60,6 +60,17 @@ class ModelSerde(abc.ABC):
     def read(self, file_path: str) -> Any:
         """Read a model back from the local file ``file_path``."""
 
+    def to_bytes(self, model: Any) -> bytes | None:
+        """Optional fast path: the bytes :meth:`write` would put in the file.
+
+        A serde that can serialize in memory returns them here, and the
+        engine then writes the small files of many groups in one go instead
+        of one temp file per group. The default, None, means "use
+        :meth:`write`". The bytes must be exactly what :meth:`read` accepts
+        from a file.
+        """
+        return None
+
     def manifest_params(self) -> dict:
         """Constructor arguments recorded in ``_run.json`` to rebuild this serde."""
         return {"filename": self.filename}
@@ -85,7 +96,10 @@ class PickleSerde(ModelSerde):
 
     def write(self, model: Any, file_path: str) -> None:
         with open(file_path, "wb") as f:
-            cloudpickle.dump(model, f)
+            f.write(self.to_bytes(model))
+
+    def to_bytes(self, model: Any) -> bytes:
+        return cloudpickle.dumps(model)
 
     def read(self, file_path: str) -> Any:
         with open(file_path, "rb") as f:
@@ -163,6 +177,18 @@ class TensorFlowSerde(ModelSerde):
 
     def read(self, file_path: str) -> Any:
         return import_optional("tensorflow").keras.models.load_model(file_path)
+
+
+def writes_in_memory(serde: ModelSerde) -> bool:
+    """Whether ``serde.to_bytes`` can stand in for ``serde.write``: it must be
+    defined as deep in the class tree as ``write`` (a subclass of
+    :class:`PickleSerde` that overrides only ``write`` keeps its own write)."""
+
+    def owner(name: str) -> type:
+        return next(cls for cls in type(serde).__mro__ if name in vars(cls))
+
+    to_bytes = owner("to_bytes")
+    return to_bytes is not ModelSerde and issubclass(to_bytes, owner("write"))
 
 
 def serde_to_manifest(serde: ModelSerde) -> dict:

@@ -15,7 +15,7 @@ import pytest
 
 import dask_manymodel  # noqa: F401
 from dask_manymodel import ManyModelRun, ModelSerde, PickleSerde, RunStatus
-from dask_manymodel.serde import serde_from_manifest, serde_to_manifest
+from dask_manymodel.serde import TorchSerde, serde_from_manifest, serde_to_manifest, writes_in_memory
 
 from .conftest import make_frame
 
@@ -169,3 +169,19 @@ def test_a_keras_model_per_group(client, tmp_path):
     np.testing.assert_array_equal(live, again)
     np.testing.assert_allclose(live, [1.1 * 0.5 + 1, 1.1 * -1 + 1], atol=0.1)
     assert isinstance(pd.DataFrame(run.summary()), pd.DataFrame)
+
+
+def test_only_a_serde_whose_to_bytes_matches_its_write_is_written_from_memory():
+    class OwnWrite(PickleSerde):
+        def write(self, model, file_path):  # a user's own format: to_bytes must not bypass it
+            with open(file_path, "w") as f:
+                f.write(repr(model))
+
+    class OwnBoth(OwnWrite):
+        def to_bytes(self, model):
+            return repr(model).encode()
+
+    assert writes_in_memory(PickleSerde())
+    assert not writes_in_memory(OwnWrite())
+    assert writes_in_memory(OwnBoth())
+    assert not writes_in_memory(TorchSerde())
