@@ -17,9 +17,7 @@ import importlib.util
 import os
 import pickle
 import resource
-import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -28,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
     dask_groupby_apply,
     fit,
+    fresh_folder,
     local_cluster,
     make_dask,
     make_pandas,
@@ -102,7 +101,8 @@ def scale(client) -> None:
     for n_groups in (20_000, 200_000):
         ddf = persisted(client, np.full(n_groups, 5))
         before = client.run_on_scheduler(_count_tasks)
-        folder = tempfile.mkdtemp(prefix="mm-bench-")
+        folder = fresh_folder()
+        os.sync()
         start = time.perf_counter()
         run = manymodel_train(ddf, folder)
         seconds = time.perf_counter() - start
@@ -110,7 +110,6 @@ def scale(client) -> None:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"{n_groups:>10,}{seconds:>10.1f}{seconds / n_groups * 1000:>15.3f}{len(run.futures):>13}"
               f"{tasks:>11,}{peak_mb:>11.0f}")
-        shutil.rmtree(folder, ignore_errors=True)
         del ddf, run
 
 
@@ -125,9 +124,9 @@ def inference(client, repeats: int) -> None:
     sizes = np.full(2000, 500)
     pdf = make_pandas(sizes)
     ddf = persisted(client, sizes)
-    models = tempfile.mkdtemp(prefix="mm-bench-")
+    models = fresh_folder()
     manymodel_train(ddf, models)
-    serial_models = tempfile.mkdtemp(prefix="mm-bench-")
+    serial_models = fresh_folder()
     serial_loop(pdf, serial_models)
     features = [f"x{i}" for i in range(5)]
 

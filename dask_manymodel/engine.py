@@ -129,6 +129,23 @@ def check_by(by: Any, ddf: dd.DataFrame) -> list:
     return columns
 
 
+def index_as_column(ddf: dd.DataFrame, by: Any) -> dd.DataFrame:
+    """Let ``by`` name the index, as after ``ddf.set_index(key)``.
+
+    The index becomes a column (partition by partition: the partitioning
+    that ``set_index`` made is kept, so the run needs no shuffle). An index
+    named like a column (``set_index(key, drop=False)``) loses its name,
+    which pandas would otherwise call ambiguous.
+    """
+    names = [by] if isinstance(by, str) or not isinstance(by, (list, tuple)) else list(by)
+    index_name = ddf.index.name
+    if index_name is None or index_name not in names:
+        return ddf
+    if index_name in ddf.columns:
+        return ddf.map_partitions(lambda df: df.rename_axis(index=None), token="manymodel-unname-index")
+    return ddf.reset_index()
+
+
 def check_on_existing(value: Any, allowed: Sequence[str] = ON_EXISTING) -> str:
     if value not in allowed:
         raise InvalidArgumentError(
@@ -197,10 +214,61 @@ def run_exists(store: RunStore) -> bool:
 # assignment of groups to output partitions
 
 
-def default_npartitions(client: distributed.Client, n_groups: int) -> int:
+def default_npartitions(threads: int, n_groups: int) -> int:
     """About four tasks per worker thread: enough to balance, few enough to be cheap."""
-    threads = sum(client.nthreads().values()) or 1
     return max(1, min(n_groups, 4 * threads))
+
+
+_ROWS, _PARTS, _HOME = "__manymodel_rows__", "__manymodel_parts__", "__manymodel_home__"
+
+
+def count_groups(ddf: dd.DataFrame, by: list, client: distributed.Client) -> pd.DataFrame:
+    """One pass over the input: per group its rows, how many input
+    partitions hold some of them, and the first of those partitions.
+
+    The result is indexed by the group keys (like ``groupby(by).size()``).
+    """
+
+    def per_partition(df: pd.DataFrame, partition_info: dict | None = None) -> pd.DataFrame:
+        sizes = df.groupby(by, dropna=False, observed=True, sort=False).size()
+        out = sizes.rename(_ROWS).reset_index()
+        out[_PARTS] = 1
+        out[_HOME] = (partition_info or {}).get("number", 0)
+        return out
+
+    located = ddf.map_partitions(per_partition, meta=per_partition(ddf._meta), token="manymodel-count")
+    counts = located.groupby(by, dropna=False, observed=True).agg({_ROWS: "sum", _PARTS: "sum", _HOME: "min"})
+    return client.compute(counts).result()
+
+
+def needs_shuffle(counts: pd.DataFrame, npartitions: int, threads: int, choice: str, npartitions_asked: bool) -> bool:
+    """Whether the rows must be shuffled so that each group is in one partition.
+
+    ``"auto"`` skips the shuffle when every group already lives in one input
+    partition (e.g. after ``set_index`` on the key, or read from a
+    hive-partitioned dataset) and no input partition holds much more than
+    its share of the work, ``max(rows / threads, largest group)``: then the
+    input's own partitions are the tasks. ``"never"`` insists on that (and
+    says which group is split); ``"always"``, or an explicit
+    ``npartitions``, shuffles.
+    """
+    split = counts[counts[_PARTS] > 1]
+    if choice == "never":
+        if len(split):
+            raise InvalidArgumentError(
+                f"ExecutionOptions(shuffle='never') needs every group in one input partition, but "
+                f"group {split.index[:1].tolist()[0]!r} is in {int(split[_PARTS].iloc[0])} of them; use "
+                f"shuffle='auto', or repartition the input by {list(counts.index.names)!r} first"
+            )
+        return False
+    if choice == "always" or npartitions_asked:
+        return True
+    if len(split):
+        return True
+    rows = counts[_ROWS]
+    per_partition = rows.groupby(counts[_HOME].to_numpy()).sum()
+    fair = max(rows.sum() / threads, rows.max())
+    return bool(per_partition.max() > 1.25 * fair or npartitions < threads)
 
 
 def assign_groups(sizes: np.ndarray, npartitions: int) -> np.ndarray:
@@ -735,7 +803,7 @@ def start_run(
 
     # 1. everything that needs no compute -----------------------------------
     check_function(func, kind)
-    ddf = as_dask_dataframe(dataframe)
+    ddf = index_as_column(as_dask_dataframe(dataframe), by)
     by = check_by(by, ddf)
     check_run_id(run_id)
     check_on_existing(on_existing_artifacts)
@@ -803,10 +871,11 @@ def start_run(
     # 2. count rows per group: the only compute before anything is written --
     client = get_or_start_client()
     check_workers_share_store(store, client)
+    # read the input once: the count and the run both start from this copy
+    # (a run persists its shuffled rows anyway, so this needs no more memory)
+    lazy, ddf = ddf, client.persist(ddf)
     try:
-        counts = client.compute(
-            ddf.groupby(by, dropna=False, observed=True).size()
-        ).result()
+        counts = count_groups(ddf, by, client)
     except TypeError as exc:
         raise InvalidArgumentError(
             f"cannot group by {by!r}: {exc}; group values must be hashable scalars "
@@ -814,7 +883,7 @@ def start_run(
         ) from exc
 
     keys: pd.Index = counts.index
-    sizes = counts.to_numpy()
+    sizes = counts[_ROWS].to_numpy()
     key_tuples = [k if isinstance(k, tuple) else (k,) for k in keys]
     _check_scalar_keys(by, key_tuples)
     groups = [
@@ -829,6 +898,9 @@ def start_run(
             f"two different group values map to the same folder {clash!r}; make the "
             f"{by!r} column(s) one type (e.g. .astype(str))"
         )
+
+    threads = sum(client.nthreads().values()) or 1
+    shuffle = needs_shuffle(counts, ddf.npartitions, threads, options.shuffle, options.npartitions is not None)
 
     # 3. write the manifest (the run now exists) -----------------------------
     attempt = previous["attempt"] if previous else uuid.uuid4().hex
@@ -873,7 +945,7 @@ def start_run(
         training_attempt=manifest["training_attempt"],
     )
     # kept in memory by the handle for retry_failed(); never written anywhere
-    source = {"dataframe": ddf, "execution_options": options, "meta": meta, "storage_options": storage_options}
+    source = {"dataframe": lazy, "execution_options": options, "meta": meta, "storage_options": storage_options}
     todo = [p for p in counted_paths if p not in done_paths]
     if not todo:
         logger.info("run %r has no group to run: it is a SUCCESS", run_id)
@@ -886,36 +958,44 @@ def start_run(
             meta=meta, initial_records=initial_records, source=source,
         )
 
-    # 4. shuffle on the assignment ------------------------------------------
-    npartitions = options.npartitions or default_npartitions(client, len(todo))
-    npartitions = min(npartitions, len(todo))
+    # 4. bring each group's rows into one partition ------------------------
     # counted groups in count order; DONE ones (resume) get -1 and are dropped
     by_path = {g["path"]: g for g in groups}
-    parts = np.full(len(counted_paths), -1, dtype=np.int64)
     pending = np.array([p not in done_paths for p in counted_paths], dtype=bool)
-    parts[pending] = assign_groups(sizes[pending], npartitions)
+    if shuffle:
+        npartitions = min(options.npartitions or default_npartitions(threads, len(todo)), len(todo))
+        parts = np.full(len(counted_paths), -1, dtype=np.int64)
+        parts[pending] = assign_groups(sizes[pending], npartitions)
+    else:
+        # the input is already partitioned by the group columns: each group
+        # runs where it is, in the task of its own input partition
+        parts = np.where(pending, counts[_HOME].to_numpy(), -1)
     for path, part in zip(counted_paths, parts):
         by_path[path]["task"] = int(part)
     store.write_json(store.path(GROUPS_FILE), groups)
-    tagged = ddf.map_partitions(
-        _tag_partition,
-        by,
-        keys,
-        parts,
-        meta=ddf._meta.assign(**{PARTITION_COLUMN: np.int64(0)}),
-        token="manymodel-assign",
-    )
-    if done_paths:
-        tagged = tagged[tagged[PARTITION_COLUMN] >= 0]
-    shuffle_kwargs = {"shuffle_method": options.shuffle_method} if options.shuffle_method else {}
-    # explicit divisions 0..n: output partition i holds exactly the groups assigned to i
-    shuffled = tagged.set_index(
-        PARTITION_COLUMN, divisions=list(range(npartitions + 1)), **shuffle_kwargs
-    )
-    shuffled = client.persist(shuffled)
+    if shuffle or done_paths:
+        tagged = ddf.map_partitions(
+            _tag_partition,
+            by,
+            keys,
+            parts,
+            meta=ddf._meta.assign(**{PARTITION_COLUMN: np.int64(0)}),
+            token="manymodel-assign",
+        )
+        if done_paths:
+            tagged = tagged[tagged[PARTITION_COLUMN] >= 0]
+    if shuffle:
+        shuffle_kwargs = {"shuffle_method": options.shuffle_method} if options.shuffle_method else {}
+        # explicit divisions 0..n: output partition i holds exactly the groups assigned to i
+        ready = tagged.set_index(PARTITION_COLUMN, divisions=list(range(npartitions + 1)), **shuffle_kwargs)
+    elif done_paths:
+        ready = tagged.drop(columns=PARTITION_COLUMN)
+    else:
+        ready = ddf
+    ready = client.persist(ready)
     # the persisted keys are those of the lowered graph, (name, i) for i in 0..n-1
-    ordered = sorted(distributed.futures_of(shuffled), key=lambda f: f.key[1])
-    assert len(ordered) == npartitions, (len(ordered), npartitions)
+    ordered = sorted(distributed.futures_of(ready), key=lambda f: f.key[1])
+    assert len(ordered) == (npartitions if shuffle else ddf.npartitions), len(ordered)
 
     # 5. one task per output partition --------------------------------------
     spec_future = client.scatter(spec, broadcast=False, hash=False)
@@ -935,7 +1015,7 @@ def start_run(
         )
         for i, part in enumerate(ordered)
     ]
-    del shuffled, ordered  # the tasks hold them now
+    del ready, ordered  # the tasks hold them now
     return ManyModelRun(
         store=store, manifest=manifest, groups=groups, client=client, spec=spec, futures=futures,
         meta=meta, initial_records=initial_records, source=source,

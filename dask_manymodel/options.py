@@ -32,6 +32,14 @@ class ExecutionOptions:
         with exponential backoff starting at ``storage_retry_backoff`` seconds.
     storage_retry_backoff : float
         First backoff delay in seconds.
+    shuffle : str
+        ``"auto"`` (default): skip the shuffle when every group already
+        lives in one input partition (``set_index`` on the key, a
+        hive-partitioned dataset, data written per group) and the input
+        partitions are balanced enough; then each input partition is one
+        task. ``"always"``, or an explicit ``npartitions``: shuffle.
+        ``"never"``: do not shuffle, and refuse input where a group is split
+        across partitions.
     shuffle_method : str, optional
         ``"p2p"``, ``"tasks"`` or ``"disk"``; default is Dask's own choice.
     max_log_chars : int
@@ -50,6 +58,7 @@ class ExecutionOptions:
     fail_fast: bool = False
     storage_retries: int = 3
     storage_retry_backoff: float = 0.1
+    shuffle: str = "auto"
     shuffle_method: str | None = None
     max_log_chars: int = 32_000
     task_retries: int = 1
@@ -71,6 +80,10 @@ class ExecutionOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InvalidArgumentError(f"{name} must be an int >= 0, got {value!r}")
+        if self.shuffle not in ("auto", "always", "never"):
+            raise InvalidArgumentError(
+                f"shuffle must be 'auto', 'always' or 'never', got {self.shuffle!r}"
+            )
         if self.shuffle_method not in (None, "p2p", "tasks", "disk"):
             raise InvalidArgumentError(
                 f"shuffle_method must be 'p2p', 'tasks', 'disk' or None, got {self.shuffle_method!r}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import pickle
 from typing import Any
 
 import cloudpickle
@@ -83,6 +84,10 @@ class ModelSerde(abc.ABC):
 class PickleSerde(ModelSerde):
     """Serialize any Python object with cloudpickle (the default serde).
 
+    Objects the standard library can pickle by reference are pickled with
+    its faster C pickler; the rest (lambdas, classes defined in a notebook)
+    with cloudpickle. Either file loads with :meth:`read`.
+
     Reading a pickle runs code from the file: load only files you trust.
 
     Parameters
@@ -99,6 +104,15 @@ class PickleSerde(ModelSerde):
             f.write(self.to_bytes(model))
 
     def to_bytes(self, model: Any) -> bytes:
+        # the standard library's C pickler is several times faster on small
+        # models; it refuses what only cloudpickle can do (lambdas, classes
+        # made in a notebook or shipped by value), which then goes to
+        # cloudpickle. Both give a pickle that read() loads.
+        if not getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", None):
+            try:
+                return pickle.dumps(model, protocol=cloudpickle.DEFAULT_PROTOCOL)
+            except (pickle.PicklingError, AttributeError, TypeError):
+                pass
         return cloudpickle.dumps(model)
 
     def read(self, file_path: str) -> Any:

@@ -185,3 +185,29 @@ def test_only_a_serde_whose_to_bytes_matches_its_write_is_written_from_memory():
     assert not writes_in_memory(OwnWrite())
     assert writes_in_memory(OwnBoth())
     assert not writes_in_memory(TorchSerde())
+
+
+def test_pickle_serde_takes_what_only_cloudpickle_can_and_reads_both(tmp_path):
+    import pickle
+
+    def make_local_model():
+        class LocalModel:  # not importable by name: only cloudpickle can pickle it
+            def __init__(self):
+                self.weights = np.arange(3.0)
+
+            def predict(self, x):
+                return x @ self.weights
+
+        return LocalModel()
+
+    serde = PickleSerde()
+    for model, check in [
+        (np.arange(3.0), lambda m: m.tolist() == [0.0, 1.0, 2.0]),
+        ({"scale": lambda x: 2 * x}, lambda m: m["scale"](4) == 8),
+        (make_local_model(), lambda m: m.predict(np.ones(3)) == 3.0),
+    ]:
+        data = serde.to_bytes(model)
+        path = tmp_path / "model.pkl"
+        serde.write(model, str(path))
+        assert path.read_bytes() == data
+        assert check(serde.read(str(path))) and check(pickle.loads(data))

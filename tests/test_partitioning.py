@@ -1,0 +1,141 @@
+"""Input that is already partitioned by the group columns runs without a
+shuffle; other input is shuffled. Both give the same models."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import dask.dataframe as dd
+import distributed
+import numpy as np
+import pandas as pd
+import pytest
+
+import dask_manymodel  # noqa: F401
+from dask_manymodel import ExecutionOptions, InvalidArgumentError, RunStatus
+from dask_manymodel.engine import _HOME, _PARTS, _ROWS, needs_shuffle
+
+from .conftest import fit_line, make_frame
+
+SHUFFLE_PREFIXES = ("shuffle", "p2pshuffle", "shuffle-transfer", "set_partitions_pre", "rearrangebycolumn")
+
+
+def train_and_watch(client, frame, store_url, run_id, **kwargs):
+    """Train, and return the run with the task prefixes the scheduler ran for it."""
+    with distributed.get_task_stream(client) as stream:
+        run = frame.manymodel.train(fit_line, by="store", url=store_url, run_id=run_id, **kwargs)
+        assert run.wait(show_progress=False) == RunStatus.SUCCESS, run.summary()
+    return run, {distributed.utils.key_split(task["key"]) for task in stream.data}
+
+
+def assert_fitted(run, n_groups):
+    for store in range(n_groups):
+        slope, intercept = run.get_model(store)
+        assert slope == pytest.approx(1 + store / 10) and intercept == pytest.approx(store)
+
+
+def groups_file(store_url, run_id):
+    with open(os.path.join(store_url, run_id, "_groups.json")) as f:
+        return {g["partition_id"]: g["task"] for g in json.load(f)}
+
+
+def test_input_partitioned_by_the_key_runs_in_place(client, store_url):
+    # 12 groups of 40 rows in 3 partitions of 160 rows: each group in one partition
+    ddf = dd.from_pandas(make_frame(12, 40), npartitions=3)
+    run, prefixes = train_and_watch(client, ddf, store_url, "r1")
+    assert not prefixes & set(SHUFFLE_PREFIXES), prefixes
+    assert len(run.futures) == ddf.npartitions == 3
+    assert groups_file(store_url, "r1") == {g: g // 4 for g in range(12)}
+    assert_fitted(run, 12)
+
+
+def test_set_index_on_the_key_needs_no_shuffle_of_ours(client, store_url):
+    shuffled_rows = make_frame(12, 40).sample(frac=1, random_state=1).reset_index(drop=True)
+    ddf = dd.from_pandas(shuffled_rows, npartitions=3).set_index("store")  # "store" is now the index
+    ddf = client.persist(ddf)  # the user's own shuffle, done once
+    distributed.wait(ddf)
+    run, prefixes = train_and_watch(client, ddf, store_url, "r1")
+    assert not prefixes & set(SHUFFLE_PREFIXES), prefixes
+    assert len(run.futures) == ddf.npartitions
+    assert_fitted(run, 12)
+    # drop=False keeps a column named like the index: not ambiguous for us
+    kept = client.persist(dd.from_pandas(shuffled_rows, npartitions=3).set_index("store", drop=False))
+    distributed.wait(kept)
+    run, prefixes = train_and_watch(client, kept, store_url, "r2")
+    assert not prefixes & set(SHUFFLE_PREFIXES), prefixes
+    assert_fitted(run, 12)
+
+
+def test_groups_split_across_partitions_are_shuffled(client, store_url):
+    ddf = dd.from_pandas(make_frame(12, 40).sample(frac=1, random_state=2).reset_index(drop=True), npartitions=3)
+    run, prefixes = train_and_watch(client, ddf, store_url, "r1")
+    assert prefixes & set(SHUFFLE_PREFIXES), prefixes
+    assert_fitted(run, 12)
+
+
+def test_shuffle_always_and_an_explicit_npartitions_shuffle(client, store_url):
+    ddf = dd.from_pandas(make_frame(12, 40), npartitions=3)
+    for run_id, options in [("r1", ExecutionOptions(shuffle="always")), ("r2", ExecutionOptions(npartitions=5))]:
+        run, prefixes = train_and_watch(client, ddf, store_url, run_id, execution_options=options)
+        assert prefixes & set(SHUFFLE_PREFIXES), (run_id, prefixes)
+        assert_fitted(run, 12)
+    assert len(run.futures) == 5
+
+
+def test_shuffle_never_refuses_a_split_group_before_writing(client, store_url):
+    ddf = dd.from_pandas(make_frame(12, 40).sample(frac=1, random_state=3).reset_index(drop=True), npartitions=3)
+    with pytest.raises(InvalidArgumentError, match=r"shuffle='never'.*group \d+ is in [23] of them"):
+        ddf.manymodel.train(fit_line, by="store", url=store_url, run_id="r1",
+                            execution_options=ExecutionOptions(shuffle="never"))
+    assert not os.path.exists(os.path.join(store_url, "r1"))
+    with pytest.raises(InvalidArgumentError, match="shuffle must be 'auto', 'always' or 'never', got 'yes'"):
+        ExecutionOptions(shuffle="yes")
+
+
+def test_resume_in_place_runs_only_the_groups_not_done(client, store_url, tmp_path):
+    ddf = dd.from_pandas(make_frame(12, 40), npartitions=3)
+    marker = tmp_path / "calls"
+    marker.mkdir()
+
+    def fails_on_5_once(data, ctx):
+        (marker / f"{ctx.partition_id}-{len(os.listdir(marker))}").touch()
+        if ctx.partition_id == 5 and not (marker / "failed-once").exists():
+            (marker / "failed-once").touch()
+            raise RuntimeError("group 5 fails the first time")
+        return fit_line(data, ctx)
+
+    run = ddf.manymodel.train(fails_on_5_once, by="store", url=store_url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    calls_before = len(os.listdir(marker))
+    with distributed.get_task_stream(client) as stream:
+        again = ddf.manymodel.train(fails_on_5_once, by="store", url=store_url, run_id="r1",
+                                    on_existing_artifacts="resume")
+        assert again.wait(show_progress=False) == RunStatus.SUCCESS
+    prefixes = {distributed.utils.key_split(task["key"]) for task in stream.data}
+    assert not prefixes & set(SHUFFLE_PREFIXES), prefixes
+    assert len(os.listdir(marker)) == calls_before + 1  # only group 5 ran again
+    assert_fitted(again, 12)
+
+
+def counts_frame(rows, homes, parts=None):
+    return pd.DataFrame({_ROWS: rows, _PARTS: parts or [1] * len(rows), _HOME: homes})
+
+
+def test_needs_shuffle_decides_by_location_and_balance():
+    balanced = counts_frame([10] * 8, [0, 0, 1, 1, 2, 2, 3, 3])
+    assert not needs_shuffle(balanced, 4, 2, "auto", False)
+    assert needs_shuffle(balanced, 4, 2, "always", False)
+    assert needs_shuffle(balanced, 4, 2, "auto", True)  # an explicit npartitions
+    # one input partition holds everything: the cluster would idle without a shuffle
+    assert needs_shuffle(counts_frame([10] * 8, [0] * 8), 1, 2, "auto", False)
+    # a single huge group sets the pace anyway: its partition may hold it
+    skewed = counts_frame([400, 10, 10, 10], [0, 1, 1, 1])
+    assert not needs_shuffle(skewed, 2, 2, "auto", False)
+    # 3 of 4 partitions hold 1 row: far from a fair share for 4 threads
+    lopsided = counts_frame([100, 100, 1, 1, 1], [0, 0, 1, 2, 3])
+    assert needs_shuffle(lopsided, 4, 4, "auto", False)
+    split = counts_frame([10, 10], [0, 0], parts=[2, 1])
+    assert needs_shuffle(split, 2, 2, "auto", False)
+    assert not needs_shuffle(balanced, 4, 2, "never", False)
+    assert np.all(balanced[_PARTS] == 1)
