@@ -36,6 +36,7 @@ import pandas as pd
 
 from ._client import get_or_start_client
 from ._logs import capture_logs
+from ._malloc import keep_freed_memory
 from .context import DataConnector, PartitionContext
 from .exceptions import (
     InvalidArgumentError,
@@ -714,6 +715,11 @@ def run_partition(spec: RunSpec, frame: pd.DataFrame) -> list[dict]:
 
     Returns one small record per group; the models stay in storage.
     """
+    with keep_freed_memory(spec.options.reuse_freed_memory):
+        return _run_partition(spec, frame)
+
+
+def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> list[dict]:
     # a shuffle hands over one block per column; one copy consolidates them,
     # which makes every later per-group slice and column selection cheaper
     frame = frame.reset_index(drop=True).copy()
@@ -998,23 +1004,30 @@ def start_run(
     assert len(ordered) == (npartitions if shuffle else ddf.npartitions), len(ordered)
 
     # 5. one task per output partition --------------------------------------
-    spec_future = client.scatter(spec, broadcast=False, hash=False)
+    # on every worker up front: a task that first had to fetch it would let
+    # its worker start a smaller task meanwhile, and the largest-first
+    # order below would be lost
+    spec_future = client.scatter(spec, broadcast=True, hash=False)
     name = f"manymodel-{kind}-{submission}"
-    futures = [
+    # largest first: a big task started last would leave the other workers
+    # idle at the end. Submitted in that order too, so that the scheduler,
+    # which may start the first ones before it has seen the rest, agrees.
+    task_rows = np.bincount(parts[pending], weights=sizes[pending], minlength=len(ordered))
+    futures: list = [None] * len(ordered)
+    for i in sorted(range(len(ordered)), key=lambda i: -task_rows[i]):
         # Submitted by hand rather than through map_partitions: query planning
         # drops dask.annotate, and only these tasks (not the shuffle) may
         # carry resources such as {"GPU": 1}. pure=False: every run is new work.
-        client.submit(
+        futures[i] = client.submit(
             run_partition,
             spec_future,
-            part,
+            ordered[i],
             key=(name, i),
             resources=options.resources,
             retries=options.task_retries,
+            priority=int(task_rows[i]),
             pure=False,
         )
-        for i, part in enumerate(ordered)
-    ]
     del ready, ordered  # the tasks hold them now
     return ManyModelRun(
         store=store, manifest=manifest, groups=groups, client=client, spec=spec, futures=futures,

@@ -50,6 +50,12 @@ class ExecutionOptions:
         A group whose rows take more than this fraction of its worker's
         memory limit is not run: it becomes INTERNAL_ERROR with its size,
         instead of taking the worker down. None turns the check off.
+    reuse_freed_memory : bool
+        While a task runs, let glibc keep freed memory for reuse, and give
+        it back when the task ends. Dask's nanny starts workers with
+        ``MALLOC_TRIM_THRESHOLD_=65536``, which made small pandas and numpy
+        fits 25-35% slower there (measured); False leaves the allocator as
+        the worker was started.
     """
 
     npartitions: int | None = None
@@ -63,6 +69,7 @@ class ExecutionOptions:
     max_log_chars: int = 32_000
     task_retries: int = 1
     max_group_memory_fraction: float | None = 0.5
+    reuse_freed_memory: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -92,6 +99,10 @@ class ExecutionOptions:
         if fraction is not None and not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
             raise InvalidArgumentError(
                 f"max_group_memory_fraction must be in (0, 1] or None, got {fraction!r}"
+            )
+        if not isinstance(self.reuse_freed_memory, bool):
+            raise InvalidArgumentError(
+                f"reuse_freed_memory must be True or False, got {self.reuse_freed_memory!r}"
             )
         if not isinstance(self.max_log_chars, int) or self.max_log_chars < 0:
             raise InvalidArgumentError(
