@@ -32,11 +32,20 @@ def make_chunk(groups: np.ndarray, rows_per_group: np.ndarray, seed: int) -> pd.
     return frame
 
 
-def make_dask(rows_per_group: np.ndarray, npartitions: int = 8):
-    """The data as a Dask DataFrame generated on the workers (small graphs)."""
+def make_dask(rows_per_group: np.ndarray, npartitions: int = 8, spread: bool = False):
+    """The data as a Dask DataFrame generated on the workers (small graphs).
+
+    By default each partition holds whole groups (as data written or read
+    per group is). ``spread=True`` puts a share of every group's rows in
+    every partition, so a run has to shuffle.
+    """
     import dask.dataframe as dd
 
     groups = np.arange(len(rows_per_group))
+    if spread:
+        shares = [np.diff(np.linspace(0, n, npartitions + 1).astype(int)) for n in rows_per_group]
+        parts = [(groups, np.array([share[p] for share in shares]), p) for p in range(npartitions)]
+        return dd.from_map(lambda part: make_chunk(*part), parts)
     chunks = [c for c in np.array_split(groups, npartitions) if len(c)]
     return dd.from_map(lambda c: make_chunk(c, rows_per_group[c], int(c[0])), chunks)
 

@@ -3,7 +3,8 @@ Dask's groupby.apply, doing the same per-group work (a 5-feature least-squares
 fit, pickled, one file per group in a local folder).
 
     python benchmarks/bench_workloads.py            # all workloads
-    python benchmarks/bench_workloads.py W1 W3      # some
+    python benchmarks/bench_workloads.py W1 W3      # some (W1-spread: W1 with every
+                                                    # group's rows in every partition)
 
 Times exclude cluster start and data generation (the data is persisted on
 the workers first). Medians of --repeats runs (default 3; W4 runs once).
@@ -38,17 +39,17 @@ from _common import (  # noqa: E402
 )
 
 
-def persisted(client, sizes):
+def persisted(client, sizes, spread=False):
     import distributed
 
-    ddf = make_dask(sizes).persist()
+    ddf = make_dask(sizes, spread=spread).persist()
     distributed.wait(ddf)
     return ddf
 
 
-def three_ways(client, title: str, sizes: np.ndarray, repeats: int) -> None:
+def three_ways(client, title: str, sizes: np.ndarray, repeats: int, spread: bool = False) -> None:
     pdf = make_pandas(sizes)
-    ddf = persisted(client, sizes)
+    ddf = persisted(client, sizes, spread)
     serial = median_seconds(lambda folder: serial_loop(pdf, folder), repeats)
     apply = median_seconds(lambda folder: dask_groupby_apply(ddf, folder), repeats)
     ours = median_seconds(lambda folder: manymodel_train(ddf, folder), repeats)
@@ -157,7 +158,7 @@ def inference(client, repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("workloads", nargs="*", default=["W1", "W2", "W3", "W4", "predict"])
+    parser.add_argument("workloads", nargs="*", default=["W1", "W1-spread", "W2", "W3", "W4", "predict"])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     cluster, client = local_cluster()
@@ -165,6 +166,9 @@ def main() -> None:
         for workload in args.workloads:
             if workload == "W1":
                 three_ways(client, "W1 many small: 20,000 groups x 50 rows", np.full(20_000, 50), args.repeats)
+            elif workload == "W1-spread":
+                three_ways(client, "W1, every group's rows spread over all 8 partitions (a shuffle is needed)",
+                           np.full(20_000, 50), args.repeats, spread=True)
             elif workload == "W2":
                 three_ways(client, "W2 medium: 2,000 groups x 500 rows", np.full(2_000, 500), args.repeats)
             elif workload == "W3":

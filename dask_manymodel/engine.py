@@ -957,7 +957,7 @@ def start_run(
         logger.info("run %r has no group to run: it is a SUCCESS", run_id)
         manifest["finished"] = _now()
         manifest["counts"] = {"DONE": len(done_paths)} if done_paths else {}
-        store.write_json(store.path(GROUPS_FILE), groups)
+        store.write_json(store.path(GROUPS_FILE), groups, indent=None)
         store.write_json(store.path(RUN_MANIFEST), manifest)
         return ManyModelRun(
             store=store, manifest=manifest, groups=groups, client=client, spec=spec, futures=[],
@@ -978,7 +978,7 @@ def start_run(
         parts = np.where(pending, counts[_HOME].to_numpy(), -1)
     for path, part in zip(counted_paths, parts):
         by_path[path]["task"] = int(part)
-    store.write_json(store.path(GROUPS_FILE), groups)
+    store.write_json(store.path(GROUPS_FILE), groups, indent=None)
     if shuffle or done_paths:
         tagged = ddf.map_partitions(
             _tag_partition,
