@@ -15,7 +15,6 @@ import collections
 import datetime
 import heapq
 import inspect
-import io
 import json
 import logging
 import os
@@ -33,6 +32,8 @@ import dask.dataframe as dd
 import distributed
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ._client import get_or_start_client
 from ._logs import capture_logs
@@ -462,11 +463,14 @@ def _save_output(spec: RunSpec, result: Any, frame: pd.DataFrame, rel: str) -> t
             f"the inference function returned a {type(result).__name__}; return a pandas "
             f"DataFrame, Series, a 1-d numpy array with one value per row, or None"
         )
-    # the by columns live in the path (hive style), not in the file
-    output = result.drop(columns=[c for c in spec.by if c in result.columns])
-    buffer = io.BytesIO()
-    output.reset_index(drop=True).to_parquet(buffer, index=False)
-    return len(output), {spec.store.path(rel, OUTPUT_FILE): buffer.getvalue()}
+    # the by columns live in the path (hive style), not in the file. Straight
+    # to pyarrow (what DataFrame.to_parquet does underneath): selecting the
+    # columns there skips a pandas drop, a third of the cost for small groups
+    columns = [c for c in result.columns if c not in spec.by]
+    table = pa.Table.from_pandas(result, columns=columns, preserve_index=False)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    return len(result), {spec.store.path(rel, OUTPUT_FILE): buffer.getvalue().to_pybytes()}
 
 
 class _UserError(Exception):
@@ -976,8 +980,16 @@ def start_run(
         # the input is already partitioned by the group columns: each group
         # runs where it is, in the task of its own input partition
         parts = np.where(pending, counts[_HOME].to_numpy(), -1)
+    # Tasks are numbered largest first (by rows): Dask starts the tasks of
+    # one submission in key order, and a big task started last would leave
+    # the other workers idle at the end.
+    n_tasks = npartitions if shuffle else ddf.npartitions
+    task_rows = np.bincount(parts[pending], weights=sizes[pending], minlength=n_tasks)
+    largest_first = np.argsort(-task_rows, kind="stable")  # partition of each task
+    task_of_partition = np.empty(n_tasks, dtype=np.int64)
+    task_of_partition[largest_first] = np.arange(n_tasks)
     for path, part in zip(counted_paths, parts):
-        by_path[path]["task"] = int(part)
+        by_path[path]["task"] = int(task_of_partition[part]) if part >= 0 else -1
     store.write_json(store.path(GROUPS_FILE), groups, indent=None)
     if shuffle or done_paths:
         tagged = ddf.map_partitions(
@@ -1005,29 +1017,23 @@ def start_run(
 
     # 5. one task per output partition --------------------------------------
     # on every worker up front: a task that first had to fetch it would let
-    # its worker start a smaller task meanwhile, and the largest-first
-    # order below would be lost
+    # its worker start a later task meanwhile
     spec_future = client.scatter(spec, broadcast=True, hash=False)
     name = f"manymodel-{kind}-{submission}"
-    # largest first: a big task started last would leave the other workers
-    # idle at the end. Submitted in that order too, so that the scheduler,
-    # which may start the first ones before it has seen the rest, agrees.
-    task_rows = np.bincount(parts[pending], weights=sizes[pending], minlength=len(ordered))
-    futures: list = [None] * len(ordered)
-    for i in sorted(range(len(ordered)), key=lambda i: -task_rows[i]):
-        # Submitted by hand rather than through map_partitions: query planning
-        # drops dask.annotate, and only these tasks (not the shuffle) may
-        # carry resources such as {"GPU": 1}. pure=False: every run is new work.
-        futures[i] = client.submit(
-            run_partition,
-            spec_future,
-            ordered[i],
-            key=(name, i),
-            resources=options.resources,
-            retries=options.task_retries,
-            priority=int(task_rows[i]),
-            pure=False,
-        )
+    # Submitted by hand rather than through map_partitions: query planning
+    # drops dask.annotate, and only these tasks (not the shuffle) may carry
+    # resources such as {"GPU": 1}. One submission for all of them, so that
+    # the scheduler sees them together and in order. pure=False: every run
+    # is new work.
+    futures = client.map(
+        run_partition,
+        [spec_future] * n_tasks,
+        [ordered[part] for part in largest_first],
+        key=[(name, task) for task in range(n_tasks)],
+        resources=options.resources,
+        retries=options.task_retries,
+        pure=False,
+    )
     del ready, ordered  # the tasks hold them now
     return ManyModelRun(
         store=store, manifest=manifest, groups=groups, client=client, spec=spec, futures=futures,
