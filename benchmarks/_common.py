@@ -95,19 +95,26 @@ def manymodel_train(ddf, folder: str, **kwargs):
 
 
 _SCRATCH: list[str] = []
+KEEP_FILES = False  # --keep-files: leave the scratch folder for the caller to delete later
 
 
 def fresh_folder() -> str:
     """An empty folder for one timed run, removed when the benchmark exits.
 
-    Not removed between runs on purpose: ext4 skips recently deleted inodes
-    when it allocates new ones, so a run that starts right after another
-    run's 60,000 files were deleted creates its own files measurably slower,
-    which would charge one way for another's clean-up.
+    Not removed between runs on purpose: this disk skips recently deleted
+    inodes when it allocates new ones (seen in ``perf``: ext4's
+    ``recently_deleted``), so a run that starts right after another run's
+    60,000 files were deleted creates its own files far slower, which would
+    charge one way for another's clean-up. For the same reason, run the
+    benchmarks minutes after any large delete, and with ``--keep-files``
+    when one benchmark process follows another.
     """
     if not _SCRATCH:
         _SCRATCH.append(tempfile.mkdtemp(prefix="mm-bench-"))
-        atexit.register(shutil.rmtree, _SCRATCH[0], True)
+        if KEEP_FILES:
+            print(f"(files kept in {_SCRATCH[0]})")
+        else:
+            atexit.register(shutil.rmtree, _SCRATCH[0], True)
     return tempfile.mkdtemp(dir=_SCRATCH[0])
 
 

@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
 from _common import (  # noqa: E402
     dask_groupby_apply,
     fit,
@@ -160,7 +161,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workloads", nargs="*", default=["W1", "W1-spread", "W2", "W3", "W4", "predict"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--keep-files", action="store_true",
+                        help="leave the written files (delete them later, not right before another benchmark)")
     args = parser.parse_args()
+    _common.KEEP_FILES = args.keep_files
     cluster, client = local_cluster()
     try:
         for workload in args.workloads:

@@ -17,8 +17,11 @@ class ExecutionOptions:
     Parameters
     ----------
     npartitions : int, optional
-        Number of tasks the groups are spread over. Default: about four
-        tasks per worker thread, never more than the number of groups.
+        Number of tasks the groups are shuffled into (largest groups first,
+        balanced by rows). Default: about four tasks per worker thread,
+        never more than the number of groups; when the input is already
+        partitioned by the group columns, its own partitions are the tasks
+        (see ``shuffle``). Giving a number always shuffles.
     resources : dict, optional
         Dask worker resources every user-function task needs, e.g.
         ``{"GPU": 1}``. The shuffle before it does not carry them.

@@ -139,3 +139,15 @@ def test_needs_shuffle_decides_by_location_and_balance():
     assert needs_shuffle(split, 2, 2, "auto", False)
     assert not needs_shuffle(balanced, 4, 2, "never", False)
     assert np.all(balanced[_PARTS] == 1)
+
+
+# dask's read_parquet calls DataFrame.set_index(inplace=True), deprecated in pandas 3.1
+@pytest.mark.filterwarnings("ignore:The inplace keyword in DataFrame.set_index")
+def test_a_hive_partitioned_dataset_runs_in_place(client, store_url, tmp_path):
+    source = str(tmp_path / "by_store")
+    dd.from_pandas(make_frame(12, 40), npartitions=2).to_parquet(source, partition_on=["store"])
+    ddf = dd.read_parquet(source)  # "store" comes back from the folder names
+    run, prefixes = train_and_watch(client, ddf, store_url, "r1")
+    assert not prefixes & set(SHUFFLE_PREFIXES), prefixes
+    assert len(run.futures) == ddf.npartitions
+    assert_fitted(run, 12)
