@@ -20,6 +20,7 @@ and runs on glibc.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ctypes
 import ctypes.util
 import logging
@@ -40,7 +41,9 @@ _lock = threading.Lock()
 _active = 0
 
 
+@functools.lru_cache(maxsize=1)
 def _libc():
+    """glibc, or None elsewhere. Looked up once: find_library runs a subprocess."""
     name = ctypes.util.find_library("c")
     if not name:
         return None
