@@ -273,6 +273,22 @@ def needs_shuffle(counts: pd.DataFrame, npartitions: int, threads: int, choice: 
     return bool(per_partition.max() > 1.25 * fair or npartitions < threads)
 
 
+def split_partitions(parts: np.ndarray, sizes: np.ndarray, pending: np.ndarray, n_tasks: int) -> np.ndarray:
+    """Without a shuffle, split an input partition that holds more than a
+    task's share of the rows (``rows / n_tasks``) into several tasks, its
+    groups largest first (each task then reads the same partition and keeps
+    its own groups). Returns the subtask of each group within its partition."""
+    subtask = np.zeros(len(parts), dtype=np.int64)
+    share = sizes[pending].sum() / max(n_tasks, 1)
+    rows = np.bincount(parts[pending], weights=sizes[pending])
+    for part in np.flatnonzero(rows > 1.5 * share):
+        members = np.flatnonzero(pending & (parts == part))
+        pieces = min(len(members), int(np.ceil(rows[part] / share)))
+        if pieces > 1:
+            subtask[members] = assign_groups(sizes[members], pieces)
+    return subtask
+
+
 def assign_groups(sizes: np.ndarray, npartitions: int) -> np.ndarray:
     """Longest-processing-time-first: each group, largest first, goes to the
     output partition with the fewest rows so far. Returns one partition
@@ -714,11 +730,15 @@ class _PendingWrites:
             self.written.append(record)
 
 
-def run_partition(spec: RunSpec, frame: pd.DataFrame) -> list[dict]:
-    """One task: every group of one output partition, one after the other.
+def run_partition(spec: RunSpec, frame: pd.DataFrame, keep: pd.Index | None = None) -> list[dict]:
+    """One task: every group of one partition, one after the other.
 
+    ``keep``, when given, names the groups of this task (a partition split
+    into several tasks); the partition's other rows are left to the others.
     Returns one small record per group; the models stay in storage.
     """
+    if keep is not None:
+        frame = frame[keep.get_indexer(_group_index(frame, spec.by)) >= 0]
     with keep_freed_memory(spec.options.reuse_freed_memory):
         return _run_partition(spec, frame)
 
@@ -972,24 +992,41 @@ def start_run(
     # counted groups in count order; DONE ones (resume) get -1 and are dropped
     by_path = {g["path"]: g for g in groups}
     pending = np.array([p not in done_paths for p in counted_paths], dtype=bool)
+    subtask = np.zeros(len(counted_paths), dtype=np.int64)
     if shuffle:
         npartitions = min(options.npartitions or default_npartitions(threads, len(todo)), len(todo))
         parts = np.full(len(counted_paths), -1, dtype=np.int64)
         parts[pending] = assign_groups(sizes[pending], npartitions)
     else:
         # the input is already partitioned by the group columns: each group
-        # runs where it is, in the task of its own input partition
+        # runs where it is, in a task of its own input partition
+        npartitions = ddf.npartitions
         parts = np.where(pending, counts[_HOME].to_numpy(), -1)
-    # Tasks are numbered largest first (by rows): Dask starts the tasks of
-    # one submission in key order, and a big task started last would leave
-    # the other workers idle at the end.
-    n_tasks = npartitions if shuffle else ddf.npartitions
-    task_rows = np.bincount(parts[pending], weights=sizes[pending], minlength=n_tasks)
-    largest_first = np.argsort(-task_rows, kind="stable")  # partition of each task
-    task_of_partition = np.empty(n_tasks, dtype=np.int64)
-    task_of_partition[largest_first] = np.arange(n_tasks)
-    for path, part in zip(counted_paths, parts):
-        by_path[path]["task"] = int(task_of_partition[part]) if part >= 0 else -1
+        subtask = split_partitions(parts, sizes, pending, default_npartitions(threads, len(todo)))
+    # One task per (partition, subtask) with groups to run. Tasks are
+    # numbered largest first (by rows): Dask starts the tasks of one
+    # submission in key order, and a big task started last would leave the
+    # other workers idle at the end.
+    pending_index = np.flatnonzero(pending)
+    pairs = parts[pending] * (int(subtask.max()) + 1) + subtask[pending]
+    pair_ids, pair_of_group = np.unique(pairs, return_inverse=True)
+    pair_rows = np.bincount(pair_of_group, weights=sizes[pending])
+    largest_first = np.argsort(-pair_rows, kind="stable")  # pair of each task
+    task_of_pair = np.empty(len(pair_ids), dtype=np.int64)
+    task_of_pair[largest_first] = np.arange(len(pair_ids))
+    task_of_group = task_of_pair[pair_of_group]  # per pending group
+    n_tasks = len(pair_ids)
+    task_part = (pair_ids // (int(subtask.max()) + 1))[largest_first]
+    for index, task in zip(pending_index, task_of_group):
+        by_path[counted_paths[index]]["task"] = int(task)
+    for index in np.flatnonzero(~pending):
+        by_path[counted_paths[index]]["task"] = -1
+    # a partition split into several tasks: each keeps only its own groups
+    split = np.bincount(task_part, minlength=npartitions) > 1
+    task_keys = [
+        keys[pending_index[task_of_group == task]] if split[task_part[task]] else None
+        for task in range(n_tasks)
+    ]
     store.write_json(store.path(GROUPS_FILE), groups, indent=None)
     if shuffle or done_paths:
         tagged = ddf.map_partitions(
@@ -1013,7 +1050,7 @@ def start_run(
     ready = client.persist(ready)
     # the persisted keys are those of the lowered graph, (name, i) for i in 0..n-1
     ordered = sorted(distributed.futures_of(ready), key=lambda f: f.key[1])
-    assert len(ordered) == (npartitions if shuffle else ddf.npartitions), len(ordered)
+    assert len(ordered) == npartitions, (len(ordered), npartitions)
 
     # 5. one task per output partition --------------------------------------
     # on every worker up front: a task that first had to fetch it would let
@@ -1028,7 +1065,8 @@ def start_run(
     futures = client.map(
         run_partition,
         [spec_future] * n_tasks,
-        [ordered[part] for part in largest_first],
+        [ordered[part] for part in task_part],
+        task_keys,
         key=[(name, task) for task in range(n_tasks)],
         resources=options.resources,
         retries=options.task_retries,

@@ -45,8 +45,11 @@ def test_input_partitioned_by_the_key_runs_in_place(client, store_url):
     ddf = dd.from_pandas(make_frame(12, 40), npartitions=3)
     run, prefixes = train_and_watch(client, ddf, store_url, "r1")
     assert not prefixes & set(SHUFFLE_PREFIXES), prefixes
-    assert len(run.futures) == ddf.npartitions == 3
-    assert groups_file(store_url, "r1") == {g: g // 4 for g in range(12)}
+    # each task runs groups of one input partition (3 partitions of 4 groups;
+    # each holds more than its share of 8 tasks, so each is split)
+    tasks = groups_file(store_url, "r1")
+    assert sorted(set(tasks.values())) == list(range(len(run.futures)))
+    assert all(len({g // 4 for g, t in tasks.items() if t == task}) == 1 for task in set(tasks.values()))
     assert_fitted(run, 12)
 
 
@@ -57,7 +60,7 @@ def test_set_index_on_the_key_needs_no_shuffle_of_ours(client, store_url):
     distributed.wait(ddf)
     run, prefixes = train_and_watch(client, ddf, store_url, "r1")
     assert not prefixes & set(SHUFFLE_PREFIXES), prefixes
-    assert len(run.futures) == ddf.npartitions
+    assert len(run.futures) >= ddf.npartitions  # a partition may be split into tasks
     assert_fitted(run, 12)
     # drop=False keeps a column named like the index: not ambiguous for us
     kept = client.persist(dd.from_pandas(shuffled_rows, npartitions=3).set_index("store", drop=False))
@@ -151,3 +154,30 @@ def test_a_hive_partitioned_dataset_runs_in_place(client, store_url, tmp_path):
     assert not prefixes & set(SHUFFLE_PREFIXES), prefixes
     assert len(run.futures) == ddf.npartitions
     assert_fitted(run, 12)
+
+
+def test_a_partition_with_far_more_than_its_share_is_split_into_tasks(client, store_url):
+    # partition 0 holds groups 0-6 (280 of 480 rows), partition 1 groups 7-11:
+    # balanced enough for 2 threads, but each is several tasks' share
+    pdf = make_frame(12, 40)
+    parts = [pdf[pdf["store"] < 7], pdf[pdf["store"] >= 7]]
+    ddf = dd.from_map(lambda i: parts[i], [0, 1])
+    run, prefixes = train_and_watch(client, ddf, store_url, "r1")
+    assert not prefixes & set(SHUFFLE_PREFIXES), prefixes
+    assert len(run.futures) > ddf.npartitions
+    tasks = groups_file(store_url, "r1")
+    assert sorted(set(tasks.values())) == list(range(len(run.futures)))
+    # each task's groups come from one input partition
+    assert all({g < 7 for g, t in tasks.items() if t == task} in ({True}, {False}) for task in set(tasks.values()))
+    assert_fitted(run, 12)
+
+
+def test_split_partitions_keeps_small_ones_whole():
+    from dask_manymodel.engine import split_partitions
+
+    parts = np.array([0, 0, 0, 0, 1, 2, 3])
+    sizes = np.array([400, 30, 30, 30, 100, 100, 100])
+    pending = np.ones(7, dtype=bool)
+    subtask = split_partitions(parts, sizes, pending, n_tasks=8)  # share: 790 / 8 rows
+    assert subtask[0] != subtask[1] and len(set(subtask[:4])) > 1  # the big group alone
+    assert (subtask[4:] == 0).all()
