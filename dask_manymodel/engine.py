@@ -544,13 +544,13 @@ def _partition_may_not_fit(spec: RunSpec, frame: pd.DataFrame, heartbeat: "_Hear
 
 def _check_group_fits(spec: RunSpec, frame: pd.DataFrame, partition_id: Any, heartbeat: "_Heartbeat") -> None:
     """Refuse a group too big for its worker, before the user function copies it."""
-    fraction = spec.options.max_group_memory_fraction
-    worker = heartbeat.worker
-    limit = getattr(getattr(worker, "memory_manager", None), "memory_limit", None) if worker else None
-    if not fraction or not limit:
+    allowed = _memory_limit(spec, heartbeat)
+    if allowed is None:
         return
+    fraction = spec.options.max_group_memory_fraction
+    limit = allowed / fraction
     nbytes = int(frame.memory_usage(deep=True, index=False).sum())
-    if nbytes > fraction * limit:
+    if nbytes > allowed:
         raise _GroupTooBig(
             f"group {partition_id!r} has {len(frame):,} rows ({nbytes / 2**20:,.0f} MiB in memory), "
             f"more than {fraction:g} of the worker's memory limit ({limit / 2**20:,.0f} MiB); "
@@ -566,6 +566,7 @@ class _GroupTooBig(Exception):
 def run_group(
     spec: RunSpec,
     key: tuple,
+    rel: str,
     frame: pd.DataFrame,
     heartbeat: _Heartbeat,
     training_status: dict | None = None,
@@ -578,7 +579,6 @@ def run_group(
     bytes}``: its model or output); the caller writes them, then the status.
     """
     partition_id = key[0] if len(key) == 1 else key
-    rel = group_path(spec.by, key)
     start = time.perf_counter()
     record = _record(spec, key, rel, rows=len(frame))
     ctx = PartitionContext(partition_id, spec.run_id, store=spec.store, by=spec.by)
@@ -704,6 +704,7 @@ class _PendingWrites:
         entries, self.entries, self.nbytes = self.entries, [], 0
         failed = store.write_many({path: data for _, files in entries for path, data in files.items()})
         statuses = {}
+        status_paths = []
         for record, files in entries:
             lost = [path for path in files if path in failed]
             if lost and record["status"] == "DONE":
@@ -714,12 +715,13 @@ class _PendingWrites:
                     traceback="".join(traceback.format_exception(error)),
                 )
             path = store.path(record["path"], PARTITION_FILE)
+            status_paths.append(path)
             statuses[path] = json.dumps(record, indent=None, default=str).encode()
         # compact, and without a rename on local disk: a half-written status
         # does not parse, and readers treat it as absent
         failed = store.write_many(statuses, atomic=False)
-        for record, _ in entries:
-            error = failed.get(store.path(record["path"], PARTITION_FILE))
+        for (record, _), path in zip(entries, status_paths):
+            error = failed.get(path)
             if error is not None:
                 record.update(
                     status="INTERNAL_ERROR",
@@ -768,7 +770,7 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> list[dict]:
                 pending.add(_record(spec, key, rel, status="CANCELLED", rows=len(group), finished=_now()), {})
                 continue
             record, files = run_group(
-                spec, key, group, heartbeat, training_statuses.get(rel), scratch_dir, check_memory
+                spec, key, rel, group, heartbeat, training_statuses.get(rel), scratch_dir, check_memory
             )
             pending.add(record, files)
             if spec.options.fail_fast and record["status"] != "DONE":
@@ -1008,7 +1010,8 @@ def start_run(
     # submission in key order, and a big task started last would leave the
     # other workers idle at the end.
     pending_index = np.flatnonzero(pending)
-    pairs = parts[pending] * (int(subtask.max()) + 1) + subtask[pending]
+    stride = int(subtask.max()) + 1  # (partition, subtask) as one number
+    pairs = parts[pending] * stride + subtask[pending]
     pair_ids, pair_of_group = np.unique(pairs, return_inverse=True)
     pair_rows = np.bincount(pair_of_group, weights=sizes[pending])
     largest_first = np.argsort(-pair_rows, kind="stable")  # pair of each task
@@ -1016,7 +1019,7 @@ def start_run(
     task_of_pair[largest_first] = np.arange(len(pair_ids))
     task_of_group = task_of_pair[pair_of_group]  # per pending group
     n_tasks = len(pair_ids)
-    task_part = (pair_ids // (int(subtask.max()) + 1))[largest_first]
+    task_part = (pair_ids // stride)[largest_first]
     for index, task in zip(pending_index, task_of_group):
         by_path[counted_paths[index]]["task"] = int(task)
     for index in np.flatnonzero(~pending):

@@ -225,9 +225,12 @@ def _write_local(path: str, data: bytes, temp: str | None) -> None:
         raise
 
 
-def _write_file(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
+def _temp_name(path: str, tag: str) -> str:
+    """A temp name beside ``path``: hidden (hive readers skip it) and ending in
+    the real name, so writers that pick a format from the extension (Keras)
+    still work."""
+    folder, name = posixpath.split(path)
+    return posixpath.join(folder, f".tmp-{tag}-{name}")
 
 
 class RunStore:
@@ -296,11 +299,8 @@ class RunStore:
     def _commit_local(path: str, fill: Callable[[str], None], *, exclusive: bool = False) -> int:
         """Local disk: ``fill`` a temp file beside ``path``, then commit it in one
         step (rename, or a hard link that fails if ``path`` exists). Returns its size."""
-        folder, name = posixpath.split(path)
-        os.makedirs(folder, exist_ok=True)
-        # hidden (hive readers skip it) and ending in the real name, so that
-        # writers that pick a format from the extension (Keras) still work
-        tmp = posixpath.join(folder, f".tmp-{uuid.uuid4().hex}-{name}")
+        os.makedirs(posixpath.dirname(path), exist_ok=True)
+        tmp = _temp_name(path, uuid.uuid4().hex)
         try:
             fill(tmp)
             size = os.path.getsize(tmp)
@@ -322,10 +322,10 @@ class RunStore:
         """
 
         def write() -> None:
-            if _is_local(self.fs) and not atomic:
-                _write_file(path, data)
-            elif _is_local(self.fs):
-                self._commit_local(path, lambda tmp: _write_file(tmp, data))
+            if _is_local(self.fs):
+                if atomic:
+                    os.makedirs(posixpath.dirname(path), exist_ok=True)
+                _write_local(path, data, _temp_name(path, uuid.uuid4().hex) if atomic else None)
             else:
                 # one PUT: object stores commit it whole or not at all
                 self.fs.pipe_file(path, data)
@@ -349,9 +349,8 @@ class RunStore:
             token = uuid.uuid4().hex[:12]
             folders: set[str] = set()
             for number, (path, data) in enumerate(files.items()):
-                folder, name = posixpath.split(path)
-                # hidden (hive readers skip it), and ending in the real name
-                temp = posixpath.join(folder, f".tmp-{token}-{number}-{name}") if atomic else None
+                folder = posixpath.dirname(path)
+                temp = _temp_name(path, f"{token}-{number}") if atomic else None
 
                 def write() -> None:
                     if folder not in folders:
@@ -419,7 +418,7 @@ class RunStore:
 
         def create() -> None:
             if _is_local(self.fs):
-                self._commit_local(path, lambda tmp: _write_file(tmp, data), exclusive=True)
+                self._commit_local(path, lambda tmp: _write_local(tmp, data, None), exclusive=True)
                 return
             try:
                 self.fs.pipe_file(path, data, mode="create")
