@@ -428,10 +428,12 @@ def _write_status(spec: RunSpec, record: dict) -> dict:
     return record
 
 
-def _save_model(spec: RunSpec, model: Any, rel: str, partition_id: Any, scratch_dir: str) -> dict[str, bytes]:
+def _save_model(
+    spec: RunSpec, model: Any, rel: str, partition_id: Any, scratch_dir: str
+) -> tuple[int, dict[str, bytes]]:
     """Serialize a group's model. A serde that works in memory gives bytes,
     returned for the partition's next batch of writes; any other writes its
-    file now. Returns ``{path: bytes}`` still to write."""
+    file now. Returns (the model's size, ``{path: bytes}`` still to write)."""
     serde = spec.serde
     path = spec.store.path(rel, serde.filename)
 
@@ -444,9 +446,10 @@ def _save_model(spec: RunSpec, model: Any, rel: str, partition_id: Any, scratch_
 
     if writes_in_memory(serde):
         try:
-            return {path: serde.to_bytes(model)}
+            data = serde.to_bytes(model)
         except Exception as exc:
             raise failed(exc) from exc
+        return len(data), {path: data}
 
     def write(local_path: str) -> None:
         try:
@@ -454,8 +457,7 @@ def _save_model(spec: RunSpec, model: Any, rel: str, partition_id: Any, scratch_
         except Exception as exc:
             raise failed(exc) from exc
 
-    spec.store.write_via_file(path, write, scratch_dir)
-    return {}
+    return spec.store.write_via_file(path, write, scratch_dir), {}
 
 
 def _save_output(spec: RunSpec, result: Any, frame: pd.DataFrame, rel: str) -> tuple[int, dict[str, bytes]]:
@@ -598,9 +600,10 @@ def run_group(
                             "the train function returned None; return the model to save "
                             "(or use DPF to save files yourself through ctx.upload)"
                         )
-                    files = _save_model(spec, result, rel, partition_id, scratch_dir)
+                    record["bytes"], files = _save_model(spec, result, rel, partition_id, scratch_dir)
                 elif spec.kind == "predict":
                     record["output_rows"], files = _save_output(spec, result, frame, rel)
+                    record["bytes"] = sum(len(data) for data in files.values())
         except _UserError as exc:
             record.update(status="FAILED", error=str(exc), traceback=traceback.format_exc())
         except (StorageError, _GroupTooBig) as exc:
@@ -611,8 +614,6 @@ def run_group(
                 error=f"{type(exc).__name__}: {exc}",
                 traceback=traceback.format_exc(),
             )
-    if files:
-        record["bytes"] = sum(len(data) for data in files.values())
     record.update(
         logs=logs.text,
         artifacts=list(ctx._uploaded),
