@@ -7,7 +7,6 @@ import enum
 import html
 import logging
 import os
-import posixpath
 import tempfile
 import threading
 import time
