@@ -118,18 +118,30 @@ def fresh_folder() -> str:
     return tempfile.mkdtemp(dir=_SCRATCH[0])
 
 
-def median_seconds(job: Callable[[str], object], repeats: int = 3) -> float:
-    """Median wall time of ``job(fresh_folder)`` over ``repeats`` runs."""
-    times = []
-    for _ in range(repeats):
-        folder = fresh_folder()
-        # flush what earlier runs left for the kernel to write back: otherwise
-        # that disk work lands on the cores during the next run
-        os.sync()
-        start = time.perf_counter()
-        job(folder)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed_rounds(jobs: dict[str, Callable[[str], object]], repeats: int = 3) -> dict[str, list[float]]:
+    """Wall times of each ``job(fresh_folder)``, run in rounds: every way once
+    per round, one after the other. This machine's speed drifts by 10-20%
+    over minutes (a shared host), so ways compared inside one round see the
+    same machine; ratios are then taken round by round (:func:`print_table`).
+    A first round is not timed: it warms every way up (imports and pickled
+    functions in the workers, pages of forked processes)."""
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for round_number in range(repeats + 1):
+        for name, job in jobs.items():
+            folder = fresh_folder()
+            # flush what earlier runs left for the kernel to write back: otherwise
+            # that disk work lands on the cores during the next run
+            os.sync()
+            start = time.perf_counter()
+            job(folder)
+            if round_number:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ratio(times: list[float], baseline: list[float]) -> float:
+    """Median over rounds of ``times[i] / baseline[i]``."""
+    return statistics.median(t / b for t, b in zip(times, baseline))
 
 
 def local_cluster():
@@ -142,9 +154,11 @@ def local_cluster():
     return cluster, distributed.Client(cluster)
 
 
-def print_table(title: str, rows: list[tuple[str, float]], baseline_serial: float, baseline_apply: float | None):
+def print_table(title: str, times: dict[str, list[float]], serial: str, apply: str | None) -> None:
+    """Median seconds of each way, and the medians of its per-round ratios
+    to the ways named ``serial`` and ``apply``."""
     print(f"\n{title}")
     print(f"{'way':<34}{'seconds':>10}{'vs serial':>11}{'vs apply':>10}")
-    for name, seconds in rows:
-        vs_apply = f"{seconds / baseline_apply:>10.2f}" if baseline_apply else f"{'':>10}"
-        print(f"{name:<34}{seconds:>10.2f}{seconds / baseline_serial:>11.2f}{vs_apply}")
+    for name, seconds in times.items():
+        vs_apply = f"{median_ratio(seconds, times[apply]):>10.2f}" if apply else f"{'':>10}"
+        print(f"{name:<34}{statistics.median(seconds):>10.2f}{median_ratio(seconds, times[serial]):>11.2f}{vs_apply}")

@@ -225,6 +225,18 @@ def _write_local(path: str, data: bytes, temp: str | None) -> None:
         raise
 
 
+def _make_folder(folder: str) -> None:
+    """``os.makedirs(folder, exist_ok=True)`` in one system call when the
+    parent exists (a group's folder in its run's): makedirs would first
+    look at the parent, and on an existing folder look at it again."""
+    try:
+        os.mkdir(folder)
+    except FileExistsError:
+        pass  # a file there makes the write into it fail, with a clear error
+    except FileNotFoundError:
+        os.makedirs(folder, exist_ok=True)
+
+
 def _temp_name(path: str, tag: str) -> str:
     """A temp name beside ``path``: hidden (hive readers skip it) and ending in
     the real name, so writers that pick a format from the extension (Keras)
@@ -354,7 +366,7 @@ class RunStore:
 
                 def write() -> None:
                     if folder not in folders:
-                        os.makedirs(folder, exist_ok=True)
+                        _make_folder(folder)
                         folders.add(folder)
                     _write_local(path, data, temp)
 
