@@ -4,10 +4,14 @@ fit, pickled, one file per group in a local folder).
 
     python benchmarks/bench_workloads.py            # all workloads
     python benchmarks/bench_workloads.py W1 W3      # some (W1-spread: W1 with every
-                                                    # group's rows in every partition)
+                                                    # group's rows in every partition;
+                                                    # W1-floor: W1's per-group costs
+                                                    # piece by piece, in one process)
 
 Times exclude cluster start and data generation (the data is persisted on
-the workers first). Medians of --repeats runs (default 3; W4 runs once).
+the workers first). Every way runs once per round, after an untimed warm-up
+round; seconds are medians over --repeats rounds (default 3; W4 runs once),
+ratios are medians of the per-round ratios.
 Ray Data and Spark are compared only when installed (they are not here).
 """
 
@@ -194,9 +198,54 @@ def inference(client, repeats: int) -> None:
     save  # noqa: B018 (shared helper, used by the serial loop)
 
 
+def floor(repeats: int) -> None:
+    """W1's per-group costs, piece by piece, in this one process: what two
+    cores can do at best with the work each way must do."""
+    from dask_manymodel.engine import iter_groups
+    from dask_manymodel.store import RunStore
+
+    n_groups = 20_000
+    pdf = make_pandas(np.full(n_groups, 50))
+    frames = [group for _, group in pdf.groupby("g", sort=False)]
+    models = [fit(group) for group in frames]
+    blobs = [pickle.dumps(model) for model in models]
+    status = b'{"partition_id": 0, "path": "g=0", "status": "DONE", "seconds": 0.0003, "rows": 50, "bytes": 200}'
+
+    def our_files(folder):
+        # what a task writes: per batch of 1,000 groups the models (a temp name
+        # and a rename each), then the statuses
+        store = RunStore(folder, "floor")
+        for first in range(0, n_groups, 1000):
+            batch = range(first, min(first + 1000, n_groups))
+            store.write_many({store.path(f"g={i}", "model.pkl"): blobs[i] for i in batch})
+            store.write_many({store.path(f"g={i}", "_partition.json"): status for i in batch}, atomic=False)
+
+    times = timed_rounds(
+        {
+            "groupby iteration (serial loop)": lambda folder: [None for _ in pdf.groupby("g", sort=False)],
+            "sort and slices (dask_manymodel)": lambda folder: [None for _ in iter_groups(pdf, ["g"])],
+            "fit": lambda folder: [fit(group) for group in frames],
+            "pickle.dumps": lambda folder: [pickle.dumps(model) for model in models],
+            "save: folder + one file": lambda folder: [save(folder, i, m) for i, m in enumerate(models)],
+            "folder + model + status": our_files,
+        },
+        repeats,
+    )
+    us = {name: statistics.median(seconds) / n_groups * 1e6 for name, seconds in times.items()}
+    print(f"\nW1 floor: microseconds per group in one process ({n_groups:,} groups x 50 rows, medians)")
+    for name, value in us.items():
+        print(f"{name:<48}{value:>8.0f}")
+    serial = us["groupby iteration (serial loop)"] + us["fit"] + us["save: folder + one file"]
+    ours = us["sort and slices (dask_manymodel)"] + us["fit"] + us["pickle.dumps"] + us["folder + model + status"]
+    print(f"{'serial loop: iteration + fit + save':<48}{serial:>8.0f}")
+    print(f"{'dask_manymodel: slices + fit + pickle + files':<48}{ours:>8.0f}")
+    print(f"best on 2 cores, as a share of the serial loop: {ours / 2 / serial:.2f}x "
+          f"(the pieces alone, no scheduling, no shuffle)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("workloads", nargs="*", default=["W1", "W1-spread", "W2", "W3", "W4", "predict"])
+    parser.add_argument("workloads", nargs="*", default=["W1", "W1-spread", "W1-floor", "W2", "W3", "W4", "predict"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keep-files", action="store_true",
                         help="leave the written files (delete them later, not right before another benchmark)")
@@ -214,6 +263,8 @@ def main() -> None:
                 three_ways(client, "W2 medium: 2,000 groups x 500 rows", np.full(2_000, 500), args.repeats)
             elif workload == "W3":
                 skew(client, args.repeats)
+            elif workload == "W1-floor":
+                floor(args.repeats)
             elif workload == "W4":
                 scale(client)
             elif workload == "predict":
