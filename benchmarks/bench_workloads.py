@@ -6,7 +6,8 @@ fit, pickled, one file per group in a local folder).
     python benchmarks/bench_workloads.py W1 W3      # some (W1-spread: W1 with every
                                                     # group's rows in every partition;
                                                     # W1-floor: W1's per-group costs
-                                                    # piece by piece, in one process)
+                                                    # piece by piece, in one process;
+                                                    # count: the count before a run)
 
 Times exclude cluster start and data generation (the data is persisted on
 the workers first). Every way runs once per round, after an untimed warm-up
@@ -243,6 +244,27 @@ def floor(repeats: int) -> None:
           f"(the pieces alone, no scheduling, no shuffle)")
 
 
+def count(client, repeats: int) -> None:
+    """The count before a run: per-partition tasks combined on the workers
+    (what runs use, on their persisted input) against Dask's own
+    map_partitions + groupby.agg graph."""
+    from dask_manymodel.engine import _count_groups_graph, count_groups
+
+    print("\nThe count pass (seconds, medians)")
+    print(f"{'groups x rows':<20}{'tasks + combine':>17}{'dask graph':>12}")
+    for n_groups, rows in ((2_000, 500), (200_000, 5)):
+        ddf = persisted(client, np.full(n_groups, rows))
+        times = timed_rounds(
+            {
+                "ours": lambda folder: count_groups(ddf, ["g"], client),
+                "graph": lambda folder: _count_groups_graph(ddf, ["g"], client),
+            },
+            max(repeats, 5),
+        )
+        print(f"{f'{n_groups:,} x {rows}':<20}{statistics.median(times['ours']):>17.3f}"
+              f"{statistics.median(times['graph']):>12.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workloads", nargs="*", default=["W1", "W1-spread", "W1-floor", "W2", "W3", "W4", "predict"])
@@ -263,6 +285,8 @@ def main() -> None:
                 three_ways(client, "W2 medium: 2,000 groups x 500 rows", np.full(2_000, 500), args.repeats)
             elif workload == "W3":
                 skew(client, args.repeats)
+            elif workload == "count":
+                count(client, args.repeats)
             elif workload == "W1-floor":
                 floor(args.repeats)
             elif workload == "W4":

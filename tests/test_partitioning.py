@@ -14,7 +14,7 @@ import pytest
 
 import dask_manymodel  # noqa: F401
 from dask_manymodel import ExecutionOptions, InvalidArgumentError, RunStatus
-from dask_manymodel.engine import _HOME, _PARTS, _ROWS, needs_shuffle
+from dask_manymodel.engine import _HOME, _PARTS, _ROWS, count_groups, needs_shuffle
 
 from .conftest import fit_line, make_frame
 
@@ -181,3 +181,35 @@ def test_split_partitions_keeps_small_ones_whole():
     subtask = split_partitions(parts, sizes, pending, n_tasks=8)  # share: 790 / 8 rows
     assert subtask[0] != subtask[1] and len(set(subtask[:4])) > 1  # the big group alone
     assert (subtask[4:] == 0).all()
+
+
+def test_the_count_of_a_persisted_frame_matches_dask_groupby(client):
+    """The count runs one task per persisted partition and combines them 16
+    at a time; it must give what Dask's own groupby gives, here with two key
+    columns, a missing key, a categorical and 40 partitions (two combine levels)."""
+    rng = np.random.default_rng(3)
+    n = 4000
+    pdf = pd.DataFrame({
+        "region": pd.Categorical(rng.choice(["north", "south", "east"], n), categories=["north", "south", "east", "west"]),
+        "store": pd.array(rng.integers(0, 30, n), dtype="Int64"),
+        "x": rng.normal(size=n),
+    })
+    pdf.loc[::97, "store"] = pd.NA
+    lazy = dd.from_pandas(pdf, npartitions=40, sort=False)
+    persisted = client.persist(lazy)
+    counts = count_groups(persisted, ["region", "store"], client)
+    expected = count_groups(lazy, ["region", "store"], client)  # not persisted: Dask's graph
+    pd.testing.assert_frame_equal(counts.sort_index(), expected.sort_index())
+    sizes = pdf.groupby(["region", "store"], dropna=False, observed=True).size()
+    assert counts[_ROWS].sum() == n and len(counts) == len(sizes)
+    missing = counts[counts.index.get_level_values("store").isna()]
+    assert missing[_ROWS].sum() == pdf["store"].isna().sum() > 0
+    # the first partition each group is in, and in how many
+    homes = {}
+    parts = {}
+    for number in range(lazy.npartitions):
+        for key in lazy.partitions[number].compute().groupby(["region", "store"], dropna=False, observed=True).groups:
+            homes.setdefault(key, number)
+            parts[key] = parts.get(key, 0) + 1
+    key = next(iter(homes))
+    assert counts.loc[key, _HOME] == homes[key] and counts.loc[key, _PARTS] == parts[key]
