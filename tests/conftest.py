@@ -85,6 +85,22 @@ def poll(condition: Callable[[], bool], timeout: float = 30, interval: float = 0
         time.sleep(interval)
 
 
+def hold_until_released(gate: str, timeout: float = 120) -> None:
+    """Inside a user function: wait until the test creates the file ``gate``
+    (every worker process sees the same disk), so that a run stays in
+    progress exactly as long as the test needs."""
+    poll(lambda: os.path.exists(gate), timeout)
+
+
+def group_zero_held(gate, data, ctx):
+    """A train function (bind ``gate`` with functools.partial): group 0
+    waits for the test's gate, so its task stays running while the others
+    finish. Each group's model is its row count."""
+    if ctx.partition_id == 0:
+        hold_until_released(gate)
+    return len(data)
+
+
 def _set_env(name: str, value: str) -> None:
     os.environ[name] = value
 

@@ -3,9 +3,9 @@ that fills as the run's tasks finish, apart from the shuffle's bars."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import time
 
 import dask.dataframe as dd
 import distributed
@@ -14,7 +14,7 @@ import pytest
 import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
 from dask_manymodel import ExecutionOptions, RunStatus
 
-from .conftest import make_frame
+from .conftest import group_zero_held, make_frame
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(
@@ -76,11 +76,6 @@ def bar(bars: dict | None, name: str) -> dict | None:
     return {key: bars[key][row] for key in ("name", "show-name", "done", "all")}
 
 
-def slow_group(data, ctx):
-    time.sleep(0.2)  # simulated training, so that the run is visible for a while
-    return len(data)
-
-
 def test_progress_page_shows_the_run_bar_filling(tmp_path):
     with distributed.LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
@@ -99,7 +94,9 @@ def test_progress_page_shows_the_run_bar_filling(tmp_path):
             assert page.url.endswith("/status")
 
             ddf = dd.from_pandas(make_frame(n_groups=40, rows=2), npartitions=2)
-            run = ddf.manymodel.train(slow_group, by="store", url=str(tmp_path / "m"), run_id="r1",
+            gate = str(tmp_path / "release")
+            run = ddf.manymodel.train(functools.partial(group_zero_held, gate), by="store",
+                                      url=str(tmp_path / "m"), run_id="r1",
                                       execution_options=ExecutionOptions(npartitions=N_TASKS))
 
             # wait_for_function polls inside the page until the condition holds or the
@@ -122,6 +119,7 @@ def test_progress_page_shows_the_run_bar_filling(tmp_path):
             assert any("shuffle" in name for name in partly["name"]), partly["name"]
             assert sum(name.startswith("manymodel-train") for name in partly["name"]) == 1
 
+            open(gate, "w").close()  # group 0 may finish now
             full = page.wait_for_function(
                 f"() => {{ const b = ({PROGRESS_BARS_JS})(); if (!b) return null;"
                 f" const i = b['show-name'].indexOf('manymodel-train');"

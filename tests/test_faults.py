@@ -4,6 +4,7 @@ groups too big for a worker."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from dask_manymodel import (
 )
 
 from . import flaky_fs
-from .conftest import fit_line, make_frame, poll, set_worker_env
+from .conftest import fit_line, hold_until_released, make_frame, poll, set_worker_env
 
 
 def generated_frame(n_groups: int, rows: int, npartitions: int = 4) -> dd.DataFrame:
@@ -36,10 +37,13 @@ def generated_frame(n_groups: int, rows: int, npartitions: int = 4) -> dd.DataFr
     return dd.from_map(lambda groups: make_frame(n_groups, rows).query("store in @groups"), list(chunks))
 
 
-def slowish_fit(data, ctx):
-    import time
-
-    time.sleep(0.02)  # simulated work, so that a worker dies mid-run
+def fit_holding_group_zero(gate_dir, data, ctx):
+    """Group 0 says which process runs it, then waits for the test's gate:
+    that worker is surely mid-run when the test kills it."""
+    if ctx.partition_id == 0:
+        with open(os.path.join(gate_dir, f"holder-{os.getpid()}"), "w"):
+            pass
+        hold_until_released(os.path.join(gate_dir, "release"))
     return fit_line(data, ctx)
 
 
@@ -50,18 +54,18 @@ def test_a_killed_worker_loses_nothing(tmp_path):
         silence_logs=logging.CRITICAL,
     ) as cluster, distributed.Client(cluster) as client:
         ddf = generated_frame(240, 5)
-        run = ddf.manymodel.train(slowish_fit, by="store", url=url, run_id="r1",
-                                  execution_options=ExecutionOptions(npartitions=8))
+        gate_dir = str(tmp_path)
+        run = ddf.manymodel.train(functools.partial(fit_holding_group_zero, gate_dir), by="store", url=url,
+                                  run_id="r1", execution_options=ExecutionOptions(npartitions=8))
 
-        def some_groups_done() -> bool:
-            return os.path.isdir(os.path.join(url, "r1")) and any(
-                os.path.exists(os.path.join(url, "r1", d, "_partition.json"))
-                for d in os.listdir(os.path.join(url, "r1"))
-            )
+        def holder() -> list[str]:
+            return [name for name in os.listdir(gate_dir) if name.startswith("holder-")]
 
-        poll(some_groups_done, timeout=60, interval=0.01)
-        victim = next(iter(client.run(os.getpid).values()))
+        poll(holder, timeout=60)
+        victim = int(holder()[0].split("-")[1])
+        assert victim in client.run(os.getpid).values()
         os.kill(victim, signal.SIGKILL)
+        open(os.path.join(gate_dir, "release"), "w").close()  # group 0 may finish, on the other worker
         assert run.wait(show_progress=False, timeout=180) == RunStatus.SUCCESS
         for g in range(240):
             np.testing.assert_allclose(run.get_model(g), [1 + g / 10, g], atol=1e-6)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import os
 import re
 
 import dask.dataframe as dd
@@ -11,7 +13,7 @@ import pytest
 import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
 from dask_manymodel import ExecutionOptions, ManyModelRun, ReadOnlyRunError, RunStatus
 
-from .conftest import fit_line, make_frame, poll
+from .conftest import fit_line, group_zero_held, make_frame, poll
 
 
 def broken_2(data, ctx):
@@ -62,16 +64,10 @@ def test_distributed_progress_over_the_runs_tasks(finished, capsys):
         ManyModelRun.restore_from("r1", finished.url).progress()
 
 
-def slow(data, ctx):
-    import time
-
-    time.sleep(0.1)  # simulated work: the run stays in progress for about a second
-    return 1
-
-
 def test_progress_of_a_running_run_from_another_handle(client, store_url):
     ddf = dd.from_pandas(make_frame(n_groups=20, rows=2), npartitions=2)
-    run = ddf.manymodel.train(slow, by="store", url=store_url, run_id="r1",
+    gate = os.path.join(store_url, "..", "release")
+    run = ddf.manymodel.train(functools.partial(group_zero_held, gate), by="store", url=store_url, run_id="r1",
                               execution_options=ExecutionOptions(npartitions=2))
     # what another process would do: rebuild a handle from storage alone
     restored = ManyModelRun.restore_from("r1", store_url)
@@ -87,6 +83,7 @@ def test_progress_of_a_running_run_from_another_handle(client, store_url):
     poll(partly_done)
     assert sum(seen.values()) == 20 and 0 < seen["DONE"] < 20
     assert "IN_PROGRESS" in repr(restored)
+    open(gate, "w").close()  # group 0 may finish now
     run.wait(show_progress=False)
     assert restored.status == RunStatus.SUCCESS
     assert {k: len(v) for k, v in restored.get_progress().items()} == {"DONE": 20}
@@ -127,9 +124,11 @@ def test_repr_html_lists_a_few_failed_groups(client, ddf, store_url):
 
 def test_repr_of_a_run_in_progress(client, store_url):
     ddf = dd.from_pandas(make_frame(n_groups=20, rows=2), npartitions=2)
-    run = ddf.manymodel.train(slow, by="store", url=store_url, run_id="r1",
+    gate = os.path.join(store_url, "..", "release")
+    run = ddf.manymodel.train(functools.partial(group_zero_held, gate), by="store", url=store_url, run_id="r1",
                               execution_options=ExecutionOptions(npartitions=2))
-    text, page = repr(run), run._repr_html_()
-    assert run.wait(show_progress=False) == RunStatus.SUCCESS  # about 1s of work: it was still running above
+    text, page = repr(run), run._repr_html_()  # group 0 is held: the run is still going
+    open(gate, "w").close()
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
     assert "IN_PROGRESS (live) groups=20" in text and "<strong>IN_PROGRESS</strong>" in page
     assert re.search(r"\[(PENDING|RUNNING)=", text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -29,7 +30,7 @@ from dask_manymodel import (
     RunTimeoutError,
 )
 
-from .conftest import fit_line, make_frame, poll
+from .conftest import fit_line, group_zero_held, make_frame, poll
 
 
 def expected_line(g: int) -> np.ndarray:
@@ -300,13 +301,16 @@ def test_cancel_stops_before_the_next_group(client, store_url):
 
 def test_wait_timeout_and_progress_while_running(client, store_url):
     ddf = dd.from_pandas(make_frame(n_groups=8, rows=5), npartitions=2)
+    gate = os.path.join(store_url, "..", "release")
     run = ddf.manymodel.train(
-        slow_fit, by="store", url=store_url, run_id="r1", execution_options=ExecutionOptions(npartitions=2)
+        functools.partial(group_zero_held, gate), by="store", url=store_url, run_id="r1",
+        execution_options=ExecutionOptions(npartitions=2),
     )
     with pytest.raises(RunTimeoutError):
-        run.wait(timeout=0.1, show_progress=False)
+        run.wait(timeout=0.1, show_progress=False)  # group 0 is held
     assert run.status == RunStatus.IN_PROGRESS
     assert "IN_PROGRESS" in repr(run)
+    open(gate, "w").close()
     assert run.wait(show_progress=True) == RunStatus.SUCCESS
 
 
