@@ -118,7 +118,8 @@ def skew(client, repeats: int) -> None:
         times = timed_rounds(
             {"serial work": serial_work, "two plain processes": two_processes, "dask_manymodel": ours}, repeats
         )
-    ideals = [max(sum(work) / 2, max(work)) for work in works[1:]]  # works[0]: the warm-up round
+    works = works[1:]  # works[0] is the warm-up round's
+    ideals = [max(sum(work) / 2, max(work)) for work in works]
     print("\nW3 skew: 200 groups, group 0 holds 40% of the rows, work grows with rows (medians over rounds)")
     print(f"{'total work (serial)':<34}{statistics.median(sum(w) for w in works):>10.2f}")
     print(f"{'largest group':<34}{statistics.median(max(w) for w in works):>10.2f}")

@@ -225,6 +225,8 @@ _ROWS, _PARTS, _HOME = "__manymodel_rows__", "__manymodel_parts__", "__manymodel
 
 
 _COUNT_FAN_IN = 16  # count frames combined per task
+# how per-partition counts combine into one row per group
+_COUNT_AGG = {_ROWS: "sum", _PARTS: "sum", _HOME: "min"}
 
 
 def count_groups(ddf: dd.DataFrame, by: list, client: distributed.Client) -> pd.DataFrame:
@@ -271,7 +273,7 @@ def _count_partition(df: pd.DataFrame, by: list, number: int) -> pd.DataFrame:
 
 def _combine_counts(frames: list[pd.DataFrame], by: list, final: bool) -> pd.DataFrame:
     combined = pd.concat(frames, ignore_index=True).groupby(by, dropna=False, observed=True)
-    counts = combined.agg({_ROWS: "sum", _PARTS: "sum", _HOME: "min"})
+    counts = combined.agg(_COUNT_AGG)
     return counts if final else counts.reset_index()
 
 
@@ -280,7 +282,7 @@ def _count_groups_graph(ddf: dd.DataFrame, by: list, client: distributed.Client)
         return _count_partition(df, by, (partition_info or {}).get("number", 0))
 
     located = ddf.map_partitions(per_partition, meta=per_partition(ddf._meta), token="manymodel-count")
-    counts = located.groupby(by, dropna=False, observed=True).agg({_ROWS: "sum", _PARTS: "sum", _HOME: "min"})
+    counts = located.groupby(by, dropna=False, observed=True).agg(_COUNT_AGG)
     return client.compute(counts).result()
 
 

@@ -226,13 +226,14 @@ def _write_local(path: str, data: bytes, temp: str | None) -> None:
 
 
 def _make_folder(folder: str) -> None:
-    """``os.makedirs(folder, exist_ok=True)`` in one system call when the
-    parent exists (a group's folder in its run's): makedirs would first
-    look at the parent, and on an existing folder look at it again."""
+    """``os.makedirs(folder, exist_ok=True)``, in one system call when the
+    parent exists and the folder does not (a group's new folder in its
+    run's): makedirs would first look at the parent."""
     try:
         os.mkdir(folder)
     except FileExistsError:
-        pass  # a file there makes the write into it fail, with a clear error
+        if not os.path.isdir(folder):
+            raise  # a file of that name: as makedirs would
     except FileNotFoundError:
         os.makedirs(folder, exist_ok=True)
 
@@ -311,7 +312,7 @@ class RunStore:
     def _commit_local(path: str, fill: Callable[[str], None], *, exclusive: bool = False) -> int:
         """Local disk: ``fill`` a temp file beside ``path``, then commit it in one
         step (rename, or a hard link that fails if ``path`` exists). Returns its size."""
-        os.makedirs(posixpath.dirname(path), exist_ok=True)
+        _make_folder(posixpath.dirname(path))
         tmp = _temp_name(path, uuid.uuid4().hex)
         try:
             fill(tmp)
@@ -336,7 +337,7 @@ class RunStore:
         def write() -> None:
             if _is_local(self.fs):
                 if atomic:
-                    os.makedirs(posixpath.dirname(path), exist_ok=True)
+                    _make_folder(posixpath.dirname(path))
                 _write_local(path, data, _temp_name(path, uuid.uuid4().hex) if atomic else None)
             else:
                 # one PUT: object stores commit it whole or not at all
