@@ -1049,10 +1049,9 @@ def start_run(
         npartitions = ddf.npartitions
         parts = np.where(pending, counts[_HOME].to_numpy(), -1)
         subtask = split_partitions(parts, sizes, pending, default_npartitions(threads, len(todo)))
-    # One task per (partition, subtask) with groups to run. Tasks are
-    # numbered largest first (by rows): Dask starts the tasks of one
-    # submission in key order, and a big task started last would leave the
-    # other workers idle at the end.
+    # One task per (partition, subtask) with groups to run, numbered largest
+    # first (by rows) and started in that order (step 5): a big task started
+    # last would leave the other workers idle at the end.
     pending_index = np.flatnonzero(pending)
     stride = int(subtask.max()) + 1  # (partition, subtask) as one number
     pairs = parts[pending] * stride + subtask[pending]
@@ -1104,26 +1103,45 @@ def start_run(
     # its worker start a later task meanwhile
     spec_future = client.scatter(spec, broadcast=True, hash=False)
     name = f"manymodel-{kind}-{submission}"
-    # Submitted by hand rather than through map_partitions: query planning
-    # drops dask.annotate, and only these tasks (not the shuffle) may carry
-    # resources such as {"GPU": 1}. One submission for all of them, so that
-    # the scheduler sees them together and in order. pure=False: every run
-    # is new work.
-    futures = client.map(
-        run_partition,
-        [spec_future] * n_tasks,
-        [ordered[part] for part in task_part],
-        task_keys,
-        key=[(name, task) for task in range(n_tasks)],
-        resources=options.resources,
-        retries=options.task_retries,
-        pure=False,
-    )
+    # Tasks of about one size run where their input partition is: the
+    # scheduler balances them by count, and nothing moves. Uneven tasks (a
+    # split partition, a group much larger than the rest) are held in the
+    # scheduler's queue instead and handed out, largest first, as worker
+    # threads free up; left to locality, one worker got the big task and a
+    # queue besides while the other idled at the end (W3 in benchmarks/).
+    task_rows = pair_rows[largest_first]
+    hand_out = bool(task_rows.max() > 1.5 * task_rows.mean())
+    # Submitted as a graph of our own rather than through map_partitions:
+    # query planning drops dask.annotate, and only these tasks (not the
+    # shuffle) may carry resources such as {"GPU": 1}. One submission for
+    # all of them, so that the scheduler sees them together.
+    graph = {
+        (name, task): _partition_task((name, task), spec_future, ordered[part], task_keys[task], hand_out)
+        for task, part in enumerate(task_part)
+    }
+    # largest first: the scheduler starts higher priorities first (a lambda,
+    # so that it travels by value to a scheduler without dask_manymodel)
+    with dask.annotate(priority=lambda key: -key[1] if isinstance(key, tuple) and key[0] == name else 0):
+        futures = list(
+            client.get(graph, list(graph), sync=False, resources=options.resources, retries=options.task_retries)
+        )
     del ready, ordered  # the tasks hold them now
     return ManyModelRun(
         store=store, manifest=manifest, groups=groups, client=client, spec=spec, futures=futures,
         meta=meta, initial_records=initial_records, source=source,
     )
+
+
+def _partition_task(key: tuple, spec: Any, frame: Any, keep: pd.Index | None, hand_out: bool) -> Any:
+    """The graph node of one task. ``hand_out`` marks it as a data producer,
+    which the scheduler treats as root-ish: queued on the scheduler and
+    given to the next free worker thread, not placed by data locality."""
+    from dask._task_spec import Task
+
+    try:
+        return Task(key, run_partition, spec, frame, keep, _data_producer=hand_out)
+    except TypeError:  # a Dask without the flag: placed by locality
+        return Task(key, run_partition, spec, frame, keep)
 
 
 def _exists_message(run_id: str, store: RunStore) -> str:

@@ -3,6 +3,8 @@ shuffle; other input is shuffled. Both give the same models."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 
@@ -16,7 +18,7 @@ import dask_manymodel  # noqa: F401
 from dask_manymodel import ExecutionOptions, InvalidArgumentError, RunStatus
 from dask_manymodel.engine import _HOME, _PARTS, _ROWS, count_groups, needs_shuffle
 
-from .conftest import fit_line, make_frame
+from .conftest import fit_line, hold_until_released, make_frame, poll
 
 SHUFFLE_PREFIXES = ("shuffle", "p2pshuffle", "shuffle-transfer", "set_partitions_pre", "rearrangebycolumn")
 
@@ -170,6 +172,68 @@ def test_a_partition_with_far_more_than_its_share_is_split_into_tasks(client, st
     # each task's groups come from one input partition
     assert all({g < 7 for g, t in tasks.items() if t == task} in ({True}, {False}) for task in set(tasks.values()))
     assert_fitted(run, 12)
+
+
+def every_group_held(gate, data, ctx):
+    """A train function (bind ``gate``): every group waits for the test's gate."""
+    hold_until_released(gate)
+    return len(data)
+
+
+def task_states(client, run):
+    """{task number: scheduler state} of the run's tasks."""
+    name = run.futures[0].key[0]
+
+    def states(dask_scheduler):
+        return {ts.key[1]: ts.state for ts in dask_scheduler.tasks.values() if ts.key[:1] == (name,)}
+
+    return client.run_on_scheduler(states)
+
+
+@contextlib.contextmanager
+def run_held(client, ddf, store_url, gate):
+    """Start a run whose every group waits for ``gate``; yield it once every
+    task has been placed or queued by the scheduler, and open the gate on
+    the way out, pass or fail, so that a failed assertion does not leave
+    the tasks holding."""
+    try:
+        run = ddf.manymodel.train(functools.partial(every_group_held, gate), by="store", url=store_url, run_id="r1")
+        n_tasks = len(run.futures)
+        poll(lambda: list(task_states(client, run).values()).count("waiting") == 0
+             and len(task_states(client, run)) == n_tasks)
+        yield run
+    finally:
+        open(gate, "w").close()
+
+
+def test_uneven_tasks_are_handed_out_largest_first_as_threads_free_up(client, store_url, tmp_path):
+    # partition 0: group 0 (800 rows) and groups 1-20 (8 rows each);
+    # partitions 1-5: groups 21-30, two each. Partition 0 is cut into
+    # several tasks, one of them far larger than the rest. (Six input
+    # partitions: with fewer, the scheduler would queue the tasks anyway.)
+    pdf = pd.concat([make_frame(1, 800), make_frame(31, 8).query("store > 0")], ignore_index=True)
+    parts = [pdf[pdf["store"] <= 20]] + [pdf[pdf["store"].isin([first, first + 1])] for first in range(21, 31, 2)]
+    ddf = dd.from_map(lambda i: parts[i], range(6))
+    with run_held(client, ddf, store_url, str(tmp_path / "release")) as run:
+        states = task_states(client, run)
+        # 2 workers x 1 thread: each gets what it can start (and one ahead);
+        # the rest wait on the scheduler, for whichever thread frees up first
+        running = sorted(task for task, state in states.items() if state == "processing")
+        queued = sorted(task for task, state in states.items() if state == "queued")
+        assert queued and len(running) <= 4, states
+        assert running == list(range(len(running))), states  # the largest tasks first
+        assert groups_file(store_url, "r1")[0] == 0  # task 0 is group 0's
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    assert run.get_model(0) == 800 and run.get_model(30) == 8
+
+
+def test_even_tasks_run_where_their_input_partition_is(client, store_url, tmp_path):
+    # 4 partitions of 2 groups x 40 rows: 8 tasks of one size, none queued
+    ddf = dd.from_pandas(make_frame(8, 40), npartitions=4)
+    with run_held(client, ddf, store_url, str(tmp_path / "release")) as run:
+        states = task_states(client, run)
+        assert len(states) == 8 and set(states.values()) == {"processing"}, states
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
 
 
 def test_split_partitions_keeps_small_ones_whole():
