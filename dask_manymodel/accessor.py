@@ -6,7 +6,7 @@ Each method is a thin call into :func:`dask_manymodel.engine.start_run`.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import dask.dataframe as dd
 import pandas as pd

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from .connectors._batching import Columns, Rebatcher, check_batch_size
 from .engine import as_dask_dataframe
-from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError, InvalidArgumentError
+from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError
 from .store import open_url
 
 __all__ = ["FileSet"]

@@ -82,7 +82,7 @@ def make_torch_dataset(source, *, batch_size=None, shuffle=False, drop_last_batc
 
 def make_torch_datapipe(source, **kwargs):
     """The same dataset as a datapipe where torch still has datapipes."""
-    torch = import_optional("torch")
+    import_optional("torch")  # a clear error when torch is not installed
     dataset = make_torch_dataset(source, **kwargs)
     try:
         from torch.utils.data.datapipes.iter import IterableWrapper
