@@ -69,9 +69,9 @@ def save(folder: str, key, model) -> None:
         pickle.dump(model, f)
 
 
-def serial_loop(pdf: pd.DataFrame, folder: str) -> None:
+def serial_loop(pdf: pd.DataFrame, folder: str, work: Callable[[pd.DataFrame], object] = fit) -> None:
     for key, group in pdf.groupby("g", sort=False):
-        save(folder, key, fit(group))
+        save(folder, key, work(group))
 
 
 def dask_groupby_apply(ddf, folder: str) -> None:
@@ -82,11 +82,16 @@ def dask_groupby_apply(ddf, folder: str) -> None:
     ddf.groupby("g").apply(work, meta=("rows", "int64")).compute()
 
 
-def manymodel_train(ddf, folder: str, **kwargs):
+def no_fit(df: pd.DataFrame) -> int:
+    """In place of :func:`fit`, to measure what a way costs without the work."""
+    return 0
+
+
+def manymodel_train(ddf, folder: str, work: Callable[[pd.DataFrame], object] = fit, **kwargs):
     import dask_manymodel  # noqa: F401
 
     def train(data, ctx):
-        return fit(data.to_pandas())
+        return work(data.to_pandas())
 
     run = ddf.manymodel.train(train, by="g", url=folder, run_id="bench", **kwargs)
     status = run.wait(show_progress=False)

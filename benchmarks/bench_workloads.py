@@ -41,6 +41,7 @@ from _common import (  # noqa: E402
     make_pandas,
     manymodel_train,
     median_ratio,
+    no_fit,
     print_table,
     save,
     serial_loop,
@@ -56,17 +57,21 @@ def persisted(client, sizes, spread=False):
     return ddf
 
 
-def three_ways(client, title: str, sizes: np.ndarray, repeats: int, spread: bool = False) -> None:
+def three_ways(client, title: str, sizes: np.ndarray, repeats: int, spread: bool = False,
+               without_fit: bool = False) -> None:
+    """``without_fit`` adds the serial loop and dask_manymodel with the fit
+    taken out (the model is 0): what each way costs besides the work."""
     pdf = make_pandas(sizes)
     ddf = persisted(client, sizes, spread)
-    times = timed_rounds(
-        {
-            "serial pandas loop": lambda folder: serial_loop(pdf, folder),
-            "dask groupby.apply": lambda folder: dask_groupby_apply(ddf, folder),
-            "dask_manymodel": lambda folder: manymodel_train(ddf, folder),
-        },
-        repeats,
-    )
+    ways = {
+        "serial pandas loop": lambda folder: serial_loop(pdf, folder),
+        "dask groupby.apply": lambda folder: dask_groupby_apply(ddf, folder),
+        "dask_manymodel": lambda folder: manymodel_train(ddf, folder),
+    }
+    if without_fit:
+        ways["serial pandas loop, no fit"] = lambda folder: serial_loop(pdf, folder, work=no_fit)
+        ways["dask_manymodel, no fit"] = lambda folder: manymodel_train(ddf, folder, work=no_fit)
+    times = timed_rounds(ways, repeats)
     for name in ("ray", "pyspark"):
         if importlib.util.find_spec(name) is None:
             print(f"({name} is not installed: skipped)")
@@ -283,7 +288,8 @@ def main() -> None:
                 three_ways(client, "W1, every group's rows spread over all 8 partitions (a shuffle is needed)",
                            np.full(20_000, 50), args.repeats, spread=True)
             elif workload == "W2":
-                three_ways(client, "W2 medium: 2,000 groups x 500 rows", np.full(2_000, 500), args.repeats)
+                three_ways(client, "W2 medium: 2,000 groups x 500 rows", np.full(2_000, 500), args.repeats,
+                           without_fit=True)
             elif workload == "W3":
                 skew(client, args.repeats)
             elif workload == "count":

@@ -409,14 +409,19 @@ class _Heartbeat:
         if self.cancelled or self.worker is None or (not force and now - self.last < _HEARTBEAT_SECONDS):
             return self.cancelled
         self.last = now
-        if any(self.pending.values()):
-            self.worker.log_event(self.spec.progress_topic, dict(self.pending))
-            self.pending = {"done": 0, "failed": 0}
+        self.report()
         try:
             self.cancelled = self._event().is_set()
         except Exception:  # the scheduler is busy or gone: keep working
             logger.debug("could not check the cancel event", exc_info=True)
         return self.cancelled
+
+    def report(self) -> None:
+        """Send the progress counted since the last report (an event the
+        worker batches: no round trip)."""
+        if self.worker is not None and any(self.pending.values()):
+            self.worker.log_event(self.spec.progress_topic, dict(self.pending))
+            self.pending = {"done": 0, "failed": 0}
 
     def cancel_run(self) -> None:
         """fail_fast: tell every task of the run to stop."""
@@ -822,7 +827,9 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> list[dict]:
                 heartbeat.cancel_run()
                 cancelled = True
         pending.flush()
-    heartbeat.beat(force=True)
+    # the last progress only: checking for a cancel now, with every group
+    # done, would cost a round trip to the scheduler for nothing
+    heartbeat.report()
     return [_compact(record) for record in pending.written]
 
 
