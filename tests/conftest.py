@@ -82,7 +82,7 @@ def poll(condition: Callable[[], bool], timeout: float = 30, interval: float = 0
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
+        time.sleep(interval)  # poll
 
 
 def hold_until_released(gate: str, timeout: float = 120) -> None:

@@ -199,8 +199,11 @@ def run_held(client, ddf, store_url, gate):
     try:
         run = ddf.manymodel.train(functools.partial(every_group_held, gate), by="store", url=store_url, run_id="r1")
         n_tasks = len(run.futures)
-        poll(lambda: list(task_states(client, run).values()).count("waiting") == 0
-             and len(task_states(client, run)) == n_tasks)
+        def all_placed():
+            states = list(task_states(client, run).values())
+            return len(states) == n_tasks and "waiting" not in states
+
+        poll(all_placed)
         yield run
     finally:
         open(gate, "w").close()
