@@ -21,6 +21,7 @@ import os
 import posixpath
 import re
 import tempfile
+import threading
 import time
 import traceback
 import uuid
@@ -382,12 +383,50 @@ class RunSpec:
     extra: dict = field(default_factory=dict)
 
 
+# The last answer to "was this run cancelled?" in this process, per run (the
+# cancel event's name): (when it was asked, the answer). Asking is a round trip
+# to the scheduler (~7 ms), which a task of a few dozen ms would otherwise pay
+# at its start; the tasks of one run on one worker share the answer instead,
+# so a process asks at most once per _HEARTBEAT_SECONDS per run.
+_cancel_answers: dict[str, tuple[float, bool]] = {}
+_cancel_answers_lock = threading.Lock()
+# answers older than this are dropped, so a long-lived worker keeps few
+_CANCEL_ANSWER_KEEP_SECONDS = 600.0
+
+
+def _run_was_cancelled(cancel_event: str) -> bool:
+    """Whether the run's cancel event is set, asking the scheduler only if no
+    task in this process asked in the last _HEARTBEAT_SECONDS."""
+    with _cancel_answers_lock:
+        asked_at, answer = _cancel_answers.get(cancel_event, (-np.inf, False))
+    if answer or time.monotonic() - asked_at < _HEARTBEAT_SECONDS:
+        return answer
+    try:
+        answer = distributed.Event(cancel_event).is_set()
+    except Exception:  # the scheduler is busy or gone: keep working
+        logger.debug("could not check the cancel event", exc_info=True)
+        return False
+    _remember_cancel_answer(cancel_event, answer)
+    return answer
+
+
+def _remember_cancel_answer(cancel_event: str, answer: bool) -> None:
+    now = time.monotonic()
+    with _cancel_answers_lock:
+        # a cancel, once seen, stays seen
+        answer = answer or _cancel_answers.get(cancel_event, (now, False))[1]
+        _cancel_answers[cancel_event] = (now, answer)
+        for name, (asked_at, _) in list(_cancel_answers.items()):
+            if now - asked_at > _CANCEL_ANSWER_KEEP_SECONDS:
+                del _cancel_answers[name]
+
+
 class _Heartbeat:
     """Throttled cancel checks and progress events from inside a task."""
 
     def __init__(self, spec: RunSpec):
         self.spec = spec
-        self.last = 0.0
+        self.last = -np.inf
         self.cancelled = False
         self.pending = {"done": 0, "failed": 0}
         try:
@@ -395,25 +434,18 @@ class _Heartbeat:
         except ValueError:  # run outside a worker (unit tests)
             self.worker = None
 
-    def _event(self) -> distributed.Event | None:
-        if self.worker is None:
-            return None
-        return distributed.Event(self.spec.cancel_event)
-
     def count(self, status: str) -> None:
         self.pending["done" if status == "DONE" else "failed"] += 1
 
-    def beat(self, force: bool = False) -> bool:
-        """Report progress and return True if the run was cancelled."""
+    def beat(self) -> bool:
+        """Report progress and return True if the run was cancelled. Does
+        either at most once per _HEARTBEAT_SECONDS; the first call does both."""
         now = time.monotonic()
-        if self.cancelled or self.worker is None or (not force and now - self.last < _HEARTBEAT_SECONDS):
+        if self.cancelled or self.worker is None or now - self.last < _HEARTBEAT_SECONDS:
             return self.cancelled
         self.last = now
         self.report()
-        try:
-            self.cancelled = self._event().is_set()
-        except Exception:  # the scheduler is busy or gone: keep working
-            logger.debug("could not check the cancel event", exc_info=True)
+        self.cancelled = _run_was_cancelled(self.spec.cancel_event)
         return self.cancelled
 
     def report(self) -> None:
@@ -424,11 +456,12 @@ class _Heartbeat:
             self.pending = {"done": 0, "failed": 0}
 
     def cancel_run(self) -> None:
-        """fail_fast: tell every task of the run to stop."""
+        """fail_fast: tell every task of the run to stop (this process's at
+        their next group, the others' within _HEARTBEAT_SECONDS)."""
         self.cancelled = True
-        event = self._event()
-        if event is not None:
-            event.set()
+        if self.worker is not None:
+            _remember_cancel_answer(self.spec.cancel_event, True)
+            distributed.Event(self.spec.cancel_event).set()
 
 
 def _now() -> str:
@@ -810,7 +843,8 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> list[dict]:
         found = spec.training_store.read_many_json(list(paths))
         training_statuses = {paths[p]: v for p, v in found.items() if p in paths}
     pending = _PendingWrites(spec, heartbeat)
-    cancelled = heartbeat.beat(force=True)
+    # a task that starts after a cancel runs no group
+    cancelled = heartbeat.beat()
     with tempfile.TemporaryDirectory(prefix="manymodel-") as scratch_dir:
         for key, group in groups:
             rel = group_path(spec.by, key)

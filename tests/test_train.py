@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import dask.dataframe as dd
 import numpy as np
@@ -29,6 +30,8 @@ from dask_manymodel import (
     RunStatus,
     RunTimeoutError,
 )
+
+from dask_manymodel.engine import _HEARTBEAT_SECONDS
 
 from .conftest import fit_line, group_zero_held, make_frame, poll
 
@@ -275,8 +278,6 @@ def test_dpf_saves_artifacts(client, ddf, store_url):
 
 
 def slow_fit(data, ctx):
-    import time
-
     time.sleep(0.3)  # simulated work, so that the run is still going when cancelled
     return fit_line(data, ctx)
 
@@ -400,3 +401,33 @@ def test_embedded_cluster_without_a_client(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
     assert "STATUS SUCCESS 5" in out.stdout, out.stderr[-3000:]
     assert "started a LocalCluster" in out.stderr and "dashboard at http" in out.stderr
+
+
+def test_tasks_of_a_run_share_the_cancel_check(client, cluster, store_url):
+    """Asking whether the run was cancelled is a round trip to the scheduler:
+    a worker asks at most once per heartbeat for all of a run's tasks, not
+    once at the start of every task."""
+    handlers = cluster.scheduler.handlers  # the scheduler runs in this process
+    original = handlers["event_is_set"]
+    asked = []
+
+    def counting(name=None):
+        asked.append(name)
+        return original(name=name)
+
+    handlers["event_is_set"] = counting
+    try:
+        ddf = dd.from_pandas(make_frame(n_groups=80, rows=5), npartitions=4)
+        started = time.monotonic()
+        run = ddf.manymodel.train(
+            fit_line, by="store", url=store_url, run_id="r1", execution_options=ExecutionOptions(npartitions=40)
+        )
+        assert run.wait(show_progress=False) == RunStatus.SUCCESS
+        elapsed = time.monotonic() - started
+    finally:
+        handlers["event_is_set"] = original
+    n_tasks = len(run.futures)
+    assert n_tasks >= 20
+    # two workers, each asking at its first task and then once per heartbeat at most
+    allowed = 2 * (elapsed / _HEARTBEAT_SECONDS + 1)
+    assert 1 <= len(asked) <= min(allowed, n_tasks - 1), (len(asked), n_tasks, elapsed)
