@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ._client import get_or_start_client
+from ._gc import freeze_older_objects
 from ._logs import capture_logs
 from ._malloc import keep_freed_memory
 from .context import DataConnector, PartitionContext
@@ -823,7 +824,7 @@ def run_partition(spec: RunSpec, frame: pd.DataFrame, keep: pd.Index | None = No
     """
     if keep is not None:
         frame = frame[keep.get_indexer(_group_index(frame, spec.by)) >= 0]
-    with keep_freed_memory(spec.options.reuse_freed_memory):
+    with keep_freed_memory(spec.options.reuse_freed_memory), freeze_older_objects():
         return _run_partition(spec, frame)
 
 
