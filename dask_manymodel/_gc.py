@@ -15,27 +15,14 @@ garbage cycle among them is found by the next full collection.
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import threading
-from typing import Iterator
+from typing import ContextManager
 
-_lock = threading.Lock()
-_active = 0
+from ._process_setting import WhileTasksRun
+
+_frozen = WhileTasksRun(apply=gc.freeze, undo=gc.unfreeze)
 
 
-@contextlib.contextmanager
-def freeze_older_objects() -> Iterator[None]:
+def freeze_older_objects() -> ContextManager[None]:
     """Freeze what exists now for the block (see the module docs)."""
-    global _active
-    with _lock:
-        _active += 1
-        if _active == 1:
-            gc.freeze()
-    try:
-        yield
-    finally:
-        with _lock:
-            _active -= 1
-            if _active == 0:
-                gc.unfreeze()
+    return _frozen.held()

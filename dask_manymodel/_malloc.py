@@ -25,8 +25,9 @@ import ctypes
 import ctypes.util
 import logging
 import os
-import threading
-from typing import Iterator
+from typing import ContextManager
+
+from ._process_setting import WhileTasksRun
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +37,6 @@ _GLIBC_DEFAULT_MMAP_THRESHOLD = 128 * 1024
 # glibc caps the mmap threshold at 32 MiB on 64-bit systems
 _TASK_MMAP_THRESHOLD = 32 * 2**20
 _TASK_TRIM_THRESHOLD = 256 * 2**20
-
-_lock = threading.Lock()
-_active = 0
 
 
 @functools.lru_cache(maxsize=1)
@@ -68,27 +66,25 @@ def _started_values() -> tuple[int, int] | None:
         return None
 
 
-@contextlib.contextmanager
-def keep_freed_memory(enabled: bool = True) -> Iterator[None]:
+def _keep() -> None:
+    libc = _libc()
+    libc.mallopt(_M_TRIM_THRESHOLD, _TASK_TRIM_THRESHOLD)
+    libc.mallopt(_M_MMAP_THRESHOLD, _TASK_MMAP_THRESHOLD)
+
+
+def _give_back() -> None:
+    libc = _libc()
+    trim, mmap = _started_values()
+    libc.mallopt(_M_TRIM_THRESHOLD, trim)
+    libc.mallopt(_M_MMAP_THRESHOLD, mmap)
+    libc.malloc_trim(0)
+
+
+_keeping = WhileTasksRun(apply=_keep, undo=_give_back)
+
+
+def keep_freed_memory(enabled: bool = True) -> ContextManager[None]:
     """Keep freed memory for reuse inside the block (see the module docs)."""
-    global _active
-    started = _started_values() if enabled else None
-    libc = _libc() if started else None
-    if libc is None:
-        yield
-        return
-    with _lock:
-        _active += 1
-        if _active == 1:
-            libc.mallopt(_M_TRIM_THRESHOLD, _TASK_TRIM_THRESHOLD)
-            libc.mallopt(_M_MMAP_THRESHOLD, _TASK_MMAP_THRESHOLD)
-    try:
-        yield
-    finally:
-        with _lock:
-            _active -= 1
-            if _active == 0:
-                trim, mmap = started
-                libc.mallopt(_M_TRIM_THRESHOLD, trim)
-                libc.mallopt(_M_MMAP_THRESHOLD, mmap)
-                libc.malloc_trim(0)
+    if enabled and _started_values() is not None and _libc() is not None:
+        return _keeping.held()
+    return contextlib.nullcontext()
