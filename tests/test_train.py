@@ -24,7 +24,6 @@ from dask_manymodel import (
     ManyModelTraining,
     ModelNotAvailableError,
     PartitionNotFoundError,
-    PartitionStatus,
     PickleSerde,
     ReadOnlyRunError,
     RunStatus,
