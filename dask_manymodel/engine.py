@@ -577,7 +577,20 @@ class _UserError(Exception):
     """A failure the user can fix (FAILED, not INTERNAL_ERROR)."""
 
 
-def _load_model(spec: RunSpec, rel: str, training_status: dict | None, partition_id: Any) -> Any:
+def _model_trained(spec: RunSpec, training_status: dict | None) -> bool:
+    """Whether the training run's status says the group has a model."""
+    return (
+        training_status is not None
+        and training_status.get("attempt") == spec.training_attempt
+        and training_status.get("status") == "DONE"
+    )
+
+
+def _load_model(
+    spec: RunSpec, rel: str, training_status: dict | None, partition_id: Any, prefetched: str | None = None
+) -> Any:
+    """The group's model from the training run. ``prefetched``: a local copy
+    already downloaded (:class:`_ModelPrefetch`), deleted once read."""
     training = spec.training_store
     if training_status is None or training_status.get("attempt") != spec.training_attempt:
         raise _UserError(
@@ -605,6 +618,11 @@ def _load_model(spec: RunSpec, rel: str, training_status: dict | None, partition
 
     if training.is_local:
         return read(remote)  # the serde reads the stored file itself: no copy
+    if prefetched is not None:
+        try:
+            return read(prefetched)
+        finally:
+            os.remove(prefetched)
     with tempfile.TemporaryDirectory(prefix="manymodel-") as tmp:
         local = os.path.join(tmp, spec.serde.filename)
         try:
@@ -612,6 +630,66 @@ def _load_model(spec: RunSpec, rel: str, training_status: dict | None, partition
         except FileNotFoundError as exc:
             raise missing from exc
         return read(local)
+
+
+# How far a predict task on a remote training run downloads models ahead:
+# a batch is the next groups' models up to this many bytes or files.
+_PREFETCH_BYTES = 64 * 2**20
+_PREFETCH_FILES = 64
+
+
+class _ModelPrefetch:
+    """The models of one predict task on a remote training run, downloaded
+    in batches ahead of the groups that need them: one ``fs.get`` of many
+    files (s3fs and gcsfs fetch them concurrently) in place of one request
+    after another, each a network round trip.
+
+    A batch holds the models of the next groups that have one, up to
+    _PREFETCH_BYTES (by the sizes in the training statuses) or
+    _PREFETCH_FILES. If a batch fails, its copies are dropped and each of
+    its models is downloaded alone when its group comes, so that an error
+    is that model's own.
+    """
+
+    def __init__(self, spec: RunSpec, rels: list[str], training_statuses: dict[str, dict], folder: str):
+        self.spec = spec
+        self.folder = folder
+        self.order = [rel for rel in rels if _model_trained(spec, training_statuses.get(rel))]
+        self.sizes = [int(training_statuses[rel].get("bytes") or 0) for rel in self.order]
+        self.position = {rel: number for number, rel in enumerate(self.order)}
+        self.fetched_up_to = 0  # order[:fetched_up_to] were asked for
+        self.ready: dict[str, str] = {}  # rel -> local copy
+
+    def take(self, rel: str) -> str | None:
+        """The local copy of the group's model (the caller deletes it), or
+        None: then the caller downloads it alone."""
+        if rel not in self.ready:
+            first = self.position.get(rel)
+            if first is not None and first >= self.fetched_up_to:
+                self._fetch_batch(first)
+        return self.ready.pop(rel, None)
+
+    def _fetch_batch(self, first: int) -> None:
+        end, total = first, 0
+        while end < len(self.order) and end - first < _PREFETCH_FILES:
+            if end > first and total + self.sizes[end] > _PREFETCH_BYTES:
+                break
+            total += self.sizes[end]
+            end += 1
+        self.fetched_up_to = end
+        batch = self.order[first:end]
+        training, filename = self.spec.training_store, self.spec.serde.filename
+        # one folder per model: a serde may expect the file's own name
+        local_paths = [os.path.join(self.folder, "models", str(n), filename) for n in range(first, end)]
+        try:
+            training.download_many([training.path(rel, filename) for rel in batch], local_paths)
+        except Exception:
+            logger.debug("downloading %d models at once failed; one by one now", len(batch), exc_info=True)
+            for local_path in local_paths:
+                if os.path.exists(local_path):
+                    os.remove(local_path)
+            return
+        self.ready.update(zip(batch, local_paths))
 
 
 def _memory_limit(spec: RunSpec, heartbeat: "_Heartbeat") -> float | None:
@@ -656,6 +734,7 @@ def run_group(
     training_status: dict | None = None,
     scratch_dir: str | None = None,
     check_memory: bool = True,
+    model_prefetch: _ModelPrefetch | None = None,
 ) -> tuple[dict, dict[str, bytes]]:
     """Run the user function on one group. Never raises.
 
@@ -673,7 +752,8 @@ def run_group(
             if check_memory:
                 _check_group_fits(spec, frame, partition_id, heartbeat)
             if spec.kind == "predict":
-                model = _load_model(spec, rel, training_status, partition_id)
+                prefetched = model_prefetch.take(rel) if model_prefetch is not None else None
+                model = _load_model(spec, rel, training_status, partition_id, prefetched)
             result = _call_with_retries(spec, record, ctx, frame, model)
             if record["status"] == "DONE":
                 if spec.kind == "train":
@@ -847,6 +927,9 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> list[dict]:
     # a task that starts after a cancel runs no group
     cancelled = heartbeat.beat()
     with tempfile.TemporaryDirectory(prefix="manymodel-") as scratch_dir:
+        model_prefetch = None
+        if spec.kind == "predict" and not spec.training_store.is_local:
+            model_prefetch = _ModelPrefetch(spec, rels, training_statuses, scratch_dir)
         for key, group in groups:
             rel = group_path(spec.by, key)
             if cancelled or heartbeat.beat():
@@ -854,7 +937,8 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> list[dict]:
                 pending.add(_record(spec, key, rel, status="CANCELLED", rows=len(group), finished=_now()), {})
                 continue
             record, files = run_group(
-                spec, key, rel, group, heartbeat, training_statuses.get(rel), scratch_dir, check_memory
+                spec, key, rel, group, heartbeat, training_statuses.get(rel), scratch_dir, check_memory,
+                model_prefetch,
             )
             pending.add(record, files)
             if spec.options.fail_fast and record["status"] != "DONE":

@@ -474,6 +474,14 @@ class RunStore:
     def download_file(self, path: str, local_path: str) -> None:
         self._retry(lambda: self.fs.get_file(path, local_path), f"downloading {path}")
 
+    def download_many(self, paths: list[str], local_paths: list[str]) -> None:
+        """Download many files in one go: one ``fs.get`` of them all (s3fs
+        and gcsfs fetch them concurrently). Raises if any one failed, after
+        retries; then any of the local files may be missing or incomplete."""
+        for local_path in local_paths:
+            os.makedirs(os.path.dirname(local_path), exist_ok=True)
+        self._retry(lambda: self.fs.get(list(paths), list(local_paths)), f"downloading {len(paths)} files")
+
     def exists(self, path: str) -> bool:
         return self._retry(lambda: self.fs.exists(path), f"checking {path}")
 

@@ -93,13 +93,26 @@ except ImportError:  # pragma: no cover - s3fs is a test dependency
 if S3FileSystem is not None:
 
     class FlakyS3FileSystem(S3FileSystem):
-        """s3fs with injected write failures (``flakys3://``)."""
+        """s3fs with injected write failures (``flakys3://``). With
+        ``log_reads``, it also logs each download (``file <path>``) and each
+        ``get`` of many files (``batch <count>``)."""
 
         protocol = ("flakys3",)
 
-        def __init__(self, *args, fail_rate=0.0, fail_paths=(), log_path=None, seed=None, **kwargs):
+        def __init__(self, *args, fail_rate=0.0, fail_paths=(), log_path=None, seed=None, log_reads=False, **kwargs):
             super().__init__(*args, **kwargs)
             self.injector = _Injector(fail_rate, fail_paths, False, False, log_path, seed)
+            self.log_reads = log_reads
+
+        async def _get(self, rpath, lpath, **kwargs):
+            if self.log_reads:
+                self.injector.log(f"batch {len(rpath) if isinstance(rpath, list) else 1}")
+            return await super()._get(rpath, lpath, **kwargs)
+
+        async def _get_file(self, rpath, lpath, **kwargs):
+            if self.log_reads:
+                self.injector.log(f"file {rpath}")
+            return await super()._get_file(rpath, lpath, **kwargs)
 
         @classmethod
         def _strip_protocol(cls, path):

@@ -88,3 +88,42 @@ def test_transient_s3_failures_are_retried(client, s3_options, tmp_path):
     restored = ManyModelRun.restore_from("r1", "s3://models/flaky", storage_options=s3_options)
     assert restored.status == RunStatus.SUCCESS
     np.testing.assert_allclose(restored.get_model(17), [2.7, 17], atol=1e-9)
+
+
+def test_predict_downloads_the_models_in_batches(client, s3_options, tmp_path):
+    flaky_fs.register_s3()
+    ddf = dd.from_pandas(make_frame(n_groups=30, rows=5), npartitions=2)
+    run = ddf.manymodel.train(fit_line, by="store", url="s3://models/batched", run_id="r1", storage_options=s3_options)
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    log = tmp_path / "reads.log"
+    inf = ddf.manymodel.predict(
+        predict_frame, by="store", url="flakys3://models/batched", training_run_id="r1", run_id="s1",
+        storage_options=dict(s3_options, log_path=str(log), log_reads=True),
+        execution_options=ExecutionOptions(npartitions=2),
+    )
+    assert inf.wait(show_progress=False) == RunStatus.SUCCESS
+    scores = inf.to_dask_dataframe().compute()
+    np.testing.assert_allclose(scores["pred"], scores["y"], atol=1e-9)
+    lines = log.read_text().splitlines()
+    # every model came down once, in one request of many per task
+    models = sorted(line.split(" ", 1)[1] for line in lines if line.startswith("file ") and line.endswith("model.pkl"))
+    assert models == sorted(f"models/batched/r1/store={store}/model.pkl" for store in range(30))
+    batches = [int(line.split()[1]) for line in lines if line.startswith("batch ")]
+    assert len(batches) == len(inf.futures) == 2
+    assert sum(batches) == 30
+
+
+def test_a_missing_model_fails_only_its_own_group(client, s3_options):
+    ddf = dd.from_pandas(make_frame(n_groups=10, rows=5), npartitions=2)
+    url = "s3://models/missing"
+    run = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", storage_options=s3_options)
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    s3fs.S3FileSystem(**s3_options).rm("models/missing/r1/store=4/model.pkl")
+    inf = ddf.manymodel.predict(
+        predict_frame, by="store", url=url, training_run_id="r1", run_id="s1", storage_options=s3_options
+    )
+    assert inf.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    progress = inf.get_progress()
+    assert [d.partition_id for d in progress["FAILED"]] == [4]
+    assert "store=4/model.pkl is missing" in progress["FAILED"][0].error
+    assert len(progress["DONE"]) == 9
