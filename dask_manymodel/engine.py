@@ -914,24 +914,24 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> list[dict]:
     frame = frame.reset_index(drop=True).copy()
     heartbeat = _Heartbeat(spec)
     groups = list(iter_groups(frame, spec.by))
+    rels = [group_path(spec.by, key) for key, _ in groups]  # each group's folder
     # the per-group memory check is only needed if the whole partition is large
     check_memory = _partition_may_not_fit(spec, frame, heartbeat)
     training_statuses: dict[str, dict] = {}
     if spec.kind == "predict":
         # one batched read of this partition's training statuses
-        rels = [group_path(spec.by, key) for key, _ in groups]
         paths = {spec.training_store.path(rel, PARTITION_FILE): rel for rel in rels}
         found = spec.training_store.read_many_json(list(paths))
         training_statuses = {paths[p]: v for p, v in found.items() if p in paths}
     pending = _PendingWrites(spec, heartbeat)
-    # a task that starts after a cancel runs no group
+    # a task that starts after a cancel runs no group (once the cancel is
+    # known in this process: asked now, or by another task under 0.5 s ago)
     cancelled = heartbeat.beat()
     with tempfile.TemporaryDirectory(prefix="manymodel-") as scratch_dir:
         model_prefetch = None
         if spec.kind == "predict" and not spec.training_store.is_local:
             model_prefetch = _ModelPrefetch(spec, rels, training_statuses, scratch_dir)
-        for key, group in groups:
-            rel = group_path(spec.by, key)
+        for (key, group), rel in zip(groups, rels):
             if cancelled or heartbeat.beat():
                 cancelled = True
                 pending.add(_record(spec, key, rel, status="CANCELLED", rows=len(group), finished=_now()), {})
