@@ -123,16 +123,22 @@ def fresh_folder() -> str:
     return tempfile.mkdtemp(dir=_SCRATCH[0])
 
 
-def timed_rounds(jobs: dict[str, Callable[[str], object]], repeats: int = 3) -> dict[str, list[float]]:
+def timed_rounds(
+    jobs: dict[str, Callable[[str], object]], repeats: int = 3, alternate: bool = False
+) -> dict[str, list[float]]:
     """Wall times of each ``job(fresh_folder)``, run in rounds: every way once
     per round, one after the other. This machine's speed drifts by 10-20%
     over minutes (a shared host), so ways compared inside one round see the
     same machine; ratios are then taken round by round (:func:`print_table`).
     A first round is not timed: it warms every way up (imports and pickled
-    functions in the workers, pages of forked processes)."""
+    functions in the workers, pages of forked processes). ``alternate``
+    reverses the order every other round, for A/B runs of two ways."""
     times: dict[str, list[float]] = {name: [] for name in jobs}
     for round_number in range(repeats + 1):
-        for name, job in jobs.items():
+        order = list(jobs.items())
+        if alternate and round_number % 2:
+            order.reverse()
+        for name, job in order:
             folder = fresh_folder()
             # flush what earlier runs left for the kernel to write back: otherwise
             # that disk work lands on the cores during the next run

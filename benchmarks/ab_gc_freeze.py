@@ -4,23 +4,21 @@ older objects from the garbage collector (``dask_manymodel._gc``).
     python benchmarks/ab_gc_freeze.py              # W1 and W2, 8 rounds each
     python benchmarks/ab_gc_freeze.py W2 --rounds 12
 
-One cluster, the same persisted data; each round runs both ways, in an
-order that alternates from round to round (this machine's speed drifts, see
-``_common.timed_rounds``). Prints median seconds and the median of the
+One cluster, the same persisted data; after an untimed warm-up round, each
+round runs both ways, in an order that alternates from round to round (this
+machine's speed drifts, see ``_common.timed_rounds``). Prints median seconds and the median of the
 per-round ratios frozen / not frozen.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import time
 
 import distributed
 import numpy as np
 
-from _common import fresh_folder, local_cluster, make_dask, manymodel_train
+from _common import local_cluster, make_dask, manymodel_train, median_ratio, timed_rounds
 
 WORKLOADS = {"W1": np.full(20_000, 50), "W2": np.full(2_000, 500)}
 
@@ -48,22 +46,22 @@ def main() -> None:
         for workload in args.workloads:
             ddf = make_dask(WORKLOADS[workload]).persist()
             distributed.wait(ddf)
-            manymodel_train(ddf, fresh_folder())  # warm-up, not timed
-            times: dict[bool, list[float]] = {False: [], True: []}
-            for round_number in range(args.rounds):
-                for frozen in (False, True) if round_number % 2 == 0 else (True, False):
-                    client.run(_set_freezing, frozen)
-                    folder = fresh_folder()
-                    os.sync()
-                    start = time.perf_counter()
+
+            def frozen_or_not(frozen: bool):
+                def job(folder: str) -> None:
+                    client.run(_set_freezing, frozen)  # a few ms, in both ways alike
                     manymodel_train(ddf, folder)
-                    times[frozen].append(time.perf_counter() - start)
-            ratio = statistics.median(f / n for f, n in zip(times[True], times[False]))
-            print(
-                f"{workload:<10}{statistics.median(times[False]):>11.2f}s"
-                f"{statistics.median(times[True]):>9.2f}s{ratio:>14.3f}"
+
+                return job
+
+            times = timed_rounds(
+                {"not frozen": frozen_or_not(False), "frozen": frozen_or_not(True)}, args.rounds, alternate=True
             )
-            del ddf
+            print(
+                f"{workload:<10}{statistics.median(times['not frozen']):>11.2f}s"
+                f"{statistics.median(times['frozen']):>9.2f}s"
+                f"{median_ratio(times['frozen'], times['not frozen']):>14.3f}"
+            )
     finally:
         client.close()
         cluster.close()

@@ -8,8 +8,9 @@ request.
 The S3 server is moto's ThreadedMotoServer on 127.0.0.1 in this process;
 requests to it cost a few ms each, as a real object store's do (those cost
 more). LocalCluster of 2 single-thread worker processes. The training run
-is written once; each round predicts both ways, in alternating order, and
-the table gives median seconds and the median per-round ratio.
+is written once; after an untimed warm-up round, each round predicts both
+ways, in alternating order (``_common.timed_rounds``), and the table gives
+median seconds and the median per-round ratio.
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ import argparse
 import logging
 import socket
 import statistics
-import time
 
 import distributed
 import numpy as np
 import pandas as pd
 
-from _common import FEATURES, local_cluster, make_dask
+from _common import FEATURES, local_cluster, make_dask, median_ratio, timed_rounds
 
 
 def _free_port() -> int:
@@ -78,26 +78,29 @@ def main() -> None:
         url = "s3://bench/models"
         run = ddf.manymodel.train(train, by="g", url=url, run_id="trained", storage_options=options)
         assert run.wait(show_progress=False).value == "SUCCESS"
-        ways = {"one model per request": 1, "batched (this library)": engine._PREFETCH_FILES}
-        times: dict[str, list[float]] = {name: [] for name in ways}
-        for round_number in range(args.rounds + 1):  # round 0 warms up, untimed
-            order = list(ways) if round_number % 2 == 0 else list(reversed(ways))
-            for name in order:
-                client.run(_set_batch_files, ways[name])
-                start = time.perf_counter()
+        runs = iter(range(10**6))  # a fresh run id for every predict run
+
+        def predict_with(files_per_request: int):
+            def job(folder: str) -> None:  # the models stay on S3; folder unused
+                client.run(_set_batch_files, files_per_request)  # a few ms, in both ways alike
                 inference = ddf.manymodel.predict(
-                    infer, by="g", url=url, training_run_id="trained",
-                    run_id=f"p{round_number}-{ways[name]}", storage_options=options,
+                    infer, by="g", url=url, training_run_id="trained", run_id=f"p{next(runs)}",
+                    storage_options=options,
                 )
                 assert inference.wait(show_progress=False).value == "SUCCESS"
-                if round_number:
-                    times[name].append(time.perf_counter() - start)
+
+            return job
+
+        times = timed_rounds(
+            {"one model per request": predict_with(1), "batched (this library)": predict_with(engine._PREFETCH_FILES)},
+            args.rounds,
+            alternate=True,
+        )
         baseline = times["one model per request"]
         print(f"\nInference on S3 (moto), {args.groups:,} groups x 50 rows, medians of {args.rounds}")
         print(f"{'way':<28}{'seconds':>10}{'ratio':>8}")
         for name, seconds in times.items():
-            ratio = statistics.median(t / b for t, b in zip(seconds, baseline))
-            print(f"{name:<28}{statistics.median(seconds):>10.2f}{ratio:>8.2f}")
+            print(f"{name:<28}{statistics.median(seconds):>10.2f}{median_ratio(seconds, baseline):>8.2f}")
     finally:
         client.close()
         cluster.close()
