@@ -6,7 +6,6 @@ import json
 import logging
 import sys
 import threading
-import time
 
 import dask.dataframe as dd
 import distributed
@@ -105,26 +104,36 @@ def test_capture_is_per_thread():
 
 _running: set = set()
 _overlapped = threading.Event()
-_lock = threading.Lock()
+_turns = threading.Condition()
+_last_printer: list = [None]
 
 
 def threaded_logger(data, ctx):
     """Prints step by step, first waiting (bounded) until another group runs
-    in the other thread of this worker, so that their prints interleave."""
-    with _lock:
-        _running.add(ctx.partition_id)
+    in the other thread of this worker, then taking turns with it line by
+    line (while it runs), so that their prints interleave."""
+    me = ctx.partition_id
+    with _turns:
+        _running.add(me)
         if len(_running) > 1:
             _overlapped.set()
+        _turns.notify_all()
     try:
         _overlapped.wait(timeout=20)
-        together = len(_running) > 1
+        with _turns:
+            together = len(_running) > 1
         for i in range(20):
-            print(f"group {ctx.partition_id} step {i}")
-            time.sleep(0.005)  # simulated work: lets the other thread print in between
+            with _turns:
+                # my turn once the other group printed since my last line, or is gone
+                _turns.wait_for(lambda: _last_printer[0] != me or len(_running) < 2, timeout=20)
+                print(f"group {me} step {i}")
+                _last_printer[0] = me
+                _turns.notify_all()
         return together
     finally:
-        with _lock:
-            _running.discard(ctx.partition_id)
+        with _turns:
+            _running.discard(me)
+            _turns.notify_all()
 
 
 def test_two_threads_of_one_worker_do_not_mix_logs(tmp_path):
