@@ -12,6 +12,7 @@ model never travels back to the client, only a small record per group.
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 import heapq
 import inspect
@@ -812,9 +813,18 @@ def iter_groups(frame: pd.DataFrame, by: list) -> Iterator[tuple[tuple, pd.DataF
     (``groupby`` iteration would copy every group with a ``take``)."""
     if frame.empty:
         return
-    codes = frame.groupby(by, dropna=False, sort=False, observed=True).ngroup().to_numpy()
-    order = np.argsort(codes, kind="stable")
-    ordered = frame.take(order)
+    if len(by) == 1:
+        # what groupby(...).ngroup() computes for one column, without
+        # building a groupby (codes in order of first appearance, NA a group)
+        codes, _ = pd.factorize(frame[by[0]], sort=False, use_na_sentinel=False)
+    else:
+        codes = frame.groupby(by, dropna=False, sort=False, observed=True).ngroup().to_numpy()
+    if (np.diff(codes) >= 0).all():
+        # each group's rows are together already (data written or read per
+        # group, a sorted index): no reordering copy
+        ordered = frame
+    else:
+        ordered = frame.take(np.argsort(codes, kind="stable"))
     bounds = np.concatenate([[0], np.cumsum(np.bincount(codes))])
     firsts = bounds[:-1]
     # key values from each group's first row, as Python objects (Timestamps, not datetime64)
@@ -927,7 +937,11 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> list[dict]:
     # a task that starts after a cancel runs no group (once the cancel is
     # known in this process: asked now, or by another task under 0.5 s ago)
     cancelled = heartbeat.beat()
-    with tempfile.TemporaryDirectory(prefix="manymodel-") as scratch_dir:
+    # a local folder for files on their way to or from remote storage; a
+    # local run writes in place and needs none
+    needs_scratch = not spec.store.is_local or (spec.kind == "predict" and not spec.training_store.is_local)
+    scratch = tempfile.TemporaryDirectory(prefix="manymodel-") if needs_scratch else contextlib.nullcontext()
+    with scratch as scratch_dir:
         model_prefetch = None
         if spec.kind == "predict" and not spec.training_store.is_local:
             model_prefetch = _ModelPrefetch(spec, rels, training_statuses, scratch_dir)
