@@ -282,3 +282,45 @@ def test_the_count_of_a_persisted_frame_matches_dask_groupby(client):
             parts[key] = parts.get(key, 0) + 1
     key = next(iter(homes))
     assert counts.loc[key, _HOME] == homes[key] and counts.loc[key, _PARTS] == parts[key]
+
+
+KEY_COLUMNS = {
+    "int": [3, 1, 3, 2, 1, 2],
+    "float with NaN and -0.0": [0.0, np.nan, -0.0, 1.5, np.nan, 1.5],
+    "str with NA": pd.array(["b", None, "a", "b", None, "a"], dtype="str"),
+    "string[pyarrow] with NA": pd.array(["b", None, "a", "b", None, "a"], dtype="string[pyarrow]"),
+    "object with None": pd.array(["x", None, 1, "x", None, 1], dtype=object),
+    "categorical, one category unused": pd.Categorical(["b", "a", None, "b", "a", None], categories=["z", "a", "b"]),
+    "datetime with NaT": pd.to_datetime(["2024-01-02", None, "2024-01-01", "2024-01-02", None, "2024-01-01"]),
+    "nullable Int64": pd.array([2, None, 1, 2, None, 1], dtype="Int64"),
+    "nullable boolean": pd.array([True, None, False, True, None, False], dtype="boolean"),
+}
+
+
+@pytest.mark.parametrize("rows_together", [False, True], ids=["rows interleaved", "rows of a group together"])
+@pytest.mark.parametrize("dtype_name", list(KEY_COLUMNS))
+def test_iter_groups_cuts_the_groups_pandas_groupby_makes(dtype_name, rows_together):
+    """The engine's one-pass cut (factorize, and no reorder when each group's
+    rows are together) gives the groups, keys and rows of pandas' groupby
+    with dropna=False: NA keys form one group, unused categories none."""
+    from dask_manymodel.engine import iter_groups
+
+    frame = pd.DataFrame({"k": KEY_COLUMNS[dtype_name], "v": np.arange(6)})
+    if rows_together:
+        frame = frame.iloc[frame.groupby("k", dropna=False, sort=False, observed=True).ngroup().argsort(kind="stable")]
+    expected = [
+        (key, group) for key, group in frame.groupby("k", dropna=False, sort=False, observed=True)
+    ]
+    got = list(iter_groups(frame, ["k"]))
+    assert len(got) == len(expected) == 3
+    for (got_key, got_rows), (want_key, want_rows) in zip(got, expected):
+        assert pd.isna(got_key[0]) if pd.isna(want_key) else got_key[0] == want_key
+        pd.testing.assert_frame_equal(got_rows, want_rows)
+
+
+def test_iter_groups_by_two_columns_matches_pandas():
+    from dask_manymodel.engine import iter_groups
+
+    frame = pd.DataFrame({"a": [1, 2, 1, 2, 1], "b": ["x", "x", "y", "x", "x"], "v": np.arange(5)})
+    got = [(key, rows["v"].tolist()) for key, rows in iter_groups(frame, ["a", "b"])]
+    assert got == [((1, "x"), [0, 4]), ((2, "x"), [1, 3]), ((1, "y"), [2])]
