@@ -132,3 +132,21 @@ def test_repr_of_a_run_in_progress(client, store_url):
     assert run.wait(show_progress=False) == RunStatus.SUCCESS
     assert "IN_PROGRESS (live) groups=20" in text and "<strong>IN_PROGRESS</strong>" in page
     assert re.search(r"\[(PENDING|RUNNING)=", text)
+
+
+def test_a_finished_run_is_freed_once_its_handle_is_dropped(client, ddf, store_url):
+    """Nothing of distributed's keeps a finished run (and its records) alive:
+    a notebook that starts run after run on one client must not grow."""
+    import gc
+    import weakref
+
+    run = ddf.manymodel.train(fit_line, by="store", url=store_url, run_id="freed")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    run_ref = weakref.ref(run)
+    del run
+
+    def freed():
+        gc.collect()
+        return run_ref() is None
+
+    poll(freed, timeout=10)  # the collector thread lets go as it finishes
