@@ -11,7 +11,7 @@ fit, pickled, one file per group in a local folder).
 
 Times exclude cluster start and data generation (the data is persisted on
 the workers first). Every way runs once per round, after an untimed warm-up
-round; seconds are medians over --repeats rounds (default 3; W4 runs once),
+round; seconds are medians over --repeats rounds (default 3),
 ratios are medians of the per-round ratios.
 Ray Data and Spark are compared only when installed (they are not here).
 """
@@ -144,24 +144,35 @@ def _w3_group_work(index: int) -> None:
     heavy_fit(_W3_GROUPS[index])
 
 
-def scale(client) -> None:
+def scale(client, repeats: int) -> None:
+    """W4: the same 5-row groups at 20,000 and 200,000 groups, the two sizes
+    alternating in rounds (this host drifts), so that seconds per 1,000 groups
+    are compared within each round."""
     import dask_manymodel  # noqa: F401
 
-    print("\nW4 scale: groups x 5 rows (one run each; client MB is the peak RSS of this process)")
-    print(f"{'groups':>10}{'seconds':>10}{'s/1000 groups':>15}{'train tasks':>13}{'all tasks':>11}{'client MB':>11}")
-    for n_groups in (20_000, 200_000):
-        ddf = persisted(client, np.full(n_groups, 5))
-        before = client.run_on_scheduler(_count_tasks)
-        folder = fresh_folder()
-        os.sync()
-        start = time.perf_counter()
-        run = manymodel_train(ddf, folder)
-        seconds = time.perf_counter() - start
-        tasks = client.run_on_scheduler(_count_tasks) - before
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"{n_groups:>10,}{seconds:>10.1f}{seconds / n_groups * 1000:>15.3f}{len(run.futures):>13}"
-              f"{tasks:>11,}{peak_mb:>11.0f}")
-        del ddf, run
+    sizes = (20_000, 200_000)
+    frames = {n_groups: persisted(client, np.full(n_groups, 5)) for n_groups in sizes}
+    runs: dict[int, tuple[int, int]] = {}
+
+    def job(n_groups):
+        def run_it(folder):
+            before = client.run_on_scheduler(_count_tasks)
+            run = manymodel_train(frames[n_groups], folder)
+            runs[n_groups] = (len(run.futures), client.run_on_scheduler(_count_tasks) - before)
+        return run_it
+
+    times = timed_rounds({n_groups: job(n_groups) for n_groups in sizes}, repeats, alternate=True)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\nW4 scale: groups x 5 rows, {repeats} rounds (medians; client MB is this process's peak RSS)")
+    print(f"{'groups':>10}{'seconds':>10}{'s/1000 groups':>15}{'train tasks':>13}{'all tasks':>11}")
+    for n_groups in sizes:
+        seconds = statistics.median(times[n_groups])
+        train_tasks, all_tasks = runs[n_groups]
+        print(f"{n_groups:>10,}{seconds:>10.1f}{seconds / n_groups * 1000:>15.3f}{train_tasks:>13}{all_tasks:>11,}")
+    small, large = sizes
+    per_round = [(t_large / large) / (t_small / small) for t_small, t_large in zip(times[small], times[large])]
+    print(f"s/1000 groups at {large:,} over {small:,}: {statistics.median(per_round):.2f} "
+          f"(per round: {', '.join(f'{r:.2f}' for r in per_round)}); client peak {peak_mb:.0f} MB")
 
 
 def _count_tasks(dask_scheduler):
@@ -297,7 +308,7 @@ def main() -> None:
             elif workload == "W1-floor":
                 floor(args.repeats)
             elif workload == "W4":
-                scale(client)
+                scale(client, args.repeats)
             elif workload == "predict":
                 inference(client, args.repeats)
             sys.stdout.flush()
