@@ -811,26 +811,46 @@ def _call_with_retries(spec, record, ctx, frame, model) -> Any:
 def iter_groups(frame: pd.DataFrame, by: list) -> Iterator[tuple[tuple, pd.DataFrame]]:
     """``(key, rows)`` per group: one sort of the partition, then cheap slices
     (``groupby`` iteration would copy every group with a ``take``)."""
-    if frame.empty:
-        return
-    if len(by) == 1:
-        # what groupby(...).ngroup() computes for one column, without
-        # building a groupby (codes in order of first appearance, NA a group)
-        codes, _ = pd.factorize(frame[by[0]], sort=False, use_na_sentinel=False)
-    else:
-        codes = frame.groupby(by, dropna=False, sort=False, observed=True).ngroup().to_numpy()
-    if (np.diff(codes) >= 0).all():
-        # each group's rows are together already (data written or read per
-        # group, a sorted index): no reordering copy
-        ordered = frame
-    else:
-        ordered = frame.take(np.argsort(codes, kind="stable"))
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(codes))])
-    firsts = bounds[:-1]
-    # key values from each group's first row, as Python objects (Timestamps, not datetime64)
-    columns = [ordered[column].iloc[firsts].tolist() for column in by]
-    for number, key in enumerate(zip(*columns)):
-        yield key, ordered.iloc[bounds[number] : bounds[number + 1]]
+    groups = SortedGroups(frame, by)
+    for number, key in enumerate(groups.keys):
+        yield key, groups.rows(number)
+
+
+class SortedGroups:
+    """The groups of a partition: their keys, and each one's rows on demand.
+
+    One sort of the partition (none when each group's rows are together
+    already), then a slice per group, made only when asked for: a task of
+    25,000 groups that sliced them all up front held 25,000 frames at once
+    and spent 13% more per group than one of 2,500 (the garbage collector
+    walked them over and over); sliced as they run, both cost the same.
+    """
+
+    def __init__(self, frame: pd.DataFrame, by: list):
+        if frame.empty:
+            self.keys: list[tuple] = []
+            return
+        if len(by) == 1:
+            # what groupby(...).ngroup() computes for one column, without
+            # building a groupby (codes in order of first appearance, NA a group)
+            codes, _ = pd.factorize(frame[by[0]], sort=False, use_na_sentinel=False)
+        else:
+            codes = frame.groupby(by, dropna=False, sort=False, observed=True).ngroup().to_numpy()
+        if (np.diff(codes) >= 0).all():
+            # each group's rows are together already (data written or read per
+            # group, a sorted index): no reordering copy
+            self._ordered = frame
+        else:
+            self._ordered = frame.take(np.argsort(codes, kind="stable"))
+        self._bounds = np.concatenate([[0], np.cumsum(np.bincount(codes))]).tolist()
+        firsts = self._bounds[:-1]
+        # key values from each group's first row, as Python objects (Timestamps, not datetime64)
+        columns = [self._ordered[column].iloc[firsts].tolist() for column in by]
+        self.keys = list(zip(*columns))
+
+    def rows(self, number: int) -> pd.DataFrame:
+        """The rows of group ``number`` (a slice of the sorted partition)."""
+        return self._ordered.iloc[self._bounds[number] : self._bounds[number + 1]]
 
 
 class _PendingWrites:
@@ -923,8 +943,8 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> list[dict]:
     # which makes every later per-group slice and column selection cheaper
     frame = frame.reset_index(drop=True).copy()
     heartbeat = _Heartbeat(spec)
-    groups = list(iter_groups(frame, spec.by))
-    rels = [group_path(spec.by, key) for key, _ in groups]  # each group's folder
+    groups = SortedGroups(frame, spec.by)
+    rels = [group_path(spec.by, key) for key in groups.keys]  # each group's folder
     # the per-group memory check is only needed if the whole partition is large
     check_memory = _partition_may_not_fit(spec, frame, heartbeat)
     training_statuses: dict[str, dict] = {}
@@ -945,7 +965,8 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> list[dict]:
         model_prefetch = None
         if spec.kind == "predict" and not spec.training_store.is_local:
             model_prefetch = _ModelPrefetch(spec, rels, training_statuses, scratch_dir)
-        for (key, group), rel in zip(groups, rels):
+        for number, (key, rel) in enumerate(zip(groups.keys, rels)):
+            group = groups.rows(number)
             if cancelled or heartbeat.beat():
                 cancelled = True
                 pending.add(_record(spec, key, rel, status="CANCELLED", rows=len(group), finished=_now()), {})
