@@ -925,7 +925,7 @@ class _PendingWrites:
             self.written.append(record)
 
 
-def run_partition(spec: RunSpec, frame: pd.DataFrame, keep: pd.Index | None = None) -> list[dict]:
+def run_partition(spec: RunSpec, frame: pd.DataFrame, keep: pd.Index | None = None) -> TaskRecords:
     """One task: every group of one partition, one after the other.
 
     ``keep``, when given, names the groups of this task (a partition split
@@ -938,7 +938,7 @@ def run_partition(spec: RunSpec, frame: pd.DataFrame, keep: pd.Index | None = No
         return _run_partition(spec, frame)
 
 
-def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> list[dict]:
+def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> TaskRecords:
     # a shuffle hands over one block per column; one copy consolidates them,
     # which makes every later per-group slice and column selection cheaper
     frame = frame.reset_index(drop=True).copy()
@@ -984,7 +984,18 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> list[dict]:
     # the last progress only: checking for a cancel now, with every group
     # done, would cost a round trip to the scheduler for nothing
     heartbeat.report()
-    return [_compact(record) for record in pending.written]
+    return TaskRecords(_compact(record) for record in pending.written)
+
+
+class TaskRecords(list):
+    """What a task returns: its groups' records, one small dict each.
+
+    A list, so that ``future.result()`` reads as one; a subclass, so that
+    Dask pickles it whole. Dask sends a plain list of dicts as one message
+    frame per dict: a task of 25,000 groups took 0.3 s to pack in the
+    worker (its event loop, beside the next task) and 1-1.6 s until the
+    client had it, against 0.016 s to pack as one pickle.
+    """
 
 
 def _compact(record: dict) -> dict:

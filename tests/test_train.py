@@ -326,6 +326,24 @@ def test_task_names_and_one_task_per_partition(client, ddf, store_url):
     assert {key_split(f.key) for f in dpf.futures} == {"manymodel-dpf"}
 
 
+def test_a_task_result_travels_as_one_pickle_not_a_frame_per_group(client, store_url):
+    """A task's records are still a list of dicts to whoever reads the
+    future, but Dask packs them as one object: a plain list of dicts would
+    go as one message frame per group (25,000 groups: 1-1.6 s to reach the
+    client instead of 0.02-0.2 s)."""
+    from distributed.protocol import dumps, to_serialize
+
+    frame = dd.from_pandas(make_frame(n_groups=300, rows=2), npartitions=1)
+    run = frame.manymodel.train(
+        fit_line, by="store", url=store_url, run_id="r1", execution_options=ExecutionOptions(npartitions=1)
+    )
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    (records,) = [future.result() for future in run.futures]
+    assert isinstance(records, list) and len(records) == 300
+    assert {record["status"] for record in records} == {"DONE"}
+    assert len(dumps({"data": to_serialize(records)})) < 10  # a plain list: 302 frames
+
+
 def test_groups_are_balanced_largest_first(client, store_url):
     sizes = [400] + [10] * 40
     pdf = pd.DataFrame({"store": np.repeat(np.arange(len(sizes)), sizes), "x": 1.0, "y": 1.0})
