@@ -922,7 +922,8 @@ class _PendingWrites:
                     traceback="".join(traceback.format_exception(error)),
                 )
             self.heartbeat.count(record["status"])
-            self.written.append(record)
+            # what the task returns; the full record is in storage now
+            self.written.append(_compact(record))
 
 
 def run_partition(spec: RunSpec, frame: pd.DataFrame, keep: pd.Index | None = None) -> TaskRecords:
@@ -984,7 +985,7 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> TaskRecords:
     # the last progress only: checking for a cancel now, with every group
     # done, would cost a round trip to the scheduler for nothing
     heartbeat.report()
-    return TaskRecords(_compact(record) for record in pending.written)
+    return TaskRecords(pending.written)
 
 
 class TaskRecords(list):
