@@ -960,11 +960,12 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> TaskRecords:
     cancelled = heartbeat.beat()
     # a local folder for files on their way to or from remote storage; a
     # local run writes in place and needs none
-    needs_scratch = not spec.store.is_local or (spec.kind == "predict" and not spec.training_store.is_local)
+    remote_models = spec.kind == "predict" and not spec.training_store.is_local
+    needs_scratch = remote_models or not spec.store.is_local
     scratch = tempfile.TemporaryDirectory(prefix="manymodel-") if needs_scratch else contextlib.nullcontext()
     with scratch as scratch_dir:
         model_prefetch = None
-        if spec.kind == "predict" and not spec.training_store.is_local:
+        if remote_models:
             model_prefetch = _ModelPrefetch(spec, rels, training_statuses, scratch_dir)
         for number, (key, rel) in enumerate(zip(groups.keys, rels)):
             group = groups.rows(number)
