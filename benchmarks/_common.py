@@ -57,8 +57,10 @@ def make_pandas(rows_per_group: np.ndarray, npartitions: int = 8) -> pd.DataFram
 
 
 def fit(df: pd.DataFrame) -> np.ndarray:
-    """The per-group work: a 5-feature least-squares fit."""
-    weights, *_ = np.linalg.lstsq(df[FEATURES].to_numpy(), df["y"].to_numpy(), rcond=None)
+    """The per-group work: a 5-feature least-squares fit. (The dtype is named
+    because Ray Data hands groups over with pyarrow-backed columns.)"""
+    x, y = df[FEATURES].to_numpy(dtype=np.float64), df["y"].to_numpy(dtype=np.float64)
+    weights, *_ = np.linalg.lstsq(x, y, rcond=None)
     return weights
 
 

@@ -13,13 +13,13 @@ Times exclude cluster start and data generation (the data is persisted on
 the workers first). Every way runs once per round, after an untimed warm-up
 round; seconds are medians over --repeats rounds (default 3),
 ratios are medians of the per-round ratios.
-Ray Data and Spark are compared only when installed (they are not here).
+Ray Data's map_groups and Spark's applyInPandas run the same work when installed
+(``pip install -e ".[compare]"``; skipped otherwise), each in rounds of its own.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import multiprocessing
 import os
 import pickle
@@ -32,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
+from _others import installed_engines  # noqa: E402
 from _common import (  # noqa: E402
     dask_groupby_apply,
     fit,
@@ -72,10 +73,22 @@ def three_ways(client, title: str, sizes: np.ndarray, repeats: int, spread: bool
         ways["serial pandas loop, no fit"] = lambda folder: serial_loop(pdf, folder, work=no_fit)
         ways["dask_manymodel, no fit"] = lambda folder: manymodel_train(ddf, folder, work=no_fit)
     times = timed_rounds(ways, repeats)
-    for name in ("ray", "pyspark"):
-        if importlib.util.find_spec(name) is None:
-            print(f"({name} is not installed: skipped)")
     print_table(title, times, "serial pandas loop", "dask groupby.apply")
+    if not spread:  # the same pandas data as without spread: Ray and Spark would repeat themselves
+        others(pdf, times, repeats)
+
+
+def others(pdf, times: dict[str, list[float]], repeats: int) -> None:
+    """Ray Data and Spark, each in rounds of its own beside the serial loop
+    (see ``_others``), and compared with dask_manymodel through that loop."""
+    ours_vs_serial = median_ratio(times["dask_manymodel"], times["serial pandas loop"])
+    for name, engine in installed_engines().items():
+        with engine(pdf) as job:
+            their = timed_rounds({"serial pandas loop": lambda folder: serial_loop(pdf, folder), name: job}, repeats)
+        vs_serial = median_ratio(their[name], their["serial pandas loop"])
+        print(f"{name:<34}{statistics.median(their[name]):>10.2f}{vs_serial:>11.2f}"
+              f"   (own rounds; serial loop {statistics.median(their['serial pandas loop']):.2f} s; "
+              f"dask_manymodel / {name.split()[0]}: {ours_vs_serial / vs_serial:.2f})")
 
 
 def heavy_fit(df):
