@@ -136,6 +136,10 @@ def skew(client, repeats: int) -> None:
         times = timed_rounds(
             {"serial work": serial_work, "two plain processes": two_processes, "dask_manymodel": ours}, repeats
         )
+        cpu = {
+            "two plain processes": cpu_seconds(client, two_processes, pool_pids=[p.pid for p in pool._pool]),
+            "dask_manymodel": cpu_seconds(client, ours),
+        }
     works = works[1:]  # works[0] is the warm-up round's
     ideals = [max(sum(work) / 2, max(work)) for work in works]
     print("\nW3 skew: 200 groups, group 0 holds 40% of the rows, work grows with rows (medians over rounds)")
@@ -147,6 +151,51 @@ def skew(client, repeats: int) -> None:
         print(f"{name:<34}{statistics.median(seconds):>10.2f}   "
               f"{median_ratio(seconds, ideals):.2f}x ideal (per round: "
               f"{', '.join(f'{t / i:.2f}' for t, i in zip(seconds, ideals))})")
+    parts = list(cpu["dask_manymodel"])
+    print(f"\nCPU seconds in one run (medians of 3 more runs, untimed)\n{'':<34}" + "".join(f"{p:>24}" for p in parts))
+    for name, seconds in cpu.items():
+        print(f"{name:<34}" + "".join(f"{seconds[part]:>24.2f}" for part in parts))
+
+
+def cpu_seconds(client, job, pool_pids=(), runs: int = 3) -> dict[str, float]:
+    """Median CPU seconds that ``job`` costs each part of the machine: the
+    run's work (the worker threads that run tasks, or the plain processes),
+    the workers' other threads (event loop, monitors), and this process (the
+    client, the scheduler and the nannies of a LocalCluster)."""
+    import psutil
+
+    def snapshot():
+        this = psutil.Process().cpu_times()
+        parts = {"this process": this.user + this.system, "work": 0.0, "workers' other threads": 0.0}
+        for pid in pool_pids:
+            times = psutil.Process(pid).cpu_times()
+            parts["work"] += times.user + times.system
+        for threads in client.run(_worker_thread_cpu).values():
+            parts["work"] += threads["task threads"]
+            parts["workers' other threads"] += threads["other threads"]
+        return parts
+
+    samples = []
+    for _ in range(runs):
+        before = snapshot()
+        job(fresh_folder())
+        after = snapshot()
+        samples.append({part: after[part] - before[part] for part in after})
+    return {part: statistics.median(sample[part] for sample in samples) for part in samples[0]}
+
+
+def _worker_thread_cpu() -> dict[str, float]:
+    """CPU seconds so far of this worker's task threads and of its other threads."""
+    import threading
+
+    import psutil
+
+    names = {thread.native_id: thread.name for thread in threading.enumerate()}
+    seconds = {"task threads": 0.0, "other threads": 0.0}
+    for thread in psutil.Process().threads():
+        kind = "task threads" if "Dask-Default-Threads" in names.get(thread.id, "") else "other threads"
+        seconds[kind] += thread.user_time + thread.system_time
+    return seconds
 
 
 _W3_GROUPS: list = []
