@@ -140,6 +140,7 @@ def skew(client, repeats: int) -> None:
             "two plain processes": cpu_seconds(client, two_processes, pool_pids=[p.pid for p in pool._pool]),
             "dask_manymodel": cpu_seconds(client, ours),
         }
+        fit_alone = fit_cpu_two_at_once(client, pool, groups)
     works = works[1:]  # works[0] is the warm-up round's
     ideals = [max(sum(work) / 2, max(work)) for work in works]
     print("\nW3 skew: 200 groups, group 0 holds 40% of the rows, work grows with rows (medians over rounds)")
@@ -155,6 +156,45 @@ def skew(client, repeats: int) -> None:
     print(f"\nCPU seconds in one run (medians of 3 more runs, untimed)\n{'':<34}" + "".join(f"{p:>24}" for p in parts))
     for name, seconds in cpu.items():
         print(f"{name:<34}" + "".join(f"{seconds[part]:>24.2f}" for part in parts))
+    print("CPU seconds of the fit alone on 40 small groups per process, two processes at once (medians of 5): "
+          + ", ".join(f"{name} {seconds:.2f}" for name, seconds in fit_alone.items()))
+
+
+def fit_cpu_two_at_once(client, pool, groups, rounds: int = 5) -> dict[str, float]:
+    """The W3 fit alone, no engine around it: CPU seconds of 40 groups in each
+    of two plain processes at once, and in each of the two Dask workers at once
+    with the settings a run task applies (freed memory kept, gc frozen)."""
+    shares = [range(1, 41), range(41, 81)]
+    workers = list(client.scheduler_info()["workers"])[:2]
+    scattered = [client.scatter([groups[i] for i in share], workers=[w]) for share, w in zip(shares, workers)]
+    plain, in_workers = [], []
+    for _ in range(rounds):
+        plain.append(sum(pool.map(_w3_fit_cpu, shares, chunksize=1)))
+        in_workers.append(sum(client.gather([
+            client.submit(_fit_cpu_with_run_settings, data, workers=[w], pure=False)
+            for data, w in zip(scattered, workers)
+        ])))
+    return {"two plain processes": statistics.median(plain), "two Dask workers": statistics.median(in_workers)}
+
+
+def _w3_fit_cpu(share: range) -> float:
+    """CPU seconds of some W3 groups' work in a forked process."""
+    start = time.thread_time()
+    for index in share:
+        heavy_fit(_W3_GROUPS[index])
+    return time.thread_time() - start
+
+
+def _fit_cpu_with_run_settings(frames) -> float:
+    """CPU seconds of the W3 work on ``frames`` in a worker, under a run task's settings."""
+    from dask_manymodel._gc import freeze_older_objects
+    from dask_manymodel._malloc import keep_freed_memory
+
+    with keep_freed_memory(), freeze_older_objects():
+        start = time.thread_time()
+        for frame in frames:
+            heavy_fit(frame)
+        return time.thread_time() - start
 
 
 def cpu_seconds(client, job, pool_pids=(), runs: int = 3) -> dict[str, float]:
