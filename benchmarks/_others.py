@@ -14,9 +14,8 @@ import importlib.util
 import logging
 import os
 import sys
-from typing import Callable, Iterator
-
 import warnings
+from typing import Callable, Iterator
 
 import pandas as pd
 
@@ -41,6 +40,7 @@ def _fit_and_save(folder: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
 
 
 def _with_benchmarks_on_path() -> None:
+    """Put this folder on PYTHONPATH, which the engines' worker processes inherit."""
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if _BENCHMARKS not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([_BENCHMARKS, *paths])

@@ -136,8 +136,10 @@ def skew(client, repeats: int) -> None:
         times = timed_rounds(
             {"serial work": serial_work, "two plain processes": two_processes, "dask_manymodel": ours}, repeats
         )
+        # the pool's worker processes (a private attribute: Pool names no public one)
+        pool_pids = [process.pid for process in pool._pool]
         cpu = {
-            "two plain processes": cpu_seconds(client, two_processes, pool_pids=[p.pid for p in pool._pool]),
+            "two plain processes": cpu_seconds(client, two_processes, pool_pids=pool_pids),
             "dask_manymodel": cpu_seconds(client, ours),
         }
         fit_alone = fit_cpu_two_at_once(client, pool, groups)
