@@ -1363,7 +1363,7 @@ def _merge_for_resume(store: RunStore, previous: dict, counted: list[dict]) -> t
     (left untouched), and their stored records.
     """
     try:
-        stored_groups = store.read_json(store.path(GROUPS_FILE))
+        stored_groups = store.read_run_file(GROUPS_FILE, list)
     except FileNotFoundError:
         stored_groups = []
     merged = {g["path"]: {k: v for k, v in g.items() if k != "task"} for g in stored_groups}
@@ -1400,7 +1400,7 @@ def _json_key(key: tuple) -> Any:
 
 def _read_manifest_or_none(store: RunStore) -> dict | None:
     try:
-        return store.read_json(store.path(RUN_MANIFEST))
+        return store.read_manifest()
     except FileNotFoundError:
         return None
 

@@ -761,7 +761,9 @@ class ManyModelRun:
         """Rebuild a read-only handle of run ``run_id`` stored under ``url``.
 
         Works from any process, after the client that started the run is gone.
-        ``wait()`` and ``cancel()`` raise :class:`ReadOnlyRunError`.
+        ``wait()`` and ``cancel()`` raise :class:`ReadOnlyRunError`. A missing
+        run raises :class:`RunNotFoundError`; a run whose ``_run.json`` or
+        ``_groups.json`` is damaged raises :class:`StorageError` naming the file.
 
         Examples
         --------
@@ -774,11 +776,11 @@ class ManyModelRun:
         check_run_id(run_id)
         store = RunStore(url, run_id, storage_options)
         try:
-            manifest = store.read_json(store.path(RUN_MANIFEST))
+            manifest = store.read_manifest()
         except FileNotFoundError:
             raise RunNotFoundError(f"no run {run_id!r} at {store.url} (no {RUN_MANIFEST})") from None
         try:
-            groups = store.read_json(store.path(GROUPS_FILE))
+            groups = store.read_run_file(GROUPS_FILE, list)
         except FileNotFoundError:  # the run is being set up right now
             groups = []
         return cls(store=store, manifest=manifest, groups=groups, serde=serde)
@@ -853,3 +855,4 @@ def _read_output(items: list[tuple[str, tuple]], fs, by: list[str]) -> pd.DataFr
         with fs.open(path, "rb") as f:
             frames.append(_with_group_columns(pd.read_parquet(f), by, key))
     return pd.concat(frames, ignore_index=True)
+

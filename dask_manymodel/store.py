@@ -37,6 +37,8 @@ from .exceptions import InvalidURLError, StorageError
 logger = logging.getLogger(__name__)
 
 RUN_MANIFEST = "_run.json"
+# what every reader of a run's manifest relies on
+_MANIFEST_KEYS = ("kind", "partition_by", "status")
 GROUPS_FILE = "_groups.json"
 PARTITION_FILE = "_partition.json"
 
@@ -453,6 +455,35 @@ class RunStore:
 
     def read_json(self, path: str) -> Any:
         return json.loads(self.read_bytes(path))
+
+    def read_run_file(self, name: str, shape: type) -> Any:
+        """One of the run's own JSON files (``_run.json``, ``_groups.json``),
+        which must hold a ``shape`` (dict, list). Raises FileNotFoundError if it
+        is missing and :class:`StorageError`, naming the file, if it is damaged:
+        cut short, edited by hand, or written by another tool."""
+        try:
+            value = self.read_json(self.path(name))
+        except ValueError as error:  # not JSON, or not UTF-8
+            raise self._damaged(name, f"it is not JSON ({error})") from None
+        if not isinstance(value, shape):
+            raise self._damaged(name, f"it holds a {type(value).__name__}, not a JSON {shape.__name__}")
+        return value
+
+    def read_manifest(self) -> dict:
+        """The run's ``_run.json``, with the keys every reader relies on
+        (errors as :meth:`read_run_file`)."""
+        manifest = self.read_run_file(RUN_MANIFEST, dict)
+        missing = [key for key in _MANIFEST_KEYS if key not in manifest]
+        if missing:
+            raise self._damaged(RUN_MANIFEST, f"it has no {', '.join(missing)}")
+        return manifest
+
+    def _damaged(self, name: str, why: str) -> StorageError:
+        return StorageError(
+            f"run {self.run_id!r} at {self.url} cannot be read: its {name} is damaged ({why}); it was "
+            f"cut short or changed by something other than dask_manymodel. Run it again with "
+            f"on_existing_artifacts='overwrite', or use another run"
+        )
 
     def read_many_json(self, paths: list[str]) -> dict[str, Any]:
         """Read many small JSON files at once; missing ones are left out."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -15,6 +16,8 @@ from dask_manymodel import (
     ManyModelRun,
     ManyModelTraining,
     RunNotFoundError,
+    RunStatus,
+    StorageError,
 )
 
 from .conftest import fit_line
@@ -73,6 +76,49 @@ def test_class_api_checks_the_function_at_construction(tmp_path):
 def test_restore_of_a_missing_run(tmp_path):
     with pytest.raises(RunNotFoundError, match="no run 'nope'"):
         ManyModelRun.restore_from("nope", str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "name, content, why",
+    [
+        ("_run.json", b"{ half a manifest", "its _run.json is damaged (it is not JSON"),
+        ("_run.json", b"\xff\xfe", "its _run.json is damaged (it is not JSON"),
+        ("_run.json", b"[1, 2]", "its _run.json is damaged (it holds a list, not a JSON dict)"),
+        ("_run.json", b'{"kind": "train"}', "its _run.json is damaged (it has no partition_by, status)"),
+        ("_groups.json", b'{"store=1": 1}', "its _groups.json is damaged (it holds a dict, not a JSON list)"),
+    ],
+)
+def test_restore_of_a_damaged_run_names_the_file_and_what_to_do(client, ddf, tmp_path, name, content, why):
+    url = str(tmp_path / "models")
+    ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1").wait(show_progress=False)
+    with open(os.path.join(url, "r1", name), "wb") as f:
+        f.write(content)
+    with pytest.raises(StorageError, match=re.escape(f"run 'r1' at {url} cannot be read: {why}")) as info:
+        ManyModelRun.restore_from("r1", url)
+    assert "Run it again with on_existing_artifacts='overwrite'" in str(info.value)
+    # and what the message says to do works
+    again = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", on_existing_artifacts="overwrite")
+    assert again.wait(show_progress=False) == RunStatus.SUCCESS
+    assert ManyModelRun.restore_from("r1", url).status == RunStatus.SUCCESS
+
+
+def keep_rows(data, model, ctx):
+    return data.to_pandas()
+
+
+@pytest.mark.parametrize("name", ["_run.json", "_groups.json"])
+def test_predict_on_or_resume_of_a_damaged_run_says_which_file_before_writing(client, ddf, tmp_path, name):
+    url = str(tmp_path / "models")
+    ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1").wait(show_progress=False)
+    with open(os.path.join(url, "r1", name), "w") as f:
+        f.write("{ half a file")
+    damaged = re.escape(f"run 'r1' at {url} cannot be read: its {name} is damaged (it is not JSON")
+    if name == "_run.json":  # predict reads only the training run's manifest before it starts
+        with pytest.raises(StorageError, match=damaged):
+            ddf.manymodel.predict(keep_rows, by="store", url=url, training_run_id="r1", run_id="s1")
+        assert not os.path.exists(os.path.join(url, "s1"))
+    with pytest.raises(StorageError, match=damaged):
+        ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", on_existing_artifacts="resume")
 
 
 def test_memory_url_with_worker_processes_is_refused(client, ddf):

@@ -64,6 +64,16 @@ def test_runs_skips_foreign_folders_and_survives_a_damaged_manifest(runs, capsys
     assert "s1" in out and "unreadable _run.json" in out and "r1" in out
 
 
+@pytest.mark.parametrize("command", [["show"], ["logs", "1"]])
+def test_show_and_logs_of_a_damaged_run_exit_2_with_a_message(runs, capsys, command):
+    with open(os.path.join(runs, "s1", "_run.json"), "w") as f:
+        f.write("{ half a manifest")
+    assert main([command[0], runs, "s1", *command[1:]]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"dask-manymodel: error: run 's1' at {runs} cannot be read: its _run.json is damaged")
+    assert captured.out == ""
+
+
 def test_runs_of_an_empty_folder(tmp_path, capsys):
     assert main(["runs", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == f"no runs at {tmp_path}"
