@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import distributed
 import numpy as np
@@ -99,6 +100,52 @@ def group_zero_held(gate, data, ctx):
     if ctx.partition_id == 0:
         hold_until_released(gate)
     return len(data)
+
+
+def held_until_cancelled(folder, data, ctx):
+    """A train function (bind ``folder`` with functools.partial): each group
+    notes that it runs (a ``running-<id>`` file in ``folder``), then waits
+    until the run's cancel event is set; the test writes the event's name to
+    ``folder/cancel_event``. So a run is in progress exactly until the test
+    cancels it, and a group that was running then still finishes DONE."""
+    with open(os.path.join(folder, f"running-{ctx.partition_id}"), "w"):
+        pass
+    name_file = os.path.join(folder, "cancel_event")
+    poll(lambda: os.path.exists(name_file))
+    with open(name_file) as f:
+        event = distributed.Event(f.read())
+    # if the cancel never comes, the first group to give up makes the rest
+    # fail at once instead of each waiting out its own deadline
+    gave_up = os.path.join(folder, "gave-up")
+    try:
+        poll(lambda: event.is_set() or os.path.exists(gave_up))
+    except AssertionError:
+        open(gave_up, "w").close()
+        raise
+    if not event.is_set():
+        raise AssertionError("another group gave up waiting for the cancel")
+    return fit_line(data, ctx)
+
+
+def _set_heartbeat(seconds: float) -> None:
+    from dask_manymodel import engine
+
+    engine._HEARTBEAT_SECONDS = seconds
+
+
+@contextlib.contextmanager
+def cancel_checked_before_every_group(client: distributed.Client) -> Iterator[None]:
+    """Inside the block the workers ask whether the run was cancelled before
+    every group, not at most every ``_HEARTBEAT_SECONDS``: a test can then
+    tell exactly which groups run after a cancel without slowing the groups
+    down to outlast the interval."""
+    from dask_manymodel import engine
+
+    client.run(_set_heartbeat, 0.0)
+    try:
+        yield
+    finally:
+        client.run(_set_heartbeat, engine._HEARTBEAT_SECONDS)
 
 
 def _set_env(name: str, value: str) -> None:

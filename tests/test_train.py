@@ -32,7 +32,14 @@ from dask_manymodel import (
 
 from dask_manymodel.engine import _HEARTBEAT_SECONDS
 
-from .conftest import fit_line, group_zero_held, make_frame, poll
+from .conftest import (
+    cancel_checked_before_every_group,
+    fit_line,
+    group_zero_held,
+    held_until_cancelled,
+    make_frame,
+    poll,
+)
 
 
 def expected_line(g: int) -> np.ndarray:
@@ -276,18 +283,19 @@ def test_dpf_saves_artifacts(client, ddf, store_url):
     }
 
 
-def slow_fit(data, ctx):
-    time.sleep(0.3)  # simulated work, so that the run is still going when cancelled
-    return fit_line(data, ctx)
-
-
-def test_cancel_stops_before_the_next_group(client, store_url):
+def test_cancel_stops_before_the_next_group(client, store_url, tmp_path):
     ddf = dd.from_pandas(make_frame(n_groups=40, rows=5), npartitions=2)
-    run = ddf.manymodel.train(
-        slow_fit, by="store", url=store_url, run_id="r1", execution_options=ExecutionOptions(npartitions=2)
-    )
-    poll(lambda: "DONE" in run.get_progress())
-    assert run.cancel() == RunStatus.CANCELLED
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    with cancel_checked_before_every_group(client):
+        run = ddf.manymodel.train(
+            functools.partial(held_until_cancelled, str(gates)), by="store", url=store_url, run_id="r1",
+            execution_options=ExecutionOptions(npartitions=2),
+        )
+        (gates / "name").write_text(run._spec.cancel_event)
+        os.replace(gates / "name", gates / "cancel_event")  # whole, for the groups that wait on it
+        poll(lambda: any(name.startswith("running-") for name in os.listdir(gates)))
+        assert run.cancel() == RunStatus.CANCELLED
     progress = run.get_progress()
     assert 1 <= len(progress["DONE"]) < 40
     assert len(progress["CANCELLED"]) >= 1
@@ -366,7 +374,7 @@ def test_zero_rows_is_an_empty_success(client, store_url):
     assert ManyModelRun.restore_from("r1", store_url).status == RunStatus.SUCCESS
 
 
-def test_resources_only_on_user_function_tasks():
+def test_resources_only_on_user_function_tasks(tmp_path):
     import logging
 
     import distributed
@@ -376,8 +384,9 @@ def test_resources_only_on_user_function_tasks():
         resources={"GPU": 1}, silence_logs=logging.ERROR,
     ) as cluster, distributed.Client(cluster) as client:
         ddf = dd.from_pandas(make_frame(n_groups=4), npartitions=2)
+        gate = str(tmp_path / "release")
         run = ddf.manymodel.train(
-            slow_fit, by="store", url="memory://gpu", run_id="r1",
+            functools.partial(group_zero_held, gate), by="store", url="memory://gpu", run_id="r1",
             execution_options=ExecutionOptions(resources={"GPU": 1}, npartitions=2),
         )
 
@@ -395,6 +404,7 @@ def test_resources_only_on_user_function_tasks():
             return sum("manymodel-train" in key for key in seen) == 2
 
         poll(both_train_tasks_seen)
+        open(gate, "w").close()
         assert run.wait(show_progress=False) == RunStatus.SUCCESS
         ours = {k: v for k, v in seen.items() if "manymodel-train" in k}
         others = {k: v for k, v in seen.items() if "manymodel-train" not in k}
