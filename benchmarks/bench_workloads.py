@@ -179,24 +179,26 @@ def fit_cpu_two_at_once(client, pool, groups, rounds: int = 5) -> dict[str, floa
     return {"two plain processes": statistics.median(plain), "two Dask workers": statistics.median(in_workers)}
 
 
-def _w3_fit_cpu(share: range) -> float:
-    """CPU seconds of some W3 groups' work in a forked process."""
+def _fit_cpu(frames) -> float:
+    """CPU seconds of the W3 work on ``frames`` in this thread."""
     start = time.thread_time()
-    for index in share:
-        heavy_fit(_W3_GROUPS[index])
+    for frame in frames:
+        heavy_fit(frame)
     return time.thread_time() - start
 
 
+def _w3_fit_cpu(share: range) -> float:
+    """:func:`_fit_cpu` of some W3 groups in a forked process (the groups came with the fork)."""
+    return _fit_cpu([_W3_GROUPS[index] for index in share])
+
+
 def _fit_cpu_with_run_settings(frames) -> float:
-    """CPU seconds of the W3 work on ``frames`` in a worker, under a run task's settings."""
+    """:func:`_fit_cpu` in a worker, under a run task's settings."""
     from dask_manymodel._gc import freeze_older_objects
     from dask_manymodel._malloc import keep_freed_memory
 
     with keep_freed_memory(), freeze_older_objects():
-        start = time.thread_time()
-        for frame in frames:
-            heavy_fit(frame)
-        return time.thread_time() - start
+        return _fit_cpu(frames)
 
 
 def cpu_seconds(client, job, pool_pids=(), runs: int = 3) -> dict[str, float]:

@@ -855,4 +855,3 @@ def _read_output(items: list[tuple[str, tuple]], fs, by: list[str]) -> pd.DataFr
         with fs.open(path, "rb") as f:
             frames.append(_with_group_columns(pd.read_parquet(f), by, key))
     return pd.concat(frames, ignore_index=True)
-

@@ -127,6 +127,15 @@ def held_until_cancelled(folder, data, ctx):
     return fit_line(data, ctx)
 
 
+def announce_cancel_event(folder, run) -> None:
+    """Tell :func:`held_until_cancelled`'s groups which event is the run's
+    cancel (written whole: they may read it at any moment)."""
+    staged = os.path.join(folder, "cancel_event.staged")
+    with open(staged, "w") as f:
+        f.write(run._spec.cancel_event)
+    os.replace(staged, os.path.join(folder, "cancel_event"))
+
+
 def _set_heartbeat(seconds: float) -> None:
     from dask_manymodel import engine
 

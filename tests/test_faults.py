@@ -29,6 +29,7 @@ from dask_manymodel import (
 
 from . import flaky_fs
 from .conftest import (
+    announce_cancel_event,
     cancel_checked_before_every_group,
     fit_line,
     held_until_cancelled,
@@ -167,8 +168,7 @@ def test_fail_fast_cancels_the_rest(client, tmp_path):
             functools.partial(fail_group_zero_hold_others, str(gates)), by="store", url=str(tmp_path / "m"),
             run_id="r1", execution_options=ExecutionOptions(fail_fast=True),
         )
-        (gates / "name").write_text(run._spec.cancel_event)
-        os.replace(gates / "name", gates / "cancel_event")  # whole, for the groups that wait on it
+        announce_cancel_event(gates, run)
         status = run.wait(show_progress=False)
     progress = run.get_progress()
     assert status in (RunStatus.FAILURE, RunStatus.PARTIAL_FAILURE)

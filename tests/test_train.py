@@ -33,6 +33,7 @@ from dask_manymodel import (
 from dask_manymodel.engine import _HEARTBEAT_SECONDS
 
 from .conftest import (
+    announce_cancel_event,
     cancel_checked_before_every_group,
     fit_line,
     group_zero_held,
@@ -292,8 +293,7 @@ def test_cancel_stops_before_the_next_group(client, store_url, tmp_path):
             functools.partial(held_until_cancelled, str(gates)), by="store", url=store_url, run_id="r1",
             execution_options=ExecutionOptions(npartitions=2),
         )
-        (gates / "name").write_text(run._spec.cancel_event)
-        os.replace(gates / "name", gates / "cancel_event")  # whole, for the groups that wait on it
+        announce_cancel_event(gates, run)
         poll(lambda: any(name.startswith("running-") for name in os.listdir(gates)))
         assert run.cancel() == RunStatus.CANCELLED
     progress = run.get_progress()
