@@ -380,7 +380,7 @@ def count(client, repeats: int) -> None:
         times = timed_rounds(
             {
                 "ours": lambda folder: count_groups(ddf, ["g"], client),
-                "graph": lambda folder: _count_groups_graph(ddf, ["g"], client),
+                "graph": lambda folder: _count_groups_graph(ddf, ["g"], client).result(),
             },
             max(repeats, 5),
         )

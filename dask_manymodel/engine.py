@@ -29,6 +29,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
+import cloudpickle
 import dask
 import dask.dataframe as dd
 import distributed
@@ -207,6 +208,47 @@ def check_workers_share_store(store: RunStore, client: distributed.Client) -> No
         )
 
 
+def send_spec(spec: "RunSpec", client: distributed.Client) -> distributed.Future:
+    """Put the run's spec on every worker; returns its future.
+
+    A spec that cannot be pickled (most often a function that refers to a
+    lock, an open file or a connection) fails here with an error that says
+    which part could not be, instead of Dask's "Could not serialize object
+    of type RunSpec".
+    """
+    try:
+        return client.scatter(spec, broadcast=True, hash=False)
+    except Exception as exc:
+        culprit = _unpicklable_part(spec)
+        if culprit is None:
+            raise  # not a pickling problem: the cluster's own error
+        what, error = culprit
+        raise InvalidArgumentError(
+            f"the {what} cannot be sent to the workers: pickling it failed with "
+            f"{type(error).__name__}: {error}. It, or something it refers to (a global or "
+            f"a variable of an enclosing function), cannot be pickled; create such objects "
+            f"(locks, open files, connections, clients) inside the function instead"
+        ) from exc
+
+
+def _unpicklable_part(spec: "RunSpec") -> tuple[str, Exception] | None:
+    """The first part of ``spec`` that cloudpickle refuses, named for the user."""
+    kind_name = "DPF" if spec.kind == "dpf" else spec.kind
+    function = getattr(spec.func, "__qualname__", None) or repr(spec.func)
+    parts = [
+        (f"{kind_name} function {function}", spec.func),
+        (f"serde {type(spec.serde).__name__}", spec.serde),
+        (f"storage at {spec.store.url!r} (its storage_options)", spec.store),
+        ("execution_options", spec.options),
+    ]
+    for what, part in parts:
+        try:
+            cloudpickle.dumps(part)
+        except Exception as error:
+            return what, error
+    return None
+
+
 def run_exists(store: RunStore) -> bool:
     store.fs.invalidate_cache(store.root)
     try:
@@ -237,6 +279,15 @@ def count_groups(ddf: dd.DataFrame, by: list, client: distributed.Client) -> pd.
     input partitions hold some of them, and the first of those partitions.
 
     The result is indexed by the group keys (like ``groupby(by).size()``).
+    See :func:`submit_count`, which this waits for.
+    """
+    return submit_count(ddf, by, client).result()
+
+
+def submit_count(ddf: dd.DataFrame, by: list, client: distributed.Client) -> distributed.Future:
+    """Start :func:`count_groups` on the workers; returns the future of its result,
+    so that the client can do other work (send the run's spec) meanwhile.
+
     One task per input partition, then combined 16 at a time on the
     workers: the same answer as ``map_partitions(...).groupby(by).agg(...)``
     in about half the time, which matters on small runs (``python
@@ -263,7 +314,7 @@ def count_groups(ddf: dd.DataFrame, by: list, client: distributed.Client) -> pd.
             for first in range(0, len(counts), _COUNT_FAN_IN)
         ]
         if final:
-            return counts[0].result()
+            return counts[0]
 
 
 def _count_partition(df: pd.DataFrame, by: list, number: int) -> pd.DataFrame:
@@ -280,13 +331,13 @@ def _combine_counts(frames: list[pd.DataFrame], by: list, final: bool) -> pd.Dat
     return counts if final else counts.reset_index()
 
 
-def _count_groups_graph(ddf: dd.DataFrame, by: list, client: distributed.Client) -> pd.DataFrame:
+def _count_groups_graph(ddf: dd.DataFrame, by: list, client: distributed.Client) -> distributed.Future:
     def per_partition(df: pd.DataFrame, partition_info: dict | None = None) -> pd.DataFrame:
         return _count_partition(df, by, (partition_info or {}).get("number", 0))
 
     located = ddf.map_partitions(per_partition, meta=per_partition(ddf._meta), token="manymodel-count")
     counts = located.groupby(by, dropna=False, observed=True).agg(_COUNT_AGG)
-    return client.compute(counts).result()
+    return client.compute(counts)
 
 
 def needs_shuffle(counts: pd.DataFrame, npartitions: int, threads: int, choice: str, npartitions_asked: bool) -> bool:
@@ -1124,8 +1175,32 @@ def start_run(
     # read the input once: the count and the run both start from this copy
     # (a run persists its shuffled rows anyway, so this needs no more memory)
     lazy, ddf = ddf, client.persist(ddf)
+    counting = submit_count(ddf, by, client)
+    attempt = previous["attempt"] if previous else uuid.uuid4().hex
+    submission = uuid.uuid4().hex
+    spec = RunSpec(
+        kind=kind,
+        run_id=run_id,
+        attempt=attempt,
+        by=by,
+        func=func,
+        store=store,
+        serde=serde,
+        options=options,
+        # per submission, not per attempt: a resumed run must not find the
+        # cancel event of the submission it resumes, nor its task keys
+        cancel_event=f"manymodel-cancel-{submission}",
+        progress_topic=f"manymodel-progress-{submission}",
+        training_store=training_store,
+        training_attempt=training_manifest.get("attempt") if training_manifest else None,
+    )
+    # while the workers count: the spec to every worker up front (a task that
+    # first had to fetch it would let its worker start a later task
+    # meanwhile). Before anything is written, so that a function that cannot
+    # be pickled leaves no half-made run behind.
+    spec_future = send_spec(spec, client)
     try:
-        counts = count_groups(ddf, by, client)
+        counts = counting.result()
     except TypeError as exc:
         raise InvalidArgumentError(
             f"cannot group by {by!r}: {exc}; group values must be hashable scalars "
@@ -1153,7 +1228,6 @@ def start_run(
     shuffle = needs_shuffle(counts, ddf.npartitions, threads, options.shuffle, options.npartitions is not None)
 
     # 3. write the manifest (the run now exists) -----------------------------
-    attempt = previous["attempt"] if previous else uuid.uuid4().hex
     done_paths: set[str] = set()
     initial_records: list[dict] = []
     counted_paths = [g["path"] for g in groups]  # in the order of `sizes`
@@ -1166,7 +1240,7 @@ def start_run(
         "partition_by": [str(c) for c in by],
         "serde": serde_to_manifest(serde) if serde is not None else None,
         "training_run_id": training_run_id,
-        "training_attempt": training_manifest.get("attempt") if training_manifest else None,
+        "training_attempt": spec.training_attempt,
         "created": previous["created"] if previous else _now(),
         "finished": None,
         "status": "IN_PROGRESS" if len(groups) > len(done_paths) else "SUCCESS",
@@ -1177,23 +1251,6 @@ def start_run(
         "versions": versions(),
     }
     _write_manifest(store, manifest, on_existing_artifacts)
-    submission = uuid.uuid4().hex
-    spec = RunSpec(
-        kind=kind,
-        run_id=run_id,
-        attempt=attempt,
-        by=by,
-        func=func,
-        store=store,
-        serde=serde,
-        options=options,
-        # per submission, not per attempt: a resumed run must not find the
-        # cancel event of the submission it resumes, nor its task keys
-        cancel_event=f"manymodel-cancel-{submission}",
-        progress_topic=f"manymodel-progress-{submission}",
-        training_store=training_store,
-        training_attempt=manifest["training_attempt"],
-    )
     # kept in memory by the handle for retry_failed(); never written anywhere
     source = {"dataframe": lazy, "execution_options": options, "meta": meta, "storage_options": storage_options}
     todo = [p for p in counted_paths if p not in done_paths]
@@ -1273,9 +1330,6 @@ def start_run(
     assert len(ordered) == npartitions, (len(ordered), npartitions)
 
     # 5. one task per output partition --------------------------------------
-    # on every worker up front: a task that first had to fetch it would let
-    # its worker start a later task meanwhile
-    spec_future = client.scatter(spec, broadcast=True, hash=False)
     name = f"manymodel-{kind}-{submission}"
     # Tasks of about one size run where their input partition is: the
     # scheduler balances them by count, and nothing moves. Uneven tasks (a

@@ -181,3 +181,49 @@ def test_a_model_that_cannot_be_pickled(client, ddf, tmp_path):
     assert details.status == "FAILED"
     assert "could not write the model of group 2 (a builtins.dict)" in details.error
     assert "lock" in details.error
+
+
+class SerdeWithALock(dask_manymodel.PickleSerde):
+    def __init__(self):
+        import threading
+
+        super().__init__()
+        self.lock = threading.Lock()
+
+
+def test_a_function_that_cannot_be_sent_to_the_workers_is_refused_before_writing(client, ddf, tmp_path):
+    import threading
+
+    lock = threading.Lock()
+
+    def train_with_a_lock(data, ctx):
+        with lock:
+            return fit_line(data, ctx)
+
+    url = str(tmp_path / "models")
+    with pytest.raises(InvalidArgumentError) as info:
+        ddf.manymodel.train(train_with_a_lock, by="store", url=url, run_id="r1")
+    message = str(info.value)
+    assert "the train function " in message and "train_with_a_lock cannot be sent to the workers" in message
+    assert "cannot pickle '_thread.lock' object" in message and "inside the function" in message
+    assert not os.path.exists(url)
+
+    with pytest.raises(InvalidArgumentError, match="the serde SerdeWithALock cannot be sent"):
+        ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", serde=SerdeWithALock())
+    assert not os.path.exists(url)
+
+
+def test_a_predict_function_that_cannot_be_sent_is_refused_before_writing(client, ddf, tmp_path):
+    import threading
+
+    url = str(tmp_path / "models")
+    assert ddf.manymodel.train(fit_line, by="store", url=url, run_id="t1").wait(show_progress=False) == RunStatus.SUCCESS
+    lock = threading.Lock()
+
+    def predict_with_a_lock(data, model, ctx):
+        with lock:
+            return None
+
+    with pytest.raises(InvalidArgumentError, match="the predict function .*predict_with_a_lock cannot be sent"):
+        ddf.manymodel.predict(predict_with_a_lock, by="store", url=url, run_id="p1", training_run_id="t1")
+    assert sorted(os.listdir(url)) == ["t1"]
