@@ -23,8 +23,9 @@ __all__ = ["DataConnector", "PartitionContext"]
 USER_LOGGER_NAME = "dask_manymodel.user"
 # ctx.logger.info(...) must reach the group's captured logs even though the
 # root logger stays at WARNING in worker processes; a level the user set wins
-if logging.getLogger(USER_LOGGER_NAME).level == logging.NOTSET:
-    logging.getLogger(USER_LOGGER_NAME).setLevel(logging.INFO)
+_USER_LOGGER = logging.getLogger(USER_LOGGER_NAME)  # looked up once, not per group
+if _USER_LOGGER.level == logging.NOTSET:
+    _USER_LOGGER.setLevel(logging.INFO)
 
 
 class DataConnector:
@@ -202,7 +203,7 @@ class PartitionContext:
     def __init__(self, partition_id: Any, run_id: str, *, store: "RunStore", by: list[str]):
         self.partition_id = partition_id
         self.run_id = run_id
-        self.logger = logging.getLogger(USER_LOGGER_NAME)
+        self.logger = _USER_LOGGER
         self._store = store
         self._by = by
         self._uploaded: list[str] = []

@@ -946,7 +946,10 @@ class _PendingWrites:
     def flush(self) -> None:
         store = self.spec.store
         entries, self.entries, self.nbytes = self.entries, [], 0
-        failed = store.write_many({path: data for _, files in entries for path, data in files.items()})
+        folders: set[str] = set()  # the groups' folders made for their models
+        failed = store.write_many(
+            {path: data for _, files in entries for path, data in files.items()}, made_folders=folders
+        )
         statuses = {}
         status_paths = []
         for record, files in entries:
@@ -963,7 +966,7 @@ class _PendingWrites:
             statuses[path] = json.dumps(record, indent=None, default=str).encode()
         # compact, and without a rename on local disk: a half-written status
         # does not parse, and readers treat it as absent
-        failed = store.write_many(statuses, atomic=False)
+        failed = store.write_many(statuses, atomic=False, made_folders=folders)
         for (record, _), path in zip(entries, status_paths):
             error = failed.get(path)
             if error is not None:

@@ -13,6 +13,7 @@ serde free of storage concerns, and lets libraries that want a real path
 from __future__ import annotations
 
 import abc
+import functools
 import importlib
 import pickle
 from typing import Any
@@ -197,9 +198,14 @@ def writes_in_memory(serde: ModelSerde) -> bool:
     """Whether ``serde.to_bytes`` can stand in for ``serde.write``: it must be
     defined as deep in the class tree as ``write`` (a subclass of
     :class:`PickleSerde` that overrides only ``write`` keeps its own write)."""
+    return _class_writes_in_memory(type(serde))
 
+
+@functools.lru_cache(maxsize=None)
+def _class_writes_in_memory(serde_class: type) -> bool:
+    # asked once per group: the walk of the class tree is done once per class
     def owner(name: str) -> type:
-        return next(cls for cls in type(serde).__mro__ if name in vars(cls))
+        return next(cls for cls in serde_class.__mro__ if name in vars(cls))
 
     to_bytes = owner("to_bytes")
     return to_bytes is not ModelSerde and issubclass(to_bytes, owner("write"))

@@ -347,7 +347,9 @@ class RunStore:
 
         self._retry(write, f"writing {path}")
 
-    def write_many(self, files: dict[str, bytes], *, atomic: bool = True) -> dict[str, Exception]:
+    def write_many(
+        self, files: dict[str, bytes], *, atomic: bool = True, made_folders: set[str] | None = None
+    ) -> dict[str, Exception]:
         """Write many small files in one go; return the ones that still failed
         after retries, as ``{path: error}``.
 
@@ -356,13 +358,17 @@ class RunStore:
         files costs a few calls per file and no per-file set-up. Object
         stores: one ``fs.pipe`` of them all (s3fs and gcsfs upload them
         concurrently), and if that fails, each one again on its own.
+
+        ``made_folders``, when given, holds local folders known to exist; the
+        ones made here are added, so that a second batch into the same
+        folders (a task's statuses after its models) skips them.
         """
         failed: dict[str, Exception] = {}
         if not files:
             return failed
         if self.is_local:
             token = uuid.uuid4().hex[:12]
-            folders: set[str] = set()
+            folders: set[str] = made_folders if made_folders is not None else set()
             for number, (path, data) in enumerate(files.items()):
                 folder = posixpath.dirname(path)
                 temp = _temp_name(path, f"{token}-{number}") if atomic else None
