@@ -26,6 +26,7 @@ import threading
 import time
 import traceback
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -247,6 +248,27 @@ def _unpicklable_part(spec: "RunSpec") -> tuple[str, Exception] | None:
         except Exception as error:
             return what, error
     return None
+
+
+def warn_if_no_worker_offers(resources: dict | None, client: distributed.Client) -> None:
+    """Warn when no worker of the cluster offers ``resources`` now: Dask holds
+    tasks that need them, without a word, until such a worker joins, so the
+    run would wait for ever on a cluster that will have none. A warning, not
+    an error: on a cluster that scales, such workers may join later."""
+    if not resources:
+        return
+    offered = [info.get("resources") or {} for info in client.scheduler_info(n_workers=-1)["workers"].values()]
+    if any(all(worker.get(name, 0) >= amount for name, amount in resources.items()) for worker in offered):
+        return
+    theirs = sorted({f"{name}={amount}" for worker in offered for name, amount in worker.items()})
+    warnings.warn(
+        f"no worker of the cluster offers resources={resources!r} now (its {len(offered)} worker(s) offer "
+        f"{', '.join(theirs) or 'no resources'}); the run's tasks wait until a worker that does joins. "
+        f"Start such workers (dask worker ... --resources \"GPU=1\"), or leave resources out of "
+        f"ExecutionOptions",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 def run_exists(store: RunStore) -> bool:
@@ -1175,6 +1197,7 @@ def start_run(
     # 2. count rows per group: the only compute before anything is written --
     client = get_or_start_client()
     check_workers_share_store(store, client)
+    warn_if_no_worker_offers(options.resources, client)
     # read the input once: the count and the run both start from this copy
     # (a run persists its shuffled rows anyway, so this needs no more memory)
     lazy, ddf = ddf, client.persist(ddf)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import enum
 import html
@@ -333,8 +334,12 @@ class ManyModelRun:
             self._finished.set()
 
     def _task_lost(self, task_index: int, exc: BaseException) -> list[dict]:
-        """A whole task failed: its groups without a final status become INTERNAL_ERROR."""
+        """A whole task failed: its groups without a final status become
+        INTERNAL_ERROR (CANCELLED when :meth:`cancel` dropped the task before
+        it started)."""
         from .engine import _record, _write_status
+
+        dropped = self._manifest.get("cancelled") and isinstance(exc, concurrent.futures.CancelledError)
 
         paths = [g["path"] for g in self._groups if g.get("task") == task_index]
         stored = self._read_statuses(paths)
@@ -347,6 +352,10 @@ class ManyModelRun:
                 records.append(existing)
                 continue
             key = normalize_key(self._partition_id(group), len(self.partition_by))
+            if dropped:
+                record = _record(self._spec, key, group["path"], status="CANCELLED", rows=group.get("rows", 0))
+                records.append(_write_status(self._spec, record))
+                continue
             record = _record(
                 self._spec,
                 key,
@@ -579,9 +588,29 @@ class ManyModelRun:
             return self.status
         self._manifest["cancelled"] = True
         distributed.Event(self._spec.cancel_event, client=self._client).set()
+        # tasks that no worker can run (resources no worker offers) would never
+        # start to see the event: drop them; their groups become CANCELLED
+        unrunnable = self._tasks_no_worker_can_run()
+        if unrunnable:
+            self._client.cancel([f for f in self._futures if f.key in unrunnable])
         if not self._finished.wait(timeout):
             raise RunTimeoutError(f"run {self.run_id!r} did not stop within {timeout}s")
         return self.status
+
+    def _tasks_no_worker_can_run(self) -> set:
+        """Keys of this run's tasks that the scheduler holds as unrunnable."""
+        keys = [f.key for f in self._futures]
+        try:
+            # a lambda travels by value: the scheduler need not have dask_manymodel
+            return set(self._client.run_on_scheduler(
+                lambda dask_scheduler: [
+                    key for key in keys
+                    if key in dask_scheduler.tasks and dask_scheduler.tasks[key].state == "no-worker"
+                ]
+            ))
+        except Exception:  # the scheduler is gone or busy: cancel as before
+            logger.debug("could not ask the scheduler for unrunnable tasks", exc_info=True)
+            return set()
 
     def retry_failed(self, *, show_progress: bool = False) -> "ManyModelRun":
         """Run again every group that is not DONE; DONE groups are left untouched.

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import dask.dataframe as dd
 import numpy as np
@@ -385,10 +386,13 @@ def test_resources_only_on_user_function_tasks(tmp_path):
     ) as cluster, distributed.Client(cluster) as client:
         ddf = dd.from_pandas(make_frame(n_groups=4), npartitions=2)
         gate = str(tmp_path / "release")
-        run = ddf.manymodel.train(
-            functools.partial(group_zero_held, gate), by="store", url="memory://gpu", run_id="r1",
-            execution_options=ExecutionOptions(resources={"GPU": 1}, npartitions=2),
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run = ddf.manymodel.train(
+                functools.partial(group_zero_held, gate), by="store", url="memory://gpu", run_id="r1",
+                execution_options=ExecutionOptions(resources={"GPU": 1}, npartitions=2),
+            )
+        assert not [w for w in caught if "offers resources" in str(w.message)]  # the worker offers GPU=1
 
         def restrictions(dask_scheduler):
             return {
@@ -410,6 +414,56 @@ def test_resources_only_on_user_function_tasks(tmp_path):
         others = {k: v for k, v in seen.items() if "manymodel-train" not in k}
         assert len(ours) == 2 and all(v == {"GPU": 1} for v in ours.values())
         assert others and not any(others.values())
+
+
+def test_resources_no_worker_offers_get_a_warning_and_the_run_waits_for_one(tmp_path):
+    import logging
+
+    import distributed
+
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, protocol="tcp", dashboard_address=":0",
+        silence_logs=logging.ERROR,
+    ) as cluster, distributed.Client(cluster) as client:
+        ddf = dd.from_pandas(make_frame(n_groups=4), npartitions=2)
+        with pytest.warns(UserWarning) as caught:
+            run = ddf.manymodel.train(
+                fit_line, by="store", url=str(tmp_path), run_id="r1",
+                execution_options=ExecutionOptions(resources={"GPU": 1}),
+            )
+        message = str(caught[0].message)
+        assert "no worker of the cluster offers resources={'GPU': 1} now" in message
+        assert "its 1 worker(s) offer no resources" in message and '--resources "GPU=1"' in message
+        poll(lambda: "no-worker" in client.run_on_scheduler(
+            lambda dask_scheduler: [ts.state for ts in dask_scheduler.tasks.values()]))
+        assert run.status == RunStatus.IN_PROGRESS
+        # a worker that offers it joins, started as the warning says: the run goes on there
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "dask", "worker", cluster.scheduler_address, "--nthreads", "1",
+             "--resources", "GPU=1", "--no-dashboard"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert run.wait(show_progress=False, timeout=120) == RunStatus.SUCCESS
+        finally:
+            worker.terminate()
+            worker.wait(30)
+
+
+def test_cancel_of_a_run_whose_tasks_no_worker_can_run(client, ddf, tmp_path):
+    with pytest.warns(UserWarning, match="no worker of the cluster offers resources"):
+        run = ddf.manymodel.train(
+            fit_line, by="store", url=str(tmp_path), run_id="r1",
+            execution_options=ExecutionOptions(resources={"GPU": 1}),
+        )
+    poll(lambda: "no-worker" in client.run_on_scheduler(
+        lambda dask_scheduler: [ts.state for ts in dask_scheduler.tasks.values()]))
+    # the tasks never start to see the cancel: cancel drops them
+    assert run.cancel(timeout=60) == RunStatus.CANCELLED
+    assert set(run.summary()["status"]) == {"CANCELLED"}
+    stored = ManyModelRun.restore_from("r1", str(tmp_path))
+    assert stored.status == RunStatus.CANCELLED and len(stored.summary()) == 12
+    assert set(stored.summary()["status"]) == {"CANCELLED"}
 
 
 def test_embedded_cluster_without_a_client(tmp_path):
