@@ -14,7 +14,7 @@ the workers first). Every way runs once per round, after an untimed warm-up
 round; seconds are medians over --repeats rounds (default 3),
 ratios are medians of the per-round ratios.
 Ray Data's map_groups and Spark's applyInPandas run the same work when installed
-(``pip install -e ".[compare]"``; skipped otherwise), each in rounds of its own.
+(``pip install -e ".[compare]"``; skipped otherwise, or with --skip-others), each in rounds of its own.
 """
 
 from __future__ import annotations
@@ -74,8 +74,11 @@ def three_ways(client, title: str, sizes: np.ndarray, repeats: int, spread: bool
         ways["dask_manymodel, no fit"] = lambda folder: manymodel_train(ddf, folder, work=no_fit)
     times = timed_rounds(ways, repeats)
     print_table(title, times, "serial pandas loop", "dask groupby.apply")
-    if not spread:  # the same pandas data as without spread: Ray and Spark would repeat themselves
+    if not spread and not SKIP_OTHERS:  # spread: the same pandas data, Ray and Spark would repeat themselves
         others(pdf, times, repeats)
+
+
+SKIP_OTHERS = False  # --skip-others
 
 
 def others(pdf, times: dict[str, list[float]], repeats: int) -> None:
@@ -421,12 +424,17 @@ def count(client, repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("workloads", nargs="*", default=["W1", "W1-spread", "W1-floor", "W2", "W2-floor", "W3", "W4", "predict"])
+    parser.add_argument("workloads", nargs="*",
+                        default=["W1", "W1-spread", "W1-floor", "W2", "W2-floor", "W3", "W4", "predict"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-others", action="store_true",
+                        help="leave Ray Data and Spark out even when they are installed (they take minutes)")
     parser.add_argument("--keep-files", action="store_true",
                         help="leave the written files (delete them later, not right before another benchmark)")
     args = parser.parse_args()
     _common.KEEP_FILES = args.keep_files
+    global SKIP_OTHERS
+    SKIP_OTHERS = args.skip_others
     cluster, client = local_cluster()
     try:
         for workload in args.workloads:

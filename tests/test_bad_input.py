@@ -217,7 +217,8 @@ def test_a_predict_function_that_cannot_be_sent_is_refused_before_writing(client
     import threading
 
     url = str(tmp_path / "models")
-    assert ddf.manymodel.train(fit_line, by="store", url=url, run_id="t1").wait(show_progress=False) == RunStatus.SUCCESS
+    trained = ddf.manymodel.train(fit_line, by="store", url=url, run_id="t1")
+    assert trained.wait(show_progress=False) == RunStatus.SUCCESS
     lock = threading.Lock()
 
     def predict_with_a_lock(data, model, ctx):
