@@ -82,9 +82,17 @@ class ExecutionOptions:
             raise InvalidArgumentError(
                 f"npartitions must be a positive int or None, got {self.npartitions!r}"
             )
-        if self.resources is not None and not isinstance(self.resources, dict):
+        if self.resources is not None and not (
+            isinstance(self.resources, dict)
+            and all(
+                isinstance(name, str) and isinstance(amount, (int, float)) and not isinstance(amount, bool)
+                and amount > 0
+                for name, amount in self.resources.items()
+            )
+        ):
             raise InvalidArgumentError(
-                f"resources must be a dict such as {{'GPU': 1}}, got {self.resources!r}"
+                f"resources must be a dict of names to positive amounts such as {{'GPU': 1}}, "
+                f"got {self.resources!r}"
             )
         for name in ("max_retries", "storage_retries", "task_retries"):
             value = getattr(self, name)

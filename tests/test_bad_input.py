@@ -64,8 +64,10 @@ def test_bad_input_is_refused_before_anything_is_written(client, ddf, tmp_path, 
 def test_bad_execution_options():
     with pytest.raises(InvalidArgumentError, match="npartitions must be a positive int"):
         ExecutionOptions(npartitions=0)
-    with pytest.raises(InvalidArgumentError, match="resources must be a dict"):
-        ExecutionOptions(resources="GPU")
+    for resources in ("GPU", {"GPU": "1"}, {"GPU": 0}, {"GPU": True}, {1: 1}):
+        with pytest.raises(InvalidArgumentError, match="resources must be a dict of names to positive amounts"):
+            ExecutionOptions(resources=resources)
+    assert ExecutionOptions(resources={"GPU": 1, "MEMORY": 2.5e9}).resources == {"GPU": 1, "MEMORY": 2.5e9}
 
 
 def test_class_api_checks_the_function_at_construction(tmp_path):
