@@ -64,6 +64,9 @@ class PartitionStatus(str, enum.Enum):
         return self.value
 
 
+# how often cancel() looks again for tasks that no worker can run
+_CANCEL_RECHECK_SECONDS = 0.5
+
 FINAL_STATUSES = frozenset(
     {PartitionStatus.DONE, PartitionStatus.FAILED, PartitionStatus.CANCELLED, PartitionStatus.INTERNAL_ERROR}
 )
@@ -588,26 +591,41 @@ class ManyModelRun:
             return self.status
         self._manifest["cancelled"] = True
         distributed.Event(self._spec.cancel_event, client=self._client).set()
-        # tasks that no worker can run (resources no worker offers) would never
-        # start to see the event: drop them; their groups become CANCELLED
-        unrunnable = self._tasks_no_worker_can_run()
-        if unrunnable:
-            self._client.cancel([f for f in self._futures if f.key in unrunnable])
-        if not self._finished.wait(timeout):
-            raise RunTimeoutError(f"run {self.run_id!r} did not stop within {timeout}s")
-        return self.status
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            # tasks that need resources no worker offers would never start to
+            # see the event: drop them, their groups become CANCELLED. Asked
+            # again while waiting: a task may reach the scheduler only now, or
+            # lose the one worker that could run it
+            unrunnable = self._tasks_no_worker_can_run()
+            if unrunnable:
+                self._client.cancel([f for f in self._futures if f.key in unrunnable and not f.done()])
+            if self._finished.wait(_CANCEL_RECHECK_SECONDS):
+                return self.status
+            if deadline is not None and time.monotonic() > deadline:
+                raise RunTimeoutError(f"run {self.run_id!r} did not stop within {timeout}s")
 
     def _tasks_no_worker_can_run(self) -> set:
-        """Keys of this run's tasks that the scheduler holds as unrunnable."""
+        """Keys of this run's tasks that have not started and need resources
+        that no worker of the cluster offers now."""
         keys = [f.key for f in self._futures]
+
+        def unrunnable(dask_scheduler) -> list:
+            offered = [ws.resources for ws in dask_scheduler.workers.values()]
+            found = []
+            for key in keys:
+                ts = dask_scheduler.tasks.get(key)
+                needs = ts.resource_restrictions if ts is not None else None
+                # only tasks that have not started: dropping one cuts nothing short
+                if needs and ts.state in ("released", "waiting", "queued", "no-worker") and not any(
+                    all(worker.get(name, 0) >= amount for name, amount in needs.items()) for worker in offered
+                ):
+                    found.append(key)
+            return found
+
         try:
-            # a lambda travels by value: the scheduler need not have dask_manymodel
-            return set(self._client.run_on_scheduler(
-                lambda dask_scheduler: [
-                    key for key in keys
-                    if key in dask_scheduler.tasks and dask_scheduler.tasks[key].state == "no-worker"
-                ]
-            ))
+            # a local function travels by value: the scheduler need not have dask_manymodel
+            return set(self._client.run_on_scheduler(unrunnable))
         except Exception:  # the scheduler is gone or busy: cancel as before
             logger.debug("could not ask the scheduler for unrunnable tasks", exc_info=True)
             return set()

@@ -456,9 +456,7 @@ def test_cancel_of_a_run_whose_tasks_no_worker_can_run(client, ddf, tmp_path):
             fit_line, by="store", url=str(tmp_path), run_id="r1",
             execution_options=ExecutionOptions(resources={"GPU": 1}),
         )
-    poll(lambda: "no-worker" in client.run_on_scheduler(
-        lambda dask_scheduler: [ts.state for ts in dask_scheduler.tasks.values()]))
-    # the tasks never start to see the cancel: cancel drops them
+    # at once, while the tasks may still wait for their input: they would never start to see the cancel
     assert run.cancel(timeout=60) == RunStatus.CANCELLED
     assert set(run.summary()["status"]) == {"CANCELLED"}
     stored = ManyModelRun.restore_from("r1", str(tmp_path))
