@@ -584,7 +584,14 @@ class ManyModelRun:
     def cancel(self, timeout: float | None = 60) -> RunStatus:
         """Stop the run: running tasks stop before their next group, and groups
         not yet started become CANCELLED. Returns the final status once every
-        task has stopped."""
+        task has stopped.
+
+        Tasks that need resources no worker offers
+        (``ExecutionOptions(resources=...)``) would never start; they are
+        dropped, and their groups become CANCELLED too. Raises
+        :class:`RunTimeoutError` if the run has not stopped after ``timeout``
+        seconds (None: wait as long as it takes).
+        """
         if self.read_only:
             raise ReadOnlyRunError(f"run {self.run_id!r} was restored from storage: it cannot be cancelled")
         if self._finished.is_set():
