@@ -215,29 +215,45 @@ def send_spec(spec: "RunSpec", client: distributed.Client) -> distributed.Future
     A spec that cannot be pickled (most often a function that refers to a
     lock, an open file or a connection) fails here with an error that says
     which part could not be, instead of Dask's "Could not serialize object
-    of type RunSpec".
+    of type RunSpec"; one that the workers cannot unpickle (a module the
+    client has and they lack) with an error that says what to do.
     """
     try:
         return client.scatter(spec, broadcast=True, hash=False)
     except Exception as exc:
         culprit = _unpicklable_part(spec)
-        if culprit is None:
-            raise  # not a pickling problem: the cluster's own error
-        what, error = culprit
-        raise InvalidArgumentError(
-            f"the {what} cannot be sent to the workers: pickling it failed with "
-            f"{type(error).__name__}: {error}. It, or something it refers to (a global or "
-            f"a variable of an enclosing function), cannot be pickled; create such objects "
-            f"(locks, open files, connections, clients) inside the function instead"
-        ) from exc
+        if culprit is not None:
+            what, error = culprit
+            raise InvalidArgumentError(
+                f"the {what} cannot be sent to the workers: pickling it failed with "
+                f"{type(error).__name__}: {error}. It, or something it refers to (a global or "
+                f"a variable of an enclosing function), cannot be pickled; create such objects "
+                f"(locks, open files, connections, clients) inside the function instead"
+            ) from exc
+        if any(sign in str(exc) for sign in _CANNOT_LOAD_SIGNS):
+            # a worker could not unpickle it: Dask relays the worker's error as text
+            raise InvalidArgumentError(
+                f"the {_function_name(spec)} (or its serde) cannot be loaded on the workers: {exc}. "
+                f"The workers need every module it refers to: install it there, send a single file "
+                f"with client.upload_file(path), or send the module's code along with the function: "
+                f"cloudpickle.register_pickle_by_value(module)"
+            ) from exc
+        raise  # not a pickling problem: the cluster's own error
+
+
+# what a worker's failure to unpickle a function looks like in the text Dask relays
+_CANNOT_LOAD_SIGNS = ("ModuleNotFoundError", "ImportError", "Can't get attribute")
+
+
+def _function_name(spec: "RunSpec") -> str:
+    kind_name = "DPF" if spec.kind == "dpf" else spec.kind
+    return f"{kind_name} function {getattr(spec.func, '__qualname__', None) or repr(spec.func)}"
 
 
 def _unpicklable_part(spec: "RunSpec") -> tuple[str, Exception] | None:
     """The first part of ``spec`` that cloudpickle refuses, named for the user."""
-    kind_name = "DPF" if spec.kind == "dpf" else spec.kind
-    function = getattr(spec.func, "__qualname__", None) or repr(spec.func)
     parts = [
-        (f"{kind_name} function {function}", spec.func),
+        (_function_name(spec), spec.func),
         (f"serde {type(spec.serde).__name__}", spec.serde),
         (f"storage at {spec.store.url!r} (its storage_options)", spec.store),
         ("execution_options", spec.options),

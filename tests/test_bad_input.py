@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 import pytest
 
@@ -230,3 +231,25 @@ def test_a_predict_function_that_cannot_be_sent_is_refused_before_writing(client
     with pytest.raises(InvalidArgumentError, match="the predict function .*predict_with_a_lock cannot be sent"):
         ddf.manymodel.predict(predict_with_a_lock, by="store", url=url, run_id="p1", training_run_id="t1")
     assert sorted(os.listdir(url)) == ["t1"]
+
+
+def test_a_function_the_workers_cannot_load_is_refused_before_writing(client, ddf, tmp_path, monkeypatch):
+    # a module only the client has (the workers started before it existed)
+    name = f"only_on_the_client_{os.getpid()}"
+    folder = tmp_path / "client_modules"
+    folder.mkdir()
+    (folder / f"{name}.py").write_text("def helper(data):\n    return len(data)\n")
+    monkeypatch.syspath_prepend(str(folder))
+    module = __import__(name)
+    monkeypatch.setitem(sys.modules, name, module)  # gone again after the test
+
+    def train_with_a_local_module(data, ctx):
+        return module.helper(data.to_pandas())
+
+    url = str(tmp_path / "models")
+    with pytest.raises(InvalidArgumentError) as info:
+        ddf.manymodel.train(train_with_a_local_module, by="store", url=url, run_id="r1")
+    message = str(info.value)
+    assert "train_with_a_local_module (or its serde) cannot be loaded on the workers" in message
+    assert f"No module named '{name}'" in message and "client.upload_file(path)" in message
+    assert not os.path.exists(url)
