@@ -273,7 +273,14 @@ def warn_if_no_worker_offers(resources: dict | None, client: distributed.Client)
     an error: on a cluster that scales, such workers may join later."""
     if not resources:
         return
-    offered = [info.get("resources") or {} for info in client.scheduler_info(n_workers=-1)["workers"].values()]
+    try:
+        # every worker's (scheduler_info lists only the first few in newer distributed)
+        offered = client.run_on_scheduler(
+            lambda dask_scheduler: [dict(ws.resources) for ws in dask_scheduler.workers.values()]
+        )
+    except Exception:  # a scheduler that runs no client functions: no warning, as before
+        logger.debug("could not ask the scheduler for its workers' resources", exc_info=True)
+        return
     if any(all(worker.get(name, 0) >= amount for name, amount in resources.items()) for worker in offered):
         return
     theirs = sorted({f"{name}={amount}" for worker in offered for name, amount in worker.items()})
