@@ -223,12 +223,10 @@ def send_spec(spec: "RunSpec", client: distributed.Client) -> distributed.Future
     except Exception as exc:
         culprit = _unpicklable_part(spec)
         if culprit is not None:
-            what, error = culprit
+            what, advice, error = culprit
             raise InvalidArgumentError(
                 f"the {what} cannot be sent to the workers: pickling it failed with "
-                f"{type(error).__name__}: {error}. It, or something it refers to (a global or "
-                f"a variable of an enclosing function), cannot be pickled; create such objects "
-                f"(locks, open files, connections, clients) inside the function instead"
+                f"{type(error).__name__}: {error}. {advice}"
             ) from exc
         if any(sign in str(exc) for sign in _CANNOT_LOAD_SIGNS):
             # a worker could not unpickle it: Dask relays the worker's error as text
@@ -250,19 +248,24 @@ def _function_name(spec: "RunSpec") -> str:
     return f"{kind_name} function {getattr(spec.func, '__qualname__', None) or repr(spec.func)}"
 
 
-def _unpicklable_part(spec: "RunSpec") -> tuple[str, Exception] | None:
-    """The first part of ``spec`` that cloudpickle refuses, named for the user."""
+def _unpicklable_part(spec: "RunSpec") -> tuple[str, str, Exception] | None:
+    """The first part of ``spec`` that cloudpickle refuses: (its name for the
+    user, what to do, the error)."""
     parts = [
-        (_function_name(spec), spec.func),
-        (f"serde {type(spec.serde).__name__}", spec.serde),
-        (f"storage at {spec.store.url!r} (its storage_options)", spec.store),
-        ("execution_options", spec.options),
+        (_function_name(spec), spec.func,
+         "It, or something it refers to (a global or a variable of an enclosing function), cannot be "
+         "pickled; create such objects (locks, open files, connections, clients) inside the function instead"),
+        (f"serde {type(spec.serde).__name__}", spec.serde,
+         "Keep only picklable attributes on the serde; create the others when it reads or writes"),
+        (f"storage at {spec.store.url!r} (its storage_options)", spec.store,
+         "Pass storage_options that pickle (strings, numbers, dicts): fsspec sends them to every worker"),
+        ("execution_options", spec.options, "Keep ExecutionOptions.extra to picklable values"),
     ]
-    for what, part in parts:
+    for what, part, advice in parts:
         try:
             cloudpickle.dumps(part)
         except Exception as error:
-            return what, error
+            return what, advice, error
     return None
 
 

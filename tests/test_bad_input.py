@@ -211,8 +211,14 @@ def test_a_function_that_cannot_be_sent_to_the_workers_is_refused_before_writing
     assert "cannot pickle '_thread.lock' object" in message and "inside the function" in message
     assert not os.path.exists(url)
 
-    with pytest.raises(InvalidArgumentError, match="the serde SerdeWithALock cannot be sent"):
+    with pytest.raises(InvalidArgumentError, match="the serde SerdeWithALock cannot be sent.*only picklable attrib"):
         ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", serde=SerdeWithALock())
+    assert not os.path.exists(url)
+
+    storage = r"\(its storage_options\) cannot be sent.*storage_options that pickle"
+    with pytest.raises(InvalidArgumentError, match=storage):
+        ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1",
+                            storage_options={"auto_mkdir": True, "lock": lock})
     assert not os.path.exists(url)
 
 
