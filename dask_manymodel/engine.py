@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
+import functools
 import heapq
 import inspect
 import json
@@ -33,6 +34,8 @@ from typing import Any, Callable, Iterator, Sequence
 import cloudpickle
 import dask
 import dask.dataframe as dd
+import dask.sizeof
+import dask.utils
 import distributed
 import numpy as np
 import pandas as pd
@@ -116,6 +119,53 @@ def check_function(func: Any, kind: str) -> Callable:
             f"arguments ({names})"
         ) from None
     return func
+
+
+# What a user function carries along travels to every worker with it: its
+# closure, a partial's arguments, and the globals it uses when it is defined
+# in a notebook or script (cloudpickle sends such functions by value). Above
+# this size, a run warns.
+_LARGE_FUNCTION_BYTES = 100 * 2**20
+
+
+def warn_if_function_carries_large_data(func: Callable, kind: str) -> None:
+    """Warn when the user function carries large objects to every worker,
+    most often a notebook's whole DataFrame used inside the function."""
+    large = []
+    for name, value in _carried_values(func).items():
+        size = dask.sizeof.sizeof(value)
+        if size >= _LARGE_FUNCTION_BYTES:
+            large.append((size, name))
+    if not large:
+        return
+    listed = ", ".join(f"{name!r} ({dask.utils.format_bytes(size)})" for size, name in sorted(large, reverse=True))
+    function = getattr(func, "__qualname__", None) or repr(func)
+    warnings.warn(
+        f"the {kind} function {function} carries {listed} to every worker with it; pass large data "
+        f"through the dataframe, or load it inside the function (from storage), so that each group "
+        f"reads what it needs",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
+def _carried_values(func: Callable) -> dict[str, Any]:
+    """What pickling ``func`` takes along, by name (modules left out)."""
+    values: dict[str, Any] = {}
+    if isinstance(func, functools.partial):
+        values.update({f"argument {number}": value for number, value in enumerate(func.args)})
+        values.update({f"argument {key}": value for key, value in func.keywords.items()})
+        func = func.func
+    try:
+        found = inspect.getclosurevars(func)
+    except TypeError:  # not a Python function: a callable object carries its attributes
+        values.update(getattr(func, "__dict__", {}))
+    else:
+        values.update(found.nonlocals)
+        qualname = getattr(func, "__qualname__", "")
+        if getattr(func, "__module__", None) == "__main__" or "<locals>" in qualname or "<lambda>" in qualname:
+            values.update(found.globals)  # pickled by value, with the globals it uses
+    return {name: value for name, value in values.items() if not inspect.ismodule(value)}
 
 
 def check_by(by: Any, ddf: dd.DataFrame) -> list:
@@ -1155,6 +1205,7 @@ def start_run(
 
     # 1. everything that needs no compute -----------------------------------
     check_function(func, kind)
+    warn_if_function_carries_large_data(func, "DPF" if kind == "dpf" else kind)
     ddf = index_as_column(as_dask_dataframe(dataframe), by)
     by = check_by(by, ddf)
     check_run_id(run_id)

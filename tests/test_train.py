@@ -464,6 +464,33 @@ def test_cancel_of_a_run_whose_tasks_no_worker_can_run(client, ddf, tmp_path):
     assert set(stored.summary()["status"]) == {"CANCELLED"}
 
 
+def fit_scaled(scale, data, ctx):
+    return fit_line(data, ctx) * scale[0]
+
+
+def test_a_function_that_carries_large_data_gets_a_warning(client, ddf, tmp_path, monkeypatch):
+    from dask_manymodel import engine
+
+    monkeypatch.setattr(engine, "_LARGE_FUNCTION_BYTES", 2**20)  # 1 MiB instead of 100
+    weights = np.ones(2**18)  # 2 MiB
+    small = np.ones(10)
+
+    def train_with_weights(data, ctx):
+        return fit_line(data, ctx) * weights[0] * small[0]
+
+    with pytest.warns(UserWarning) as caught:
+        run = ddf.manymodel.train(train_with_weights, by="store", url=str(tmp_path), run_id="r1")
+    message = str(caught[0].message)
+    assert "train_with_weights carries 'weights' (2.00 MiB) to every worker" in message
+    assert "small" not in message and "through the dataframe" in message
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS  # a warning only
+
+    with pytest.warns(UserWarning, match=r"carries 'argument 0' \(2.00 MiB\)"):
+        run = ddf.manymodel.train(functools.partial(fit_scaled, weights), by="store", url=str(tmp_path),
+                                  run_id="r2")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+
+
 def test_embedded_cluster_without_a_client(tmp_path):
     script = textwrap.dedent(
         f"""
