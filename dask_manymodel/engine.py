@@ -156,6 +156,8 @@ def _carried_values(func: Callable) -> dict[str, Any]:
         values.update({f"argument {number}": value for number, value in enumerate(func.args)})
         values.update({f"argument {key}": value for key, value in func.keywords.items()})
         func = func.func
+    if inspect.ismethod(func):  # a bound method carries its object
+        values.update({f"self.{name}": value for name, value in getattr(func.__self__, "__dict__", {}).items()})
     try:
         found = inspect.getclosurevars(func)
     except TypeError:  # not a Python function: a callable object carries its attributes

@@ -468,6 +468,14 @@ def fit_scaled(scale, data, ctx):
     return fit_line(data, ctx) * scale[0]
 
 
+class ScaledFit:
+    def __init__(self, table):
+        self.table = table
+
+    def train(self, data, ctx):
+        return fit_scaled(self.table, data, ctx)
+
+
 def test_a_function_that_carries_large_data_gets_a_warning(client, ddf, tmp_path, monkeypatch):
     from dask_manymodel import engine
 
@@ -488,6 +496,10 @@ def test_a_function_that_carries_large_data_gets_a_warning(client, ddf, tmp_path
     with pytest.warns(UserWarning, match=r"carries 'argument 0' \(2.00 MiB\)"):
         run = ddf.manymodel.train(functools.partial(fit_scaled, weights), by="store", url=str(tmp_path),
                                   run_id="r2")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+
+    with pytest.warns(UserWarning, match=r"carries 'self.table' \(2.00 MiB\)"):
+        run = ddf.manymodel.train(ScaledFit(weights).train, by="store", url=str(tmp_path), run_id="r3")
     assert run.wait(show_progress=False) == RunStatus.SUCCESS
 
 
