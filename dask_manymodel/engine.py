@@ -141,9 +141,10 @@ def warn_if_function_carries_large_data(func: Callable, kind: str) -> None:
     listed = ", ".join(f"{name!r} ({dask.utils.format_bytes(size)})" for size, name in sorted(large, reverse=True))
     function = getattr(func, "__qualname__", None) or repr(func)
     warnings.warn(
-        f"the {kind} function {function} carries {listed} to every worker with it; pass large data "
-        f"through the dataframe, or load it inside the function (from storage), so that each group "
-        f"reads what it needs",
+        f"the {kind} function {function} carries {listed} to every worker with it (once per worker, "
+        f"before the run starts). If each group needs only its own part of it, merge that part into "
+        f"the dataframe or read it inside the function instead; if every group needs all of it, this "
+        f"is expected",
         UserWarning,
         stacklevel=4,
     )

@@ -490,7 +490,7 @@ def test_a_function_that_carries_large_data_gets_a_warning(client, ddf, tmp_path
         run = ddf.manymodel.train(train_with_weights, by="store", url=str(tmp_path), run_id="r1")
     message = str(caught[0].message)
     assert "train_with_weights carries 'weights' (2.00 MiB) to every worker" in message
-    assert "small" not in message and "through the dataframe" in message
+    assert "small" not in message and "merge that part into the dataframe" in message
     assert run.wait(show_progress=False) == RunStatus.SUCCESS  # a warning only
 
     with pytest.warns(UserWarning, match=r"carries 'argument 0' \(2.00 MiB\)"):
