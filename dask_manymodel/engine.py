@@ -132,10 +132,14 @@ def warn_if_function_carries_large_data(func: Callable, kind: str) -> None:
     """Warn when the user function carries large objects to every worker,
     most often a notebook's whole DataFrame used inside the function."""
     large = []
-    for name, value in _carried_values(func).items():
-        size = dask.sizeof.sizeof(value)
-        if size >= _LARGE_FUNCTION_BYTES:
-            large.append((size, name))
+    try:
+        for name, value in _carried_values(func).items():
+            size = dask.sizeof.sizeof(value)
+            if size >= _LARGE_FUNCTION_BYTES:
+                large.append((size, name))
+    except Exception:  # an empty closure cell, a broken __sizeof__: a hint is not worth failing a run
+        logger.debug("could not size what the function carries", exc_info=True)
+        return
     if not large:
         return
     listed = ", ".join(f"{name!r} ({dask.utils.format_bytes(size)})" for size, name in sorted(large, reverse=True))

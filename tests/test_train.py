@@ -502,6 +502,16 @@ def test_a_function_that_carries_large_data_gets_a_warning(client, ddf, tmp_path
         run = ddf.manymodel.train(ScaledFit(weights).train, by="store", url=str(tmp_path), run_id="r3")
     assert run.wait(show_progress=False) == RunStatus.SUCCESS
 
+    # a closure whose variable is set only after the call: looking at it must not stop the run from
+    # starting (its groups then fail as they would anyway: the function was sent without the value)
+    def uses_a_later_value(data, ctx):
+        return fit_line(data, ctx) * later
+
+    run = ddf.manymodel.train(uses_a_later_value, by="store", url=str(tmp_path), run_id="r4")
+    later = 1.0
+    assert run.wait(show_progress=False) == RunStatus.FAILURE
+    assert "later" in run.partition_details[0].error
+
 
 def test_embedded_cluster_without_a_client(tmp_path):
     script = textwrap.dedent(
