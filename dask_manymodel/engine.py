@@ -143,15 +143,20 @@ def warn_if_function_carries_large_data(func: Callable, kind: str) -> None:
     if not large:
         return
     listed = ", ".join(f"{name!r} ({dask.utils.format_bytes(size)})" for size, name in sorted(large, reverse=True))
-    function = getattr(func, "__qualname__", None) or repr(func)
     warnings.warn(
-        f"the {kind} function {function} carries {listed} to every worker with it (once per worker, "
+        f"the {describe_function(func, kind)} carries {listed} to every worker with it (once per worker, "
         f"before the run starts). If each group needs only its own part of it, merge that part into "
         f"the dataframe or read it inside the function instead; if every group needs all of it, this "
         f"is expected",
         UserWarning,
         stacklevel=4,
     )
+
+
+def describe_function(func: Callable, kind: str) -> str:
+    """``"train function fit_line"``: how messages name the user function."""
+    kind_name = "DPF" if kind == "dpf" else kind
+    return f"{kind_name} function {getattr(func, '__qualname__', None) or repr(func)}"
 
 
 def _carried_values(func: Callable) -> dict[str, Any]:
@@ -288,7 +293,8 @@ def send_spec(spec: "RunSpec", client: distributed.Client) -> distributed.Future
         if any(sign in str(exc) for sign in _CANNOT_LOAD_SIGNS):
             # a worker could not unpickle it: Dask relays the worker's error as text
             raise InvalidArgumentError(
-                f"the {_function_name(spec)} (or its serde) cannot be loaded on the workers: {exc}. "
+                f"the {describe_function(spec.func, spec.kind)} (or its serde) cannot be loaded on the "
+                f"workers: {exc}. "
                 f"The workers need every module it refers to: install it there, send a single file "
                 f"with client.upload_file(path), or send the module's code along with the function: "
                 f"cloudpickle.register_pickle_by_value(module)"
@@ -300,16 +306,11 @@ def send_spec(spec: "RunSpec", client: distributed.Client) -> distributed.Future
 _CANNOT_LOAD_SIGNS = ("ModuleNotFoundError", "ImportError", "Can't get attribute")
 
 
-def _function_name(spec: "RunSpec") -> str:
-    kind_name = "DPF" if spec.kind == "dpf" else spec.kind
-    return f"{kind_name} function {getattr(spec.func, '__qualname__', None) or repr(spec.func)}"
-
-
 def _unpicklable_part(spec: "RunSpec") -> tuple[str, str, Exception] | None:
     """The first part of ``spec`` that cloudpickle refuses: (its name for the
     user, what to do, the error)."""
     parts = [
-        (_function_name(spec), spec.func,
+        (describe_function(spec.func, spec.kind), spec.func,
          "It, or something it refers to (a global or a variable of an enclosing function), cannot be "
          "pickled; create such objects (locks, open files, connections, clients) inside the function instead"),
         (f"serde {type(spec.serde).__name__}", spec.serde,
@@ -333,15 +334,8 @@ def warn_if_no_worker_offers(resources: dict | None, client: distributed.Client)
     an error: on a cluster that scales, such workers may join later."""
     if not resources:
         return
-    try:
-        # every worker's (scheduler_info lists only the first few in newer distributed)
-        offered = client.run_on_scheduler(
-            lambda dask_scheduler: [dict(ws.resources) for ws in dask_scheduler.workers.values()]
-        )
-    except Exception:  # a scheduler that runs no client functions: no warning, as before
-        logger.debug("could not ask the scheduler for its workers' resources", exc_info=True)
-        return
-    if any(all(worker.get(name, 0) >= amount for name, amount in resources.items()) for worker in offered):
+    offered = workers_resources(client)
+    if offered is None or some_worker_offers(resources, offered):
         return
     theirs = sorted({f"{name}={amount}" for worker in offered for name, amount in worker.items()})
     warnings.warn(
@@ -352,6 +346,24 @@ def warn_if_no_worker_offers(resources: dict | None, client: distributed.Client)
         UserWarning,
         stacklevel=4,
     )
+
+
+def workers_resources(client: distributed.Client) -> list[dict] | None:
+    """Every worker's resources, asked of the scheduler (``scheduler_info``
+    lists only the first few in newer distributed); None if it would not say."""
+    try:
+        # a local lambda travels by value: the scheduler need not have dask_manymodel
+        return client.run_on_scheduler(
+            lambda dask_scheduler: [dict(ws.resources) for ws in dask_scheduler.workers.values()]
+        )
+    except Exception:  # a scheduler that runs no client functions
+        logger.debug("could not ask the scheduler for its workers' resources", exc_info=True)
+        return None
+
+
+def some_worker_offers(resources: dict, offered: list[dict]) -> bool:
+    """Whether one of the workers' ``offered`` resources covers ``resources``."""
+    return any(all(worker.get(name, 0) >= amount for name, amount in resources.items()) for worker in offered)
 
 
 def run_exists(store: RunStore) -> bool:
@@ -1212,7 +1224,7 @@ def start_run(
 
     # 1. everything that needs no compute -----------------------------------
     check_function(func, kind)
-    warn_if_function_carries_large_data(func, "DPF" if kind == "dpf" else kind)
+    warn_if_function_carries_large_data(func, kind)
     ddf = index_as_column(as_dask_dataframe(dataframe), by)
     by = check_by(by, ddf)
     check_run_id(run_id)

@@ -356,25 +356,21 @@ class ManyModelRun:
                 continue
             key = normalize_key(self._partition_id(group), len(self.partition_by))
             if dropped:
-                record = _record(self._spec, key, group["path"], status="CANCELLED", rows=group.get("rows", 0))
-                records.append(_write_status(self._spec, record))
-                continue
-            record = _record(
-                self._spec,
-                key,
-                group["path"],
-                status="INTERNAL_ERROR",
-                rows=group.get("rows", 0),
-                error=(
-                    f"group {self._partition_id(group)!r} ({group.get('rows', 0):,} rows) was lost "
-                    f"with the task running it: {type(exc).__name__}: {exc}"
-                    + (
-                        "; its worker may have run out of memory"
-                        if type(exc).__name__ == "KilledWorker"
-                        else ""
-                    )
-                ),
-            )
+                outcome = {"status": "CANCELLED"}
+            else:
+                outcome = {
+                    "status": "INTERNAL_ERROR",
+                    "error": (
+                        f"group {self._partition_id(group)!r} ({group.get('rows', 0):,} rows) was lost "
+                        f"with the task running it: {type(exc).__name__}: {exc}"
+                        + (
+                            "; its worker may have run out of memory"
+                            if type(exc).__name__ == "KilledWorker"
+                            else ""
+                        )
+                    ),
+                }
+            record = _record(self._spec, key, group["path"], rows=group.get("rows", 0), **outcome)
             records.append(_write_status(self._spec, record))
         return records
 
@@ -615,26 +611,26 @@ class ManyModelRun:
     def _tasks_no_worker_can_run(self) -> set:
         """Keys of this run's tasks that have not started and need resources
         that no worker of the cluster offers now."""
+        from .engine import some_worker_offers, workers_resources
+
+        needs = self._spec.options.resources  # every task of the run needs the same
+        if not needs:
+            return set()
+        offered = workers_resources(self._client)
+        if offered is None or some_worker_offers(needs, offered):
+            return set()
         keys = [f.key for f in self._futures]
-
-        def unrunnable(dask_scheduler) -> list:
-            offered = [ws.resources for ws in dask_scheduler.workers.values()]
-            found = []
-            for key in keys:
-                ts = dask_scheduler.tasks.get(key)
-                needs = ts.resource_restrictions if ts is not None else None
-                # only tasks that have not started: dropping one cuts nothing short
-                if needs and ts.state in ("released", "waiting", "queued", "no-worker") and not any(
-                    all(worker.get(name, 0) >= amount for name, amount in needs.items()) for worker in offered
-                ):
-                    found.append(key)
-            return found
-
         try:
-            # a local function travels by value: the scheduler need not have dask_manymodel
-            return set(self._client.run_on_scheduler(unrunnable))
+            # only tasks that have not started: dropping one cuts nothing short
+            return set(self._client.run_on_scheduler(
+                lambda dask_scheduler: [
+                    key for key in keys
+                    if key in dask_scheduler.tasks
+                    and dask_scheduler.tasks[key].state in ("released", "waiting", "queued", "no-worker")
+                ]
+            ))
         except Exception:  # the scheduler is gone or busy: cancel as before
-            logger.debug("could not ask the scheduler for unrunnable tasks", exc_info=True)
+            logger.debug("could not ask the scheduler for the run's tasks", exc_info=True)
             return set()
 
     def retry_failed(self, *, show_progress: bool = False) -> "ManyModelRun":
