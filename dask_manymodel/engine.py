@@ -391,6 +391,41 @@ _COUNT_FAN_IN = 16  # count frames combined per task
 _COUNT_AGG = {_ROWS: "sum", _PARTS: "sum", _HOME: "min"}
 
 
+def persisted_partitions(ddf: dd.DataFrame) -> list[distributed.Future] | None:
+    """The futures of ``ddf``'s partitions, in order, when it is nothing but
+    persisted partitions (``ddf = ddf.persist()``); None when some partition
+    is still to be computed.
+
+    A run reads such a frame's futures as they are: persisting it again
+    puts one alias task per partition in front of every task that reads
+    it, and another message to the scheduler. In W2 (benchmarks/), the
+    run's first tasks then started 20-35 ms later and some first fetched a
+    partition from the other worker: whole runs took 7-14% longer.
+    """
+    try:  # dask's own classes; with another dask, the run persists as before
+        from dask._task_spec import Alias
+        from dask.dataframe.dask_expr.io.io import FromGraph
+    except ImportError:
+        return None
+    if not isinstance(getattr(ddf, "expr", None), FromGraph):
+        return None  # lazy: do not build its graph twice
+    graph = ddf.__dask_graph__()
+    futures = []
+    for key in ddf.__dask_keys__():
+        node = graph.get(key)
+        while isinstance(node, Alias):
+            node = graph.get(node.target)
+        if not isinstance(node, distributed.Future):
+            return None
+        futures.append(node)
+    return futures
+
+
+def _sorted_futures(ddf: dd.DataFrame) -> list[distributed.Future]:
+    # the persisted keys are those of the lowered graph, (name, i) for i in 0..n-1
+    return sorted(distributed.futures_of(ddf), key=lambda future: future.key[1])
+
+
 def count_groups(ddf: dd.DataFrame, by: list, client: distributed.Client) -> pd.DataFrame:
     """One pass over the (persisted) input: per group its rows, how many
     input partitions hold some of them, and the first of those partitions.
@@ -401,7 +436,9 @@ def count_groups(ddf: dd.DataFrame, by: list, client: distributed.Client) -> pd.
     return submit_count(ddf, by, client).result()
 
 
-def submit_count(ddf: dd.DataFrame, by: list, client: distributed.Client) -> distributed.Future:
+def submit_count(
+    ddf: dd.DataFrame, by: list, client: distributed.Client, partitions: list[distributed.Future] | None = None
+) -> distributed.Future:
     """Start :func:`count_groups` on the workers; returns the future of its result,
     so that the client can do other work (send the run's spec) meanwhile.
 
@@ -411,8 +448,9 @@ def submit_count(ddf: dd.DataFrame, by: list, client: distributed.Client) -> dis
     benchmarks/bench_workloads.py count``: 0.13 s -> 0.07 s for 2,000 groups
     in 8 partitions, 0.21 s -> 0.13 s for 200,000).
     """
-    partitions = sorted(distributed.futures_of(ddf), key=lambda future: future.key[1])
-    if len(partitions) != ddf.npartitions:  # not persisted: count through Dask's own graph
+    if partitions is None:
+        partitions = persisted_partitions(ddf)
+    if partitions is None:  # not persisted: count through Dask's own graph
         return _count_groups_graph(ddf, by, client)
     name = f"manymodel-count-{uuid.uuid4().hex}"
     counts = client.map(
@@ -1296,8 +1334,12 @@ def start_run(
     warn_if_no_worker_offers(options.resources, client)
     # read the input once: the count and the run both start from this copy
     # (a run persists its shuffled rows anyway, so this needs no more memory)
-    lazy, ddf = ddf, client.persist(ddf)
-    counting = submit_count(ddf, by, client)
+    lazy = ddf
+    partitions = persisted_partitions(ddf)
+    if partitions is None:
+        ddf = client.persist(ddf)
+        partitions = persisted_partitions(ddf) or _sorted_futures(ddf)
+    counting = submit_count(ddf, by, client, partitions)
     attempt = previous["attempt"] if previous else uuid.uuid4().hex
     submission = uuid.uuid4().hex
     spec = RunSpec(
@@ -1438,17 +1480,16 @@ def start_run(
         )
         if done_paths:
             tagged = tagged[tagged[PARTITION_COLUMN] >= 0]
-    if shuffle:
-        shuffle_kwargs = {"shuffle_method": options.shuffle_method} if options.shuffle_method else {}
-        # explicit divisions 0..n: output partition i holds exactly the groups assigned to i
-        ready = tagged.set_index(PARTITION_COLUMN, divisions=list(range(npartitions + 1)), **shuffle_kwargs)
-    elif done_paths:
-        ready = tagged.drop(columns=PARTITION_COLUMN)
-    else:
-        ready = ddf
-    ready = client.persist(ready)
-    # the persisted keys are those of the lowered graph, (name, i) for i in 0..n-1
-    ordered = sorted(distributed.futures_of(ready), key=lambda f: f.key[1])
+        if shuffle:
+            shuffle_kwargs = {"shuffle_method": options.shuffle_method} if options.shuffle_method else {}
+            # explicit divisions 0..n: output partition i holds exactly the groups assigned to i
+            ready = tagged.set_index(PARTITION_COLUMN, divisions=list(range(npartitions + 1)), **shuffle_kwargs)
+        else:
+            ready = tagged.drop(columns=PARTITION_COLUMN)
+        ready = client.persist(ready)
+        ordered = _sorted_futures(ready)
+    else:  # each task reads its input partition as it is
+        ready, ordered = ddf, partitions
     assert len(ordered) == npartitions, (len(ordered), npartitions)
 
     # 5. one task per output partition --------------------------------------

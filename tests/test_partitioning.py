@@ -241,6 +241,33 @@ def test_even_tasks_run_where_their_input_partition_is(client, store_url, tmp_pa
     assert run.wait(show_progress=False) == RunStatus.SUCCESS
 
 
+def test_a_persisted_frame_is_read_as_it_is(client, store_url):
+    """The run's tasks read the persisted partitions themselves: persisting
+    them again put an alias task in front of each (a W2 run took 7-14%
+    longer with them, benchmarks/README.md)."""
+    from dask_manymodel.engine import persisted_partitions
+
+    lazy = dd.from_pandas(make_frame(8, 40), npartitions=4)
+    persisted = client.persist(lazy)
+    partition_keys = [future.key for future in persisted_partitions(persisted)]
+    assert partition_keys == sorted(f.key for f in distributed.futures_of(persisted))
+    assert persisted_partitions(lazy) is None
+    assert persisted_partitions(persisted[["store", "y"]]) is None  # a step still to compute
+    assert persisted_partitions(persisted.assign(z=1)) is None
+
+    run, prefixes = train_and_watch(client, persisted, store_url, "r1")
+    assert not prefixes & set(SHUFFLE_PREFIXES), prefixes
+    task_keys = [future.key for future in run.futures]
+
+    def dependencies(dask_scheduler):
+        return {dep.key for key in task_keys for dep in dask_scheduler.tasks[key].dependencies}
+
+    # (the other dependency is the run's spec, scattered under a string key)
+    read = {key for key in client.run_on_scheduler(dependencies) if isinstance(key, tuple)}
+    assert read == set(partition_keys), (read, partition_keys)
+    assert_fitted(run, 8)
+
+
 def test_split_partitions_keeps_small_ones_whole():
     from dask_manymodel.engine import split_partitions
 
