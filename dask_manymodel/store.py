@@ -23,6 +23,7 @@ import logging
 import os
 import posixpath
 import random
+import re
 import time
 import uuid
 from typing import Any, Callable, Sequence, TypeVar
@@ -59,6 +60,8 @@ def is_null(value: Any) -> bool:
     """True for None, NaN, NaT and pd.NA (what ``groupby(dropna=False)`` yields)."""
     if value is None:
         return True
+    if type(value) is int or type(value) is str:  # the usual keys, without pd.isna
+        return False
     try:
         return bool(pd.isna(value))
     except (TypeError, ValueError):  # list-likes
@@ -75,9 +78,15 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
+# what quote() below leaves as it is (less "~")
+_NEEDS_NO_QUOTING = re.compile(r"[A-Za-z0-9_.\-]*")
+
+
 def _encode_text(text: str) -> str:
     # quote() leaves only letters, digits and "_.-~" alone; "~" is taken as
     # the marker of a shortened segment, so it is encoded too.
+    if _NEEDS_NO_QUOTING.fullmatch(text):
+        return text  # most keys and column names: a third of quote()'s time
     return quote(text, safe="", errors="surrogatepass").replace("~", "%7E")
 
 
@@ -95,9 +104,12 @@ def encode_value(value: Any) -> str:
     >>> encode_value(None)
     '__HIVE_DEFAULT_PARTITION__'
     """
-    if is_null(value):
+    if type(value) is int or type(value) is str:
+        text = str(value)  # the usual keys: never null, their own text
+    elif is_null(value):
         return NULL_SEGMENT
-    text = _as_text(value)
+    else:
+        text = _as_text(value)
     encoded = _encode_text(text)
     if encoded == NULL_SEGMENT:  # the string itself, not a null
         encoded = "%5F" + encoded[1:]

@@ -47,6 +47,22 @@ def test_encode_value(value, expected):
     assert encode_value(value) == expected
 
 
+@pytest.mark.parametrize(
+    "text", [chr(code) for code in range(32, 127)] + ["", "abc-DEF_9.x", "a b", "line\nbreak", "-12", "ü"]
+)
+def test_texts_that_need_no_escapes_are_left_as_quote_leaves_them(text):
+    # the text is checked before quote() is called, for speed: same result
+    from urllib.parse import quote
+
+    assert encode_value(text) == quote(text, safe="").replace("~", "%7E")
+
+
+def test_integer_keys_are_their_digits_and_long_ones_are_shortened():
+    assert encode_value(-12) == "-12" and encode_value(np.int32(-12)) == "-12"
+    assert encode_value(10**250) == encode_value(str(10**250))
+    assert len(encode_value(10**250)) <= MAX_SEGMENT_CHARS and "~" in encode_value(10**250)
+
+
 def test_long_values_are_shortened_with_a_hash():
     a, b = "x" * 300, "x" * 299 + "y"
     assert len(encode_value(a)) <= MAX_SEGMENT_CHARS
