@@ -268,6 +268,19 @@ def test_a_persisted_frame_is_read_as_it_is(client, store_url):
     assert_fitted(run, 8)
 
 
+def test_only_a_fragmented_partition_is_copied_to_consolidate_it():
+    from dask_manymodel.engine import _fragmented
+
+    whole = pd.DataFrame(np.ones((10, 6)), columns=[f"x{i}" for i in range(6)]).assign(store=1)
+    one_block_per_column = pd.concat([whole[[column]].copy() for column in whole.columns], axis=1)
+    assert _fragmented(one_block_per_column)  # as a p2p shuffle hands it over
+    assert not _fragmented(one_block_per_column.copy())
+    assert not _fragmented(whole.assign(y=2.0))  # a column or two added: a copy gains little
+    # extension columns keep a block each, copied or not
+    texts = pd.DataFrame({f"s{i}": pd.array(["a"] * 10, dtype="string[pyarrow]") for i in range(8)})
+    assert not _fragmented(texts)
+
+
 def test_split_partitions_keeps_small_ones_whole():
     from dask_manymodel.engine import split_partitions
 
