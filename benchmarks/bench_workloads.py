@@ -338,7 +338,9 @@ def floor(repeats: int, n_groups: int = 20_000, rows: int = 50, name: str = "W1"
     frames = [group for _, group in pdf.groupby("g", sort=False)]
     models = [fit(group) for group in frames]
     blobs = [pickle.dumps(model) for model in models]
-    _FLOOR_DATA = (frames, models, blobs)
+    # the serial loop's own input, cut in two as two partitions would be
+    loop_halves = [pdf[pdf["g"] < n_groups // 2], pdf[pdf["g"] >= n_groups // 2]]
+    _FLOOR_DATA = (frames, models, blobs, loop_halves)
     everything = range(n_groups)
     halves = [range(0, n_groups, 2), range(1, n_groups, 2)]
     with multiprocessing.get_context("fork").Pool(2) as pool:
@@ -356,11 +358,17 @@ def floor(repeats: int, n_groups: int = 20_000, rows: int = 50, name: str = "W1"
                 "fit, two processes at once": two_at_once(_fit_groups),
                 "save, two processes at once": two_at_once(_loop_files),
                 "folder + model + status, two at once": two_at_once(_our_files),
+                "serial loop (all of it)": lambda folder: serial_loop(pdf, folder),
+                "serial loop, two processes at once": lambda folder: pool.starmap(
+                    _serial_loop_half, [(folder, 0), (folder, 1)]
+                ),
             },
             repeats,
         )
+    halved = median_ratio(times["serial loop, two processes at once"], times["serial loop (all of it)"])
     us = {name: statistics.median(seconds) / n_groups * 1e6 for name, seconds in times.items()}
-    for both in ("fit, two processes at once", "save, two processes at once", "folder + model + status, two at once"):
+    for both in ("fit, two processes at once", "save, two processes at once", "folder + model + status, two at once",
+                 "serial loop, two processes at once"):
         us[both] *= 2  # per group in each process: each wrote half of the groups
     print(f"\n{name} floor: microseconds per group ({n_groups:,} groups x {rows} rows, medians; "
           f"'two at once': per group in each of two processes doing it at the same time)")
@@ -375,6 +383,8 @@ def floor(repeats: int, n_groups: int = 20_000, rows: int = 50, name: str = "W1"
           f"{(ours + us['folder + model + status']) / 2 / serial:.2f}x at one process's speed, "
           f"{two / 2 / serial:.2f}x with the fit and the files at two processes' "
           f"(the pieces alone: no scheduling, no shuffle)")
+    print(f"the serial loop itself, each half of the groups in one of two processes at once: {halved:.2f}x "
+          f"the serial loop (no Dask; the input cut in two beforehand)")
 
 
 _FLOOR_DATA: tuple = ()  # (groups, models, pickled models) for the floor's forked processes
@@ -391,6 +401,10 @@ def _loop_files(folder: str, groups: range) -> None:
     models = _FLOOR_DATA[1]
     for i in groups:
         save(folder, i, models[i])
+
+
+def _serial_loop_half(folder: str, half: int) -> None:
+    serial_loop(_FLOOR_DATA[3][half], folder)
 
 
 def _our_files(folder: str, groups: range) -> None:
