@@ -1352,8 +1352,9 @@ def start_run(
     client = get_or_start_client()
     check_workers_share_store(store, client)
     warn_if_no_worker_offers(options.resources, client)
-    # read the input once: the count and the run both start from this copy
-    # (a run persists its shuffled rows anyway, so this needs no more memory)
+    # read the input once: the count and the run both start from its
+    # persisted partitions (a run persists its shuffled rows anyway, so this
+    # needs no more memory); an input persisted already is read as it is
     lazy = ddf
     partitions = persisted_partitions(ddf)
     if partitions is None:
