@@ -589,44 +589,96 @@ class RunSpec:
     training_store: RunStore | None = None
     training_attempt: str | None = None
     extra: dict = field(default_factory=dict)
+    # this start of the run, also in its _run.json: another start (an
+    # overwrite or resume while this one runs) writes its own there, and this
+    # one's tasks then stop writing (_run_was_superseded). None: not fenced.
+    submission: str | None = None
 
 
-# The last answer to "was this run cancelled?" in this process, per run (the
-# cancel event's name): (when it was asked, the answer). Asking is a round trip
-# to the scheduler (~7 ms), which a task of a few dozen ms would otherwise pay
-# at its start; the tasks of one run on one worker share the answer instead,
-# so a process asks at most once per _HEARTBEAT_SECONDS per run.
-_cancel_answers: dict[str, tuple[float, bool]] = {}
-_cancel_answers_lock = threading.Lock()
+# The last answers in this process to "was this run cancelled?" (asked of the
+# scheduler: a round trip of ~7 ms) and "was it superseded?" (a read of its
+# _run.json), per run: (when it was asked, the answer). A task of a few dozen
+# ms would otherwise pay the question at its start; the tasks of one run on
+# one worker share the answer instead, so a process asks each at most once
+# per _HEARTBEAT_SECONDS per run.
+_shared_answers: dict[str, tuple[float, bool]] = {}
+_shared_answers_lock = threading.Lock()
 # answers older than this are dropped, so a long-lived worker keeps few
-_CANCEL_ANSWER_KEEP_SECONDS = 600.0
+_SHARED_ANSWER_KEEP_SECONDS = 600.0
 
 
-def _run_was_cancelled(cancel_event: str) -> bool:
-    """Whether the run's cancel event is set, asking the scheduler only if no
-    task in this process asked in the last _HEARTBEAT_SECONDS."""
-    with _cancel_answers_lock:
-        asked_at, answer = _cancel_answers.get(cancel_event, (-np.inf, False))
+def _shared_answer(question: str, ask: Callable[[], bool]) -> bool:
+    """The answer to ``question`` (once yes, yes for good): ``ask()`` only if
+    no task in this process asked in the last _HEARTBEAT_SECONDS."""
+    with _shared_answers_lock:
+        asked_at, answer = _shared_answers.get(question, (-np.inf, False))
     if answer or time.monotonic() - asked_at < _HEARTBEAT_SECONDS:
         return answer
-    try:
-        answer = distributed.Event(cancel_event).is_set()
-    except Exception:  # the scheduler is busy or gone: keep working
-        logger.debug("could not check the cancel event", exc_info=True)
-        return False
-    _remember_cancel_answer(cancel_event, answer)
+    answer = ask()
+    _remember_answer(question, answer)
     return answer
 
 
-def _remember_cancel_answer(cancel_event: str, answer: bool) -> None:
+def _remember_answer(question: str, answer: bool) -> None:
     now = time.monotonic()
-    with _cancel_answers_lock:
-        # a cancel, once seen, stays seen
-        answer = answer or _cancel_answers.get(cancel_event, (now, False))[1]
-        _cancel_answers[cancel_event] = (now, answer)
-        for name, (asked_at, _) in list(_cancel_answers.items()):
-            if now - asked_at > _CANCEL_ANSWER_KEEP_SECONDS:
-                del _cancel_answers[name]
+    with _shared_answers_lock:
+        # a yes (a cancel, another start), once seen, stays seen
+        answer = answer or _shared_answers.get(question, (now, False))[1]
+        _shared_answers[question] = (now, answer)
+        for name, (asked_at, _) in list(_shared_answers.items()):
+            if now - asked_at > _SHARED_ANSWER_KEEP_SECONDS:
+                del _shared_answers[name]
+
+
+def _run_was_cancelled(cancel_event: str) -> bool:
+    """Whether the run's cancel event is set (see :func:`_shared_answer`)."""
+    try:
+        return _shared_answer(cancel_event, lambda: distributed.Event(cancel_event).is_set())
+    except Exception:  # the scheduler is busy or gone: keep working
+        logger.debug("could not check the cancel event", exc_info=True)
+        return False
+
+
+def _run_was_superseded(spec: RunSpec) -> bool:
+    """Whether the run was started again while this start of it runs: its
+    ``_run.json`` now names another submission (an overwrite or a resume by
+    another client, e.g. a batch job retried while its first try still runs),
+    or is gone (the run was deleted). Its folders then belong to that other
+    start, and this one must write nothing more there: neither models nor
+    statuses, nor its own final ``_run.json``.
+
+    Read from storage at most once per _HEARTBEAT_SECONDS per process. A
+    read that fails for another reason (the store is briefly unreachable, the
+    file is half-written by a non-atomic writer) is no evidence: work goes on.
+    """
+    if spec.submission is None:
+        return False
+
+    def ask() -> bool:
+        return superseded_by(spec.store, spec.submission) is not None
+
+    try:
+        return _shared_answer(f"superseded-{spec.submission}", ask)
+    except Exception:
+        logger.debug("could not read the run's manifest to check for another start", exc_info=True)
+        return False
+
+
+def superseded_by(store: RunStore, submission: str) -> str | None:
+    """What replaced this start of the run in storage (a sentence), or None
+    if its ``_run.json`` still names ``submission``. Raises what the read
+    raises, except that a missing ``_run.json`` means the run was deleted."""
+    try:
+        manifest = store.read_json(store.path(RUN_MANIFEST))
+    except FileNotFoundError:
+        return f"run {store.run_id!r} was deleted from {store.url} while it ran"
+    if not isinstance(manifest, dict) or manifest.get("submission") == submission:
+        return None
+    return (
+        f"run {store.run_id!r} at {store.url} was started again while this one ran (an overwrite or "
+        f"resume, most often by another client: attempt {manifest.get('attempt')!r}); its folders belong "
+        f"to that run now"
+    )
 
 
 class _Heartbeat:
@@ -636,6 +688,7 @@ class _Heartbeat:
         self.spec = spec
         self.last = -np.inf
         self.cancelled = False
+        self.superseded = False  # see _run_was_superseded
         self.pending = {"done": 0, "failed": 0}
         try:
             self.worker = distributed.get_worker()
@@ -646,15 +699,22 @@ class _Heartbeat:
         self.pending["done" if status == "DONE" else "failed"] += 1
 
     def beat(self) -> bool:
-        """Report progress and return True if the run was cancelled. Does
-        either at most once per _HEARTBEAT_SECONDS; the first call does both."""
+        """Report progress and return True if the run was cancelled or
+        superseded. Does either at most once per _HEARTBEAT_SECONDS; the first
+        call does both."""
         now = time.monotonic()
         if self.cancelled or self.worker is None or now - self.last < _HEARTBEAT_SECONDS:
             return self.cancelled
         self.last = now
         self.report()
-        self.cancelled = _run_was_cancelled(self.spec.cancel_event)
+        self.cancelled = _run_was_cancelled(self.spec.cancel_event) or self.check_superseded()
         return self.cancelled
+
+    def check_superseded(self) -> bool:
+        """Whether the run was started again elsewhere (then nothing more may
+        be written; see _run_was_superseded); remembered once true."""
+        self.superseded = self.superseded or _run_was_superseded(self.spec)
+        return self.superseded
 
     def report(self) -> None:
         """Send the progress counted since the last report (an event the
@@ -668,7 +728,7 @@ class _Heartbeat:
         their next group, the others' within _HEARTBEAT_SECONDS)."""
         self.cancelled = True
         if self.worker is not None:
-            _remember_cancel_answer(self.spec.cancel_event, True)
+            _remember_answer(self.spec.cancel_event, True)
             distributed.Event(self.spec.cancel_event).set()
 
 
@@ -1101,6 +1161,9 @@ class _PendingWrites:
     def flush(self) -> None:
         store = self.spec.store
         entries, self.entries, self.nbytes = self.entries, [], 0
+        if entries and self.heartbeat.check_superseded():
+            self._drop(entries)
+            return
         folders: set[str] = set()  # the groups' folders made for their models
         failed = store.write_many(
             {path: data for _, files in entries for path, data in files.items()}, made_folders=folders
@@ -1133,6 +1196,25 @@ class _PendingWrites:
             self.heartbeat.count(record["status"])
             # what the task returns; the full record is in storage now
             self.written.append(_compact(record))
+
+    def _drop(self, entries: list[tuple[dict, dict[str, bytes]]]) -> None:
+        """The run was started again elsewhere: its folders are that run's
+        now, so these groups' files are not written; the task reports them
+        CANCELLED, saying why."""
+        reason = _superseded_message(self.spec)
+        for record, _ in entries:
+            record.update(status="CANCELLED", error=f"not written: {reason}", traceback=None)
+            self.heartbeat.count(record["status"])
+            self.written.append(_compact(record))
+
+
+def _superseded_message(spec: RunSpec) -> str:
+    """Why a superseded run's groups were not written (read again: the
+    answer that stopped the task is shared, not its sentence)."""
+    try:
+        return superseded_by(spec.store, spec.submission) or "the run was started again elsewhere"
+    except Exception:
+        return "the run was started again elsewhere"
 
 
 def run_partition(spec: RunSpec, frame: pd.DataFrame, keep: pd.Index | None = None) -> TaskRecords:
@@ -1378,6 +1460,7 @@ def start_run(
         progress_topic=f"manymodel-progress-{submission}",
         training_store=training_store,
         training_attempt=training_manifest.get("attempt") if training_manifest else None,
+        submission=submission,
     )
     # while the workers count: the spec to every worker up front (a task that
     # first had to fetch it would let its worker start a later task
@@ -1430,6 +1513,7 @@ def start_run(
         "finished": None,
         "status": "IN_PROGRESS" if len(groups) > len(done_paths) else "SUCCESS",
         "attempt": attempt,
+        "submission": submission,
         "n_groups": len(groups),
         "counts": {},
         "cancelled": False,

@@ -343,6 +343,7 @@ class ManyModelRun:
         from .engine import _record, _write_status
 
         dropped = self._manifest.get("cancelled") and isinstance(exc, concurrent.futures.CancelledError)
+        superseded = self._superseded_by()
 
         paths = [g["path"] for g in self._groups if g.get("task") == task_index]
         stored = self._read_statuses(paths)
@@ -371,20 +372,47 @@ class ManyModelRun:
                     ),
                 }
             record = _record(self._spec, key, group["path"], rows=group.get("rows", 0), **outcome)
+            if superseded is not None:  # the folder is another run's now: kept here only
+                record.update(status="CANCELLED", error=f"not written: {superseded}")
+                records.append(record)
+                continue
             records.append(_write_status(self._spec, record))
         return records
 
     def _finalize(self) -> None:
+        superseded = self._superseded_by()
         statuses = [PartitionStatus(r["status"]) for r in self._records.values()]
         counts = {s.value: statuses.count(s) for s in PartitionStatus if statuses.count(s)}
-        cancelled = bool(self._manifest.get("cancelled"))
+        cancelled = bool(self._manifest.get("cancelled")) or superseded is not None
         status = _aggregate(statuses, cancelled and PartitionStatus.CANCELLED in statuses, True)
         self._manifest.update(
             status=status.value,
             counts=counts,
             finished=datetime.datetime.now(datetime.timezone.utc).isoformat(),
         )
+        if superseded is not None:
+            # the run's _run.json is the other start's now: writing ours over
+            # it would make that run's statuses stop counting
+            logger.warning(
+                "%s; this handle's final status (%s) is not written there, and its groups that "
+                "finished after that were not written (CANCELLED here)", superseded, status.value,
+            )
+            return
         self._store.write_json(self._store.path(RUN_MANIFEST), self._manifest)
+
+    def _superseded_by(self) -> str | None:
+        """Why this run may no longer write into its folder (it was started
+        again elsewhere, or deleted), or None. A failed read is no evidence."""
+        from .engine import superseded_by
+
+        submission = self._manifest.get("submission")
+        if submission is None:
+            return None
+        try:
+            return superseded_by(self._store, submission)
+        except Exception:
+            logger.debug("could not read the run's manifest to check for another start", exc_info=True)
+            return None
 
     # ------------------------------------------------------------------
     # status

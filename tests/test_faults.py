@@ -4,6 +4,7 @@ groups too big for a worker."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -26,9 +27,18 @@ from dask_manymodel import (
     RunStatus,
     StorageError,
 )
+from dask_manymodel.engine import RunSpec, _run_was_superseded, _write_manifest, superseded_by
+from dask_manymodel.store import RunStore
 
 from . import flaky_fs
-from .conftest import fit_line, hold_until_released, make_frame, poll, set_worker_env
+from .conftest import (
+    cancel_checked_before_every_group,
+    fit_line,
+    hold_until_released,
+    make_frame,
+    poll,
+    set_worker_env,
+)
 
 
 def generated_frame(n_groups: int, rows: int, npartitions: int = 4) -> dd.DataFrame:
@@ -228,6 +238,61 @@ def test_two_runs_with_one_id_at_once(client, tmp_path):
     assert restored.status == RunStatus.SUCCESS
     assert restored.manifest["attempt"] == runs[0].manifest["attempt"]
     assert len(restored.get_progress()["DONE"]) == 10
+
+
+def test_a_run_started_again_elsewhere_writes_nothing_more(client, tmp_path, caplog):
+    """A batch job retried while its first try still runs: the second start
+    overwrites the run, and the first one's tasks and client must write
+    nothing more into folders that are the second one's now (before this, the
+    first one's group 0 wrote its model and status after the overwrite, and
+    its client wrote its own _run.json over the second one's at the end)."""
+    url = str(tmp_path / "m")
+    gate_dir = str(tmp_path)
+    ddf = dd.from_pandas(make_frame(n_groups=20, rows=2), npartitions=2)
+    with cancel_checked_before_every_group(client), caplog.at_level(logging.WARNING, "dask_manymodel"):
+        # one task, whose first group is group 0 (groups run in the order they come)
+        first = ddf.manymodel.train(functools.partial(fit_holding_group_zero, gate_dir), by="store", url=url,
+                                    run_id="r1", execution_options=ExecutionOptions(npartitions=1))
+        poll(lambda: any(name.startswith("holder-") for name in os.listdir(gate_dir)))
+        # the other start, as an overwrite begins: its _run.json (a new attempt
+        # and submission), then the old files go (engine._write_manifest)
+        store = RunStore(url, "r1")
+        second = dict(store.read_json(store.path("_run.json")), attempt="second-attempt", submission="second")
+        _write_manifest(store, second, "overwrite")
+        open(os.path.join(gate_dir, "release"), "w").close()  # group 0 finishes now, after the overwrite
+        assert first.wait(show_progress=False, timeout=120) == RunStatus.CANCELLED
+    assert json.load(open(os.path.join(url, "r1", "_run.json"))) == second  # not written over
+    assert os.listdir(os.path.join(url, "r1")) == ["_run.json"]  # no group's model or status
+    cancelled = first.get_progress()["CANCELLED"]
+    assert sorted(d.partition_id for d in cancelled) == list(range(20))
+    for details in cancelled:
+        assert "not written: run 'r1'" in details.error and "was started again" in details.error
+    assert any("was started again" in r.getMessage() and "not written" in r.getMessage() for r in caplog.records)
+    restored = ManyModelRun.restore_from("r1", url)  # what the second start's readers see
+    assert restored.manifest["attempt"] == "second-attempt"
+    assert "DONE" not in restored.get_progress()  # the first start's statuses do not count
+
+
+def test_what_counts_as_started_again(tmp_path):
+    store = RunStore(str(tmp_path / "m"), "r1")
+    spec = RunSpec(kind="train", run_id="r1", attempt="a1", by=["store"], func=fit_line, store=store, serde=None,
+                   options=ExecutionOptions(), cancel_event="c", progress_topic="p", submission="mine")
+    path = store.path("_run.json")
+    assert "was deleted" in superseded_by(store, "mine")  # no _run.json: the run was deleted
+    store.write_bytes(path, b'{"attempt": "a1", "submission": "mine"}')
+    assert superseded_by(store, "mine") is None
+    assert not _run_was_superseded(spec)
+    store.write_bytes(path, b'{"attempt": "a1"}')  # written by an older dask_manymodel: not this start's
+    assert "was started again" in superseded_by(store, "mine")
+    store.write_bytes(path, b'{"attempt": "a2", "submission": "theirs"}')
+    assert "attempt 'a2'" in superseded_by(store, "mine")
+    store.write_bytes(path, b'{"attempt": "a2", "subm')  # half-written by a non-atomic writer
+    with pytest.raises(ValueError):
+        superseded_by(store, "mine")
+    assert not _run_was_superseded(dataclasses.replace(spec, submission="another"))  # no evidence: go on
+    assert not _run_was_superseded(dataclasses.replace(spec, submission=None))  # not fenced
+    store.write_bytes(path, b'{"attempt": "a2", "submission": "theirs"}')
+    assert _run_was_superseded(dataclasses.replace(spec, submission="a third"))
 
 
 def test_an_interrupted_overwrite_never_mixes_runs(client, flaky, tmp_path):
