@@ -200,13 +200,24 @@ class PartitionContext:
         starts itself are not.
     """
 
-    def __init__(self, partition_id: Any, run_id: str, *, store: "RunStore", by: list[str]):
+    def __init__(
+        self,
+        partition_id: Any,
+        run_id: str,
+        *,
+        store: "RunStore",
+        by: list[str],
+        _before_write: Callable[[], None] | None = None,
+    ):
         self.partition_id = partition_id
         self.run_id = run_id
         self.logger = _USER_LOGGER
         self._store = store
         self._by = by
         self._uploaded: list[str] = []
+        # the engine's check, before a file goes into the run's folder, that
+        # the run was not started again elsewhere meanwhile
+        self._before_write = _before_write
 
     def __repr__(self) -> str:
         return f"PartitionContext(partition_id={self.partition_id!r}, run_id={self.run_id!r})"
@@ -249,6 +260,8 @@ class PartitionContext:
         with tempfile.TemporaryDirectory(prefix="manymodel-") as tmp:
             local = os.path.join(tmp, filename)
             write(obj, local)
+            if self._before_write is not None:
+                self._before_write()
             store.upload_file(local, posixpath.join(folder, filename))
         if filename not in self._uploaded:
             self._uploaded.append(filename)

@@ -1011,7 +1011,10 @@ def run_group(
     partition_id = key[0] if len(key) == 1 else key
     start = time.perf_counter()
     record = _record(spec, key, rel, rows=len(frame))
-    ctx = PartitionContext(partition_id, spec.run_id, store=spec.store, by=spec.by)
+    ctx = PartitionContext(
+        partition_id, spec.run_id, store=spec.store, by=spec.by,
+        _before_write=functools.partial(_refuse_if_superseded, spec, heartbeat),
+    )
     files: dict[str, bytes] = {}
     with capture_logs(spec.options.max_log_chars) as logs:
         try:
@@ -1029,10 +1032,14 @@ def run_group(
                             "the train function returned None; return the model to save "
                             "(or use DPF to save files yourself through ctx.upload)"
                         )
+                    if not writes_in_memory(spec.serde):  # written now, not with the batch
+                        _refuse_if_superseded(spec, heartbeat)
                     record["bytes"], files = _save_model(spec, result, rel, partition_id, scratch_dir)
                 elif spec.kind == "predict":
                     record["output_rows"], files = _save_output(spec, result, frame, rel)
                     record["bytes"] = sum(len(data) for data in files.values())
+        except _Superseded as exc:
+            record.update(status="CANCELLED", error=f"not written: {exc}", traceback=None)
         except _UserError as exc:
             record.update(status="FAILED", error=str(exc), traceback=traceback.format_exc())
         except (StorageError, _GroupTooBig) as exc:
@@ -1206,6 +1213,20 @@ class _PendingWrites:
             record.update(status="CANCELLED", error=f"not written: {reason}", traceback=None)
             self.heartbeat.count(record["status"])
             self.written.append(_compact(record))
+
+
+class _Superseded(BaseException):
+    """Raised in a group, before one of its files is written, when its run
+    was started again elsewhere. A BaseException, so that neither the user's
+    ``except Exception`` nor the group's retries take it for a failure."""
+
+
+def _refuse_if_superseded(spec: RunSpec, heartbeat: "_Heartbeat") -> None:
+    """Before a group's file is written at once (a serde without
+    ``to_bytes``, ``ctx.upload``): the batched files are checked when
+    their batch is written, these here."""
+    if heartbeat.check_superseded():
+        raise _Superseded(_superseded_message(spec))
 
 
 def _superseded_message(spec: RunSpec) -> str:

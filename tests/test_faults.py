@@ -23,6 +23,7 @@ from dask_manymodel import (
     ExecutionOptions,
     ManyModelRun,
     ManyModelTraining,
+    ModelSerde,
     RunExistsError,
     RunStatus,
     StorageError,
@@ -240,19 +241,46 @@ def test_two_runs_with_one_id_at_once(client, tmp_path):
     assert len(restored.get_progress()["DONE"]) == 10
 
 
-def test_a_run_started_again_elsewhere_writes_nothing_more(client, tmp_path, caplog):
+class FileOnlySerde(ModelSerde):
+    """A serde without to_bytes: each model is written at once, not with its task's batch."""
+
+    filename = "model.json"
+
+    def write(self, model, file_path):
+        with open(file_path, "w") as f:
+            json.dump(model, f)
+
+    def read(self, file_path):
+        with open(file_path) as f:
+            return json.load(f)
+
+
+def upload_holding_group_zero(gate_dir, data, ctx):
+    """A DPF function: group 0 holds like fit_holding_group_zero, then each group uploads a file."""
+    fit_holding_group_zero(gate_dir, data, ctx)
+    ctx.upload(len(data), "rows.pkl")
+
+
+@pytest.mark.parametrize("writes", ["batched", "by the serde at once", "by ctx.upload"])
+def test_a_run_started_again_elsewhere_writes_nothing_more(client, tmp_path, caplog, writes):
     """A batch job retried while its first try still runs: the second start
     overwrites the run, and the first one's tasks and client must write
     nothing more into folders that are the second one's now (before this, the
-    first one's group 0 wrote its model and status after the overwrite, and
+    first one's group 0 wrote its files and status after the overwrite, and
     its client wrote its own _run.json over the second one's at the end)."""
     url = str(tmp_path / "m")
     gate_dir = str(tmp_path)
     ddf = dd.from_pandas(make_frame(n_groups=20, rows=2), npartitions=2)
+    # one task, whose groups all finish after the overwrite (group 0 is held until then)
+    options = ExecutionOptions(npartitions=1)
     with cancel_checked_before_every_group(client), caplog.at_level(logging.WARNING, "dask_manymodel"):
-        # one task, whose first group is group 0 (groups run in the order they come)
-        first = ddf.manymodel.train(functools.partial(fit_holding_group_zero, gate_dir), by="store", url=url,
-                                    run_id="r1", execution_options=ExecutionOptions(npartitions=1))
+        if writes == "by ctx.upload":
+            first = ddf.manymodel.dpf(functools.partial(upload_holding_group_zero, gate_dir), by="store", url=url,
+                                      run_id="r1", execution_options=options)
+        else:
+            serde = FileOnlySerde() if writes == "by the serde at once" else None
+            first = ddf.manymodel.train(functools.partial(fit_holding_group_zero, gate_dir), by="store", url=url,
+                                        run_id="r1", serde=serde, execution_options=options)
         poll(lambda: any(name.startswith("holder-") for name in os.listdir(gate_dir)))
         # the other start, as an overwrite begins: its _run.json (a new attempt
         # and submission), then the old files go (engine._write_manifest)
@@ -262,7 +290,7 @@ def test_a_run_started_again_elsewhere_writes_nothing_more(client, tmp_path, cap
         open(os.path.join(gate_dir, "release"), "w").close()  # group 0 finishes now, after the overwrite
         assert first.wait(show_progress=False, timeout=120) == RunStatus.CANCELLED
     assert json.load(open(os.path.join(url, "r1", "_run.json"))) == second  # not written over
-    assert os.listdir(os.path.join(url, "r1")) == ["_run.json"]  # no group's model or status
+    assert os.listdir(os.path.join(url, "r1")) == ["_run.json"]  # no group's file or status
     cancelled = first.get_progress()["CANCELLED"]
     assert sorted(d.partition_id for d in cancelled) == list(range(20))
     for details in cancelled:
