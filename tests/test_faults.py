@@ -261,6 +261,45 @@ def upload_holding_group_zero(gate_dir, data, ctx):
     ctx.upload(len(data), "rows.pkl")
 
 
+def start_again_while_group_zero_holds(client, url, gate_dir, writes="batched", storage_options=None):
+    """Start a one-task run whose group 0 holds (so all its groups finish
+    later), then begin a second start of it as an overwrite begins: its
+    _run.json (a new attempt and submission), then the old files go
+    (engine._write_manifest). Let group 0 finish; return the first start's
+    handle, finished, and the second start's manifest."""
+    ddf = dd.from_pandas(make_frame(n_groups=20, rows=2), npartitions=2)
+    options = ExecutionOptions(npartitions=1)
+    with cancel_checked_before_every_group(client):
+        if writes == "by ctx.upload":
+            first = ddf.manymodel.dpf(functools.partial(upload_holding_group_zero, gate_dir), by="store", url=url,
+                                      run_id="r1", storage_options=storage_options, execution_options=options)
+        else:
+            serde = FileOnlySerde() if writes == "by the serde at once" else None
+            first = ddf.manymodel.train(functools.partial(fit_holding_group_zero, gate_dir), by="store", url=url,
+                                        run_id="r1", serde=serde, storage_options=storage_options,
+                                        execution_options=options)
+        poll(lambda: any(name.startswith("holder-") for name in os.listdir(gate_dir)))
+        store = RunStore(url, "r1", storage_options)
+        second = dict(store.read_json(store.path("_run.json")), attempt="second-attempt", submission="second")
+        _write_manifest(store, second, "overwrite")
+        open(os.path.join(gate_dir, "release"), "w").close()  # group 0 finishes now, after the overwrite
+        first.wait(show_progress=False, timeout=120)
+    return first, second
+
+
+def assert_wrote_nothing_more(first, second, caplog, storage_options=None) -> None:
+    """What the first start of :func:`start_again_while_group_zero_holds` must leave."""
+    assert first.status == RunStatus.CANCELLED
+    cancelled = first.get_progress()["CANCELLED"]
+    assert sorted(d.partition_id for d in cancelled) == list(range(20))
+    for details in cancelled:
+        assert "not written: run 'r1'" in details.error and "was started again" in details.error
+    assert any("was started again" in r.getMessage() and "not written" in r.getMessage() for r in caplog.records)
+    restored = ManyModelRun.restore_from("r1", first.url, storage_options=storage_options)
+    assert restored.manifest == second  # the second start's, not written over
+    assert "DONE" not in restored.get_progress()  # the first start's statuses do not count
+
+
 @pytest.mark.parametrize("writes", ["batched", "by the serde at once", "by ctx.upload"])
 def test_a_run_started_again_elsewhere_writes_nothing_more(client, tmp_path, caplog, writes):
     """A batch job retried while its first try still runs: the second start
@@ -269,36 +308,10 @@ def test_a_run_started_again_elsewhere_writes_nothing_more(client, tmp_path, cap
     first one's group 0 wrote its files and status after the overwrite, and
     its client wrote its own _run.json over the second one's at the end)."""
     url = str(tmp_path / "m")
-    gate_dir = str(tmp_path)
-    ddf = dd.from_pandas(make_frame(n_groups=20, rows=2), npartitions=2)
-    # one task, whose groups all finish after the overwrite (group 0 is held until then)
-    options = ExecutionOptions(npartitions=1)
-    with cancel_checked_before_every_group(client), caplog.at_level(logging.WARNING, "dask_manymodel"):
-        if writes == "by ctx.upload":
-            first = ddf.manymodel.dpf(functools.partial(upload_holding_group_zero, gate_dir), by="store", url=url,
-                                      run_id="r1", execution_options=options)
-        else:
-            serde = FileOnlySerde() if writes == "by the serde at once" else None
-            first = ddf.manymodel.train(functools.partial(fit_holding_group_zero, gate_dir), by="store", url=url,
-                                        run_id="r1", serde=serde, execution_options=options)
-        poll(lambda: any(name.startswith("holder-") for name in os.listdir(gate_dir)))
-        # the other start, as an overwrite begins: its _run.json (a new attempt
-        # and submission), then the old files go (engine._write_manifest)
-        store = RunStore(url, "r1")
-        second = dict(store.read_json(store.path("_run.json")), attempt="second-attempt", submission="second")
-        _write_manifest(store, second, "overwrite")
-        open(os.path.join(gate_dir, "release"), "w").close()  # group 0 finishes now, after the overwrite
-        assert first.wait(show_progress=False, timeout=120) == RunStatus.CANCELLED
-    assert json.load(open(os.path.join(url, "r1", "_run.json"))) == second  # not written over
+    with caplog.at_level(logging.WARNING, "dask_manymodel"):
+        first, second = start_again_while_group_zero_holds(client, url, str(tmp_path), writes)
     assert os.listdir(os.path.join(url, "r1")) == ["_run.json"]  # no group's file or status
-    cancelled = first.get_progress()["CANCELLED"]
-    assert sorted(d.partition_id for d in cancelled) == list(range(20))
-    for details in cancelled:
-        assert "not written: run 'r1'" in details.error and "was started again" in details.error
-    assert any("was started again" in r.getMessage() and "not written" in r.getMessage() for r in caplog.records)
-    restored = ManyModelRun.restore_from("r1", url)  # what the second start's readers see
-    assert restored.manifest["attempt"] == "second-attempt"
-    assert "DONE" not in restored.get_progress()  # the first start's statuses do not count
+    assert_wrote_nothing_more(first, second, caplog)
 
 
 def test_what_counts_as_started_again(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 
 import dask.dataframe as dd
@@ -13,6 +14,7 @@ from dask_manymodel import ExecutionOptions, ManyModelRun, RunStatus
 
 from . import flaky_fs
 from .conftest import fit_line, make_frame
+from .test_faults import assert_wrote_nothing_more, start_again_while_group_zero_holds
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -72,6 +74,16 @@ def test_train_predict_restore_on_s3(client, s3_options):
     assert "models/flow/s1/store=6/part-0.parquet" in objects
     for path in objects:
         assert SECRET.encode() not in fs.cat_file(path), path
+
+
+def test_a_run_started_again_writes_nothing_more_on_s3(client, s3_options, tmp_path, caplog):
+    """As tests/test_faults.py's test of it, on S3: the first start reads the
+    second one's _run.json through s3fs, and writes no object after it."""
+    url = "s3://models/fence"
+    with caplog.at_level(logging.WARNING, "dask_manymodel"):
+        first, second = start_again_while_group_zero_holds(client, url, str(tmp_path), storage_options=s3_options)
+    assert s3fs.S3FileSystem(**s3_options).find("models/fence/r1") == ["models/fence/r1/_run.json"]
+    assert_wrote_nothing_more(first, second, caplog, storage_options=s3_options)
 
 
 def test_transient_s3_failures_are_retried(client, s3_options, tmp_path):
