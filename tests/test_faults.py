@@ -248,7 +248,7 @@ class FileOnlySerde(ModelSerde):
 
     def write(self, model, file_path):
         with open(file_path, "w") as f:
-            json.dump(model, f)
+            json.dump(np.asarray(model).tolist(), f)
 
     def read(self, file_path):
         with open(file_path) as f:
