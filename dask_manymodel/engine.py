@@ -654,13 +654,14 @@ def _run_was_superseded(spec: RunSpec) -> bool:
     if spec.submission is None:
         return False
 
-    def ask() -> bool:
-        return superseded_by(spec.store, spec.submission) is not None
-
+    question = f"superseded-{spec.submission}"
     try:
-        return _shared_answer(f"superseded-{spec.submission}", ask)
+        return _shared_answer(question, lambda: superseded_by(spec.store, spec.submission) is not None)
     except Exception:
         logger.debug("could not read the run's manifest to check for another start", exc_info=True)
+        # asked again in half a second, not at every batch (a store that
+        # refuses reads would otherwise cost one failed read per batch)
+        _remember_answer(question, False)
         return False
 
 
