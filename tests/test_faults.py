@@ -146,29 +146,25 @@ def test_max_retries_reruns_failing_groups(client, tmp_path, monkeypatch):
     assert attempts[[0, 10, 20]].tolist() == [2, 2, 2] and attempts[5] == 1
 
 
-def fail_group_zero_slowly_others(data, ctx):
-    """Group 0 fails; each other group takes 50 ms, so the other worker's task
-    is still going when the cancel reaches it. Not a gate holding the others
-    until the cancel (as the cancel test does): which task holds group 0,
-    where in it group 0 sits and which worker starts it first are not fixed,
-    so a held group can block the very task that must run group 0 (tried:
-    one run of a fresh clone's CI deadlocked that way)."""
-    import time
-
+def fail_group_zero(data, ctx):
     if ctx.partition_id == 0:
         raise ValueError("group 0 is broken")
-    time.sleep(0.05)  # simulated work: the rest of the run is still going
     return fit_line(data, ctx)
 
 
 def test_fail_fast_cancels_the_rest(client, tmp_path):
     pdf = make_frame(n_groups=60, rows=5)
     ddf = dd.from_pandas(pdf, npartitions=2)
-    run = ddf.manymodel.train(
-        fail_group_zero_slowly_others, by="store", url=str(tmp_path / "m"), run_id="r1",
-        execution_options=ExecutionOptions(fail_fast=True, npartitions=2),
-    )
-    status = run.wait(show_progress=False)
+    # the workers ask whether the run was cancelled before every group (a
+    # round trip to the scheduler each), so the other worker's task sees the
+    # cancel a few groups after group 0 failed, without groups slowed down to
+    # outlast the usual half-second interval
+    with cancel_checked_before_every_group(client):
+        run = ddf.manymodel.train(
+            fail_group_zero, by="store", url=str(tmp_path / "m"), run_id="r1",
+            execution_options=ExecutionOptions(fail_fast=True, npartitions=2),
+        )
+        status = run.wait(show_progress=False)
     progress = run.get_progress()
     assert status in (RunStatus.FAILURE, RunStatus.PARTIAL_FAILURE)
     assert [d.partition_id for d in progress["FAILED"]] == [0]
