@@ -654,15 +654,21 @@ def _run_was_superseded(spec: RunSpec) -> bool:
     if spec.submission is None:
         return False
 
-    question = f"superseded-{spec.submission}"
+    # a failed read is remembered as "no" too: asked again in half a second,
+    # not at every batch (a store that refuses reads would otherwise cost
+    # one failed read per batch)
+    return _shared_answer(
+        f"superseded-{spec.submission}", lambda: superseded_or_none(spec.store, spec.submission) is not None
+    )
+
+
+def superseded_or_none(store: RunStore, submission: str) -> str | None:
+    """:func:`superseded_by`, with a failed read taken as no evidence (None)."""
     try:
-        return _shared_answer(question, lambda: superseded_by(spec.store, spec.submission) is not None)
+        return superseded_by(store, submission)
     except Exception:
         logger.debug("could not read the run's manifest to check for another start", exc_info=True)
-        # asked again in half a second, not at every batch (a store that
-        # refuses reads would otherwise cost one failed read per batch)
-        _remember_answer(question, False)
-        return False
+        return None
 
 
 def superseded_by(store: RunStore, submission: str) -> str | None:
@@ -716,6 +722,13 @@ class _Heartbeat:
         be written; see _run_was_superseded); remembered once true."""
         self.superseded = self.superseded or _run_was_superseded(self.spec)
         return self.superseded
+
+    def refuse_if_superseded(self) -> None:
+        """Before a group's file is written at once (a serde without
+        ``to_bytes``, ``ctx.upload``); batched files are checked when their
+        batch is written."""
+        if self.check_superseded():
+            raise _Superseded(_superseded_message(self.spec))
 
     def report(self) -> None:
         """Send the progress counted since the last report (an event the
@@ -1013,8 +1026,7 @@ def run_group(
     start = time.perf_counter()
     record = _record(spec, key, rel, rows=len(frame))
     ctx = PartitionContext(
-        partition_id, spec.run_id, store=spec.store, by=spec.by,
-        _before_write=functools.partial(_refuse_if_superseded, spec, heartbeat),
+        partition_id, spec.run_id, store=spec.store, by=spec.by, _before_write=heartbeat.refuse_if_superseded
     )
     files: dict[str, bytes] = {}
     with capture_logs(spec.options.max_log_chars) as logs:
@@ -1034,7 +1046,7 @@ def run_group(
                             "(or use DPF to save files yourself through ctx.upload)"
                         )
                     if not writes_in_memory(spec.serde):  # written now, not with the batch
-                        _refuse_if_superseded(spec, heartbeat)
+                        heartbeat.refuse_if_superseded()
                     record["bytes"], files = _save_model(spec, result, rel, partition_id, scratch_dir)
                 elif spec.kind == "predict":
                     record["output_rows"], files = _save_output(spec, result, frame, rel)
@@ -1222,21 +1234,10 @@ class _Superseded(BaseException):
     ``except Exception`` nor the group's retries take it for a failure."""
 
 
-def _refuse_if_superseded(spec: RunSpec, heartbeat: "_Heartbeat") -> None:
-    """Before a group's file is written at once (a serde without
-    ``to_bytes``, ``ctx.upload``): the batched files are checked when
-    their batch is written, these here."""
-    if heartbeat.check_superseded():
-        raise _Superseded(_superseded_message(spec))
-
-
 def _superseded_message(spec: RunSpec) -> str:
     """Why a superseded run's groups were not written (read again: the
     answer that stopped the task is shared, not its sentence)."""
-    try:
-        return superseded_by(spec.store, spec.submission) or "the run was started again elsewhere"
-    except Exception:
-        return "the run was started again elsewhere"
+    return superseded_or_none(spec.store, spec.submission) or "the run was started again elsewhere"
 
 
 def run_partition(spec: RunSpec, frame: pd.DataFrame, keep: pd.Index | None = None) -> TaskRecords:

@@ -403,16 +403,10 @@ class ManyModelRun:
     def _superseded_by(self) -> str | None:
         """Why this run may no longer write into its folder (it was started
         again elsewhere, or deleted), or None. A failed read is no evidence."""
-        from .engine import superseded_by
+        from .engine import superseded_or_none
 
         submission = self._manifest.get("submission")
-        if submission is None:
-            return None
-        try:
-            return superseded_by(self._store, submission)
-        except Exception:
-            logger.debug("could not read the run's manifest to check for another start", exc_info=True)
-            return None
+        return None if submission is None else superseded_or_none(self._store, submission)
 
     # ------------------------------------------------------------------
     # status
