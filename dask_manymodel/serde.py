@@ -16,6 +16,7 @@ import abc
 import functools
 import importlib
 import pickle
+from collections.abc import Mapping
 from typing import Any
 
 import cloudpickle
@@ -111,9 +112,19 @@ class PickleSerde(ModelSerde):
         # cloudpickle. Both give a pickle that read() loads.
         if not getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", None):
             try:
-                return pickle.dumps(model, protocol=cloudpickle.DEFAULT_PROTOCOL)
+                data = pickle.dumps(model, protocol=cloudpickle.DEFAULT_PROTOCOL)
             except (pickle.PicklingError, AttributeError, TypeError):
                 pass
+            else:
+                # a class or function of a script or notebook (module
+                # __main__) pickles by reference where the model was made
+                # in that process itself (a threaded cluster, a local
+                # run): the file would then load only in a process whose
+                # __main__ defines it. cloudpickle saves those by value. The
+                # check may also match a string that says "__main__"; that
+                # only costs the slower pickler.
+                if b"__main__" not in data:
+                    return data
         return cloudpickle.dumps(model)
 
     def read(self, file_path: str) -> Any:
@@ -155,6 +166,14 @@ class TorchSerde(ModelSerde):
         torch = import_optional("torch")
         if self.weights_only:
             state = model.state_dict() if hasattr(model, "state_dict") else model
+            if not isinstance(state, Mapping):
+                # torch.save would write it, and the safe loader would then
+                # refuse the file: fail now, while the group can say why
+                raise TypeError(
+                    f"TorchSerde(weights_only=True) saves a module's state_dict (or a dict of tensors), "
+                    f"and a {type(model).__module__}.{type(model).__qualname__} has no state_dict; "
+                    f"return the torch module itself, or use TorchSerde(weights_only=False)"
+                )
             torch.save(state, file_path)
         else:
             torch.save(model, file_path)

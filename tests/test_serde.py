@@ -90,6 +90,21 @@ class TestTorchSerdeWeightsOnly(TestTorchSerde):
         assert set(state) == {"weight", "bias"}
 
 
+    def test_what_has_no_state_dict_is_refused_when_written(self, tmp_path):
+        """torch.save would write it, and the safe loader would refuse the
+        file for good: the group must fail when it is written instead."""
+        from dask_manymodel import TorchSerde
+
+        class Wrapper:  # e.g. a user's object that holds a module
+            def __init__(self, module):
+                self.module = module
+
+        path = tmp_path / "model.pt"
+        with pytest.raises(TypeError, match="Wrapper has no state_dict; return the torch module itself"):
+            TorchSerde(weights_only=True).write(Wrapper(self.make_model()), str(path))
+        assert not path.exists()
+
+
 class TestTensorFlowSerde(SerdeContract):
     def make_serde(self):
         from dask_manymodel import TensorFlowSerde
@@ -213,3 +228,28 @@ def test_pickle_serde_takes_what_only_cloudpickle_can_and_reads_both(tmp_path):
         serde.write(model, str(path))
         assert path.read_bytes() == data
         assert check(serde.read(str(path))) and check(pickle.loads(data))
+
+
+MAIN_CLASS_WRITER = """
+import sys
+from dask_manymodel import PickleSerde
+
+class MeanModel:  # a class of the script itself: module __main__
+    def __init__(self, mean):
+        self.mean = mean
+
+PickleSerde().write({"model": MeanModel(3.0)}, sys.argv[1])
+"""
+
+
+def test_pickle_serde_saves_a_scripts_own_class_by_value(tmp_path):
+    """A class defined in a script or notebook pickles by reference to
+    ``__main__`` in the process that made it (a local or threaded run):
+    the file must still load in another process, e.g. ``restore_from``."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "model.pkl"
+    subprocess.run([sys.executable, "-c", MAIN_CLASS_WRITER, str(path)], check=True, cwd=tmp_path)
+    model = PickleSerde().read(str(path))  # this process's __main__ has no MeanModel
+    assert type(model["model"]).__name__ == "MeanModel" and model["model"].mean == 3.0
