@@ -1057,7 +1057,9 @@ def run_group(
             record.update(status="FAILED", error=str(exc), traceback=traceback.format_exc())
         except (StorageError, _GroupTooBig) as exc:
             record.update(status="INTERNAL_ERROR", error=str(exc), traceback=traceback.format_exc())
-        except Exception as exc:  # our own bug, or something unexpected underneath
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # our own bug, or something unexpected underneath
             record.update(
                 status="INTERNAL_ERROR",
                 error=f"{type(exc).__name__}: {exc}",
@@ -1081,7 +1083,12 @@ def _call_with_retries(spec, record, ctx, frame, model) -> Any:
                 result = spec.func(data, model, ctx)
             else:
                 result = spec.func(data, ctx)
-        except Exception as exc:
+        except (_Superseded, KeyboardInterrupt):
+            raise
+        except BaseException as exc:  # SystemExit, asyncio.CancelledError, a user's own
+            # a BaseException let out of the task would fail every group of
+            # the task, or (a class the client's event loop does not expect)
+            # leave the run waiting for ever: it is this group's error
             record.update(
                 status="FAILED",
                 error=f"{type(exc).__name__}: {exc}",

@@ -144,6 +144,43 @@ def test_all_groups_failing_is_failure(client, ddf, store_url):
     assert run.wait(show_progress=False) == RunStatus.FAILURE
 
 
+class UsersOwnInterrupt(BaseException):
+    pass
+
+
+def raising_base_exceptions(data, ctx):
+    """Groups 1, 3 and 5 raise what is not an Exception; the others train."""
+    import asyncio
+
+    if ctx.partition_id == 1:
+        raise asyncio.CancelledError("a library's own timeout")
+    if ctx.partition_id == 3:
+        sys.exit("giving up on this group")
+    if ctx.partition_id == 5:
+        raise UsersOwnInterrupt("stop this one")
+    return fit_line(data, ctx)
+
+
+def test_a_group_raising_a_base_exception_fails_alone(client, ddf, store_url):
+    """Not only Exceptions: such an error used to fail every group of its
+    task (CancelledError), kill the worker (SystemExit), or leave the run
+    waiting for ever (a class of the user's own)."""
+    run = ddf.manymodel.train(
+        raising_base_exceptions, by="store", url=store_url, run_id="r1",
+        execution_options=ExecutionOptions(npartitions=2),
+    )
+    assert run.wait(timeout=120, show_progress=False) == RunStatus.PARTIAL_FAILURE
+    progress = run.get_progress()
+    assert sorted(d.partition_id for d in progress["DONE"]) == [0, 2, 4, 6, 7, 8, 9, 10, 11]
+    errors = {d.partition_id: d.error for d in progress["FAILED"]}
+    assert errors == {
+        1: "CancelledError: a library's own timeout",
+        3: "SystemExit: giving up on this group",
+        5: "UsersOwnInterrupt: stop this one",
+    }
+    assert ManyModelRun.restore_from("r1", store_url).status == RunStatus.PARTIAL_FAILURE
+
+
 EDGE_VALUES = ["a/b", "..", ".", "", "ü/ñ", "x" * 300, "%2F", "a\\b", "__HIVE_DEFAULT_PARTITION__"]
 
 
