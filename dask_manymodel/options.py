@@ -77,7 +77,7 @@ class ExecutionOptions:
 
     def __post_init__(self) -> None:
         if self.npartitions is not None and (
-            not isinstance(self.npartitions, int) or self.npartitions < 1
+            not isinstance(self.npartitions, int) or isinstance(self.npartitions, bool) or self.npartitions < 1
         ):
             raise InvalidArgumentError(
                 f"npartitions must be a positive int or None, got {self.npartitions!r}"
@@ -111,11 +111,16 @@ class ExecutionOptions:
             raise InvalidArgumentError(
                 f"max_group_memory_fraction must be in (0, 1] or None, got {fraction!r}"
             )
-        if not isinstance(self.reuse_freed_memory, bool):
+        for name in ("fail_fast", "reuse_freed_memory"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidArgumentError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        backoff = self.storage_retry_backoff
+        # a negative or NaN delay would only fail later, inside a retry
+        if not (isinstance(backoff, (int, float)) and not isinstance(backoff, bool) and 0 <= backoff < float("inf")):
             raise InvalidArgumentError(
-                f"reuse_freed_memory must be True or False, got {self.reuse_freed_memory!r}"
+                f"storage_retry_backoff must be a number of seconds >= 0, got {backoff!r}"
             )
-        if not isinstance(self.max_log_chars, int) or self.max_log_chars < 0:
+        if not isinstance(self.max_log_chars, int) or isinstance(self.max_log_chars, bool) or self.max_log_chars < 0:
             raise InvalidArgumentError(
                 f"max_log_chars must be an int >= 0, got {self.max_log_chars!r}"
             )

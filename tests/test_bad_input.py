@@ -69,6 +69,18 @@ def test_bad_execution_options():
         with pytest.raises(InvalidArgumentError, match="resources must be a dict of names to positive amounts"):
             ExecutionOptions(resources=resources)
     assert ExecutionOptions(resources={"GPU": 1, "MEMORY": 2.5e9}).resources == {"GPU": 1, "MEMORY": 2.5e9}
+    for options, message in [
+        ({"npartitions": True}, "npartitions must be a positive int or None, got True"),
+        ({"fail_fast": "no"}, "fail_fast must be True or False, got 'no'"),
+        ({"storage_retry_backoff": -1}, "storage_retry_backoff must be a number of seconds >= 0, got -1"),
+        ({"storage_retry_backoff": "fast"}, "storage_retry_backoff must be a number of seconds >= 0, got 'fast'"),
+        ({"storage_retry_backoff": float("nan")}, "storage_retry_backoff must be a number of seconds >= 0, got nan"),
+        ({"max_log_chars": True}, "max_log_chars must be an int >= 0, got True"),
+    ]:
+        with pytest.raises(InvalidArgumentError) as info:
+            ExecutionOptions(**options)
+        assert str(info.value) == message
+    assert ExecutionOptions(storage_retry_backoff=0, fail_fast=True).storage_retry_backoff == 0
 
 
 def test_class_api_checks_the_function_at_construction(tmp_path):
