@@ -1390,7 +1390,7 @@ def start_run(
     This is what ``ddf.manymodel.train``, ``ManyModelTraining.run`` and the
     others call. See :class:`dask_manymodel.ManyModelRun` for the handle.
     """
-    from .run import ManyModelRun
+    from .run import ManyModelRun, PartitionStatus, _aggregate
 
     # 1. everything that needs no compute -----------------------------------
     check_function(func, kind)
@@ -1457,6 +1457,7 @@ def start_run(
                 f"cannot resume run {run_id!r}: it is a {previous.get('kind')} run by "
                 f"{previous.get('partition_by')!r}, not a {kind} run by {[str(c) for c in by]!r}"
             )
+        _check_resume_matches(previous, serde, training_run_id, training_manifest)
     elif run_exists(store) and on_existing_artifacts == "error":
         raise RunExistsError(_exists_message(run_id, store))
 
@@ -1528,9 +1529,10 @@ def start_run(
     # 3. write the manifest (the run now exists) -----------------------------
     done_paths: set[str] = set()
     initial_records: list[dict] = []
+    stale: list[str] = []
     counted_paths = [g["path"] for g in groups]  # in the order of `sizes`
     if previous is not None:
-        groups, done_paths, initial_records = _merge_for_resume(store, previous, groups)
+        groups, done_paths, initial_records, stale = _merge_for_resume(store, previous, groups)
     manifest = {
         "format_version": FORMAT_VERSION,
         "run_id": run_id,
@@ -1550,13 +1552,25 @@ def start_run(
         "versions": versions(),
     }
     _write_manifest(store, manifest, on_existing_artifacts)
+    if stale:
+        # the outcomes the earlier pass stored for the groups that run again:
+        # a reader would take them for this pass's and call the run finished
+        store.delete_files([store.path(path, PARTITION_FILE) for path in stale])
     # kept in memory by the handle for retry_failed(); never written anywhere
     source = {"dataframe": lazy, "execution_options": options, "meta": meta, "storage_options": storage_options}
     todo = [p for p in counted_paths if p not in done_paths]
     if not todo:
-        logger.info("run %r has no group to run: it is a SUCCESS", run_id)
-        manifest["finished"] = _now()
-        manifest["counts"] = {"DONE": len(done_paths)} if done_paths else {}
+        # a resume whose data holds no group left to run: the outcomes stored
+        # (DONE, or FAILED for a group no longer in the data) are final
+        outcomes = collections.Counter(r["status"] for r in initial_records)
+        outcomes["PENDING"] = len(groups) - len(initial_records)  # never finished, and not in the data
+        statuses = [PartitionStatus(status) for status, n in outcomes.items() for _ in range(n)]
+        manifest.update(
+            status=_aggregate(statuses, False, True).value,
+            counts={status: n for status, n in outcomes.items() if n},
+            finished=_now(),
+        )
+        logger.info("run %r has no group to run: it is a %s", run_id, manifest["status"])
         store.write_json(store.path(GROUPS_FILE), groups, indent=None)
         store.write_json(store.path(RUN_MANIFEST), manifest)
         return ManyModelRun(
@@ -1708,11 +1722,47 @@ def _write_manifest(store: RunStore, manifest: dict, on_existing: str) -> None:
         ) from exc
 
 
-def _merge_for_resume(store: RunStore, previous: dict, counted: list[dict]) -> tuple[list[dict], set[str], list[dict]]:
+def _check_resume_matches(
+    previous: dict, serde: ModelSerde | None, training_run_id: str | None, training_manifest: dict | None
+) -> None:
+    """A resumed run keeps its DONE groups, so it must write what they were
+    written with: the same serde (another would leave the DONE models
+    unreadable through the manifest's serde), and for predict the same
+    training run, trained once (else the output mixes two of them)."""
+    run_id = previous.get("run_id")
+    advice = "resume it as it was started, or start it again with on_existing_artifacts='overwrite'"
+    # compared as _run.json holds it (tuples become lists)
+    asked = json.loads(json.dumps(serde_to_manifest(serde), default=str)) if serde is not None else None
+    if asked is not None and previous.get("serde") not in (None, asked):
+        written = previous["serde"]
+        params = ", ".join(f"{name}={value!r}" for name, value in (written.get("params") or {}).items())
+        raise InvalidArgumentError(
+            f"cannot resume run {run_id!r} with serde {serde!r}: its DONE groups were written with "
+            f"{written['class']}({params}); {advice}"
+        )
+    if training_manifest is None:
+        return
+    if previous.get("training_run_id") != training_run_id:
+        raise InvalidArgumentError(
+            f"cannot resume run {run_id!r} with training_run_id {training_run_id!r}: its DONE groups "
+            f"used the models of training run {previous.get('training_run_id')!r}; {advice}"
+        )
+    if previous.get("training_attempt") not in (None, training_manifest.get("attempt")):
+        raise InvalidArgumentError(
+            f"cannot resume run {run_id!r}: training run {training_run_id!r} was trained again since "
+            f"(its models changed), so the DONE groups used other models; start it again with "
+            f"on_existing_artifacts='overwrite'"
+        )
+
+
+def _merge_for_resume(
+    store: RunStore, previous: dict, counted: list[dict]
+) -> tuple[list[dict], set[str], list[dict], list[str]]:
     """Groups of a resumed run: the stored ones plus any new ones in the data.
 
     Returns the merged group list, the paths of the groups already DONE
-    (left untouched), and their stored records.
+    (left untouched), their stored records, and the groups that run again
+    although this attempt stored an outcome for them (FAILED, CANCELLED, ...).
     """
     try:
         stored_groups = store.read_run_file(GROUPS_FILE, list)
@@ -1731,7 +1781,8 @@ def _merge_for_resume(store: RunStore, previous: dict, counted: list[dict]) -> t
     # groups that will not run again keep their stored outcome (DONE, or FAILED
     # for a group that is no longer in the data)
     kept = [r for r in statuses if r["path"] not in rerun]
-    return list(merged.values()), done_paths, kept
+    stale = [r["path"] for r in statuses if r["path"] in rerun]
+    return list(merged.values()), done_paths, kept, stale
 
 
 def _check_scalar_keys(by: list, key_tuples: list[tuple]) -> None:

@@ -544,6 +544,18 @@ class RunStore:
             posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "file"
         )
 
+    def delete_files(self, paths: list[str]) -> None:
+        """Remove these files; those already gone are no error."""
+        def delete() -> None:
+            for path in paths:
+                try:
+                    self.fs.rm_file(path)
+                except FileNotFoundError:
+                    pass
+
+        self._retry(delete, f"deleting {len(paths)} file(s) of {self.root}")
+        self.fs.invalidate_cache(self.root)
+
     def delete_run(self, keep: tuple[str, ...] = ()) -> None:
         """Remove the run folder's contents, except the top-level files in ``keep``."""
         self.fs.invalidate_cache(self.root)  # workers wrote here behind the cache's back

@@ -21,6 +21,7 @@ import pytest
 import dask_manymodel  # noqa: F401
 from dask_manymodel import (
     ExecutionOptions,
+    InvalidArgumentError,
     ManyModelRun,
     ManyModelTraining,
     ModelSerde,
@@ -178,14 +179,22 @@ def fail_when_flag(data, ctx):
     return fit_line(data, ctx)
 
 
-def test_retry_failed_and_resume_touch_only_groups_not_done(client, tmp_path):
+def first_pass_failing_3_13_23(client, tmp_path, train, frame: pd.DataFrame):
+    """Run ``train`` while the flag file exists (groups 3, 13, 23 fail);
+    returns the run, the flag and the URL."""
     flag = tmp_path / "flag"
     flag.touch()
     set_worker_env(client, "MANYMODEL_TEST_FLAG", str(flag))
     url = str(tmp_path / "m")
-    ddf = dd.from_pandas(make_frame(n_groups=30, rows=5), npartitions=3)
-    run = ddf.manymodel.train(fail_when_flag, by="store", url=url, run_id="r1")
+    run = dd.from_pandas(frame, npartitions=3).manymodel.train(train, by="store", url=url, run_id="r1")
     assert run.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    return run, flag, url
+
+
+def test_retry_failed_and_resume_touch_only_groups_not_done(client, tmp_path):
+    frame = make_frame(n_groups=30, rows=5)
+    run, flag, url = first_pass_failing_3_13_23(client, tmp_path, fail_when_flag, frame)
+    ddf = dd.from_pandas(frame, npartitions=3)
     failed = sorted(d.partition_id for d in run.get_progress()["FAILED"])
     assert failed == [3, 13, 23]
     mtimes = {g: os.stat(os.path.join(url, "r1", f"store={g}", "model.pkl")).st_mtime_ns for g in (0, 5, 29)}
@@ -206,6 +215,102 @@ def test_retry_failed_and_resume_touch_only_groups_not_done(client, tmp_path):
     )
     assert resumed.wait(show_progress=False) == RunStatus.SUCCESS
     assert os.stat(os.path.join(url, "r1", "store=0", "model.pkl")).st_mtime_ns == mtimes[0]
+
+
+def fail_once_then_hold(data, ctx):
+    """Groups 3, 13, 23 fail while the flag exists; run again, they wait
+    for the release file."""
+    if ctx.partition_id % 10 == 3:
+        if os.path.exists(os.environ["MANYMODEL_TEST_FLAG"]):
+            raise RuntimeError(f"group {ctx.partition_id} failed this time")
+        hold_until_released(os.environ["MANYMODEL_TEST_FLAG"] + "-release")
+    return fit_line(data, ctx)
+
+
+def test_while_failed_groups_run_again_a_reader_sees_the_run_in_progress(client, tmp_path):
+    """The first pass's FAILED statuses belong to the same attempt: a reader
+    took them for the retry's and called the retried run PARTIAL_FAILURE
+    while its groups still ran."""
+    run, flag, url = first_pass_failing_3_13_23(client, tmp_path, fail_once_then_hold, make_frame(n_groups=30, rows=5))
+    flag.unlink()
+    retried = run.retry_failed()
+    try:
+        restored = ManyModelRun.restore_from("r1", url)
+        assert restored.status == RunStatus.IN_PROGRESS
+        assert sorted(d.partition_id for d in restored.get_progress()["PENDING"]) == [3, 13, 23]
+        assert len(restored.get_progress()["DONE"]) == 27
+    finally:
+        (tmp_path / "flag-release").touch()
+    assert retried.wait(show_progress=False) == RunStatus.SUCCESS
+    assert ManyModelRun.restore_from("r1", url).status == RunStatus.SUCCESS
+
+
+def test_a_resume_with_no_group_left_to_run_ends_with_the_stored_outcomes(client, tmp_path):
+    """The failed group is no longer in the data: nothing runs, and the run
+    is final at once (it stayed IN_PROGRESS for good)."""
+    frame = make_frame(n_groups=6, rows=5)
+    _, _, url = first_pass_failing_3_13_23(client, tmp_path, fail_when_flag, frame)
+    without_3 = dd.from_pandas(frame[frame.store != 3], npartitions=2)
+    resumed = without_3.manymodel.train(fail_when_flag, by="store", url=url, run_id="r1", on_existing_artifacts="resume")
+    assert resumed.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    stored = json.load(open(os.path.join(url, "r1", "_run.json")))
+    assert (stored["status"], stored["counts"]) == ("PARTIAL_FAILURE", {"DONE": 5, "FAILED": 1})
+    assert stored["finished"] is not None
+    assert ManyModelRun.restore_from("r1", url).status == RunStatus.PARTIAL_FAILURE
+
+
+class JsonSerde(ModelSerde):
+    filename = "model.json"
+
+    def write(self, model, file_path):
+        with open(file_path, "w") as f:
+            json.dump(list(model), f)
+
+    def read(self, file_path):
+        with open(file_path) as f:
+            return json.load(f)
+
+
+def constant_a(data, ctx):
+    return "A"
+
+
+def constant_b(data, ctx):
+    return "B"
+
+
+def predict_constant(data, model, ctx):
+    return data.to_pandas().assign(model=model)
+
+
+def test_a_resume_must_write_what_its_done_groups_were_written_with(client, tmp_path):
+    """Another serde would leave the DONE models unreadable; another training
+    run, or one trained again since, would mix two sets of models."""
+    url = str(tmp_path / "m")
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=2)
+    ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1").wait(show_progress=False)
+    before = open(os.path.join(url, "r1", "_run.json")).read()
+    with pytest.raises(InvalidArgumentError, match=r"cannot resume run 'r1' with serde JsonSerde\(filename="
+                       r"'model.json'\): its DONE groups were written with dask_manymodel.serde.PickleSerde"
+                       r"\(filename='model.pkl'\); resume it as it was started"):
+        ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", serde=JsonSerde(), on_existing_artifacts="resume")
+    assert open(os.path.join(url, "r1", "_run.json")).read() == before
+
+    for run_id, function in (("a", constant_a), ("b", constant_b)):
+        ddf.manymodel.train(function, by="store", url=url, run_id=run_id).wait(show_progress=False)
+    scores = ddf.manymodel.predict(predict_constant, by="store", url=url, training_run_id="a", run_id="p")
+    assert scores.wait(show_progress=False) == RunStatus.SUCCESS
+    with pytest.raises(InvalidArgumentError, match="with training_run_id 'b': its DONE groups used the models "
+                       "of training run 'a'"):
+        ddf.manymodel.predict(predict_constant, by="store", url=url, training_run_id="b", run_id="p",
+                              on_existing_artifacts="resume")
+    ddf.manymodel.train(constant_b, by="store", url=url, run_id="a", on_existing_artifacts="overwrite").wait(
+        show_progress=False
+    )
+    with pytest.raises(InvalidArgumentError, match="training run 'a' was trained again since"):
+        ddf.manymodel.predict(predict_constant, by="store", url=url, training_run_id="a", run_id="p",
+                              on_existing_artifacts="resume")
+    assert set(scores.to_dask_dataframe().compute()["model"]) == {"A"}
 
 
 def test_two_runs_with_one_id_at_once(client, tmp_path):
