@@ -216,24 +216,56 @@ class FileSet:
         self._deleted = True
 
 
+def _columns_with_missing(fs, paths: list[str]) -> frozenset[str]:
+    """The columns with a missing value in any file, from the files' footers
+    (the null counts of their column chunks; no data is read unless a chunk
+    has no null count)."""
+    found = set()
+    for path in paths:
+        with fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            names = set(parquet.schema_arrow.names)
+            for number in range(parquet.metadata.num_row_groups):
+                group = parquet.metadata.row_group(number)
+                for i in range(group.num_columns):
+                    chunk = group.column(i)
+                    name = chunk.path_in_schema
+                    if name not in names or name in found:
+                        continue  # a nested column's leaf: never a tensor, its nulls do not matter
+                    stats = chunk.statistics
+                    if stats is not None and stats.has_null_count:
+                        missing = stats.null_count > 0
+                    else:  # a writer that kept no statistics: count in the data
+                        missing = parquet.read_row_group(number, columns=[name]).column(0).null_count > 0
+                    if missing:
+                        found.add(name)
+    return frozenset(found)
+
+
 class _FileSource:
-    """Batches streamed from parquet files, one file in memory at a time."""
+    """Batches streamed from parquet files, one file in memory at a time.
+
+    Every file's chunk is converted to one schema, decided once from the
+    whole set (a nullable int column with a missing value in any file is
+    float64 in every batch), so batches agree with each other and with
+    TensorFlow's signature.
+    """
 
     def __init__(self, fs, paths: list[str], n_rows: int):
         self.fs = fs
         self.paths = paths
         self.n_rows = n_rows
+        self.with_missing = _columns_with_missing(fs, paths)
 
     def _read(self, path: str) -> Columns:
         with self.fs.open(path, "rb") as f:
-            return Columns.from_frame(pq.read_table(f).to_pandas())
+            return Columns.from_frame(pq.read_table(f).to_pandas(), self.with_missing)
 
     @property
     def schema(self) -> dict[str, tuple[np.dtype, bool]]:
         with self.fs.open(self.paths[0], "rb") as f:
             empty = pq.read_schema(f).empty_table().to_pandas()
-        columns = Columns.from_frame(empty)
-        return {n: (a.dtype, n in columns.strings) for n, a in columns.arrays.items()}
+        return Columns.from_frame(empty, self.with_missing).schema
 
     def epoch(self, rng, *, batch_size, shuffle, drop_last, share=0, n_shares=1):
         check_batch_size(batch_size)

@@ -102,3 +102,21 @@ def test_datapipe_is_the_same_data(frame):
         warnings.simplefilter("ignore", DeprecationWarning)  # where torch dropped datapipes
         pipe = DataConnector.from_pandas(frame).to_torch_datapipe(batch_size=10, drop_last_batch=False)
     assert rows_of(pipe) == list(range(103))
+
+
+@pytest.mark.parametrize(
+    "values, dtype, expected",
+    [
+        (pd.array([1.5, None], dtype="Float32"), torch.float32, [1.5, None]),  # floats keep their width
+        (pd.array([1.5, None], dtype="float32[pyarrow]"), torch.float32, [1.5, None]),
+        (pd.array([2**53 + 1, 7], dtype="Int64"), torch.int64, [2**53 + 1, 7]),  # no missing: stays int
+        (pd.array([3, None], dtype="Int64"), torch.float64, [3.0, None]),
+        (pd.array([3, None], dtype="UInt8"), torch.float64, [3.0, None]),
+        (pd.array([True, False], dtype="boolean"), torch.bool, [True, False]),
+        (pd.array([True, None], dtype="boolean"), torch.float64, [1.0, None]),
+    ],
+)
+def test_nullable_columns(values, dtype, expected):
+    batch = next(iter(DataConnector.from_pandas(pd.DataFrame({"c": values})).to_torch_dataset(batch_size=2)))
+    assert batch["c"].dtype == dtype
+    assert [None if v != v else v for v in batch["c"].tolist()] == expected  # NaN as None

@@ -91,3 +91,44 @@ def test_tf_streaming(tmp_path):
     rows = [v for b in dataset for v in b["i"].numpy().tolist()]
     assert sorted(rows) == list(range(400)) and rows != list(range(400))
     assert next(iter(dataset))["s"].dtype.name == "string"
+
+
+def missing_only_in_the_second_file(tmp_path):
+    """Two files; the nullable columns have their one missing value in the second."""
+    df = pd.DataFrame(
+        {
+            "k": pd.array([1, 2, 3, None], dtype="Int64"),
+            "flag": pd.array([True, False, None, True], dtype="boolean"),
+            "whole": pd.array([5, 6, 7, 8], dtype="Int64"),  # no missing value anywhere
+        }
+    )
+    made = FileSet.make(str(tmp_path), "na", dd.from_pandas(df, npartitions=2))
+    assert made._manifest["rows_per_file"] == [2, 2]
+    return made
+
+
+def test_torch_nullable_dtype_is_decided_by_the_whole_fileset(tmp_path):
+    torch = pytest.importorskip("torch")
+    made = missing_only_in_the_second_file(tmp_path)
+    batches = list(made.to_torch_dataset(batch_size=1))
+    assert [b["k"].dtype for b in batches] == [torch.float64] * 4  # not int64 for the first file
+    assert [b["flag"].dtype for b in batches] == [torch.float64] * 4
+    assert [b["whole"].dtype for b in batches] == [torch.int64] * 4
+    values = {name: [v for b in batches for v in b[name].tolist()] for name in ("k", "flag", "whole")}
+    assert values["k"][:3] == [1.0, 2.0, 3.0] and np.isnan(values["k"][3])
+    assert values["flag"][:2] + values["flag"][3:] == [1.0, 0.0, 1.0] and np.isnan(values["flag"][2])
+    assert values["whole"] == [5, 6, 7, 8]
+
+
+def test_tf_nullable_dtype_is_decided_by_the_whole_fileset(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    made = missing_only_in_the_second_file(tmp_path)
+    batches = list(made.to_tf_dataset(batch_size=1))
+    assert [b["k"].dtype for b in batches] == [tf.float64] * 4
+    assert [b["flag"].dtype for b in batches] == [tf.float64] * 4
+    assert [b["whole"].dtype for b in batches] == [tf.int64] * 4
+    k = [v for b in batches for v in b["k"].numpy().tolist()]
+    flag = [v for b in batches for v in b["flag"].numpy().tolist()]
+    assert k[:3] == [1.0, 2.0, 3.0] and np.isnan(k[3])  # never INT64_MIN
+    assert flag[:2] + flag[3:] == [1.0, 0.0, 1.0] and np.isnan(flag[2])  # never True
+    assert [v for b in batches for v in b["whole"].numpy().tolist()] == [5, 6, 7, 8]

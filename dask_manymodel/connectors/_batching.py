@@ -29,12 +29,16 @@ def check_batch_size(batch_size: Any, *, allow_none: bool = True) -> int | None:
     return int(batch_size)
 
 
-def column_to_numpy(series: pd.Series) -> tuple[np.ndarray, bool]:
+def column_to_numpy(series: pd.Series, has_missing: bool | None = None) -> tuple[np.ndarray, bool]:
     """One column as numpy; returns (array, is_string).
 
-    Numbers keep their dtype; nullable ints/bools with missing values become
-    float64 with NaN; datetimes become int64 nanoseconds; strings, categories
-    and other objects become an object array (None for missing).
+    Numbers keep their dtype; nullable floats keep their width, NaN for
+    missing. Nullable ints/bools keep their numpy dtype unless the whole
+    source has a missing value in this column (``has_missing``; None: look at
+    ``series``, which is then the whole source): then they become float64
+    with NaN, so one column has one dtype in every batch. Datetimes and
+    timedeltas become int64 (their stored unit); strings,
+    categories and other objects become an object array (None for missing).
     """
     dtype = series.dtype
     if isinstance(dtype, pd.CategoricalDtype) or pd.api.types.is_string_dtype(dtype) or dtype == object:
@@ -44,8 +48,10 @@ def column_to_numpy(series: pd.Series) -> tuple[np.ndarray, bool]:
     if pd.api.types.is_datetime64_any_dtype(dtype) or pd.api.types.is_timedelta64_dtype(dtype):
         return series.to_numpy().view("int64"), False
     if isinstance(dtype, pd.api.extensions.ExtensionDtype):
-        numpy_dtype = getattr(dtype, "numpy_dtype", np.dtype("float64"))
-        if series.isna().any():
+        numpy_dtype = np.dtype(getattr(dtype, "numpy_dtype", "float64"))
+        if numpy_dtype.kind == "f":
+            return series.to_numpy(dtype=numpy_dtype, na_value=np.nan), False
+        if series.isna().any() if has_missing is None else has_missing:
             return series.to_numpy(dtype="float64", na_value=np.nan), False
         return series.to_numpy(dtype=numpy_dtype), False
     return series.to_numpy(), False
@@ -60,16 +66,25 @@ class Columns:
     n_rows: int
 
     @classmethod
-    def from_frame(cls, frame: pd.DataFrame) -> "Columns":
+    def from_frame(cls, frame: pd.DataFrame, with_missing: frozenset[str] | None = None) -> "Columns":
+        """Convert every column once. ``with_missing``: the columns that have
+        a missing value somewhere in the whole source, when ``frame`` is only
+        part of it (one file of a FileSet); None: ``frame`` is the whole source."""
         arrays, strings = {}, set()
-        for name in frame.columns:
-            array, is_string = column_to_numpy(frame[name])
+        for position, name in enumerate(frame.columns):
+            has_missing = None if with_missing is None else str(name) in with_missing
+            array, is_string = column_to_numpy(frame.iloc[:, position], has_missing)
             if not array.flags.writeable:  # pandas' copy-on-write hands out read-only views
                 array = array.copy()
             arrays[str(name)] = array
             if is_string:
                 strings.add(str(name))
         return cls(arrays, frozenset(strings), len(frame))
+
+    @property
+    def schema(self) -> dict[str, tuple[np.dtype, bool]]:
+        """``{column: (numpy dtype, is_string)}``."""
+        return {n: (a.dtype, n in self.strings) for n, a in self.arrays.items()}
 
     def take(self, index: np.ndarray | slice) -> dict[str, np.ndarray]:
         return {name: array[index] for name, array in self.arrays.items()}
@@ -165,7 +180,7 @@ class FrameSource:
     @property
     def schema(self) -> dict[str, tuple[np.dtype, bool]]:
         """``{column: (numpy dtype, is_string)}``."""
-        return {n: (a.dtype, n in self.columns.strings) for n, a in self.columns.arrays.items()}
+        return self.columns.schema
 
     def epoch(self, rng, *, batch_size, shuffle, drop_last, share=0, n_shares=1):
         return iter_batches(
