@@ -274,6 +274,7 @@ class _FileSource:
         rebatcher = Rebatcher(batch_size, drop_last)
         for path in mine:
             columns = self._read(path)
-            index = rng.permutation(columns.n_rows) if shuffle else slice(None)
-            yield from rebatcher.feed(columns.take(index))
+            # the file is read again every epoch: its arrays can be handed out
+            # as they are, no later epoch sees what a user changes in a batch
+            yield from rebatcher.feed(columns.take(rng.permutation(columns.n_rows)) if shuffle else columns.arrays)
         yield from rebatcher.finish()

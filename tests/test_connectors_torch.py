@@ -120,3 +120,28 @@ def test_nullable_columns(values, dtype, expected):
     batch = next(iter(DataConnector.from_pandas(pd.DataFrame({"c": values})).to_torch_dataset(batch_size=2)))
     assert batch["c"].dtype == dtype
     assert [None if v != v else v for v in batch["c"].tolist()] == expected  # NaN as None
+
+
+def edit_in_place_each_epoch(dataset, column):
+    """Two epochs; every batch is changed in place, as a training step may do."""
+    epochs = []
+    for _ in range(2):
+        seen = []
+        for batch in dataset:
+            seen += batch[column].reshape(-1).tolist()  # single rows are 0-d
+            batch[column] -= 1000
+        epochs.append(seen)
+    return epochs
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("batch_size", [None, 4])
+def test_editing_a_batch_in_place_does_not_change_later_epochs(frame, shuffle, batch_size):
+    data = DataConnector.from_pandas(frame)
+    options = dict(batch_size=batch_size, shuffle=shuffle, drop_last_batch=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # where torch dropped datapipes
+        pipe = data.to_torch_datapipe(**options)
+    for ds in (data.to_torch_dataset(**options), pipe):
+        for epoch in edit_in_place_each_epoch(ds, "f64"):
+            assert sorted(epoch) == list(range(103))

@@ -132,3 +132,14 @@ def test_tf_nullable_dtype_is_decided_by_the_whole_fileset(tmp_path):
     assert k[:3] == [1.0, 2.0, 3.0] and np.isnan(k[3])  # never INT64_MIN
     assert flag[:2] + flag[3:] == [1.0, 0.0, 1.0] and np.isnan(flag[2])  # never True
     assert [v for b in batches for v in b["whole"].numpy().tolist()] == [5, 6, 7, 8]
+
+
+def test_torch_editing_a_batch_in_place_does_not_change_later_epochs(tmp_path):
+    pytest.importorskip("torch")
+    from tests.test_connectors_torch import edit_in_place_each_epoch
+
+    made = FileSet.make(str(tmp_path), "fs", dd.from_pandas(frame(), npartitions=3))
+    for shuffle in (False, True):
+        ds = made.to_torch_dataset(batch_size=32, shuffle=shuffle, drop_last_batch=False)
+        for epoch in edit_in_place_each_epoch(ds, "i"):
+            assert sorted(epoch) == list(range(400))

@@ -87,6 +87,10 @@ class Columns:
         return {n: (a.dtype, n in self.strings) for n, a in self.arrays.items()}
 
     def take(self, index: np.ndarray | slice) -> dict[str, np.ndarray]:
+        """The rows at ``index`` as new arrays, never views: a batch handed to
+        the user may be changed in place, and must not change later epochs."""
+        if isinstance(index, slice):
+            return {name: array[index].copy() for name, array in self.arrays.items()}
         return {name: array[index] for name, array in self.arrays.items()}
 
 
