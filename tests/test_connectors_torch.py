@@ -145,3 +145,36 @@ def test_editing_a_batch_in_place_does_not_change_later_epochs(frame, shuffle, b
     for ds in (data.to_torch_dataset(**options), pipe):
         for epoch in edit_in_place_each_epoch(ds, "f64"):
             assert sorted(epoch) == list(range(103))
+
+
+def test_set_epoch_makes_the_order_a_function_of_seed_and_epoch(frame):
+    data = DataConnector.from_pandas(frame)
+    ds = data.to_torch_dataset(batch_size=8, shuffle=True, seed=7)
+    run = []
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        run.append(rows_of(ds))
+    assert run[0] != run[1] != run[2]
+    resumed = data.to_torch_dataset(batch_size=8, shuffle=True, seed=7)  # from a checkpoint at epoch 2
+    resumed.set_epoch(2)
+    assert rows_of(resumed) == run[2]
+    ds.set_epoch(1)
+    assert rows_of(ds) == run[1] and rows_of(ds) == run[1]  # set_epoch(1) again, and iterating again
+
+
+def test_set_epoch_with_loader_workers_covers_the_epoch_once(frame):
+    data = DataConnector.from_pandas(frame)
+    direct = data.to_torch_dataset(batch_size=8, shuffle=True, seed=7)
+    direct.set_epoch(2)
+    ds = data.to_torch_dataset(batch_size=8, shuffle=True, seed=7)
+    rows_of(ds)  # an epoch already run here must not matter
+    ds.set_epoch(2)
+    batches = list(DataLoader(ds, batch_size=None, num_workers=2))
+    assert sorted(b["i64"].tolist() for b in batches) == sorted(b["i64"].tolist() for b in direct)
+
+
+def test_loader_workers_without_set_epoch_change_the_order_every_epoch(frame):
+    ds = DataConnector.from_pandas(frame).to_torch_dataset(batch_size=8, shuffle=True, seed=7, drop_last_batch=False)
+    loader = DataLoader(ds, batch_size=None, num_workers=2, generator=torch.Generator().manual_seed(0))
+    first, second = rows_of(loader), rows_of(loader)
+    assert first != second and sorted(first) == sorted(second)

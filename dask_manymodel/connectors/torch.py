@@ -43,11 +43,20 @@ def make_torch_dataset(source, *, batch_size=None, shuffle=False, drop_last_batc
         """Batches as ``dict[column -> Tensor]`` (strings as lists).
 
         Each iteration is one epoch. With ``shuffle=True`` every epoch has a
-        new order: from ``seed`` and the epoch number without DataLoader
-        workers (or with ``persistent_workers=True``); with non-persistent
-        workers, also from the DataLoader's per-epoch seed, so pass
-        ``generator=torch.Generator().manual_seed(...)`` to the DataLoader,
-        or call :meth:`set_epoch` before each epoch, for a reproducible order.
+        new order. Once :meth:`set_epoch` was called, the order is a function
+        of ``(seed, epoch)`` alone: the same on a fresh dataset (resuming from
+        a checkpoint), on a repeated ``set_epoch(n)``, and split across
+        DataLoader workers; as with ``DistributedSampler``, call it before
+        every epoch, or every epoch repeats that epoch's order. Without
+        :meth:`set_epoch` the order comes from ``seed`` and the number of
+        iterations without DataLoader workers (or with
+        ``persistent_workers=True``); with non-persistent workers, also from
+        the DataLoader's per-epoch seed (each epoch differs, reproducibly only
+        with ``generator=torch.Generator().manual_seed(...)``), so
+        :meth:`set_epoch` is the recommended way to a reproducible order.
+        With ``persistent_workers=True`` the workers keep the copy of the
+        dataset they started with and do not see a later :meth:`set_epoch`:
+        use non-persistent workers with it.
         """
 
         def __init__(self):
@@ -58,18 +67,22 @@ def make_torch_dataset(source, *, batch_size=None, shuffle=False, drop_last_batc
             self._epoch: int | None = None
 
         def set_epoch(self, epoch: int) -> None:
-            """Fix the epoch number (as ``DistributedSampler.set_epoch``)."""
+            """Fix the epoch number (as ``DistributedSampler.set_epoch``): from
+            now on every iteration has the order of ``(seed, epoch)``."""
             self._epoch = int(epoch)
 
         def __iter__(self):
             info = torch.utils.data.get_worker_info()
             share, n_shares = (info.id, info.num_workers) if info is not None else (0, 1)
-            keys = [self._iterations]
             if self._epoch is not None:
-                keys.append(self._epoch)
-            elif info is not None:
-                keys.append((info.seed - info.id) % 2**63)  # shared by this epoch's workers
-            self._iterations += 1
+                # a function of (seed, epoch) alone: a fresh dataset, a repeated
+                # set_epoch(n) and every DataLoader worker get the same order
+                keys = [self._epoch]
+            else:
+                keys = [self._iterations]
+                if info is not None:
+                    keys.append((info.seed - info.id) % 2**63)  # shared by this epoch's workers
+                self._iterations += 1
             rng = epoch_rng(self.seed, *keys)
             for batch in self.source.epoch(
                 rng, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last_batch,
