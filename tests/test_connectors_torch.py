@@ -178,3 +178,22 @@ def test_loader_workers_without_set_epoch_change_the_order_every_epoch(frame):
     loader = DataLoader(ds, batch_size=None, num_workers=2, generator=torch.Generator().manual_seed(0))
     first, second = rows_of(loader), rows_of(loader)
     assert first != second and sorted(first) == sorted(second)
+
+
+def test_single_rows_keep_the_column_dtype():
+    df = pd.DataFrame(
+        {
+            "f64": [0.123456789012345],
+            "f16": np.array([1.5], "float16"),
+            "i8": np.array([-3], "int8"),
+            "u8": np.array([7], "uint8"),
+            "u64": np.array([2**64 - 1], "uint64"),
+            "flag": [True],
+        }
+    )
+    row = next(iter(DataConnector.from_pandas(df).to_torch_dataset()))  # batch_size=None
+    expected = {"f64": torch.float64, "f16": torch.float16, "i8": torch.int8, "u8": torch.uint8,
+                "u64": torch.uint64, "flag": torch.bool}
+    assert {name: t.dtype for name, t in row.items()} == expected
+    assert all(t.shape == () for t in row.values())
+    assert row["f64"].item() == 0.123456789012345 and row["i8"].item() == -3 and row["u64"].item() == 2**64 - 1

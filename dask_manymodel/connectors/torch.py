@@ -28,7 +28,9 @@ def _to_torch(batch: dict[str, Any], torch) -> dict[str, Any]:
         if isinstance(values, np.ndarray):
             out[name] = values.tolist() if values.dtype == object else torch.from_numpy(np.ascontiguousarray(values))
         elif isinstance(values, np.generic):  # a single row
-            out[name] = torch.tensor(values.item()) if not isinstance(values, (np.str_, np.bytes_)) else str(values)
+            # a 0-d tensor of the column's dtype: torch.tensor(value.item())
+            # would make float64 float32, int8 int64, and overflow on big uint64
+            out[name] = torch.from_numpy(np.asarray(values))
         else:  # a single row of a string column
             out[name] = values
     return out
