@@ -197,3 +197,28 @@ def test_single_rows_keep_the_column_dtype():
     assert {name: t.dtype for name, t in row.items()} == expected
     assert all(t.shape == () for t in row.values())
     assert row["f64"].item() == 0.123456789012345 and row["i8"].item() == -3 and row["u64"].item() == 2**64 - 1
+
+
+def test_datetimes_and_timedeltas_are_int64_nanoseconds_whatever_their_unit():
+    when = pd.to_datetime(["2020-01-01 00:00", "2020-01-02 00:00"])
+    ns = [1577836800 * 10**9, 1577923200 * 10**9]
+    df = pd.DataFrame(
+        {
+            "us": when.as_unit("us"),
+            "s": when.as_unit("s"),
+            "paris": when.tz_localize("Europe/Paris"),  # one hour ahead of UTC
+            "arrow": pd.Series(when).astype("timestamp[ms][pyarrow]"),
+            "span": pd.to_timedelta([1, 2], unit="s").as_unit("us"),
+        }
+    )
+    batch = next(iter(DataConnector.from_pandas(df).to_torch_dataset(batch_size=2)))
+    assert {name: t.dtype for name, t in batch.items()} == dict.fromkeys(df.columns, torch.int64)
+    assert batch["us"].tolist() == batch["s"].tolist() == batch["arrow"].tolist() == ns
+    assert batch["paris"].tolist() == [v - 3600 * 10**9 for v in ns]  # since the epoch in UTC
+    assert batch["span"].tolist() == [10**9, 2 * 10**9]
+
+
+def test_datetimes_outside_the_nanosecond_range_name_the_column():
+    df = pd.DataFrame({"far": np.array(["3000-01-01"], "datetime64[s]")})
+    with pytest.raises(InvalidArgumentError, match="column 'far'.*nanosecond range"):
+        DataConnector.from_pandas(df).to_torch_dataset(batch_size=1)

@@ -29,6 +29,23 @@ def check_batch_size(batch_size: Any, *, allow_none: bool = True) -> int | None:
     return int(batch_size)
 
 
+def _datetimes_as_int64_ns(series: pd.Series) -> np.ndarray:
+    """Datetimes and timedeltas as int64 nanoseconds, whatever unit they are
+    stored in (pandas 3 often stores [us]): the same instant is one number.
+    tz-aware datetimes count from the epoch in UTC."""
+    try:
+        arrow_type = getattr(series.dtype, "pyarrow_dtype", None)
+        if getattr(series.dtype, "tz", None) is not None or getattr(arrow_type, "tz", None):
+            series = series.dt.tz_convert("UTC").dt.tz_localize(None)
+        values = series.dt.as_unit("ns").to_numpy()
+    except (pd.errors.OutOfBoundsDatetime, pd.errors.OutOfBoundsTimedelta, OverflowError) as exc:
+        raise InvalidArgumentError(
+            f"column {series.name!r} has values outside the int64 nanosecond range "
+            f"(years 1677-2262); convert it to another unit or a number first"
+        ) from exc
+    return values.view("int64")
+
+
 def column_to_numpy(series: pd.Series, has_missing: bool | None = None) -> tuple[np.ndarray, bool]:
     """One column as numpy; returns (array, is_string).
 
@@ -37,7 +54,7 @@ def column_to_numpy(series: pd.Series, has_missing: bool | None = None) -> tuple
     source has a missing value in this column (``has_missing``; None: look at
     ``series``, which is then the whole source): then they become float64
     with NaN, so one column has one dtype in every batch. Datetimes and
-    timedeltas become int64 (their stored unit); strings,
+    timedeltas become int64 nanoseconds (UTC for tz-aware); strings,
     categories and other objects become an object array (None for missing).
     """
     dtype = series.dtype
@@ -45,8 +62,8 @@ def column_to_numpy(series: pd.Series, has_missing: bool | None = None) -> tuple
         values = series.astype(object).to_numpy(copy=True)
         values[pd.isna(values)] = None
         return values, True
-    if pd.api.types.is_datetime64_any_dtype(dtype) or pd.api.types.is_timedelta64_dtype(dtype):
-        return series.to_numpy().view("int64"), False
+    if getattr(dtype, "kind", None) in ("M", "m"):  # numpy, tz-aware and pyarrow datetimes/durations
+        return _datetimes_as_int64_ns(series), False
     if isinstance(dtype, pd.api.extensions.ExtensionDtype):
         numpy_dtype = np.dtype(getattr(dtype, "numpy_dtype", "float64"))
         if numpy_dtype.kind == "f":
