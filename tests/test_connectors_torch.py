@@ -222,3 +222,13 @@ def test_datetimes_outside_the_nanosecond_range_name_the_column():
     df = pd.DataFrame({"far": np.array(["3000-01-01"], "datetime64[s]")})
     with pytest.raises(InvalidArgumentError, match="column 'far'.*nanosecond range"):
         DataConnector.from_pandas(df).to_torch_dataset(batch_size=1)
+
+
+@pytest.mark.parametrize(
+    "columns, message",
+    [([0, "0"], r"columns 0 and '0' both become the key '0'.*rename"), (["a", "a"], r"column 'a' appears twice.*rename")],
+)
+def test_column_names_that_share_a_key_are_refused(columns, message):
+    df = pd.DataFrame([[1.0, 2.0]], columns=columns)
+    with pytest.raises(InvalidArgumentError, match=message):
+        DataConnector.from_pandas(df).to_torch_dataset(batch_size=1)

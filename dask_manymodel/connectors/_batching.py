@@ -74,6 +74,22 @@ def column_to_numpy(series: pd.Series, has_missing: bool | None = None) -> tuple
     return series.to_numpy(), False
 
 
+def check_column_names(columns: Any) -> None:
+    """Batches are keyed by ``str(name)``: two columns must not share one key."""
+    seen: dict[str, Any] = {}
+    for name in columns:
+        key = str(name)
+        if key in seen:
+            clash = f"column {name!r} appears twice" if seen[key] == name else (
+                f"columns {seen[key]!r} and {name!r} both become the key {key!r}"
+            )
+            raise InvalidArgumentError(
+                f"{clash} in the batches' dict[column -> tensor]; rename one first "
+                f"(df.rename(columns=...) or df.columns = [...])"
+            )
+        seen[key] = name
+
+
 @dataclass
 class Columns:
     """A frame as named numpy columns, converted once."""
@@ -87,6 +103,7 @@ class Columns:
         """Convert every column once. ``with_missing``: the columns that have
         a missing value somewhere in the whole source, when ``frame`` is only
         part of it (one file of a FileSet); None: ``frame`` is the whole source."""
+        check_column_names(frame.columns)
         arrays, strings = {}, set()
         for position, name in enumerate(frame.columns):
             has_missing = None if with_missing is None else str(name) in with_missing
