@@ -37,10 +37,11 @@ def _check_name(name: Any) -> str:
     return check_run_id(name, "FileSet name")
 
 
-def _shuffle_partition(df: pd.DataFrame, seed: int, partition_info=None) -> pd.DataFrame:
-    number = partition_info["number"] if partition_info else 0
-    rng = np.random.default_rng([seed, number])
-    return df.iloc[rng.permutation(len(df))]
+def _order_by_random_key(df: pd.DataFrame) -> pd.DataFrame:
+    # Dask's shuffle leaves the order of rows inside an output partition to
+    # chance (it depends on which task finished first): sorting by the seeded
+    # random key makes the same input and seed give the same snapshot.
+    return df.sort_values(_SHUFFLE_COLUMN, kind="stable").drop(columns=[_SHUFFLE_COLUMN])
 
 
 def _random_keys(df: pd.DataFrame, seed: int, partition_info=None) -> pd.DataFrame:
@@ -99,7 +100,9 @@ class FileSet:
         """Write ``dataframe`` (Dask or pandas) as a new FileSet and return it.
 
         With ``shuffle=True`` the rows are shuffled globally (across
-        partitions) before writing.
+        partitions) before writing; the same input and ``seed`` give the
+        same files in the same row order. A named index is kept as a column;
+        an unnamed one is dropped.
 
         Raises
         ------
@@ -115,11 +118,12 @@ class FileSet:
                 f"choose another name or delete() the old one"
             )
         ddf = as_dask_dataframe(dataframe)
+        if ddf.index.name is not None:  # kept as a column, as DataFrame.to_parquet keeps a named index
+            ddf = ddf.reset_index()
         if shuffle:
             seed = int(np.random.SeedSequence().entropy % 2**62) if seed is None else seed
             keyed = ddf.map_partitions(_random_keys, seed, meta=ddf._meta.assign(**{_SHUFFLE_COLUMN: np.int64(0)}))
-            ddf = keyed.shuffle(on=_SHUFFLE_COLUMN).drop(columns=[_SHUFFLE_COLUMN])
-            ddf = ddf.map_partitions(_shuffle_partition, seed, meta=ddf._meta)
+            ddf = keyed.shuffle(on=_SHUFFLE_COLUMN).map_partitions(_order_by_random_key, meta=ddf._meta)
         ddf.to_parquet(
             f"{str(url).rstrip('/')}/{name}", write_index=False, storage_options=storage_options,
             write_metadata_file=False,

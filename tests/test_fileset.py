@@ -143,3 +143,26 @@ def test_torch_editing_a_batch_in_place_does_not_change_later_epochs(tmp_path):
         ds = made.to_torch_dataset(batch_size=32, shuffle=shuffle, drop_last_batch=False)
         for epoch in edit_in_place_each_epoch(ds, "i"):
             assert sorted(epoch) == list(range(400))
+
+
+def test_shuffled_make_with_a_seed_is_reproducible(tmp_path):
+    orders = [
+        FileSet.make(str(tmp_path), f"s{i}", dd.from_pandas(frame(), npartitions=4), shuffle=True, seed=3)
+        .to_dask_dataframe()
+        .compute()["i"]
+        .tolist()
+        for i in range(3)
+    ]
+    assert orders[0] == orders[1] == orders[2] and orders[0] != list(range(400))
+    assert sorted(orders[0]) == list(range(400))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_make_keeps_a_named_index_as_a_column(tmp_path, shuffle):
+    indexed = dd.from_pandas(frame(), npartitions=2).set_index("i")
+    made = FileSet.make(str(tmp_path), "idx", indexed, shuffle=shuffle)
+    assert made._manifest["columns"] == ["i", "x", "s"]
+    back = made.to_dask_dataframe().compute().sort_values("i").reset_index(drop=True)
+    pd.testing.assert_frame_equal(back, frame(), check_dtype=False)
+    unnamed = FileSet.make(str(tmp_path), "plain", frame().set_index(np.arange(400) + 1000))
+    assert unnamed._manifest["columns"] == ["i", "x", "s"]  # an unnamed index is dropped
