@@ -10,6 +10,7 @@ import tempfile
 from typing import TYPE_CHECKING, Any, Callable
 
 import cloudpickle
+import numpy as np
 import pandas as pd
 
 from .exceptions import InvalidArgumentError
@@ -75,9 +76,9 @@ class DataConnector:
         """
         if limit is None:
             return self._frame
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        if not isinstance(limit, (int, np.integer)) or isinstance(limit, bool) or limit < 0:
             raise InvalidArgumentError(f"limit must be a non-negative int or None, got {limit!r}")
-        return self._frame.iloc[:limit]
+        return self._frame.iloc[: int(limit)]
 
     def _source(self):
         from .connectors._batching import FrameSource

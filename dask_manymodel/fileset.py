@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from .connectors._batching import Columns, Rebatcher, check_batch_size
+from .connectors._batching import Columns, Rebatcher, check_batch_size, check_seed
 from .engine import as_dask_dataframe
 from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError
 from .store import open_url
@@ -110,6 +110,7 @@ class FileSet:
             A FileSet (or anything) already exists under that name.
         """
         _check_name(name)
+        seed = check_seed(seed)
         fs, base = open_url(url, storage_options)
         root = posixpath.join(base, name)
         if fs.exists(root) and fs.ls(root):

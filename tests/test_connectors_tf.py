@@ -67,3 +67,17 @@ def test_batch_size_is_required_and_positive(data):
         data.to_tf_dataset(batch_size=0)
     with pytest.raises(InvalidArgumentError, match="got None"):
         data.to_tf_dataset(batch_size=None)
+
+
+def test_bytes_that_are_not_text_pass_through():
+    df = pd.DataFrame({"x": [1.0, 2.0, 3.0], "payload": [b"\x00\xff", b"ok", None], "s": ["\u00e9", "b", "c"]})
+    batch = next(iter(DataConnector.from_pandas(df).to_tf_dataset(batch_size=3)))
+    assert batch["payload"].dtype == tf.string
+    assert batch["payload"].numpy().tolist() == [b"\x00\xff", b"ok", b""]
+    assert batch["s"].numpy().tolist() == ["\u00e9".encode(), b"b", b"c"]  # text beside it: UTF-8
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "1"])
+def test_bad_seed(data, bad):
+    with pytest.raises(InvalidArgumentError, match="seed must be a non-negative int or None"):
+        data.to_tf_dataset(batch_size=8, seed=bad)

@@ -232,3 +232,16 @@ def test_column_names_that_share_a_key_are_refused(columns, message):
     df = pd.DataFrame([[1.0, 2.0]], columns=columns)
     with pytest.raises(InvalidArgumentError, match=message):
         DataConnector.from_pandas(df).to_torch_dataset(batch_size=1)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "1"])
+def test_bad_seed_is_refused_up_front(frame, bad):
+    with pytest.raises(InvalidArgumentError, match="seed must be a non-negative int or None"):
+        DataConnector.from_pandas(frame).to_torch_dataset(batch_size=8, shuffle=True, seed=bad)
+
+
+def test_numpy_ints_are_accepted_for_seed_and_limit(frame):
+    data = DataConnector.from_pandas(frame)
+    seeded = data.to_torch_dataset(batch_size=8, shuffle=True, seed=np.int64(3))
+    assert rows_of(seeded) == rows_of(data.to_torch_dataset(batch_size=8, shuffle=True, seed=3))
+    assert len(data.to_pandas(limit=np.int64(2))) == 2

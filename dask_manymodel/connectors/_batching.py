@@ -29,6 +29,15 @@ def check_batch_size(batch_size: Any, *, allow_none: bool = True) -> int | None:
     return int(batch_size)
 
 
+def check_seed(seed: Any) -> int | None:
+    """``seed`` must be a non-negative int (numpy ints too) or None."""
+    if seed is None:
+        return None
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise InvalidArgumentError(f"seed must be a non-negative int or None, got {seed!r}")
+    return int(seed)
+
+
 def _datetimes_as_int64_ns(series: pd.Series) -> np.ndarray:
     """Datetimes and timedeltas as int64 nanoseconds, whatever unit they are
     stored in (pandas 3 often stores [us]): the same instant is one number.

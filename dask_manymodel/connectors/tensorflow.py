@@ -11,14 +11,19 @@ from __future__ import annotations
 import numpy as np
 
 from .._compat import import_optional
-from ._batching import check_batch_size, count_batches, epoch_rng, new_seed
+from ._batching import check_batch_size, check_seed, count_batches, epoch_rng, new_seed
 
 
 
 
 def _strings(values: np.ndarray) -> np.ndarray:
     values = np.where(values == None, "", values)  # noqa: E711 (elementwise)
-    return values.astype(str)
+    try:
+        return values.astype(str)
+    except UnicodeDecodeError:
+        # bytes that are not ASCII (a binary column): tf.string holds raw
+        # bytes, so hand them over as they are, and text as UTF-8
+        return np.array([v if isinstance(v, bytes) else str(v).encode() for v in values], dtype=object)
 
 
 def make_tf_dataset(source, *, batch_size, shuffle=False, drop_last_batch=True, seed=None):
@@ -31,7 +36,8 @@ def make_tf_dataset(source, *, batch_size, shuffle=False, drop_last_batch=True, 
         name: tf.TensorSpec(shape=shape, dtype=tf.string if is_string else tf.as_dtype(dtype))
         for name, (dtype, is_string) in schema.items()
     }
-    base_seed = new_seed() if seed is None else int(seed)
+    seed = check_seed(seed)
+    base_seed = new_seed() if seed is None else seed
     n_batches = count_batches(source.n_rows, batch_size, drop_last_batch)
     if hasattr(source, "columns"):  # in memory: the whole pipeline runs inside TensorFlow
         return _in_memory_dataset(tf, source.columns, batch_size, shuffle, n_batches, base_seed)

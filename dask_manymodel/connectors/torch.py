@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .._compat import import_optional
-from ._batching import check_batch_size, epoch_rng, new_seed
+from ._batching import check_batch_size, check_seed, epoch_rng, new_seed
 
 
 
@@ -40,6 +40,7 @@ def make_torch_dataset(source, *, batch_size=None, shuffle=False, drop_last_batc
     """Build the ``IterableDataset`` over ``source`` (see the module docstring)."""
     torch = import_optional("torch")
     batch_size = check_batch_size(batch_size)
+    seed = check_seed(seed)
 
     class ManyModelIterableDataset(torch.utils.data.IterableDataset):
         """Batches as ``dict[column -> Tensor]`` (strings as lists).
@@ -64,7 +65,7 @@ def make_torch_dataset(source, *, batch_size=None, shuffle=False, drop_last_batc
         def __init__(self):
             super().__init__()
             self.source = source
-            self.seed = new_seed() if seed is None else int(seed)
+            self.seed = new_seed() if seed is None else seed
             self._iterations = 0
             self._epoch: int | None = None
 
