@@ -1158,7 +1158,10 @@ class _PendingWrites:
     groups or ``max_bytes``, or is ``max_seconds`` old (statuses in storage,
     the progress another process sees, lag by at most that), and at once
     after a group that took ``slow_group_seconds`` or more: next to such a
-    group the writes cost nothing, and a lost worker loses less.
+    group the writes cost nothing, and a lost worker loses less. The age
+    limit holds while the next group runs too: a timer thread writes a batch
+    that comes of age then (a slow group would otherwise hold back the
+    statuses of the fast ones before it for as long as it runs).
     """
 
     def __init__(self, spec: RunSpec, heartbeat: "_Heartbeat", max_groups: int = 1000,
@@ -1171,21 +1174,58 @@ class _PendingWrites:
         self.nbytes = 0
         self.since = time.monotonic()
         self.written: list[dict] = []
+        # the task's thread and the timer's take turns at the batch
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._timer_error: BaseException | None = None
 
     def add(self, record: dict, files: dict[str, bytes]) -> None:
-        if not self.entries:
-            self.since = time.monotonic()
-        self.entries.append((record, files))
-        self.nbytes += sum(len(data) for data in files.values())
-        if (
-            record["seconds"] >= self.slow_group_seconds
-            or len(self.entries) >= self.max_groups
-            or self.nbytes >= self.max_bytes
-            or time.monotonic() - self.since >= self.max_seconds
-        ):
-            self.flush()
+        with self._lock:
+            self._raise_timer_error()
+            if not self.entries:
+                self.since = time.monotonic()
+            self.entries.append((record, files))
+            self.nbytes += sum(len(data) for data in files.values())
+            if (
+                record["seconds"] >= self.slow_group_seconds
+                or len(self.entries) >= self.max_groups
+                or self.nbytes >= self.max_bytes
+                or time.monotonic() - self.since >= self.max_seconds
+            ):
+                self._flush()
+            elif len(self.entries) == 1:
+                self._start_timer()
 
     def flush(self) -> None:
+        """Write what is pending now (a task's end, fail_fast)."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._raise_timer_error()
+            self._flush()
+
+    def _start_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = threading.Timer(self.max_seconds, self._flush_when_due)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _flush_when_due(self) -> None:
+        with self._lock:
+            if not self.entries or time.monotonic() - self.since < self.max_seconds:
+                return
+            try:
+                self._flush()
+            except BaseException as exc:  # raised in the task's thread, which the task reports
+                self._timer_error = exc
+
+    def _raise_timer_error(self) -> None:
+        if self._timer_error is not None:
+            error, self._timer_error = self._timer_error, None
+            raise error
+
+    def _flush(self) -> None:
         store = self.spec.store
         entries, self.entries, self.nbytes = self.entries, [], 0
         if entries and self.heartbeat.check_superseded():

@@ -313,6 +313,35 @@ def test_a_resume_must_write_what_its_done_groups_were_written_with(client, tmp_
     assert set(scores.to_dask_dataframe().compute()["model"]) == {"A"}
 
 
+def last_group_held(gate, data, ctx):
+    """Group 9, the last of its task, waits for the test's gate."""
+    if ctx.partition_id == 9:
+        hold_until_released(gate)
+    return fit_line(data, ctx)
+
+
+def test_finished_groups_reach_storage_while_a_slow_group_runs(client, tmp_path):
+    """A batch of statuses is written at the latest half a second after its
+    first group finished, also while the next group still runs (they waited
+    for it: a killed client then left them unwritten)."""
+    url, gate = str(tmp_path / "m"), str(tmp_path / "release")
+    ddf = dd.from_pandas(make_frame(n_groups=10, rows=5), npartitions=1)
+    run = ddf.manymodel.train(
+        functools.partial(last_group_held, gate), by="store", url=url, run_id="r1",
+        execution_options=ExecutionOptions(npartitions=1),
+    )
+    try:
+        def nine_done_in_storage() -> bool:
+            return len(ManyModelRun.restore_from("r1", url).get_progress().get("DONE", [])) == 9
+
+        poll(nine_done_in_storage, timeout=20)
+        assert ManyModelRun.restore_from("r1", url).status == RunStatus.IN_PROGRESS
+    finally:
+        open(gate, "w").close()
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    assert len(ManyModelRun.restore_from("r1", url).get_progress()["DONE"]) == 10
+
+
 def test_two_runs_with_one_id_at_once(client, tmp_path):
     url = str(tmp_path / "m")
     ddf = dd.from_pandas(make_frame(n_groups=10, rows=5), npartitions=2)
