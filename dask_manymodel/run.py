@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import distributed
+import numpy as np
 import pandas as pd
 
 from .exceptions import (
@@ -774,8 +775,10 @@ class ManyModelRun:
     def to_dask_dataframe(self):
         """The frames an inference run's groups returned, as a lazy Dask DataFrame.
 
-        The ``by`` columns come first, with each group's value; the rest is
-        what the function returned. The schema (``meta``) is the ``meta=``
+        The ``by`` columns come first, with each group's value and the dtype
+        of the input's column (a null group holds that dtype's NaN, NaT or
+        NA; a restored handle infers the dtype from all the group values);
+        the rest is what the function returned. The schema (``meta``) is the ``meta=``
         given to ``predict``, or else that of the first finished group's
         file; the user function is never called on fake data. Nothing is
         read until the frame is computed. The same rows are a hive-partitioned
@@ -800,10 +803,11 @@ class ManyModelRun:
             (self._store.path(d.path, OUTPUT_FILE), normalize_key(d.partition_id, len(by)))
             for d in details
         ]
+        by_dtypes = self._by_dtypes()
         if self._meta is not None:
-            meta = _with_group_columns(self._meta.iloc[:0], by, items[0][1] if items else (None,) * len(by))
+            meta = _with_group_columns(self._meta.iloc[:0], by, (None,) * len(by), by_dtypes)
         elif items:
-            meta = _read_output(items[:1], self._store.fs, by).iloc[:0]
+            meta = _read_output(items[:1], self._store.fs, by, by_dtypes).iloc[:0]
         else:
             raise InvalidArgumentError(
                 f"run {self.run_id!r} stored no output (no group returned rows); pass meta= "
@@ -814,9 +818,22 @@ class ManyModelRun:
         n_chunks = max(1, min(len(items), len(self._futures or []) or 8))
         chunks = [items[i::n_chunks] for i in range(n_chunks)]
         return dd.from_map(
-            _read_output, chunks, fs=self._store.fs, by=by, meta=meta, enforce_metadata=False,
-            label="manymodel-read-output",
+            _read_output, chunks, fs=self._store.fs, by=by, by_dtypes=by_dtypes, meta=meta,
+            enforce_metadata=False, label="manymodel-read-output",
         )
+
+    def _by_dtypes(self) -> list:
+        """The dtype of each ``by`` column in the output: the input's, so that a
+        null group (NaN, NaT, NA) keeps the column's type. A restored handle has
+        no input: there, what pandas infers from all the run's group values."""
+        if self._source is not None:
+            columns = self._source["dataframe"]._meta
+            return [columns[col].dtype for col in self._spec.by]
+        keys = [normalize_key(self._partition_id(g), len(self.partition_by)) for g in self._groups]
+        return [
+            pd.Series([key[i] for key in keys], dtype=None if keys else object).dtype
+            for i in range(len(self.partition_by))
+        ]
 
     # ------------------------------------------------------------------
     # restore
@@ -914,16 +931,27 @@ class ManyModelRun:
         )
 
 
-def _with_group_columns(frame: pd.DataFrame, by: list[str], key: tuple) -> pd.DataFrame:
-    """Put the group's values in front, as hive readers would from the path."""
-    values = {col: pd.Series([value] * len(frame), index=frame.index) for col, value in zip(by, key)}
+def _constant_column(value: Any, dtype: Any, index: pd.Index) -> pd.Series:
+    """``value`` on every row of ``index``, as a column of ``dtype``; a null
+    becomes that dtype's own null (NaN, NaT, pd.NA)."""
+    try:
+        one = pd.array([value], dtype=dtype)
+    except (TypeError, ValueError):  # a value the dtype cannot hold: pandas' own inference
+        one = pd.array([value])
+    return pd.Series(one.take(np.zeros(len(index), dtype=np.intp)), index=index)
+
+
+def _with_group_columns(frame: pd.DataFrame, by: list[str], key: tuple, dtypes: list) -> pd.DataFrame:
+    """Put the group's values in front, as hive readers would from the path,
+    each with its ``by`` column's dtype (the same in every partition and in meta)."""
+    values = {col: _constant_column(value, dtype, frame.index) for col, value, dtype in zip(by, key, dtypes)}
     return pd.concat([pd.DataFrame(values), frame], axis=1) if len(frame.columns) else pd.DataFrame(values)
 
 
-def _read_output(items: list[tuple[str, tuple]], fs, by: list[str]) -> pd.DataFrame:
+def _read_output(items: list[tuple[str, tuple]], fs, by: list[str], by_dtypes: list) -> pd.DataFrame:
     """Read the output files of some groups into one frame (runs on a worker)."""
     frames = []
     for path, key in items:
         with fs.open(path, "rb") as f:
-            frames.append(_with_group_columns(pd.read_parquet(f), by, key))
+            frames.append(_with_group_columns(pd.read_parquet(f), by, key, by_dtypes))
     return pd.concat(frames, ignore_index=True)

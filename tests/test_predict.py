@@ -223,3 +223,54 @@ def test_predict_output_stays_on_the_workers(trained, ddf, store_url):
     assert json.loads(json.dumps(records)) == records  # plain JSON: no frames, no models
     assert max(len(json.dumps(r)) for r in records) < 2_000
     assert all(r["output_rows"] == 40 for r in records)
+
+
+def fit_nothing(data, ctx):
+    return 0.0
+
+
+def predict_one(data, model, ctx):
+    return data.to_pandas().assign(pred=1.0)
+
+
+def _year(column):
+    return column.dt.year.max()
+
+
+def _total(column):
+    return column.sum()
+
+
+@pytest.mark.parametrize(
+    "keys, use",
+    [
+        ({"k": [1.0, 2.0, np.nan, 1.0]}, {"k": _total}),
+        ({"k": pd.array([1, 2, None, 1], dtype="Int64")}, {"k": _total}),
+        ({"k": pd.to_datetime(["2020-01-01", "2020-01-02", None, "2020-01-01"])}, {"k": _year}),
+        (
+            {"k": pd.to_datetime(["2020-01-01", "2020-01-02", None, "2020-01-01"]).tz_localize("Europe/Paris")},
+            {"k": _year},
+        ),
+        (
+            {"k": [1.0, np.nan, np.nan, 1.0], "t": pd.to_datetime(["2020-01-01", None, "2020-01-02", "2020-01-01"])},
+            {"k": _total, "t": _year},
+        ),
+    ],
+    ids=["float-nan", "Int64-NA", "datetime-NaT", "tz-aware-NaT", "two-columns"],
+)
+def test_a_null_group_keeps_the_by_columns_dtype(client, store_url, keys, use):
+    pdf = pd.DataFrame({**keys, "x": [1.0, 2.0, 3.0, 4.0]})
+    by = list(keys)
+    ddf = dd.from_pandas(pdf, npartitions=2)
+    ddf.manymodel.train(fit_nothing, by=by, url=store_url, run_id="r1").wait(show_progress=False)
+    inf = ddf.manymodel.predict(predict_one, by=by, url=store_url, training_run_id="r1", run_id="s1")
+    assert inf.wait(show_progress=False) == RunStatus.SUCCESS
+    out = inf.to_dask_dataframe()
+    assert [out.dtypes[col] for col in by] == [pdf[col].dtype for col in by]
+    for part in out.to_delayed():  # the null group's partition too
+        assert dict(part.compute().dtypes) == dict(out.dtypes)
+    for col, op in use.items():
+        assert op(out[col]).compute() == op(pdf[col])
+    # a restored handle has no input: it infers the dtypes from the group values
+    restored = ManyModelRun.restore_from("s1", store_url).to_dask_dataframe()
+    assert dict(restored.compute().dtypes) == dict(restored.dtypes)
