@@ -114,7 +114,8 @@ class ManyModelAccessor:
         The frames it returns are stored as hive-partitioned parquet under
         ``url/run_id`` and read back lazily with ``run.to_dask_dataframe()``.
         ``meta`` fixes that frame's schema; by default it comes from the first
-        finished group.
+        finished group. A ``by`` column in ``meta`` is used as given (its dtype,
+        its place); those it lacks go first, with the input's dtype.
         """
         return start_run(
             "predict",

@@ -778,7 +778,8 @@ class ManyModelRun:
         The ``by`` columns come first, with each group's value and the dtype
         of the input's column (a null group holds that dtype's NaN, NaT or
         NA; a restored handle infers the dtype from all the group values);
-        the rest is what the function returned. The schema (``meta``) is the ``meta=``
+        the rest is what the function returned. A ``by`` column that
+        ``meta=`` names keeps that dtype and place. The schema (``meta``) is the ``meta=``
         given to ``predict``, or else that of the first finished group's
         file; the user function is never called on fake data. Nothing is
         read until the frame is computed. The same rows are a hive-partitioned
@@ -803,22 +804,22 @@ class ManyModelRun:
             (self._store.path(d.path, OUTPUT_FILE), normalize_key(d.partition_id, len(by)))
             for d in details
         ]
-        by_dtypes = self._by_dtypes()
         if self._meta is not None:
-            meta = _with_group_columns(self._meta.iloc[:0], by, (None,) * len(by), by_dtypes)
+            base = self._meta.iloc[:0]
         elif items:
-            meta = _read_output(items[:1], self._store.fs, by, by_dtypes).iloc[:0]
+            base = _read_frame(self._store.fs, items[0][0]).iloc[:0]
         else:
             raise InvalidArgumentError(
                 f"run {self.run_id!r} stored no output (no group returned rows); pass meta= "
                 f"to predict to get an empty frame"
             )
+        meta = _with_group_columns(base, by, self._by_dtypes())
         if not items:
             return dd.from_pandas(meta, npartitions=1)
         n_chunks = max(1, min(len(items), len(self._futures or []) or 8))
         chunks = [items[i::n_chunks] for i in range(n_chunks)]
         return dd.from_map(
-            _read_output, chunks, fs=self._store.fs, by=by, by_dtypes=by_dtypes, meta=meta,
+            _read_output, chunks, fs=self._store.fs, by=by, layout=meta, meta=meta,
             enforce_metadata=False, label="manymodel-read-output",
         )
 
@@ -941,17 +942,40 @@ def _constant_column(value: Any, dtype: Any, index: pd.Index) -> pd.Series:
     return pd.Series(one.take(np.zeros(len(index), dtype=np.intp)), index=index)
 
 
-def _with_group_columns(frame: pd.DataFrame, by: list[str], key: tuple, dtypes: list) -> pd.DataFrame:
-    """Put the group's values in front, as hive readers would from the path,
-    each with its ``by`` column's dtype (the same in every partition and in meta)."""
-    values = {col: _constant_column(value, dtype, frame.index) for col, value, dtype in zip(by, key, dtypes)}
-    return pd.concat([pd.DataFrame(values), frame], axis=1) if len(frame.columns) else pd.DataFrame(values)
+def _with_group_columns(meta: pd.DataFrame, by: list[str], dtypes: list) -> pd.DataFrame:
+    """``meta`` (no rows) with the ``by`` columns it lacks put in front, with
+    ``dtypes``; a ``by`` column it has already stays as given, dtype and place."""
+    meta = meta.copy()
+    missing = [(col, dtype) for col, dtype in zip(by, dtypes) if col not in meta.columns]
+    for place, (col, dtype) in enumerate(missing):
+        meta.insert(place, col, pd.Series([], dtype=dtype, index=meta.index))
+    return meta
 
 
-def _read_output(items: list[tuple[str, tuple]], fs, by: list[str], by_dtypes: list) -> pd.DataFrame:
-    """Read the output files of some groups into one frame (runs on a worker)."""
-    frames = []
-    for path, key in items:
-        with fs.open(path, "rb") as f:
-            frames.append(_with_group_columns(pd.read_parquet(f), by, key, by_dtypes))
+def _read_frame(fs, path: str) -> pd.DataFrame:
+    with fs.open(path, "rb") as f:
+        return pd.read_parquet(f)
+
+
+def _as_layout(frame: pd.DataFrame, by: list[str], key: tuple, layout: pd.DataFrame) -> pd.DataFrame:
+    """One group's stored frame laid out as ``layout`` (the run's meta): the
+    group's values in the ``by`` columns, with the layout's dtype and place,
+    as hive readers put them from the path; the frame's other columns follow
+    in the layout's order, then any it has beyond the layout."""
+    values = dict(zip(by, key))
+    columns = {}
+    for col in layout.columns:
+        if col in values:
+            columns[col] = _constant_column(values[col], layout[col].dtype, frame.index)
+        elif col in frame.columns:
+            columns[col] = frame[col]
+    for col in frame.columns:
+        columns.setdefault(col, frame[col])
+    return pd.DataFrame(columns, index=frame.index)
+
+
+def _read_output(items: list[tuple[str, tuple]], fs, by: list[str], layout: pd.DataFrame) -> pd.DataFrame:
+    """Read the output files of some groups into one frame laid out as
+    ``layout`` (runs on a worker)."""
+    frames = [_as_layout(_read_frame(fs, path), by, key, layout) for path, key in items]
     return pd.concat(frames, ignore_index=True)

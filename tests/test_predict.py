@@ -274,3 +274,34 @@ def test_a_null_group_keeps_the_by_columns_dtype(client, store_url, keys, use):
     # a restored handle has no input: it infers the dtypes from the group values
     restored = ManyModelRun.restore_from("s1", store_url).to_dask_dataframe()
     assert dict(restored.compute().dtypes) == dict(restored.dtypes)
+
+
+def test_meta_with_or_without_the_by_column(client, store_url):
+    pdf = pd.DataFrame({"k": [1, 1, 2, 2], "x": [1.0, 2.0, 3.0, 4.0]})
+    ddf = dd.from_pandas(pdf, npartitions=2)
+    ddf.manymodel.train(fit_nothing, by="k", url=store_url, run_id="r1").wait(show_progress=False)
+    # a by column in meta is used as given: its dtype, its place
+    given = pd.DataFrame({"x": pd.Series([], dtype="float64"), "pred": pd.Series([], dtype="float64"),
+                          "k": pd.Series([], dtype="float64")})
+    # without one, the by column goes first with the input's dtype
+    expected = {
+        "with": (["x", "pred", "k"], ["float64", "float64", "float64"]),
+        "without": (["k", "x", "pred"], ["int64", "float64", "float64"]),
+    }
+    for name, meta in [("with", given), ("without", given[["x", "pred"]])]:
+        inf = ddf.manymodel.predict(
+            predict_one, by="k", url=store_url, training_run_id="r1", run_id=f"s-{name}", meta=meta
+        )
+        assert inf.wait(show_progress=False) == RunStatus.SUCCESS
+        out = inf.to_dask_dataframe()
+        computed = out.compute()
+        assert (list(out.columns), [str(t) for t in out.dtypes]) == expected[name]
+        assert (list(computed.columns), [str(t) for t in computed.dtypes]) == expected[name]
+        assert sorted(computed["k"]) == [1, 1, 2, 2]
+    # an empty input: the frame is meta itself, with no second "k"
+    empty = dd.from_pandas(pdf.iloc[:0], npartitions=1)
+    inf = empty.manymodel.predict(
+        predict_one, by="k", url=store_url, training_run_id="r1", run_id="s-empty", meta=given
+    )
+    inf.wait(show_progress=False)
+    assert list(inf.to_dask_dataframe().compute().columns) == ["x", "pred", "k"]
