@@ -71,6 +71,11 @@ def is_null(value: Any) -> bool:
 def _as_text(value: Any) -> str:
     if isinstance(value, np.generic):
         value = value.item()
+    if isinstance(value, float) and value.is_integer():
+        # 1.0 == 1 and -0.0 == 0.0 for Python and pandas (one group, found by
+        # merge): one folder too. A column of int keys with a missing value is
+        # float64, and must still find the models trained on its ints.
+        return str(int(value))
     if isinstance(value, (pd.Timestamp, datetime.datetime, datetime.date, datetime.time)):
         return value.isoformat()
     if isinstance(value, pd.Timedelta):
@@ -94,7 +99,8 @@ def encode_value(value: Any) -> str:
     """Turn one group value into the part of a path segment after ``=``.
 
     The mapping is deterministic, so the same value always finds the same
-    folder (``7`` and ``"7"`` share one); it never yields ``/``, ``\\``, an
+    folder (``7`` and ``"7"`` share one, and so do ``7.0``, and ``0.0`` and
+    ``-0.0``: equal values are one group for pandas); it never yields ``/``, ``\\``, an
     empty name of its own, or more than :data:`MAX_SEGMENT_CHARS` characters.
 
     Examples
@@ -103,6 +109,8 @@ def encode_value(value: Any) -> str:
     'a%2Fb'
     >>> encode_value(None)
     '__HIVE_DEFAULT_PARTITION__'
+    >>> encode_value(7.0), encode_value(7.5)
+    ('7', '7.5')
     """
     if type(value) is int or type(value) is str:
         text = str(value)  # the usual keys: never null, their own text

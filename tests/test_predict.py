@@ -305,3 +305,31 @@ def test_meta_with_or_without_the_by_column(client, store_url):
     )
     inf.wait(show_progress=False)
     assert list(inf.to_dask_dataframe().compute().columns) == ["x", "pred", "k"]
+
+
+def test_equal_keys_of_another_dtype_find_the_same_models(client, store_url):
+    trained_on = pd.DataFrame({"store": [1, 1, 2, 0], "x": [1.0, 2.0, 3.0, 4.0]})
+    train = dd.from_pandas(trained_on, npartitions=1)
+    train.manymodel.train(fit_nothing, by="store", url=store_url, run_id="r1").wait(show_progress=False)
+    # a missing key makes pandas turn the ints into float64 (and 0 may come as -0.0)
+    new = pd.DataFrame({"store": [1.0, 2.0, np.nan, -0.0], "x": [5.0, 6.0, 7.0, 8.0]})
+    inf = dd.from_pandas(new, npartitions=1).manymodel.predict(
+        predict_one, by="store", url=store_url, training_run_id="r1", run_id="s1"
+    )
+    inf.wait(show_progress=False)
+    statuses = {d.partition_id: d.status for d in inf.partition_details.values()}
+    assert [statuses[k] for k in (1.0, 2.0, 0.0)] == ["DONE", "DONE", "DONE"]
+    assert sorted(inf.to_dask_dataframe().compute()["store"]) == [-0.0, 1.0, 2.0]
+    # Int64 keys with a NA group: summary() shows them as floats, get_model takes them
+    nullable = pd.DataFrame({"store": pd.array([1, 2, None], dtype="Int64"), "x": [1.0, 2.0, 3.0]})
+    run = dd.from_pandas(nullable, npartitions=1).manymodel.train(
+        fit_nothing, by="store", url=store_url, run_id="r2"
+    )
+    run.wait(show_progress=False)
+    assert [run.get_model(pid) for pid in run.summary()["partition_id"]] == [0.0, 0.0, 0.0]
+    # -0.0 and 0.0 are one group for pandas: one folder, found by either
+    signed = pd.DataFrame({"k": [-0.0, 0.0, 2.0], "x": [1.0, 2.0, 3.0]})
+    run = dd.from_pandas(signed, npartitions=1).manymodel.train(fit_nothing, by="k", url=store_url, run_id="r3")
+    run.wait(show_progress=False)
+    assert os.path.isdir(os.path.join(store_url, "r3", "k=0"))
+    assert run.get_model(0.0) == run.get_model(-0.0) == 0.0

@@ -41,6 +41,13 @@ from dask_manymodel.store import (
         ("%2F", "%252F"),
         (pd.Timestamp("2024-01-02 03:04"), "2024-01-02T03%3A04%3A00"),
         (True, "True"),
+        (1.0, "1"),
+        (np.float32(2.0), "2"),
+        (-0.0, "0"),
+        (1.5, "1.5"),
+        (float("inf"), "inf"),
+        (-float("inf"), "-inf"),
+        (1e20, "100000000000000000000"),
     ],
 )
 def test_encode_value(value, expected):
@@ -61,6 +68,12 @@ def test_integer_keys_are_their_digits_and_long_ones_are_shortened():
     assert encode_value(-12) == "-12" and encode_value(np.int32(-12)) == "-12"
     assert encode_value(10**250) == encode_value(str(10**250))
     assert len(encode_value(10**250)) <= MAX_SEGMENT_CHARS and "~" in encode_value(10**250)
+
+
+@pytest.mark.parametrize("a, b", [(1, 1.0), (np.int64(3), np.float64(3.0)), (0.0, -0.0), (0, -0.0)])
+def test_equal_numbers_share_a_folder(a, b):
+    # equal for Python and pandas (one group, found by merge): one folder
+    assert a == b and group_path(["k"], (a,)) == group_path(["k"], (b,))
 
 
 def test_long_values_are_shortened_with_a_hash():
