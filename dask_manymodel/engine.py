@@ -61,6 +61,7 @@ from .store import (
     PARTITION_FILE,
     RUN_MANIFEST,
     RunStore,
+    column_segment,
     group_path,
     key_from_json,
     key_to_json,
@@ -195,6 +196,8 @@ def check_by(by: Any, ddf: dd.DataFrame) -> list:
             f"partition_by/by column(s) {missing!r} not in the dataframe; "
             f"its columns are {list(ddf.columns)!r}"
         )
+    for column in columns:
+        column_segment(str(column))  # a name too long for any folder: refused before compute
     return columns
 
 

@@ -17,6 +17,7 @@ NUL, ``~``) is percent-encoded, and the segment always starts with
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import logging
@@ -33,7 +34,7 @@ import fsspec
 import numpy as np
 import pandas as pd
 
-from .exceptions import InvalidURLError, StorageError
+from .exceptions import InvalidArgumentError, InvalidURLError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +46,14 @@ PARTITION_FILE = "_partition.json"
 
 #: What hive readers (pyarrow, Spark) read back as null.
 NULL_SEGMENT = "__HIVE_DEFAULT_PARTITION__"
-#: File systems cap a name at 255 bytes; longer values keep a prefix and a hash.
+#: File systems cap a name at 255 bytes: the whole segment ``<col>=<value>``.
+MAX_NAME_BYTES = 255
+#: Longer values keep a prefix and a hash; a value takes this many characters
+#: at most, fewer where the column's name leaves less of MAX_NAME_BYTES.
 MAX_SEGMENT_CHARS = 200
 _HASH_CHARS = 16
+# the least room a value needs: the null marker, or a shortened value's "~" and hash
+_MIN_VALUE_CHARS = max(len(NULL_SEGMENT), _HASH_CHARS + 1)
 
 T = TypeVar("T")
 
@@ -95,13 +101,14 @@ def _encode_text(text: str) -> str:
     return quote(text, safe="", errors="surrogatepass").replace("~", "%7E")
 
 
-def encode_value(value: Any) -> str:
+def encode_value(value: Any, max_chars: int = MAX_SEGMENT_CHARS) -> str:
     """Turn one group value into the part of a path segment after ``=``.
 
     The mapping is deterministic, so the same value always finds the same
     folder (``7`` and ``"7"`` share one, and so do ``7.0``, and ``0.0`` and
     ``-0.0``: equal values are one group for pandas); it never yields ``/``, ``\\``, an
-    empty name of its own, or more than :data:`MAX_SEGMENT_CHARS` characters.
+    empty name of its own, or more than ``max_chars`` characters (a longer
+    one keeps a prefix and a hash of the whole value).
 
     Examples
     --------
@@ -121,9 +128,9 @@ def encode_value(value: Any) -> str:
     encoded = _encode_text(text)
     if encoded == NULL_SEGMENT:  # the string itself, not a null
         encoded = "%5F" + encoded[1:]
-    if len(encoded) > MAX_SEGMENT_CHARS:
+    if len(encoded) > max_chars:
         digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-        prefix = encoded[: MAX_SEGMENT_CHARS - _HASH_CHARS - 1]
+        prefix = encoded[: max(0, max_chars - _HASH_CHARS - 1)]
         # do not cut a %XX escape in half
         cut = prefix.rfind("%", len(prefix) - 2)
         if cut != -1:
@@ -132,9 +139,39 @@ def encode_value(value: Any) -> str:
     return encoded
 
 
+@functools.lru_cache(maxsize=256)
+def column_segment(column: str) -> tuple[str, int]:
+    """A ``by`` column's encoded name, and how many characters its values may
+    take so that the segment ``<name>=<value>`` stays within
+    :data:`MAX_NAME_BYTES` (encoded names are ASCII: characters are bytes).
+
+    Raises
+    ------
+    InvalidArgumentError
+        The name leaves too little room for a value (even a null, or a
+        shortened value's hash).
+    """
+    name = _encode_text(column)
+    room = MAX_NAME_BYTES - len(name) - 1
+    if room < _MIN_VALUE_CHARS:
+        raise InvalidArgumentError(
+            f"partition_by/by column {column!r} is too long for a folder name: encoded it takes "
+            f"{len(name)} bytes, and its groups' folders '<column>=<value>' may take "
+            f"{MAX_NAME_BYTES} bytes, {_MIN_VALUE_CHARS} of them for the value; rename the column "
+            f"(ddf.rename(columns=...)) to at most {MAX_NAME_BYTES - 1 - _MIN_VALUE_CHARS} bytes "
+            f"encoded (letters, digits and _.- take one byte, other characters three per UTF-8 byte)"
+        )
+    return name, min(MAX_SEGMENT_CHARS, room)
+
+
 def group_path(by: Sequence[str], key: Sequence[Any]) -> str:
-    """Relative folder of one group: ``col=value`` segments joined by ``/``."""
-    return "/".join(f"{_encode_text(str(col))}={encode_value(v)}" for col, v in zip(by, key))
+    """Relative folder of one group: ``col=value`` segments joined by ``/``,
+    each within :data:`MAX_NAME_BYTES`."""
+    segments = []
+    for col, value in zip(by, key):
+        name, room = column_segment(str(col))
+        segments.append(f"{name}={encode_value(value, room)}")
+    return "/".join(segments)
 
 
 def key_to_json(value: Any) -> Any:

@@ -271,3 +271,12 @@ def test_a_function_the_workers_cannot_load_is_refused_before_writing(client, dd
     assert "train_with_a_local_module (or its serde) cannot be loaded on the workers" in message
     assert f"No module named '{name}'" in message and "client.upload_file(path)" in message
     assert not os.path.exists(url)
+
+
+def test_a_by_column_name_too_long_for_a_folder_is_refused(client, ddf, tmp_path):
+    url = str(tmp_path / "models")
+    column = "store_" + "x" * 230
+    with pytest.raises(InvalidArgumentError, match=re.escape(f"column {column!r} is too long")) as info:
+        ddf.rename(columns={"store": column}).manymodel.train(fit_line, by=column, url=url, run_id="r1")
+    assert "rename the column" in str(info.value)
+    assert not os.path.exists(url)

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dask_manymodel.store import (
+    MAX_NAME_BYTES,
     MAX_SEGMENT_CHARS,
     NULL_SEGMENT,
     RunStore,
@@ -85,6 +86,25 @@ def test_long_values_are_shortened_with_a_hash():
     assert "%" not in encode_value("é" * 300).split("~")[0][-2:]
 
 
+@pytest.mark.parametrize("column", ["c" * 56, "é" * 30, "k" * 228])
+def test_a_long_column_name_leaves_its_values_less_room(column):
+    long_values = ["v" * 300, "v" * 299 + "w", None, "é" * 100]
+    segments = [group_path([column], (value,)) for value in long_values]
+    assert all(len(segment.encode()) <= MAX_NAME_BYTES for segment in segments)
+    assert len(set(segments)) == len(segments)  # still one folder per value
+    assert segments[2].endswith("=" + NULL_SEGMENT)
+    # a short name keeps today's folders
+    assert group_path(["k"], ("v" * 300,)) == "k=" + encode_value("v" * 300)
+
+
+@pytest.mark.parametrize("column", ["k" * 229, "é" * 40])
+def test_a_column_name_too_long_for_any_folder_is_refused(column):
+    from dask_manymodel.exceptions import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="too long for a folder name.*rename the column"):
+        group_path([column], (1,))
+
+
 def test_group_path_nests_columns():
     assert group_path(["a", "b/c"], (1, "x/y")) == "a=1/b%2Fc=x%2Fy"
 
@@ -103,9 +123,12 @@ def test_nan_key_json_is_null():
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.one_of(st.text(), st.integers(), st.floats(), st.none()), min_size=1, max_size=3))
-def test_no_value_leaves_the_run_folder(values):
-    by = [f"c{i}" for i in range(len(values))]
+@given(
+    st.lists(st.one_of(st.text(), st.integers(), st.floats(), st.none()), min_size=1, max_size=3),
+    st.integers(0, 226),
+)
+def test_no_value_leaves_the_run_folder(values, name_length):
+    by = [f"c{i}" + "n" * name_length for i in range(len(values))]
     rel = group_path(by, tuple(values))
     segments = rel.split("/")
     assert len(segments) == len(values)  # one segment per column, no extra "/"
@@ -113,6 +136,7 @@ def test_no_value_leaves_the_run_folder(values):
         assert segment.startswith(f"{col}=")
         assert "\\" not in segment and "\x00" not in segment
         assert len(segment) <= len(col) + 1 + MAX_SEGMENT_CHARS
+        assert len(segment.encode()) <= MAX_NAME_BYTES  # a file name, whatever the column
     root = "/base/run"
     assert posixpath.normpath(posixpath.join(root, rel)).startswith(root + "/")
 

@@ -237,6 +237,23 @@ def test_typed_keys_ints_dates_and_strings_with_na(client, tmp_path):
     assert (days[0], "a") in restored.partition_details
 
 
+def test_a_long_column_name_and_a_long_value_fit_in_a_folder_name(client, tmp_path):
+    url = str(tmp_path / "models")
+    column = "customer_segment_identifier_for_the_regional_sales_model"  # 56 characters
+    values = ["v" * 300, "v" * 299 + "w", "short"]
+    pdf = pd.DataFrame({column: values, "x": [1.0, 2.0, 3.0]})
+
+    def keep_key(data, ctx):
+        return ctx.partition_id
+
+    run = dd.from_pandas(pdf, npartitions=1).manymodel.train(keep_key, by=column, url=url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    assert [run.get_model(value) for value in values] == values
+    assert all(len(name.encode()) <= 255 for name in os.listdir(os.path.join(url, "r1")))
+    restored = ManyModelRun.restore_from("r1", url)
+    assert sorted(d.partition_id for d in restored.get_progress()["DONE"]) == sorted(values)
+
+
 def test_restore_from_a_fresh_process(client, ddf, store_url):
     run = ddf.manymodel.train(failing_on_odd, by="store", url=store_url, run_id="r1")
     run.wait(show_progress=False)
