@@ -74,7 +74,22 @@ def is_null(value: Any) -> bool:
         return False
 
 
+def _as_pandas_time(value: Any) -> Any:
+    """A date-time or duration as pandas' own type: numpy's (of any unit) and
+    Python's have other texts (``.item()`` of a ns datetime64 is an int), so
+    equal values would name different folders."""
+    try:
+        if isinstance(value, (np.datetime64, datetime.datetime)) and not isinstance(value, pd.Timestamp):
+            return pd.Timestamp(value)
+        if isinstance(value, (np.timedelta64, datetime.timedelta)) and not isinstance(value, pd.Timedelta):
+            return pd.Timedelta(value)
+    except (ValueError, OverflowError):  # beyond pandas' range: left as it is
+        pass
+    return value
+
+
 def _as_text(value: Any) -> str:
+    value = _as_pandas_time(value)
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and value.is_integer():
@@ -175,7 +190,9 @@ def group_path(by: Sequence[str], key: Sequence[Any]) -> str:
 
 
 def key_to_json(value: Any) -> Any:
-    """A group value as JSON that :func:`key_from_json` turns back into it."""
+    """A group value as JSON that :func:`key_from_json` turns back into it
+    (date-times with their time zone's name, durations as pd.Timedelta)."""
+    value = _as_pandas_time(value)
     if isinstance(value, np.generic):
         value = value.item()
     if is_null(value):
@@ -186,8 +203,8 @@ def key_to_json(value: Any) -> Any:
         return value
     if isinstance(value, pd.Timestamp):
         return {"__timestamp__": value.isoformat(), "tz": str(value.tz) if value.tz else None}
-    if isinstance(value, datetime.datetime):
-        return {"__timestamp__": value.isoformat(), "tz": None}
+    if isinstance(value, pd.Timedelta):
+        return {"__timedelta__": value.isoformat()}
     if isinstance(value, datetime.date):
         return {"__date__": value.isoformat()}
     return {"__str__": str(value)}
@@ -197,7 +214,15 @@ def key_from_json(data: Any) -> Any:
     """Inverse of :func:`key_to_json`."""
     if isinstance(data, dict):
         if "__timestamp__" in data:
-            return pd.Timestamp(data["__timestamp__"])
+            value = pd.Timestamp(data["__timestamp__"])
+            if value.tz is not None and data.get("tz"):
+                try:  # the text has only the offset (+01:00); the name says Europe/Paris
+                    value = value.tz_convert(data["tz"])
+                except Exception:  # a name pandas cannot parse: the offset it is
+                    logger.debug("time zone %r not known here; keeping %s", data["tz"], value)
+            return value
+        if "__timedelta__" in data:
+            return pd.Timedelta(data["__timedelta__"])
         if "__date__" in data:
             return datetime.date.fromisoformat(data["__date__"])
         return data.get("__str__")

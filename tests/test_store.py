@@ -118,6 +118,40 @@ def test_key_json_round_trip(value):
     assert back == value or (back is None and value is None)
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        pd.Timedelta("1h"),
+        pd.Timedelta("-1 days 3ns"),
+        pd.Timestamp("2024-01-01 12:00", tz="Europe/Paris"),
+        pd.Timestamp("2024-07-01 12:00", tz="America/New_York"),
+        pd.Timestamp("2024-01-01", tz="UTC"),
+        pd.Timestamp("2024-01-01").tz_localize(datetime.timezone(datetime.timedelta(hours=5, minutes=30))),
+    ],
+)
+def test_temporal_keys_come_back_as_themselves(value):
+    back = key_from_json(key_to_json(value))
+    assert type(back) is type(value) and back == value
+    assert str(getattr(back, "tz", None)) == str(getattr(value, "tz", None))  # the name, not only the offset
+    assert encode_value(back) == encode_value(value)
+
+
+@pytest.mark.parametrize(
+    "pandas_value, others",
+    [
+        (pd.Timedelta("1h"), [datetime.timedelta(hours=1), np.timedelta64(1, "h"), np.timedelta64(3600, "s"),
+                              np.timedelta64(3_600_000_000_000, "ns")]),
+        (pd.Timestamp("2020-01-01"), [datetime.datetime(2020, 1, 1), np.datetime64("2020-01-01", "D"),
+                                      np.datetime64("2020-01-01T00:00:00", "s"),
+                                      np.datetime64("2020-01-01T00:00:00.000000000", "ns")]),
+    ],
+)
+def test_numpy_and_python_times_find_the_pandas_folder(pandas_value, others):
+    for other in others:
+        assert group_path(["k"], (other,)) == group_path(["k"], (pandas_value,)), other
+        assert key_from_json(key_to_json(other)) == pandas_value
+
+
 def test_nan_key_json_is_null():
     assert key_to_json(math.nan) is None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import os
@@ -252,6 +253,43 @@ def test_a_long_column_name_and_a_long_value_fit_in_a_folder_name(client, tmp_pa
     assert all(len(name.encode()) <= 255 for name in os.listdir(os.path.join(url, "r1")))
     restored = ManyModelRun.restore_from("r1", url)
     assert sorted(d.partition_id for d in restored.get_progress()["DONE"]) == sorted(values)
+
+
+def count_rows(data, ctx):
+    return len(data.to_pandas())
+
+
+def test_temporal_keys_round_trip_through_ids_and_lookups(client, tmp_path):
+    url = str(tmp_path / "models")
+    lags = pd.DataFrame({"lag": pd.to_timedelta(["1h", "2h", "2h"]), "x": [1.0, 2.0, 3.0]})
+    run = dd.from_pandas(lags, npartitions=1).manymodel.train(count_rows, by="lag", url=url, run_id="td")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    ids = list(run.summary()["partition_id"])
+    assert all(isinstance(pid, pd.Timedelta) for pid in ids)
+    assert [run.get_model(pid) for pid in ids] == [1, 2]
+    for same in (datetime.timedelta(hours=2), np.timedelta64(2, "h"), np.timedelta64(7200, "s")):
+        assert run.get_model(same) == 2
+    restored = ManyModelRun.restore_from("td", url)
+    progress_ids = [d.partition_id for d in restored.get_progress()["DONE"]]
+    assert sorted(progress_ids) == [pd.Timedelta("1h"), pd.Timedelta("2h")]
+    assert [restored.get_model(pid) for pid in sorted(progress_ids)] == [1, 2]
+
+    days = pd.DataFrame({"day": pd.to_datetime(["2020-01-01", "2020-01-02"]).as_unit("ns"), "x": [1.0, 2.0]})
+    run = dd.from_pandas(days, npartitions=1).manymodel.train(count_rows, by="day", url=url, run_id="dt")
+    run.wait(show_progress=False)
+    for same in (days["day"].to_numpy()[0], np.datetime64("2020-01-01", "D"), datetime.datetime(2020, 1, 1)):
+        assert run.get_model(same) == 1
+
+    paris = pd.DataFrame({"ts": pd.to_datetime(["2020-01-01", "2020-07-01"]).tz_localize("Europe/Paris"),
+                          "x": [1.0, 2.0]})
+    run = dd.from_pandas(paris, npartitions=1).manymodel.train(count_rows, by="ts", url=url, run_id="tz")
+    run.wait(show_progress=False)
+    for handle in (run, ManyModelRun.restore_from("tz", url)):
+        pid = handle.summary()["partition_id"][0]
+        assert str(pid.tz) == "Europe/Paris" and pid == paris["ts"][0]
+        # the same instant in another zone, as pandas' get_group finds it
+        assert handle.get_model(paris["ts"][0].tz_convert("UTC")) == 1
+        assert handle.get_model(paris["ts"][1].tz_convert("Asia/Tokyo").to_pydatetime()) == 1
 
 
 def test_restore_from_a_fresh_process(client, ddf, store_url):
