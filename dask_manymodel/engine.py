@@ -847,6 +847,12 @@ def _save_output(spec: RunSpec, result: Any, frame: pd.DataFrame, rel: str) -> t
             f"the inference function returned a {type(result).__name__}; return a pandas "
             f"DataFrame, Series, a 1-d numpy array with one value per row, or None"
         )
+    names = [name for name in result.index.names if name is not None and name not in result.columns]
+    if names:
+        # as DataFrame.to_parquet: a named index is data (groupby(...).sum()
+        # puts the key there), kept as a column; unnamed levels are row
+        # numbers and dropped. A level named like a column yields to it.
+        result = result.reset_index(level=names)
     # the by columns live in the path (hive style), not in the file. Straight
     # to pyarrow (what DataFrame.to_parquet does underneath): selecting the
     # columns there skips a pandas drop, a third of the cost for small groups

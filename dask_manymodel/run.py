@@ -808,15 +808,21 @@ class ManyModelRun:
     def to_dask_dataframe(self):
         """The frames an inference run's groups returned, as a lazy Dask DataFrame.
 
+        The schema (``meta``) is the ``meta=`` given to ``predict``, or else
+        the frame the first finished group returned (its named index kept as
+        columns); the user function is never called on fake data. Every
+        computed partition has exactly meta's columns in meta's order: a
+        column only some groups returned is dropped, and one a group did not
+        return is nulls of meta's dtype (NaN where the dtype has no null,
+        such as int64).
+
         The ``by`` columns come first, with each group's value and the dtype
         of the input's column (a null group holds that dtype's NaN, NaT or
-        NA; a restored handle infers the dtype from all the group values);
-        the rest is what the function returned. A ``by`` column that
-        ``meta=`` names keeps that dtype and place. The schema (``meta``) is the ``meta=``
-        given to ``predict``, or else that of the first finished group's
-        file; the user function is never called on fake data. Nothing is
-        read until the frame is computed. The same rows are a hive-partitioned
-        parquet dataset at ``url/run_id`` for any parquet reader.
+        NA; a restored handle infers the dtype from all the group values),
+        unless ``meta=`` names them: then they keep meta's dtype and place.
+        Nothing is read until the frame is computed. The same rows are a
+        hive-partitioned parquet dataset at ``url/run_id`` for any parquet
+        reader.
 
         Raises
         ------
@@ -970,8 +976,8 @@ def _constant_column(value: Any, dtype: Any, index: pd.Index) -> pd.Series:
     becomes that dtype's own null (NaN, NaT, pd.NA)."""
     try:
         one = pd.array([value], dtype=dtype)
-    except (TypeError, ValueError):  # a value the dtype cannot hold: pandas' own inference
-        one = pd.array([value])
+    except (TypeError, ValueError):  # a value the dtype cannot hold (a null in int64): as pandas' reindex
+        one = pd.array([np.nan if value is None else value])
     return pd.Series(one.take(np.zeros(len(index), dtype=np.intp)), index=index)
 
 
@@ -991,10 +997,11 @@ def _read_frame(fs, path: str) -> pd.DataFrame:
 
 
 def _as_layout(frame: pd.DataFrame, by: list[str], key: tuple, layout: pd.DataFrame) -> pd.DataFrame:
-    """One group's stored frame laid out as ``layout`` (the run's meta): the
-    group's values in the ``by`` columns, with the layout's dtype and place,
-    as hive readers put them from the path; the frame's other columns follow
-    in the layout's order, then any it has beyond the layout."""
+    """One group's stored frame laid out as ``layout`` (the run's meta):
+    exactly its columns, in its order, so that every partition agrees with
+    meta. The ``by`` columns hold the group's values with the layout's dtype,
+    as hive readers put them from the path; a column the group did not
+    return is nulls of the layout's dtype; one beyond the layout is dropped."""
     values = dict(zip(by, key))
     columns = {}
     for col in layout.columns:
@@ -1002,8 +1009,8 @@ def _as_layout(frame: pd.DataFrame, by: list[str], key: tuple, layout: pd.DataFr
             columns[col] = _constant_column(values[col], layout[col].dtype, frame.index)
         elif col in frame.columns:
             columns[col] = frame[col]
-    for col in frame.columns:
-        columns.setdefault(col, frame[col])
+        else:
+            columns[col] = _constant_column(None, layout[col].dtype, frame.index)
     return pd.DataFrame(columns, index=frame.index)
 
 

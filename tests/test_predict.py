@@ -333,3 +333,47 @@ def test_equal_keys_of_another_dtype_find_the_same_models(client, store_url):
     run.wait(show_progress=False)
     assert os.path.isdir(os.path.join(store_url, "r3", "k=0"))
     assert run.get_model(0.0) == run.get_model(-0.0) == 0.0
+
+
+def sum_per_day(data, model, ctx):
+    return data.to_pandas().groupby("day")[["x"]].sum()  # indexed by "day"
+
+
+def columns_vary_by_group(data, model, ctx):
+    df = data.to_pandas().assign(pred=1.0)
+    return df if ctx.partition_id == 1 else df.assign(extra="e")
+
+
+def test_a_named_index_is_kept_as_a_column(client, store_url):
+    pdf = pd.DataFrame({"k": [1, 1, 1, 2], "day": ["mon", "mon", "tue", "mon"], "x": [1.0, 2.0, 3.0, 4.0]})
+    ddf = dd.from_pandas(pdf, npartitions=1)
+    ddf.manymodel.train(fit_nothing, by="k", url=store_url, run_id="r1").wait(show_progress=False)
+    inf = ddf.manymodel.predict(sum_per_day, by="k", url=store_url, training_run_id="r1", run_id="s1")
+    assert inf.wait(show_progress=False) == RunStatus.SUCCESS
+    out = inf.to_dask_dataframe().compute().sort_values(["k", "day"]).reset_index(drop=True)
+    expected = pdf.groupby(["k", "day"])[["x"]].sum().reset_index()
+    pd.testing.assert_frame_equal(out, expected, check_dtype=False)
+
+
+def test_every_partition_has_exactly_metas_columns(client, store_url):
+    pdf = pd.DataFrame({"k": [1, 1, 2, 2], "x": [1.0, 2.0, 3.0, 4.0]})
+    ddf = dd.from_pandas(pdf, npartitions=2)
+    ddf.manymodel.train(fit_nothing, by="k", url=store_url, run_id="r1").wait(show_progress=False)
+    inf = ddf.manymodel.predict(columns_vary_by_group, by="k", url=store_url, training_run_id="r1", run_id="s1")
+    assert inf.wait(show_progress=False) == RunStatus.SUCCESS
+    out = inf.to_dask_dataframe()  # meta is the first group's frame: with or without "extra"
+    for part in out.to_delayed():
+        assert list(part.compute().columns) == list(out.columns)
+    computed = out.compute()
+    assert list(computed.columns) == list(out.columns) and len(computed) == 4
+    # meta= given: a column no group returned is nulls of its dtype, one not in meta is dropped
+    meta = pd.DataFrame({"missing": pd.Series([], dtype="Int64"), "pred": pd.Series([], dtype="float64")})
+    inf = ddf.manymodel.predict(
+        columns_vary_by_group, by="k", url=store_url, training_run_id="r1", run_id="s2", meta=meta
+    )
+    inf.wait(show_progress=False)
+    out = inf.to_dask_dataframe()
+    computed = out.compute()
+    assert list(out.columns) == list(computed.columns) == ["k", "missing", "pred"]
+    assert dict(computed.dtypes) == dict(out.dtypes)
+    assert computed["missing"].isna().all() and (computed["pred"] == 1.0).all()
