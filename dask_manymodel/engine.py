@@ -20,6 +20,7 @@ import inspect
 import json
 import logging
 import os
+import pickle
 import posixpath
 import re
 import tempfile
@@ -146,7 +147,7 @@ def warn_if_function_carries_large_data(func: Callable, kind: str) -> None:
     listed = ", ".join(f"{name!r} ({dask.utils.format_bytes(size)})" for size, name in sorted(large, reverse=True))
     warnings.warn(
         f"the {describe_function(func, kind)} carries {listed} to every worker with it (once per worker, "
-        f"before the run starts). If each group needs only its own part of it, merge that part into "
+        f"and the scheduler keeps a copy while the run goes on). If each group needs only its own part of it, merge that part into "
         f"the dataframe or read it inside the function instead; if every group needs all of it, this "
         f"is expected",
         UserWarning,
@@ -275,34 +276,56 @@ def check_workers_share_store(store: RunStore, client: distributed.Client) -> No
 
 
 def send_spec(spec: "RunSpec", client: distributed.Client) -> distributed.Future:
-    """Put the run's spec on every worker; returns its future.
+    """Make the run's spec a task of the cluster; returns its future.
+
+    A task, not scattered data: the scheduler keeps its bytes and computes
+    it again if every worker holding it is lost (a group that kills its
+    worker on each try), where scattered data would be gone for good and
+    every task of the run cancelled with it.
 
     A spec that cannot be pickled (most often a function that refers to a
     lock, an open file or a connection) fails here with an error that says
     which part could not be, instead of Dask's "Could not serialize object
-    of type RunSpec"; one that the workers cannot unpickle (a module the
-    client has and they lack) with an error that says what to do.
+    of type RunSpec". Whether the workers can load it is checked by
+    :func:`check_spec_loads`.
     """
     try:
-        return client.scatter(spec, broadcast=True, hash=False)
+        payload = cloudpickle.dumps(spec)
     except Exception as exc:
         culprit = _unpicklable_part(spec)
-        if culprit is not None:
-            what, advice, error = culprit
-            raise InvalidArgumentError(
-                f"the {what} cannot be sent to the workers: pickling it failed with "
-                f"{type(error).__name__}: {error}. {advice}"
-            ) from exc
-        if any(sign in str(exc) for sign in _CANNOT_LOAD_SIGNS):
-            # a worker could not unpickle it: Dask relays the worker's error as text
-            raise InvalidArgumentError(
-                f"the {describe_function(spec.func, spec.kind)} (or its serde) cannot be loaded on the "
-                f"workers: {exc}. "
-                f"The workers need every module it refers to: install it there, send a single file "
-                f"with client.upload_file(path), or send the module's code along with the function: "
-                f"cloudpickle.register_pickle_by_value(module)"
-            ) from exc
-        raise  # not a pickling problem: the cluster's own error
+        if culprit is None:
+            raise
+        what, advice, error = culprit
+        raise InvalidArgumentError(
+            f"the {what} cannot be sent to the workers: pickling it failed with "
+            f"{type(error).__name__}: {error}. {advice}"
+        ) from exc
+    return client.submit(load_run_spec, payload, key=f"manymodel-spec-{spec.submission}", pure=False)
+
+
+def load_run_spec(payload: bytes) -> "RunSpec":
+    """The task that turns the run's pickled spec into the object its tasks share."""
+    return pickle.loads(payload)
+
+
+def check_spec_loads(spec_future: distributed.Future, spec: "RunSpec") -> None:
+    """Wait until a worker has loaded the spec; one that the workers cannot
+    unpickle (a module the client has and they lack) fails with an error
+    that says what to do, before anything is written."""
+    distributed.wait(spec_future)
+    if spec_future.status != "error":
+        return
+    exc = spec_future.exception()
+    text = f"{type(exc).__name__}: {exc}"
+    if any(sign in text for sign in _CANNOT_LOAD_SIGNS):
+        raise InvalidArgumentError(
+            f"the {describe_function(spec.func, spec.kind)} (or its serde) cannot be loaded on the "
+            f"workers: {text}. "
+            f"The workers need every module it refers to: install it there, send a single file "
+            f"with client.upload_file(path), or send the module's code along with the function: "
+            f"cloudpickle.register_pickle_by_value(module)"
+        ) from exc
+    raise exc  # not a pickling problem: the cluster's own error
 
 
 # what a worker's failure to unpickle a function looks like in the text Dask relays
@@ -577,7 +600,7 @@ def _tag_partition(df: pd.DataFrame, by: list, keys: pd.Index, parts: np.ndarray
 
 @dataclass
 class RunSpec:
-    """Everything a partition task needs; scattered to the workers once per run."""
+    """Everything a partition task needs; one task of the cluster per run (:func:`send_spec`)."""
 
     kind: str
     run_id: str
@@ -1542,10 +1565,9 @@ def start_run(
         training_attempt=training_manifest.get("attempt") if training_manifest else None,
         submission=submission,
     )
-    # while the workers count: the spec to every worker up front (a task that
-    # first had to fetch it would let its worker start a later task
-    # meanwhile). Before anything is written, so that a function that cannot
-    # be pickled leaves no half-made run behind.
+    # loaded by a worker while the workers count; before anything is
+    # written, so that a function that cannot be pickled or loaded leaves no
+    # half-made run behind
     spec_future = send_spec(spec, client)
     try:
         counts = counting.result()
@@ -1554,6 +1576,7 @@ def start_run(
             f"cannot group by {by!r}: {exc}; group values must be hashable scalars "
             f"(not lists or dicts)"
         ) from exc
+    check_spec_loads(spec_future, spec)
 
     keys: pd.Index = counts.index
     sizes = counts[_ROWS].to_numpy()

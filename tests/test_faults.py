@@ -25,6 +25,7 @@ from dask_manymodel import (
     ManyModelRun,
     ManyModelTraining,
     ModelSerde,
+    PartitionStatus,
     RunExistsError,
     RunStatus,
     StorageError,
@@ -340,6 +341,33 @@ def test_finished_groups_reach_storage_while_a_slow_group_runs(client, tmp_path)
         open(gate, "w").close()
     assert run.wait(show_progress=False) == RunStatus.SUCCESS
     assert len(ManyModelRun.restore_from("r1", url).get_progress()["DONE"]) == 10
+
+
+def exit_in_group_3(data, ctx):
+    """Group 3 takes its worker process down, every time it is tried."""
+    if ctx.partition_id == 3:
+        os._exit(1)
+    return fit_line(data, ctx)
+
+
+def test_a_group_that_kills_every_worker_it_runs_on_loses_only_its_task(tmp_path):
+    """Dask tries the task on one worker after another; each dies. The run's
+    spec must outlive them all: scattered to the workers, it was lost with
+    the last one that held it, and every task of the run not yet finished
+    was cancelled with it ("already forgotten")."""
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.CRITICAL,
+    ) as cluster, distributed.Client(cluster):
+        ddf = dd.from_pandas(make_frame(n_groups=12, rows=5), npartitions=2)
+        run = ddf.manymodel.train(
+            exit_in_group_3, by="store", url=str(tmp_path), run_id="r1",
+            execution_options=ExecutionOptions(npartitions=4),
+        )
+        assert run.wait(timeout=240, show_progress=False) == RunStatus.PARTIAL_FAILURE
+        details = run.partition_details
+        lost = sorted(g for g, d in details.items() if d.status != PartitionStatus.DONE)
+        assert 3 in lost and len(lost) == 3, lost  # group 3's task: 3 of the 12 groups
+        assert "KilledWorker" in details[3].error and "may have run out of memory" in details[3].error
 
 
 def test_two_runs_with_one_id_at_once(client, tmp_path):

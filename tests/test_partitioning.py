@@ -262,7 +262,7 @@ def test_a_persisted_frame_is_read_as_it_is(client, store_url):
     def dependencies(dask_scheduler):
         return {dep.key for key in task_keys for dep in dask_scheduler.tasks[key].dependencies}
 
-    # (the other dependency is the run's spec, scattered under a string key)
+    # (the other dependency is the run's spec, a task under a string key)
     read = {key for key in client.run_on_scheduler(dependencies) if isinstance(key, tuple)}
     assert read == set(partition_keys), (read, partition_keys)
     assert_fitted(run, 8)
