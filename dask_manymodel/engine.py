@@ -1624,120 +1624,123 @@ def start_run(
         "versions": versions(),
     }
     _write_manifest(store, manifest, on_existing_artifacts)
-    if stale:
-        # the outcomes the earlier pass stored for the groups that run again:
-        # a reader would take them for this pass's and call the run finished
-        store.delete_files([store.path(path, PARTITION_FILE) for path in stale])
-    # kept in memory by the handle for retry_failed(); never written anywhere
-    source = {"dataframe": lazy, "execution_options": options, "meta": meta, "storage_options": storage_options}
-    todo = [p for p in counted_paths if p not in done_paths]
-    if not todo:
-        # a resume whose data holds no group left to run: the outcomes stored
-        # (DONE, or FAILED for a group no longer in the data) are final
-        outcomes = collections.Counter(r["status"] for r in initial_records)
-        outcomes["PENDING"] = len(groups) - len(initial_records)  # never finished, and not in the data
-        statuses = [PartitionStatus(status) for status, n in outcomes.items() for _ in range(n)]
-        manifest.update(
-            status=_aggregate(statuses, False, True).value,
-            counts={status: n for status, n in outcomes.items() if n},
-            finished=_now(),
-        )
-        logger.info("run %r has no group to run: it is a %s", run_id, manifest["status"])
-        store.write_json(store.path(GROUPS_FILE), groups, indent=None)
-        store.write_json(store.path(RUN_MANIFEST), manifest)
-        return ManyModelRun(
-            store=store, manifest=manifest, groups=groups, client=client, spec=spec, futures=[],
-            meta=meta, initial_records=initial_records, source=source,
-        )
+    # from here until the tasks are submitted, a failure (the store, the
+    # shuffle) must not leave the run IN_PROGRESS for good
+    with _marked_failed_if_it_fails(store, manifest):
+        if stale:
+            # the outcomes the earlier pass stored for the groups that run again:
+            # a reader would take them for this pass's and call the run finished
+            store.delete_files([store.path(path, PARTITION_FILE) for path in stale])
+        # kept in memory by the handle for retry_failed(); never written anywhere
+        source = {"dataframe": lazy, "execution_options": options, "meta": meta, "storage_options": storage_options}
+        todo = [p for p in counted_paths if p not in done_paths]
+        if not todo:
+            # a resume whose data holds no group left to run: the outcomes stored
+            # (DONE, or FAILED for a group no longer in the data) are final
+            outcomes = collections.Counter(r["status"] for r in initial_records)
+            outcomes["PENDING"] = len(groups) - len(initial_records)  # never finished, and not in the data
+            statuses = [PartitionStatus(status) for status, n in outcomes.items() for _ in range(n)]
+            manifest.update(
+                status=_aggregate(statuses, False, True).value,
+                counts={status: n for status, n in outcomes.items() if n},
+                finished=_now(),
+            )
+            logger.info("run %r has no group to run: it is a %s", run_id, manifest["status"])
+            store.write_json(store.path(GROUPS_FILE), groups, indent=None)
+            store.write_json(store.path(RUN_MANIFEST), manifest)
+            return ManyModelRun(
+                store=store, manifest=manifest, groups=groups, client=client, spec=spec, futures=[],
+                meta=meta, initial_records=initial_records, source=source,
+            )
 
-    # 4. bring each group's rows into one partition ------------------------
-    # counted groups in count order; DONE ones (resume) get -1 and are dropped
-    by_path = {g["path"]: g for g in groups}
-    pending = np.array([p not in done_paths for p in counted_paths], dtype=bool)
-    subtask = np.zeros(len(counted_paths), dtype=np.int64)
-    if shuffle:
-        npartitions = min(options.npartitions or default_npartitions(threads, len(todo)), len(todo))
-        parts = np.full(len(counted_paths), -1, dtype=np.int64)
-        parts[pending] = assign_groups(sizes[pending], npartitions)
-    else:
-        # the input is already partitioned by the group columns: each group
-        # runs where it is, in a task of its own input partition
-        npartitions = ddf.npartitions
-        parts = np.where(pending, counts[_HOME].to_numpy(), -1)
-        subtask = split_partitions(parts, sizes, pending, default_npartitions(threads, len(todo)))
-    # One task per (partition, subtask) with groups to run, numbered largest
-    # first (by rows) and started in that order (step 5): a big task started
-    # last would leave the other workers idle at the end.
-    pending_index = np.flatnonzero(pending)
-    stride = int(subtask.max()) + 1  # (partition, subtask) as one number
-    pairs = parts[pending] * stride + subtask[pending]
-    pair_ids, pair_of_group = np.unique(pairs, return_inverse=True)
-    pair_rows = np.bincount(pair_of_group, weights=sizes[pending])
-    largest_first = np.argsort(-pair_rows, kind="stable")  # pair of each task
-    task_of_pair = np.empty(len(pair_ids), dtype=np.int64)
-    task_of_pair[largest_first] = np.arange(len(pair_ids))
-    task_of_group = task_of_pair[pair_of_group]  # per pending group
-    n_tasks = len(pair_ids)
-    task_part = (pair_ids // stride)[largest_first]
-    for index, task in zip(pending_index, task_of_group):
-        by_path[counted_paths[index]]["task"] = int(task)
-    for index in np.flatnonzero(~pending):
-        by_path[counted_paths[index]]["task"] = -1
-    # a partition split into several tasks: each keeps only its own groups
-    split = np.bincount(task_part, minlength=npartitions) > 1
-    task_keys = [
-        keys[pending_index[task_of_group == task]] if split[task_part[task]] else None
-        for task in range(n_tasks)
-    ]
-    store.write_json(store.path(GROUPS_FILE), groups, indent=None)
-    if shuffle or done_paths:
-        tagged = ddf.map_partitions(
-            _tag_partition,
-            by,
-            keys,
-            parts,
-            meta=ddf._meta.assign(**{PARTITION_COLUMN: np.int64(0)}),
-            token="manymodel-assign",
-        )
-        if done_paths:
-            tagged = tagged[tagged[PARTITION_COLUMN] >= 0]
+        # 4. bring each group's rows into one partition ------------------------
+        # counted groups in count order; DONE ones (resume) get -1 and are dropped
+        by_path = {g["path"]: g for g in groups}
+        pending = np.array([p not in done_paths for p in counted_paths], dtype=bool)
+        subtask = np.zeros(len(counted_paths), dtype=np.int64)
         if shuffle:
-            shuffle_kwargs = {"shuffle_method": options.shuffle_method} if options.shuffle_method else {}
-            # explicit divisions 0..n: output partition i holds exactly the groups assigned to i
-            ready = tagged.set_index(PARTITION_COLUMN, divisions=list(range(npartitions + 1)), **shuffle_kwargs)
+            npartitions = min(options.npartitions or default_npartitions(threads, len(todo)), len(todo))
+            parts = np.full(len(counted_paths), -1, dtype=np.int64)
+            parts[pending] = assign_groups(sizes[pending], npartitions)
         else:
-            ready = tagged.drop(columns=PARTITION_COLUMN)
-        ready = client.persist(ready)
-        ordered = _sorted_futures(ready)
-    else:  # each task reads its input partition as it is
-        ready, ordered = ddf, partitions
-    assert len(ordered) == npartitions, (len(ordered), npartitions)
+            # the input is already partitioned by the group columns: each group
+            # runs where it is, in a task of its own input partition
+            npartitions = ddf.npartitions
+            parts = np.where(pending, counts[_HOME].to_numpy(), -1)
+            subtask = split_partitions(parts, sizes, pending, default_npartitions(threads, len(todo)))
+        # One task per (partition, subtask) with groups to run, numbered largest
+        # first (by rows) and started in that order (step 5): a big task started
+        # last would leave the other workers idle at the end.
+        pending_index = np.flatnonzero(pending)
+        stride = int(subtask.max()) + 1  # (partition, subtask) as one number
+        pairs = parts[pending] * stride + subtask[pending]
+        pair_ids, pair_of_group = np.unique(pairs, return_inverse=True)
+        pair_rows = np.bincount(pair_of_group, weights=sizes[pending])
+        largest_first = np.argsort(-pair_rows, kind="stable")  # pair of each task
+        task_of_pair = np.empty(len(pair_ids), dtype=np.int64)
+        task_of_pair[largest_first] = np.arange(len(pair_ids))
+        task_of_group = task_of_pair[pair_of_group]  # per pending group
+        n_tasks = len(pair_ids)
+        task_part = (pair_ids // stride)[largest_first]
+        for index, task in zip(pending_index, task_of_group):
+            by_path[counted_paths[index]]["task"] = int(task)
+        for index in np.flatnonzero(~pending):
+            by_path[counted_paths[index]]["task"] = -1
+        # a partition split into several tasks: each keeps only its own groups
+        split = np.bincount(task_part, minlength=npartitions) > 1
+        task_keys = [
+            keys[pending_index[task_of_group == task]] if split[task_part[task]] else None
+            for task in range(n_tasks)
+        ]
+        store.write_json(store.path(GROUPS_FILE), groups, indent=None)
+        if shuffle or done_paths:
+            tagged = ddf.map_partitions(
+                _tag_partition,
+                by,
+                keys,
+                parts,
+                meta=ddf._meta.assign(**{PARTITION_COLUMN: np.int64(0)}),
+                token="manymodel-assign",
+            )
+            if done_paths:
+                tagged = tagged[tagged[PARTITION_COLUMN] >= 0]
+            if shuffle:
+                shuffle_kwargs = {"shuffle_method": options.shuffle_method} if options.shuffle_method else {}
+                # explicit divisions 0..n: output partition i holds exactly the groups assigned to i
+                ready = tagged.set_index(PARTITION_COLUMN, divisions=list(range(npartitions + 1)), **shuffle_kwargs)
+            else:
+                ready = tagged.drop(columns=PARTITION_COLUMN)
+            ready = client.persist(ready)
+            ordered = _sorted_futures(ready)
+        else:  # each task reads its input partition as it is
+            ready, ordered = ddf, partitions
+        assert len(ordered) == npartitions, (len(ordered), npartitions)
 
-    # 5. one task per output partition --------------------------------------
-    name = f"manymodel-{kind}-{submission}"
-    # Tasks of about one size run where their input partition is: the
-    # scheduler balances them by count, and nothing moves. Uneven tasks (a
-    # split partition, a group much larger than the rest) are held in the
-    # scheduler's queue instead and handed out, largest first, as worker
-    # threads free up; left to locality, one worker got the big task and a
-    # queue besides while the other idled at the end (W3 in benchmarks/).
-    task_rows = pair_rows[largest_first]
-    hand_out = bool(task_rows.max() > 1.5 * task_rows.mean())
-    # Submitted as a graph of our own rather than through map_partitions:
-    # query planning drops dask.annotate, and only these tasks (not the
-    # shuffle) may carry resources such as {"GPU": 1}. One submission for
-    # all of them, so that the scheduler sees them together.
-    graph = {
-        (name, task): _partition_task((name, task), spec_future, ordered[part], task_keys[task], hand_out)
-        for task, part in enumerate(task_part)
-    }
-    # largest first: the scheduler starts higher priorities first (a lambda,
-    # so that it travels by value to a scheduler without dask_manymodel)
-    with dask.annotate(priority=lambda key: -key[1] if isinstance(key, tuple) and key[0] == name else 0):
-        futures = list(
-            client.get(graph, list(graph), sync=False, resources=options.resources, retries=options.task_retries)
-        )
-    del ready, ordered  # the tasks hold them now
+        # 5. one task per output partition --------------------------------------
+        name = f"manymodel-{kind}-{submission}"
+        # Tasks of about one size run where their input partition is: the
+        # scheduler balances them by count, and nothing moves. Uneven tasks (a
+        # split partition, a group much larger than the rest) are held in the
+        # scheduler's queue instead and handed out, largest first, as worker
+        # threads free up; left to locality, one worker got the big task and a
+        # queue besides while the other idled at the end (W3 in benchmarks/).
+        task_rows = pair_rows[largest_first]
+        hand_out = bool(task_rows.max() > 1.5 * task_rows.mean())
+        # Submitted as a graph of our own rather than through map_partitions:
+        # query planning drops dask.annotate, and only these tasks (not the
+        # shuffle) may carry resources such as {"GPU": 1}. One submission for
+        # all of them, so that the scheduler sees them together.
+        graph = {
+            (name, task): _partition_task((name, task), spec_future, ordered[part], task_keys[task], hand_out)
+            for task, part in enumerate(task_part)
+        }
+        # largest first: the scheduler starts higher priorities first (a lambda,
+        # so that it travels by value to a scheduler without dask_manymodel)
+        with dask.annotate(priority=lambda key: -key[1] if isinstance(key, tuple) and key[0] == name else 0):
+            futures = list(
+                client.get(graph, list(graph), sync=False, resources=options.resources, retries=options.task_retries)
+            )
+        del ready, ordered  # the tasks hold them now
     return ManyModelRun(
         store=store, manifest=manifest, groups=groups, client=client, spec=spec, futures=futures,
         meta=meta, initial_records=initial_records, source=source,
@@ -1754,6 +1757,30 @@ def _partition_task(key: tuple, spec: Any, frame: Any, keep: pd.Index | None, ha
         return Task(key, run_partition, spec, frame, keep, _data_producer=hand_out)
     except TypeError:  # a Dask without the flag: placed by locality
         return Task(key, run_partition, spec, frame, keep)
+
+
+@contextlib.contextmanager
+def _marked_failed_if_it_fails(store: RunStore, manifest: dict) -> Iterator[None]:
+    """Between a run's ``_run.json`` and the submission of its tasks: if
+    anything fails, mark the run FAILURE (with the error) instead of leaving
+    it IN_PROGRESS for good, and say in the error how to go on."""
+    try:
+        yield
+    except BaseException as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        manifest.update(status="FAILURE", finished=_now(), error=f"the run could not start: {reason}")
+        try:
+            store.write_json(store.path(RUN_MANIFEST), manifest)
+        except Exception:  # the store itself is what failed, most often
+            logger.warning("could not mark run %r at %s as failed", manifest["run_id"], store.url, exc_info=True)
+        advice = (
+            f"run {manifest['run_id']!r} at {store.url} was left unfinished (no task started); start it "
+            f"again with on_existing_artifacts='overwrite'"
+        )
+        if isinstance(exc, StorageError):
+            raise StorageError(f"{exc}; {advice}") from exc
+        exc.add_note(advice)
+        raise
 
 
 def _exists_message(run_id: str, store: RunStore) -> str:

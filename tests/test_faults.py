@@ -125,6 +125,24 @@ def test_a_permanent_store_failure_is_an_internal_error(client, flaky, tmp_path)
     assert [d.partition_id for d in run.get_progress()["DONE"]] == [0, 1, 2, 4, 5]
 
 
+def test_a_store_failure_before_the_tasks_start_marks_the_run_failed(client, flaky, tmp_path):
+    """_run.json is written, then _groups.json fails: the run stayed
+    IN_PROGRESS with no groups for good, and the error did not say that a
+    run was left behind (the same call then met RunExistsError)."""
+    url = f"flaky://{tmp_path}/models"
+    ddf = dd.from_pandas(make_frame(n_groups=6, rows=5), npartitions=2)
+    options = ExecutionOptions(storage_retries=1, storage_retry_backoff=0.001)
+    with pytest.raises(StorageError, match=r"_groups.json failed after 2 attempts: .*; run 'r1' at .* was left "
+                       r"unfinished \(no task started\); start it again with on_existing_artifacts='overwrite'"):
+        ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", execution_options=options,
+                            storage_options={"fail_paths": ["_groups.json"]})
+    restored = ManyModelRun.restore_from("r1", url)
+    assert restored.status == RunStatus.FAILURE
+    assert restored.manifest["error"].startswith("the run could not start: StorageError: writing")
+    again = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", on_existing_artifacts="overwrite")
+    assert again.wait(show_progress=False) == RunStatus.SUCCESS
+
+
 def fail_first_attempt(data, ctx):
     """Fails the first time each of groups 0, 10, 20, ... runs (marker files count attempts)."""
     marker = os.path.join(os.environ["MANYMODEL_TEST_MARKERS"], f"{ctx.partition_id}")
