@@ -77,6 +77,8 @@ KINDS = {
     "dpf": (2, "data, ctx"),
 }
 ON_EXISTING = ("error", "overwrite", "resume")
+#: Columns the engine adds while it counts and shuffles start with this.
+RESERVED_PREFIX = "__manymodel_"
 PARTITION_COLUMN = "__manymodel_partition__"
 PREDICTION_COLUMN = "prediction"
 OUTPUT_FILE = "part-0.parquet"
@@ -203,20 +205,34 @@ def check_by(by: Any, ddf: dd.DataFrame) -> list:
 
 
 def index_as_column(ddf: dd.DataFrame, by: Any) -> dd.DataFrame:
-    """Let ``by`` name the index, as after ``ddf.set_index(key)``.
+    """A named index becomes a column, so that ``by`` can name it (as after
+    ``ddf.set_index(key)``) and each group's frame keeps it (the engine
+    hands groups over with a plain RangeIndex; a pandas user's
+    ``groupby().apply`` would have seen it as the index). An unnamed index
+    is dropped, as ``DataFrame.to_parquet`` drops it.
 
-    The index becomes a column (partition by partition: the partitioning
-    that ``set_index`` made is kept, so the run needs no shuffle). An index
-    named like a column (``set_index(key, drop=False)``) loses its name,
-    which pandas would otherwise call ambiguous.
+    Partition by partition: the partitioning that ``set_index`` made is
+    kept, so the run needs no shuffle. An index named like a column
+    (``set_index(key, drop=False)``) loses its name, which pandas would
+    otherwise call ambiguous.
     """
-    names = [by] if isinstance(by, str) or not isinstance(by, (list, tuple)) else list(by)
     index_name = ddf.index.name
-    if index_name is None or index_name not in names:
+    if index_name is None:
         return ddf
     if index_name in ddf.columns:
         return ddf.map_partitions(lambda df: df.rename_axis(index=None), token="manymodel-unname-index")
     return ddf.reset_index()
+
+
+def check_reserved_columns(ddf: dd.DataFrame) -> None:
+    """Column names with our prefix would be overwritten by (or clash with)
+    the engine's own columns while it counts and shuffles."""
+    taken = [c for c in ddf.columns if str(c).startswith(RESERVED_PREFIX)]
+    if taken:
+        raise InvalidArgumentError(
+            f"column {taken[0]!r} starts with {RESERVED_PREFIX!r}, which dask_manymodel keeps for the "
+            f"columns it adds while it counts and shuffles; rename it (ddf.rename(columns=...))"
+        )
 
 
 def check_on_existing(value: Any, allowed: Sequence[str] = ON_EXISTING) -> str:
@@ -1468,6 +1484,7 @@ def start_run(
     check_function(func, kind)
     warn_if_function_carries_large_data(func, kind)
     ddf = index_as_column(as_dask_dataframe(dataframe), by)
+    check_reserved_columns(ddf)
     by = check_by(by, ddf)
     check_run_id(run_id)
     check_on_existing(on_existing_artifacts)
@@ -1597,6 +1614,7 @@ def start_run(
 
     threads = sum(client.nthreads().values()) or 1
     shuffle = needs_shuffle(counts, ddf.npartitions, threads, options.shuffle, options.npartitions is not None)
+    shuffle_method = _shuffle_method(ddf, options.shuffle_method) if shuffle else None
 
     # 3. write the manifest (the run now exists) -----------------------------
     done_paths: set[str] = set()
@@ -1705,7 +1723,7 @@ def start_run(
             if done_paths:
                 tagged = tagged[tagged[PARTITION_COLUMN] >= 0]
             if shuffle:
-                shuffle_kwargs = {"shuffle_method": options.shuffle_method} if options.shuffle_method else {}
+                shuffle_kwargs = {"shuffle_method": shuffle_method} if shuffle_method else {}
                 # explicit divisions 0..n: output partition i holds exactly the groups assigned to i
                 ready = tagged.set_index(PARTITION_COLUMN, divisions=list(range(npartitions + 1)), **shuffle_kwargs)
             else:
@@ -1757,6 +1775,21 @@ def _partition_task(key: tuple, spec: Any, frame: Any, keep: pd.Index | None, ha
         return Task(key, run_partition, spec, frame, keep, _data_producer=hand_out)
     except TypeError:  # a Dask without the flag: placed by locality
         return Task(key, run_partition, spec, frame, keep)
+
+
+def _shuffle_method(ddf: dd.DataFrame, asked: str | None) -> str | None:
+    """The shuffle's method: the one asked for, else Dask's choice, except
+    that Dask's p2p shuffle needs string column names (it fails in its last
+    phase otherwise): then the task-based shuffle."""
+    not_strings = [c for c in ddf.columns if not isinstance(c, str)]
+    if not not_strings:
+        return asked
+    if asked == "p2p":
+        raise InvalidArgumentError(
+            f"shuffle_method='p2p' needs string column names, and {not_strings[:3]!r} are not; rename "
+            f"them (ddf.columns = [str(c) for c in ddf.columns]) or use shuffle_method='tasks'"
+        )
+    return asked or "tasks"
 
 
 @contextlib.contextmanager

@@ -364,3 +364,53 @@ def test_iter_groups_by_two_columns_matches_pandas():
     frame = pd.DataFrame({"a": [1, 2, 1, 2, 1], "b": ["x", "x", "y", "x", "x"], "v": np.arange(5)})
     got = [(key, rows["v"].tolist()) for key, rows in iter_groups(frame, ["a", "b"])]
     assert got == [((1, "x"), [0, 4]), ((2, "x"), [1, 3]), ((1, "y"), [2])]
+
+
+def columns_and_index(data, ctx):
+    df = data.to_pandas()
+    return {"columns": list(df.columns), "index": type(df.index).__name__, "first_x": float(df["x"].iloc[0])}
+
+
+def test_a_named_index_reaches_the_groups_as_a_column(client, store_url):
+    """It was dropped on the way (every group got a RangeIndex and no trace
+    of it); pandas' groupby().apply would have shown it as the index."""
+    frame = make_frame(n_groups=4, rows=5).assign(day=lambda df: np.tile(np.arange(5), 4))
+    ddf = dd.from_pandas(frame.set_index("day"), npartitions=2, sort=False)
+    run = ddf.manymodel.train(columns_and_index, by="store", url=store_url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    seen = run.get_model(2)
+    assert seen["columns"] == ["day", "store", "x", "y"] and seen["index"] == "RangeIndex"
+    assert seen["first_x"] == frame[frame.store == 2].x.iloc[0]
+
+
+def test_column_names_that_are_not_strings_shuffle_too(client, store_url):
+    """Dask's p2p shuffle fails on them in its last phase (every group was
+    INTERNAL_ERROR): the run shuffles with tasks instead, and a p2p asked
+    for is refused before anything is written."""
+    frame = make_frame(n_groups=6, rows=5).rename(columns={"store": 0, "x": 1, "y": 2})
+    ddf = dd.from_pandas(frame.sample(frac=1, random_state=0), npartitions=3, sort=False)  # spread: a shuffle
+
+    def fit_numbered(data, ctx):
+        df = data.to_pandas()
+        return np.polyfit(df[1].to_numpy(), df[2].to_numpy(), 1)
+
+    run = ddf.manymodel.train(fit_numbered, by=0, url=store_url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS, run.summary()["error"].dropna().tolist()
+    np.testing.assert_allclose(run.get_model(4), [1.4, 4], atol=1e-9)
+    with pytest.raises(InvalidArgumentError, match=r"shuffle_method='p2p' needs string column names, and "
+                       r"\[0, 1, 2\] are not"):
+        ddf.manymodel.train(fit_numbered, by=0, url=store_url, run_id="r2",
+                            execution_options=ExecutionOptions(shuffle_method="p2p"))
+    assert not os.path.exists(os.path.join(store_url, "r2"))
+
+
+@pytest.mark.parametrize("name", ["__manymodel_partition__", "__manymodel_rows__", "__manymodel_home__"])
+def test_columns_named_like_the_engines_own_are_refused(client, store_url, name):
+    """They were overwritten while counting or shuffling: a column silently
+    gone from the groups' frames, or wrong group counts blamed on the input."""
+    frame = make_frame(n_groups=4, rows=5).rename(columns={"store": name})
+    ddf = dd.from_pandas(frame, npartitions=2)
+    for by in (name, "x"):
+        with pytest.raises(InvalidArgumentError, match=f"column '{name}' starts with '__manymodel_'"):
+            ddf.manymodel.train(fit_line, by=by, url=store_url, run_id="r1")
+    assert not os.path.exists(os.path.join(store_url, "r1"))
