@@ -13,6 +13,7 @@ import contextlib
 import logging
 import sys
 import threading
+import warnings
 from typing import Iterator
 
 #: Default cap on the logs kept per group.
@@ -66,6 +67,10 @@ class _ThreadRoutedStream:
         buffer = getattr(_local, "buffer", None)
         if buffer is None:
             return self.original.write(text)
+        if not isinstance(text, str):
+            # as a real text stream does, at the write: kept, bytes would
+            # break the group's whole log (and its task) when joined
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         buffer.write(text)
         return len(text)
 
@@ -106,10 +111,19 @@ def _install() -> None:
             root.addHandler(_handler)
 
 
+# warnings' own hook for "the filters changed": every module's registry of
+# warnings shown is then cleared before its next warning (CPython 3.4+)
+_forget_shown_warnings = getattr(warnings, "_filters_mutated", lambda: None)
+
+
 @contextlib.contextmanager
 def capture_logs(max_chars: int = DEFAULT_MAX_LOG_CHARS) -> Iterator[LogBuffer]:
     """Collect this thread's prints and log records into a :class:`LogBuffer`."""
     _install()
+    # Python shows a warning once per code location (each module remembers
+    # what it showed): forget that, so each group's logs hold the warnings
+    # its own run raised, not only the first group's of a process
+    _forget_shown_warnings()
     buffer = LogBuffer(max_chars)
     previous = getattr(_local, "buffer", None)
     _local.buffer = buffer

@@ -152,7 +152,7 @@ class DataConnector:
         )
 
 
-def _check_artifact_name(filename: str) -> str:
+def _check_artifact_name(filename: str, taken: frozenset[str] = frozenset()) -> str:
     if (
         not isinstance(filename, str)
         or not filename
@@ -169,6 +169,11 @@ def _check_artifact_name(filename: str) -> str:
         raise InvalidArgumentError(
             f"artifact filename {filename!r} is reserved: names starting with '_' "
             f"belong to dask_manymodel"
+        )
+    if filename in taken:
+        raise InvalidArgumentError(
+            f"artifact filename {filename!r} is the run's own file in this folder (the model, or "
+            f"the inference output): choose another name"
         )
     return filename
 
@@ -209,6 +214,7 @@ class PartitionContext:
         store: "RunStore",
         by: list[str],
         _before_write: Callable[[], None] | None = None,
+        _taken_names: frozenset[str] = frozenset(),
     ):
         self.partition_id = partition_id
         self.run_id = run_id
@@ -219,6 +225,8 @@ class PartitionContext:
         # the engine's check, before a file goes into the run's folder, that
         # the run was not started again elsewhere meanwhile
         self._before_write = _before_write
+        # the files the engine writes into the group's folder itself
+        self._taken_names = _taken_names
 
     def __repr__(self) -> str:
         return f"PartitionContext(partition_id={self.partition_id!r}, run_id={self.run_id!r})"
@@ -245,7 +253,9 @@ class PartitionContext:
         obj : object
             What to save.
         filename : str
-            A plain file name (no folders). Names starting with ``_`` are reserved.
+            A plain file name (no folders). Names starting with ``_`` are
+            reserved, and so are the run's own files in the folder (the
+            serde's model file, a predict run's ``part-0.parquet``).
         write_function : callable, optional
             ``write_function(obj, local_path)`` writes the file; the default
             pickles ``obj`` with cloudpickle.
@@ -255,7 +265,7 @@ class PartitionContext:
         str
             The URL of the saved file.
         """
-        _check_artifact_name(filename)
+        _check_artifact_name(filename, self._taken_names)
         store, folder = self._group_folder(self.partition_id, None)
         write = write_function or _pickle_write
         with tempfile.TemporaryDirectory(prefix="manymodel-") as tmp:
@@ -290,6 +300,10 @@ class PartitionContext:
         """
         if not isinstance(filename, str) or "/" in filename or "\\" in filename or filename in {"", ".", ".."}:
             raise InvalidArgumentError(f"filename {filename!r} must be a plain file name")
+        if run_id is not None:
+            from .engine import check_run_id
+
+            check_run_id(run_id)  # a folder of the URL, never one beside it ("..")
         store, folder = self._group_folder(
             self.partition_id if partition_id is None else partition_id, run_id
         )

@@ -636,6 +636,16 @@ class RunSpec:
     # one's tasks then stop writing (_run_was_superseded). None: not fenced.
     submission: str | None = None
 
+    @property
+    def own_file_names(self) -> frozenset[str]:
+        """The files the engine writes into each group's folder besides its
+        status: ``ctx.upload`` may not take their names."""
+        if self.kind == "train" and self.serde is not None:
+            return frozenset({self.serde.filename})
+        if self.kind == "predict":
+            return frozenset({OUTPUT_FILE})
+        return frozenset()
+
 
 # The last answers in this process to "was this run cancelled?" (asked of the
 # scheduler: a round trip of ~7 ms) and "was it superseded?" (a read of its
@@ -1074,7 +1084,8 @@ def run_group(
     start = time.perf_counter()
     record = _record(spec, key, rel, rows=len(frame))
     ctx = PartitionContext(
-        partition_id, spec.run_id, store=spec.store, by=spec.by, _before_write=heartbeat.refuse_if_superseded
+        partition_id, spec.run_id, store=spec.store, by=spec.by, _before_write=heartbeat.refuse_if_superseded,
+        _taken_names=spec.own_file_names,
     )
     files: dict[str, bytes] = {}
     with capture_logs(spec.options.max_log_chars) as logs:

@@ -148,6 +148,12 @@ class PartitionDetails:
     output_rows: int | None = field(default=None, repr=False)
 
 
+_EMPTY_SUMMARY_DTYPES = {
+    "status": "str", "seconds": "float64", "rows": "int64", "bytes": "int64", "attempts": "int64",
+    "error": "object", "path": "str",
+}
+
+
 def _aggregate(statuses: list[PartitionStatus], cancelled: bool, finished: bool) -> RunStatus:
     if not finished:
         return RunStatus.IN_PROGRESS
@@ -541,7 +547,13 @@ class ManyModelRun:
             for d in self._details().values()
         ]
         columns = ["partition_id", "status", "seconds", "rows", "bytes", "attempts", "error", "path"]
-        return pd.DataFrame(rows, columns=columns)
+        frame = pd.DataFrame(rows, columns=columns)
+        # the group values as they are: pandas would make ints with a null
+        # group floats (large ones then name another group)
+        frame["partition_id"] = pd.Series([row["partition_id"] for row in rows], index=frame.index, dtype=object)
+        if not rows:  # the dtypes a run with groups has
+            frame = frame.astype(_EMPTY_SUMMARY_DTYPES)
+        return frame
 
     def _finished_count(self) -> int:
         with self._lock:

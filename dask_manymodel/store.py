@@ -17,6 +17,7 @@ NUL, ``~``) is percent-encoded, and the segment always starts with
 from __future__ import annotations
 
 import datetime
+import errno
 import functools
 import hashlib
 import json
@@ -278,9 +279,11 @@ def with_retries(
     for attempt in range(retries + 1):
         try:
             return action()
-        except (FileNotFoundError, FileExistsError, PermissionError):
+        except (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError):
             raise  # retrying cannot change these
         except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                raise  # nor this
             if attempt == retries:
                 raise StorageError(f"{what} failed after {retries + 1} attempts: {exc}") from exc
             delay = backoff * (2**attempt) * (0.5 + random.random())
@@ -327,7 +330,12 @@ def _temp_name(path: str, tag: str) -> str:
     the real name, so writers that pick a format from the extension (Keras)
     still work."""
     folder, name = posixpath.split(path)
-    return posixpath.join(folder, f".tmp-{tag}-{name}")
+    temp = f".tmp-{tag}-{name}"
+    if len(temp.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        # a long name (up to the 255 bytes a file system allows) must still
+        # have a temp name that fits: the tag and the extension alone
+        temp = f".tmp-{tag}{posixpath.splitext(name)[1][:100]}"
+    return posixpath.join(folder, temp)
 
 
 class RunStore:

@@ -165,3 +165,33 @@ def test_the_routed_streams_still_look_like_the_originals():
         assert sys.stdout.isatty() == original.isatty()
         sys.stdout.writelines(["a\n", "b\n"])
     assert buffer.text == "a\nb\n"
+
+
+def writes_bytes_and_warns(data, ctx):
+    """Every group warns from one code location; group 2 writes bytes to stdout."""
+    import warnings
+
+    warnings.warn(f"deprecated thing used by {ctx.partition_id}")
+    warnings.warn("the same text from every group")
+    if ctx.partition_id == 2:
+        try:
+            sys.stdout.write(b"raw bytes\n")
+        except TypeError as exc:
+            print(f"caught: {exc}")
+    return len(data)
+
+
+def test_each_group_keeps_its_own_warnings_and_bytes_fail_at_the_write(client, store_url):
+    """Python shows a warning once per code location: only the first group
+    of each task had it. Bytes written to stdout were kept and broke the
+    join of the logs after the group: every group of the task was lost."""
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=1)
+    run = ddf.manymodel.train(
+        writes_bytes_and_warns, by="store", url=store_url, run_id="r1",
+        execution_options=ExecutionOptions(npartitions=1),
+    )
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    for group, details in run.partition_details.items():
+        assert f"UserWarning: deprecated thing used by {group}" in details.logs
+        assert "UserWarning: the same text from every group" in details.logs
+    assert "caught: write() argument must be str, not bytes" in run.partition_details[2].logs

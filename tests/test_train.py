@@ -377,6 +377,53 @@ def test_dpf_saves_artifacts(client, ddf, store_url):
     }
 
 
+def upload_under_the_models_name(data, ctx):
+    ctx.upload("not the model", "model.pkl")
+    return 1
+
+
+def download_from_beside_the_url(data, ctx):
+    return ctx.download("secret.txt", run_id="..", read_function=lambda path: open(path).read())
+
+
+def upload_a_long_name(data, ctx):
+    name = "m" * 230  # within the 255 bytes of a file name; its temp name was not
+    ctx.upload({"group": ctx.partition_id}, name)
+    return ctx.download(name)
+
+
+def test_artifact_names_the_run_uses_or_that_reach_beside_the_url(client, ddf, store_url):
+    """The model's own name was overwritten without a word (the group's
+    artifact list named it twice); run_id='..' read beside the URL; a name of
+    230 characters failed after four retries (its temp name was too long)."""
+    run = ddf.manymodel.train(upload_under_the_models_name, by="store", url=store_url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.FAILURE
+    assert "artifact filename 'model.pkl' is the run's own file" in run.partition_details[0].error
+    outside = ddf.manymodel.train(download_from_beside_the_url, by="store", url=store_url, run_id="r2")
+    assert outside.wait(show_progress=False) == RunStatus.FAILURE
+    assert "run_id '..' is not allowed" in outside.partition_details[0].error
+    long_name = ddf.manymodel.train(upload_a_long_name, by="store", url=store_url, run_id="r3")
+    assert long_name.wait(show_progress=False) == RunStatus.SUCCESS, long_name.summary()["error"].dropna().tolist()
+    assert long_name.get_model(3) == {"group": 3}
+
+
+def test_summary_keeps_group_values_as_they_are(client, store_url):
+    """With a null group pandas made the int ids floats, and a large one then
+    named another group; an empty run's columns were all object."""
+    big = 2**53 + 1
+    frame = pd.DataFrame({"k": pd.array([big, big + 2, None], dtype="Int64"), "x": [1.0, 2.0, 3.0]})
+    run = dd.from_pandas(frame, npartitions=1).manymodel.train(lambda d, ctx: len(d), by="k", url=store_url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    summary = run.summary()
+    assert sorted(summary["partition_id"].tolist(), key=str) == [big, big + 2, None]
+    assert [run.get_model(value) for value in summary["partition_id"]] == [1, 1, 1]
+    empty = dd.from_pandas(frame.iloc[:0], npartitions=1).manymodel.train(
+        lambda d, ctx: len(d), by="k", url=store_url, run_id="r2"
+    )
+    assert empty.wait(show_progress=False) == RunStatus.SUCCESS
+    assert empty.summary().dtypes.to_dict() == summary.dtypes.to_dict()
+
+
 def test_cancel_stops_before_the_next_group(client, store_url, tmp_path):
     ddf = dd.from_pandas(make_frame(n_groups=40, rows=5), npartitions=2)
     gates = tmp_path / "gates"
