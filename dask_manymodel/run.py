@@ -148,6 +148,16 @@ class PartitionDetails:
     output_rows: int | None = field(default=None, repr=False)
 
 
+def _executing_keys(name: str, dask_scheduler=None) -> list:
+    """On the scheduler: the keys of task group ``name`` being executed."""
+    return [
+        ts.key
+        for ws in dask_scheduler.workers.values()
+        for ts in ws.executing
+        if isinstance(ts.key, tuple) and ts.key[0] == name
+    ]
+
+
 _EMPTY_SUMMARY_DTYPES = {
     "status": "str", "seconds": "float64", "rows": "int64", "bytes": "int64", "attempts": "int64",
     "error": "object", "path": "str",
@@ -448,19 +458,18 @@ class ManyModelRun:
         return records
 
     def _running_tasks(self) -> set[int]:
-        if self.read_only or self._finished.is_set():
+        """The run's tasks a worker is executing, as the scheduler heard at
+        the workers' last heartbeats (about a second behind). Not the tasks
+        the scheduler has handed to a worker (``client.processing()``): those
+        include the ones waiting in the worker's queue."""
+        if self.read_only or self._finished.is_set() or not self._futures:
             return set()
+        name = self._futures[0].key[0]
         try:
-            processing = self._client.processing()
+            executing = self._client.run_on_scheduler(_executing_keys, name)
         except Exception:
             return set()
-        name = self._futures[0].key[0] if self._futures else None
-        return {
-            key[1]
-            for keys in processing.values()
-            for key in keys
-            if isinstance(key, tuple) and key[0] == name
-        }
+        return {key[1] for key in executing}
 
     def _details(self) -> dict[str, PartitionDetails]:
         records = self._current_records()

@@ -150,3 +150,42 @@ def test_a_finished_run_is_freed_once_its_handle_is_dropped(client, ddf, store_u
         return run_ref() is None
 
     poll(freed, timeout=10)  # the collector thread lets go as it finishes
+
+
+def test_running_means_a_worker_is_executing_the_groups_task(tmp_path):
+    """Groups of a task waiting in a worker's queue were shown RUNNING too
+    (the scheduler had handed the task out): only the executing task's are."""
+    import json
+    import logging
+
+    import distributed
+
+    gate = str(tmp_path / "release")
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.ERROR
+    ) as cluster, distributed.Client(cluster) as client:
+        # each task reads one persisted partition: the scheduler hands all 4
+        # to the worker at once; one executes, the others wait in its queue
+        ddf = dd.from_pandas(make_frame(n_groups=20, rows=5), npartitions=4).persist()
+        url = str(tmp_path / "m")
+        run = ddf.manymodel.train(
+            functools.partial(group_zero_held, gate), by="store", url=url, run_id="r1",
+            execution_options=ExecutionOptions(shuffle="never"),
+        )
+        try:
+            with open(os.path.join(url, "r1", "_groups.json")) as f:
+                task_of = {g["partition_id"]: g["task"] for g in json.load(f)}
+
+            def running() -> list:
+                return [d.partition_id for d in run.get_progress().get("RUNNING", [])]
+
+            def handed_out() -> int:
+                return sum(len(keys) for keys in client.processing().values())
+
+            # the held task is executing (once the scheduler heard of it), and
+            # the scheduler has handed the worker a second task, which waits
+            poll(lambda: 0 in running() and handed_out() == 4, timeout=30)
+            assert {task_of[group] for group in running()} == {task_of[0]}
+        finally:
+            open(gate, "w").close()
+        assert run.wait(show_progress=False) == RunStatus.SUCCESS
