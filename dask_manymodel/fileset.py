@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from .connectors._batching import Columns, Rebatcher, check_batch_size, check_seed
 from .engine import as_dask_dataframe
 from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError
-from .store import open_url
+from .store import _GLOB_CHARS, open_url, remove_paths
 
 __all__ = ["FileSet"]
 
@@ -179,7 +179,14 @@ class FileSet:
         import dask.dataframe as dd
 
         self._check_alive()
-        return dd.read_parquet(self.files(), storage_options=self._storage_options)
+        paths = self._paths()
+        if not any(_GLOB_CHARS.search(path) for path in paths):
+            return dd.read_parquet(self.files(), storage_options=self._storage_options)
+        # Dask reads a path with [ ] * ? in it as a pattern (data[v1] found
+        # nothing): each file read as it is named instead
+        with self._fs.open(paths[0], "rb") as f:
+            meta = pq.read_schema(f).empty_table().to_pandas()
+        return dd.from_map(_read_parquet_file, paths, fs=self._fs, meta=meta, label="fileset-read")
 
     def to_torch_dataset(self, *, batch_size=None, shuffle=False, drop_last_batch=True, seed=None):
         """Stream the files as a torch ``IterableDataset`` of ``dict[column -> Tensor]``.
@@ -215,10 +222,15 @@ class FileSet:
         """Remove the FileSet's files; every later call on this handle raises."""
         self._check_alive()
         # the manifest goes first: from then on nobody can open a half-deleted set
-        self._fs.rm(posixpath.join(self._root, MANIFEST))
-        self._fs.rm(self._root, recursive=True)
+        remove_paths(self._fs, [posixpath.join(self._root, MANIFEST)])
+        remove_paths(self._fs, [self._root])
         self._fs.invalidate_cache(self._root)
         self._deleted = True
+
+
+def _read_parquet_file(path: str, fs) -> pd.DataFrame:
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f).to_pandas()
 
 
 def _columns_with_missing(fs, paths: list[str]) -> frozenset[str]:

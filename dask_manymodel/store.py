@@ -26,6 +26,7 @@ import os
 import posixpath
 import random
 import re
+import shutil
 import time
 import uuid
 from typing import Any, Callable, Sequence, TypeVar
@@ -269,6 +270,48 @@ def open_url(url: str, storage_options: dict | None = None) -> tuple[fsspec.Abst
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocol or "local" in protocol
+
+
+# fsspec reads a path holding one of these as a glob pattern when it is
+# given to rm, cat, ... ("models[12]" matches the folder "models1")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def cat_files(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes]:
+    """The contents of these files, those missing left out; never expands a
+    path as a glob pattern (fsspec's ``cat`` of a list does)."""
+    if not any(_GLOB_CHARS.search(path) for path in paths):
+        return fs.cat(paths, on_error="omit")
+    found = {}
+    for path in paths:
+        try:
+            found[path] = fs.cat_file(path)
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def remove_paths(fs: fsspec.AbstractFileSystem, paths: list[str]) -> None:
+    """Delete these files and folders (with what they hold); never expands a
+    path as a glob pattern (fsspec's ``rm`` does), so that a run under
+    ``models[12]`` cannot delete the files of one under ``models1``."""
+    if not any(_GLOB_CHARS.search(path) for path in paths):
+        fs.rm(paths, recursive=True)
+        return
+    for path in paths:
+        if _is_local(fs):
+            local = fs._strip_protocol(path)
+            if os.path.isdir(local):
+                shutil.rmtree(local)
+            elif os.path.lexists(local):
+                os.remove(local)
+            continue
+        # an object store has files only: delete each one under the path
+        for name in fs.find(path) if fs.isdir(path) else [path]:
+            try:
+                fs.rm_file(name)
+            except FileNotFoundError:
+                pass
 
 
 def with_retries(
@@ -585,9 +628,7 @@ class RunStore:
         """Read many small JSON files at once; missing ones are left out."""
         if not paths:
             return {}
-        found = self._retry(
-            lambda: self.fs.cat(paths, on_error="omit"), f"reading {len(paths)} status files"
-        )
+        found = self._retry(lambda: cat_files(self.fs, paths), f"reading {len(paths)} status files")
         out = {}
         for path, data in found.items():
             if isinstance(data, Exception):
@@ -607,7 +648,14 @@ class RunStore:
         retries; then any of the local files may be missing or incomplete."""
         for local_path in local_paths:
             os.makedirs(os.path.dirname(local_path), exist_ok=True)
-        self._retry(lambda: self.fs.get(list(paths), list(local_paths)), f"downloading {len(paths)} files")
+        def download() -> None:
+            if any(_GLOB_CHARS.search(path) for path in paths):  # fs.get would expand them as patterns
+                for path, local_path in zip(paths, local_paths):
+                    self.fs.get_file(path, local_path)
+            else:
+                self.fs.get(list(paths), list(local_paths))
+
+        self._retry(download, f"downloading {len(paths)} files")
 
     def exists(self, path: str) -> bool:
         return self._retry(lambda: self.fs.exists(path), f"checking {path}")
@@ -636,13 +684,17 @@ class RunStore:
 
     def delete_run(self, keep: tuple[str, ...] = ()) -> None:
         """Remove the run folder's contents, except the top-level files in ``keep``."""
-        self.fs.invalidate_cache(self.root)  # workers wrote here behind the cache's back
-        try:
-            entries = self.fs.ls(self.root, detail=False)
-        except FileNotFoundError:
-            return
-        doomed = [e for e in entries if posixpath.basename(e.rstrip("/")) not in keep]
-        if doomed:
-            self._retry(lambda: self.fs.rm(doomed, recursive=True), f"deleting the old files of {self.root}")
+        def delete() -> None:
+            # listed again on every try: a failed try may have deleted some
+            self.fs.invalidate_cache(self.root)  # workers wrote here behind the cache's back
+            try:
+                entries = self.fs.ls(self.root, detail=False)
+            except FileNotFoundError:
+                return
+            doomed = [e for e in entries if posixpath.basename(e.rstrip("/")) not in keep]
+            if doomed:
+                remove_paths(self.fs, doomed)
+
+        self._retry(delete, f"deleting the old files of {self.root}")
         # fsspec caches listings; a stale cache would show deleted files
         self.fs.invalidate_cache(self.root)

@@ -139,3 +139,34 @@ def test_a_missing_model_fails_only_its_own_group(client, s3_options):
     assert [d.partition_id for d in progress["FAILED"]] == [4]
     assert "store=4/model.pkl is missing" in progress["FAILED"][0].error
     assert len(progress["DONE"]) == 9
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_brackets_in_a_url_are_part_of_the_name(client, s3_options, tmp_path, where):
+    """fsspec reads a path with [ ] in it as a pattern when it is given to
+    rm, cat or get: an overwrite under models[12] deleted the run of the
+    same id under models1 on S3, a restored run could not read its statuses,
+    and a FileSet under data[v1] read back no rows."""
+    from dask_manymodel import FileSet
+
+    base, options = (str(tmp_path), None) if where == "local" else ("s3://models/brackets", s3_options)
+    ddf = dd.from_pandas(make_frame(n_groups=6, rows=5), npartitions=2)
+    sibling, mine = f"{base}/models1", f"{base}/models[12]"
+    for url in (sibling, mine):
+        assert ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", storage_options=options).wait(
+            show_progress=False
+        ) == RunStatus.SUCCESS
+    again = ddf.manymodel.train(
+        fit_line, by="store", url=mine, run_id="r1", storage_options=options, on_existing_artifacts="overwrite"
+    )
+    assert again.wait(show_progress=False) == RunStatus.SUCCESS
+    for url in (sibling, mine):
+        restored = ManyModelRun.restore_from("r1", url, storage_options=options)
+        assert restored.status == RunStatus.SUCCESS and len(restored.get_progress()["DONE"]) == 6
+        np.testing.assert_allclose(restored.get_model(2), [1.2, 2], atol=1e-9)
+
+    FileSet.make(f"{base}/sets1", "s1", ddf, storage_options=options)
+    doomed = FileSet.make(f"{base}/sets[12]", "s1", ddf, storage_options=options)
+    assert len(doomed.to_dask_dataframe().compute()) == 30
+    doomed.delete()
+    assert len(FileSet(f"{base}/sets1", "s1", storage_options=options).to_dask_dataframe().compute()) == 30
