@@ -1652,10 +1652,13 @@ def start_run(
         "cancelled": False,
         "versions": versions(),
     }
-    _write_manifest(store, manifest, on_existing_artifacts)
+    _write_manifest(store, manifest, on_existing_artifacts, delete_old=False)
     # from here until the tasks are submitted, a failure (the store, the
     # shuffle) must not leave the run IN_PROGRESS for good
     with _marked_failed_if_it_fails(store, manifest):
+        if on_existing_artifacts == "overwrite":
+            # the old files, once the new manifest makes their statuses stale
+            store.delete_run(keep=(RUN_MANIFEST,))
         if stale:
             # the outcomes the earlier pass stored for the groups that run again:
             # a reader would take them for this pass's and call the run finished
@@ -1835,7 +1838,7 @@ def _exists_message(run_id: str, store: RunStore) -> str:
     )
 
 
-def _write_manifest(store: RunStore, manifest: dict, on_existing: str) -> None:
+def _write_manifest(store: RunStore, manifest: dict, on_existing: str, delete_old: bool = True) -> None:
     """Make the run exist, so that no reader ever trusts a mix of two attempts.
 
     error: create ``_run.json`` exclusively; of two runs started at once with
@@ -1856,7 +1859,7 @@ def _write_manifest(store: RunStore, manifest: dict, on_existing: str) -> None:
                 ) from None
         else:
             store.write_bytes(path, data)
-            if on_existing == "overwrite":
+            if on_existing == "overwrite" and delete_old:
                 store.delete_run(keep=(RUN_MANIFEST,))
     except PermissionError as exc:
         raise InvalidURLError(

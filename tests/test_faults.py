@@ -142,6 +142,13 @@ def test_a_store_failure_before_the_tasks_start_marks_the_run_failed(client, fla
     again = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", on_existing_artifacts="overwrite")
     assert again.wait(show_progress=False) == RunStatus.SUCCESS
 
+    # an overwrite whose deletion of the old files fails: the same
+    with pytest.raises(StorageError, match=r"deleting the old files of .* failed after 2 attempts: .*was left "
+                       r"unfinished"):
+        ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", execution_options=options,
+                            storage_options={"fail_rm": True}, on_existing_artifacts="overwrite")
+    assert ManyModelRun.restore_from("r1", url).status == RunStatus.FAILURE
+
 
 def fail_first_attempt(data, ctx):
     """Fails the first time each of groups 0, 10, 20, ... runs (marker files count attempts)."""
