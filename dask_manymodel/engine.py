@@ -266,14 +266,54 @@ def as_dask_dataframe(dataframe: Any) -> dd.DataFrame:
 
 
 def check_reachable(store: RunStore) -> None:
-    """Fail now, not inside a task, when the URL cannot be listed."""
+    """Fail now, not after the count (or inside a task), when the URL cannot
+    be reached or cannot hold the run: a missing bucket, a file where a
+    folder must be, a local folder that cannot be written."""
     try:
-        store.fs.exists(store.base)
+        _check_can_hold_run(store)
+    except InvalidURLError:
+        raise
     except Exception as exc:  # any backend error: credentials, DNS, permissions
         raise InvalidURLError(
             f"cannot reach {store.url!r}: {type(exc).__name__}: {exc}; check the URL "
             f"and storage_options"
         ) from exc
+
+
+def _check_can_hold_run(store: RunStore) -> None:
+    fs = store.fs
+    # the nearest folder that exists at or above the URL's
+    path = store.base
+    while True:
+        try:
+            info = fs.info(path)
+            break
+        except FileNotFoundError:
+            parent = fs._parent(path)
+            if parent in ("", path):  # the top, and nothing exists on the way
+                if store.is_local or "memory" in fs.protocol:
+                    return
+                raise InvalidURLError(
+                    f"cannot write to {store.url!r}: {path!r} does not exist; an object store's "
+                    f"bucket must exist before a run writes there (create it, or check the URL)"
+                ) from None
+            path = parent
+    if info["type"] != "directory":
+        raise InvalidURLError(f"cannot write to {store.url!r}: {path!r} is a file, not a folder")
+    if store.is_local and not os.access(fs._strip_protocol(path), os.W_OK):
+        raise InvalidURLError(
+            f"cannot write to {store.url!r}: the folder {path!r} is not writable here (permissions, "
+            f"or a read-only disk)"
+        )
+    if path == store.base:  # the run's own folder, where it exists, must be a folder too
+        try:
+            if fs.info(store.root)["type"] != "directory":
+                raise InvalidURLError(
+                    f"cannot write run {store.run_id!r} to {store.url!r}: {store.root!r} is a file, "
+                    f"not a folder"
+                )
+        except FileNotFoundError:
+            pass
 
 
 def check_workers_share_store(store: RunStore, client: distributed.Client) -> None:

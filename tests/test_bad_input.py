@@ -83,6 +83,27 @@ def test_bad_execution_options():
     assert ExecutionOptions(storage_retry_backoff=0, fail_fast=True).storage_retry_backoff == 0
 
 
+def count_tasks_run(dask_scheduler) -> int:
+    return sum(1 for ts in dask_scheduler.tasks.values() if "manymodel-count" in str(ts.key))
+
+
+def test_a_url_that_cannot_hold_the_run_is_refused_before_compute(client, ddf, tmp_path):
+    """A file where a folder must be was found only after the count (and
+    retried as if the store were flaky); the error was raw."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "r1").write_text("not a folder either")
+    for url, fragment in [
+        (str(afile), f"'{afile}' is a file, not a folder"),
+        (str(tmp_path / "m"), f"cannot write run 'r1' to '{tmp_path / 'm'}': '{tmp_path / 'm' / 'r1'}' is a file"),
+    ]:
+        with pytest.raises(InvalidURLError, match=re.escape(fragment)):
+            ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", on_existing_artifacts="overwrite")
+    assert client.run_on_scheduler(count_tasks_run) == 0
+    assert afile.read_text() == "not a folder"
+
+
 def test_class_api_checks_the_function_at_construction(tmp_path):
     with pytest.raises(InvalidArgumentError, match="must accept 2 positional"):
         ManyModelTraining(no_args, stage_name=str(tmp_path))

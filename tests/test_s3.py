@@ -170,3 +170,13 @@ def test_brackets_in_a_url_are_part_of_the_name(client, s3_options, tmp_path, wh
     assert len(doomed.to_dask_dataframe().compute()) == 30
     doomed.delete()
     assert len(FileSet(f"{base}/sets1", "s1", storage_options=options).to_dask_dataframe().compute()) == 30
+
+
+def test_a_missing_bucket_is_refused_before_compute(client, s3_options):
+    """It was found after the count, as a raw FileNotFoundError that named
+    no URL (fs.exists of the URL is just False)."""
+    from dask_manymodel import InvalidURLError
+
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=2)
+    with pytest.raises(InvalidURLError, match="'no-such-bucket' does not exist; an object store's bucket must exist"):
+        ddf.manymodel.train(fit_line, by="store", url="s3://no-such-bucket/x", run_id="r1", storage_options=s3_options)
