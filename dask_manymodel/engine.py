@@ -1544,8 +1544,6 @@ def start_run(
         raise InvalidArgumentError(
             f"execution_options must be an ExecutionOptions, got {type(options).__name__}"
         )
-    if storage_options is not None and not isinstance(storage_options, dict):
-        raise InvalidArgumentError(f"storage_options must be a dict, got {type(storage_options).__name__}")
     store = RunStore(
         url,
         run_id,

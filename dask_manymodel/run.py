@@ -21,6 +21,8 @@ import pandas as pd
 
 from .exceptions import (
     InvalidArgumentError,
+    InvalidURLError,
+    ManyModelError,
     ModelNotAvailableError,
     PartitionNotFoundError,
     ReadOnlyRunError,
@@ -929,6 +931,13 @@ class ManyModelRun:
             manifest = store.read_manifest()
         except FileNotFoundError:
             raise RunNotFoundError(f"no run {run_id!r} at {store.url} (no {RUN_MANIFEST})") from None
+        except ManyModelError:
+            raise
+        except Exception as exc:  # the backend's own: credentials, an endpoint that refuses, DNS
+            raise InvalidURLError(
+                f"cannot read run {run_id!r} at {store.url!r}: {type(exc).__name__}: {exc}; check the URL "
+                f"and storage_options"
+            ) from exc
         try:
             groups = store.read_run_file(GROUPS_FILE, list)
         except FileNotFoundError:  # the run is being set up right now

@@ -253,6 +253,8 @@ def open_url(url: str, storage_options: dict | None = None) -> tuple[fsspec.Abst
     """``fsspec.core.url_to_fs`` with errors that say what to do."""
     if not isinstance(url, (str, os.PathLike)) or not str(url):
         raise InvalidURLError(f"url must be a non-empty string or path, got {url!r}")
+    if storage_options is not None and not isinstance(storage_options, dict):
+        raise InvalidArgumentError(f"storage_options must be a dict, got {type(storage_options).__name__}")
     try:
         fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
     except ValueError as exc:  # unknown protocol

@@ -104,6 +104,13 @@ def test_a_url_that_cannot_hold_the_run_is_refused_before_compute(client, ddf, t
     assert afile.read_text() == "not a folder"
 
 
+def test_restore_from_checks_storage_options_as_train_does(tmp_path):
+    """It raised TypeError: url_to_fs() argument after ** must be a mapping."""
+    for options in ([("key", "a")], "x"):
+        with pytest.raises(InvalidArgumentError, match="storage_options must be a dict, got "):
+            ManyModelRun.restore_from("r1", str(tmp_path), options)
+
+
 def test_class_api_checks_the_function_at_construction(tmp_path):
     with pytest.raises(InvalidArgumentError, match="must accept 2 positional"):
         ManyModelTraining(no_args, stage_name=str(tmp_path))
