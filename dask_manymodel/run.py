@@ -347,14 +347,38 @@ class ManyModelRun:
                     for record in records:
                         self._records[record["path"]] = _KeptRecord(record)
             self._finalize()
-        except Exception:
+        except Exception as exc:
             logger.exception("collecting the results of run %r failed", self.run_id)
+            self._finalize_after_failure(exc)
         finally:
             try:
                 self._client.unsubscribe_topic(self._spec.progress_topic)
             except Exception:
                 pass
             self._finished.set()
+
+    def _finalize_after_failure(self, exc: Exception) -> None:
+        """Collecting failed (a bug of ours, the store failing under the
+        client): the groups not collected become INTERNAL_ERROR in this
+        handle, so that ``wait()`` returns a final status; written to
+        ``_run.json`` if the store lets us."""
+        from .engine import _record
+
+        with self._lock:
+            for group in self._groups:
+                if group["path"] not in self._records and group.get("task", 0) >= 0:
+                    key = normalize_key(self._partition_id(group), len(self.partition_by))
+                    record = _record(
+                        self._spec, key, group["path"], rows=group.get("rows", 0), status="INTERNAL_ERROR",
+                        error=f"this client could not collect the group's result: {type(exc).__name__}: {exc}",
+                    )
+                    self._records[group["path"]] = _KeptRecord(record)
+        try:
+            self._finalize()
+        except Exception:
+            statuses = [PartitionStatus(r["status"]) for r in self._records.values()]
+            self._manifest["status"] = _aggregate(statuses, False, True).value
+            logger.warning("could not write the final status of run %r", self.run_id, exc_info=True)
 
     def _task_lost(self, task_index: int, exc: BaseException) -> list[dict]:
         """A whole task failed: its groups without a final status become

@@ -424,6 +424,19 @@ def test_summary_keeps_group_values_as_they_are(client, store_url):
     assert empty.summary().dtypes.to_dict() == summary.dtypes.to_dict()
 
 
+def test_wait_returns_a_final_status_even_if_collecting_fails(client, ddf, store_url, monkeypatch):
+    """Any error while the client collected the results (the store failing
+    under it, a bug of ours) ended the collector, and wait() returned
+    IN_PROGRESS, which it promises never to return."""
+    def failing_finalize(self):
+        raise RuntimeError("the store went away while the run ended")
+
+    monkeypatch.setattr(ManyModelRun, "_finalize", failing_finalize)
+    run = ddf.manymodel.train(fit_line, by="store", url=store_url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS  # every group's result had come back
+    assert run.status == RunStatus.SUCCESS
+
+
 def test_cancel_stops_before_the_next_group(client, store_url, tmp_path):
     ddf = dd.from_pandas(make_frame(n_groups=40, rows=5), npartitions=2)
     gates = tmp_path / "gates"
