@@ -91,7 +91,15 @@ def _restore(args: argparse.Namespace):
     return ManyModelRun.restore_from(args.run_id, args.url, args.storage_options)
 
 
+def _at_least(name: str, value: int, least: int) -> None:
+    """Refuse a numeric option below ``least`` before any work starts (a
+    demo with 0 workers waits for ever, a negative --top slices from the end)."""
+    if value < least:
+        raise InvalidArgumentError(f"{name} must be at least {least}, got {value}")
+
+
 def cmd_show(args: argparse.Namespace) -> int:
+    _at_least("--top", args.top, 0)
     run = _restore(args)
     summary = run.summary()
     print(f"run {run.run_id} ({run.kind}) at {args.url}: {run.status.value}")
@@ -148,6 +156,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    for name, value in (("--groups", args.groups), ("--rows", args.rows), ("--workers", args.workers)):
+        _at_least(name, value, 1)
     from .demo import run_demo
 
     return run_demo(args.url, n_stores=args.groups, rows_per_store=args.rows, n_workers=args.workers)

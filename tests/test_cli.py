@@ -171,3 +171,21 @@ def test_demo(tmp_path):
     assert "rows scored: 1000" in out.stdout  # 50 groups x 20 rows
     assert sorted(os.listdir(url)) == ["demo-scores", "demo-train"]
     assert main(["show", url, "demo-train"]) == 0
+
+
+@pytest.mark.parametrize(
+    "option, value", [("--groups", "0"), ("--groups", "-3"), ("--rows", "0"), ("--workers", "0")]
+)
+def test_demo_refuses_counts_below_one_before_starting(tmp_path, capsys, option, value):
+    url = str(tmp_path / "demo")
+    assert main(["demo", "--url", url, "--groups", "3", "--rows", "5", option, value]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"dask-manymodel: error: {option} must be at least 1, got {value}\n"
+    assert captured.out == "" and not os.path.exists(url)  # no cluster was started
+
+
+def test_show_refuses_a_negative_top(runs, capsys):
+    assert main(["show", runs, "r1", "--top", "-1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "dask-manymodel: error: --top must be at least 0, got -1\n"
+    assert captured.out == ""
