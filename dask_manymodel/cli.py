@@ -63,24 +63,29 @@ def cmd_runs(args: argparse.Namespace) -> int:
     manifests = [posixpath.join(e["name"], RUN_MANIFEST) for e in entries if e["type"] == "directory"]
     found = fs.cat(manifests, on_error="omit") if manifests else {}
     rows = []
-    for path, data in sorted(found.items()):
+    # the folder's name is the run's id for show, logs and restore_from; the
+    # run_id inside _run.json stays the old one when a folder is copied
+    by_folder = {posixpath.basename(posixpath.dirname(path)): data for path, data in found.items()}
+    for folder, data in sorted(by_folder.items()):
         try:
             manifest = json.loads(data)
-            rows.append(
-                {
-                    "run_id": manifest["run_id"],
-                    "kind": manifest["kind"],
-                    "status": manifest["status"],
-                    "groups": manifest.get("n_groups", ""),
-                    "created": (manifest.get("created") or "")[:19],
-                }
-            )
+            row = {
+                "run_id": folder,
+                "kind": manifest["kind"],
+                "status": manifest["status"],
+                "groups": manifest.get("n_groups", ""),
+                "created": (manifest.get("created") or "")[:19],
+            }
+            if manifest.get("run_id") != folder:
+                row["note"] = f"{RUN_MANIFEST} says run_id {manifest.get('run_id')!r} (a copied folder?)"
+            rows.append(row)
         except (ValueError, KeyError, TypeError):  # a damaged manifest: list the folder anyway
-            rows.append({"run_id": posixpath.basename(posixpath.dirname(path)), "status": f"unreadable {RUN_MANIFEST}"})
+            rows.append({"run_id": folder, "status": f"unreadable {RUN_MANIFEST}"})
     if not rows:
         print(f"no runs at {args.url}")
         return 0
-    print(_table(rows, ["run_id", "kind", "status", "groups", "created"]))
+    columns = ["run_id", "kind", "status", "groups", "created"]
+    print(_table(rows, columns + ["note"] if any("note" in r for r in rows) else columns))
     return 0
 
 

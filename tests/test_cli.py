@@ -189,3 +189,15 @@ def test_show_refuses_a_negative_top(runs, capsys):
     captured = capsys.readouterr()
     assert captured.err == "dask-manymodel: error: --top must be at least 0, got -1\n"
     assert captured.out == ""
+
+
+def test_runs_names_a_copied_run_by_its_folder(runs, capsys):
+    shutil.copytree(os.path.join(runs, "r1"), os.path.join(runs, "r1-backup"))
+    assert main(["runs", runs]) == 0
+    table = lines_of(capsys.readouterr().out)
+    assert table[0] == ["run_id", "kind", "status", "groups", "created", "note"]
+    assert [row[0] for row in table[1:]] == ["r1", "r1-backup", "s1"]  # the ids show and logs take
+    assert " ".join(table[2][5:]) == "_run.json says run_id 'r1' (a copied folder?)"
+    assert len(table[1]) == len(table[3]) == 5  # no note where folder and run_id agree
+    assert main(["show", runs, "r1-backup"]) == 0
+    assert capsys.readouterr().out.startswith("run r1-backup (train)")
