@@ -2,13 +2,15 @@
 
 Exit codes: 0 success, 1 the command ran but found failures (e.g. the demo
 run was not a SUCCESS), 2 bad input (a missing run or group, an unreachable
-URL, an unknown protocol).
+URL, an unknown protocol), 141 the reader of the output went away (``| head``),
+silently, as the shell reports a Unix tool that SIGPIPE ended.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import posixpath
 import sys
 from typing import Any, Sequence
@@ -198,13 +200,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _output_closed() -> int:
+    """Stop quietly when stdout's reader has gone (``show ... | head -1``), as
+    Unix tools do: not an error of the storage. What stdout still buffers goes
+    to devnull, or Python's final flush at exit would print a traceback."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (captured, e.g. by pytest)
+        pass
+    return 141  # 128 + SIGPIPE: what `set -o pipefail` sees of `yes | head -1`
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dask-manymodel`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
         if hasattr(args, "storage_options"):
             args.storage_options = _storage_options(args.storage_options)
-        return args.func(args)
+        code = args.func(args)
+        # piped output waits in stdout's buffer: a reader that is gone shows here
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        return _output_closed()
     except ManyModelError as exc:
         print(f"dask-manymodel: error: {exc}", file=sys.stderr)
         return 2

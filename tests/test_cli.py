@@ -201,3 +201,16 @@ def test_runs_names_a_copied_run_by_its_folder(runs, capsys):
     assert len(table[1]) == len(table[3]) == 5  # no note where folder and run_id agree
     assert main(["show", runs, "r1-backup"]) == 0
     assert capsys.readouterr().out.startswith("run r1-backup (train)")
+
+
+def test_a_closed_output_ends_quietly_with_141(runs):
+    # a pipe whose reader has gone before anything is written, as after `| head -1`
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        out = subprocess.run(
+            [*CLI, "show", runs, "r1"], stdout=write, stderr=subprocess.PIPE, text=True, timeout=60
+        )
+    finally:
+        os.close(write)
+    assert (out.returncode, out.stderr) == (141, "")
