@@ -9,11 +9,17 @@ silently, as the shell reports a Unix tool that SIGPIPE ended.
 from __future__ import annotations
 
 import argparse
+import datetime
+import itertools
 import json
 import os
 import posixpath
+import shlex
 import sys
 from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
 
 from .exceptions import (
     InvalidArgumentError,
@@ -22,7 +28,7 @@ from .exceptions import (
     PartitionNotFoundError,
     RunNotFoundError,
 )
-from .store import RUN_MANIFEST, open_url
+from .store import RUN_MANIFEST, is_null, normalize_key, open_url
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
@@ -98,6 +104,87 @@ def _restore(args: argparse.Namespace):
     return ManyModelRun.restore_from(args.run_id, args.url, args.storage_options)
 
 
+# how show prints a null group; logs takes these too (pandas' and numpy's words
+# for a null), unless the column holds that very string
+NULL_TEXT = "None"
+_NULL_WORDS = {NULL_TEXT, "nan", "NaN", "NaT", "<NA>"}
+
+
+def _value_text(value: Any) -> str:
+    """One group value as plain text (no quotes or type names of a repr), that
+    :func:`_readings` reads back into the same group."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if is_null(value):
+        return NULL_TEXT
+    if isinstance(value, (datetime.date, datetime.time)):  # pd.Timestamp too: ISO, no space
+        return value.isoformat()
+    return str(value)
+
+
+def group_text(partition_id: Any, n_columns: int) -> str:
+    """A group as show prints it and logs takes it: its values, one per
+    partition_by column, quoted as a shell needs them and joined by spaces.
+
+    Examples
+    --------
+    >>> group_text(("a b", 1.0), 2)
+    "'a b' 1.0"
+    """
+    return " ".join(shlex.quote(_value_text(v)) for v in normalize_key(partition_id, n_columns))
+
+
+def _readings(text: str, column: list) -> list:
+    """The values ``text`` may name in a column holding the values ``column``:
+    the text itself first (a string group, or an int's folder), then the text
+    read as the column's own types, so that 1.0 finds 1, and 2020-01-01 a
+    Timestamp."""
+    readings: list = [text]
+    kinds = {type(v) for v in column if not is_null(v)}
+    if text in _NULL_WORDS:
+        readings.append(None)
+    parsers = []
+    if kinds & {int, float, bool}:
+        parsers.append(float)
+    if pd.Timestamp in kinds:
+        parsers.append(pd.Timestamp)
+    if pd.Timedelta in kinds:
+        parsers.append(pd.Timedelta)
+    if datetime.date in kinds:
+        parsers.append(datetime.date.fromisoformat)
+    for parse in parsers:
+        try:
+            readings.append(parse(text))
+        except (ValueError, TypeError, OverflowError):  # not of this type
+            continue
+    # a time without a zone, in a column with zones: the time in each of them
+    zones = {v.tz for v in column if isinstance(v, pd.Timestamp) and v.tz is not None}
+    for value in list(readings):
+        if isinstance(value, pd.Timestamp) and value.tz is None:
+            readings.extend(value.tz_localize(zone) for zone in zones)
+    return readings
+
+
+def _find_group(run: Any, texts: list[str]) -> str | None:
+    """The folder of the group of ``run`` that ``texts`` (one per partition_by
+    column) name, found by the run's own lookup, as ``run.get_model`` finds a
+    group; None when no group matches."""
+    n_columns = len(run.partition_by)
+    if len(texts) != n_columns:
+        raise InvalidArgumentError(
+            f"run {run.run_id!r} has {n_columns} partition_by columns {run.partition_by!r}: "
+            f"give one value for each, got {len(texts)}: {shlex.join(texts)}"
+        )
+    keys = [normalize_key(run._partition_id(g), n_columns) for g in run._groups]
+    columns = [[key[i] for key in keys] for i in range(n_columns)]
+    for key in itertools.product(*(_readings(t, c) for t, c in zip(texts, columns))):
+        try:
+            return run._group_for(key)["path"]
+        except PartitionNotFoundError:
+            continue
+    return None
+
+
 def _at_least(name: str, value: int, least: int) -> None:
     """Refuse a numeric option below ``least`` before any work starts (a
     demo with 0 workers waits for ever, a negative --top slices from the end)."""
@@ -115,11 +202,12 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(_table([{"status": k, "groups": v} for k, v in counts.items()], ["status", "groups"]))
     else:
         print("no groups")
+    n_columns = len(run.partition_by)
     done = summary[summary["status"] == "DONE"].nlargest(args.top, "seconds")
     if len(done):
         print("\nslowest groups:")
         rows = [
-            {"group": repr(r.partition_id), "seconds": f"{r.seconds:.3f}", "rows": r.rows}
+            {"group": group_text(r.partition_id, n_columns), "seconds": f"{r.seconds:.3f}", "rows": r.rows}
             for r in done.itertuples()
         ]
         print(_table(rows, ["group", "seconds", "rows"]))
@@ -128,29 +216,26 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"\nfailed groups ({len(failed)}):")
         for row in failed.head(args.top).itertuples():
             first_line = row.error.splitlines()[0] if row.error else ""
-            print(f"  {row.partition_id!r}: {row.status}: {first_line}")
+            print(f"  {group_text(row.partition_id, n_columns)}: {row.status}: {first_line}")
         if len(failed) > args.top:
             print(f"  ... and {len(failed) - args.top} more")
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from .store import group_path, normalize_key
-
     run = _restore(args)
-    key = args.group[0] if len(args.group) == 1 else tuple(args.group)
-    try:
-        path = group_path(run.partition_by, normalize_key(key, len(run.partition_by)))
-    except KeyError as exc:  # wrong number of values for the run's columns
-        raise InvalidArgumentError(str(exc.args[0])) from None
-    details = run._details()
-    if path not in details:
+    n_columns = len(run.partition_by)
+    path = _find_group(run, args.group)
+    if path is None:
+        sample = ", ".join(group_text(run._partition_id(g), n_columns) for g in run._groups[:5])
         raise PartitionNotFoundError(
-            f"run {args.run_id!r} has no group {key!r} (partition_by {run.partition_by!r}); "
-            f"`dask-manymodel show {args.url} {args.run_id}` lists some"
+            f"run {args.run_id!r} has no group {' '.join(map(repr, args.group))} (partition_by "
+            f"{run.partition_by!r}); groups include: {sample or 'none'}; "
+            f"`dask-manymodel show {args.url} {args.run_id}` lists more"
         )
+    details = run._details()
     group = details[path]
-    print(f"group {group.partition_id!r}: {group.status.value}")
+    print(f"group {group_text(group.partition_id, n_columns)}: {group.status.value}")
     if group.error:
         print(f"error: {group.error.splitlines()[0]}")
     if group.logs:

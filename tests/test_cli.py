@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
 import pytest
 
 import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
@@ -214,3 +218,68 @@ def test_a_closed_output_ends_quietly_with_141(runs):
     finally:
         os.close(write)
     assert (out.returncode, out.stderr) == (141, "")
+
+
+def say_key(data, ctx):
+    print(f"key {ctx.partition_id!r}")
+    return 1
+
+
+@pytest.fixture
+def keyed_runs(client, store_url):
+    """Runs keyed by floats, by times and by two columns, each with a null group."""
+    frames = {
+        "floats": pd.DataFrame({"k": [1.0, 2.0, np.nan]}),
+        "times": pd.DataFrame({"k": pd.to_datetime(["2020-01-01 00:00", "2020-01-02 10:30", None])}),
+        "pairs": pd.DataFrame({"k": ["x/y", "sp ace", None], "n": [1, 2, 1]}),
+    }
+    for run_id, frame in frames.items():
+        by = list(frame.columns)
+        ddf = dd.from_pandas(frame.assign(v=1), npartitions=1)
+        ddf.manymodel.train(say_key, by=by, url=store_url, run_id=run_id).wait(show_progress=False)
+    return store_url
+
+
+@pytest.mark.parametrize(
+    "run_id, shown",
+    [
+        ("floats", {"1.0", "2.0", "None"}),
+        ("times", {"2020-01-01T00:00:00", "2020-01-02T10:30:00", "None"}),
+        ("pairs", {"x/y 1", "'sp ace' 2", "None 1"}),
+    ],
+)
+def test_logs_takes_each_group_as_show_prints_it(keyed_runs, capsys, run_id, shown):
+    assert main(["show", keyed_runs, run_id, "--top", "10"]) == 0
+    slowest = capsys.readouterr().out.split("slowest groups:\n")[1].splitlines()[1:]
+    groups = [line.rsplit(None, 2)[0] for line in slowest]  # less seconds and rows
+    assert set(groups) == shown  # plain values, quoted as a shell needs
+    for group in groups:
+        assert main(["logs", keyed_runs, run_id, *shlex.split(group)]) == 0
+        assert capsys.readouterr().out.startswith(f"group {group}: DONE\nkey ")
+
+
+@pytest.mark.parametrize(
+    "run_id, spellings, group",
+    [
+        ("floats", [["1"], ["1.0"]], "1.0"),  # equal values of another type: one group
+        ("floats", [["nan"], ["NaN"], ["None"], ["<NA>"]], "None"),
+        ("times", [["2020-01-01"], ["2020-01-01 00:00:00"], ["2020-01-01T00:00:00"]], "2020-01-01T00:00:00"),
+        ("times", [["2020-01-02T10:30"]], "2020-01-02T10:30:00"),
+        ("times", [["NaT"], ["None"]], "None"),
+        ("pairs", [["nan", "1.0"], ["None", "1"]], "None 1"),
+    ],
+)
+def test_logs_reads_a_value_as_its_columns_type(keyed_runs, capsys, run_id, spellings, group):
+    for words in spellings:
+        assert main(["logs", keyed_runs, run_id, *words]) == 0, words
+        assert capsys.readouterr().out.startswith(f"group {group}: DONE\n"), words
+
+
+def test_logs_of_an_unknown_group_lists_groups_as_show_prints_them(keyed_runs, capsys):
+    assert main(["logs", keyed_runs, "pairs", "x/y", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dask-manymodel: error: run 'pairs' has no group 'x/y' '2' ")
+    listed = err.split("groups include: ")[1].split("; ")[0].split(", ")
+    assert sorted(listed) == ["'sp ace' 2", "None 1", "x/y 1"]
+    assert main(["logs", keyed_runs, "pairs", "x/y"]) == 2
+    assert "has 2 partition_by columns ['k', 'n']: give one value for each, got 1" in capsys.readouterr().err
