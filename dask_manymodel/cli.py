@@ -28,7 +28,7 @@ from .exceptions import (
     PartitionNotFoundError,
     RunNotFoundError,
 )
-from .store import RUN_MANIFEST, is_null, normalize_key, open_url
+from .store import RUN_MANIFEST, cat_files, is_null, normalize_key, open_url
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
@@ -69,7 +69,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     fs, base = _reach(args.url, args.storage_options)
     entries = fs.ls(base, detail=True)
     manifests = [posixpath.join(e["name"], RUN_MANIFEST) for e in entries if e["type"] == "directory"]
-    found = fs.cat(manifests, on_error="omit") if manifests else {}
+    found = cat_files(fs, manifests) if manifests else {}  # a URL with [ ] read as it is named
     rows = []
     # the folder's name is the run's id for show, logs and restore_from; the
     # run_id inside _run.json stays the old one when a folder is copied
