@@ -109,21 +109,40 @@ def _install() -> None:
             _handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         if _handler not in root.handlers:
             root.addHandler(_handler)
+        if not getattr(warnings.showwarning, "_notes_shown_warnings", False):
+            warnings.showwarning = _noting_shown_warnings(warnings.showwarning)
 
 
 # warnings' own hook for "the filters changed": every module's registry of
-# warnings shown is then cleared before its next warning (CPython 3.4+)
+# warnings shown is then cleared before its next warning (CPython 3.4+).
+# Not at every group: a cleared registry makes each later warning, the
+# ignored ones too, walk the process's filters again (Dask's workers have
+# many): 24 us a group in a W2 task. Only after a warning was shown.
 _forget_shown_warnings = getattr(warnings, "_filters_mutated", lambda: None)
+_a_warning_was_shown = False
+
+
+def _noting_shown_warnings(show):
+    def showwarning(*args, **kwargs):
+        global _a_warning_was_shown
+        _a_warning_was_shown = True
+        return show(*args, **kwargs)
+
+    showwarning._notes_shown_warnings = True
+    return showwarning
 
 
 @contextlib.contextmanager
 def capture_logs(max_chars: int = DEFAULT_MAX_LOG_CHARS) -> Iterator[LogBuffer]:
     """Collect this thread's prints and log records into a :class:`LogBuffer`."""
+    global _a_warning_was_shown
     _install()
     # Python shows a warning once per code location (each module remembers
     # what it showed): forget that, so each group's logs hold the warnings
     # its own run raised, not only the first group's of a process
-    _forget_shown_warnings()
+    if _a_warning_was_shown:
+        _a_warning_was_shown = False
+        _forget_shown_warnings()
     buffer = LogBuffer(max_chars)
     previous = getattr(_local, "buffer", None)
     _local.buffer = buffer
