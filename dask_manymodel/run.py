@@ -518,9 +518,16 @@ class ManyModelRun:
                 path=group["path"],
                 attempts=int(record.get("attempts") or 0),
                 artifacts=Artifacts(self._store, group["path"], self._artifact_names(record)),
-                output_rows=record.get("output_rows"),
+                output_rows=self._output_rows(record),
             )
         return details
+
+    def _output_rows(self, record: dict) -> int | None:
+        """Rows a DONE predict group returned; a live handle's records leave
+        out a 0 (see ``_compact``), a stored one keeps it: both say 0."""
+        if self.kind == "predict" and record.get("status") == "DONE":
+            return int(record.get("output_rows") or 0)
+        return record.get("output_rows")
 
     def _artifact_names(self, record: dict) -> list[str]:
         names = list(record.get("artifacts") or [])

@@ -156,6 +156,9 @@ def test_none_stores_nothing(trained, ddf, store_url):
     inf = ddf.manymodel.predict(return_none, by="store", url=store_url, training_run_id="r1", run_id="s1")
     assert inf.wait(show_progress=False) == RunStatus.SUCCESS
     assert not os.path.exists(os.path.join(store_url, "s1", "store=0", "part-0.parquet"))
+    # 0 rows, on the live handle as on a restored one (the live one said None)
+    assert inf.partition_details[0].output_rows == 0
+    assert ManyModelRun.restore_from("s1", store_url).partition_details[0].output_rows == 0
     with pytest.raises(InvalidArgumentError, match="stored no output"):
         inf.to_dask_dataframe()
     meta = pd.DataFrame({"store": pd.Series([], dtype="int64"), "pred": pd.Series([], dtype=float)})
