@@ -676,7 +676,7 @@ class RunSpec:
     # one's tasks then stop writing (_run_was_superseded). None: not fenced.
     submission: str | None = None
 
-    @property
+    @functools.cached_property  # asked for every group: worked out once per task's copy
     def own_file_names(self) -> frozenset[str]:
         """The files the engine writes into each group's folder besides its
         status: ``ctx.upload`` may not take their names."""
@@ -1707,12 +1707,11 @@ def start_run(
         if not todo:
             # a resume whose data holds no group left to run: the outcomes stored
             # (DONE, or FAILED for a group no longer in the data) are final
-            outcomes = collections.Counter(r["status"] for r in initial_records)
-            outcomes["PENDING"] = len(groups) - len(initial_records)  # never finished, and not in the data
-            statuses = [PartitionStatus(status) for status, n in outcomes.items() for _ in range(n)]
+            statuses = [PartitionStatus(r["status"]) for r in initial_records]
+            statuses += [PartitionStatus.PENDING] * (len(groups) - len(initial_records))  # not in the data
             manifest.update(
                 status=_aggregate(statuses, False, True).value,
-                counts={status: n for status, n in outcomes.items() if n},
+                counts={status.value: n for status, n in collections.Counter(statuses).items()},
                 finished=_now(),
             )
             logger.info("run %r has no group to run: it is a %s", run_id, manifest["status"])

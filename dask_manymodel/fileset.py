@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from .connectors._batching import Columns, Rebatcher, check_batch_size, check_seed
 from .engine import as_dask_dataframe
 from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError
-from .store import _GLOB_CHARS, open_url, remove_paths
+from .store import any_read_as_pattern, open_url, remove_paths
 
 __all__ = ["FileSet"]
 
@@ -180,7 +180,7 @@ class FileSet:
 
         self._check_alive()
         paths = self._paths()
-        if not any(_GLOB_CHARS.search(path) for path in paths):
+        if not any_read_as_pattern(paths):
             return dd.read_parquet(self.files(), storage_options=self._storage_options)
         # Dask reads a path with [ ] * ? in it as a pattern (data[v1] found
         # nothing): each file read as it is named instead

@@ -279,10 +279,15 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
+def any_read_as_pattern(paths: Sequence[str]) -> bool:
+    """Whether fsspec (or Dask) would expand one of ``paths`` as a glob pattern."""
+    return any(_GLOB_CHARS.search(path) for path in paths)
+
+
 def cat_files(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes]:
     """The contents of these files, those missing left out; never expands a
     path as a glob pattern (fsspec's ``cat`` of a list does)."""
-    if not any(_GLOB_CHARS.search(path) for path in paths):
+    if not any_read_as_pattern(paths):
         return fs.cat(paths, on_error="omit")
     found = {}
     for path in paths:
@@ -297,7 +302,7 @@ def remove_paths(fs: fsspec.AbstractFileSystem, paths: list[str]) -> None:
     """Delete these files and folders (with what they hold); never expands a
     path as a glob pattern (fsspec's ``rm`` does), so that a run under
     ``models[12]`` cannot delete the files of one under ``models1``."""
-    if not any(_GLOB_CHARS.search(path) for path in paths):
+    if not any_read_as_pattern(paths):
         fs.rm(paths, recursive=True)
         return
     for path in paths:
@@ -651,7 +656,7 @@ class RunStore:
         for local_path in local_paths:
             os.makedirs(os.path.dirname(local_path), exist_ok=True)
         def download() -> None:
-            if any(_GLOB_CHARS.search(path) for path in paths):  # fs.get would expand them as patterns
+            if any_read_as_pattern(paths):  # fs.get would expand them as patterns
                 for path, local_path in zip(paths, local_paths):
                     self.fs.get_file(path, local_path)
             else:
