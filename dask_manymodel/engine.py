@@ -66,6 +66,8 @@ from .store import (
     group_path,
     key_from_json,
     key_to_json,
+    paths_in_zones,
+    stored_zones,
 )
 
 logger = logging.getLogger(__name__)
@@ -670,6 +672,9 @@ class RunSpec:
     progress_topic: str
     training_store: RunStore | None = None
     training_attempt: str | None = None
+    # predict: per ``by`` column, the time zones of the training run's stored
+    # values, when the input may hold values in another zone; else None
+    training_zones: list[set[str]] | None = None
     extra: dict = field(default_factory=dict)
     # this start of the run, also in its _run.json: another start (an
     # overwrite or resume while this one runs) writes its own there, and this
@@ -1114,11 +1119,14 @@ def run_group(
     scratch_dir: str | None = None,
     check_memory: bool = True,
     model_prefetch: _ModelPrefetch | None = None,
+    model_rel: str | None = None,
 ) -> tuple[dict, dict[str, bytes]]:
     """Run the user function on one group. Never raises.
 
     Returns the group's record and the files still to write (``{path:
     bytes}``: its model or output); the caller writes them, then the status.
+    ``model_rel``: a predict group's folder in the training run, when not
+    ``rel`` (:func:`_model_folders`).
     """
     partition_id = key[0] if len(key) == 1 else key
     start = time.perf_counter()
@@ -1134,8 +1142,9 @@ def run_group(
             if check_memory:
                 _check_group_fits(spec, frame, partition_id, heartbeat)
             if spec.kind == "predict":
-                prefetched = model_prefetch.take(rel) if model_prefetch is not None else None
-                model = _load_model(spec, rel, training_status, partition_id, prefetched)
+                model_rel = model_rel or rel
+                prefetched = model_prefetch.take(model_rel) if model_prefetch is not None else None
+                model = _load_model(spec, model_rel, training_status, partition_id, prefetched)
             result = _call_with_retries(spec, record, ctx, frame, model)
             if record["status"] == "DONE":
                 if spec.kind == "train":
@@ -1429,11 +1438,12 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> TaskRecords:
     # the per-group memory check is only needed if the whole partition is large
     check_memory = _partition_may_not_fit(spec, frame, heartbeat)
     training_statuses: dict[str, dict] = {}
+    model_rels = rels  # each group's folder in the training run
     if spec.kind == "predict":
         # one batched read of this partition's training statuses
-        paths = {spec.training_store.path(rel, PARTITION_FILE): rel for rel in rels}
-        found = spec.training_store.read_many_json(list(paths))
-        training_statuses = {paths[p]: v for p, v in found.items() if p in paths}
+        training_statuses = _training_statuses(spec, rels)
+        if spec.training_zones:
+            model_rels = _model_folders(spec, groups.keys, rels, training_statuses)
     pending = _PendingWrites(spec, heartbeat)
     # a task that starts after a cancel runs no group (once the cancel is
     # known in this process: asked now, or by another task under 0.5 s ago)
@@ -1446,16 +1456,16 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> TaskRecords:
     with scratch as scratch_dir:
         model_prefetch = None
         if remote_models:
-            model_prefetch = _ModelPrefetch(spec, rels, training_statuses, scratch_dir)
-        for number, (key, rel) in enumerate(zip(groups.keys, rels)):
+            model_prefetch = _ModelPrefetch(spec, model_rels, training_statuses, scratch_dir)
+        for number, (key, rel, model_rel) in enumerate(zip(groups.keys, rels, model_rels)):
             group = groups.rows(number)
             if cancelled or heartbeat.beat():
                 cancelled = True
                 pending.add(_record(spec, key, rel, status="CANCELLED", rows=len(group), finished=_now()), {})
                 continue
             record, files = run_group(
-                spec, key, rel, group, heartbeat, training_statuses.get(rel), scratch_dir, check_memory,
-                model_prefetch,
+                spec, key, rel, group, heartbeat, training_statuses.get(model_rel), scratch_dir, check_memory,
+                model_prefetch, model_rel,
             )
             pending.add(record, files)
             if spec.options.fail_fast and record["status"] != "DONE":
@@ -1467,6 +1477,34 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> TaskRecords:
     # done, would cost a round trip to the scheduler for nothing
     heartbeat.report()
     return TaskRecords(pending.written)
+
+
+def _training_statuses(spec: RunSpec, rels: list[str]) -> dict[str, dict]:
+    """The training run's statuses of these folders that exist, by folder."""
+    paths = {spec.training_store.path(rel, PARTITION_FILE): rel for rel in rels}
+    found = spec.training_store.read_many_json(list(paths))
+    return {paths[p]: v for p, v in found.items() if p in paths}
+
+
+def _model_folders(spec: RunSpec, keys: list[tuple], rels: list[str], training_statuses: dict[str, dict]) -> list[str]:
+    """Each group's folder in the training run. A time-zone-aware value that
+    the training run stored in another zone (the input in UTC, the training
+    data in Europe/Paris) has its model in that zone's folder; the statuses
+    found there are added to ``training_statuses``."""
+    candidates = {
+        rel: paths_in_zones(spec.by, key, spec.training_zones)
+        for key, rel in zip(keys, rels)
+        if rel not in training_statuses
+    }
+    wanted = [path for paths in candidates.values() for path in paths]
+    if not wanted:
+        return rels
+    training_statuses.update(_training_statuses(spec, wanted))
+    moved = {
+        rel: next((path for path in paths if path in training_statuses), rel)
+        for rel, paths in candidates.items()
+    }
+    return [moved.get(rel, rel) for rel in rels]
 
 
 class TaskRecords(list):
@@ -1553,7 +1591,7 @@ def start_run(
     )
     check_reachable(store)
 
-    training_store = training_manifest = None
+    training_store = training_manifest = training_zones = None
     if kind == "predict":
         check_run_id(training_run_id, "training_run_id")
         if training_run_id == run_id:
@@ -1578,6 +1616,7 @@ def start_run(
                 f"{training_manifest['partition_by']!r}"
             )
         serde = _inference_serde(serde, training_manifest, training_run_id)
+        training_zones = _training_zones(training_store, ddf, by)
     elif kind == "train":
         serde = check_serde(serde)
     else:
@@ -1629,6 +1668,7 @@ def start_run(
         progress_topic=f"manymodel-progress-{submission}",
         training_store=training_store,
         training_attempt=training_manifest.get("attempt") if training_manifest else None,
+        training_zones=training_zones,
         submission=submission,
     )
     # loaded by a worker while the workers count; before anything is
@@ -1989,6 +2029,23 @@ def _read_manifest_or_none(store: RunStore) -> dict | None:
         return store.read_manifest()
     except FileNotFoundError:
         return None
+
+
+def _training_zones(training_store: RunStore, ddf: dd.DataFrame, by: list) -> list[set[str]] | None:
+    """The time zones of the training run's stored group values, per ``by``
+    column, when the input's ``by`` columns may hold time-zone-aware values
+    (a predict task then finds a model stored in another zone than its
+    input's); None when they cannot, or the training run stored none."""
+    dtypes = ddf._meta[by].dtypes
+    if not any(isinstance(dtype, pd.DatetimeTZDtype) or dtype == object for dtype in dtypes):
+        return None
+    try:
+        stored = training_store.read_run_file(GROUPS_FILE, list)
+    except Exception:  # a training run without its groups file: folders as they are
+        logger.debug("could not read the groups of training run %r", training_store.run_id, exc_info=True)
+        return None
+    zones = stored_zones(stored, len(by))
+    return zones if any(zones) else None
 
 
 def _inference_serde(serde: ModelSerde | None, training_manifest: dict, training_run_id: str) -> ModelSerde:

@@ -30,7 +30,16 @@ from .exceptions import (
     RunTimeoutError,
 )
 from .serde import ModelSerde, serde_from_manifest
-from .store import GROUPS_FILE, PARTITION_FILE, RUN_MANIFEST, RunStore, group_path, normalize_key
+from .store import (
+    GROUPS_FILE,
+    PARTITION_FILE,
+    RUN_MANIFEST,
+    RunStore,
+    group_path,
+    normalize_key,
+    paths_in_zones,
+    stored_zones,
+)
 
 if TYPE_CHECKING:
     from .engine import RunSpec
@@ -260,7 +269,7 @@ class ManyModelRun:
         self._manifest = manifest
         self._groups = groups
         self._path_index = {g["path"]: i for i, g in enumerate(groups)}
-        self._zones: list[set] | None = None  # _stored_zones(), made when first asked
+        self._zones: list[set] | None = None  # stored_zones(), made when first asked
         self._client = client
         self._spec = spec
         self._futures = futures
@@ -799,36 +808,18 @@ class ManyModelRun:
         return self._groups[self._path_index[path]]
 
     def _stored_path(self, key: tuple) -> str:
-        """The folder of ``key`` as the run stored it. A time-zone-aware value
-        names its folder in its own zone (``...+01:00``), so the same instant
-        given in another zone is tried in each zone the run's groups have, as
-        pandas finds it in any zone."""
+        """The folder of ``key`` as the run stored it: the same instant given
+        in another time zone is found in the zone the run stored it in, as
+        pandas finds it in any zone (:func:`paths_in_zones`)."""
         path = group_path(self.partition_by, key)
         if path in self._path_index:
             return path
-        for i, value in enumerate(key):
-            if isinstance(value, datetime.datetime) and value.tzinfo is not None:
-                for tz in self._stored_zones()[i]:
-                    try:
-                        moved = pd.Timestamp(value).tz_convert(tz)
-                    except Exception:  # a zone name pandas cannot parse here
-                        continue
-                    candidate = group_path(self.partition_by, key[:i] + (moved,) + key[i + 1:])
-                    if candidate in self._path_index:
-                        return candidate
-        return path
-
-    def _stored_zones(self) -> list[set]:
-        """Per ``by`` column, the time zone names its stored values have."""
         if self._zones is None:
-            zones: list[set] = [set() for _ in self.partition_by]
-            for group in self._groups:
-                stored = group["partition_id"]
-                for i, value in enumerate(stored if isinstance(stored, list) else [stored]):
-                    if isinstance(value, dict) and value.get("tz"):
-                        zones[i].add(value["tz"])
-            self._zones = zones
-        return self._zones
+            self._zones = stored_zones(self._groups, len(self.partition_by))
+        for candidate in paths_in_zones(self.partition_by, key, self._zones):
+            if candidate in self._path_index:
+                return candidate
+        return path
 
     def get_model(self, partition_id: Any) -> Any:
         """Load the model of one group through the run's serde.

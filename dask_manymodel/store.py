@@ -20,6 +20,7 @@ import datetime
 import errno
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -243,6 +244,39 @@ def normalize_key(partition_id: Any, n_columns: int) -> tuple:
             f"one per partition_by column"
         )
     return tuple(partition_id)
+
+
+def stored_zones(groups: list[dict], n_columns: int) -> list[set[str]]:
+    """Per ``by`` column, the time zone names of the group values a run
+    stored (the entries of its ``_groups.json``)."""
+    zones: list[set[str]] = [set() for _ in range(n_columns)]
+    for group in groups:
+        stored = group.get("partition_id")
+        for i, value in enumerate(stored if isinstance(stored, list) else [stored]):
+            if i < n_columns and isinstance(value, dict) and value.get("tz"):
+                zones[i].add(value["tz"])
+    return zones
+
+
+def paths_in_zones(by: Sequence[str], key: Sequence[Any], zones: Sequence[set[str]]) -> list[str]:
+    """The other folders ``key`` may have in a run whose stored values are in
+    ``zones`` (per column, :func:`stored_zones`). A time-zone-aware value
+    names its folder in its own zone (``...+01:00``), so the same instant
+    stored in another zone is in another folder; pandas calls the two equal."""
+    choices = []
+    for i, value in enumerate(key):
+        options = [value]
+        if isinstance(value, datetime.datetime) and value.tzinfo is not None:
+            for tz in sorted(zones[i]):
+                try:
+                    options.append(pd.Timestamp(value).tz_convert(tz))
+                except Exception:  # a zone name pandas cannot parse here
+                    continue
+        choices.append(options)
+    own = group_path(by, key)
+    paths = dict.fromkeys(group_path(by, moved) for moved in itertools.product(*choices))
+    paths.pop(own, None)
+    return list(paths)
 
 
 # --------------------------------------------------------------------------

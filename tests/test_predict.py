@@ -279,6 +279,41 @@ def test_a_null_group_keeps_the_by_columns_dtype(client, store_url, keys, use):
     assert dict(restored.compute().dtypes) == dict(restored.dtypes)
 
 
+def mean_of_x(data, ctx):
+    return float(data.to_pandas()["x"].mean())
+
+
+def predict_with_mean(data, model, ctx):
+    return data.to_pandas().assign(pred=model)
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_predict_finds_models_trained_in_another_time_zone(request, tmp_path, where):
+    """The same instants in UTC find the models trained on Europe/Paris values
+    (their folders are named in each value's own zone); an instant the
+    training run never saw still has no model."""
+    request.getfixturevalue("client" if where == "local" else "thread_client")
+    url = str(tmp_path / "models") if where == "local" else f"memory://tz-{os.getpid()}-{id(tmp_path)}"
+    when = pd.to_datetime(["2020-01-01", "2020-07-01", "2020-01-01", "2020-07-01"]).tz_localize("Europe/Paris")
+    paris = pd.DataFrame({"ts": when, "store": [1, 1, 2, 2], "x": [1.0, 2.0, 3.0, 4.0]})
+    by = ["ts", "store"]
+    dd.from_pandas(paris, npartitions=2).manymodel.train(mean_of_x, by=by, url=url, run_id="r1").wait(
+        show_progress=False
+    )
+    utc = pd.concat([paris, paris.iloc[:1].assign(ts=pd.Timestamp("2021-01-01", tz="Europe/Paris"))])
+    utc["ts"] = utc["ts"].dt.tz_convert("UTC")
+    inf = dd.from_pandas(utc, npartitions=2).manymodel.predict(
+        predict_with_mean, by=by, url=url, training_run_id="r1", run_id="s1"
+    )
+    assert inf.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    done = inf.summary().set_index("status")
+    assert len(done.loc[["DONE"]]) == 4
+    assert "never trained there" in done.loc["FAILED", "error"]
+    out = inf.to_dask_dataframe().compute()
+    assert str(out["ts"].dt.tz) == "UTC"
+    assert sorted(out["pred"]) == [1.0, 2.0, 3.0, 4.0]  # each group's own model: its x
+
+
 def test_meta_with_or_without_the_by_column(client, store_url):
     pdf = pd.DataFrame({"k": [1, 1, 2, 2], "x": [1.0, 2.0, 3.0, 4.0]})
     ddf = dd.from_pandas(pdf, npartitions=2)
