@@ -793,14 +793,22 @@ class _Heartbeat:
         self.last = -np.inf
         self.cancelled = False
         self.superseded = False  # see _run_was_superseded
-        self.pending = {"done": 0, "failed": 0}
+        # this task's groups finished so far, reported as running totals: a
+        # task that runs again (its worker died) counts from 0 again, and the
+        # client keeps each task's highest total, so no group counts twice
+        self.finished = {"done": 0, "failed": 0}
+        self.reported = 0
         try:
             self.worker = distributed.get_worker()
         except ValueError:  # run outside a worker (unit tests)
             self.worker = None
+            self.task = None
+        else:
+            key = self.worker.get_current_task()
+            self.task = key[1] if isinstance(key, tuple) and len(key) == 2 else None
 
     def count(self, status: str) -> None:
-        self.pending["done" if status == "DONE" else "failed"] += 1
+        self.finished["done" if status == "DONE" else "failed"] += 1
 
     def beat(self) -> bool:
         """Report progress and return True if the run was cancelled or
@@ -828,11 +836,12 @@ class _Heartbeat:
             raise _Superseded(_superseded_message(self.spec))
 
     def report(self) -> None:
-        """Send the progress counted since the last report (an event the
-        worker batches: no round trip)."""
-        if self.worker is not None and any(self.pending.values()):
-            self.worker.log_event(self.spec.progress_topic, dict(self.pending))
-            self.pending = {"done": 0, "failed": 0}
+        """Send the task's running totals if they grew since the last report
+        (an event the worker batches: no round trip)."""
+        total = self.finished["done"] + self.finished["failed"]
+        if self.worker is not None and total > self.reported:
+            self.worker.log_event(self.spec.progress_topic, {"task": self.task, **self.finished})
+            self.reported = total
 
     def cancel_run(self) -> None:
         """fail_fast: tell every task of the run to stop (this process's at
@@ -1325,6 +1334,8 @@ class _PendingWrites:
                 return
             try:
                 self._flush()
+                # and the progress bar hears of them now, not after the running group
+                self.heartbeat.report()
             except BaseException as exc:  # raised in the task's thread, which the task reports
                 self._timer_error = exc
 

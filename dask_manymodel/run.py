@@ -278,8 +278,10 @@ class ManyModelRun:
         self._lock = threading.Lock()
         # records of groups that this run does not (re)run: a resumed run's DONE groups
         self._records: dict[str, dict] = {r["path"]: r for r in initial_records or []}
+        self._initial_count = len(self._records)
         self._source = source
-        self._event_counts = {"done": 0, "failed": 0}
+        # per task, the most groups its progress events said were finished
+        self._task_progress: dict[Any, int] = {}
         self._finished = threading.Event()
         if self.read_only:
             self._finished.set()
@@ -340,9 +342,10 @@ class ManyModelRun:
 
     def _on_progress_event(self, event: tuple) -> None:
         _, msg = event
+        finished = int(msg.get("done", 0)) + int(msg.get("failed", 0))
+        task = msg.get("task")
         with self._lock:
-            for name in ("done", "failed"):
-                self._event_counts[name] += int(msg.get(name, 0))
+            self._task_progress[task] = max(self._task_progress.get(task, 0), finished)
 
     def _collect(self) -> None:
         try:
@@ -607,8 +610,11 @@ class ManyModelRun:
         return frame
 
     def _finished_count(self) -> int:
+        """Groups final so far, for the progress bar: those known before the
+        tasks started (a resume's DONE groups) and what each task reported, or
+        the records collected, whichever is more."""
         with self._lock:
-            from_events = self._event_counts["done"] + self._event_counts["failed"]
+            from_events = self._initial_count + sum(self._task_progress.values())
             return max(len(self._records), from_events)
 
     # ------------------------------------------------------------------

@@ -13,7 +13,13 @@ import pytest
 import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
 from dask_manymodel import ExecutionOptions, ManyModelRun, ReadOnlyRunError, RunStatus
 
-from .conftest import fit_line, group_zero_held, make_frame, poll
+from .conftest import (
+    fit_line,
+    group_zero_held,
+    hold_until_released,
+    make_frame,
+    poll,
+)
 
 
 def broken_2(data, ctx):
@@ -42,6 +48,57 @@ def test_wait_counts_groups_not_tasks(client, ddf, store_url, capsys):
     final = captured.err.replace("\r", "\n").strip().splitlines()[-1]
     assert final.startswith("train r1: 100%") and "12/12" in final and "group" in final, final
     assert captured.out == ""
+
+
+def odd_fail_then_last_held(gate, data, ctx):
+    """Odd groups fail until the file ``rerun`` lies beside ``gate``; then
+    the sixth group to run waits at the gate (the groups of one task run one
+    after the other, in the order their rows come)."""
+    folder = os.path.dirname(gate)
+    if not os.path.exists(os.path.join(folder, "rerun")):
+        if ctx.partition_id % 2:
+            raise ValueError("the first pass fails the odd groups")
+        return len(data)
+    open(os.path.join(folder, f"ran-{ctx.partition_id}"), "w").close()
+    if sum(name.startswith("ran-") for name in os.listdir(folder)) == 6:
+        hold_until_released(gate)
+    return len(data)
+
+
+def test_the_bar_of_a_rerun_counts_its_groups_as_they_finish(client, tmp_path, store_url):
+    # retry_failed() keeps the 6 DONE groups; the bar then starts at 6 and
+    # must move with each rerun group, not wait for the task to end
+    gate = str(tmp_path / "gate")
+    fn = functools.partial(odd_fail_then_last_held, gate)
+    ddf = dd.from_pandas(make_frame(), npartitions=2)
+    run = ddf.manymodel.train(fn, by="store", url=store_url, run_id="r1",
+                              execution_options=ExecutionOptions(npartitions=1))
+    assert run.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    (tmp_path / "rerun").touch()
+    rerun = run.retry_failed()
+    assert len(rerun.futures) == 1
+    try:
+        # 6 kept + 5 rerun groups finished while the last one is held: their
+        # statuses are written within half a second, and reported with them
+        poll(lambda: rerun._finished_count() == 11)
+        assert rerun.status == RunStatus.IN_PROGRESS
+    finally:
+        open(gate, "w").close()
+    assert rerun.wait(show_progress=False) == RunStatus.SUCCESS
+    assert rerun._finished_count() == 12
+
+
+def test_a_task_that_runs_again_is_counted_once(store_url):
+    """A task whose worker died runs again from its first group and reports
+    its running totals from 0 again: the bar keeps each task's highest
+    total, so it never passes the groups that are final."""
+    from dask_manymodel.store import RunStore
+
+    groups = [{"partition_id": n, "path": f"k={n}", "rows": 1, "task": n // 10} for n in range(20)]
+    run = ManyModelRun(store=RunStore(store_url, "r1"), manifest={"run_id": "r1"}, groups=groups, futures=[])
+    for task, done, failed in [(0, 5, 1), (1, 3, 0), (0, 2, 0), (0, 6, 1), (1, 4, 0)]:
+        run._on_progress_event((0.0, {"task": task, "done": done, "failed": failed}))
+    assert run._finished_count() == 7 + 4
 
 
 def test_show_progress_false_prints_nothing(client, ddf, store_url, capsys):
