@@ -74,7 +74,9 @@ class ManyModelAccessor:
             Passed to fsspec; never written anywhere.
         serde : ModelSerde, optional
             How models become files; default :class:`PickleSerde`.
-        on_existing_artifacts : {"error", "overwrite"}
+        on_existing_artifacts : {"error", "overwrite", "resume"}
+            What to do when the run already exists: refuse, replace it, or
+            run only its groups that are not DONE.
         execution_options : ExecutionOptions, optional
 
         Returns
@@ -113,8 +115,8 @@ class ManyModelAccessor:
 
         The frames it returns are stored as hive-partitioned parquet under
         ``url/run_id`` and read back lazily with ``run.to_dask_dataframe()``.
-        ``meta`` fixes that frame's schema; by default it comes from the first
-        finished group. A ``by`` column in ``meta`` is used as given (its dtype,
+        ``meta`` fixes that frame's schema; by default it is the frame of the
+        first DONE group (in the run's group order) that returned rows. A ``by`` column in ``meta`` is used as given (its dtype,
         its place); those it lacks go first, with the input's dtype.
         """
         return start_run(

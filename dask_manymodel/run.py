@@ -36,6 +36,7 @@ from .store import (
     RUN_MANIFEST,
     RunStore,
     group_path,
+    is_null,
     normalize_key,
     paths_in_zones,
     stored_zones,
@@ -860,12 +861,13 @@ class ManyModelRun:
         """The frames an inference run's groups returned, as a lazy Dask DataFrame.
 
         The schema (``meta``) is the ``meta=`` given to ``predict``, or else
-        the frame the first finished group returned (its named index kept as
-        columns); the user function is never called on fake data. Every
-        computed partition has exactly meta's columns in meta's order: a
-        column only some groups returned is dropped, and one a group did not
-        return is nulls of meta's dtype (NaN where the dtype has no null,
-        such as int64).
+        the frame of the first DONE group (in the run's group order) that
+        returned rows (its named index kept as columns); the user function is
+        never called on fake data. Every computed partition has exactly meta's
+        columns in meta's order: a column only some groups returned is
+        dropped, and one a group did not return is nulls of meta's dtype (as
+        pandas' reindex where the dtype has no null: NaN as float64 for int64,
+        as object for bool).
 
         The ``by`` columns come first, with each group's value and the dtype
         of the input's column (a null group holds that dtype's NaN, NaT or
@@ -904,6 +906,7 @@ class ManyModelRun:
                 f"to predict to get an empty frame"
             )
         meta = _with_group_columns(base, by, self._by_dtypes())
+        meta = _with_all_categories(meta, by, [normalize_key(self._partition_id(g), len(by)) for g in self._groups])
         if not items:
             return dd.from_pandas(meta, npartitions=1)
         n_chunks = max(1, min(len(items), len(self._futures or []) or 8))
@@ -921,10 +924,7 @@ class ManyModelRun:
             columns = self._source["dataframe"]._meta
             return [columns[col].dtype for col in self._spec.by]
         keys = [normalize_key(self._partition_id(g), len(self.partition_by)) for g in self._groups]
-        return [
-            pd.Series([key[i] for key in keys], dtype=None if keys else object).dtype
-            for i in range(len(self.partition_by))
-        ]
+        return [_inferred_dtype([key[i] for key in keys]) for i in range(len(self.partition_by))]
 
     # ------------------------------------------------------------------
     # restore
@@ -1031,12 +1031,54 @@ class ManyModelRun:
 
 def _constant_column(value: Any, dtype: Any, index: pd.Index) -> pd.Series:
     """``value`` on every row of ``index``, as a column of ``dtype``; a null
-    becomes that dtype's own null (NaN, NaT, pd.NA)."""
-    try:
-        one = pd.array([value], dtype=dtype)
-    except (TypeError, ValueError):  # a value the dtype cannot hold (a null in int64): as pandas' reindex
-        one = pd.array([np.nan if value is None else value])
+    becomes that dtype's own null (NaN, NaT, pd.NA). A dtype without one
+    gives what pandas' reindex gives: NaN as float64 for ints, as object for
+    bools (``pd.array([None], dtype=bool)`` would say False)."""
+    if isinstance(dtype, np.dtype) and dtype.kind in "biu" and is_null(value):
+        one = np.array([np.nan], dtype=object if dtype.kind == "b" else np.float64)
+    else:
+        try:
+            one = pd.array([value], dtype=dtype)
+        except (TypeError, ValueError):  # a value the dtype cannot hold: as it is
+            one = pd.array([value], dtype=object)
     return pd.Series(one.take(np.zeros(len(index), dtype=np.intp)), index=index)
+
+
+def _inferred_dtype(values: list) -> Any:
+    """What pandas infers for a restored run's group values, except that
+    bools with a null are pandas' nullable boolean (pandas says object,
+    which Dask would turn into the strings "True" and "False")."""
+    if not values:
+        return np.dtype(object)
+    dtype = pd.Series(values).dtype
+    if dtype == object and all(isinstance(v, (bool, np.bool_)) or is_null(v) for v in values):
+        return pd.BooleanDtype()
+    return dtype
+
+
+def _with_all_categories(meta: pd.DataFrame, by: list[str], keys: list[tuple]) -> pd.DataFrame:
+    """A categorical ``by`` column whose categories lack some group values
+    (Dask's unknown categories after ``astype("category")``, or meta's empty
+    ones) gets them added, sorted after its own: pandas would make each such
+    value NaN."""
+    for i, col in enumerate(by):
+        dtype = meta[col].dtype
+        if not isinstance(dtype, pd.CategoricalDtype):
+            continue
+        known = set(dtype.categories) if dtype.categories is not None else set()
+        values = {key[i] for key in keys if not is_null(key[i])}
+        if _unknown_categories(dtype) or not values <= known:
+            own = [c for c in dtype.categories if not _unknown_categories(dtype)]
+            extra = sorted(values - set(own), key=lambda value: (str(type(value)), value))
+            meta[col] = meta[col].astype(pd.CategoricalDtype(own + extra, ordered=dtype.ordered))
+    return meta
+
+
+def _unknown_categories(dtype: pd.CategoricalDtype) -> bool:
+    """Whether Dask's meta holds a placeholder for categories not known yet."""
+    from dask.dataframe.utils import UNKNOWN_CATEGORIES
+
+    return dtype.categories is not None and UNKNOWN_CATEGORIES in dtype.categories
 
 
 def _with_group_columns(meta: pd.DataFrame, by: list[str], dtypes: list) -> pd.DataFrame:

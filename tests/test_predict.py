@@ -345,6 +345,62 @@ def test_meta_with_or_without_the_by_column(client, store_url):
     assert list(inf.to_dask_dataframe().compute().columns) == ["x", "pred", "k"]
 
 
+def keep_x(data, model, ctx):
+    return data.to_pandas()[["x"]]
+
+
+def test_a_categorical_by_column_keeps_its_values(client, store_url):
+    # astype("category") on a Dask frame leaves the categories unknown in
+    # meta; the output's categories are then the run's group values
+    pdf = pd.DataFrame({"region": ["b", "a", "b", "a"], "x": [1.0, 2.0, 3.0, 4.0]})
+    ddf = dd.from_pandas(pdf, npartitions=2).astype({"region": "category"})
+    ddf.manymodel.train(fit_nothing, by="region", url=store_url, run_id="r1").wait(show_progress=False)
+    for run_id, meta in [("s1", None), ("s2", pd.DataFrame({"x": pd.Series([], dtype="float64"),
+                                                            "region": pd.Series([], dtype="category")}))]:
+        inf = ddf.manymodel.predict(keep_x, by="region", url=store_url, training_run_id="r1", run_id=run_id,
+                                    meta=meta)
+        assert inf.wait(show_progress=False) == RunStatus.SUCCESS
+        out = inf.to_dask_dataframe()
+        assert list(out.dtypes["region"].categories) == ["a", "b"]
+        got = out.compute().sort_values("x")
+        assert got["region"].tolist() == ["b", "a", "b", "a"]
+        assert got["region"].dtype == out.dtypes["region"]
+
+
+def bool_and_int_for_group_1(data, model, ctx):
+    df = data.to_pandas()[["x"]]
+    return df.assign(extra=7, flag=True) if ctx.partition_id == 1 else df
+
+
+def test_columns_a_group_did_not_return_are_nulls(client, store_url):
+    # as pandas' reindex: NaN in float64 for int64, NaN in object for bool
+    # (not False, which a bool column would make of a missing value)
+    ddf = dd.from_pandas(pd.DataFrame({"store": [1, 1, 2, 2], "x": [1.0, 2.0, 3.0, 4.0]}), npartitions=1)
+    ddf.manymodel.train(fit_nothing, by="store", url=store_url, run_id="r1").wait(show_progress=False)
+    meta = pd.DataFrame({"x": pd.Series([], dtype="float64"), "extra": pd.Series([], dtype="int64"),
+                         "flag": pd.Series([], dtype="bool")})
+    inf = ddf.manymodel.predict(bool_and_int_for_group_1, by="store", url=store_url, training_run_id="r1",
+                                run_id="s1", meta=meta)
+    assert inf.wait(show_progress=False) == RunStatus.SUCCESS
+    got = inf.to_dask_dataframe().compute().set_index("store")
+    assert got.loc[1, "extra"].tolist() == [7, 7] and got.loc[1, "flag"].tolist() == [True, True]
+    assert got.loc[2, "extra"].isna().all() and got["extra"].dtype == "float64"
+    assert got.loc[2, "flag"].isna().all()
+
+
+def test_a_restored_run_gives_bool_groups_as_booleans(client, store_url):
+    pdf = pd.DataFrame({"flag": pd.array([True, False, None, True], dtype="boolean"), "x": [1.0, 2.0, 3.0, 4.0]})
+    ddf = dd.from_pandas(pdf, npartitions=2)
+    ddf.manymodel.train(fit_nothing, by="flag", url=store_url, run_id="r1").wait(show_progress=False)
+    inf = ddf.manymodel.predict(keep_x, by="flag", url=store_url, training_run_id="r1", run_id="s1")
+    assert inf.wait(show_progress=False) == RunStatus.SUCCESS
+    restored = ManyModelRun.restore_from("s1", store_url).to_dask_dataframe()
+    assert restored.dtypes["flag"] == "boolean"
+    got = restored.compute().sort_values("x")
+    assert got["flag"].dtype == "boolean"
+    assert got["flag"].tolist()[:2] == [True, False] and got["flag"].isna().tolist() == [False, False, True, False]
+
+
 def test_equal_keys_of_another_dtype_find_the_same_models(client, store_url):
     trained_on = pd.DataFrame({"store": [1, 1, 2, 0], "x": [1.0, 2.0, 3.0, 4.0]})
     train = dd.from_pandas(trained_on, npartitions=1)
