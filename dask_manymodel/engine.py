@@ -1254,8 +1254,16 @@ class SortedGroups:
             self._ordered = frame.take(np.argsort(codes, kind="stable"))
         self._bounds = np.concatenate([[0], np.cumsum(np.bincount(codes))]).tolist()
         firsts = self._bounds[:-1]
-        # key values from each group's first row, as Python objects (Timestamps, not datetime64)
-        columns = [self._ordered[column].iloc[firsts].tolist() for column in by]
+        # key values from each group's first row, as Python objects (Timestamps,
+        # not datetime64); a null as None, as the handle gives it (not NaN,
+        # NaT or pd.NA, whose comparisons in a user's `if` fail or mislead)
+        columns = []
+        for column in by:
+            values = self._ordered[column].iloc[firsts]
+            listed = values.tolist()
+            if values.hasnans:
+                listed = [None if null else value for value, null in zip(listed, values.isna().tolist())]
+            columns.append(listed)
         self.keys = list(zip(*columns))
 
     def rows(self, number: int) -> pd.DataFrame:

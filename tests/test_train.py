@@ -238,6 +238,33 @@ def test_typed_keys_ints_dates_and_strings_with_na(client, tmp_path):
     assert (days[0], "a") in restored.partition_details
 
 
+def the_id_inside(data, ctx):
+    return repr(ctx.partition_id)
+
+
+def test_the_function_sees_a_null_group_as_the_handle_gives_it(client, tmp_path):
+    # None inside the function, as in partition_details and summary(): not
+    # pd.NA (whose `==` in an `if` raises), NaN or NaT
+    pdf = pd.DataFrame({
+        "text": pd.array(["N", None], dtype="string"),
+        "number": [1.0, np.nan],
+        "day": pd.to_datetime(["2020-01-01", None]),
+        "x": [1.0, 2.0],
+    })
+    for column in ["text", "number", "day"]:
+        run = dd.from_pandas(pdf, npartitions=1).manymodel.train(
+            the_id_inside, by=column, url=str(tmp_path / "models"), run_id=column
+        )
+        assert run.wait(show_progress=False) == RunStatus.SUCCESS
+        assert None in run.partition_details
+        assert run.get_model(None) == "None"
+    both = dd.from_pandas(pdf, npartitions=1).manymodel.train(
+        the_id_inside, by=["text", "day"], url=str(tmp_path / "models"), run_id="both"
+    )
+    assert both.wait(show_progress=False) == RunStatus.SUCCESS
+    assert both.get_model((None, None)) == "(None, None)"
+
+
 def test_a_long_column_name_and_a_long_value_fit_in_a_folder_name(client, tmp_path):
     url = str(tmp_path / "models")
     column = "customer_segment_identifier_for_the_regional_sales_model"  # 56 characters
