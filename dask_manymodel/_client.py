@@ -8,6 +8,8 @@ import threading
 
 import distributed
 
+from .exceptions import InvalidArgumentError
+
 logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
@@ -19,15 +21,23 @@ def get_or_start_client() -> distributed.Client:
 
     The embedded cluster uses worker processes (user functions often hold
     the GIL) and lives until the interpreter exits. Its dashboard link is
-    logged at INFO level and shown by every run handle.
+    logged at INFO level and shown by every run handle. A script that starts
+    it needs the ``if __name__ == "__main__":`` guard, as for
+    ``multiprocessing``: the worker processes import the script.
     """
     global _embedded
     try:
-        return distributed.get_client()
+        client = distributed.get_client()
     except ValueError:
         pass
+    else:
+        return _synchronous(client)
     with _lock:
         if _embedded is None or _embedded.status in ("closed", "closing"):
+            if _embedded is not None and _embedded.cluster is not None:
+                # its client was closed by the user: its workers would run on
+                # beside the new cluster's until the interpreter exits
+                _embedded.cluster.close()
             cluster = distributed.LocalCluster(processes=True, dashboard_address=":0")
             _embedded = distributed.Client(cluster, set_as_default=True)
             atexit.register(_close_embedded)
@@ -38,6 +48,20 @@ def get_or_start_client() -> distributed.Client:
                 _embedded.dashboard_link,
             )
         return _embedded
+
+
+def _synchronous(client: distributed.Client) -> distributed.Client:
+    """``client``, if this call is not running in its event loop: a run's
+    start waits on results (``future.result()``), which an asynchronous
+    client would hand back as coroutines."""
+    if client.asynchronous:
+        raise InvalidArgumentError(
+            "dask_manymodel needs a synchronous Dask client, but the active one is asynchronous "
+            "(Client(asynchronous=True), called from its event loop); start the run from a thread "
+            "(await asyncio.to_thread(ddf.manymodel.train, ...)) with a synchronous client, or "
+            "create the Client without asynchronous=True"
+        )
+    return client
 
 
 def _close_embedded() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime
 import enum
 import html
@@ -741,6 +742,13 @@ class ManyModelRun:
                 f".run(..., run_id={self.run_id!r}, on_existing_artifacts='resume') with the data"
             )
         self.wait(show_progress=show_progress)
+        # on the run's own cluster (where its input may be persisted), not the
+        # default client's; one closed since: the active client, as any run
+        running = self._client.status == "running"
+        with self._client.as_current() if running else contextlib.nullcontext():
+            return self._start_again()
+
+    def _start_again(self) -> "ManyModelRun":
         from .engine import start_run
 
         spec = self._spec
@@ -780,8 +788,18 @@ class ManyModelRun:
         ------
         ReadOnlyRunError
             On a restored handle: it has no futures; use :meth:`get_progress`.
+        ManyModelError
+            The run's client was closed.
         """
-        return distributed.progress(self.futures, **kwargs)
+        futures = self.futures
+        if self._client.status in ("closing", "closed"):
+            raise ManyModelError(
+                f"the Dask client of run {self.run_id!r} is closed; read run.get_progress() "
+                f"or run.status instead"
+            )
+        # the run's own scheduler, not the default client's
+        kwargs.setdefault("scheduler", self._client.scheduler.address)
+        return distributed.progress(futures, **kwargs)
 
     # ------------------------------------------------------------------
     # models

@@ -703,11 +703,20 @@ def test_embedded_cluster_without_a_client(tmp_path):
         run = dd.from_pandas(pdf, npartitions=2).manymodel.train(
             lambda data, ctx: len(data), by="g", url={str(tmp_path)!r}, run_id="r1")
         print("STATUS", run.wait(show_progress=False).value, run.get_model(2))
+        # the user closes the embedded client: the next run starts another
+        # cluster, and the first one's workers stop
+        import distributed
+        first = distributed.get_client()
+        first.close()
+        again = dd.from_pandas(pdf, npartitions=2).manymodel.train(
+            lambda data, ctx: len(data), by="g", url={str(tmp_path)!r}, run_id="r2")
+        print("AGAIN", again.wait(show_progress=False).value, first.cluster.status.name)
         """
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
     assert "STATUS SUCCESS 5" in out.stdout, out.stderr[-3000:]
     assert "started a LocalCluster" in out.stderr and "dashboard at http" in out.stderr
+    assert "AGAIN SUCCESS closed" in out.stdout, out.stderr[-3000:]
 
 
 def test_tasks_of_a_run_share_the_cancel_check(client, cluster, store_url):

@@ -1,0 +1,66 @@
+"""Runs on clients other than the one test cluster: asynchronous clients, and
+a run whose cluster is not the default client's."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+
+import dask.dataframe as dd
+import distributed
+import pytest
+
+import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
+from dask_manymodel import ExecutionOptions, InvalidArgumentError, RunStatus
+
+from .conftest import fit_line, make_frame
+
+
+def test_an_asynchronous_client_is_refused_before_anything_is_written(tmp_path):
+    url = str(tmp_path / "models")
+    ddf = dd.from_pandas(make_frame(), npartitions=2)
+
+    async def start_in_the_event_loop():
+        async with distributed.LocalCluster(
+            n_workers=1, processes=False, asynchronous=True, dashboard_address=":0", silence_logs=logging.ERROR
+        ) as cluster, distributed.Client(cluster, asynchronous=True):
+            with pytest.raises(InvalidArgumentError, match="synchronous Dask client.*asyncio.to_thread"):
+                ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1")
+
+    asyncio.run(start_in_the_event_loop())
+    assert not os.path.exists(os.path.join(url, "r1"))
+
+
+def fails_until_flag(flag, data, ctx):
+    if ctx.partition_id % 3 == 0 and not os.path.exists(flag):
+        raise ValueError("not yet")
+    return fit_line(data, ctx)
+
+
+def test_progress_and_retry_failed_use_the_runs_own_cluster(client, tmp_path):
+    # the session's client is the default; the run goes to a second cluster,
+    # where its input is persisted
+    flag = str(tmp_path / "flag")
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.ERROR
+    ) as other_cluster, distributed.Client(other_cluster, set_as_default=False) as other:
+        ddf = other.persist(dd.from_pandas(make_frame(), npartitions=2))
+        with other.as_current():
+            run = ddf.manymodel.train(
+                lambda data, ctx: fails_until_flag(flag, data, ctx), by="store", url=str(tmp_path / "m"),
+                run_id="r1", execution_options=ExecutionOptions(npartitions=2),
+            )
+        assert run.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+        # distributed's bar over the run's tasks asked the default client's
+        # scheduler, which never heard of them: it waited for ever
+        shown = threading.Thread(target=run.progress, kwargs={"notebook": False}, daemon=True)
+        shown.start()
+        shown.join(60)
+        assert not shown.is_alive()
+        open(flag, "w").close()
+        # started on the default client, the retry lost the persisted input
+        again = run.retry_failed()
+        assert again.wait(show_progress=False) == RunStatus.SUCCESS
+        assert {f.client for f in again.futures} == {other}
