@@ -755,28 +755,44 @@ def _run_was_superseded(spec: RunSpec) -> bool:
     # not at every batch (a store that refuses reads would otherwise cost
     # one failed read per batch)
     return _shared_answer(
-        f"superseded-{spec.submission}", lambda: superseded_or_none(spec.store, spec.submission) is not None
+        f"superseded-{spec.submission}",
+        lambda: superseded_or_none(spec.store, spec.submission, ended_counts=True) is not None,
     )
 
 
-def superseded_or_none(store: RunStore, submission: str) -> str | None:
+def superseded_or_none(store: RunStore, submission: str, ended_counts: bool = False) -> str | None:
     """:func:`superseded_by`, with a failed read taken as no evidence (None)."""
     try:
-        return superseded_by(store, submission)
+        return superseded_by(store, submission, ended_counts)
     except Exception:
         logger.debug("could not read the run's manifest to check for another start", exc_info=True)
         return None
 
 
-def superseded_by(store: RunStore, submission: str) -> str | None:
+def superseded_by(store: RunStore, submission: str, ended_counts: bool = False) -> str | None:
     """What replaced this start of the run in storage (a sentence), or None
     if its ``_run.json`` still names ``submission``. Raises what the read
-    raises, except that a missing ``_run.json`` means the run was deleted."""
+    raises, except that a missing ``_run.json`` means the run was deleted.
+
+    ``ended_counts`` (a task asking): this start's own ``_run.json`` saying
+    it has finished counts too. Its client writes that while a task may still
+    run only when the task was cancelled outside the run (``client.cancel``,
+    ``client.restart``, a closed client): Dask forgets such a task, but one
+    that was running goes on in its worker, and must not write over what the
+    client recorded (``ManyModelRun._fence_cut_off_tasks``)."""
     try:
         manifest = store.read_json(store.path(RUN_MANIFEST))
     except FileNotFoundError:
         return f"run {store.run_id!r} was deleted from {store.url} while it ran"
-    if not isinstance(manifest, dict) or manifest.get("submission") == submission:
+    if not isinstance(manifest, dict):
+        return None
+    if manifest.get("submission") == submission:
+        if ended_counts and manifest.get("finished"):
+            return (
+                f"run {store.run_id!r} at {store.url} was ended by its client while this task ran: "
+                f"the task was cancelled outside the run (client.cancel(), client.restart() or a "
+                f"closed client)"
+            )
         return None
     return (
         f"run {store.run_id!r} at {store.url} was started again while this one ran (an overwrite or "
@@ -1411,7 +1427,7 @@ class _Superseded(BaseException):
 def _superseded_message(spec: RunSpec) -> str:
     """Why a superseded run's groups were not written (read again: the
     answer that stopped the task is shared, not its sentence)."""
-    return superseded_or_none(spec.store, spec.submission) or "the run was started again elsewhere"
+    return superseded_or_none(spec.store, spec.submission, ended_counts=True) or "the run was started again elsewhere"
 
 
 def run_partition(spec: RunSpec, frame: pd.DataFrame, keep: pd.Index | None = None) -> TaskRecords:

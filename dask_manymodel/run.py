@@ -227,6 +227,12 @@ class _KeptRecord:
 _MISSING = object()
 
 
+# How long a task may go on writing after its run's _run.json says the run
+# ended: it asks at most once per engine._HEARTBEAT_SECONDS (0.5 s), and a
+# write it began just before takes a moment more.
+_FENCE_SECONDS = 1.0
+
+
 def _progress_handler(run: "ManyModelRun") -> Callable[[tuple], None]:
     """The handler of a run's progress topic, holding the run weakly.
 
@@ -351,15 +357,21 @@ class ManyModelRun:
 
     def _collect(self) -> None:
         try:
+            cut_off: dict[int, BaseException] = {}  # cancelled outside the run: may still be running
             for future in distributed.as_completed(self._futures):
                 task_index = future.key[1]
                 try:
                     records = future.result()
                 except BaseException as exc:  # KilledWorker, CancelledError, a bug of ours
+                    if isinstance(exc, concurrent.futures.CancelledError) and not self._manifest.get("cancelled"):
+                        cut_off[task_index] = exc
+                        continue
                     records = self._task_lost(task_index, exc)
-                with self._lock:
-                    for record in records:
-                        self._records[record["path"]] = _KeptRecord(record)
+                self._keep(records)
+            if cut_off:
+                self._fence_cut_off_tasks()
+                for task_index, exc in cut_off.items():
+                    self._keep(self._task_lost(task_index, exc))
             self._finalize()
         except Exception as exc:
             logger.exception("collecting the results of run %r failed", self.run_id)
@@ -370,6 +382,31 @@ class ManyModelRun:
             except Exception:
                 pass
             self._finished.set()
+
+    def _keep(self, records: list[dict]) -> None:
+        with self._lock:
+            for record in records:
+                self._records[record["path"]] = _KeptRecord(record)
+
+    def _fence_cut_off_tasks(self) -> None:
+        """Some tasks were cancelled outside the run (``client.cancel``,
+        ``client.restart``, a closed client). Dask forgets such a task, but
+        one that was running goes on in its worker and writes its groups'
+        files, so the groups it finishes must not be recorded as lost. First
+        ``_run.json`` says the run ended: a task reads that before its next
+        write and writes nothing more (within ``_HEARTBEAT_SECONDS``; see
+        ``engine.superseded_by``); the run's cancel event stops it at its next
+        group. After that window, :meth:`_task_lost` reads what the tasks
+        stored and records the rest."""
+        if self._superseded_by() is not None:
+            return  # another start's folder now: nothing of ours is written
+        fence = dict(self._manifest, finished=datetime.datetime.now(datetime.timezone.utc).isoformat())
+        self._store.write_json(self._store.path(RUN_MANIFEST), fence)
+        try:
+            distributed.Event(self._spec.cancel_event, client=self._client).set()
+        except Exception:  # the client is closed: the tasks stop at the fence
+            logger.debug("could not set the cancel event of run %r", self.run_id, exc_info=True)
+        time.sleep(_FENCE_SECONDS)  # the tasks' answers to "was the run ended?" expire
 
     def _finalize_after_failure(self, exc: Exception) -> None:
         """Collecting failed (a bug of ours, the store failing under the

@@ -572,3 +572,47 @@ def test_a_read_only_store_is_refused_before_anything_is_written(client, flaky, 
         ddf.manymodel.train(fit_line, by="store", url=f"flaky://{tmp_path}/m", run_id="r1",
                             storage_options={"readonly": True})
     assert not os.path.exists(tmp_path / "m" / "r1" / "_run.json")
+
+
+def first_group_held(folder, data, ctx):
+    """The first group to run notes it (``running``), then waits for the
+    file ``gate``; the others return at once."""
+    running = os.path.join(folder, "running")
+    if not os.path.exists(running):
+        open(running, "w").close()
+        hold_until_released(os.path.join(folder, "gate"))
+    return len(data)
+
+
+def _keys_in_worker(dask_worker) -> list[str]:
+    return [str(key) for key in dask_worker.state.tasks]
+
+
+@pytest.mark.parametrize("how", ["client.cancel", "future.cancel"])
+def test_a_task_cancelled_outside_the_run_writes_nothing_over_what_the_client_recorded(
+    client, ddf, tmp_path, how
+):
+    # Dask forgets a cancelled task, but one that was running goes on in its
+    # worker: its groups finished after the client recorded them as lost made
+    # storage say DONE where the handle and _run.json said INTERNAL_ERROR
+    url = str(tmp_path / "models")
+    run = ddf.manymodel.train(
+        functools.partial(first_group_held, str(tmp_path)), by="store", url=url, run_id="r1",
+        execution_options=ExecutionOptions(npartitions=1),
+    )
+    poll(lambda: os.path.exists(tmp_path / "running"))
+    if how == "client.cancel":
+        client.cancel(run.futures)
+    else:
+        run.futures[0].cancel()
+    assert run.wait(show_progress=False) == RunStatus.FAILURE
+    (tmp_path / "gate").touch()  # the task goes on now, with every group to write
+    key = str(run.futures[0].key)
+    poll(lambda: not any(key in keys for keys in client.run(_keys_in_worker).values()))
+    live = run.summary().set_index("path")["status"]
+    assert set(live) == {"INTERNAL_ERROR"} and len(live) == 12
+    stored = ManyModelRun.restore_from("r1", url).summary().set_index("path")["status"]
+    assert stored.sort_index().to_dict() == live.sort_index().to_dict()
+    with open(os.path.join(url, "r1", "_run.json")) as f:
+        assert json.load(f)["counts"] == {"INTERNAL_ERROR": 12}
+    assert not any(name == "model.pkl" for _, _, names in os.walk(url) for name in names)
