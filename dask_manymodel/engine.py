@@ -1337,6 +1337,13 @@ class _PendingWrites:
             elif len(self.entries) == 1:
                 self._start_timer()
 
+    def kept(self, record: dict) -> None:
+        """A group an earlier try of the task finished and stored: returned
+        with the task's records as it is, not written again."""
+        with self._lock:
+            self.heartbeat.count(record["status"])
+            self.written.append(_compact(record))
+
     def flush(self) -> None:
         """Write what is pending now (a task's end, fail_fast)."""
         with self._lock:
@@ -1488,6 +1495,9 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> TaskRecords:
     remote_models = spec.kind == "predict" and not spec.training_store.is_local
     needs_scratch = remote_models or not spec.store.is_local
     scratch = tempfile.TemporaryDirectory(prefix="manymodel-") if needs_scratch else contextlib.nullcontext()
+    # Dask runs a task again when its worker died while it ran (a group that
+    # ran out of memory, crashed in native code): such a try goes carefully
+    earlier = _statuses_of_an_earlier_try(spec, rels)
     with scratch as scratch_dir:
         model_prefetch = None
         if remote_models:
@@ -1498,11 +1508,27 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> TaskRecords:
                 cancelled = True
                 pending.add(_record(spec, key, rel, status="CANCELLED", rows=len(group), finished=_now()), {})
                 continue
+            if earlier is not None:
+                stored = earlier.get(rel)
+                if stored is not None and stored.get("status") in _FINAL:
+                    pending.kept(stored)  # done by an earlier try: not again
+                    continue
+                if stored is not None:  # RUNNING: an earlier careful try died in it
+                    pending.add(_record(
+                        spec, key, rel, status="FAILED", rows=len(group), error=_died_in_group_message(key),
+                    ), {})
+                    pending.flush()
+                    continue
+                # the mark that names this group if the worker dies in it now
+                if not heartbeat.check_superseded():
+                    _write_status(spec, _record(spec, key, rel, status="RUNNING", rows=len(group)))
             record, files = run_group(
                 spec, key, rel, group, heartbeat, training_statuses.get(model_rel), scratch_dir, check_memory,
                 model_prefetch, model_rel,
             )
             pending.add(record, files)
+            if earlier is not None:
+                pending.flush()  # before the next group's mark
             if spec.options.fail_fast and record["status"] != "DONE":
                 pending.flush()
                 heartbeat.cancel_run()
@@ -1512,6 +1538,54 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> TaskRecords:
     # done, would cost a round trip to the scheduler for nothing
     heartbeat.report()
     return TaskRecords(pending.written)
+
+
+_FINAL = frozenset({"DONE", "FAILED", "CANCELLED", "INTERNAL_ERROR"})
+
+
+def _statuses_of_an_earlier_try(spec: RunSpec, rels: list[str]) -> dict[str, dict] | None:
+    """The statuses this run's earlier try of this task stored, by folder,
+    or None if there was none (the usual case: one small read).
+
+    Dask runs a task again on another worker when the worker running it
+    died, which a group does that needs more memory than its worker has,
+    crashes in native code or calls ``os._exit``. Run as before, the task
+    would redo its finished groups and die in the same group again, until
+    Dask gives up (``distributed.scheduler.allowed-failures``) and every group
+    after that one is lost. An earlier try shows in storage once it wrote its
+    first batch: its first group's status carries this run's attempt. (A try
+    that died before that, in its first groups, leaves no trace: the next
+    runs as the first did.) Then the task skips what is final, marks each
+    group RUNNING in storage before running it and writes its status right
+    after: a try that dies in a group leaves that group marked, and the next
+    one fails just that group and goes on with the rest."""
+    if not rels:
+        return None
+    try:
+        first = spec.store.read_json(spec.store.path(rels[0], PARTITION_FILE))
+    except Exception:  # none yet (FileNotFoundError), or unreadable: no evidence
+        return None
+    if not isinstance(first, dict) or first.get("attempt") != spec.attempt:
+        return None
+    paths = {spec.store.path(rel, PARTITION_FILE): rel for rel in rels}
+    found = spec.store.read_many_json(list(paths))
+    return {
+        paths[path]: status
+        for path, status in found.items()
+        if path in paths and isinstance(status, dict) and status.get("attempt") == spec.attempt
+    }
+
+
+def _died_in_group_message(key: tuple, then: str = "the task's other groups went on without it") -> str:
+    """The error of a group its worker died in, in a try of its task that
+    had marked it RUNNING (see :func:`_statuses_of_an_earlier_try`)."""
+    partition_id = key[0] if len(key) == 1 else key
+    return (
+        f"the worker process running group {partition_id!r} died while the group ran, in a later "
+        f"try of its task (Dask runs a task again when its worker dies): the function, or saving "
+        f"its model, needs more memory than a worker has, or crashed the process (native code, "
+        f"os._exit); {then}"
+    )
 
 
 def _training_statuses(spec: RunSpec, rels: list[str]) -> dict[str, dict]:

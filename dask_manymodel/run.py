@@ -435,7 +435,7 @@ class ManyModelRun:
         """A whole task failed: its groups without a final status become
         INTERNAL_ERROR (CANCELLED when :meth:`cancel` dropped the task before
         it started)."""
-        from .engine import _record, _write_status
+        from .engine import _died_in_group_message, _record, _write_status
 
         dropped = self._manifest.get("cancelled") and isinstance(exc, concurrent.futures.CancelledError)
         superseded = self._superseded_by()
@@ -453,6 +453,16 @@ class ManyModelRun:
             key = normalize_key(self._partition_id(group), len(self.partition_by))
             if dropped:
                 outcome = {"status": "CANCELLED"}
+            elif (
+                existing is not None
+                and existing.get("status") == "RUNNING"
+                and existing.get("attempt") == self._manifest.get("attempt")
+                and type(exc).__name__ == "KilledWorker"
+            ):  # the task's last try had marked it: its worker died in this group
+                outcome = {
+                    "status": "FAILED",
+                    "error": _died_in_group_message(key, f"Dask gave the task up: {type(exc).__name__}: {exc}"),
+                }
             else:
                 outcome = {
                     "status": "INTERNAL_ERROR",

@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 
+import dask
 import dask.dataframe as dd
 import distributed
 import numpy as np
@@ -616,3 +617,57 @@ def test_a_task_cancelled_outside_the_run_writes_nothing_over_what_the_client_re
     with open(os.path.join(url, "r1", "_run.json")) as f:
         assert json.load(f)["counts"] == {"INTERNAL_ERROR": 12}
     assert not any(name == "model.pkl" for _, _, names in os.walk(url) for name in names)
+
+
+def fourth_group_kills_its_worker(folder, url, data, ctx):
+    """Each group notes that it ran (a line in ``runs-<id>``). The fourth to
+    run becomes the killer, once the first three's statuses are stored:
+    it takes its worker process down, as it will in every try."""
+    with open(os.path.join(folder, f"runs-{ctx.partition_id}"), "a") as f:
+        f.write("ran\n")
+    killer = os.path.join(folder, "killer")
+    if not os.path.exists(killer) and sum(n.startswith("runs-") for n in os.listdir(folder)) == 4:
+        with open(killer, "w") as f:
+            f.write(str(ctx.partition_id))
+        poll(lambda: sum(os.path.exists(os.path.join(url, "r1", f"store={n}", "_partition.json"))
+                         for n in range(12)) >= 3)
+    if os.path.exists(killer):
+        with open(killer) as f:
+            if f.read() == str(ctx.partition_id):
+                os._exit(1)
+    return len(data)
+
+
+@pytest.mark.parametrize("tries", [4, 2])
+def test_a_group_that_kills_its_worker_fails_alone_and_its_task_goes_on(tmp_path, tries):
+    """Dask runs the task again after its worker dies; that try skips the
+    groups stored already and marks each group before it runs, so the try
+    after it fails the group its worker died in and runs the rest (they were
+    lost with the task before). Allowed only two tries, Dask gives the task
+    up after the marking one: the marked group is FAILED, the rest lost."""
+    folder, url = tmp_path / "notes", str(tmp_path / "models")
+    folder.mkdir()
+    with dask.config.set({"distributed.scheduler.allowed-failures": tries - 1}), distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.CRITICAL,
+    ) as cluster, distributed.Client(cluster):
+        run = dd.from_pandas(make_frame(n_groups=12, rows=5), npartitions=2).manymodel.train(
+            functools.partial(fourth_group_kills_its_worker, str(folder), url), by="store", url=url,
+            run_id="r1", execution_options=ExecutionOptions(npartitions=1),
+        )
+        assert run.wait(timeout=240, show_progress=False) == RunStatus.PARTIAL_FAILURE
+    killer = int((folder / "killer").read_text())
+    details = run.partition_details
+    assert details[killer].status == PartitionStatus.FAILED
+    assert "died while the group ran" in details[killer].error
+    runs = {int(p.name[5:]): len(p.read_text().splitlines()) for p in folder.glob("runs-*")}
+    if tries == 4:
+        assert {g for g, d in details.items() if d.status != PartitionStatus.DONE} == {killer}
+        assert len(runs) == 12 and runs[killer] == 2  # the first try, and the careful one
+        assert sorted(runs.values()).count(1) == 11  # the others ran once: none was done again
+    else:
+        assert "Dask gave the task up: KilledWorker" in details[killer].error
+        lost = {g for g, d in details.items() if d.status == PartitionStatus.INTERNAL_ERROR}
+        assert len(lost) == 8 and killer not in lost and not set(runs) & lost  # never reached
+    assert ManyModelRun.restore_from("r1", url).summary().set_index("partition_id")["status"].to_dict() == {
+        g: d.status.value for g, d in details.items()
+    }
