@@ -23,6 +23,7 @@ import os
 import pickle
 import posixpath
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -56,7 +57,14 @@ from .exceptions import (
     StorageError,
 )
 from .options import ExecutionOptions
-from .serde import ModelSerde, PickleSerde, serde_from_manifest, serde_to_manifest, writes_in_memory
+from .serde import (
+    ModelSerde,
+    PickleSerde,
+    check_filename,
+    serde_from_manifest,
+    serde_to_manifest,
+    writes_in_memory,
+)
 from .store import (
     GROUPS_FILE,
     PARTITION_FILE,
@@ -252,6 +260,7 @@ def check_serde(serde: Any) -> ModelSerde:
         raise InvalidArgumentError(
             f"serde must be a ModelSerde instance (e.g. PickleSerde()), got {serde!r}"
         )
+    check_filename(serde)
     return serde
 
 
@@ -934,15 +943,41 @@ def _save_model(
             data = serde.to_bytes(model)
         except Exception as exc:
             raise failed(exc) from exc
-        return len(data), {path: data}
+        if data is not None:  # None: this model goes through write() (ModelSerde.to_bytes)
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise _UserError(
+                    f"{type(serde).__name__}.to_bytes returned a {type(data).__name__} for group "
+                    f"{partition_id!r}; it must return bytes (or None to have write() save the model)"
+                )
+            return len(data), {path: bytes(data)}
 
     def write(local_path: str) -> None:
         try:
             serde.write(model, local_path)
         except Exception as exc:
+            _remove_folder(local_path)
             raise failed(exc) from exc
+        if os.path.isdir(local_path):
+            _remove_folder(local_path)
+            raise _UserError(
+                f"{type(serde).__name__}.write made a folder for group {partition_id!r} where one file "
+                f"was asked for; a serde writes one file (pack a folder, such as a SavedModel, into an "
+                f"archive)"
+            )
+        if not os.path.isfile(local_path):
+            raise _UserError(
+                f"{type(serde).__name__}.write wrote no file for group {partition_id!r}; it must write "
+                f"the model to the path it is given"
+            )
 
     return spec.store.write_via_file(path, write, scratch_dir), {}
+
+
+def _remove_folder(path: str) -> None:
+    """A folder a serde made where its file belongs: gone, so that no temp
+    name is left in the group's folder."""
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _save_output(spec: RunSpec, result: Any, frame: pd.DataFrame, rel: str) -> tuple[int, dict[str, bytes]]:

@@ -916,7 +916,14 @@ class ManyModelRun:
         serde = self._model_serde()
         with tempfile.TemporaryDirectory(prefix="manymodel-") as tmp:
             local = os.path.join(tmp, serde.filename)
-            self._store.download_file(self._store.path(group["path"], serde.filename), local)
+            os.makedirs(os.path.dirname(local), exist_ok=True)  # a filename with a subfolder
+            try:
+                self._store.download_file(self._store.path(group["path"], serde.filename), local)
+            except FileNotFoundError:
+                raise ModelNotAvailableError(
+                    f"group {partition_id!r} of run {self.run_id!r} is DONE, but its model file "
+                    f"{self._store.display(group['path'], serde.filename)} is missing (deleted since?)"
+                ) from None
             return serde.read(local)
 
     # ------------------------------------------------------------------
@@ -1016,9 +1023,11 @@ class ManyModelRun:
         >>> run.status  # doctest: +SKIP
         <RunStatus.SUCCESS: 'SUCCESS'>
         """
-        from .engine import check_run_id
+        from .engine import check_run_id, check_serde
 
         check_run_id(run_id)
+        if serde is not None:
+            check_serde(serde)
         store = RunStore(url, run_id, storage_options)
         try:
             manifest = store.read_manifest()
@@ -1031,6 +1040,13 @@ class ManyModelRun:
                 f"cannot read run {run_id!r} at {store.url!r}: {type(exc).__name__}: {exc}; check the URL "
                 f"and storage_options"
             ) from exc
+        stored = manifest.get("serde") or {}
+        if serde is not None and stored.get("filename") and serde.filename != stored["filename"]:
+            raise InvalidArgumentError(
+                f"serde {serde!r} reads {serde.filename!r}, but run {run_id!r} stored its models as "
+                f"{stored['filename']!r} with {stored.get('class')}; pass a serde that reads those "
+                f"files, or leave serde out"
+            )
         try:
             groups = store.read_run_file(GROUPS_FILE, list)
         except FileNotFoundError:  # the run is being set up right now

@@ -133,7 +133,8 @@ class PickleSerde(ModelSerde):
 
 
 class TorchSerde(ModelSerde):
-    """Save PyTorch models with ``torch.save``.
+    """Save PyTorch models with ``torch.save`` (through cloudpickle, so that a
+    module class of the user's script or notebook saves on a worker too).
 
     Parameters
     ----------
@@ -176,7 +177,11 @@ class TorchSerde(ModelSerde):
                 )
             torch.save(state, file_path)
         else:
-            torch.save(model, file_path)
+            # cloudpickle: a module class of the user's script or notebook
+            # (__main__) reaches a worker process by value, and the standard
+            # pickler, saving classes by reference, refuses it there ("it's
+            # not the same object as __main__.Net"); torch.load reads it back
+            torch.save(model, file_path, pickle_module=cloudpickle)
 
     def read(self, file_path: str) -> Any:
         torch = import_optional("torch")
@@ -238,6 +243,29 @@ def serde_to_manifest(serde: ModelSerde) -> dict:
             "params": serde.manifest_params()}
 
 
+def check_filename(serde: ModelSerde) -> None:
+    """Refuse a ``filename`` that would not name one file inside each
+    group's own folder (raises :class:`InvalidArgumentError`): every group
+    would write the same file, or over the group's status."""
+    from .exceptions import InvalidArgumentError
+
+    name = serde.filename
+    advice = "use a relative file name such as 'model.pkl' (a subfolder is fine: 'weights/model.pt')"
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidArgumentError(f"serde {type(serde).__name__} has filename {name!r}; {advice}")
+    parts = name.split("/")
+    if name.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise InvalidArgumentError(
+            f"serde {type(serde).__name__} has filename {name!r}, which leaves the group's own folder "
+            f"(or names it); {advice}"
+        )
+    if parts[0].startswith("_"):
+        raise InvalidArgumentError(
+            f"serde {type(serde).__name__} has filename {name!r}; names starting with '_' are the "
+            f"run's own (each group's _partition.json); {advice}"
+        )
+
+
 def serde_from_manifest(entry: dict) -> ModelSerde | None:
     """Rebuild a serde recorded by :func:`serde_to_manifest`, if its class can
     be built without arguments besides ``filename``; otherwise None."""
@@ -253,5 +281,9 @@ def serde_from_manifest(entry: dict) -> ModelSerde | None:
             serde = cls()
         except TypeError:
             return None
-        serde.filename = entry["filename"]
+        if serde.filename != entry["filename"]:
+            try:
+                serde.filename = entry["filename"]
+            except AttributeError:  # a read-only property naming another file
+                return None
         return serde

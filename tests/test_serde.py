@@ -7,6 +7,7 @@ Each serde gets the same tests by subclassing :class:`SerdeContract`
 from __future__ import annotations
 
 import os
+import tempfile
 
 import dask.dataframe as dd
 import numpy as np
@@ -14,10 +15,17 @@ import pandas as pd
 import pytest
 
 import dask_manymodel  # noqa: F401
-from dask_manymodel import ManyModelRun, ModelSerde, PickleSerde, RunStatus
+from dask_manymodel import (
+    InvalidArgumentError,
+    ManyModelRun,
+    ModelNotAvailableError,
+    ModelSerde,
+    PickleSerde,
+    RunStatus,
+)
 from dask_manymodel.serde import TorchSerde, serde_from_manifest, serde_to_manifest, writes_in_memory
 
-from .conftest import make_frame
+from .conftest import fit_line, make_frame
 
 
 class SerdeContract:
@@ -253,3 +261,108 @@ def test_pickle_serde_saves_a_scripts_own_class_by_value(tmp_path):
     subprocess.run([sys.executable, "-c", MAIN_CLASS_WRITER, str(path)], check=True, cwd=tmp_path)
     model = PickleSerde().read(str(path))  # this process's __main__ has no MeanModel
     assert type(model["model"]).__name__ == "MeanModel" and model["model"].mean == 3.0
+
+
+def test_torch_serde_saves_a_module_class_only_cloudpickle_can():
+    """A module class of the user's script reaches a worker process by value,
+    where the standard pickler (saving classes by reference) refuses it;
+    a class made inside a function is refused the same way."""
+    torch = pytest.importorskip("torch")
+
+    def make_net():
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.linear = torch.nn.Linear(2, 1)
+
+        return Net()
+
+    net = make_net()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "model.pt")
+        TorchSerde().write(net, path)
+        back = TorchSerde().read(path)
+    assert type(back).__name__ == "Net"
+    assert torch.equal(back.linear.weight, net.linear.weight)
+
+
+@pytest.mark.parametrize("filename", ["", "../model.pkl", "/tmp/model.pkl", "a/../../x.pkl", "m//x.pkl",
+                                      "_partition.json", "_run.json"])
+def test_a_serde_filename_must_name_a_file_in_the_groups_folder(client, ddf, tmp_path, filename):
+    # each of these gave SUCCESS with every group writing one shared file, or
+    # over its own status, or an error per group after the work
+    with pytest.raises(InvalidArgumentError, match="filename"):
+        ddf.manymodel.train(fit_line, by="store", url=str(tmp_path), run_id="r1",
+                            serde=PickleSerde(filename=filename))
+    assert not os.path.exists(tmp_path / "r1")
+
+
+class SmallInMemory(PickleSerde):
+    """Keeps small models in memory, has write() save the others (to_bytes None)."""
+
+    def to_bytes(self, model):
+        return None if model["n"] > 40 else super().to_bytes(model)
+
+    def write(self, model, file_path):
+        with open(file_path, "wb") as f:
+            f.write(PickleSerde.to_bytes(self, model))
+
+
+class WritesNothing(PickleSerde):
+    filename = "model.bin"
+
+    def write(self, model, file_path):
+        pass
+
+
+class WritesAFolder(PickleSerde):
+    def write(self, model, file_path):
+        os.makedirs(file_path)
+        with open(os.path.join(file_path, "a.pkl"), "wb") as f:
+            f.write(b"x")
+
+
+class ReadOnlyName(PickleSerde):
+    @property
+    def filename(self):
+        return "weights/model.bin"
+
+    def __init__(self):
+        pass
+
+
+def rows_and_store(data, ctx):
+    return {"n": len(data), "store": ctx.partition_id}
+
+
+def test_serdes_that_save_some_models_through_write_or_in_a_subfolder(client, tmp_path):
+    frame = pd.concat([make_frame(n_groups=2, rows=10), make_frame(n_groups=4, rows=60).query("store >= 2")])
+    ddf = dd.from_pandas(frame, npartitions=2)
+    for run_id, serde in [("some-bytes", SmallInMemory()), ("subfolder", ReadOnlyName())]:
+        run = ddf.manymodel.train(rows_and_store, by="store", url=str(tmp_path), run_id=run_id, serde=serde)
+        assert run.wait(show_progress=False) == RunStatus.SUCCESS, run.summary()["error"].tolist()
+        # a restored handle rebuilds the serde (here one whose filename is a read-only property)
+        restored = ManyModelRun.restore_from(run_id, str(tmp_path))
+        assert [restored.get_model(g)["n"] for g in range(4)] == [10, 10, 60, 60]
+    assert os.path.isfile(tmp_path / "subfolder" / "store=3" / "weights" / "model.bin")
+
+
+@pytest.mark.parametrize("serde, says", [(WritesNothing(), "wrote no file"), (WritesAFolder(), "made a folder")])
+def test_a_serde_that_writes_no_single_file_fails_its_groups(client, ddf, tmp_path, serde, says):
+    run = ddf.manymodel.train(fit_line, by="store", url=str(tmp_path), run_id="r1", serde=serde)
+    assert run.wait(show_progress=False) == RunStatus.FAILURE
+    assert set(run.summary()["status"]) == {"FAILED"}
+    assert all(says in d.error for d in run.partition_details.values())
+    left = [name for _, folders, files in os.walk(tmp_path / "r1") for name in folders + files]
+    assert set(left) - {"_run.json", "_groups.json", "_partition.json"} == {f"store={g}" for g in range(12)}
+
+
+def test_get_model_with_another_serde_or_a_missing_file(client, ddf, tmp_path):
+    run = ddf.manymodel.train(fit_line, by="store", url=str(tmp_path), run_id="r1",
+                              serde=PickleSerde(filename="model.bin"))
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    with pytest.raises(InvalidArgumentError, match="stored its models as 'model.bin'"):
+        ManyModelRun.restore_from("r1", str(tmp_path), serde=PickleSerde())
+    os.remove(tmp_path / "r1" / "store=4" / "model.bin")
+    with pytest.raises(ModelNotAvailableError, match="store=4/model.bin is missing"):
+        run.get_model(4)
