@@ -232,11 +232,9 @@ class PartitionContext:
         return f"PartitionContext(partition_id={self.partition_id!r}, run_id={self.run_id!r})"
 
     def _group_folder(self, partition_id: Any, run_id: str | None) -> tuple["RunStore", str]:
-        from .store import RunStore
-
         store = self._store
         if run_id is not None and run_id != store.run_id:
-            store = RunStore(store.url, run_id, fs=store.fs)
+            store = store.sibling(run_id)
         key = normalize_key(partition_id, len(self._by))
         return store, store.path(group_path(self._by, key))
 

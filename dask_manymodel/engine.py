@@ -1742,7 +1742,7 @@ def start_run(
             raise InvalidArgumentError(
                 f"run_id {run_id!r} is the training run's id; give the inference run its own"
             )
-        training_store = RunStore(url, training_run_id, storage_options, retries=options.storage_retries, fs=store.fs)
+        training_store = store.sibling(training_run_id)
         training_manifest = _read_manifest_or_none(training_store)
         if training_manifest is None:
             raise RunNotFoundError(

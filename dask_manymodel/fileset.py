@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from .connectors._batching import Columns, Rebatcher, check_batch_size, check_seed
 from .engine import as_dask_dataframe
 from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError
-from .store import any_read_as_pattern, open_url, remove_paths
+from .store import any_read_as_pattern, open_url, remove_paths, resolved_url
 
 __all__ = ["FileSet"]
 
@@ -69,10 +69,10 @@ class FileSet:
     """
 
     def __init__(self, url: str, name: str, storage_options: dict | None = None):
-        self.url = str(url).rstrip("/")
         self.name = _check_name(name)
         self._storage_options = storage_options
         self._fs, base = open_url(url, storage_options)
+        self.url = resolved_url(url, self._fs, base)
         self._root = posixpath.join(base, name)
         self._deleted = False
         try:
@@ -112,10 +112,11 @@ class FileSet:
         _check_name(name)
         seed = check_seed(seed)
         fs, base = open_url(url, storage_options)
+        url = resolved_url(url, fs, base)  # as the workers writing the files must read it
         root = posixpath.join(base, name)
         if fs.exists(root) and fs.ls(root):
             raise FileSetExistsError(
-                f"FileSet {name!r} already exists at {str(url).rstrip('/')}; FileSets are immutable: "
+                f"FileSet {name!r} already exists at {url}; FileSets are immutable: "
                 f"choose another name or delete() the old one"
             )
         ddf = as_dask_dataframe(dataframe)
@@ -126,7 +127,7 @@ class FileSet:
             keyed = ddf.map_partitions(_random_keys, seed, meta=ddf._meta.assign(**{_SHUFFLE_COLUMN: np.int64(0)}))
             ddf = keyed.shuffle(on=_SHUFFLE_COLUMN).map_partitions(_order_by_random_key, meta=ddf._meta)
         ddf.to_parquet(
-            f"{str(url).rstrip('/')}/{name}", write_index=False, storage_options=storage_options,
+            f"{url}/{name}", write_index=False, storage_options=storage_options,
             write_metadata_file=False,
         )
         fs.invalidate_cache(root)

@@ -16,6 +16,7 @@ NUL, ``~``) is percent-encoded, and the segment always starts with
 
 from __future__ import annotations
 
+import copy
 import datetime
 import errno
 import functools
@@ -303,6 +304,19 @@ def open_url(url: str, storage_options: dict | None = None) -> tuple[fsspec.Abst
     return fs, path.rstrip("/") or "/"
 
 
+def resolved_url(url: Any, fs: fsspec.AbstractFileSystem, base: str) -> str:
+    """``url`` as it is shown and opened again later, in another process or
+    working directory: a local path as fsspec resolved it (absolute, ``~``
+    expanded), a root URL (``memory://``) with its ``://`` kept; any other
+    URL as written, without a trailing ``/``."""
+    if _is_local(fs):
+        return base
+    text = str(url).rstrip("/")
+    if text.endswith(":"):  # "memory://" itself: "memory:" would read as a local path
+        return text + "//"
+    return text or fs.unstrip_protocol(base)
+
+
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocol or "local" in protocol
@@ -449,14 +463,12 @@ class RunStore:
         *,
         retries: int = 3,
         retry_backoff: float = 0.1,
-        fs: fsspec.AbstractFileSystem | None = None,
     ):
-        self.url = str(url).rstrip("/")
         self.run_id = run_id
-        if fs is None:
-            fs, base = open_url(url, storage_options)
-        else:
-            base = fs._strip_protocol(str(url)).rstrip("/")
+        fs, base = open_url(url, storage_options)
+        # the URL as resolved here: a task or a later call in another working
+        # directory opens the same place (see sibling())
+        self.url = resolved_url(url, fs, base)
         self.fs = fs
         self.base = base
         self.root = posixpath.join(base, run_id)
@@ -465,6 +477,14 @@ class RunStore:
 
     def __repr__(self) -> str:
         return f"RunStore({self.url!r}, {self.run_id!r})"
+
+    def sibling(self, run_id: str) -> "RunStore":
+        """Run ``run_id`` under the same URL, on the same file system, with
+        nothing resolved again (a worker's working directory may differ)."""
+        other = copy.copy(self)
+        other.run_id = run_id
+        other.root = posixpath.join(self.base, run_id)
+        return other
 
     @property
     def is_local(self) -> bool:

@@ -1,0 +1,69 @@
+"""One place, however its URL is spelled: a relative local path, the root of
+a memory:// store. Later reads (a worker's, or the client's after a chdir)
+open the place the URL named when the run started."""
+
+from __future__ import annotations
+
+import os
+
+import dask.dataframe as dd
+
+import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
+from dask_manymodel import FileSet, ManyModelRun, RunStatus
+
+from .conftest import fit_line, make_frame
+
+
+def save_extra(data, ctx):
+    ctx.upload({"rows": len(data)}, "extra.pkl")
+
+
+def read_extra_of_t1(data, ctx):
+    # another run's file, under the same URL
+    assert ctx.download("extra.pkl", run_id="t1") == {"rows": len(data)}
+
+
+def fails_once(flag, data, ctx):
+    if ctx.partition_id == 3 and not os.path.exists(flag):
+        raise ValueError("not yet")
+    return fit_line(data, ctx)
+
+
+def test_a_relative_url_is_the_folder_it_named_at_the_start(client, tmp_path, monkeypatch):
+    # the workers run in another working directory than the client's
+    monkeypatch.chdir(tmp_path)
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=2)
+    assert ddf.manymodel.dpf(save_extra, by="store", url="models", run_id="t1").wait(show_progress=False) == "SUCCESS"
+    reader = ddf.manymodel.dpf(read_extra_of_t1, by="store", url="models", run_id="d1")
+    assert reader.wait(show_progress=False) == RunStatus.SUCCESS, reader.summary()["error"].tolist()
+    flag = str(tmp_path / "flag")
+    run = ddf.manymodel.train(
+        lambda data, ctx: fails_once(flag, data, ctx), by="store", url="models", run_id="r1"
+    )
+    assert run.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    assert run.url == str(tmp_path / "models")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    open(flag, "w").close()
+    assert run.retry_failed().wait(show_progress=False) == RunStatus.SUCCESS
+    assert ManyModelRun.restore_from("r1", run.url).status == RunStatus.SUCCESS
+    assert not os.path.exists(elsewhere / "models")
+
+
+def test_the_root_of_a_memory_store(thread_client):
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=2)
+    run = ddf.manymodel.train(fit_line, by="store", url="memory://", run_id=f"t-{os.getpid()}")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    assert run.url == "memory://"
+    scores = ddf.manymodel.predict(
+        lambda data, model, ctx: data.to_pandas()[["x"]], by="store", url="memory:///",
+        training_run_id=run.run_id, run_id=f"p-{os.getpid()}",
+    )
+    assert scores.wait(show_progress=False) == RunStatus.SUCCESS, scores.summary()["error"].tolist()
+    assert ManyModelRun.restore_from(run.run_id, run.url).get_model(2) is not None
+    fileset = FileSet.make("memory://", f"f-{os.getpid()}", make_frame(n_groups=2, rows=5))
+    assert fileset.files()[0].startswith("memory:///f-")
+    assert len(fileset.to_dask_dataframe().compute()) == 10
+    assert not os.path.exists("memory:")  # nothing written to a local folder of that name
+    assert FileSet("memory:///", fileset.name).num_rows == 10  # another spelling of the root
