@@ -1321,6 +1321,10 @@ class SortedGroups:
         """The rows of group ``number`` (a slice of the sorted partition)."""
         return self._ordered.iloc[self._bounds[number] : self._bounds[number + 1]]
 
+    def size(self, number: int) -> int:
+        """How many rows group ``number`` has."""
+        return self._bounds[number + 1] - self._bounds[number]
+
 
 class _PendingWrites:
     """Finished groups of one task whose files are not written yet.
@@ -1533,6 +1537,7 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> TaskRecords:
     # Dask runs a task again when its worker died while it ran (a group that
     # ran out of memory, crashed in native code): such a try goes carefully
     earlier = _statuses_of_an_earlier_try(spec, rels)
+    careful = _CarefulTry(spec, pending, groups, rels, earlier) if earlier is not None else None
     with scratch as scratch_dir:
         model_prefetch = None
         if remote_models:
@@ -1543,27 +1548,15 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> TaskRecords:
                 cancelled = True
                 pending.add(_record(spec, key, rel, status="CANCELLED", rows=len(group), finished=_now()), {})
                 continue
-            if earlier is not None:
-                stored = earlier.get(rel)
-                if stored is not None and stored.get("status") in _FINAL:
-                    pending.kept(stored)  # done by an earlier try: not again
-                    continue
-                if stored is not None:  # RUNNING: an earlier careful try died in it
-                    pending.add(_record(
-                        spec, key, rel, status="FAILED", rows=len(group), error=_died_in_group_message(key),
-                    ), {})
-                    pending.flush()
-                    continue
-                # the mark that names this group if the worker dies in it now
-                if not heartbeat.check_superseded():
-                    _write_status(spec, _record(spec, key, rel, status="RUNNING", rows=len(group)))
+            if careful is not None and not careful.before(number):
+                continue  # stored by an earlier try, or the group its worker died in
             record, files = run_group(
                 spec, key, rel, group, heartbeat, training_statuses.get(model_rel), scratch_dir, check_memory,
                 model_prefetch, model_rel,
             )
             pending.add(record, files)
-            if earlier is not None:
-                pending.flush()  # before the next group's mark
+            if careful is not None:
+                careful.after()
             if spec.options.fail_fast and record["status"] != "DONE":
                 pending.flush()
                 heartbeat.cancel_run()
@@ -1590,10 +1583,7 @@ def _statuses_of_an_earlier_try(spec: RunSpec, rels: list[str]) -> dict[str, dic
     after that one is lost. An earlier try shows in storage once it wrote its
     first batch: its first group's status carries this run's attempt. (A try
     that died before that, in its first groups, leaves no trace: the next
-    runs as the first did.) Then the task skips what is final, marks each
-    group RUNNING in storage before running it and writes its status right
-    after: a try that dies in a group leaves that group marked, and the next
-    one fails just that group and goes on with the rest."""
+    runs as the first did.) Then the task goes carefully (:class:`_CarefulTry`)."""
     if not rels:
         return None
     try:
@@ -1609,6 +1599,81 @@ def _statuses_of_an_earlier_try(spec: RunSpec, rels: list[str]) -> dict[str, dic
         for path, status in found.items()
         if path in paths and isinstance(status, dict) and status.get("attempt") == spec.attempt
     }
+
+
+# How many groups a careful try marks RUNNING at once (one batch of small
+# writes; on an object store, one round of concurrent requests)
+_CAREFUL_BATCH = 32
+
+
+class _CarefulTry:
+    """A task's try after an earlier try's worker died (see
+    :func:`_statuses_of_an_earlier_try`), so that the group that takes
+    its worker down fails alone and the task's other groups go on:
+
+    - a group the earlier tries stored final is kept as stored, not run again;
+    - the next groups are marked RUNNING in storage, a batch at a time, before
+      they run, and their statuses are written when the batch is done: a try
+      that dies leaves the groups of its batch marked;
+    - a group marked with a batch is one of those: it runs alone, marked
+      ``alone``, with its status written right after;
+    - a group marked alone is the one its worker died in: FAILED, not run.
+
+    So the group is found in two tries after the first (three deaths in all,
+    within Dask's default four tries), at the cost of one batch of marks per
+    32 groups and the suspects run one by one.
+    """
+
+    def __init__(self, spec: RunSpec, pending: "_PendingWrites", groups: "SortedGroups", rels: list[str],
+                 earlier: dict[str, dict]):
+        self.spec, self.pending, self.groups, self.rels, self.earlier = spec, pending, groups, rels, earlier
+        self.marked_until = 0  # groups before this number have been marked or settled
+        self.alone = False  # the group running now was marked alone
+
+    def before(self, number: int) -> bool:
+        """Settle group ``number`` if an earlier try did (False), or mark it
+        and say to run it (True)."""
+        rel, key = self.rels[number], self.groups.keys[number]
+        stored = self.earlier.get(rel)
+        if stored is not None and stored.get("status") in _FINAL:
+            self.pending.kept(stored)  # done by an earlier try: not again
+            return False
+        if stored is not None and stored.get("alone"):
+            self.pending.add(_record(
+                self.spec, key, rel, status="FAILED", rows=self.groups.size(number),
+                error=_died_in_group_message(key),
+            ), {})
+            self.pending.flush()
+            return False
+        self.alone = stored is not None  # marked with a batch when a worker died: now alone
+        if self.alone:
+            self._mark([number], alone=True)
+        elif number >= self.marked_until:
+            batch = range(number, min(number + _CAREFUL_BATCH, len(self.rels)))
+            self._mark([n for n in batch if self.rels[n] not in self.earlier], alone=False)
+            self.marked_until = batch.stop
+        return True
+
+    def after(self) -> None:
+        """A group marked alone has its status written at once: left pending,
+        its mark would name it if the worker died in a later group."""
+        if self.alone:
+            self.pending.flush()
+
+    def _mark(self, numbers: list[int], alone: bool) -> None:
+        # what ran before is written first: a mark must never outlive its
+        # group's finished status in a try that dies later
+        self.pending.flush()
+        if not numbers or self.pending.heartbeat.check_superseded():
+            return
+        marks = {
+            self.spec.store.path(self.rels[n], PARTITION_FILE): json.dumps(_record(
+                self.spec, self.groups.keys[n], self.rels[n], status="RUNNING", rows=self.groups.size(n),
+                finished=_now(), alone=alone,
+            ), default=str).encode()
+            for n in numbers
+        }
+        self.spec.store.write_many(marks, atomic=False)
 
 
 def _died_in_group_message(key: tuple, then: str = "the task's other groups went on without it") -> str:

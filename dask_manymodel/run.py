@@ -456,9 +456,10 @@ class ManyModelRun:
             elif (
                 existing is not None
                 and existing.get("status") == "RUNNING"
+                and existing.get("alone")
                 and existing.get("attempt") == self._manifest.get("attempt")
                 and type(exc).__name__ == "KilledWorker"
-            ):  # the task's last try had marked it: its worker died in this group
+            ):  # the task's last try ran it alone: its worker died in this group
                 outcome = {
                     "status": "FAILED",
                     "error": _died_in_group_message(key, f"Dask gave the task up: {type(exc).__name__}: {exc}"),

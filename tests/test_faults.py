@@ -638,13 +638,14 @@ def fourth_group_kills_its_worker(folder, url, data, ctx):
     return len(data)
 
 
-@pytest.mark.parametrize("tries", [4, 2])
+@pytest.mark.parametrize("tries", [4, 3])
 def test_a_group_that_kills_its_worker_fails_alone_and_its_task_goes_on(tmp_path, tries):
     """Dask runs the task again after its worker dies; that try skips the
-    groups stored already and marks each group before it runs, so the try
-    after it fails the group its worker died in and runs the rest (they were
-    lost with the task before). Allowed only two tries, Dask gives the task
-    up after the marking one: the marked group is FAILED, the rest lost."""
+    groups stored already and marks the next ones RUNNING before they run;
+    the next try runs each marked group alone, and the one after that fails
+    the group its worker died in and runs the rest (they were lost with the
+    task before). Allowed only three tries, Dask gives the task up after the
+    one that ran it alone: that group is FAILED, the rest lost."""
     folder, url = tmp_path / "notes", str(tmp_path / "models")
     folder.mkdir()
     with dask.config.set({"distributed.scheduler.allowed-failures": tries - 1}), distributed.LocalCluster(
@@ -662,7 +663,7 @@ def test_a_group_that_kills_its_worker_fails_alone_and_its_task_goes_on(tmp_path
     runs = {int(p.name[5:]): len(p.read_text().splitlines()) for p in folder.glob("runs-*")}
     if tries == 4:
         assert {g for g, d in details.items() if d.status != PartitionStatus.DONE} == {killer}
-        assert len(runs) == 12 and runs[killer] == 2  # the first try, and the careful one
+        assert len(runs) == 12 and runs[killer] == 3  # the first try, with its batch, and alone
         assert sorted(runs.values()).count(1) == 11  # the others ran once: none was done again
     else:
         assert "Dask gave the task up: KilledWorker" in details[killer].error
