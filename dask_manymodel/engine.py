@@ -923,11 +923,14 @@ def _write_status(spec: RunSpec, record: dict) -> dict:
 
 
 def _save_model(
-    spec: RunSpec, model: Any, rel: str, partition_id: Any, scratch_dir: str
+    spec: RunSpec, model: Any, rel: str, partition_id: Any, scratch_dir: str,
+    before_write: Callable[[], None] = lambda: None,
 ) -> tuple[int, dict[str, bytes]]:
     """Serialize a group's model. A serde that works in memory gives bytes,
     returned for the partition's next batch of writes; any other writes its
-    file now. Returns (the model's size, ``{path: bytes}`` still to write)."""
+    file now, after ``before_write()`` (which raises if the run's folder is no
+    longer this run's). Returns (the model's size, ``{path: bytes}`` still to
+    write)."""
     serde = spec.serde
     path = spec.store.path(rel, serde.filename)
 
@@ -970,6 +973,7 @@ def _save_model(
                 f"the model to the path it is given"
             )
 
+    before_write()  # written now, not with the batch
     return spec.store.write_via_file(path, write, scratch_dir), {}
 
 
@@ -1213,9 +1217,9 @@ def run_group(
                             "the train function returned None; return the model to save "
                             "(or use DPF to save files yourself through ctx.upload)"
                         )
-                    if not writes_in_memory(spec.serde):  # written now, not with the batch
-                        heartbeat.refuse_if_superseded()
-                    record["bytes"], files = _save_model(spec, result, rel, partition_id, scratch_dir)
+                    record["bytes"], files = _save_model(
+                        spec, result, rel, partition_id, scratch_dir, heartbeat.refuse_if_superseded
+                    )
                 elif spec.kind == "predict":
                     record["output_rows"], files = _save_output(spec, result, frame, rel)
                     record["bytes"] = sum(len(data) for data in files.values())
@@ -2245,8 +2249,7 @@ def _training_zones(training_store: RunStore, ddf: dd.DataFrame, by: list) -> li
     column, when the input's ``by`` columns may hold time-zone-aware values
     (a predict task then finds a model stored in another zone than its
     input's); None when they cannot, or the training run stored none."""
-    dtypes = ddf._meta[by].dtypes
-    if not any(isinstance(dtype, pd.DatetimeTZDtype) or dtype == object for dtype in dtypes):
+    if not any(_may_hold_zones(dtype) for dtype in ddf._meta[by].dtypes):
         return None
     try:
         stored = training_store.read_run_file(GROUPS_FILE, list)
@@ -2255,6 +2258,14 @@ def _training_zones(training_store: RunStore, ddf: dd.DataFrame, by: list) -> li
         return None
     zones = stored_zones(stored, len(by))
     return zones if any(zones) else None
+
+
+def _may_hold_zones(dtype: Any) -> bool:
+    """Whether a column of ``dtype`` may hold time-zone-aware values."""
+    if isinstance(dtype, pd.DatetimeTZDtype) or dtype == object:
+        return True
+    arrow = getattr(dtype, "pyarrow_dtype", None)  # pd.ArrowDtype(pa.timestamp("ns", tz="UTC"))
+    return getattr(arrow, "tz", None) is not None
 
 
 def _inference_serde(serde: ModelSerde | None, training_manifest: dict, training_run_id: str) -> ModelSerde:

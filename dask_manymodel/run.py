@@ -1133,7 +1133,8 @@ def _inferred_dtype(values: list) -> Any:
     if not values:
         return np.dtype(object)
     dtype = pd.Series(values).dtype
-    if dtype == object and all(isinstance(v, (bool, np.bool_)) or is_null(v) for v in values):
+    bools = [isinstance(v, (bool, np.bool_)) for v in values]
+    if dtype == object and any(bools) and all(b or is_null(v) for b, v in zip(bools, values)):
         return pd.BooleanDtype()
     return dtype
 

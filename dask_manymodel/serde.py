@@ -259,10 +259,10 @@ def check_filename(serde: ModelSerde) -> None:
             f"serde {type(serde).__name__} has filename {name!r}, which leaves the group's own folder "
             f"(or names it); {advice}"
         )
-    if parts[0].startswith("_"):
+    if parts[0] == "_partition.json":
         raise InvalidArgumentError(
-            f"serde {type(serde).__name__} has filename {name!r}; names starting with '_' are the "
-            f"run's own (each group's _partition.json); {advice}"
+            f"serde {type(serde).__name__} has filename {name!r}, the name of each group's status file; "
+            f"{advice}"
         )
 
 

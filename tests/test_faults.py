@@ -27,6 +27,7 @@ from dask_manymodel import (
     ManyModelTraining,
     ModelSerde,
     PartitionStatus,
+    PickleSerde,
     RunExistsError,
     RunStatus,
     StorageError,
@@ -461,7 +462,8 @@ def start_again_while_group_zero_holds(client, url, gate_dir, writes="batched", 
             first = ddf.manymodel.dpf(functools.partial(upload_holding_group_zero, gate_dir), by="store", url=url,
                                       run_id="r1", storage_options=storage_options, execution_options=options)
         else:
-            serde = FileOnlySerde() if writes == "by the serde at once" else None
+            serde = {"by the serde at once": FileOnlySerde(), "by write() when to_bytes says None": BytesSometimes()}
+            serde = serde.get(writes)
             first = ddf.manymodel.train(functools.partial(fit_holding_group_zero, gate_dir), by="store", url=url,
                                         run_id="r1", serde=serde, storage_options=storage_options,
                                         execution_options=options)
@@ -487,7 +489,19 @@ def assert_wrote_nothing_more(first, second, caplog, storage_options=None) -> No
     assert "DONE" not in restored.get_progress()  # the first start's statuses do not count
 
 
-@pytest.mark.parametrize("writes", ["batched", "by the serde at once", "by ctx.upload"])
+class BytesSometimes(PickleSerde):
+    """A serde that keeps no model in memory: to_bytes says None, write() saves it."""
+
+    def to_bytes(self, model):
+        return None
+
+    def write(self, model, file_path):
+        with open(file_path, "wb") as f:
+            f.write(PickleSerde.to_bytes(self, model))
+
+
+@pytest.mark.parametrize("writes", ["batched", "by the serde at once", "by write() when to_bytes says None",
+                                    "by ctx.upload"])
 def test_a_run_started_again_elsewhere_writes_nothing_more(client, tmp_path, caplog, writes):
     """A batch job retried while its first try still runs: the second start
     overwrites the run, and the first one's tasks and client must write

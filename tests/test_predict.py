@@ -11,6 +11,7 @@ import textwrap
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
+import pyarrow
 import pyarrow.dataset as pa_dataset
 import pytest
 from dask.utils import key_split
@@ -287,13 +288,13 @@ def predict_with_mean(data, model, ctx):
     return data.to_pandas().assign(pred=model)
 
 
-@pytest.mark.parametrize("where", ["local", "memory"])
+@pytest.mark.parametrize("where", ["local", "memory", "local, pyarrow timestamps"])
 def test_predict_finds_models_trained_in_another_time_zone(request, tmp_path, where):
     """The same instants in UTC find the models trained on Europe/Paris values
     (their folders are named in each value's own zone); an instant the
     training run never saw still has no model."""
-    request.getfixturevalue("client" if where == "local" else "thread_client")
-    url = str(tmp_path / "models") if where == "local" else f"memory://tz-{os.getpid()}-{id(tmp_path)}"
+    request.getfixturevalue("thread_client" if where == "memory" else "client")
+    url = f"memory://tz-{os.getpid()}-{id(tmp_path)}" if where == "memory" else str(tmp_path / "models")
     when = pd.to_datetime(["2020-01-01", "2020-07-01", "2020-01-01", "2020-07-01"]).tz_localize("Europe/Paris")
     paris = pd.DataFrame({"ts": when, "store": [1, 1, 2, 2], "x": [1.0, 2.0, 3.0, 4.0]})
     by = ["ts", "store"]
@@ -302,6 +303,8 @@ def test_predict_finds_models_trained_in_another_time_zone(request, tmp_path, wh
     )
     utc = pd.concat([paris, paris.iloc[:1].assign(ts=pd.Timestamp("2021-01-01", tz="Europe/Paris"))])
     utc["ts"] = utc["ts"].dt.tz_convert("UTC")
+    if "pyarrow" in where:
+        utc["ts"] = utc["ts"].astype(pd.ArrowDtype(pyarrow.timestamp("ns", tz="UTC")))
     inf = dd.from_pandas(utc, npartitions=2).manymodel.predict(
         predict_with_mean, by=by, url=url, training_run_id="r1", run_id="s1"
     )
@@ -310,7 +313,7 @@ def test_predict_finds_models_trained_in_another_time_zone(request, tmp_path, wh
     assert len(done.loc[["DONE"]]) == 4
     assert "never trained there" in done.loc["FAILED", "error"]
     out = inf.to_dask_dataframe().compute()
-    assert str(out["ts"].dt.tz) == "UTC"
+    assert str(out["ts"].dt.tz) in ("UTC", "+00:00")
     assert sorted(out["pred"]) == [1.0, 2.0, 3.0, 4.0]  # each group's own model: its x
 
 
@@ -388,7 +391,7 @@ def test_columns_a_group_did_not_return_are_nulls(client, store_url):
     assert got.loc[2, "flag"].isna().all()
 
 
-def test_a_restored_run_gives_bool_groups_as_booleans(client, store_url):
+def test_a_restored_run_gives_bool_groups_as_booleans_and_all_null_ones_not(client, store_url):
     pdf = pd.DataFrame({"flag": pd.array([True, False, None, True], dtype="boolean"), "x": [1.0, 2.0, 3.0, 4.0]})
     ddf = dd.from_pandas(pdf, npartitions=2)
     ddf.manymodel.train(fit_nothing, by="flag", url=store_url, run_id="r1").wait(show_progress=False)
@@ -399,6 +402,13 @@ def test_a_restored_run_gives_bool_groups_as_booleans(client, store_url):
     got = restored.compute().sort_values("x")
     assert got["flag"].dtype == "boolean"
     assert got["flag"].tolist()[:2] == [True, False] and got["flag"].isna().tolist() == [False, False, True, False]
+    # a column of nulls only is no bool column
+    nulls = pd.DataFrame({"store": [1, 2], "region": pd.array([None, None], dtype="string"), "x": [1.0, 2.0]})
+    by = ["store", "region"]
+    ddf = dd.from_pandas(nulls, npartitions=1)
+    ddf.manymodel.train(fit_nothing, by=by, url=store_url, run_id="r2").wait(show_progress=False)
+    ddf.manymodel.predict(keep_x, by=by, url=store_url, training_run_id="r2", run_id="s2").wait(show_progress=False)
+    assert ManyModelRun.restore_from("s2", store_url).to_dask_dataframe().dtypes["region"] != "boolean"
 
 
 def test_equal_keys_of_another_dtype_find_the_same_models(client, store_url):

@@ -287,7 +287,7 @@ def test_torch_serde_saves_a_module_class_only_cloudpickle_can():
 
 
 @pytest.mark.parametrize("filename", ["", "../model.pkl", "/tmp/model.pkl", "a/../../x.pkl", "m//x.pkl",
-                                      "_partition.json", "_run.json"])
+                                      "_partition.json", "_partition.json/x"])
 def test_a_serde_filename_must_name_a_file_in_the_groups_folder(client, ddf, tmp_path, filename):
     # each of these gave SUCCESS with every group writing one shared file, or
     # over its own status, or an error per group after the work
@@ -366,3 +366,12 @@ def test_get_model_with_another_serde_or_a_missing_file(client, ddf, tmp_path):
     os.remove(tmp_path / "r1" / "store=4" / "model.bin")
     with pytest.raises(ModelNotAvailableError, match="store=4/model.bin is missing"):
         run.get_model(4)
+
+
+def test_a_filename_may_start_with_an_underscore():
+    """Only the status file's own name is taken: runs stored with such a
+    serde before the check came must still restore and predict."""
+    from dask_manymodel.serde import check_filename
+
+    for name in ("_model.pkl", "_weights/model.pt", "model_partition.json"):
+        check_filename(PickleSerde(filename=name))
