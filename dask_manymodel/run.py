@@ -979,7 +979,9 @@ class ManyModelRun:
                 f"to predict to get an empty frame"
             )
         meta = _with_group_columns(base, by, self._by_dtypes())
-        meta = _with_all_categories(meta, by, [normalize_key(self._partition_id(g), len(by)) for g in self._groups])
+        if any(isinstance(meta[col].dtype, pd.CategoricalDtype) for col in by):
+            keys = [normalize_key(self._partition_id(g), len(by)) for g in self._groups]
+            meta = _with_all_categories(meta, by, keys)
         if not items:
             return dd.from_pandas(meta, npartitions=1)
         n_chunks = max(1, min(len(items), len(self._futures or []) or 8))
@@ -1148,10 +1150,9 @@ def _with_all_categories(meta: pd.DataFrame, by: list[str], keys: list[tuple]) -
         dtype = meta[col].dtype
         if not isinstance(dtype, pd.CategoricalDtype):
             continue
-        known = set(dtype.categories) if dtype.categories is not None else set()
+        own = [] if _unknown_categories(dtype) else list(dtype.categories)
         values = {key[i] for key in keys if not is_null(key[i])}
-        if _unknown_categories(dtype) or not values <= known:
-            own = [c for c in dtype.categories if not _unknown_categories(dtype)]
+        if _unknown_categories(dtype) or not values <= set(own):
             extra = sorted(values - set(own), key=lambda value: (str(type(value)), value))
             meta[col] = meta[col].astype(pd.CategoricalDtype(own + extra, ordered=dtype.ordered))
     return meta
