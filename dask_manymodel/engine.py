@@ -1550,10 +1550,17 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> TaskRecords:
             group = groups.rows(number)
             if cancelled or heartbeat.beat():
                 cancelled = True
-                pending.add(_record(spec, key, rel, status="CANCELLED", rows=len(group), finished=_now()), {})
+                if careful is None or not careful.keep_if_stored(number):  # a stored DONE stays DONE
+                    pending.add(_record(spec, key, rel, status="CANCELLED", rows=len(group), finished=_now()), {})
                 continue
-            if careful is not None and not careful.before(number):
-                continue  # stored by an earlier try, or the group its worker died in
+            if careful is not None:
+                verdict = careful.before(number)
+                if verdict == "failed" and spec.options.fail_fast:
+                    pending.flush()
+                    heartbeat.cancel_run()
+                    cancelled = True
+                if verdict != "run":
+                    continue  # stored by an earlier try, or the group its worker died in
             record, files = run_group(
                 spec, key, rel, group, heartbeat, training_statuses.get(model_rel), scratch_dir, check_memory,
                 model_prefetch, model_rel,
@@ -1625,7 +1632,11 @@ class _CarefulTry:
 
     So the group is found in two tries after the first (three deaths in all,
     within Dask's default four tries), at the cost of one batch of marks per
-    32 groups and the suspects run one by one.
+    32 groups and the suspects run one by one. "Alone" is alone in its task:
+    on a worker with several threads, other tasks may have been running in
+    the same process when it died, and one of their groups may be the cause.
+    Such a group is not blamed: it is INTERNAL_ERROR, saying so, and
+    ``retry_failed()`` runs it again.
     """
 
     def __init__(self, spec: RunSpec, pending: "_PendingWrites", groups: "SortedGroups", rels: list[str],
@@ -1634,21 +1645,32 @@ class _CarefulTry:
         self.marked_until = 0  # groups before this number have been marked or settled
         self.alone = False  # the group running now was marked alone
 
-    def before(self, number: int) -> bool:
-        """Settle group ``number`` if an earlier try did (False), or mark it
-        and say to run it (True)."""
-        rel, key = self.rels[number], self.groups.keys[number]
-        stored = self.earlier.get(rel)
+    def keep_if_stored(self, number: int) -> bool:
+        """Keep group ``number`` as an earlier try stored it, if it is final there."""
+        stored = self.earlier.get(self.rels[number])
         if stored is not None and stored.get("status") in _FINAL:
             self.pending.kept(stored)  # done by an earlier try: not again
-            return False
+            return True
+        return False
+
+    def before(self, number: int) -> str:
+        """``"kept"``: an earlier try stored group ``number``; ``"failed"``: its
+        worker died in it (or ``"lost"``: with other tasks beside it);
+        ``"run"``: it is marked, run it."""
+        if self.keep_if_stored(number):
+            return "kept"
+        rel, key = self.rels[number], self.groups.keys[number]
+        stored = self.earlier.get(rel)
         if stored is not None and stored.get("alone"):
-            self.pending.add(_record(
+            record = _record(
                 self.spec, key, rel, status="FAILED", rows=self.groups.size(number),
                 error=_died_in_group_message(key),
-            ), {})
+            )
+            if stored.get("others"):
+                record.update(status="INTERNAL_ERROR", error=_died_in_group_message(key, others=stored["others"]))
+            self.pending.add(record, {})
             self.pending.flush()
-            return False
+            return "failed" if record["status"] == "FAILED" else "lost"
         self.alone = stored is not None  # marked with a batch when a worker died: now alone
         if self.alone:
             self._mark([number], alone=True)
@@ -1656,7 +1678,7 @@ class _CarefulTry:
             batch = range(number, min(number + _CAREFUL_BATCH, len(self.rels)))
             self._mark([n for n in batch if self.rels[n] not in self.earlier], alone=False)
             self.marked_until = batch.stop
-        return True
+        return "run"
 
     def after(self) -> None:
         """A group marked alone has its status written at once: left pending,
@@ -1670,25 +1692,46 @@ class _CarefulTry:
         self.pending.flush()
         if not numbers or self.pending.heartbeat.check_superseded():
             return
+        extra = {"alone": True, "others": _other_tasks_running()} if alone else {"alone": False}
         marks = {
             self.spec.store.path(self.rels[n], PARTITION_FILE): json.dumps(_record(
                 self.spec, self.groups.keys[n], self.rels[n], status="RUNNING", rows=self.groups.size(n),
-                finished=_now(), alone=alone,
+                finished=_now(), **extra,
             ), default=str).encode()
             for n in numbers
         }
         self.spec.store.write_many(marks, atomic=False)
 
 
-def _died_in_group_message(key: tuple, then: str = "the task's other groups went on without it") -> str:
+def _other_tasks_running() -> int:
+    """How many other tasks this worker process is running now (its other
+    threads'): if it dies, one of theirs may be the cause."""
+    try:
+        state = distributed.get_worker().state
+        return max(len(state.executing) + len(state.long_running) - 1, 0)
+    except Exception:  # not in a worker (unit tests), or another distributed
+        return 0
+
+
+def _died_in_group_message(
+    key: tuple, then: str = "the task's other groups went on without it", others: int = 0
+) -> str:
     """The error of a group its worker died in, in a try of its task that
-    had marked it RUNNING (see :func:`_statuses_of_an_earlier_try`)."""
+    had marked it RUNNING alone (see :class:`_CarefulTry`); ``others``: how
+    many other tasks ran in that worker process then (none: it is blamed)."""
     partition_id = key[0] if len(key) == 1 else key
+    died = f"the worker process running group {partition_id!r} died while the group ran"
+    if others:
+        return (
+            f"{died} alone in its task, but {others} other task(s) ran in the same process then (a "
+            f"worker with several threads), and a group of theirs may have been the cause; {then}. Run "
+            f"it again with retry_failed(); on workers with one thread each, a group that takes its "
+            f"worker down is named"
+        )
     return (
-        f"the worker process running group {partition_id!r} died while the group ran, in a later "
-        f"try of its task (Dask runs a task again when its worker dies): the function, or saving "
-        f"its model, needs more memory than a worker has, or crashed the process (native code, "
-        f"os._exit); {then}"
+        f"{died}, in a later try of its task (Dask runs a task again when its worker dies): the "
+        f"function, or saving its model, needs more memory than a worker has, or crashed the process "
+        f"(native code, os._exit); {then}"
     )
 
 

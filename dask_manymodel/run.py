@@ -402,10 +402,7 @@ class ManyModelRun:
             return  # another start's folder now: nothing of ours is written
         fence = dict(self._manifest, finished=datetime.datetime.now(datetime.timezone.utc).isoformat())
         self._store.write_json(self._store.path(RUN_MANIFEST), fence)
-        try:
-            distributed.Event(self._spec.cancel_event, client=self._client).set()
-        except Exception:  # the client is closed: the tasks stop at the fence
-            logger.debug("could not set the cancel event of run %r", self.run_id, exc_info=True)
+        self._set_cancel_event()  # a closed client cannot: then the tasks stop at the fence
         time.sleep(_FENCE_SECONDS)  # the tasks' answers to "was the run ended?" expire
 
     def _finalize_after_failure(self, exc: Exception) -> None:
@@ -460,10 +457,15 @@ class ManyModelRun:
                 and existing.get("attempt") == self._manifest.get("attempt")
                 and type(exc).__name__ == "KilledWorker"
             ):  # the task's last try ran it alone: its worker died in this group
+                others = existing.get("others") or 0  # other tasks ran beside it: not proven
                 outcome = {
-                    "status": "FAILED",
-                    "error": _died_in_group_message(key, f"Dask gave the task up: {type(exc).__name__}: {exc}"),
+                    "status": "INTERNAL_ERROR" if others else "FAILED",
+                    "error": _died_in_group_message(
+                        key, f"Dask gave the task up: {type(exc).__name__}: {exc}", others=others
+                    ),
                 }
+                if not others and self._spec.options.fail_fast:
+                    self._set_cancel_event()
             else:
                 outcome = {
                     "status": "INTERNAL_ERROR",
@@ -484,6 +486,14 @@ class ManyModelRun:
                 continue
             records.append(_write_status(self._spec, record))
         return records
+
+    def _set_cancel_event(self) -> None:
+        """Tell the run's tasks to stop before their next group (fail_fast for
+        a group the client FAILED, a task cancelled outside the run)."""
+        try:
+            distributed.Event(self._spec.cancel_event, client=self._client).set()
+        except Exception:  # the client is closed: the tasks go on
+            logger.debug("could not set the cancel event of run %r", self.run_id, exc_info=True)
 
     def _finalize(self) -> None:
         superseded = self._superseded_by()

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import threading
+import uuid
 
 import dask
 import dask.dataframe as dd
@@ -686,3 +687,59 @@ def test_a_group_that_kills_its_worker_fails_alone_and_its_task_goes_on(tmp_path
     assert ManyModelRun.restore_from("r1", url).summary().set_index("partition_id")["status"].to_dict() == {
         g: d.status.value for g, d in details.items()
     }
+
+
+def count_rows(data, ctx):
+    return len(data)
+
+
+def careful_try(tmp_path, stored: dict, **options) -> dict:
+    """Run one task in this process as a try after its worker died: ``stored``
+    holds the statuses the earlier tries left (group id -> record fields);
+    returns each group's record from the task, by group id."""
+    from dask_manymodel.engine import _record, run_partition
+    from dask_manymodel.store import group_path
+
+    store = RunStore(str(tmp_path / "m"), "r1")
+    submission = uuid.uuid4().hex  # answers to "was it superseded?" are shared per process
+    spec = RunSpec(kind="train", run_id="r1", attempt="a1", by=["store"], func=count_rows, store=store,
+                   serde=PickleSerde(), options=ExecutionOptions(**options), cancel_event="c",
+                   progress_topic="p", submission=submission)
+    store.write_json(store.path("_run.json"), {"attempt": "a1", "submission": submission})
+    for group, fields in stored.items():
+        rel = group_path(["store"], (group,))
+        store.write_json(store.path(rel, "_partition.json"), _record(spec, (group,), rel, **fields))
+    records = run_partition(spec, make_frame(n_groups=8, rows=3))
+    return {r["partition_id"]: r for r in records}
+
+
+def test_a_careful_try_keeps_what_is_stored_and_names_the_group_its_worker_died_in(tmp_path):
+    got = careful_try(tmp_path, {0: {"status": "DONE"}, 1: {"status": "DONE"},
+                                 2: {"status": "RUNNING", "alone": True, "others": 0},
+                                 3: {"status": "RUNNING", "alone": False}})
+    assert [got[g]["status"] for g in range(8)] == ["DONE", "DONE", "FAILED"] + ["DONE"] * 5
+    assert "died while the group ran" in got[2]["error"]
+    assert "bytes" not in got[0]  # kept as stored (with no model size), not run again
+
+
+def test_a_careful_try_blames_no_group_when_other_tasks_ran_beside_it(tmp_path):
+    # a worker with several threads: another task's group may have killed it
+    got = careful_try(tmp_path, {0: {"status": "DONE"}, 2: {"status": "RUNNING", "alone": True, "others": 1}})
+    assert got[2]["status"] == "INTERNAL_ERROR" and "1 other task(s) ran in the same process" in got[2]["error"]
+    assert {got[g]["status"] for g in range(8) if g != 2} == {"DONE"}
+
+
+def test_a_careful_try_with_fail_fast_cancels_after_the_group_its_worker_died_in(tmp_path):
+    got = careful_try(tmp_path, {0: {"status": "DONE"}, 2: {"status": "RUNNING", "alone": True, "others": 0}},
+                      fail_fast=True)
+    assert [got[g]["status"] for g in range(8)] == ["DONE", "DONE", "FAILED"] + ["CANCELLED"] * 5
+
+
+def test_a_careful_try_that_starts_cancelled_keeps_the_stored_groups(tmp_path, monkeypatch):
+    from dask_manymodel import engine
+
+    monkeypatch.setattr(engine._Heartbeat, "beat", lambda self: True)  # the run was cancelled
+    got = careful_try(tmp_path, {0: {"status": "DONE"}, 1: {"status": "FAILED"}, 3: {"status": "DONE"}})
+    assert [got[g]["status"] for g in range(4)] == ["DONE", "FAILED", "CANCELLED", "DONE"]
+    with open(tmp_path / "m" / "r1" / "store=0" / "_partition.json") as f:
+        assert json.load(f)["status"] == "DONE"
