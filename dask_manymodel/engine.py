@@ -1542,6 +1542,10 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> TaskRecords:
     # ran out of memory, crashed in native code): such a try goes carefully
     earlier = _statuses_of_an_earlier_try(spec, rels)
     careful = _CarefulTry(spec, pending, groups, rels, earlier) if earlier is not None else None
+    if careful is None and rels and not cancelled:
+        # a trace for the next try, should this one die before its first
+        # batch of statuses is written (in its first groups): one small write
+        _CarefulTry(spec, pending, groups, rels, {}).mark_first_group()
     with scratch as scratch_dir:
         model_prefetch = None
         if remote_models:
@@ -1591,10 +1595,10 @@ def _statuses_of_an_earlier_try(spec: RunSpec, rels: list[str]) -> dict[str, dic
     crashes in native code or calls ``os._exit``. Run as before, the task
     would redo its finished groups and die in the same group again, until
     Dask gives up (``distributed.scheduler.allowed-failures``) and every group
-    after that one is lost. An earlier try shows in storage once it wrote its
-    first batch: its first group's status carries this run's attempt. (A try
-    that died before that, in its first groups, leaves no trace: the next
-    runs as the first did.) Then the task goes carefully (:class:`_CarefulTry`)."""
+    after that one is lost. An earlier try shows in storage: its first group's
+    status (the mark it wrote before running it, or the group's outcome)
+    carries this run's attempt. Then the task goes carefully
+    (:class:`_CarefulTry`)."""
     if not rels:
         return None
     try:
@@ -1632,7 +1636,10 @@ class _CarefulTry:
 
     So the group is found in two tries after the first (three deaths in all,
     within Dask's default four tries), at the cost of one batch of marks per
-    32 groups and the suspects run one by one. "Alone" is alone in its task:
+    32 groups and the suspects run one by one. A first try marks its first
+    group alone the same way (as a batch of one), before it runs: a try that
+    dies before its first batch of statuses is written leaves that trace,
+    and its first group is then a suspect like any other. "Alone" is alone in its task:
     on a worker with several threads, other tasks may have been running in
     the same process when it died, and one of their groups may be the cause.
     Such a group is not blamed: it is INTERNAL_ERROR, saying so, and
@@ -1679,6 +1686,10 @@ class _CarefulTry:
             self._mark([n for n in batch if self.rels[n] not in self.earlier], alone=False)
             self.marked_until = batch.stop
         return "run"
+
+    def mark_first_group(self) -> None:
+        """A first try's mark of its first group only (see the class)."""
+        self._mark([0], alone=False)
 
     def after(self) -> None:
         """A group marked alone has its status written at once: left pending,
