@@ -33,6 +33,9 @@ class ExecutionOptions:
     storage_retries : int
         How many times each object write or read is retried on ``OSError``,
         with exponential backoff starting at ``storage_retry_backoff`` seconds.
+        On an object store a task's small files are first written together in
+        one batch; if the batch fails, each file is then written alone with
+        these retries (so a file may be tried once more than this says).
     storage_retry_backoff : float
         First backoff delay in seconds.
     shuffle : str
@@ -48,7 +51,11 @@ class ExecutionOptions:
     max_log_chars : int
         Cap on the captured logs kept per group (a note marks the cut).
     task_retries : int
-        Dask-level retries of a whole task (e.g. after a worker is lost).
+        Dask-level retries of a whole task whose function raised (a store
+        that still failed after ``storage_retries``, a bug). A task whose
+        worker died is run again by Dask's own rule instead,
+        ``distributed.scheduler.allowed-failures`` (see "Faults" in
+        docs/concepts.md).
     max_group_memory_fraction : float or None
         A group whose rows take more than this fraction of its worker's
         memory limit is not run: it becomes INTERNAL_ERROR with its size,
@@ -105,6 +112,12 @@ class ExecutionOptions:
         if self.shuffle_method not in (None, "p2p", "tasks", "disk"):
             raise InvalidArgumentError(
                 f"shuffle_method must be 'p2p', 'tasks', 'disk' or None, got {self.shuffle_method!r}"
+            )
+        if self.shuffle == "never" and self.npartitions is not None:
+            raise InvalidArgumentError(
+                f"ExecutionOptions(shuffle='never') runs the input's own partitions, and "
+                f"npartitions={self.npartitions} asks for a shuffle into {self.npartitions} tasks; "
+                f"give one or the other"
             )
         fraction = self.max_group_memory_fraction
         if fraction is not None and not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):

@@ -76,6 +76,8 @@ def test_bad_execution_options():
         ({"storage_retry_backoff": "fast"}, "storage_retry_backoff must be a number of seconds >= 0, got 'fast'"),
         ({"storage_retry_backoff": float("nan")}, "storage_retry_backoff must be a number of seconds >= 0, got nan"),
         ({"max_log_chars": True}, "max_log_chars must be an int >= 0, got True"),
+        ({"shuffle": "never", "npartitions": 5}, "ExecutionOptions(shuffle='never') runs the input's own "
+         "partitions, and npartitions=5 asks for a shuffle into 5 tasks; give one or the other"),
     ]:
         with pytest.raises(InvalidArgumentError) as info:
             ExecutionOptions(**options)
