@@ -1526,7 +1526,7 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> TaskRecords:
     model_rels = rels  # each group's folder in the training run
     if spec.kind == "predict":
         # one batched read of this partition's training statuses
-        training_statuses = _training_statuses(spec, rels)
+        training_statuses = spec.training_store.read_statuses(rels)
         if spec.training_zones:
             model_rels = _model_folders(spec, groups.keys, rels, training_statuses)
     pending = _PendingWrites(spec, heartbeat)
@@ -1607,13 +1607,7 @@ def _statuses_of_an_earlier_try(spec: RunSpec, rels: list[str]) -> dict[str, dic
         return None
     if not isinstance(first, dict) or first.get("attempt") != spec.attempt:
         return None
-    paths = {spec.store.path(rel, PARTITION_FILE): rel for rel in rels}
-    found = spec.store.read_many_json(list(paths))
-    return {
-        paths[path]: status
-        for path, status in found.items()
-        if path in paths and isinstance(status, dict) and status.get("attempt") == spec.attempt
-    }
+    return spec.store.read_statuses(rels, spec.attempt)
 
 
 # How many groups a careful try marks RUNNING at once (one batch of small
@@ -1746,13 +1740,6 @@ def _died_in_group_message(
     )
 
 
-def _training_statuses(spec: RunSpec, rels: list[str]) -> dict[str, dict]:
-    """The training run's statuses of these folders that exist, by folder."""
-    paths = {spec.training_store.path(rel, PARTITION_FILE): rel for rel in rels}
-    found = spec.training_store.read_many_json(list(paths))
-    return {paths[p]: v for p, v in found.items() if p in paths}
-
-
 def _model_folders(spec: RunSpec, keys: list[tuple], rels: list[str], training_statuses: dict[str, dict]) -> list[str]:
     """Each group's folder in the training run. A time-zone-aware value that
     the training run stored in another zone (the input in UTC, the training
@@ -1766,7 +1753,7 @@ def _model_folders(spec: RunSpec, keys: list[tuple], rels: list[str], training_s
     wanted = [path for paths in candidates.values() for path in paths]
     if not wanted:
         return rels
-    training_statuses.update(_training_statuses(spec, wanted))
+    training_statuses.update(spec.training_store.read_statuses(wanted))
     moved = {
         rel: next((path for path in paths if path in training_statuses), rel)
         for rel, paths in candidates.items()
@@ -2261,11 +2248,7 @@ def _merge_for_resume(
     merged = {g["path"]: {k: v for k, v in g.items() if k != "task"} for g in stored_groups}
     for group in counted:
         merged[group["path"]] = {**merged.get(group["path"], {}), **group}
-    statuses = [
-        r
-        for r in store.read_many_json([store.path(p, PARTITION_FILE) for p in merged]).values()
-        if r.get("attempt") == previous["attempt"] and r.get("path") in merged
-    ]
+    statuses = list(store.read_statuses(list(merged), previous["attempt"]).values())
     done_paths = {r["path"] for r in statuses if r.get("status") == "DONE"}
     rerun = {g["path"] for g in counted} - done_paths
     # groups that will not run again keep their stored outcome (DONE, or FAILED

@@ -33,7 +33,6 @@ from .exceptions import (
 from .serde import ModelSerde, serde_from_manifest
 from .store import (
     GROUPS_FILE,
-    PARTITION_FILE,
     RUN_MANIFEST,
     RunStore,
     group_path,
@@ -534,14 +533,7 @@ class ManyModelRun:
 
     def _read_statuses(self, paths: list[str]) -> dict[str, dict]:
         """Stored ``_partition.json`` of these groups that belong to this attempt."""
-        files = {self._store.path(p, PARTITION_FILE): p for p in paths}
-        found = self._store.read_many_json(list(files))
-        attempt = self._manifest.get("attempt")
-        return {
-            files[path]: record
-            for path, record in found.items()
-            if path in files and record.get("attempt") == attempt
-        }
+        return self._store.read_statuses(paths, self._manifest.get("attempt"))
 
     def _current_records(self) -> dict[str, dict]:
         if self.read_only:

@@ -700,6 +700,17 @@ class RunStore:
                 logger.warning("ignoring unreadable status file %s", path)
         return out
 
+    def read_statuses(self, rels: Sequence[str], attempt: str | None = None) -> dict[str, dict]:
+        """The groups' stored ``_partition.json``, by group folder (those
+        missing or damaged left out), in one batched read; with ``attempt``,
+        only those of that attempt of the run."""
+        files = {self.path(rel, PARTITION_FILE): rel for rel in rels}
+        return {
+            files[path]: status
+            for path, status in self.read_many_json(list(files)).items()
+            if path in files and isinstance(status, dict) and (attempt is None or status.get("attempt") == attempt)
+        }
+
     def download_file(self, path: str, local_path: str) -> None:
         self._retry(lambda: self.fs.get_file(path, local_path), f"downloading {path}")
 
