@@ -3,10 +3,13 @@ file by file to PyTorch and TensorFlow.
 
 Layout::
 
-    URL/NAME/part.0.parquet ...    the rows (written by Dask's to_parquet)
-    URL/NAME/_fileset.json         manifest: files, rows, columns; written last
+    URL/NAME/_fileset.claim        written first, exclusively: one ``make`` owns the name
+    URL/NAME/part.0.<id>.parquet   the rows (written by Dask's to_parquet)
+    URL/NAME/_fileset.json         manifest: id, files, rows, columns; written last
 
 A FileSet exists once its manifest does; ``make`` refuses an existing name.
+The id (also in the file names) tells a handle that its FileSet was deleted
+and made again under the same name.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import datetime
 import json
 import posixpath
+import uuid
 from typing import Any
 
 import numpy as np
@@ -21,13 +25,14 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from .connectors._batching import Columns, Rebatcher, check_batch_size, check_seed
-from .engine import as_dask_dataframe
+from .engine import as_dask_dataframe, index_as_column
 from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError
-from .store import any_read_as_pattern, open_url, remove_paths, resolved_url
+from .store import RunStore, any_read_as_pattern, open_url, remove_paths, resolved_url
 
 __all__ = ["FileSet"]
 
 MANIFEST = "_fileset.json"
+CLAIM = "_fileset.claim"
 _SHUFFLE_COLUMN = "__manymodel_shuffle__"
 
 
@@ -75,12 +80,18 @@ class FileSet:
         self.url = resolved_url(url, self._fs, base)
         self._root = posixpath.join(base, name)
         self._deleted = False
-        try:
-            self._manifest = json.loads(self._fs.cat_file(posixpath.join(self._root, MANIFEST)))
-        except FileNotFoundError:
+        self._manifest = self._read_manifest()
+        if self._manifest is None:
             raise FileSetNotFoundError(
                 f"no FileSet {name!r} at {self.url}; create it with FileSet.make(url, name, dataframe)"
-            ) from None
+            )
+
+    def _read_manifest(self) -> dict | None:
+        self._fs.invalidate_cache(self._root)
+        try:
+            return json.loads(self._fs.cat_file(posixpath.join(self._root, MANIFEST)))
+        except FileNotFoundError:
+            return None
 
     def __repr__(self) -> str:
         state = "deleted" if self._deleted else f"{len(self._manifest['files'])} files, {self._manifest['rows']} rows"
@@ -114,26 +125,50 @@ class FileSet:
         fs, base = open_url(url, storage_options)
         url = resolved_url(url, fs, base)  # as the workers writing the files must read it
         root = posixpath.join(base, name)
+        exists = FileSetExistsError(
+            f"FileSet {name!r} already exists at {url}; FileSets are immutable: "
+            f"choose another name or delete() the old one"
+        )
         if fs.exists(root) and fs.ls(root):
-            raise FileSetExistsError(
-                f"FileSet {name!r} already exists at {url}; FileSets are immutable: "
-                f"choose another name or delete() the old one"
-            )
-        ddf = as_dask_dataframe(dataframe)
-        if ddf.index.name is not None:  # kept as a column, as DataFrame.to_parquet keeps a named index
-            ddf = ddf.reset_index()
+            raise exists
+        # a named index is kept as a column, as DataFrame.to_parquet keeps it
+        # (one named like a column is dropped, as a run drops it)
+        ddf = index_as_column(as_dask_dataframe(dataframe), None)
+        # Claimed in one exclusive write before anything else: two makes of
+        # one name at once would otherwise both pass the check above and
+        # write their files into one folder.
+        fileset_id = uuid.uuid4().hex[:12]
+        claim = RunStore(url, name, storage_options)
+        try:
+            claim.create_exclusive(claim.path(CLAIM), json.dumps({"id": fileset_id}).encode())
+        except FileExistsError:
+            raise exists from None
+        try:
+            cls._write(fs, url, root, name, ddf, shuffle, seed, storage_options, fileset_id)
+        except BaseException:
+            remove_paths(fs, [root])  # nothing half-written: the name is free again
+            fs.invalidate_cache(root)
+            raise
+        return cls(url, name, storage_options)
+
+    @staticmethod
+    def _write(fs, url, root, name, ddf, shuffle, seed, storage_options, fileset_id) -> None:
+        """Write the rows, then the manifest."""
         if shuffle:
             seed = int(np.random.SeedSequence().entropy % 2**62) if seed is None else seed
             keyed = ddf.map_partitions(_random_keys, seed, meta=ddf._meta.assign(**{_SHUFFLE_COLUMN: np.int64(0)}))
             ddf = keyed.shuffle(on=_SHUFFLE_COLUMN).map_partitions(_order_by_random_key, meta=ddf._meta)
+        # the id in every file name: a handle of a deleted FileSet never reads
+        # the files of a new one made under the same name
         ddf.to_parquet(
             f"{url}/{name}", write_index=False, storage_options=storage_options,
-            write_metadata_file=False,
+            write_metadata_file=False, name_function=lambda number: f"part.{number}.{fileset_id}.parquet",
         )
         fs.invalidate_cache(root)
+        suffix = f".{fileset_id}.parquet"
         files = sorted(
-            (p for p in fs.ls(root, detail=False) if p.endswith(".parquet")),
-            key=lambda p: int(posixpath.basename(p).split(".")[1]) if posixpath.basename(p).count(".") == 2 else 0,
+            (p for p in fs.ls(root, detail=False) if p.endswith(suffix)),
+            key=lambda p: int(posixpath.basename(p).split(".")[1]),
         )
         rows = []
         for path in files:
@@ -141,6 +176,7 @@ class FileSet:
                 rows.append(pq.ParquetFile(f).metadata.num_rows)
         manifest = {
             "name": name,
+            "id": fileset_id,
             "files": [posixpath.basename(p) for p in files],
             "rows_per_file": rows,
             "rows": int(sum(rows)),
@@ -149,14 +185,24 @@ class FileSet:
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         }
         fs.pipe_file(posixpath.join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
-        return cls(url, name, storage_options)
 
     # ------------------------------------------------------------------
     def _check_alive(self) -> None:
-        if self._deleted:
+        """Raise if this handle's FileSet is gone: deleted through this handle,
+        or (one small read of the manifest) through another handle or process,
+        perhaps made again since under the same name, which is another FileSet."""
+        if not self._deleted:
+            stored = self._read_manifest()
+            if stored is not None and _identity(stored) == _identity(self._manifest):
+                return
+            how = "deleted" if stored is None else "deleted and made again under the same name"
             raise FileSetDeletedError(
-                f"FileSet {self.name!r} at {self.url} was deleted; make a new one with FileSet.make"
+                f"FileSet {self.name!r} at {self.url} was {how} after this handle opened it; "
+                f"reopen it with FileSet(url, name), or make a new one with FileSet.make"
             )
+        raise FileSetDeletedError(
+            f"FileSet {self.name!r} at {self.url} was deleted; make a new one with FileSet.make"
+        )
 
     def files(self) -> list[str]:
         """URLs of the parquet files, in order."""
@@ -165,6 +211,7 @@ class FileSet:
 
     @property
     def num_rows(self) -> int:
+        """The number of rows (from the manifest)."""
         self._check_alive()
         return int(self._manifest["rows"])
 
@@ -229,6 +276,11 @@ class FileSet:
         self._deleted = True
 
 
+def _identity(manifest: dict) -> tuple:
+    # FileSets made before the id was added are told apart by their creation time
+    return manifest.get("id"), manifest.get("created")
+
+
 def _read_parquet_file(path: str, fs) -> pd.DataFrame:
     with fs.open(path, "rb") as f:
         return pq.read_table(f).to_pandas()
@@ -276,8 +328,14 @@ class _FileSource:
         self.with_missing = _columns_with_missing(fs, paths)
 
     def _read(self, path: str) -> Columns:
-        with self.fs.open(path, "rb") as f:
-            return Columns.from_frame(pq.read_table(f).to_pandas(), self.with_missing)
+        try:
+            with self.fs.open(path, "rb") as f:
+                table = pq.read_table(f)
+        except FileNotFoundError:  # the file names hold the FileSet's id: never another set's rows
+            raise FileSetDeletedError(
+                f"{path} is gone: its FileSet was deleted while this dataset streamed it"
+            ) from None
+        return Columns.from_frame(table.to_pandas(), self.with_missing)
 
     @property
     def schema(self) -> dict[str, tuple[np.dtype, bool]]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 
+import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -166,3 +168,79 @@ def test_make_keeps_a_named_index_as_a_column(tmp_path, shuffle):
     pd.testing.assert_frame_equal(back, frame(), check_dtype=False)
     unnamed = FileSet.make(str(tmp_path), "plain", frame().set_index(np.arange(400) + 1000))
     assert unnamed._manifest["columns"] == ["i", "x", "s"]  # an unnamed index is dropped
+
+
+_make_a_started, _make_b_done = threading.Event(), threading.Event()
+
+
+def _held_until_make_b_is_done(df):
+    _make_a_started.set()
+    assert _make_b_done.wait(30), "make B never returned"  # a deadline, not a sleep
+    return df
+
+
+def test_two_makes_of_one_name_at_once_one_is_refused(tmp_path):
+    # make A holds its rows until make B of the same name has returned;
+    # B starts once A's rows are being computed (A's folder may be there, empty)
+    started, b_done = _make_a_started, _make_b_done
+    started.clear(), b_done.clear()
+    source = dd.from_pandas(frame(40).assign(src="A"), npartitions=2)
+    slow = source.map_partitions(_held_until_make_b_is_done, meta=source._meta)
+    outcome = {}
+
+    def make_a():
+        try:
+            outcome["A"] = FileSet.make(str(tmp_path), "snap", slow)
+        except Exception as exc:  # reported below
+            outcome["A"] = exc
+
+    with dask.config.set(scheduler="threads"):
+        thread = threading.Thread(target=make_a)
+        thread.start()
+        try:
+            assert started.wait(30)
+            with pytest.raises(FileSetExistsError, match="already exists"):
+                FileSet.make(str(tmp_path), "snap", frame(3).assign(src="B"))
+        finally:
+            b_done.set()
+            thread.join()
+    assert isinstance(outcome["A"], FileSet), outcome["A"]
+    back = FileSet(str(tmp_path), "snap").to_dask_dataframe().compute()
+    assert back["src"].tolist() == ["A"] * 40
+
+
+def test_a_make_that_fails_leaves_nothing_and_frees_the_name(url):
+    def broken(df):  # the other partitions' files may be written by then
+        if df["i"].min() >= 300:
+            raise RuntimeError("bad partition")
+        return df
+
+    failing = dd.from_pandas(frame(), npartitions=4).map_partitions(broken, meta=frame().iloc[:0])
+    with pytest.raises(RuntimeError, match="bad partition"):
+        FileSet.make(url, "half", failing)
+    with pytest.raises(FileSetNotFoundError):
+        FileSet(url, "half")
+    assert FileSet.make(url, "half", frame()).num_rows == 400
+
+
+def test_a_handle_never_reads_a_fileset_made_again_under_its_name(url):
+    pytest.importorskip("torch")
+    FileSet.make(url, "snap", frame(6))
+    reader = FileSet(url, "snap")
+    streamed = reader.to_torch_dataset(batch_size=2)  # built before the delete, read after
+    FileSet(url, "snap").delete()
+    FileSet.make(url, "snap", frame(3).assign(i=[100, 101, 102]))
+    for call in (reader.files, reader.to_dask_dataframe, lambda: reader.num_rows, reader.delete):
+        with pytest.raises(FileSetDeletedError, match="made again under the same name"):
+            call()
+    with pytest.raises(FileSetDeletedError, match="is gone"):
+        list(streamed)
+    assert FileSet(url, "snap").to_dask_dataframe().compute()["i"].tolist() == [100, 101, 102]
+
+
+def test_make_drops_an_index_named_like_a_column(tmp_path):
+    indexed = dd.from_pandas(frame(), npartitions=2).set_index("i", drop=False)
+    made = FileSet.make(str(tmp_path), "same", indexed)
+    assert made._manifest["columns"] == ["i", "x", "s"]
+    back = made.to_dask_dataframe().compute().sort_values("i").reset_index(drop=True)
+    pd.testing.assert_frame_equal(back, frame(), check_dtype=False)
