@@ -1239,11 +1239,28 @@ def run_group(
             )
     record.update(
         logs=logs.text,
+        # an exception's message can be any size (a 20 MB repr): cut as the logs are
+        error=capped_text(record["error"], MAX_ERROR_CHARS),
+        traceback=capped_text(record["traceback"], spec.options.max_log_chars),
         artifacts=list(ctx._uploaded),
         seconds=time.perf_counter() - start,
         finished=_now(),
     )
     return record, files
+
+
+#: The most of an error's one-line message a group's status keeps.
+MAX_ERROR_CHARS = 4_000
+
+
+def capped_text(text: str | None, max_chars: int) -> str | None:
+    """``text`` cut to about ``max_chars``: its start and its end (where a
+    traceback names the exception), with a note of what was cut between."""
+    if text is None or len(text) <= max_chars:
+        return text
+    head = max_chars // 2
+    tail = max_chars - head
+    return f"{text[:head]}\n[... {len(text) - max_chars} characters cut ...]\n{text[len(text) - tail:]}"
 
 
 def _call_with_retries(spec, record, ctx, frame, model) -> Any:
@@ -1775,12 +1792,25 @@ class TaskRecords(list):
 def _compact(record: dict) -> dict:
     """What travels back to the client: the stored record without what the
     client already knows (attempt id) or what is empty, so that 200,000
-    records stay small in the client's memory."""
+    records stay small in the client's memory.
+
+    A group's logs and traceback (up to ``max_log_chars`` each) stay in its
+    stored ``_partition.json``, where the handle reads them when asked: 10,000
+    groups that each print a page would otherwise keep hundreds of MB in the
+    client and in the workers' task results. Except an INTERNAL_ERROR's,
+    which may be about the very status that could not be written.
+    """
+    text_kept = record.get("status") == "INTERNAL_ERROR"
     return {
         key: value
         for key, value in record.items()
-        if key in ("path", "status", "partition_id") or (key not in ("attempt", "finished") and value)
+        if key in ("path", "status", "partition_id")
+        or (key not in ("attempt", "finished") and value and (text_kept or key not in GROUP_TEXT))
     }
+
+
+#: The fields of a group's status that a handle reads from storage when asked.
+GROUP_TEXT = ("logs", "traceback")
 
 
 # --------------------------------------------------------------------------

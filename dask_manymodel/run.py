@@ -122,6 +122,31 @@ class Artifacts:
             return (read_function or _pickle_read)(local)
 
 
+class _GroupText:
+    """A group's logs and traceback: as the handle has them, or read from the
+    group's stored ``_partition.json`` the first time one is asked for (a
+    live handle's records leave them out, see ``engine._compact``)."""
+
+    __slots__ = ("_store", "_folder", "_values")
+
+    def __init__(self, store: RunStore, folder: str, values: dict | None = None):
+        self._store = store
+        self._folder = folder
+        self._values = values
+
+    def get(self, name: str) -> Any:
+        if self._values is None:
+            from .engine import GROUP_TEXT
+            from .store import PARTITION_FILE
+
+            try:
+                stored = self._store.read_json(self._store.path(self._folder, PARTITION_FILE))
+            except (FileNotFoundError, ValueError):  # not written (yet), or being written
+                stored = {}
+            self._values = {key: stored.get(key) for key in GROUP_TEXT} if isinstance(stored, dict) else {}
+        return self._values.get(name)
+
+
 @dataclass
 class PartitionDetails:
     """What is known about one group of a run.
@@ -134,8 +159,10 @@ class PartitionDetails:
     error : str or None
         One-line error for FAILED / INTERNAL_ERROR groups.
     traceback : str or None
+        Read from the group's stored status the first time it is asked for.
     logs : str
-        What the user function printed or logged (capped).
+        What the user function printed or logged (capped); read as the
+        traceback is.
     seconds : float
         Time spent on the group, model saving included.
     rows : int
@@ -149,8 +176,6 @@ class PartitionDetails:
     partition_id: Any
     status: PartitionStatus
     error: str | None = None
-    traceback: str | None = None
-    logs: str = ""
     seconds: float = 0.0
     rows: int = 0
     bytes: int = 0
@@ -158,6 +183,15 @@ class PartitionDetails:
     attempts: int = 0
     artifacts: Artifacts | None = field(default=None, repr=False)
     output_rows: int | None = field(default=None, repr=False)
+    _text: _GroupText | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def traceback(self) -> str | None:
+        return self._text.get("traceback") if self._text is not None else None
+
+    @property
+    def logs(self) -> str:
+        return (self._text.get("logs") if self._text is not None else None) or ""
 
 
 def _executing_keys(name: str, dask_scheduler=None) -> list:
@@ -574,8 +608,6 @@ class ManyModelRun:
                 partition_id=self._partition_id(group),
                 status=PartitionStatus(record["status"]),
                 error=record.get("error"),
-                traceback=record.get("traceback"),
-                logs=record.get("logs") or "",
                 seconds=float(record.get("seconds") or 0.0),
                 rows=int(record.get("rows") or group.get("rows") or 0),
                 bytes=int(record.get("bytes") or 0),
@@ -583,8 +615,21 @@ class ManyModelRun:
                 attempts=int(record.get("attempts") or 0),
                 artifacts=Artifacts(self._store, group["path"], self._artifact_names(record)),
                 output_rows=self._output_rows(record),
+                _text=self._group_text(group["path"], record),
             )
         return details
+
+    def _group_text(self, folder: str, record: Any) -> _GroupText | None:
+        """The group's logs and traceback: as the record has them (an
+        INTERNAL_ERROR's), or read from storage when asked for (records leave
+        them out, see ``engine._compact`` and ``RunStore.read_statuses``)."""
+        from .engine import GROUP_TEXT
+
+        if PartitionStatus(record["status"]) not in FINAL_STATUSES:
+            return None  # nothing stored yet
+        if any(record.get(key) for key in GROUP_TEXT):
+            return _GroupText(self._store, folder, {key: record.get(key) for key in GROUP_TEXT})
+        return _GroupText(self._store, folder)
 
     def _output_rows(self, record: dict) -> int | None:
         """Rows a DONE predict group returned; a live handle's records leave

@@ -332,6 +332,11 @@ def any_read_as_pattern(paths: Sequence[str]) -> bool:
     return any(_GLOB_CHARS.search(path) for path in paths)
 
 
+# How many status files one batched read holds at once (each up to ~64 KB
+# with a group's logs and traceback).
+_STATUS_READ_CHUNK = 1_000
+
+
 def cat_files(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes]:
     """The contents of these files, those missing left out; never expands a
     path as a glob pattern (fsspec's ``cat`` of a list does)."""
@@ -702,14 +707,24 @@ class RunStore:
 
     def read_statuses(self, rels: Sequence[str], attempt: str | None = None) -> dict[str, dict]:
         """The groups' stored ``_partition.json``, by group folder (those
-        missing or damaged left out), in one batched read; with ``attempt``,
-        only those of that attempt of the run."""
+        missing or damaged left out), in batched reads; with ``attempt``,
+        only those of that attempt of the run.
+
+        Without the groups' logs and traceback (up to ``max_log_chars`` each):
+        a run of 100,000 groups that print would need GBs to hold them all at
+        once; a handle reads one group's when asked. Read in chunks, so that
+        only one chunk's files are in memory whole.
+        """
         files = {self.path(rel, PARTITION_FILE): rel for rel in rels}
-        return {
-            files[path]: status
-            for path, status in self.read_many_json(list(files)).items()
-            if path in files and isinstance(status, dict) and (attempt is None or status.get("attempt") == attempt)
-        }
+        paths = list(files)
+        statuses = {}
+        for start in range(0, len(paths), _STATUS_READ_CHUNK):
+            for path, status in self.read_many_json(paths[start:start + _STATUS_READ_CHUNK]).items():
+                if path in files and isinstance(status, dict) and (attempt is None or status.get("attempt") == attempt):
+                    for key in ("logs", "traceback"):
+                        status.pop(key, None)
+                    statuses[files[path]] = status
+        return statuses
 
     def download_file(self, path: str, local_path: str) -> None:
         self._retry(lambda: self.fs.get_file(path, local_path), f"downloading {path}")

@@ -67,6 +67,44 @@ def test_logs_are_capped_with_a_note(client, ddf, store_url):
         assert json.load(f)["logs"] == logs
 
 
+def test_logs_and_tracebacks_stay_in_storage_until_asked_for(client, ddf, store_url):
+    # what the tasks hand back (and the live handle keeps) is the small record;
+    # 10,000 groups that print a page would otherwise be GBs in the client
+    run = ddf.manymodel.train(noisy, by="store", url=store_url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    returned = [record for future in run.futures for record in future.result()]
+    assert len(returned) == 12 and not any("logs" in r or "traceback" in r for r in returned)
+    assert any("group 2 is broken" in (r.get("error") or "") for r in returned)  # the one-line error travels
+    restored = ManyModelRun.restore_from("r1", store_url)
+    for handle in (run, restored):
+        assert handle.summary().set_index("partition_id").loc[2, "error"] == "ValueError: group 2 is broken"
+        details = handle.partition_details
+        assert details[5].logs.startswith("hello from 5\n")
+        assert details[2].traceback.rstrip().endswith("ValueError: group 2 is broken")
+        assert details[5].traceback is None
+        assert "logs" not in repr(details[5])
+
+
+def huge_failure(data, ctx):
+    if ctx.partition_id == 3:
+        raise ValueError("bad value " + "x" * 1_000_000)
+    return 1
+
+
+def test_a_huge_error_message_is_cut_in_the_status(client, ddf, store_url):
+    run = ddf.manymodel.train(huge_failure, by="store", url=store_url, run_id="r1",
+                              execution_options=ExecutionOptions(max_log_chars=1_000))
+    assert run.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    with open(f"{store_url}/r1/store=3/_partition.json") as f:
+        stored = json.load(f)
+    assert stored["error"].startswith("ValueError: bad value xxx") and len(stored["error"]) < 4_100
+    assert "characters cut" in stored["error"]
+    # the traceback keeps its start and its end, where the exception is named
+    assert stored["traceback"].startswith("Traceback (most recent call last)")
+    assert "ValueError: bad value" in stored["traceback"] and len(stored["traceback"]) < 1_100
+    assert run.partition_details[3].error == stored["error"]
+
+
 def test_log_buffer_cuts_at_the_cap_and_notes_it_once():
     buffer = LogBuffer(10)
     buffer.write("12345")
