@@ -245,6 +245,35 @@ def check_reserved_columns(ddf: dd.DataFrame) -> None:
         )
 
 
+def check_meta(meta: Any, by: list) -> tuple[pd.DataFrame | None, pa.Schema | None]:
+    """A predict's ``meta=`` as an empty DataFrame (what Dask's ``meta=``
+    takes: a DataFrame, a dict or list of (column, dtype)), and the arrow
+    types its groups' output files are written in: those of meta's columns
+    outside ``by`` that have one (an empty object column has none)."""
+    if meta is None:
+        return None, None
+    from dask.dataframe.utils import make_meta
+
+    if not isinstance(meta, pd.DataFrame):
+        try:
+            made = make_meta(meta) if isinstance(meta, (dict, list, tuple)) else None
+        except Exception:  # Dask's own message is about its internals
+            made = None
+        if not isinstance(made, pd.DataFrame):
+            raise InvalidArgumentError(
+                f"meta must describe the output frame: an empty pandas DataFrame, or a dict or "
+                f"list of (column, dtype) such as {{'prediction': 'f8'}}; got {type(meta).__name__} {meta!r:.80}"
+            )
+        meta = made
+    meta = meta.iloc[:0]
+    try:
+        schema = pa.Schema.from_pandas(meta.drop(columns=[c for c in by if c in meta.columns]), preserve_index=False)
+    except (pa.ArrowException, TypeError, ValueError) as exc:
+        raise InvalidArgumentError(f"meta has a column pyarrow cannot store: {exc}") from None
+    typed = [f for f in schema if not pa.types.is_null(f.type)]
+    return meta, pa.schema(typed) if typed else None
+
+
 def check_on_existing(value: Any, allowed: Sequence[str] = ON_EXISTING) -> str:
     if value not in allowed:
         raise InvalidArgumentError(
@@ -685,6 +714,10 @@ class RunSpec:
     # values, when the input may hold values in another zone; else None
     training_zones: list[set[str]] | None = None
     extra: dict = field(default_factory=dict)
+    # predict with meta=: the types its groups' parquet files are written in
+    # (the columns meta gives a type), so that any parquet reader reads them
+    # as one dataset
+    output_schema: pa.Schema | None = None
     # this start of the run, also in its _run.json: another start (an
     # overwrite or resume while this one runs) writes its own there, and this
     # one's tasks then stop writing (_run_was_superseded). None: not fenced.
@@ -992,7 +1025,14 @@ def _save_output(spec: RunSpec, result: Any, frame: pd.DataFrame, rel: str) -> t
     if isinstance(result, pd.Series):
         if len(result) != len(frame):
             raise _UserError(f"the returned Series has {len(result)} rows, the group {len(frame)}")
-        result = frame.assign(**{str(result.name or PREDICTION_COLUMN): result.to_numpy()})
+        # unnamed: "prediction" (a Series named 0 is named, as in to_frame())
+        name = PREDICTION_COLUMN if result.name is None else str(result.name)
+        if name in spec.by:  # the by columns' values come from the path: it would be lost
+            raise _UserError(
+                f"the returned Series is named {name!r}, a by column, whose values the output takes "
+                f"from the group; name it otherwise, e.g. series.rename({PREDICTION_COLUMN!r})"
+            )
+        result = frame.assign(**{name: result.to_numpy()})
     elif isinstance(result, np.ndarray):
         if result.ndim != 1 or len(result) != len(frame):
             raise _UserError(
@@ -1016,9 +1056,32 @@ def _save_output(spec: RunSpec, result: Any, frame: pd.DataFrame, rel: str) -> t
     # columns there skips a pandas drop, a third of the cost for small groups
     columns = [c for c in result.columns if c not in spec.by]
     table = pa.Table.from_pandas(result, columns=columns, preserve_index=False)
+    if spec.output_schema is not None:
+        table = _as_meta_types(table, spec.output_schema)
     buffer = pa.BufferOutputStream()
     pq.write_table(table, buffer)
     return len(result), {spec.store.path(rel, OUTPUT_FILE): buffer.getvalue().to_pybytes()}
+
+
+def _as_meta_types(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """The group's output with meta's types where meta gives one: a column
+    all null in one group (arrow's null type) or ints where others have
+    floats would otherwise make files that readers of the whole folder
+    (``pd.read_parquet(url/run_id)``) cannot read as one dataset."""
+    for number, column in enumerate(table.schema):
+        index = schema.get_field_index(column.name)
+        if index < 0 or column.type == schema.field(index).type:
+            continue
+        wanted = schema.field(index).type
+        try:
+            converted = table.column(number).cast(wanted)
+        except (pa.ArrowException, ValueError) as exc:
+            raise _UserError(
+                f"column {column.name!r} of the returned frame holds {column.type} values that do not "
+                f"convert to meta's {wanted}: {exc}; return that type, or change meta="
+            ) from None
+        table = table.set_column(number, pa.field(column.name, wanted), converted)
+    return table
 
 
 class _UserError(Exception):
@@ -1874,6 +1937,7 @@ def start_run(
         retry_backoff=options.storage_retry_backoff,
     )
     check_reachable(store)
+    meta, output_schema = check_meta(meta, by)
 
     training_store = training_manifest = training_zones = None
     if kind == "predict":
@@ -1954,6 +2018,7 @@ def start_run(
         training_attempt=training_manifest.get("attempt") if training_manifest else None,
         training_zones=training_zones,
         submission=submission,
+        output_schema=output_schema,
     )
     # loaded by a worker while the workers count; before anything is
     # written, so that a function that cannot be pickled or loaded leaves no

@@ -481,3 +481,60 @@ def test_every_partition_has_exactly_metas_columns(client, store_url):
     assert list(out.columns) == list(computed.columns) == ["k", "missing", "pred"]
     assert dict(computed.dtypes) == dict(out.dtypes)
     assert computed["missing"].isna().all() and (computed["pred"] == 1.0).all()
+
+
+def label_some(data, model, ctx):
+    df = data.to_pandas()[["x"]]
+    # group 1: all None (arrow's null type), ints in a column meta says is float
+    label = [None] * len(df) if ctx.partition_id == 1 else ["ok"] * len(df)
+    return df.assign(label=label, count=np.arange(len(df)))
+
+
+def test_meta_types_every_groups_file_for_any_parquet_reader(client, store_url):
+    pdf = pd.DataFrame({"k": [1, 1, 2, 2], "x": [1.0, 2.0, 3.0, 4.0]})
+    ddf = dd.from_pandas(pdf, npartitions=2)
+    ddf.manymodel.train(fit_nothing, by="k", url=store_url, run_id="r1").wait(show_progress=False)
+    # a dict, as Dask's meta= takes one
+    inf = ddf.manymodel.predict(label_some, by="k", url=store_url, training_run_id="r1", run_id="s1",
+                                meta={"x": "f8", "label": "str", "count": "f8"})
+    assert inf.wait(show_progress=False) == RunStatus.SUCCESS
+    read = pd.read_parquet(f"{store_url}/s1")  # the folder, with a plain reader
+    assert len(read) == 4 and read["label"].isna().sum() == 2
+    assert str(read["count"].dtype) == "float64"
+    computed = inf.to_dask_dataframe().compute()
+    assert list(computed.columns) == ["k", "x", "label", "count"] and len(computed) == 4
+    # a value that does not convert to meta's type fails its group, saying so
+    bad = ddf.manymodel.predict(label_some, by="k", url=store_url, training_run_id="r1", run_id="s2",
+                                meta={"x": "f8", "label": "int64", "count": "f8"})
+    assert bad.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    error = bad.partition_details[2].error
+    assert "column 'label'" in error and "meta's int64" in error
+
+
+@pytest.mark.parametrize("meta", ["x", ["pred"], pd.Series([], dtype=float), 3])
+def test_a_meta_that_is_not_a_frame_is_refused_before_the_run(client, store_url, meta):
+    pdf = pd.DataFrame({"k": [1, 2], "x": [1.0, 2.0]})
+    ddf = dd.from_pandas(pdf, npartitions=1)
+    ddf.manymodel.train(fit_nothing, by="k", url=store_url, run_id="r1").wait(show_progress=False)
+    with pytest.raises(InvalidArgumentError, match="meta must describe the output frame"):
+        ddf.manymodel.predict(predict_one, by="k", url=store_url, training_run_id="r1", run_id="s1", meta=meta)
+    assert not os.path.exists(f"{store_url}/s1")
+
+
+def series_named(name):
+    def predict(data, model, ctx):
+        return pd.Series(data.to_pandas()["x"].to_numpy() * 10, name=name)
+
+    return predict
+
+
+def test_a_returned_series_keeps_its_name_and_may_not_take_a_by_columns(client, store_url):
+    pdf = pd.DataFrame({"k": [1, 1, 2], "x": [1.0, 2.0, 3.0]})
+    ddf = dd.from_pandas(pdf, npartitions=1)
+    ddf.manymodel.train(fit_nothing, by="k", url=store_url, run_id="r1").wait(show_progress=False)
+    zero = ddf.manymodel.predict(series_named(0), by="k", url=store_url, training_run_id="r1", run_id="s0")
+    assert zero.wait(show_progress=False) == RunStatus.SUCCESS
+    assert list(zero.to_dask_dataframe().columns) == ["k", "x", "0"]  # as to_frame() names it
+    lost = ddf.manymodel.predict(series_named("k"), by="k", url=store_url, training_run_id="r1", run_id="sk")
+    assert lost.wait(show_progress=False) == RunStatus.FAILURE
+    assert "named 'k', a by column" in lost.partition_details[1].error
