@@ -170,7 +170,8 @@ def _check_artifact_name(filename: str, taken: frozenset[str] = frozenset()) -> 
             f"artifact filename {filename!r} is reserved: names starting with '_' "
             f"belong to dask_manymodel"
         )
-    if filename in taken:
+    # a serde's file in a subfolder ('weights/model.pt') takes the subfolder's name too
+    if filename in taken or filename in {name.split("/", 1)[0] for name in taken}:
         raise InvalidArgumentError(
             f"artifact filename {filename!r} is the run's own file in this folder (the model, or "
             f"the inference output): choose another name"
@@ -186,6 +187,17 @@ def _pickle_write(obj: Any, path: str) -> None:
 def _pickle_read(path: str) -> Any:
     with open(path, "rb") as f:
         return cloudpickle.load(f)
+
+
+class _ThisGroup:
+    """The default group of :meth:`PartitionContext.download`: not None,
+    which is the null group's value."""
+
+    def __repr__(self) -> str:
+        return "<this group>"
+
+
+_THIS_GROUP = _ThisGroup()
 
 
 class PartitionContext:
@@ -269,6 +281,17 @@ class PartitionContext:
         with tempfile.TemporaryDirectory(prefix="manymodel-") as tmp:
             local = os.path.join(tmp, filename)
             write(obj, local)
+            # as for a serde: one file, or the upload would store an empty folder
+            if os.path.isdir(local):
+                raise InvalidArgumentError(
+                    f"write_function made a folder for artifact {filename!r} where one file was asked "
+                    f"for; write one file (pack a folder, such as a SavedModel, into an archive)"
+                )
+            if not os.path.isfile(local):
+                raise InvalidArgumentError(
+                    f"write_function wrote no file for artifact {filename!r}; it must write to the "
+                    f"path it is given (its second argument)"
+                )
             if self._before_write is not None:
                 self._before_write()
             store.upload_file(local, posixpath.join(folder, filename))
@@ -279,7 +302,7 @@ class PartitionContext:
     def download(
         self,
         filename: str,
-        partition_id: Any = None,
+        partition_id: Any = _THIS_GROUP,
         run_id: str | None = None,
         read_function: Callable[[str], Any] | None = None,
     ) -> Any:
@@ -291,6 +314,7 @@ class PartitionContext:
             The name given to :meth:`upload`.
         partition_id : object, optional
             Another group of the same ``by`` columns; default this group.
+            ``None`` is the null group's value, as everywhere.
         run_id : str, optional
             Another run under the same URL; default this run.
         read_function : callable, optional
@@ -303,7 +327,7 @@ class PartitionContext:
 
             check_run_id(run_id)  # a folder of the URL, never one beside it ("..")
         store, folder = self._group_folder(
-            self.partition_id if partition_id is None else partition_id, run_id
+            self.partition_id if partition_id is _THIS_GROUP else partition_id, run_id
         )
         read = read_function or _pickle_read
         with tempfile.TemporaryDirectory(prefix="manymodel-") as tmp:

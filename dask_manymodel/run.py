@@ -118,7 +118,9 @@ class Artifacts:
         from .context import _pickle_read
 
         with tempfile.TemporaryDirectory(prefix="manymodel-") as tmp:
-            local = self.download(name, os.path.join(tmp, name))
+            local = os.path.join(tmp, name)
+            os.makedirs(os.path.dirname(local), exist_ok=True)  # a serde's file in a subfolder
+            self.download(name, local)
             return (read_function or _pickle_read)(local)
 
 

@@ -434,6 +434,61 @@ def test_artifact_names_the_run_uses_or_that_reach_beside_the_url(client, ddf, s
     assert long_name.get_model(3) == {"group": 3}
 
 
+def upload_a_folder_or_nothing(data, ctx):
+    def folder(obj, path):
+        os.makedirs(os.path.join(path, "variables"))
+        with open(os.path.join(path, "variables", "weights.bin"), "wb") as f:
+            f.write(b"w")
+
+    def nothing(obj, path):
+        pass
+
+    ctx.upload(1, "saved", write_function=folder if ctx.partition_id % 2 else nothing)
+    return 1
+
+
+def save_beside_the_null_group(data, ctx):
+    ctx.upload(f"stats of {ctx.partition_id}", "stats.pkl")
+
+
+def read_the_null_groups(data, ctx):
+    return ctx.download("stats.pkl", partition_id=None, run_id="d1")
+
+
+def upload_under_the_models_folder(data, ctx):
+    ctx.upload("not the model", "weights")
+    return {"group": ctx.partition_id}
+
+
+def test_artifacts_of_folders_the_null_group_and_a_serdes_subfolder(client, ddf, store_url):
+    """A write_function that made a folder stored an empty folder (DONE, the
+    files lost); download(partition_id=None) read the caller's own group;
+    with a serde writing 'weights/model.pkl' an upload named 'weights' was an
+    INTERNAL_ERROR and artifacts.get() of the model raised FileNotFoundError."""
+    written = ddf.manymodel.train(upload_a_folder_or_nothing, by="store", url=store_url, run_id="r1")
+    assert written.wait(show_progress=False) == RunStatus.FAILURE
+    assert "write_function made a folder for artifact 'saved'" in written.partition_details[1].error
+    assert "write_function wrote no file for artifact 'saved'" in written.partition_details[2].error
+
+    frame = pd.DataFrame({"k": pd.array(["a", None, "b"], dtype="string"), "x": [1.0, 2.0, 3.0]})
+    keys = dd.from_pandas(frame, npartitions=1)
+    saved = DPF(save_beside_the_null_group, stage_name=store_url).run(partition_by="k", dataframe=keys, run_id="d1")
+    assert saved.wait(show_progress=False) == RunStatus.SUCCESS
+    read = keys.manymodel.train(read_the_null_groups, by="k", url=store_url, run_id="r2")
+    assert read.wait(show_progress=False) == RunStatus.SUCCESS
+    assert read.get_model("b") == "stats of None"
+
+    nested = PickleSerde("weights/model.pkl")
+    clash = ddf.manymodel.train(upload_under_the_models_folder, by="store", url=store_url, run_id="r3", serde=nested)
+    assert clash.wait(show_progress=False) == RunStatus.FAILURE
+    assert "artifact filename 'weights' is the run's own file" in clash.partition_details[0].error
+    fine = ddf.manymodel.train(fit_line, by="store", url=store_url, run_id="r4", serde=nested)
+    assert fine.wait(show_progress=False) == RunStatus.SUCCESS
+    artifacts = fine.partition_details[4].artifacts
+    assert artifacts.list() == ["weights/model.pkl"]
+    np.testing.assert_allclose(artifacts.get("weights/model.pkl"), fine.get_model(4))
+
+
 def test_summary_keeps_group_values_as_they_are(client, store_url):
     """With a null group pandas made the int ids floats, and a large one then
     named another group; an empty run's columns were all object."""
