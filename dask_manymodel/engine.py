@@ -30,7 +30,7 @@ import time
 import traceback
 import uuid
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import cloudpickle
@@ -196,7 +196,17 @@ def _carried_values(func: Callable) -> dict[str, Any]:
 
 def check_by(by: Any, ddf: dd.DataFrame) -> list:
     """``by`` as a non-empty list of distinct columns of ``ddf``."""
-    columns = [by] if isinstance(by, str) or not isinstance(by, (list, tuple)) else list(by)
+    # several columns as pandas' groupby takes them: a list, tuple, Index or array
+    several = isinstance(by, (list, tuple, pd.Index, np.ndarray))
+    columns = list(by) if several else [by]
+    for column in columns:
+        try:
+            hash(column)
+        except TypeError:
+            raise InvalidArgumentError(
+                f"partition_by/by must name column(s): a column name or a list of them, got "
+                f"{type(column).__name__} {column!r:.80}"
+            ) from None
     if not columns:
         raise InvalidArgumentError(
             "partition_by/by is empty: name the column(s) that define the groups"
@@ -439,7 +449,6 @@ def _unpicklable_part(spec: "RunSpec") -> tuple[str, str, Exception] | None:
          "Keep only picklable attributes on the serde; create the others when it reads or writes"),
         (f"storage at {spec.store.url!r} (its storage_options)", spec.store,
          "Pass storage_options that pickle (strings, numbers, dicts): fsspec sends them to every worker"),
-        ("execution_options", spec.options, "Keep ExecutionOptions.extra to picklable values"),
     ]
     for what, part, advice in parts:
         try:
@@ -713,7 +722,6 @@ class RunSpec:
     # predict: per ``by`` column, the time zones of the training run's stored
     # values, when the input may hold values in another zone; else None
     training_zones: list[set[str]] | None = None
-    extra: dict = field(default_factory=dict)
     # predict with meta=: the types its groups' parquet files are written in
     # (the columns meta gives a type), so that any parquet reader reads them
     # as one dataset

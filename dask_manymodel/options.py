@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .exceptions import InvalidArgumentError
@@ -80,7 +80,6 @@ class ExecutionOptions:
     task_retries: int = 1
     max_group_memory_fraction: float | None = 0.5
     reuse_freed_memory: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.npartitions is not None and (
@@ -120,7 +119,9 @@ class ExecutionOptions:
                 f"give one or the other"
             )
         fraction = self.max_group_memory_fraction
-        if fraction is not None and not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+        if fraction is not None and not (
+            isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction <= 1
+        ):
             raise InvalidArgumentError(
                 f"max_group_memory_fraction must be in (0, 1] or None, got {fraction!r}"
             )

@@ -6,6 +6,8 @@ import os
 import re
 import sys
 
+import numpy as np
+import pandas as pd
 import pytest
 
 import dask_manymodel  # noqa: F401
@@ -36,6 +38,7 @@ CASES = [
     # (id, keyword overrides, error class, message fragment)
     ("missing-by-column", {"by": "shop"}, InvalidArgumentError, "['shop'] not in the dataframe"),
     ("empty-by", {"by": []}, InvalidArgumentError, "is empty"),
+    ("by-not-a-name", {"by": {"store": 1}}, InvalidArgumentError, "must name column(s): a column name or a list"),
     ("run-id-slash", {"run_id": "a/b"}, InvalidArgumentError, "run_id 'a/b' is not allowed"),
     ("run-id-dotdot", {"run_id": ".."}, InvalidArgumentError, "run_id '..' is not allowed"),
     ("run-id-whitespace", {"run_id": "my run"}, InvalidArgumentError, "run_id 'my run'"),
@@ -76,6 +79,7 @@ def test_bad_execution_options():
         ({"storage_retry_backoff": "fast"}, "storage_retry_backoff must be a number of seconds >= 0, got 'fast'"),
         ({"storage_retry_backoff": float("nan")}, "storage_retry_backoff must be a number of seconds >= 0, got nan"),
         ({"max_log_chars": True}, "max_log_chars must be an int >= 0, got True"),
+        ({"max_group_memory_fraction": True}, "max_group_memory_fraction must be in (0, 1] or None, got True"),
         ({"shuffle": "never", "npartitions": 5}, "ExecutionOptions(shuffle='never') runs the input's own "
          "partitions, and npartitions=5 asks for a shuffle into 5 tasks; give one or the other"),
     ]:
@@ -83,6 +87,13 @@ def test_bad_execution_options():
             ExecutionOptions(**options)
         assert str(info.value) == message
     assert ExecutionOptions(storage_retry_backoff=0, fail_fast=True).storage_retry_backoff == 0
+
+
+@pytest.mark.parametrize("by", [pd.Index(["store"]), np.array(["store"])], ids=["Index", "array"])
+def test_by_as_an_index_or_an_array_names_its_columns(client, ddf, tmp_path, by):
+    """As pandas' groupby takes them; they raised a raw TypeError (unhashable)."""
+    run = ddf.manymodel.train(fit_line, by=by, url=str(tmp_path), run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS and run.partition_by == ["store"]
 
 
 def count_tasks_run(dask_scheduler) -> int:
