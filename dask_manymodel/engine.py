@@ -703,6 +703,12 @@ def _tag_partition(df: pd.DataFrame, by: list, keys: pd.Index, parts: np.ndarray
 # what the workers get
 
 
+#: The scheduler's event topic of every run's progress reports (each names
+#: its run's submission): one topic, so that the scheduler keeps one bounded
+#: log of them however many runs a cluster serves.
+PROGRESS_TOPIC = "manymodel-progress"
+
+
 @dataclass
 class RunSpec:
     """Everything a partition task needs; one task of the cluster per run (:func:`send_spec`)."""
@@ -906,7 +912,9 @@ class _Heartbeat:
         (an event the worker batches: no round trip)."""
         total = self.finished["done"] + self.finished["failed"]
         if self.worker is not None and total > self.reported:
-            self.worker.log_event(self.spec.progress_topic, {"task": self.task, **self.finished})
+            self.worker.log_event(
+                self.spec.progress_topic, {"submission": self.spec.submission, "task": self.task, **self.finished}
+            )
             self.reported = total
 
     def cancel_run(self) -> None:
@@ -2021,7 +2029,7 @@ def start_run(
         # per submission, not per attempt: a resumed run must not find the
         # cancel event of the submission it resumes, nor its task keys
         cancel_event=f"manymodel-cancel-{submission}",
-        progress_topic=f"manymodel-progress-{submission}",
+        progress_topic=PROGRESS_TOPIC,
         training_store=training_store,
         training_attempt=training_manifest.get("attempt") if training_manifest else None,
         training_zones=training_zones,

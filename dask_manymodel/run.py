@@ -268,21 +268,31 @@ _MISSING = object()
 _FENCE_SECONDS = 1.0
 
 
-def _progress_handler(run: "ManyModelRun") -> Callable[[tuple], None]:
-    """The handler of a run's progress topic, holding the run weakly.
+# The live runs of this process by submission, for the progress topic's
+# handler; weakly, so that a finished run's handle (and its records, ~60 MB at
+# 100,000 groups) goes when the user drops it.
+_live_runs: "weakref.WeakValueDictionary[str, ManyModelRun]" = weakref.WeakValueDictionary()
+# The clients whose progress topic is subscribed, once each for its life:
+# ``Client.unsubscribe_topic`` keeps the handler in the client, and a topic
+# per run kept one topic per run in the scheduler.
+_subscribed_clients: "weakref.WeakSet[distributed.Client]" = weakref.WeakSet()
+_subscribe_lock = threading.Lock()
 
-    ``Client.unsubscribe_topic`` tells the scheduler but keeps the handler in
-    the client, so a handler bound to the run kept every finished run (and
-    its records, ~60 MB at 100,000 groups) alive as long as the client.
-    """
-    run_ref = weakref.ref(run)
 
-    def on_progress_event(event: tuple) -> None:
-        alive = run_ref()
-        if alive is not None:
-            alive._on_progress_event(event)
+def _on_progress_event(event: tuple) -> None:
+    """A task's progress report, to its run if that run is live here."""
+    _, msg = event
+    run = _live_runs.get(msg.get("submission")) if isinstance(msg, dict) else None
+    if run is not None:
+        run._on_progress_event(event)
 
-    return on_progress_event
+
+def _follow_progress(run: "ManyModelRun", client: distributed.Client, topic: str) -> None:
+    _live_runs[run._spec.submission] = run
+    with _subscribe_lock:
+        if client not in _subscribed_clients:
+            client.subscribe_topic(topic, _on_progress_event)
+            _subscribed_clients.add(client)
 
 
 class ManyModelRun:
@@ -332,7 +342,7 @@ class ManyModelRun:
         if not futures:
             self._finished.set()
             return
-        client.subscribe_topic(spec.progress_topic, _progress_handler(self))
+        _follow_progress(self, client, spec.progress_topic)
         self._collector = threading.Thread(
             target=self._collect, name=f"manymodel-collect-{self.run_id}", daemon=True
         )
@@ -412,10 +422,7 @@ class ManyModelRun:
             logger.exception("collecting the results of run %r failed", self.run_id)
             self._finalize_after_failure(exc)
         finally:
-            try:
-                self._client.unsubscribe_topic(self._spec.progress_topic)
-            except Exception:
-                pass
+            _live_runs.pop(self._spec.submission, None)
             self._finished.set()
 
     def _keep(self, records: list[dict]) -> None:

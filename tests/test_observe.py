@@ -246,3 +246,19 @@ def test_running_means_a_worker_is_executing_the_groups_task(tmp_path):
         finally:
             open(gate, "w").close()
         assert run.wait(show_progress=False) == RunStatus.SUCCESS
+
+
+def manymodel_topics(dask_scheduler) -> list:
+    return sorted(name for name in dask_scheduler._broker._topics if str(name).startswith("manymodel"))
+
+
+def test_runs_share_one_progress_topic(client, ddf, store_url):
+    """Each run subscribed a topic of its own, and the scheduler and the
+    client kept every one of them (a handler and a log per run) for their
+    lives: a cluster serving thousands of runs kept thousands."""
+    before = len(client._event_handlers)
+    for number in range(3):
+        run = ddf.manymodel.train(fit_line, by="store", url=store_url, run_id=f"r{number}")
+        assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    assert client.run_on_scheduler(manymodel_topics) == ["manymodel-progress"]
+    assert len(client._event_handlers) <= before + 1
