@@ -1758,6 +1758,8 @@ class _CarefulTry:
             return "kept"
         rel, key = self.rels[number], self.groups.keys[number]
         stored = self.earlier.get(rel)
+        # an earlier try may have died while it wrote this group's files
+        self.spec.store.remove_temp_files(rel)
         if stored is not None and stored.get("alone"):
             record = _record(
                 self.spec, key, rel, status="FAILED", rows=self.groups.size(number),

@@ -16,6 +16,7 @@ NUL, ``~``) is percent-encoded, and the segment always starts with
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import errno
@@ -428,16 +429,19 @@ def _make_folder(folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
 
 
+_TEMP_PREFIX = ".tmp-"
+
+
 def _temp_name(path: str, tag: str) -> str:
     """A temp name beside ``path``: hidden (hive readers skip it) and ending in
     the real name, so writers that pick a format from the extension (Keras)
     still work."""
     folder, name = posixpath.split(path)
-    temp = f".tmp-{tag}-{name}"
+    temp = f"{_TEMP_PREFIX}{tag}-{name}"
     if len(temp.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         # a long name (up to the 255 bytes a file system allows) must still
         # have a temp name that fits: the tag and the extension alone
-        temp = f".tmp-{tag}{posixpath.splitext(name)[1][:100]}"
+        temp = f"{_TEMP_PREFIX}{tag}{posixpath.splitext(name)[1][:100]}"
     return posixpath.join(folder, temp)
 
 
@@ -756,6 +760,19 @@ class RunStore:
         return sorted(
             posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "file"
         )
+
+    def remove_temp_files(self, rel: str) -> None:
+        """Remove the temp files a writer killed mid-write left in group
+        folder ``rel`` (local disk only: an object store's write is one PUT
+        and leaves none). A finished write renames its temp file, and an
+        interrupted one removes it, but a process that is killed does neither."""
+        if not self.is_local:
+            return
+        for folder, subfolders, names in os.walk(self.path(rel)):
+            for name in names:
+                if name.startswith(_TEMP_PREFIX):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(folder, name))
 
     def delete_files(self, paths: list[str]) -> None:
         """Remove these files; those already gone are no error."""

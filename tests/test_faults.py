@@ -727,6 +727,21 @@ def test_a_careful_try_keeps_what_is_stored_and_names_the_group_its_worker_died_
     assert "bytes" not in got[0]  # kept as stored (with no model size), not run again
 
 
+def test_a_careful_try_removes_what_a_killed_write_left(tmp_path):
+    """A worker killed while it wrote a model (out of memory in torch.save)
+    left the temp file in the group's folder for good; the try after it
+    rewrote the group DONE beside it."""
+    left = [tmp_path / "m" / "r1" / "store=3" / ".tmp-0a1b-model.pkl",  # marked with the batch that died
+            tmp_path / "m" / "r1" / "store=5" / "sub" / ".tmp-2c3d-weights.pt"]  # a first try's: unmarked
+    for path in left:
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"half a model")
+    got = careful_try(tmp_path, {0: {"status": "DONE"}, 3: {"status": "RUNNING", "alone": False}})
+    assert {r["status"] for r in got.values()} == {"DONE"}
+    assert not any(path.exists() for path in left)
+    assert (tmp_path / "m" / "r1" / "store=3" / "model.pkl").exists()
+
+
 def test_a_careful_try_blames_no_group_when_other_tasks_ran_beside_it(tmp_path):
     # a worker with several threads: another task's group may have killed it
     got = careful_try(tmp_path, {0: {"status": "DONE"}, 2: {"status": "RUNNING", "alone": True, "others": 1}})
