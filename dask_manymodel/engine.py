@@ -280,8 +280,18 @@ def check_meta(meta: Any, by: list) -> tuple[pd.DataFrame | None, pa.Schema | No
         schema = pa.Schema.from_pandas(meta.drop(columns=[c for c in by if c in meta.columns]), preserve_index=False)
     except (pa.ArrowException, TypeError, ValueError) as exc:
         raise InvalidArgumentError(f"meta has a column pyarrow cannot store: {exc}") from None
-    typed = [f for f in schema if not pa.types.is_null(f.type)]
-    return meta, pa.schema(typed) if typed else None
+    typed = [field for field in schema if _has_a_type(field.type)]
+    # the schema's pandas metadata too: a cast column's entry is taken from it
+    return meta, pa.schema(typed, metadata=schema.metadata) if typed else None
+
+
+def _has_a_type(arrow_type: pa.DataType) -> bool:
+    """Whether meta says something about a column's values: an empty object
+    column (arrow's null type), or an empty ``category`` with no categories
+    yet, does not."""
+    if pa.types.is_dictionary(arrow_type):
+        return not pa.types.is_null(arrow_type.value_type)
+    return not pa.types.is_null(arrow_type)
 
 
 def check_on_existing(value: Any, allowed: Sequence[str] = ON_EXISTING) -> str:
@@ -1041,8 +1051,8 @@ def _save_output(spec: RunSpec, result: Any, frame: pd.DataFrame, rel: str) -> t
     if isinstance(result, pd.Series):
         if len(result) != len(frame):
             raise _UserError(f"the returned Series has {len(result)} rows, the group {len(frame)}")
-        # unnamed: "prediction" (a Series named 0 is named, as in to_frame())
-        name = PREDICTION_COLUMN if result.name is None else str(result.name)
+        # unnamed (or ""): "prediction"; a Series named 0 is named, as in to_frame()
+        name = PREDICTION_COLUMN if result.name is None or result.name == "" else str(result.name)
         if name in spec.by:  # the by columns' values come from the path: it would be lost
             raise _UserError(
                 f"the returned Series is named {name!r}, a by column, whose values the output takes "
@@ -1083,12 +1093,22 @@ def _as_meta_types(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """The group's output with meta's types where meta gives one: a column
     all null in one group (arrow's null type) or ints where others have
     floats would otherwise make files that readers of the whole folder
-    (``pd.read_parquet(url/run_id)``) cannot read as one dataset."""
+    (``pd.read_parquet(url/run_id)``) cannot read as one dataset. A
+    categorical keeps its own categories (their count sets its index width);
+    only their type follows meta's."""
+    cast = []
     for number, column in enumerate(table.schema):
         index = schema.get_field_index(column.name)
-        if index < 0 or column.type == schema.field(index).type:
+        if index < 0:
             continue
         wanted = schema.field(index).type
+        if pa.types.is_dictionary(wanted):
+            if pa.types.is_dictionary(column.type):
+                wanted = pa.dictionary(column.type.index_type, wanted.value_type, wanted.ordered)
+            else:
+                wanted = pa.dictionary(pa.int32(), wanted.value_type, wanted.ordered)
+        if column.type == wanted:
+            continue
         try:
             converted = table.column(number).cast(wanted)
         except (pa.ArrowException, ValueError) as exc:
@@ -1097,7 +1117,23 @@ def _as_meta_types(table: pa.Table, schema: pa.Schema) -> pa.Table:
                 f"convert to meta's {wanted}: {exc}; return that type, or change meta="
             ) from None
         table = table.set_column(number, pa.field(column.name, wanted), converted)
+        cast.append(column.name)
+    if cast:
+        table = _with_metas_pandas_types(table, schema, set(cast))
     return table
+
+
+def _with_metas_pandas_types(table: pa.Table, schema: pa.Schema, cast: set) -> pa.Table:
+    """The table's pandas metadata, with meta's entries for the columns cast
+    to meta's types: pandas applies the entry's dtype when it reads the file
+    (a group's ``Int64`` entry over a float column made pandas truncate)."""
+    try:
+        own = json.loads(table.schema.metadata[b"pandas"])
+        metas = {entry["name"]: entry for entry in json.loads(schema.metadata[b"pandas"])["columns"]}
+    except (TypeError, KeyError, ValueError):  # no pandas metadata on one side: nothing to mend
+        return table
+    own["columns"] = [metas.get(entry["name"], entry) if entry["name"] in cast else entry for entry in own["columns"]]
+    return table.replace_schema_metadata({**table.schema.metadata, b"pandas": json.dumps(own).encode()})
 
 
 class _UserError(Exception):

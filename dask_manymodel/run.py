@@ -129,11 +129,12 @@ class _GroupText:
     group's stored ``_partition.json`` the first time one is asked for (a
     live handle's records leave them out, see ``engine._compact``)."""
 
-    __slots__ = ("_store", "_folder", "_values")
+    __slots__ = ("_store", "_folder", "_attempt", "_values")
 
-    def __init__(self, store: RunStore, folder: str, values: dict | None = None):
+    def __init__(self, store: RunStore, folder: str, attempt: str | None, values: dict | None = None):
         self._store = store
         self._folder = folder
+        self._attempt = attempt  # the handle's: another start's text is not this group's
         self._values = values
 
     def get(self, name: str) -> Any:
@@ -145,7 +146,9 @@ class _GroupText:
                 stored = self._store.read_json(self._store.path(self._folder, PARTITION_FILE))
             except (FileNotFoundError, ValueError):  # not written (yet), or being written
                 stored = {}
-            self._values = {key: stored.get(key) for key in GROUP_TEXT} if isinstance(stored, dict) else {}
+            if not isinstance(stored, dict) or stored.get("attempt") != self._attempt:
+                stored = {}  # written over by another start of the run (an overwrite)
+            self._values = {key: stored.get(key) for key in GROUP_TEXT}
         return self._values.get(name)
 
 
@@ -636,9 +639,10 @@ class ManyModelRun:
 
         if PartitionStatus(record["status"]) not in FINAL_STATUSES:
             return None  # nothing stored yet
+        attempt = self._manifest.get("attempt")
         if any(record.get(key) for key in GROUP_TEXT):
-            return _GroupText(self._store, folder, {key: record.get(key) for key in GROUP_TEXT})
-        return _GroupText(self._store, folder)
+            return _GroupText(self._store, folder, attempt, {key: record.get(key) for key in GROUP_TEXT})
+        return _GroupText(self._store, folder, attempt)
 
     def _output_rows(self, record: dict) -> int | None:
         """Rows a DONE predict group returned; a live handle's records leave

@@ -67,6 +67,11 @@ def test_logs_are_capped_with_a_note(client, ddf, store_url):
         assert json.load(f)["logs"] == logs
 
 
+def second_start(data, ctx):
+    print("the second start")
+    return fit_line(data, ctx)
+
+
 def test_logs_and_tracebacks_stay_in_storage_until_asked_for(client, ddf, store_url):
     # what the tasks hand back (and the live handle keeps) is the small record;
     # 10,000 groups that print a page would otherwise be GBs in the client
@@ -83,6 +88,11 @@ def test_logs_and_tracebacks_stay_in_storage_until_asked_for(client, ddf, store_
         assert details[2].traceback.rstrip().endswith("ValueError: group 2 is broken")
         assert details[5].traceback is None
         assert "logs" not in repr(details[5])
+    # the run started again over it: the old handle's groups have no text of the new start's
+    again = ddf.manymodel.train(second_start, by="store", url=store_url, run_id="r1", on_existing_artifacts="overwrite")
+    assert again.wait(show_progress=False) == RunStatus.SUCCESS
+    old = run.partition_details
+    assert old[2].error == "ValueError: group 2 is broken" and old[2].traceback is None and old[5].logs == ""
 
 
 def huge_failure(data, ctx):

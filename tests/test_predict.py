@@ -487,7 +487,9 @@ def label_some(data, model, ctx):
     df = data.to_pandas()[["x"]]
     # group 1: all None (arrow's null type), ints in a column meta says is float
     label = [None] * len(df) if ctx.partition_id == 1 else ["ok"] * len(df)
-    return df.assign(label=label, count=np.arange(len(df)))
+    # a nullable Int64 in one group, floats in the other, and categories of its own
+    count = pd.array(range(len(df)), dtype="Int64") if ctx.partition_id == 1 else np.arange(len(df)) + 0.5
+    return df.assign(label=label, count=count, kind=pd.Categorical([f"k{ctx.partition_id}"] * len(df)))
 
 
 def test_meta_types_every_groups_file_for_any_parquet_reader(client, store_url):
@@ -500,9 +502,14 @@ def test_meta_types_every_groups_file_for_any_parquet_reader(client, store_url):
     assert inf.wait(show_progress=False) == RunStatus.SUCCESS
     read = pd.read_parquet(f"{store_url}/s1")  # the folder, with a plain reader
     assert len(read) == 4 and read["label"].isna().sum() == 2
-    assert str(read["count"].dtype) == "float64"
+    assert str(read["count"].dtype) == "float64" and sorted(read["count"]) == [0.0, 0.5, 1.0, 1.5]
     computed = inf.to_dask_dataframe().compute()
     assert list(computed.columns) == ["k", "x", "label", "count"] and len(computed) == 4
+    # an empty category in meta (no categories yet) types nothing: each group keeps its own
+    meta = pd.DataFrame({"x": pd.Series([], dtype="f8"), "kind": pd.Series([], dtype="category")})
+    kinds = ddf.manymodel.predict(label_some, by="k", url=store_url, training_run_id="r1", run_id="s3", meta=meta)
+    assert kinds.wait(show_progress=False) == RunStatus.SUCCESS
+    assert sorted(kinds.to_dask_dataframe().compute()["kind"].astype(str)) == ["k1", "k1", "k2", "k2"]
     # a value that does not convert to meta's type fails its group, saying so
     bad = ddf.manymodel.predict(label_some, by="k", url=store_url, training_run_id="r1", run_id="s2",
                                 meta={"x": "f8", "label": "int64", "count": "f8"})
@@ -535,6 +542,9 @@ def test_a_returned_series_keeps_its_name_and_may_not_take_a_by_columns(client, 
     zero = ddf.manymodel.predict(series_named(0), by="k", url=store_url, training_run_id="r1", run_id="s0")
     assert zero.wait(show_progress=False) == RunStatus.SUCCESS
     assert list(zero.to_dask_dataframe().columns) == ["k", "x", "0"]  # as to_frame() names it
+    empty = ddf.manymodel.predict(series_named(""), by="k", url=store_url, training_run_id="r1", run_id="se")
+    assert empty.wait(show_progress=False) == RunStatus.SUCCESS
+    assert list(empty.to_dask_dataframe().columns) == ["k", "x", "prediction"]
     lost = ddf.manymodel.predict(series_named("k"), by="k", url=store_url, training_run_id="r1", run_id="sk")
     assert lost.wait(show_progress=False) == RunStatus.FAILURE
     assert "named 'k', a by column" in lost.partition_details[1].error
