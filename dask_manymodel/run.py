@@ -192,10 +192,12 @@ class PartitionDetails:
 
     @property
     def traceback(self) -> str | None:
+        """The traceback of a FAILED / INTERNAL_ERROR group (read from storage when first asked for)."""
         return self._text.get("traceback") if self._text is not None else None
 
     @property
     def logs(self) -> str:
+        """What the function printed or logged (read from storage when first asked for)."""
         return (self._text.get("logs") if self._text is not None else None) or ""
 
 
