@@ -69,6 +69,20 @@ def test_two_loader_workers_cover_every_row_once(frame, shuffle, drop_last):
     assert (rows == sorted(rows)) is (not shuffle)
 
 
+def test_loader_workers_started_with_spawn_get_the_dataset(frame, tmp_path):
+    """DataLoader workers started with spawn (Dask's workers start their
+    children so; macOS; Python 3.14's forkserver) pickle the dataset: the
+    class was local to a function ("Can't pickle local object")."""
+    from dask_manymodel import FileSet
+
+    made = FileSet.make(str(tmp_path), "fs", frame[["i64", "f64"]])
+    for ds in (DataConnector.from_pandas(frame).to_torch_dataset(batch_size=8, shuffle=True, seed=1),
+               made.to_torch_dataset(batch_size=8, drop_last_batch=False)):
+        loader = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn")
+        rows = rows_of(list(loader))
+        assert len(rows) == len(set(rows)) and set(rows) <= set(range(103)) and len(rows) >= 96
+
+
 def test_shuffle_changes_every_epoch_and_seed_reproduces(frame):
     data = DataConnector.from_pandas(frame)
     ds = data.to_torch_dataset(batch_size=10, shuffle=True, seed=42, drop_last_batch=False)
@@ -245,3 +259,31 @@ def test_numpy_ints_are_accepted_for_seed_and_limit(frame):
     seeded = data.to_torch_dataset(batch_size=8, shuffle=True, seed=np.int64(3))
     assert rows_of(seeded) == rows_of(data.to_torch_dataset(batch_size=8, shuffle=True, seed=3))
     assert len(data.to_pandas(limit=np.int64(2))) == 2
+
+
+def train_with_loader_workers(data, ctx):
+    ds = data.to_torch_dataset(batch_size=8, shuffle=True, seed=3)
+    return sorted(v for b in DataLoader(ds, batch_size=None, num_workers=2) for v in b["x"].tolist())
+
+
+def test_loader_workers_inside_a_run_on_non_daemonic_workers(tmp_path):
+    """The way docs/connectors.md gives to DataLoader workers inside a run;
+    it failed on every group: Dask's workers start their children with spawn."""
+    import logging
+
+    import dask
+    import dask.dataframe as dd
+    import distributed
+
+    import dask_manymodel  # noqa: F401
+    from dask_manymodel import RunStatus
+
+    pdf = pd.DataFrame({"g": np.repeat([0, 1], 32), "x": np.arange(64.0)})
+    with dask.config.set({"distributed.worker.daemon": False}), distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.ERROR
+    ) as cluster, distributed.Client(cluster):
+        run = dd.from_pandas(pdf, npartitions=1).manymodel.train(
+            train_with_loader_workers, by="g", url=str(tmp_path), run_id="r1"
+        )
+        assert run.wait(timeout=240, show_progress=False) == RunStatus.SUCCESS, run.summary()["error"].tolist()
+        assert run.get_model(1) == list(np.arange(32.0, 64.0))

@@ -6,94 +6,28 @@ batch of the same epoch permutation, so together they cover every row once.
 
 Dask worker processes are daemonic and cannot start DataLoader workers: to
 use ``num_workers > 0`` inside a many-model run, start the Dask workers with
-``dask.config.set({"distributed.worker.daemon": False})``.
+``dask.config.set({"distributed.worker.daemon": False})``. The dataset
+pickles (``_torch_dataset``), as DataLoader workers started with ``spawn``
+need: Dask's workers start their children so.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any
-
-import numpy as np
 
 from .._compat import import_optional
-from ._batching import check_batch_size, check_seed, epoch_rng, new_seed
-
-
-
-
-def _to_torch(batch: dict[str, Any], torch) -> dict[str, Any]:
-    out = {}
-    for name, values in batch.items():
-        if isinstance(values, np.ndarray):
-            out[name] = values.tolist() if values.dtype == object else torch.from_numpy(np.ascontiguousarray(values))
-        elif isinstance(values, np.generic):  # a single row
-            # a 0-d tensor of the column's dtype: torch.tensor(value.item())
-            # would make float64 float32, int8 int64, and overflow on big uint64
-            out[name] = torch.from_numpy(np.asarray(values))
-        else:  # a single row of a string column
-            out[name] = values
-    return out
+from ._batching import check_batch_size, check_seed
 
 
 def make_torch_dataset(source, *, batch_size=None, shuffle=False, drop_last_batch=True, seed=None):
     """Build the ``IterableDataset`` over ``source`` (see the module docstring)."""
-    torch = import_optional("torch")
-    batch_size = check_batch_size(batch_size)
-    seed = check_seed(seed)
+    import_optional("torch")  # a clear error when torch is not installed
+    from ._torch_dataset import ManyModelIterableDataset
 
-    class ManyModelIterableDataset(torch.utils.data.IterableDataset):
-        """Batches as ``dict[column -> Tensor]`` (strings as lists).
-
-        Each iteration is one epoch. With ``shuffle=True`` every epoch has a
-        new order. Once :meth:`set_epoch` was called, the order is a function
-        of ``(seed, epoch)`` alone: the same on a fresh dataset (resuming from
-        a checkpoint), on a repeated ``set_epoch(n)``, and split across
-        DataLoader workers; as with ``DistributedSampler``, call it before
-        every epoch, or every epoch repeats that epoch's order. Without
-        :meth:`set_epoch` the order comes from ``seed`` and the number of
-        iterations without DataLoader workers (or with
-        ``persistent_workers=True``); with non-persistent workers, also from
-        the DataLoader's per-epoch seed (each epoch differs, reproducibly only
-        with ``generator=torch.Generator().manual_seed(...)``), so
-        :meth:`set_epoch` is the recommended way to a reproducible order.
-        With ``persistent_workers=True`` the workers keep the copy of the
-        dataset they started with and do not see a later :meth:`set_epoch`:
-        use non-persistent workers with it.
-        """
-
-        def __init__(self):
-            super().__init__()
-            self.source = source
-            self.seed = new_seed() if seed is None else seed
-            self._iterations = 0
-            self._epoch: int | None = None
-
-        def set_epoch(self, epoch: int) -> None:
-            """Fix the epoch number (as ``DistributedSampler.set_epoch``): from
-            now on every iteration has the order of ``(seed, epoch)``."""
-            self._epoch = int(epoch)
-
-        def __iter__(self):
-            info = torch.utils.data.get_worker_info()
-            share, n_shares = (info.id, info.num_workers) if info is not None else (0, 1)
-            if self._epoch is not None:
-                # a function of (seed, epoch) alone: a fresh dataset, a repeated
-                # set_epoch(n) and every DataLoader worker get the same order
-                keys = [self._epoch]
-            else:
-                keys = [self._iterations]
-                if info is not None:
-                    keys.append((info.seed - info.id) % 2**63)  # shared by this epoch's workers
-                self._iterations += 1
-            rng = epoch_rng(self.seed, *keys)
-            for batch in self.source.epoch(
-                rng, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last_batch,
-                share=share, n_shares=n_shares,
-            ):
-                yield _to_torch(batch, torch)
-
-    return ManyModelIterableDataset()
+    return ManyModelIterableDataset(
+        source, batch_size=check_batch_size(batch_size), shuffle=shuffle, drop_last_batch=drop_last_batch,
+        seed=check_seed(seed),
+    )
 
 
 def make_torch_datapipe(source, **kwargs):
