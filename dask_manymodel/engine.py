@@ -1494,6 +1494,8 @@ class _PendingWrites:
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
         self._timer_error: BaseException | None = None
+        # predict: the training run was started again since the task began
+        self.training_changed = False
 
     def add(self, record: dict, files: dict[str, bytes]) -> None:
         with self._lock:
@@ -1556,6 +1558,8 @@ class _PendingWrites:
         if entries and self.heartbeat.check_superseded():
             self._drop(entries)
             return
+        if self.spec.kind == "predict" and any(record["status"] == "DONE" for record, _ in entries):
+            entries = self._unless_training_changed(entries)
         folders: set[str] = set()  # the groups' folders made for their models
         failed = store.write_many(
             {path: data for _, files in entries for path, data in files.items()}, made_folders=folders
@@ -1588,6 +1592,35 @@ class _PendingWrites:
             self.heartbeat.count(record["status"])
             # what the task returns; the full record is in storage now
             self.written.append(_compact(record))
+
+    def _unless_training_changed(self, entries: list[tuple[dict, dict[str, bytes]]]) -> list:
+        """A predict's batch, its DONE groups FAILED (their outputs not
+        written) if the training run was started again since this task began:
+        an overwrite writes its ``_run.json`` before it deletes or writes a
+        model, so while the training's attempt is still this predict's, every
+        model read before this check is of that attempt. One small read per
+        batch; a run reading two trainings' models would otherwise be DONE."""
+        if not self.training_changed:
+            training = self.spec.training_store
+            try:
+                attempt = training.read_json(training.path(RUN_MANIFEST)).get("attempt")
+            except FileNotFoundError:
+                attempt = None  # deleted
+            except Exception:  # the store cannot say now: the writes will tell
+                return entries
+            self.training_changed = attempt != self.spec.training_attempt
+        if not self.training_changed:
+            return entries
+        for record, files in entries:
+            if record["status"] == "DONE":
+                files.clear()
+                record.update(
+                    status="FAILED", output_rows=0, bytes=0,
+                    error=f"training run {self.spec.training_store.run_id!r} was started again (or deleted) "
+                          f"while this predict ran, so its models may be of either start; run the predict "
+                          f"again (on_existing_artifacts='overwrite') once the training has ended",
+                )
+        return entries
 
     def _drop(self, entries: list[tuple[dict, dict[str, bytes]]]) -> None:
         """The run was started again elsewhere: its folders are that run's

@@ -548,3 +548,30 @@ def test_a_returned_series_keeps_its_name_and_may_not_take_a_by_columns(client, 
     lost = ddf.manymodel.predict(series_named("k"), by="k", url=store_url, training_run_id="r1", run_id="sk")
     assert lost.wait(show_progress=False) == RunStatus.FAILURE
     assert "named 'k', a by column" in lost.partition_details[1].error
+
+
+def start_the_training_again(url, data, model, ctx):
+    # what another process's overwrite of the training run does first
+    path = os.path.join(url, "r1", "_run.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**manifest, "attempt": "another-start"}, f)
+    return data.to_pandas().assign(pred=1.0)
+
+
+def test_a_predict_never_mixes_the_models_of_two_trainings(client, store_url):
+    """The training run, overwritten by another process while a predict ran,
+    gave some groups the old models and some the new, and the predict said
+    SUCCESS."""
+    import functools
+
+    pdf = pd.DataFrame({"k": [1, 1, 2, 2], "x": [1.0, 2.0, 3.0, 4.0]})
+    ddf = dd.from_pandas(pdf, npartitions=1)
+    ddf.manymodel.train(fit_nothing, by="k", url=store_url, run_id="r1").wait(show_progress=False)
+    inf = ddf.manymodel.predict(functools.partial(start_the_training_again, store_url), by="k", url=store_url,
+                                training_run_id="r1", run_id="s1")
+    assert inf.wait(show_progress=False) == RunStatus.FAILURE
+    for details in inf.partition_details.values():
+        assert "training run 'r1' was started again (or deleted) while this predict ran" in details.error
+    assert not any(name.startswith("part-") for _, _, names in os.walk(f"{store_url}/s1") for name in names)
