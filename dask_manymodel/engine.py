@@ -2166,6 +2166,12 @@ def start_run(
         "cancelled": False,
         "versions": versions(),
     }
+    if stale:
+        # the outcomes the earlier pass stored for the groups that run again,
+        # before the manifest says IN_PROGRESS: a reader would take them for
+        # this pass's and call the run finished (until then it reads the
+        # earlier pass's final status, as before the resume)
+        store.delete_files([store.path(path, PARTITION_FILE) for path in stale])
     _write_manifest(store, manifest, on_existing_artifacts, delete_old=False)
     # from here until the tasks are submitted, a failure (the store, the
     # shuffle) must not leave the run IN_PROGRESS for good
@@ -2173,10 +2179,6 @@ def start_run(
         if on_existing_artifacts == "overwrite":
             # the old files, once the new manifest makes their statuses stale
             store.delete_run(keep=(RUN_MANIFEST,))
-        if stale:
-            # the outcomes the earlier pass stored for the groups that run again:
-            # a reader would take them for this pass's and call the run finished
-            store.delete_files([store.path(path, PARTITION_FILE) for path in stale])
         # kept in memory by the handle for retry_failed(); never written anywhere
         source = {"dataframe": lazy, "execution_options": options, "meta": meta, "storage_options": storage_options}
         todo = [p for p in counted_paths if p not in done_paths]

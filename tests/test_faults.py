@@ -256,14 +256,27 @@ def fail_once_then_hold(data, ctx):
     return fit_line(data, ctx)
 
 
-def test_while_failed_groups_run_again_a_reader_sees_the_run_in_progress(client, tmp_path):
+def test_while_failed_groups_run_again_a_reader_sees_the_run_in_progress(client, tmp_path, monkeypatch):
     """The first pass's FAILED statuses belong to the same attempt: a reader
     took them for the retry's and called the retried run PARTIAL_FAILURE
     while its groups still ran."""
     run, flag, url = first_pass_failing_3_13_23(client, tmp_path, fail_once_then_hold, make_frame(n_groups=30, rows=5))
     flag.unlink()
+    # and at the moment the retry's _run.json is written (its stale statuses
+    # were deleted after it, and a reader then saw PARTIAL_FAILURE)
+    seen = []
+    write_bytes = RunStore.write_bytes
+
+    def read_when_the_manifest_is_written(store, path, data, **kwargs):
+        write_bytes(store, path, data, **kwargs)
+        if path.endswith("_run.json") and json.loads(data)["status"] == "IN_PROGRESS":
+            seen.append(ManyModelRun.restore_from("r1", url).status)
+
+    monkeypatch.setattr(RunStore, "write_bytes", read_when_the_manifest_is_written)
     retried = run.retry_failed()
+    monkeypatch.undo()
     try:
+        assert seen == [RunStatus.IN_PROGRESS]
         restored = ManyModelRun.restore_from("r1", url)
         assert restored.status == RunStatus.IN_PROGRESS
         assert sorted(d.partition_id for d in restored.get_progress()["PENDING"]) == [3, 13, 23]
