@@ -86,6 +86,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
             }
             if manifest.get("run_id") != folder:
                 row["note"] = f"{RUN_MANIFEST} says run_id {manifest.get('run_id')!r} (a copied folder?)"
+            elif row["status"] == "IN_PROGRESS":
+                # the client that ran it may have died before writing the final
+                # status: as show and restore_from say, from the groups' statuses
+                row["status"] = _status_from_groups(args, folder, row["status"])
             rows.append(row)
         except (ValueError, KeyError, TypeError):  # a damaged manifest: list the folder anyway
             rows.append({"run_id": folder, "status": f"unreadable {RUN_MANIFEST}"})
@@ -95,6 +99,17 @@ def cmd_runs(args: argparse.Namespace) -> int:
     columns = ["run_id", "kind", "status", "groups", "created"]
     print(_table(rows, columns + ["note"] if any("note" in r for r in rows) else columns))
     return 0
+
+
+def _status_from_groups(args: argparse.Namespace, run_id: str, stored: str) -> str:
+    """A run whose ``_run.json`` says IN_PROGRESS: its status as a restored
+    handle tells it (one batched read of its groups' statuses)."""
+    from .run import ManyModelRun
+
+    try:
+        return ManyModelRun.restore_from(run_id, args.url, args.storage_options).status.value
+    except Exception:  # unreadable now: what _run.json says
+        return stored
 
 
 def _restore(args: argparse.Namespace):

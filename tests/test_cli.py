@@ -58,6 +58,21 @@ def test_runs_lists_every_run_as_a_table(runs, capsys):
     assert all(row[4].startswith("20") and "T" in row[4] for row in table[1:])  # ISO time
 
 
+def test_runs_agrees_with_show_when_the_client_died_before_the_end(runs, capsys):
+    """A client killed after its tasks had finished every group left
+    _run.json IN_PROGRESS: runs said IN_PROGRESS for good, show the status
+    the groups tell."""
+    path = os.path.join(runs, "r1", "_run.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**manifest, "status": "IN_PROGRESS", "finished": None}, f)
+    assert main(["runs", runs]) == 0
+    assert lines_of(capsys.readouterr().out)[1][:3] == ["r1", "train", "PARTIAL_FAILURE"]
+    assert main(["show", runs, "r1"]) == 0
+    assert "PARTIAL_FAILURE" in capsys.readouterr().out.splitlines()[0]
+
+
 def test_runs_skips_foreign_folders_and_survives_a_damaged_manifest(runs, capsys):
     os.makedirs(os.path.join(runs, "not-a-run"))
     with open(os.path.join(runs, "s1", "_run.json"), "w") as f:
