@@ -14,8 +14,10 @@ and made again under the same name.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import os
 import posixpath
 import uuid
 from typing import Any
@@ -27,7 +29,7 @@ import pyarrow.parquet as pq
 from .connectors._batching import Columns, Rebatcher, check_batch_size, check_seed
 from .engine import as_dask_dataframe, index_as_column
 from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError
-from .store import RunStore, any_read_as_pattern, open_url, remove_paths, resolved_url
+from .store import RunStore, _is_local, any_read_as_pattern, open_url, remove_paths, resolved_url
 
 __all__ = ["FileSet"]
 
@@ -269,11 +271,40 @@ class FileSet:
     def delete(self) -> None:
         """Remove the FileSet's files; every later call on this handle raises."""
         self._check_alive()
-        # the manifest goes first: from then on nobody can open a half-deleted set
-        remove_paths(self._fs, [posixpath.join(self._root, MANIFEST)])
-        remove_paths(self._fs, [self._root])
+        own_id = self._manifest.get("id")
+        if own_id is None:  # made before FileSets had ids: the folder, as then
+            remove_paths(self._fs, [posixpath.join(self._root, MANIFEST)])
+            remove_paths(self._fs, [self._root])
+        else:
+            # Only this FileSet's own files, each name file read again just
+            # before it goes: another process may have deleted it and made a
+            # new one under the name since the check above.
+            # The manifest first: from then on nobody can open a half-deleted set.
+            self._remove_if_ours(MANIFEST, own_id)
+            for path in self._paths():  # named with the id: never another set's
+                with contextlib.suppress(FileNotFoundError):
+                    self._fs.rm_file(path)
+            self._remove_if_ours(CLAIM, own_id)
+            self._remove_folder_if_empty()
         self._fs.invalidate_cache(self._root)
         self._deleted = True
+
+    def _remove_if_ours(self, name: str, own_id: str) -> None:
+        path = posixpath.join(self._root, name)
+        try:
+            ours = json.loads(self._fs.cat_file(path)).get("id") == own_id
+        except (FileNotFoundError, ValueError, AttributeError):
+            return
+        if ours:
+            with contextlib.suppress(FileNotFoundError):
+                self._fs.rm_file(path)
+
+    def _remove_folder_if_empty(self) -> None:
+        # a local folder stays when emptied; an object store has none to
+        # remove (and its rmdir of a top-level name would remove a bucket)
+        if _is_local(self._fs):
+            with contextlib.suppress(OSError):
+                os.rmdir(self._root)  # only if empty
 
 
 def _identity(manifest: dict) -> tuple:

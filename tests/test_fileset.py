@@ -244,3 +244,23 @@ def test_make_drops_an_index_named_like_a_column(tmp_path):
     assert made._manifest["columns"] == ["i", "x", "s"]
     back = made.to_dask_dataframe().compute().sort_values("i").reset_index(drop=True)
     pd.testing.assert_frame_equal(back, frame(), check_dtype=False)
+
+
+def test_a_delete_removes_only_its_own_fileset(url, monkeypatch):
+    """Another process deleted the FileSet and made a new one under its
+    name just after this handle's delete() had checked it: the delete
+    removed the whole folder, the new FileSet with it."""
+    made = FileSet.make(url, "snap", frame(6))
+    check_alive = FileSet._check_alive
+
+    def someone_else_makes_it_again(self):
+        check_alive(self)
+        monkeypatch.setattr(FileSet, "_check_alive", check_alive)
+        FileSet(url, "snap").delete()
+        FileSet.make(url, "snap", frame(3))
+
+    monkeypatch.setattr(FileSet, "_check_alive", someone_else_makes_it_again)
+    made.delete()
+    assert FileSet(url, "snap").to_dask_dataframe().compute()["i"].tolist() == [0, 1, 2]
+    with pytest.raises(FileSetDeletedError):
+        made.files()
