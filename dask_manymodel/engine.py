@@ -1473,7 +1473,8 @@ class _PendingWrites:
     batch concurrently. A batch is written when it holds ``max_groups``
     groups or ``max_bytes``, or is ``max_seconds`` old (statuses in storage,
     the progress another process sees, lag by at most that), and at once
-    after a group that took ``slow_group_seconds`` or more: next to such a
+    after a group that took ``slow_group_seconds`` or more (not in a predict,
+    whose batches each cost a read of the training run): next to such a
     group the writes cost nothing, and a lost worker loses less. The age
     limit holds while the next group runs too: a timer thread writes a batch
     that comes of age then (a slow group would otherwise hold back the
@@ -1505,7 +1506,10 @@ class _PendingWrites:
             self.entries.append((record, files))
             self.nbytes += sum(len(data) for data in files.values())
             if (
-                record["seconds"] >= self.slow_group_seconds
+                # (not a predict's: each of its batches reads the training run's
+                # _run.json once, see _unless_training_changed; its timer keeps
+                # the statuses at most max_seconds behind)
+                (record["seconds"] >= self.slow_group_seconds and self.spec.kind != "predict")
                 or len(self.entries) >= self.max_groups
                 or self.nbytes >= self.max_bytes
                 or time.monotonic() - self.since >= self.max_seconds
@@ -1599,26 +1603,40 @@ class _PendingWrites:
         an overwrite writes its ``_run.json`` before it deletes or writes a
         model, so while the training's attempt is still this predict's, every
         model read before this check is of that attempt. One small read per
-        batch; a run reading two trainings' models would otherwise be DONE."""
+        batch (a predict's batches are written at most every ``max_seconds``,
+        see :meth:`add`); a run reading two trainings' models would otherwise
+        be DONE. A read that fails makes the batch INTERNAL_ERROR: unchecked,
+        its models cannot be vouched for."""
+        training = self.spec.training_store
+        unchecked = None
         if not self.training_changed:
-            training = self.spec.training_store
             try:
                 attempt = training.read_json(training.path(RUN_MANIFEST)).get("attempt")
             except FileNotFoundError:
                 attempt = None  # deleted
-            except Exception:  # the store cannot say now: the writes will tell
-                return entries
+            except Exception as exc:  # after the store's retries: the models cannot be vouched for
+                attempt, unchecked = self.spec.training_attempt, exc
             self.training_changed = attempt != self.spec.training_attempt
-        if not self.training_changed:
+        if not self.training_changed and unchecked is None:
             return entries
         for record, files in entries:
-            if record["status"] == "DONE":
-                files.clear()
+            if record["status"] != "DONE":
+                continue
+            files.clear()
+            record.update(output_rows=0, bytes=0)
+            if unchecked is not None:
                 record.update(
-                    status="FAILED", output_rows=0, bytes=0,
-                    error=f"training run {self.spec.training_store.run_id!r} was started again (or deleted) "
-                          f"while this predict ran, so its models may be of either start; run the predict "
-                          f"again (on_existing_artifacts='overwrite') once the training has ended",
+                    status="INTERNAL_ERROR",
+                    error=f"could not read training run {training.run_id!r}'s _run.json to check that its "
+                          f"models did not change while this predict ran: {type(unchecked).__name__}: "
+                          f"{unchecked}; retry_failed() runs the group again",
+                )
+            else:
+                record.update(
+                    status="FAILED",
+                    error=f"training run {training.run_id!r} was started again (or deleted) while this "
+                          f"predict ran, so its models may be of either start; run the predict again "
+                          f"(on_existing_artifacts='overwrite') once the training has ended",
                 )
         return entries
 

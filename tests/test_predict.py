@@ -577,3 +577,26 @@ def test_a_predict_never_mixes_the_models_of_two_trainings(client, store_url):
     for details in inf.partition_details.values():
         assert "training run 'r1' was started again (or deleted) while this predict ran" in details.error
     assert not any(name.startswith("part-") for _, _, names in os.walk(f"{store_url}/s1") for name in names)
+
+
+def test_a_batch_whose_training_check_cannot_be_made_is_not_written(tmp_path):
+    """A failed read of the training run's _run.json wrote the batch
+    unchecked (its models could be of another start)."""
+    from dask_manymodel import ExecutionOptions
+    from dask_manymodel.engine import RunSpec, _PendingWrites, _record
+    from dask_manymodel.store import RunStore
+
+    class Unreadable(RunStore):
+        def read_json(self, path):
+            raise PermissionError(f"denied: {path}")
+
+    store = RunStore(str(tmp_path), "s1")
+    spec = RunSpec(kind="predict", run_id="s1", attempt="a", by=["k"], func=predict_one, store=store,
+                   serde=PickleSerde(), options=ExecutionOptions(), cancel_event="c", progress_topic="p",
+                   training_store=Unreadable(str(tmp_path), "r1"), training_attempt="t")
+    entries = [(_record(spec, (1,), "k=1", status="DONE", output_rows=2), {store.path("k=1", "part-0.parquet"): b"x"}),
+               (_record(spec, (2,), "k=2", status="FAILED", error="its own"), {})]
+    kept = _PendingWrites(spec, heartbeat=None)._unless_training_changed(entries)
+    assert kept[0][0]["status"] == "INTERNAL_ERROR" and kept[0][1] == {}
+    assert "could not read training run 'r1''s _run.json" in kept[0][0]["error"] and "denied" in kept[0][0]["error"]
+    assert kept[1][0]["error"] == "its own"
