@@ -954,6 +954,9 @@ def _record(spec: RunSpec, key: tuple, rel: str, **values: Any) -> dict:
         "artifacts": [],
         "attempts": 0,
         "attempt": spec.attempt,
+        # which start of the run wrote it: while a resume runs, readers skip
+        # the earlier start's outcomes of the groups that run again
+        "submission": spec.submission,
         "finished": None,
     }
     record.update(values)
@@ -1973,7 +1976,7 @@ def _compact(record: dict) -> dict:
         key: value
         for key, value in record.items()
         if key in ("path", "status", "partition_id")
-        or (key not in ("attempt", "finished") and value and (text_kept or key not in GROUP_TEXT))
+        or (key not in ("attempt", "submission", "finished") and value and (text_kept or key not in GROUP_TEXT))
     }
 
 
@@ -2184,12 +2187,6 @@ def start_run(
         "cancelled": False,
         "versions": versions(),
     }
-    if stale:
-        # the outcomes the earlier pass stored for the groups that run again,
-        # before the manifest says IN_PROGRESS: a reader would take them for
-        # this pass's and call the run finished (until then it reads the
-        # earlier pass's final status, as before the resume)
-        store.delete_files([store.path(path, PARTITION_FILE) for path in stale])
     _write_manifest(store, manifest, on_existing_artifacts, delete_old=False)
     # from here until the tasks are submitted, a failure (the store, the
     # shuffle) must not leave the run IN_PROGRESS for good
@@ -2197,6 +2194,14 @@ def start_run(
         if on_existing_artifacts == "overwrite":
             # the old files, once the new manifest makes their statuses stale
             store.delete_run(keep=(RUN_MANIFEST,))
+        if stale:
+            # the outcomes the earlier pass stored for the groups that run
+            # again (until they are gone, readers skip them: another
+            # submission's, see RunStore.read_statuses)
+            store.delete_files([store.path(path, PARTITION_FILE) for path in stale])
+        # the outcomes kept from the earlier pass that are not DONE (a group
+        # no longer in the data) are this submission's now, for those readers
+        _restamp(store, [r["path"] for r in initial_records if r.get("status") != "DONE"], submission)
         # kept in memory by the handle for retry_failed(); never written anywhere
         source = {"dataframe": lazy, "execution_options": options, "meta": meta, "storage_options": storage_options}
         todo = [p for p in counted_paths if p not in done_paths]
@@ -2399,6 +2404,14 @@ def _write_manifest(store: RunStore, manifest: dict, on_existing: str, delete_ol
             f"cannot write to {store.display()}: permission denied ({exc}); check the URL "
             f"and the credentials in storage_options"
         ) from exc
+
+
+def _restamp(store: RunStore, rels: list[str], submission: str) -> None:
+    """Mark these groups' stored statuses as written by ``submission``."""
+    for rel in rels:
+        path = store.path(rel, PARTITION_FILE)
+        status = store.read_json(path)
+        store.write_json(path, {**status, "submission": submission}, indent=None, atomic=False)
 
 
 def _check_resume_matches(

@@ -580,8 +580,12 @@ class ManyModelRun:
         return json_key_to_partition_id(group["partition_id"])
 
     def _read_statuses(self, paths: list[str]) -> dict[str, dict]:
-        """Stored ``_partition.json`` of these groups that belong to this attempt."""
-        return self._store.read_statuses(paths, self._manifest.get("attempt"))
+        """Stored ``_partition.json`` of these groups that belong to this
+        attempt (while it runs, to this start of it: see ``RunStore.read_statuses``)."""
+        running = self._manifest.get("status") == RunStatus.IN_PROGRESS.value
+        return self._store.read_statuses(
+            paths, self._manifest.get("attempt"), self._manifest.get("submission") if running else None
+        )
 
     def _current_records(self) -> dict[str, dict]:
         if self.read_only:

@@ -24,6 +24,7 @@ import dask_manymodel  # noqa: F401
 from dask_manymodel import (
     ExecutionOptions,
     InvalidArgumentError,
+    ManyModelError,
     ManyModelRun,
     ManyModelTraining,
     ModelSerde,
@@ -285,6 +286,29 @@ def test_while_failed_groups_run_again_a_reader_sees_the_run_in_progress(client,
         (tmp_path / "flag-release").touch()
     assert retried.wait(show_progress=False) == RunStatus.SUCCESS
     assert ManyModelRun.restore_from("r1", url).status == RunStatus.SUCCESS
+
+
+def test_a_resume_that_cannot_start_keeps_the_earlier_outcomes(client, tmp_path, monkeypatch):
+    """A version that deleted the earlier pass's FAILED statuses before
+    writing the resume's _run.json lost their errors and tracebacks when
+    that write failed (the groups then PENDING in a PARTIAL_FAILURE run)."""
+    run, flag, url = first_pass_failing_3_13_23(client, tmp_path, fail_when_flag, make_frame(n_groups=30, rows=5))
+    write_bytes = RunStore.write_bytes
+
+    def refuse_the_resumes_manifest(store, path, data, **kwargs):
+        if path.endswith("_run.json") and json.loads(data)["status"] == "IN_PROGRESS":
+            raise PermissionError("the store refuses this write")
+        write_bytes(store, path, data, **kwargs)
+
+    monkeypatch.setattr(RunStore, "write_bytes", refuse_the_resumes_manifest)
+    with pytest.raises(ManyModelError):
+        run.retry_failed()
+    monkeypatch.undo()
+    restored = ManyModelRun.restore_from("r1", url)
+    assert restored.status == RunStatus.PARTIAL_FAILURE
+    failed = restored.get_progress()["FAILED"]
+    assert sorted(d.partition_id for d in failed) == [3, 13, 23]
+    assert all("failed this time" in d.error and "RuntimeError" in d.traceback for d in failed)
 
 
 def test_a_resume_with_no_group_left_to_run_ends_with_the_stored_outcomes(client, tmp_path):
