@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import os
 import posixpath
 import uuid
 from typing import Any
@@ -29,7 +28,7 @@ import pyarrow.parquet as pq
 from .connectors._batching import Columns, Rebatcher, check_batch_size, check_seed
 from .engine import as_dask_dataframe, index_as_column
 from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError
-from .store import RunStore, _is_local, any_read_as_pattern, open_url, remove_paths, resolved_url
+from .store import RunStore, any_read_as_pattern, open_url, remove_paths, resolved_url
 
 __all__ = ["FileSet"]
 
@@ -285,7 +284,7 @@ class FileSet:
                 with contextlib.suppress(FileNotFoundError):
                     self._fs.rm_file(path)
             self._remove_if_ours(CLAIM, own_id)
-            self._remove_folder_if_empty()
+            self._remove_leftovers()
         self._fs.invalidate_cache(self._root)
         self._deleted = True
 
@@ -299,12 +298,18 @@ class FileSet:
             with contextlib.suppress(FileNotFoundError):
                 self._fs.rm_file(path)
 
-    def _remove_folder_if_empty(self) -> None:
-        # a local folder stays when emptied; an object store has none to
-        # remove (and its rmdir of a top-level name would remove a bucket)
-        if _is_local(self._fs):
-            with contextlib.suppress(OSError):
-                os.rmdir(self._root)  # only if empty
+    def _remove_leftovers(self) -> None:
+        """What else is in the folder (a stray file, a writer's temp file),
+        unless another FileSet has claimed the name since: else the name
+        could not be made again (``make`` refuses a folder that is not empty)."""
+        self._fs.invalidate_cache(self._root)
+        try:
+            names = {posixpath.basename(p.rstrip("/")) for p in self._fs.ls(self._root, detail=False)}
+        except FileNotFoundError:
+            return
+        if not names & {MANIFEST, CLAIM}:
+            with contextlib.suppress(FileNotFoundError):
+                remove_paths(self._fs, [self._root])
 
 
 def _identity(manifest: dict) -> tuple:

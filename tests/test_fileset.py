@@ -261,6 +261,14 @@ def test_a_delete_removes_only_its_own_fileset(url, monkeypatch):
 
     monkeypatch.setattr(FileSet, "_check_alive", someone_else_makes_it_again)
     made.delete()
-    assert FileSet(url, "snap").to_dask_dataframe().compute()["i"].tolist() == [0, 1, 2]
+    again = FileSet(url, "snap")
+    assert again.to_dask_dataframe().compute()["i"].tolist() == [0, 1, 2]
     with pytest.raises(FileSetDeletedError):
         made.files()
+    # a stray file in the folder goes with the FileSet: the name can be made again
+    import fsspec
+
+    fs, _ = fsspec.core.url_to_fs(url)
+    fs.pipe_file(f"{again.files()[0].rsplit('/', 1)[0]}/notes.txt", b"stray")
+    again.delete()
+    assert FileSet.make(url, "snap", frame(2)).num_rows == 2
