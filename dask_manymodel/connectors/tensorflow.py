@@ -14,8 +14,6 @@ from .._compat import import_optional
 from ._batching import check_batch_size, check_seed, count_batches, epoch_rng, new_seed
 
 
-
-
 def _strings(values: np.ndarray) -> np.ndarray:
     values = np.where(values == None, "", values)  # noqa: E711 (elementwise)
     try:
