@@ -129,12 +129,15 @@ class _GroupText:
     group's stored ``_partition.json`` the first time one is asked for (a
     live handle's records leave them out, see ``engine._compact``)."""
 
-    __slots__ = ("_store", "_folder", "_attempt", "_values")
+    __slots__ = ("_store", "_folder", "_outcome", "_values")
 
-    def __init__(self, store: RunStore, folder: str, attempt: str | None, values: dict | None = None):
+    def __init__(self, store: RunStore, folder: str, outcome: tuple | None, values: dict | None = None):
         self._store = store
         self._folder = folder
-        self._attempt = attempt  # the handle's: another start's text is not this group's
+        # (attempt, submission, status) of the outcome the handle knows: the
+        # stored text is read only if it is that outcome's (not a later
+        # start's: an overwrite, or a resume that ran the group again)
+        self._outcome = outcome
         self._values = values
 
     def get(self, name: str) -> Any:
@@ -146,10 +149,20 @@ class _GroupText:
                 stored = self._store.read_json(self._store.path(self._folder, PARTITION_FILE))
             except (FileNotFoundError, ValueError):  # not written (yet), or being written
                 stored = {}
-            if not isinstance(stored, dict) or stored.get("attempt") != self._attempt:
-                stored = {}  # written over by another start of the run (an overwrite)
+            if not (isinstance(stored, dict) and self._is_the_known_outcome(stored)):
+                stored = {}
             self._values = {key: stored.get(key) for key in GROUP_TEXT}
         return self._values.get(name)
+
+    def _is_the_known_outcome(self, stored: dict) -> bool:
+        attempt, submission, status = self._outcome
+        return (
+            stored.get("attempt") == attempt
+            and stored.get("status") == status
+            # a DONE group a resume kept has an earlier start's stamp; None:
+            # written before statuses were stamped
+            and (status == "DONE" or stored.get("submission") in (None, submission))
+        )
 
 
 @dataclass
@@ -645,10 +658,11 @@ class ManyModelRun:
 
         if PartitionStatus(record["status"]) not in FINAL_STATUSES:
             return None  # nothing stored yet
-        attempt = self._manifest.get("attempt")
+        status = PartitionStatus(record["status"]).value
+        outcome = (self._manifest.get("attempt"), self._manifest.get("submission"), status)
         if any(record.get(key) for key in GROUP_TEXT):
-            return _GroupText(self._store, folder, attempt, {key: record.get(key) for key in GROUP_TEXT})
-        return _GroupText(self._store, folder, attempt)
+            return _GroupText(self._store, folder, outcome, {key: record.get(key) for key in GROUP_TEXT})
+        return _GroupText(self._store, folder, outcome)
 
     def _output_rows(self, record: dict) -> int | None:
         """Rows a DONE predict group returned; a live handle's records leave

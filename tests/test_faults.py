@@ -247,6 +247,28 @@ def test_retry_failed_and_resume_touch_only_groups_not_done(client, tmp_path):
     assert os.stat(os.path.join(url, "r1", "store=0", "model.pkl")).st_mtime_ns == mtimes[0]
 
 
+def say_which_pass(data, ctx):
+    flagged = os.path.exists(os.environ["MANYMODEL_TEST_FLAG"])
+    print("first pass" if flagged else "second pass")
+    if flagged and ctx.partition_id % 10 == 3:
+        raise RuntimeError(f"group {ctx.partition_id} failed this time")
+    return fit_line(data, ctx)
+
+
+def test_a_handle_shows_no_text_of_a_later_pass(client, tmp_path):
+    """After retry_failed(), the first handle's FAILED group showed the
+    second pass's logs (its status file is the second pass's now)."""
+    run, flag, url = first_pass_failing_3_13_23(client, tmp_path, say_which_pass, make_frame(n_groups=30, rows=5))
+    flag.unlink()
+    retried = run.retry_failed()
+    assert retried.wait(show_progress=False) == RunStatus.SUCCESS
+    first = run.partition_details[3]
+    assert first.status == PartitionStatus.FAILED and first.logs == "" and first.traceback is None
+    for handle in (retried, ManyModelRun.restore_from("r1", url)):
+        details = handle.partition_details
+        assert details[3].logs == "second pass\n" and details[0].logs == "first pass\n"  # kept DONE
+
+
 def fail_once_then_hold(data, ctx):
     """Groups 3, 13, 23 fail while the flag exists; run again, they wait
     for the release file."""
