@@ -525,11 +525,13 @@ def default_npartitions(threads: int, n_groups: int) -> int:
 
 
 _ROWS, _PARTS, _HOME = "__manymodel_rows__", "__manymodel_parts__", "__manymodel_home__"
+# a group's estimated bytes in memory (its rows times its partitions' bytes per row)
+_BYTES = "__manymodel_bytes__"
 
 
 _COUNT_FAN_IN = 16  # count frames combined per task
 # how per-partition counts combine into one row per group
-_COUNT_AGG = {_ROWS: "sum", _PARTS: "sum", _HOME: "min"}
+_COUNT_AGG = {_ROWS: "sum", _PARTS: "sum", _HOME: "min", _BYTES: "sum"}
 
 
 def persisted_partitions(ddf: dd.DataFrame) -> list[distributed.Future] | None:
@@ -618,6 +620,9 @@ def _count_partition(df: pd.DataFrame, by: list, number: int) -> pd.DataFrame:
     out = sizes.rename(_ROWS).reset_index()
     out[_PARTS] = 1
     out[_HOME] = number
+    # for the memory guard of a run that shuffles (see _too_big_to_shuffle)
+    per_row = _frame_bytes(df) / len(df) if len(df) else 0.0
+    out[_BYTES] = out[_ROWS] * per_row
     return out
 
 
@@ -634,6 +639,53 @@ def _count_groups_graph(ddf: dd.DataFrame, by: list, client: distributed.Client)
     located = ddf.map_partitions(per_partition, meta=per_partition(ddf._meta), token="manymodel-count")
     counts = located.groupby(by, dropna=False, observed=True).agg(_COUNT_AGG)
     return client.compute(counts)
+
+
+# A shuffle holds a group's rows several times over on the worker that
+# receives them (the pieces, their concatenation, the persisted partition):
+# a group meant to fit within the memory guard's fraction is refused before
+# the shuffle above this share of it. Measured on workers of 1 GiB, one
+# group spread over 4 partitions beside small ones: with tasks, 152 MiB ran
+# and 305 MiB killed the workers; with p2p (Dask's default), 92 MiB ran
+# (slowly) and 122 MiB did not finish, 152 MiB killed them.
+_SHUFFLE_COPIES = {"tasks": 3, "disk": 3, "p2p": 6}
+
+
+def _too_big_to_shuffle(
+    counts: pd.DataFrame, options: ExecutionOptions, client: distributed.Client, method: str | None
+) -> dict[int, str]:
+    """Groups (by position in ``counts``) too big to shuffle onto one worker,
+    with the error each gets: in a run that shuffles, such a group killed the
+    workers of the shuffle (Dask's memory limit), and every group of the run
+    was lost with them, before the check inside its task could run."""
+    fraction = options.max_group_memory_fraction
+    limits = [w.get("memory_limit") or 0 for w in client.scheduler_info().get("workers", {}).values()]
+    if not fraction or not limits or min(limits) <= 0:
+        return {}
+    limit = min(limits)
+    method = method or dask.config.get("dataframe.shuffle.method", None) or "p2p"
+    copies = _SHUFFLE_COPIES.get(method, max(_SHUFFLE_COPIES.values()))
+    allowed = fraction * limit / copies
+    estimated = counts[_BYTES].to_numpy()
+    return {
+        int(position): (
+            f"group {key!r} has {int(counts[_ROWS].iloc[position]):,} rows (about "
+            f"{estimated[position] / 2**20:,.0f} MiB in memory), too big to shuffle onto one worker: more than "
+            f"{fraction:g} of the workers' memory limit ({limit / 2**20:,.0f} MiB) divided by "
+            f"{copies}, the copies a {method} shuffle holds; give workers more memory, split the group, "
+            f"raise ExecutionOptions(max_group_memory_fraction=...), or give the input one partition per "
+            f"group (set_index on the key), which needs no shuffle"
+        )
+        for position in np.flatnonzero(estimated > allowed)
+        for key in [_plain_key(counts.index[position])]
+    }
+
+
+def _plain_key(key: Any) -> Any:
+    """A group value as a message shows it: numpy scalars as Python's."""
+    if isinstance(key, tuple):
+        return tuple(_plain_key(value) for value in key)
+    return key.item() if isinstance(key, np.generic) else key
 
 
 def needs_shuffle(counts: pd.DataFrame, npartitions: int, threads: int, choice: str, npartitions_asked: bool) -> bool:
@@ -738,6 +790,8 @@ class RunSpec:
     # predict: per ``by`` column, the time zones of the training run's stored
     # values, when the input may hold values in another zone; else None
     training_zones: list[set[str]] | None = None
+    # the input's columns, which each group's frame has (None: not checked)
+    columns: list | None = None
     # predict with meta=: the types its groups' parquet files are written in
     # (the columns meta gives a type), so that any parquet reader reads them
     # as one dataset
@@ -1267,7 +1321,19 @@ def _memory_limit(spec: RunSpec, heartbeat: "_Heartbeat") -> float | None:
 
 def _partition_may_not_fit(spec: RunSpec, frame: pd.DataFrame, heartbeat: "_Heartbeat") -> bool:
     allowed = _memory_limit(spec, heartbeat)
-    return allowed is not None and frame.memory_usage(deep=True, index=False).sum() > allowed
+    return allowed is not None and _frame_bytes(frame) > allowed
+
+
+def _frame_bytes(frame: pd.DataFrame) -> int:
+    """The memory of ``frame``'s rows: a categorical column's categories are
+    shared with the partition the group was cut from, so only its codes count
+    (memory_usage counted a million categories in every small group)."""
+    usage = frame.memory_usage(deep=True, index=False)
+    nbytes = int(usage.sum())
+    for position, dtype in enumerate(frame.dtypes):
+        if isinstance(dtype, pd.CategoricalDtype):
+            nbytes -= int(usage.iloc[position]) - frame.iloc[:, position].cat.codes.nbytes
+    return nbytes
 
 
 def _check_group_fits(spec: RunSpec, frame: pd.DataFrame, partition_id: Any, heartbeat: "_Heartbeat") -> None:
@@ -1277,7 +1343,7 @@ def _check_group_fits(spec: RunSpec, frame: pd.DataFrame, partition_id: Any, hea
         return
     fraction = spec.options.max_group_memory_fraction
     limit = allowed / fraction
-    nbytes = int(frame.memory_usage(deep=True, index=False).sum())
+    nbytes = _frame_bytes(frame)
     if nbytes > allowed:
         raise _GroupTooBig(
             f"group {partition_id!r} has {len(frame):,} rows ({nbytes / 2**20:,.0f} MiB in memory), "
@@ -1675,6 +1741,11 @@ def run_partition(spec: RunSpec, frame: pd.DataFrame, keep: pd.Index | None = No
     """
     if keep is not None:
         frame = frame[keep.get_indexer(_group_index(frame, spec.by)) >= 0]
+    if spec.columns is not None and len(frame.columns) != len(spec.columns):
+        # a column Dask's shuffle left behind (its "_partitions", with a
+        # MultiIndex of columns): the groups get the input's columns only
+        expected = set(spec.columns)
+        frame = frame.drop(columns=[c for c in frame.columns if c not in expected])
     with keep_freed_memory(spec.options.reuse_freed_memory), freeze_older_objects():
         return _run_partition(spec, frame)
 
@@ -2127,6 +2198,7 @@ def start_run(
         training_zones=training_zones,
         submission=submission,
         output_schema=output_schema,
+        columns=list(ddf.columns),
     )
     # loaded by a worker while the workers count; before anything is
     # written, so that a function that cannot be pickled or loaded leaves no
@@ -2161,6 +2233,7 @@ def start_run(
     threads = sum(client.nthreads().values()) or 1
     shuffle = needs_shuffle(counts, ddf.npartitions, threads, options.shuffle, options.npartitions is not None)
     shuffle_method = _shuffle_method(ddf, options.shuffle_method) if shuffle else None
+    refused = _too_big_to_shuffle(counts, options, client, shuffle_method) if shuffle else {}
 
     # 3. write the manifest (the run now exists) -----------------------------
     done_paths: set[str] = set()
@@ -2169,6 +2242,16 @@ def start_run(
     counted_paths = [g["path"] for g in groups]  # in the order of `sizes`
     if previous is not None:
         groups, done_paths, initial_records, stale = _merge_for_resume(store, previous, groups)
+    # groups too big to shuffle: INTERNAL_ERROR now, left out of the shuffle
+    refused_records = [
+        _record(spec, key_tuples[position], counted_paths[position], status="INTERNAL_ERROR",
+                rows=int(sizes[position]), error=error, finished=_now())
+        for position, error in refused.items()
+        if counted_paths[position] not in done_paths
+    ]
+    initial_records = [r for r in initial_records if r["path"] not in {x["path"] for x in refused_records}]
+    initial_records += refused_records
+    refused_paths = {r["path"] for r in refused_records}
     manifest = {
         "format_version": FORMAT_VERSION,
         "run_id": run_id,
@@ -2201,10 +2284,12 @@ def start_run(
             store.delete_files([store.path(path, PARTITION_FILE) for path in stale])
         # the outcomes kept from the earlier pass that are not DONE (a group
         # no longer in the data) are this submission's now, for those readers
-        _restamp(store, [r["path"] for r in initial_records if r.get("status") != "DONE"], submission)
+        _restamp(store, [r["path"] for r in initial_records if r.get("status") != "DONE" and r["path"] not in refused_paths], submission)
+        for record in refused_records:
+            _write_status(spec, record)
         # kept in memory by the handle for retry_failed(); never written anywhere
         source = {"dataframe": lazy, "execution_options": options, "meta": meta, "storage_options": storage_options}
-        todo = [p for p in counted_paths if p not in done_paths]
+        todo = [p for p in counted_paths if p not in done_paths and p not in refused_paths]
         if not todo:
             # a resume whose data holds no group left to run: the outcomes stored
             # (DONE, or FAILED for a group no longer in the data) are final
@@ -2226,7 +2311,7 @@ def start_run(
         # 4. bring each group's rows into one partition ------------------------
         # counted groups in count order; DONE ones (resume) get -1 and are dropped
         by_path = {g["path"]: g for g in groups}
-        pending = np.array([p not in done_paths for p in counted_paths], dtype=bool)
+        pending = np.array([p not in done_paths and p not in refused_paths for p in counted_paths], dtype=bool)
         subtask = np.zeros(len(counted_paths), dtype=np.int64)
         if shuffle:
             npartitions = min(options.npartitions or default_npartitions(threads, len(todo)), len(todo))
@@ -2263,7 +2348,7 @@ def start_run(
             for task in range(n_tasks)
         ]
         store.write_json(store.path(GROUPS_FILE), groups, indent=None)
-        if shuffle or done_paths:
+        if shuffle or done_paths:  # (refused groups only in a run that shuffles)
             tagged = ddf.map_partitions(
                 _tag_partition,
                 by,
@@ -2272,7 +2357,7 @@ def start_run(
                 meta=ddf._meta.assign(**{PARTITION_COLUMN: np.int64(0)}),
                 token="manymodel-assign",
             )
-            if done_paths:
+            if done_paths or refused_paths:
                 tagged = tagged[tagged[PARTITION_COLUMN] >= 0]
             if shuffle:
                 shuffle_kwargs = {"shuffle_method": shuffle_method} if shuffle_method else {}
@@ -2332,7 +2417,16 @@ def _partition_task(key: tuple, spec: Any, frame: Any, keep: pd.Index | None, ha
 def _shuffle_method(ddf: dd.DataFrame, asked: str | None) -> str | None:
     """The shuffle's method: the one asked for, else Dask's choice, except
     that Dask's p2p shuffle needs string column names (it fails in its last
-    phase otherwise): then the task-based shuffle."""
+    phase otherwise): then the task-based shuffle. Columns that share a name
+    are refused: no shuffle of Dask's keeps them as they are."""
+    twice = ddf.columns[ddf.columns.duplicated()].unique().tolist()
+    if twice:
+        # p2p fails on them; tasks and disk hand the groups more columns than the input has
+        raise InvalidArgumentError(
+            f"column name(s) {twice[:3]!r} name more than one column, and this run must shuffle (its "
+            f"groups are spread over the input's partitions), which Dask cannot do with such columns; "
+            f"rename them (ddf.columns = [...]); nothing is written"
+        )
     not_strings = [c for c in ddf.columns if not isinstance(c, str)]
     if not not_strings:
         return asked

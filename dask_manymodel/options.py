@@ -59,7 +59,13 @@ class ExecutionOptions:
     max_group_memory_fraction : float or None
         A group whose rows take more than this fraction of its worker's
         memory limit is not run: it becomes INTERNAL_ERROR with its size,
-        instead of taking the worker down. None turns the check off.
+        instead of taking the worker down. In a run that must shuffle, a
+        group is refused before the shuffle when its estimated size (its
+        rows times its input partitions' bytes per row) passes this fraction
+        of the smallest worker limit divided by the copies the shuffle holds
+        (3 with ``tasks`` or ``disk``, 6 with ``p2p``, Dask's default;
+        measured): a group too big killed the shuffle's workers, and every
+        group of the run was lost with them. None turns the checks off.
     reuse_freed_memory : bool
         While a task runs, let glibc keep freed memory for reuse, and give
         it back when the task ends. Dask's nanny starts workers with

@@ -617,17 +617,28 @@ def test_an_interrupted_overwrite_never_mixes_runs(client, flaky, tmp_path):
         restored.get_model(survivors[0])
 
 
-def test_a_group_too_big_for_its_worker(tmp_path):
+def whole_or_spread(spread: bool, i: int) -> pd.DataFrame:
+    """Group 0 of 1,000,000 rows: in partition 0 alone, or a quarter in each
+    of 4 partitions (the run must shuffle); groups 1-4 of 10 rows."""
+    if spread:
+        big = pd.DataFrame({"store": 0, "x": np.ones(250_000), "y": np.ones(250_000), "z": np.ones(250_000)})
+        small = pd.DataFrame({"store": i + 1, "x": np.ones(10), "y": np.ones(10), "z": np.ones(10)})
+        return pd.concat([big, small], ignore_index=True)
+    rows = 1_000_000 if i == 0 else 10
+    return pd.DataFrame({"store": i, "x": np.ones(rows), "y": np.ones(rows), "z": np.ones(rows)})
+
+
+@pytest.mark.parametrize("spread", [False, True], ids=["in-one-partition", "spread-so-it-shuffles"])
+def test_a_group_too_big_for_its_worker(tmp_path, spread):
+    """Spread over the input's partitions, such a group was shuffled onto
+    one worker before any check, and killed the workers of the shuffle
+    (every group of the run lost with them)."""
     url = str(tmp_path / "m")
     with distributed.LocalCluster(
         n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
         memory_limit="1GiB", silence_logs=logging.ERROR,
     ) as cluster, distributed.Client(cluster):
-        def chunk(i: int) -> pd.DataFrame:
-            rows = 1_000_000 if i == 0 else 10
-            return pd.DataFrame({"store": i, "x": np.ones(rows), "y": np.ones(rows), "z": np.ones(rows)})
-
-        ddf = dd.from_map(chunk, range(5))
+        ddf = dd.from_map(functools.partial(whole_or_spread, spread), range(4 if spread else 5))
         run = ddf.manymodel.train(
             lambda data, ctx: len(data), by="store", url=url, run_id="r1",
             execution_options=ExecutionOptions(max_group_memory_fraction=0.02),
@@ -636,7 +647,10 @@ def test_a_group_too_big_for_its_worker(tmp_path):
         big = run.partition_details[0]
         assert big.status == "INTERNAL_ERROR"
         assert "group 0 has 1,000,000 rows" in big.error and "memory limit" in big.error
+        assert ("too big to shuffle" in big.error) is spread
         assert [run.get_model(g) for g in range(1, 5)] == [10, 10, 10, 10]
+        restored = ManyModelRun.restore_from("r1", url)
+        assert restored.partition_details[0].error == big.error and restored.status == RunStatus.PARTIAL_FAILURE
 
 
 def test_a_read_only_store_is_refused_before_anything_is_written(client, flaky, tmp_path):

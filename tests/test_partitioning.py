@@ -414,3 +414,47 @@ def test_columns_named_like_the_engines_own_are_refused(client, store_url, name)
         with pytest.raises(InvalidArgumentError, match=f"column '{name}' starts with '__manymodel_'"):
             ddf.manymodel.train(fit_line, by=by, url=store_url, run_id="r1")
     assert not os.path.exists(os.path.join(store_url, "r1"))
+
+
+def test_duplicate_column_names_are_refused_when_the_run_must_shuffle(client, store_url):
+    """Dask's p2p shuffle failed on them (every group INTERNAL_ERROR), and
+    its tasks shuffle handed each group five columns for the input's three."""
+    frame = make_frame(n_groups=6, rows=5)[["store", "x", "y"]]
+    frame.columns = ["store", "x", "x"]
+    spread = dd.from_pandas(frame.sample(frac=1, random_state=0), npartitions=3, sort=False)
+    for method in (None, "tasks", "p2p"):
+        with pytest.raises(InvalidArgumentError, match=r"column name\(s\) \['x'\] name more than one column"):
+            spread.manymodel.train(fit_line, by="store", url=store_url, run_id="r1",
+                                   execution_options=ExecutionOptions(shuffle_method=method))
+    assert not os.path.exists(os.path.join(store_url, "r1"))
+    # a run that needs no shuffle hands them over as they are
+    whole = dd.from_pandas(frame, npartitions=2, sort=False)
+    run = whole.manymodel.train(lambda data, ctx: list(data.to_pandas().columns), by="store", url=store_url,
+                                run_id="r2")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS, run.summary()["error"].dropna().tolist()
+    assert run.get_model(3) == ["store", "x", "x"]
+
+
+# the engine tags rows with a flat column name, which pandas 3 deprecates on
+# a MultiIndex of columns (left as it is: see the closing note)
+@pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
+def test_a_multiindex_of_columns_reaches_the_groups_as_it_is(client, store_url):
+    """Dask's shuffle left its own ("_partitions", "") column in every group's frame."""
+    frame = make_frame(n_groups=6, rows=5)[["store", "x", "y"]]
+    frame.columns = pd.MultiIndex.from_tuples([("a", "k"), ("a", "x"), ("b", "y")])
+    ddf = dd.from_pandas(frame.sample(frac=1, random_state=0), npartitions=3, sort=False)
+    run = ddf.manymodel.train(lambda data, ctx: list(data.to_pandas().columns), by=[("a", "k")], url=store_url,
+                              run_id="r1", execution_options=ExecutionOptions(shuffle_method="tasks"))
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS, run.summary()["error"].dropna().tolist()
+    assert run.get_model(2) == [("a", "k"), ("a", "x"), ("b", "y")]
+
+
+def test_a_groups_memory_counts_its_categoricals_codes_only():
+    """A categorical's categories are the partition's: counted in every
+    group, a million of them made every small group too big."""
+    from dask_manymodel.engine import _frame_bytes
+
+    frame = pd.DataFrame({"c": pd.Categorical([f"id{i}" for i in range(100_000)]), "x": np.arange(100_000.0)})
+    group = frame.iloc[:1000]
+    assert _frame_bytes(group) == group["c"].cat.codes.nbytes + 8 * 1000
+    assert group.memory_usage(deep=True, index=False).sum() > 100 * _frame_bytes(group)
