@@ -580,7 +580,8 @@ def count_groups(ddf: dd.DataFrame, by: list, client: distributed.Client) -> pd.
 
 
 def submit_count(
-    ddf: dd.DataFrame, by: list, client: distributed.Client, partitions: list[distributed.Future] | None = None
+    ddf: dd.DataFrame, by: list, client: distributed.Client, partitions: list[distributed.Future] | None = None,
+    with_bytes: bool = True,
 ) -> distributed.Future:
     """Start :func:`count_groups` on the workers; returns the future of its result,
     so that the client can do other work (send the run's spec) meanwhile.
@@ -589,15 +590,18 @@ def submit_count(
     workers: the same answer as ``map_partitions(...).groupby(by).agg(...)``
     in about half the time, which matters on small runs (``python
     benchmarks/bench_workloads.py count``: 0.13 s -> 0.07 s for 2,000 groups
-    in 8 partitions, 0.21 s -> 0.13 s for 200,000).
+    in 8 partitions, 0.21 s -> 0.13 s for 200,000). ``with_bytes``: each
+    group's estimated bytes too, for the memory guard (a deep size of every
+    partition: costly only for columns of Python objects).
     """
     if partitions is None:
         partitions = persisted_partitions(ddf)
     if partitions is None:  # not persisted: count through Dask's own graph
-        return _count_groups_graph(ddf, by, client)
+        return _count_groups_graph(ddf, by, client, with_bytes)
     name = f"manymodel-count-{uuid.uuid4().hex}"
     counts = client.map(
         _count_partition, partitions, [by] * len(partitions), range(len(partitions)),
+        [with_bytes] * len(partitions),
         key=[(name, number) for number in range(len(partitions))],
     )
     level = 0
@@ -615,13 +619,13 @@ def submit_count(
             return counts[0]
 
 
-def _count_partition(df: pd.DataFrame, by: list, number: int) -> pd.DataFrame:
+def _count_partition(df: pd.DataFrame, by: list, number: int, with_bytes: bool = True) -> pd.DataFrame:
     sizes = df.groupby(by, dropna=False, observed=True, sort=False).size()
     out = sizes.rename(_ROWS).reset_index()
     out[_PARTS] = 1
     out[_HOME] = number
     # for the memory guard of a run that shuffles (see _too_big_to_shuffle)
-    per_row = _frame_bytes(df) / len(df) if len(df) else 0.0
+    per_row = _frame_bytes(df) / len(df) if len(df) and with_bytes else 0.0
     out[_BYTES] = out[_ROWS] * per_row
     return out
 
@@ -632,9 +636,11 @@ def _combine_counts(frames: list[pd.DataFrame], by: list, final: bool) -> pd.Dat
     return counts if final else counts.reset_index()
 
 
-def _count_groups_graph(ddf: dd.DataFrame, by: list, client: distributed.Client) -> distributed.Future:
+def _count_groups_graph(
+    ddf: dd.DataFrame, by: list, client: distributed.Client, with_bytes: bool = True
+) -> distributed.Future:
     def per_partition(df: pd.DataFrame, partition_info: dict | None = None) -> pd.DataFrame:
-        return _count_partition(df, by, (partition_info or {}).get("number", 0))
+        return _count_partition(df, by, (partition_info or {}).get("number", 0), with_bytes)
 
     located = ddf.map_partitions(per_partition, meta=per_partition(ddf._meta), token="manymodel-count")
     counts = located.groupby(by, dropna=False, observed=True).agg(_COUNT_AGG)
@@ -659,8 +665,16 @@ def _too_big_to_shuffle(
     workers of the shuffle (Dask's memory limit), and every group of the run
     was lost with them, before the check inside its task could run."""
     fraction = options.max_group_memory_fraction
-    limits = [w.get("memory_limit") or 0 for w in client.scheduler_info().get("workers", {}).values()]
-    if not fraction or not limits or min(limits) <= 0:
+    if not fraction:
+        return {}
+    try:
+        # every worker's (scheduler_info lists only the first few in some distributed versions)
+        limits = client.run_on_scheduler(
+            lambda dask_scheduler: [ws.memory_limit or 0 for ws in dask_scheduler.workers.values()]
+        )
+    except Exception:  # a scheduler that runs no client functions: the tasks' own check only
+        return {}
+    if not limits or min(limits) <= 0:
         return {}
     limit = min(limits)
     method = method or dask.config.get("dataframe.shuffle.method", None) or "p2p"
@@ -2177,7 +2191,7 @@ def start_run(
     if partitions is None:
         ddf = client.persist(ddf)
         partitions = persisted_partitions(ddf) or _sorted_futures(ddf)
-    counting = submit_count(ddf, by, client, partitions)
+    counting = submit_count(ddf, by, client, partitions, with_bytes=bool(options.max_group_memory_fraction))
     attempt = previous["attempt"] if previous else uuid.uuid4().hex
     submission = uuid.uuid4().hex
     spec = RunSpec(
@@ -2280,11 +2294,8 @@ def start_run(
         if stale:
             # the outcomes the earlier pass stored for the groups that run
             # again (until they are gone, readers skip them: another
-            # submission's, see RunStore.read_statuses)
+            # submission's, see ManyModelRun._read_statuses)
             store.delete_files([store.path(path, PARTITION_FILE) for path in stale])
-        # the outcomes kept from the earlier pass that are not DONE (a group
-        # no longer in the data) are this submission's now, for those readers
-        _restamp(store, [r["path"] for r in initial_records if r.get("status") != "DONE" and r["path"] not in refused_paths], submission)
         for record in refused_records:
             _write_status(spec, record)
         # kept in memory by the handle for retry_failed(); never written anywhere
@@ -2498,14 +2509,6 @@ def _write_manifest(store: RunStore, manifest: dict, on_existing: str, delete_ol
             f"cannot write to {store.display()}: permission denied ({exc}); check the URL "
             f"and the credentials in storage_options"
         ) from exc
-
-
-def _restamp(store: RunStore, rels: list[str], submission: str) -> None:
-    """Mark these groups' stored statuses as written by ``submission``."""
-    for rel in rels:
-        path = store.path(rel, PARTITION_FILE)
-        status = store.read_json(path)
-        store.write_json(path, {**status, "submission": submission}, indent=None, atomic=False)
 
 
 def _check_resume_matches(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import os
 import posixpath
 import uuid
 from typing import Any
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 from .connectors._batching import Columns, Rebatcher, check_batch_size, check_seed
 from .engine import as_dask_dataframe, index_as_column
 from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError
-from .store import RunStore, any_read_as_pattern, open_url, remove_paths, resolved_url
+from .store import RunStore, _is_local, any_read_as_pattern, open_url, remove_paths, resolved_url
 
 __all__ = ["FileSet"]
 
@@ -304,12 +305,19 @@ class FileSet:
         could not be made again (``make`` refuses a folder that is not empty)."""
         self._fs.invalidate_cache(self._root)
         try:
-            names = {posixpath.basename(p.rstrip("/")) for p in self._fs.ls(self._root, detail=False)}
+            left = self._fs.ls(self._root, detail=False)
         except FileNotFoundError:
             return
-        if not names & {MANIFEST, CLAIM}:
+        if {posixpath.basename(p.rstrip("/")) for p in left} & {MANIFEST, CLAIM}:
+            return
+        # what was listed, never the folder as a whole: a make of the name
+        # right after the listing writes files the listing did not see
+        for path in left:
             with contextlib.suppress(FileNotFoundError):
-                remove_paths(self._fs, [self._root])
+                remove_paths(self._fs, [path])
+        if _is_local(self._fs):  # the emptied folder (an object store has none)
+            with contextlib.suppress(OSError):
+                os.rmdir(self._root)  # only if empty
 
 
 def _identity(manifest: dict) -> tuple:

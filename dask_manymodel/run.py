@@ -338,9 +338,7 @@ class ManyModelRun:
     ):
         self._store = store
         self._manifest = manifest
-        self._groups = groups
-        self._path_index = {g["path"]: i for i, g in enumerate(groups)}
-        self._zones: list[set] | None = None  # stored_zones(), made when first asked
+        self._set_groups(groups)
         self._client = client
         self._spec = spec
         self._futures = futures
@@ -594,11 +592,51 @@ class ManyModelRun:
 
     def _read_statuses(self, paths: list[str]) -> dict[str, dict]:
         """Stored ``_partition.json`` of these groups that belong to this
-        attempt (while it runs, to this start of it: see ``RunStore.read_statuses``)."""
-        running = self._manifest.get("status") == RunStatus.IN_PROGRESS.value
-        return self._store.read_statuses(
-            paths, self._manifest.get("attempt"), self._manifest.get("submission") if running else None
-        )
+        attempt. While the run is in progress, a group that runs in it (a
+        task of ``_groups.json``) counts only an outcome of this start of the
+        run, or DONE: a resume deletes the earlier start's other outcomes of
+        the groups it runs again only after its ``_run.json`` says
+        IN_PROGRESS, and a reader in between would call the run finished."""
+        self._refresh_if_running()
+        statuses = self._store.read_statuses(paths, self._manifest.get("attempt"))
+        if self._manifest.get("status") != RunStatus.IN_PROGRESS.value:
+            return statuses
+        submission = self._manifest.get("submission")
+        return {
+            path: status
+            for path, status in statuses.items()
+            if status.get("status") == "DONE"
+            or status.get("submission") in (None, submission)  # None: written before statuses were stamped
+            or (self._group_of_path(path) or {}).get("task", -1) < 0  # kept from an earlier start
+        }
+
+    def _set_groups(self, groups: list[dict]) -> None:
+        self._groups = groups
+        self._path_index = {g["path"]: i for i, g in enumerate(groups)}
+        self._zones: list[set] | None = None  # stored_zones(), made when first asked
+
+    def _group_of_path(self, path: str) -> dict | None:
+        index = self._path_index.get(path)
+        return None if index is None else self._groups[index]
+
+    def _refresh_if_running(self) -> None:
+        """A restored handle of a run in progress reads its ``_run.json``
+        again (one small read), and ``_groups.json`` when another start of
+        the run wrote them: else it would never see a later resume end."""
+        if not self.read_only or self._manifest.get("status") != RunStatus.IN_PROGRESS.value:
+            return
+        try:
+            fresh = self._store.read_manifest()
+        except Exception:  # gone or unreadable now: what the handle has
+            return
+        if fresh.get("attempt") != self._manifest.get("attempt"):
+            return  # started over (an overwrite): another run than this handle's
+        if fresh.get("submission") != self._manifest.get("submission") or not self._groups:
+            try:
+                self._set_groups(self._store.read_run_file(GROUPS_FILE, list))
+            except Exception:  # being written: the next read
+                return
+        self._manifest = fresh
 
     def _current_records(self) -> dict[str, dict]:
         if self.read_only:

@@ -709,15 +709,10 @@ class RunStore:
                 logger.warning("ignoring unreadable status file %s", path)
         return out
 
-    def read_statuses(
-        self, rels: Sequence[str], attempt: str | None = None, submission: str | None = None
-    ) -> dict[str, dict]:
+    def read_statuses(self, rels: Sequence[str], attempt: str | None = None) -> dict[str, dict]:
         """The groups' stored ``_partition.json``, by group folder (those
         missing or damaged left out), in batched reads; with ``attempt``,
-        only those of that attempt of the run; with ``submission`` (a run in
-        progress), without the outcomes other than DONE that another start
-        wrote: a resume's groups that run again, whose earlier outcomes it
-        deletes only after its ``_run.json`` says IN_PROGRESS.
+        only those of that attempt of the run.
 
         Without the groups' logs and traceback (up to ``max_log_chars`` each):
         a run of 100,000 groups that print would need GBs to hold them all at
@@ -729,13 +724,7 @@ class RunStore:
         statuses = {}
         for start in range(0, len(paths), _STATUS_READ_CHUNK):
             for path, status in self.read_many_json(paths[start:start + _STATUS_READ_CHUNK]).items():
-                if (
-                    path in files
-                    and isinstance(status, dict)
-                    and (attempt is None or status.get("attempt") == attempt)
-                    and (submission is None or status.get("status") == "DONE"
-                         or status.get("submission") in (None, submission))  # None: written before stamps
-                ):
+                if path in files and isinstance(status, dict) and (attempt is None or status.get("attempt") == attempt):
                     for key in ("logs", "traceback"):
                         status.pop(key, None)
                     statuses[files[path]] = status

@@ -310,6 +310,42 @@ def test_while_failed_groups_run_again_a_reader_sees_the_run_in_progress(client,
     assert ManyModelRun.restore_from("r1", url).status == RunStatus.SUCCESS
 
 
+def test_a_handle_restored_while_a_run_ran_sees_its_resume_end(client, tmp_path):
+    """Restored while the first pass ran, a handle kept that pass's
+    _run.json: the retry's FAILED statuses (another start's) were skipped,
+    and it said IN_PROGRESS for ever."""
+    run, flag, url = first_pass_failing_3_13_23(client, tmp_path, fail_when_flag, make_frame(n_groups=30, rows=5))
+    path = os.path.join(url, "r1", "_run.json")
+    with open(path) as f:
+        ended = f.read()
+    with open(path, "w") as f:  # as the first pass's _run.json read while it ran
+        json.dump({**json.loads(ended), "status": "IN_PROGRESS", "finished": None}, f)
+    watcher = ManyModelRun.restore_from("r1", url)
+    with open(path, "w") as f:
+        f.write(ended)
+    retried = run.retry_failed()  # the flag is there: 3, 13 and 23 fail again
+    assert retried.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    assert watcher.status == RunStatus.PARTIAL_FAILURE
+    assert sorted(d.partition_id for d in watcher.get_progress()["FAILED"]) == [3, 13, 23]
+
+
+def test_a_group_no_longer_in_the_data_keeps_its_outcome_while_a_resume_runs(client, tmp_path):
+    run, flag, url = first_pass_failing_3_13_23(client, tmp_path, fail_once_then_hold, make_frame(n_groups=30, rows=5))
+    flag.unlink()
+    without_23 = dd.from_pandas(make_frame(n_groups=30, rows=5).query("store != 23"), npartitions=3)
+    resumed = without_23.manymodel.train(fail_once_then_hold, by="store", url=url, run_id="r1",
+                                         on_existing_artifacts="resume")
+    try:
+        restored = ManyModelRun.restore_from("r1", url)
+        progress = restored.get_progress()
+        assert restored.status == RunStatus.IN_PROGRESS
+        assert sorted(d.partition_id for d in progress["PENDING"]) == [3, 13]
+        assert [d.partition_id for d in progress["FAILED"]] == [23]
+    finally:
+        (tmp_path / "flag-release").touch()
+    assert resumed.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+
+
 def test_a_resume_that_cannot_start_keeps_the_earlier_outcomes(client, tmp_path, monkeypatch):
     """A version that deleted the earlier pass's FAILED statuses before
     writing the resume's _run.json lost their errors and tracebacks when

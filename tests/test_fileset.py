@@ -272,3 +272,23 @@ def test_a_delete_removes_only_its_own_fileset(url, monkeypatch):
     fs.pipe_file(f"{again.files()[0].rsplit('/', 1)[0]}/notes.txt", b"stray")
     again.delete()
     assert FileSet.make(url, "snap", frame(2)).num_rows == 2
+
+
+def test_a_delete_leaves_a_fileset_made_during_its_sweep(tmp_path, monkeypatch):
+    """The sweep of leftovers removed the folder as a whole, with the files
+    of a FileSet that another process made right after the sweep's listing."""
+    url = str(tmp_path / "sets")
+    made = FileSet.make(url, "snap", frame(6))
+    fs = made._fs
+    real_ls = fs.ls
+
+    def list_then_someone_makes_it(path, *args, **kwargs):
+        listing = real_ls(path, *args, **kwargs)
+        if path.rstrip("/").endswith("/snap"):  # the sweep's listing
+            monkeypatch.undo()
+            FileSet.make(url, "snap", frame(3))
+        return listing
+
+    monkeypatch.setattr(fs, "ls", list_then_someone_makes_it)
+    made.delete()
+    assert FileSet(url, "snap").num_rows == 3
