@@ -339,6 +339,11 @@ class ManyModelRun:
         self._store = store
         self._manifest = manifest
         self._set_groups(groups)
+        # the start of the run whose _groups.json the handle has (None: not
+        # sure; a handle restored while a start was setting up may have the
+        # earlier start's, see _catch_up_groups)
+        running = manifest.get("status") == RunStatus.IN_PROGRESS.value
+        self._groups_submission = manifest.get("submission") if futures is not None or not running else None
         self._client = client
         self._spec = spec
         self._futures = futures
@@ -599,6 +604,7 @@ class ManyModelRun:
         IN_PROGRESS, and a reader in between would call the run finished."""
         self._refresh_if_running()
         statuses = self._store.read_statuses(paths, self._manifest.get("attempt"))
+        self._catch_up_groups(statuses)
         if self._manifest.get("status") != RunStatus.IN_PROGRESS.value:
             return statuses
         submission = self._manifest.get("submission")
@@ -631,16 +637,42 @@ class ManyModelRun:
             return
         if fresh.get("attempt") != self._manifest.get("attempt"):
             return  # started over (an overwrite): another run than this handle's
-        if fresh.get("submission") != self._manifest.get("submission") or not self._groups:
-            try:
-                self._set_groups(self._store.read_run_file(GROUPS_FILE, list))
-            except Exception:  # being written: the next read
-                return
+        if not self._groups:  # not written yet when the handle was made
+            self._load_groups(None)
         self._manifest = fresh
+
+    def _catch_up_groups(self, statuses: dict[str, dict]) -> None:
+        """A restored handle's ``_groups.json`` of the start its ``_run.json``
+        names. A start writes ``_run.json`` before ``_groups.json``: so its
+        groups are surely written once the run has ended, or once one of its
+        groups has a status (its tasks start after); read before, they may
+        be the earlier start's (a resume's new groups missing)."""
+        start = self._manifest.get("submission")
+        if not self.read_only or self._groups_submission == start:
+            return
+        n_groups = int(self._manifest.get("n_groups") or 0)
+        sure = self._manifest.get("status") != RunStatus.IN_PROGRESS.value or any(
+            status.get("submission") == start for status in statuses.values()
+        )
+        if sure or len(self._groups) < n_groups:  # fewer groups than the start has: an earlier list
+            self._load_groups(start)
+            if not sure and len(self._groups) < n_groups:
+                self._groups_submission = None  # still the earlier list: the next read again
+
+    def _load_groups(self, start: str | None) -> None:
+        try:
+            self._set_groups(self._store.read_run_file(GROUPS_FILE, list))
+        except Exception:  # missing or being written: the next read
+            return
+        self._groups_submission = start
 
     def _current_records(self) -> dict[str, dict]:
         if self.read_only:
-            return self._read_statuses([g["path"] for g in self._groups])
+            groups = self._groups
+            records = self._read_statuses([g["path"] for g in groups])
+            if self._groups is not groups:  # caught up with a later start's groups: theirs too
+                records = self._read_statuses([g["path"] for g in self._groups])
+            return records
         with self._lock:
             records = dict(self._records)
         if not self._finished.is_set():

@@ -329,6 +329,43 @@ def test_a_handle_restored_while_a_run_ran_sees_its_resume_end(client, tmp_path)
     assert sorted(d.partition_id for d in watcher.get_progress()["FAILED"]) == [3, 13, 23]
 
 
+def test_a_handle_restored_before_a_resume_catches_up_with_its_groups(client, tmp_path, monkeypatch):
+    """Restored while the first pass ran and read again between the resume's
+    _run.json and its _groups.json, a handle kept the first pass's groups for
+    good: the resume's new group missing (get_model: not found), the kept
+    FAILED one hidden, IN_PROGRESS after the end."""
+    run, flag, url = first_pass_failing_3_13_23(client, tmp_path, fail_once_then_hold, make_frame(n_groups=30, rows=5))
+    flag.unlink()
+    path = os.path.join(url, "r1", "_run.json")
+    with open(path) as f:
+        ended = f.read()
+    with open(path, "w") as f:  # as the first pass's _run.json read while it ran
+        json.dump({**json.loads(ended), "status": "IN_PROGRESS", "finished": None}, f)
+    watcher = ManyModelRun.restore_from("r1", url)
+    with open(path, "w") as f:
+        f.write(ended)
+    write_bytes = RunStore.write_bytes
+
+    def read_when_the_manifest_is_written(store, path, data, **kwargs):
+        write_bytes(store, path, data, **kwargs)
+        if path.endswith("_run.json") and json.loads(data)["status"] == "IN_PROGRESS":
+            watcher.status  # in the window before the resume's _groups.json
+
+    monkeypatch.setattr(RunStore, "write_bytes", read_when_the_manifest_is_written)
+    changed = dd.from_pandas(make_frame(n_groups=31, rows=5).query("store != 23"), npartitions=3)
+    resumed = changed.manymodel.train(fail_once_then_hold, by="store", url=url, run_id="r1",
+                                      on_existing_artifacts="resume")
+    monkeypatch.undo()
+    try:
+        progress = {k: sorted(d.partition_id for d in v) for k, v in watcher.get_progress().items() if k != "DONE"}
+        assert progress == {"PENDING": [3, 13, 30], "FAILED": [23]}
+    finally:
+        (tmp_path / "flag-release").touch()
+    assert resumed.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    assert watcher.status == RunStatus.PARTIAL_FAILURE and len(watcher.summary()) == 31
+    np.testing.assert_allclose(watcher.get_model(30), [4.0, 30], atol=1e-9)
+
+
 def test_a_group_no_longer_in_the_data_keeps_its_outcome_while_a_resume_runs(client, tmp_path):
     run, flag, url = first_pass_failing_3_13_23(client, tmp_path, fail_once_then_hold, make_frame(n_groups=30, rows=5))
     flag.unlink()
