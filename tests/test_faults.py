@@ -310,19 +310,26 @@ def test_while_failed_groups_run_again_a_reader_sees_the_run_in_progress(client,
     assert ManyModelRun.restore_from("r1", url).status == RunStatus.SUCCESS
 
 
+def restored_as_while_it_ran(url: str) -> ManyModelRun:
+    """A handle of run r1 (ended) restored as if while it ran: from its
+    _run.json saying IN_PROGRESS, which is then put back as it was."""
+    path = os.path.join(url, "r1", "_run.json")
+    with open(path) as f:
+        ended = f.read()
+    with open(path, "w") as f:
+        json.dump({**json.loads(ended), "status": "IN_PROGRESS", "finished": None}, f)
+    watcher = ManyModelRun.restore_from("r1", url)
+    with open(path, "w") as f:
+        f.write(ended)
+    return watcher
+
+
 def test_a_handle_restored_while_a_run_ran_sees_its_resume_end(client, tmp_path):
     """Restored while the first pass ran, a handle kept that pass's
     _run.json: the retry's FAILED statuses (another start's) were skipped,
     and it said IN_PROGRESS for ever."""
     run, flag, url = first_pass_failing_3_13_23(client, tmp_path, fail_when_flag, make_frame(n_groups=30, rows=5))
-    path = os.path.join(url, "r1", "_run.json")
-    with open(path) as f:
-        ended = f.read()
-    with open(path, "w") as f:  # as the first pass's _run.json read while it ran
-        json.dump({**json.loads(ended), "status": "IN_PROGRESS", "finished": None}, f)
-    watcher = ManyModelRun.restore_from("r1", url)
-    with open(path, "w") as f:
-        f.write(ended)
+    watcher = restored_as_while_it_ran(url)
     retried = run.retry_failed()  # the flag is there: 3, 13 and 23 fail again
     assert retried.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
     assert watcher.status == RunStatus.PARTIAL_FAILURE
@@ -336,14 +343,7 @@ def test_a_handle_restored_before_a_resume_catches_up_with_its_groups(client, tm
     FAILED one hidden, IN_PROGRESS after the end."""
     run, flag, url = first_pass_failing_3_13_23(client, tmp_path, fail_once_then_hold, make_frame(n_groups=30, rows=5))
     flag.unlink()
-    path = os.path.join(url, "r1", "_run.json")
-    with open(path) as f:
-        ended = f.read()
-    with open(path, "w") as f:  # as the first pass's _run.json read while it ran
-        json.dump({**json.loads(ended), "status": "IN_PROGRESS", "finished": None}, f)
-    watcher = ManyModelRun.restore_from("r1", url)
-    with open(path, "w") as f:
-        f.write(ended)
+    watcher = restored_as_while_it_ran(url)
     write_bytes = RunStore.write_bytes
 
     def read_when_the_manifest_is_written(store, path, data, **kwargs):
