@@ -189,6 +189,20 @@ def _pickle_read(path: str) -> Any:
         return cloudpickle.load(f)
 
 
+def not_one_file(path: str, writer: str, what: str) -> str | None:
+    """What is wrong with what ``writer`` left at ``path``, where it was to
+    write ``what`` as one file (a folder, such as a SavedModel, or nothing),
+    or None if it is one file."""
+    if os.path.isdir(path):
+        return (
+            f"{writer} made a folder for {what} where one file was asked for; write one file (pack a "
+            f"folder, such as a SavedModel, into an archive)"
+        )
+    if not os.path.isfile(path):
+        return f"{writer} wrote no file for {what}; it must write to the path it is given"
+    return None
+
+
 class _ThisGroup:
     """The default group of :meth:`PartitionContext.download`: not None,
     which is the null group's value."""
@@ -282,16 +296,9 @@ class PartitionContext:
             local = os.path.join(tmp, filename)
             write(obj, local)
             # as for a serde: one file, or the upload would store an empty folder
-            if os.path.isdir(local):
-                raise InvalidArgumentError(
-                    f"write_function made a folder for artifact {filename!r} where one file was asked "
-                    f"for; write one file (pack a folder, such as a SavedModel, into an archive)"
-                )
-            if not os.path.isfile(local):
-                raise InvalidArgumentError(
-                    f"write_function wrote no file for artifact {filename!r}; it must write to the "
-                    f"path it is given (its second argument)"
-                )
+            problem = not_one_file(local, "write_function", f"artifact {filename!r}")
+            if problem:
+                raise InvalidArgumentError(f"{problem} (its second argument)")
             if self._before_write is not None:
                 self._before_write()
             store.upload_file(local, posixpath.join(folder, filename))

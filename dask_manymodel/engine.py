@@ -48,7 +48,7 @@ from ._client import get_or_start_client
 from ._gc import freeze_older_objects
 from ._logs import capture_logs
 from ._malloc import keep_freed_memory
-from .context import DataConnector, PartitionContext
+from .context import DataConnector, PartitionContext, not_one_file
 from .exceptions import (
     InvalidArgumentError,
     InvalidURLError,
@@ -66,6 +66,7 @@ from .serde import (
     writes_in_memory,
 )
 from .store import (
+    GROUP_TEXT,
     GROUPS_FILE,
     PARTITION_FILE,
     RUN_MANIFEST,
@@ -691,15 +692,13 @@ def _too_big_to_shuffle(
             f"group (set_index on the key), which needs no shuffle"
         )
         for position in np.flatnonzero(estimated > allowed)
-        for key in [_plain_key(counts.index[position])]
+        # the group value as the run's handle shows it
+        for key in [json_key_to_partition_id(_json_key(_as_key_tuple(counts.index[position])))]
     }
 
 
-def _plain_key(key: Any) -> Any:
-    """A group value as a message shows it: numpy scalars as Python's."""
-    if isinstance(key, tuple):
-        return tuple(_plain_key(value) for value in key)
-    return key.item() if isinstance(key, np.generic) else key
+def _as_key_tuple(key: Any) -> tuple:
+    return key if isinstance(key, tuple) else (key,)
 
 
 def needs_shuffle(counts: pd.DataFrame, npartitions: int, threads: int, choice: str, npartitions_asked: bool) -> bool:
@@ -814,6 +813,14 @@ class RunSpec:
     # overwrite or resume while this one runs) writes its own there, and this
     # one's tasks then stop writing (_run_was_superseded). None: not fenced.
     submission: str | None = None
+
+    @functools.cached_property  # asked for every group cast to meta: worked out once per task's copy
+    def meta_pandas_columns(self) -> dict[str, dict]:
+        """The pandas metadata of ``output_schema``'s columns, by name."""
+        try:
+            return {entry["name"]: entry for entry in json.loads(self.output_schema.metadata[b"pandas"])["columns"]}
+        except (AttributeError, TypeError, KeyError, ValueError):  # no schema, or no pandas metadata
+            return {}
 
     @functools.cached_property  # asked for every group: worked out once per task's copy
     def own_file_names(self) -> frozenset[str]:
@@ -1090,18 +1097,10 @@ def _save_model(
         except Exception as exc:
             _remove_folder(local_path)
             raise failed(exc) from exc
-        if os.path.isdir(local_path):
+        problem = not_one_file(local_path, f"{type(serde).__name__}.write", f"group {partition_id!r}")
+        if problem:
             _remove_folder(local_path)
-            raise _UserError(
-                f"{type(serde).__name__}.write made a folder for group {partition_id!r} where one file "
-                f"was asked for; a serde writes one file (pack a folder, such as a SavedModel, into an "
-                f"archive)"
-            )
-        if not os.path.isfile(local_path):
-            raise _UserError(
-                f"{type(serde).__name__}.write wrote no file for group {partition_id!r}; it must write "
-                f"the model to the path it is given"
-            )
+            raise _UserError(problem)
 
     before_write()  # written now, not with the batch
     return spec.store.write_via_file(path, write, scratch_dir), {}
@@ -1154,13 +1153,13 @@ def _save_output(spec: RunSpec, result: Any, frame: pd.DataFrame, rel: str) -> t
     columns = [c for c in result.columns if c not in spec.by]
     table = pa.Table.from_pandas(result, columns=columns, preserve_index=False)
     if spec.output_schema is not None:
-        table = _as_meta_types(table, spec.output_schema)
+        table = _as_meta_types(table, spec.output_schema, spec.meta_pandas_columns)
     buffer = pa.BufferOutputStream()
     pq.write_table(table, buffer)
     return len(result), {spec.store.path(rel, OUTPUT_FILE): buffer.getvalue().to_pybytes()}
 
 
-def _as_meta_types(table: pa.Table, schema: pa.Schema) -> pa.Table:
+def _as_meta_types(table: pa.Table, schema: pa.Schema, meta_columns: dict[str, dict]) -> pa.Table:
     """The group's output with meta's types where meta gives one: a column
     all null in one group (arrow's null type) or ints where others have
     floats would otherwise make files that readers of the whole folder
@@ -1190,20 +1189,22 @@ def _as_meta_types(table: pa.Table, schema: pa.Schema) -> pa.Table:
         table = table.set_column(number, pa.field(column.name, wanted), converted)
         cast.append(column.name)
     if cast:
-        table = _with_metas_pandas_types(table, schema, set(cast))
+        table = _with_metas_pandas_types(table, meta_columns, set(cast))
     return table
 
 
-def _with_metas_pandas_types(table: pa.Table, schema: pa.Schema, cast: set) -> pa.Table:
-    """The table's pandas metadata, with meta's entries for the columns cast
-    to meta's types: pandas applies the entry's dtype when it reads the file
-    (a group's ``Int64`` entry over a float column made pandas truncate)."""
+def _with_metas_pandas_types(table: pa.Table, meta_columns: dict[str, dict], cast: set) -> pa.Table:
+    """The table's pandas metadata, with meta's entries (``meta_columns``)
+    for the columns cast to meta's types: pandas applies the entry's dtype
+    when it reads the file (a group's ``Int64`` entry over a float column
+    made pandas truncate)."""
     try:
         own = json.loads(table.schema.metadata[b"pandas"])
-        metas = {entry["name"]: entry for entry in json.loads(schema.metadata[b"pandas"])["columns"]}
-    except (TypeError, KeyError, ValueError):  # no pandas metadata on one side: nothing to mend
+    except (TypeError, KeyError, ValueError):  # no pandas metadata: nothing to mend
         return table
-    own["columns"] = [metas.get(entry["name"], entry) if entry["name"] in cast else entry for entry in own["columns"]]
+    own["columns"] = [
+        meta_columns.get(entry["name"], entry) if entry["name"] in cast else entry for entry in own["columns"]
+    ]
     return table.replace_schema_metadata({**table.schema.metadata, b"pandas": json.dumps(own).encode()})
 
 
@@ -2065,10 +2066,6 @@ def _compact(record: dict) -> dict:
     }
 
 
-#: The fields of a group's status that a handle reads from storage when asked.
-GROUP_TEXT = ("logs", "traceback")
-
-
 # --------------------------------------------------------------------------
 # the client side
 
@@ -2229,7 +2226,7 @@ def start_run(
 
     keys: pd.Index = counts.index
     sizes = counts[_ROWS].to_numpy()
-    key_tuples = [k if isinstance(k, tuple) else (k,) for k in keys]
+    key_tuples = [_as_key_tuple(k) for k in keys]
     _check_scalar_keys(by, key_tuples)
     groups = [
         {"partition_id": _json_key(k), "path": group_path(by, k), "rows": int(n)}
@@ -2263,8 +2260,7 @@ def start_run(
         for position, error in refused.items()
         if counted_paths[position] not in done_paths
     ]
-    initial_records = [r for r in initial_records if r["path"] not in {x["path"] for x in refused_records}]
-    initial_records += refused_records
+    initial_records += refused_records  # (a resume keeps no outcome of a group it runs again)
     refused_paths = {r["path"] for r in refused_records}
     manifest = {
         "format_version": FORMAT_VERSION,

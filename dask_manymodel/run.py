@@ -32,7 +32,9 @@ from .exceptions import (
 )
 from .serde import ModelSerde, serde_from_manifest
 from .store import (
+    GROUP_TEXT,
     GROUPS_FILE,
+    PARTITION_FILE,
     RUN_MANIFEST,
     RunStore,
     group_path,
@@ -142,9 +144,6 @@ class _GroupText:
 
     def get(self, name: str) -> Any:
         if self._values is None:
-            from .engine import GROUP_TEXT
-            from .store import PARTITION_FILE
-
             try:
                 stored = self._store.read_json(self._store.path(self._folder, PARTITION_FILE))
             except (FileNotFoundError, ValueError):  # not written (yet), or being written
@@ -637,9 +636,7 @@ class ManyModelRun:
             return
         if fresh.get("attempt") != self._manifest.get("attempt"):
             return  # started over (an overwrite): another run than this handle's
-        if not self._groups:  # not written yet when the handle was made
-            self._load_groups(None)
-        self._manifest = fresh
+        self._manifest = fresh  # its groups: _catch_up_groups
 
     def _catch_up_groups(self, statuses: dict[str, dict]) -> None:
         """A restored handle's ``_groups.json`` of the start its ``_run.json``
@@ -724,12 +721,10 @@ class ManyModelRun:
         """The group's logs and traceback: as the record has them (an
         INTERNAL_ERROR's), or read from storage when asked for (records leave
         them out, see ``engine._compact`` and ``RunStore.read_statuses``)."""
-        from .engine import GROUP_TEXT
-
-        if PartitionStatus(record["status"]) not in FINAL_STATUSES:
+        status = PartitionStatus(record["status"])
+        if status not in FINAL_STATUSES:
             return None  # nothing stored yet
-        status = PartitionStatus(record["status"]).value
-        outcome = (self._manifest.get("attempt"), self._manifest.get("submission"), status)
+        outcome = (self._manifest.get("attempt"), self._manifest.get("submission"), status.value)
         if any(record.get(key) for key in GROUP_TEXT):
             return _GroupText(self._store, folder, outcome, {key: record.get(key) for key in GROUP_TEXT})
         return _GroupText(self._store, folder, outcome)

@@ -333,6 +333,10 @@ def any_read_as_pattern(paths: Sequence[str]) -> bool:
     return any(_GLOB_CHARS.search(path) for path in paths)
 
 
+#: The fields of a group's status that the handle reads only when asked
+#: (see RunStore.read_statuses).
+GROUP_TEXT = ("logs", "traceback")
+
 # How many status files one batched read holds at once (each up to ~64 KB
 # with a group's logs and traceback).
 _STATUS_READ_CHUNK = 1_000
@@ -725,7 +729,7 @@ class RunStore:
         for start in range(0, len(paths), _STATUS_READ_CHUNK):
             for path, status in self.read_many_json(paths[start:start + _STATUS_READ_CHUNK]).items():
                 if path in files and isinstance(status, dict) and (attempt is None or status.get("attempt") == attempt):
-                    for key in ("logs", "traceback"):
+                    for key in GROUP_TEXT:
                         status.pop(key, None)
                     statuses[files[path]] = status
         return statuses
