@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import contextlib
 import datetime
@@ -294,6 +295,56 @@ _live_runs: "weakref.WeakValueDictionary[str, ManyModelRun]" = weakref.WeakValue
 # per run kept one topic per run in the scheduler.
 _subscribed_clients: "weakref.WeakSet[distributed.Client]" = weakref.WeakSet()
 _subscribe_lock = threading.Lock()
+_exit_hook_registered = False
+
+
+# How long the interpreter's exit waits for a run still going on: first for
+# cancel() (its running groups finish), then for its handle to record what was
+# stored (the fence after a closed client takes _FENCE_SECONDS and the writes).
+_EXIT_CANCEL_SECONDS = 10.0
+_EXIT_RECORD_SECONDS = 30.0
+
+
+def end_live_runs() -> None:
+    """Bring every run this process started and still follows to a final
+    status in storage: a script that ends without ``wait()`` (or whose
+    ``wait()`` an exception left) would otherwise leave its run IN_PROGRESS
+    for good, since the interpreter kills the handle's collector thread. A
+    run whose client still runs is cancelled (its running groups finish; one
+    that takes longer than ``_EXIT_CANCEL_SECONDS`` has its tasks cut off);
+    then the handle records the outcome as for a closed client."""
+    for run in list(_live_runs.values()):
+        if run._finished.is_set():
+            continue
+        logger.warning(
+            "run %r is still going on as the interpreter exits: cancelling it (call run.wait() to let it "
+            "finish)", run.run_id,
+        )
+        try:
+            if run._client.status == "running":
+                try:
+                    run.cancel(timeout=_EXIT_CANCEL_SECONDS)
+                except RunTimeoutError:
+                    run._client.cancel(run._futures)
+        except Exception:  # the client closed meanwhile: the handle's fence ends the run
+            logger.debug("could not cancel run %r", run.run_id, exc_info=True)
+        if not run._finished.wait(_EXIT_RECORD_SECONDS):
+            logger.warning("run %r could not record its final status; resume it to finish it", run.run_id)
+
+
+def _register_at_exit(function: Callable[[], None]) -> None:
+    """Have ``function`` run first as the interpreter exits, while the
+    cluster's clients and an in-process scheduler still work. ``atexit``
+    is too late: weakref finalizers (distributed closes its clusters and
+    executors with them) and other handlers registered after this one run
+    before it, and then the scheduler fails the run's tasks ("cannot schedule
+    new futures after shutdown"). ``threading._register_atexit``, which
+    concurrent.futures uses for the same reason, runs before any of them
+    (the last registered first); private, hence the fallback."""
+    try:
+        threading._register_atexit(function)  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):  # not in this Python; or it is exiting already
+        atexit.register(function)
 
 
 def _on_progress_event(event: tuple) -> None:
@@ -305,8 +356,12 @@ def _on_progress_event(event: tuple) -> None:
 
 
 def _follow_progress(run: "ManyModelRun", client: distributed.Client, topic: str) -> None:
+    global _exit_hook_registered
     _live_runs[run._spec.submission] = run
     with _subscribe_lock:
+        if not _exit_hook_registered:
+            _register_at_exit(end_live_runs)
+            _exit_hook_registered = True
         if client not in _subscribed_clients:
             client.subscribe_topic(topic, _on_progress_event)
             _subscribed_clients.add(client)

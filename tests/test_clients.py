@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import subprocess
+import sys
 import threading
 
 import dask.dataframe as dd
@@ -13,7 +15,7 @@ import distributed
 import pytest
 
 import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
-from dask_manymodel import ExecutionOptions, InvalidArgumentError, RunStatus
+from dask_manymodel import ExecutionOptions, InvalidArgumentError, ManyModelRun, RunStatus
 
 from .conftest import fit_line, make_frame
 
@@ -64,3 +66,49 @@ def test_progress_and_retry_failed_use_the_runs_own_cluster(client, tmp_path):
         again = run.retry_failed()
         assert again.wait(show_progress=False) == RunStatus.SUCCESS
         assert {f.client for f in again.futures} == {other}
+
+
+ENDS_WITHOUT_WAIT = r"""
+import sys, time
+import dask.dataframe as dd, distributed, logging, numpy as np, pandas as pd
+import dask_manymodel
+import dask_manymodel.run
+dask_manymodel.run._FENCE_SECONDS = 3.0  # as a slow store's writes: the collector's end takes a while
+
+def slow_mean(data, ctx):
+    time.sleep(0.5)  # simulated work: the run is still going on when the script ends
+    return float(data.to_pandas()["x"].mean())
+
+if __name__ == "__main__":
+    url, mode = sys.argv[1], sys.argv[2]
+    frame = pd.DataFrame({"store": np.repeat(np.arange(8), 2), "x": np.arange(16.0)})
+    ddf = dd.from_pandas(frame, npartitions=2)
+    if mode == "with":  # the block closes the client while the run goes on
+        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0",
+                                      silence_logs=logging.ERROR) as cluster, distributed.Client(cluster):
+            run = ddf.manymodel.train(slow_mean, by="store", url=url, run_id="r1")
+    else:  # the embedded LocalCluster, left to the interpreter's exit
+        run = ddf.manymodel.train(slow_mean, by="store", url=url, run_id="r1")
+    # ... and the script ends without run.wait()
+"""
+
+
+@pytest.mark.parametrize("mode", ["with", "embedded"])
+def test_a_script_that_ends_while_its_run_goes_on_leaves_the_run_ended(tmp_path, mode):
+    """The handle's collector thread was killed by the interpreter's exit
+    while it recorded the end (after the client closed): ``_run.json`` said
+    IN_PROGRESS for good, with groups never given a status."""
+    url = str(tmp_path / "models")
+    out = subprocess.run(
+        [sys.executable, "-c", ENDS_WITHOUT_WAIT, url, mode], capture_output=True, text=True, timeout=240
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    restored = ManyModelRun.restore_from("r1", url)
+    assert restored.manifest["status"] != "IN_PROGRESS", (restored.manifest, out.stderr[-3000:])
+    assert restored.status in {RunStatus.CANCELLED, RunStatus.FAILURE, RunStatus.PARTIAL_FAILURE, RunStatus.SUCCESS}
+    statuses = restored.summary()["status"]
+    assert statuses.isin(["DONE", "CANCELLED", "INTERNAL_ERROR"]).all(), statuses.value_counts()
+    assert restored.manifest["counts"] == statuses.value_counts().to_dict()
+    if mode == "embedded":  # its client still ran: cancelled, as run.cancel() does
+        assert restored.status == RunStatus.CANCELLED
+        assert "cancelling it (call run.wait() to let it finish)" in out.stderr
