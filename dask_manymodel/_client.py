@@ -9,6 +9,7 @@ import threading
 import distributed
 
 from .exceptions import InvalidArgumentError
+from .run import end_live_runs
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,6 @@ def _synchronous(client: distributed.Client) -> distributed.Client:
 def _close_embedded() -> None:
     global _embedded
     if _embedded is not None:
-        from .run import end_live_runs  # (run.py imports this module)
-
         end_live_runs()  # while the embedded cluster can still cancel them (done already, unless atexit's order)
         cluster = _embedded.cluster
         _embedded.close()
