@@ -2283,7 +2283,8 @@ def start_run(
     _write_manifest(store, manifest, on_existing_artifacts, delete_old=False)
     # from here until the tasks are submitted, a failure (the store, the
     # shuffle) must not leave the run IN_PROGRESS for good
-    with _marked_failed_if_it_fails(store, manifest):
+    kept_done = sum(r["status"] == "DONE" for r in initial_records)
+    with _marked_failed_if_it_fails(store, manifest, kept_done):
         if on_existing_artifacts == "overwrite":
             # the old files, once the new manifest makes their statuses stale
             store.delete_run(keep=(RUN_MANIFEST,))
@@ -2446,22 +2447,31 @@ def _shuffle_method(ddf: dd.DataFrame, asked: str | None) -> str | None:
 
 
 @contextlib.contextmanager
-def _marked_failed_if_it_fails(store: RunStore, manifest: dict) -> Iterator[None]:
+def _marked_failed_if_it_fails(store: RunStore, manifest: dict, kept_done: int) -> Iterator[None]:
     """Between a run's ``_run.json`` and the submission of its tasks: if
-    anything fails, mark the run FAILURE (with the error) instead of leaving
-    it IN_PROGRESS for good, and say in the error how to go on."""
+    anything fails, mark the run ended (with the error) instead of leaving it
+    IN_PROGRESS for good, and say in the error how to go on. A resume that
+    keeps ``kept_done`` DONE groups is a PARTIAL_FAILURE (FAILURE means no
+    group DONE), to be resumed again: an overwrite would throw them away."""
     try:
         yield
     except BaseException as exc:
         reason = f"{type(exc).__name__}: {exc}"
-        manifest.update(status="FAILURE", finished=_now(), error=f"the run could not start: {reason}")
+        manifest.update(
+            status="PARTIAL_FAILURE" if kept_done else "FAILURE",
+            counts={"DONE": kept_done} if kept_done else {},
+            finished=_now(),
+            error=f"the run could not start: {reason}",
+        )
         try:
             store.write_json(store.path(RUN_MANIFEST), manifest)
         except Exception:  # the store itself is what failed, most often
             logger.warning("could not mark run %r at %s as failed", manifest["run_id"], store.url, exc_info=True)
-        advice = (
-            f"run {manifest['run_id']!r} at {store.url} was left unfinished (no task started); start it "
-            f"again with on_existing_artifacts='overwrite'"
+        advice = f"run {manifest['run_id']!r} at {store.url} was left unfinished (no task started); start it again"
+        advice += (
+            f" with on_existing_artifacts='resume' (or run.retry_failed()), which keeps its {kept_done:,} DONE groups"
+            if kept_done
+            else " with on_existing_artifacts='overwrite'"
         )
         if isinstance(exc, StorageError):
             raise StorageError(f"{exc}; {advice}") from exc

@@ -154,6 +154,32 @@ def test_a_store_failure_before_the_tasks_start_marks_the_run_failed(client, fla
     assert ManyModelRun.restore_from("r1", url).status == RunStatus.FAILURE
 
 
+def fails_odd_groups(data, ctx):
+    if ctx.partition_id % 2:
+        raise ValueError(f"group {ctx.partition_id} fails")
+    return fit_line(data, ctx)
+
+
+def test_a_resume_whose_start_fails_keeps_its_done_groups_and_says_to_resume(client, flaky, tmp_path):
+    """It marked the run FAILURE ("no group DONE") with 3 DONE groups kept,
+    and advised on_existing_artifacts='overwrite', which throws them away."""
+    url = f"flaky://{tmp_path}/models"
+    ddf = dd.from_pandas(make_frame(n_groups=6, rows=5), npartitions=2)
+    run = ddf.manymodel.train(fails_odd_groups, by="store", url=url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    options = ExecutionOptions(storage_retries=0)
+    with pytest.raises(StorageError, match=r"no task started\); start it again with on_existing_artifacts="
+                       r"'resume' \(or run.retry_failed\(\)\), which keeps its 3 DONE groups"):
+        ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", on_existing_artifacts="resume",
+                            execution_options=options, storage_options={"fail_paths": ["_groups.json"]})
+    restored = ManyModelRun.restore_from("r1", url)
+    assert restored.status == RunStatus.PARTIAL_FAILURE
+    assert restored.manifest["counts"] == {"DONE": 3}
+    assert restored.manifest["error"].startswith("the run could not start: StorageError")
+    again = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", on_existing_artifacts="resume")
+    assert again.wait(show_progress=False) == RunStatus.SUCCESS
+
+
 def fail_first_attempt(data, ctx):
     """Fails the first time each of groups 0, 10, 20, ... runs (marker files count attempts)."""
     marker = os.path.join(os.environ["MANYMODEL_TEST_MARKERS"], f"{ctx.partition_id}")
