@@ -1216,7 +1216,9 @@ class ManyModelRun:
         """Rebuild a read-only handle of run ``run_id`` stored under ``url``.
 
         Works from any process, after the client that started the run is gone.
-        ``wait()`` and ``cancel()`` raise :class:`ReadOnlyRunError`. A missing
+        ``wait()`` and ``cancel()`` raise :class:`ReadOnlyRunError`. The handle
+        can be pickled, so it may go to the workers (``client.map(lambda key:
+        restored.get_model(key), keys)``); a live handle cannot. A missing
         run raises :class:`RunNotFoundError`; a run whose ``_run.json`` or
         ``_groups.json`` is damaged raises :class:`StorageError` naming the file.
 
@@ -1255,6 +1257,27 @@ class ManyModelRun:
         except FileNotFoundError:  # the run is being set up right now
             groups = []
         return cls(store=store, manifest=manifest, groups=groups, serde=serde)
+
+    # ------------------------------------------------------------------
+    # pickling: a restored handle reads storage only, so it may travel to the
+    # workers (``client.map(lambda key: restored.get_model(key), keys)``)
+
+    def __getstate__(self) -> dict:
+        if not self.read_only:
+            raise TypeError(
+                f"the live handle of run {self.run_id!r} cannot be pickled or copied: it follows the run's "
+                f"tasks on this client. Send the run_id and url instead, and use "
+                f"ManyModelRun.restore_from({self.run_id!r}, url) where the run is needed"
+            )
+        state = dict(self.__dict__)
+        del state["_lock"], state["_finished"]  # remade by __setstate__
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._finished = threading.Event()
+        self._finished.set()
 
     # ------------------------------------------------------------------
     # display

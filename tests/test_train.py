@@ -6,6 +6,7 @@ import datetime
 import functools
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -317,6 +318,23 @@ def test_temporal_keys_round_trip_through_ids_and_lookups(client, tmp_path):
         # the same instant in another zone, as pandas' get_group finds it
         assert handle.get_model(paris["ts"][0].tz_convert("UTC")) == 1
         assert handle.get_model(paris["ts"][1].tz_convert("Asia/Tokyo").to_pydatetime()) == 1
+
+
+def test_a_restored_handle_travels_to_the_workers_and_a_live_one_says_why_not(client, ddf, store_url):
+    """Both failed to pickle with internal errors ("cannot pickle
+    '_thread.lock'", "Can't pickle local object"): a restored handle reads
+    storage only, and loading models on the workers with it is natural."""
+    run = ddf.manymodel.train(failing_on_odd, by="store", url=store_url, run_id="r1")
+    run.wait(show_progress=False)
+    with pytest.raises(TypeError, match=r"live handle of run 'r1' cannot be pickled .*restore_from\('r1', url\)"):
+        pickle.dumps(run)
+    restored = ManyModelRun.restore_from("r1", store_url)
+    models = client.gather(client.map(lambda key: list(restored.get_model(key)), [0, 2, 4]))
+    for key, model in zip([0, 2, 4], models):
+        np.testing.assert_allclose(model, expected_line(key), atol=1e-9)
+    again = pickle.loads(pickle.dumps(restored))
+    assert again.status == RunStatus.PARTIAL_FAILURE and again.partition_details[5].error == "ValueError: odd group 5"
+    np.testing.assert_allclose(again.get_model(4), expected_line(4), atol=1e-9)
 
 
 def test_restore_from_a_fresh_process(client, ddf, store_url):
