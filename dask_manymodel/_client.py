@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 
 import distributed
 
@@ -49,6 +51,23 @@ def get_or_start_client() -> distributed.Client:
                 _embedded.dashboard_link,
             )
         return _embedded
+
+
+@contextlib.contextmanager
+def outside_the_worker_pool() -> Iterator[None]:
+    """Inside a Dask task (a run started from another run's function, or
+    from any task), leave the worker's thread pool while this blocks on the
+    run's own tasks, as ``distributed.worker_client()`` does: otherwise the
+    tasks waited for may find every worker thread held by tasks that wait
+    on them, for ever. Elsewhere (and within ``worker_client()``) it does
+    nothing."""
+    try:
+        distributed.get_worker()
+    except ValueError:  # not on a worker
+        yield
+        return
+    with distributed.worker_client():  # secedes only in a task's own thread, and not twice
+        yield
 
 
 def _synchronous(client: distributed.Client) -> distributed.Client:

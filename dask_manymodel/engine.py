@@ -44,7 +44,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ._client import get_or_start_client
+from ._client import get_or_start_client, outside_the_worker_pool
 from ._gc import freeze_older_objects
 from ._logs import capture_logs
 from ._malloc import keep_freed_memory
@@ -2084,7 +2084,19 @@ def versions() -> dict:
     }
 
 
-def start_run(
+def start_run(kind: str, func: Callable, dataframe: Any, **arguments: Any):
+    """Validate, count, shuffle and submit a run; return its live handle.
+
+    This is what ``ddf.manymodel.train``, ``ManyModelTraining.run`` and the
+    others call (arguments as :func:`_start_run`). See
+    :class:`dask_manymodel.ManyModelRun` for the handle. Called from a Dask
+    task, it leaves the worker's thread pool while it waits on the cluster.
+    """
+    with outside_the_worker_pool():
+        return _start_run(kind, func, dataframe, **arguments)
+
+
+def _start_run(
     kind: str,
     func: Callable,
     dataframe: Any,
@@ -2099,11 +2111,7 @@ def start_run(
     training_run_id: str | None = None,
     meta: pd.DataFrame | None = None,
 ):
-    """Validate, count, shuffle and submit a run; return its live handle.
-
-    This is what ``ddf.manymodel.train``, ``ManyModelTraining.run`` and the
-    others call. See :class:`dask_manymodel.ManyModelRun` for the handle.
-    """
+    """:func:`start_run`'s work."""
     from .run import ManyModelRun, PartitionStatus, _aggregate
 
     # 1. everything that needs no compute -----------------------------------

@@ -898,6 +898,8 @@ class ManyModelRun:
                 f"run {self.run_id!r} was restored from storage: it cannot be waited on; "
                 f"read .status or .get_progress() instead"
             )
+        from ._client import outside_the_worker_pool
+
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = None
         if show_progress:
@@ -905,14 +907,15 @@ class ManyModelRun:
 
             bar = tqdm(total=len(self._groups), desc=f"{self.kind} {self.run_id}", unit="group")
         try:
-            while not self._finished.wait(0.2):
-                if bar is not None:
-                    bar.update(min(self._finished_count(), len(self._groups)) - bar.n)
-                if deadline is not None and time.monotonic() > deadline:
-                    raise RunTimeoutError(
-                        f"run {self.run_id!r} did not finish within {timeout}s; it goes on, "
-                        f"call wait() again or cancel()"
-                    )
+            with outside_the_worker_pool():  # (in a Dask task: see start_run)
+                while not self._finished.wait(0.2):
+                    if bar is not None:
+                        bar.update(min(self._finished_count(), len(self._groups)) - bar.n)
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise RunTimeoutError(
+                            f"run {self.run_id!r} did not finish within {timeout}s; it goes on, "
+                            f"call wait() again or cancel()"
+                        )
             if bar is not None:
                 bar.update(len(self._groups) - bar.n)
         finally:
@@ -937,19 +940,22 @@ class ManyModelRun:
             return self.status
         self._manifest["cancelled"] = True
         distributed.Event(self._spec.cancel_event, client=self._client).set()
+        from ._client import outside_the_worker_pool
+
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            # tasks that need resources no worker offers would never start to
-            # see the event: drop them, their groups become CANCELLED. Asked
-            # again while waiting: a task may reach the scheduler only now, or
-            # lose the one worker that could run it
-            unrunnable = self._tasks_no_worker_can_run()
-            if unrunnable:
-                self._client.cancel([f for f in self._futures if f.key in unrunnable and not f.done()])
-            if self._finished.wait(_CANCEL_RECHECK_SECONDS):
-                return self.status
-            if deadline is not None and time.monotonic() > deadline:
-                raise RunTimeoutError(f"run {self.run_id!r} did not stop within {timeout}s")
+        with outside_the_worker_pool():  # (in a Dask task: see start_run)
+            while True:
+                # tasks that need resources no worker offers would never start to
+                # see the event: drop them, their groups become CANCELLED. Asked
+                # again while waiting: a task may reach the scheduler only now, or
+                # lose the one worker that could run it
+                unrunnable = self._tasks_no_worker_can_run()
+                if unrunnable:
+                    self._client.cancel([f for f in self._futures if f.key in unrunnable and not f.done()])
+                if self._finished.wait(_CANCEL_RECHECK_SECONDS):
+                    return self.status
+                if deadline is not None and time.monotonic() > deadline:
+                    raise RunTimeoutError(f"run {self.run_id!r} did not stop within {timeout}s")
 
     def _tasks_no_worker_can_run(self) -> set:
         """Keys of this run's tasks that have not started and need resources

@@ -112,3 +112,29 @@ def test_a_script_that_ends_while_its_run_goes_on_leaves_the_run_ended(tmp_path,
     if mode == "embedded":  # its client still ran: cancelled, as run.cancel() does
         assert restored.status == RunStatus.CANCELLED
         assert "cancelling it (call run.wait() to let it finish)" in out.stderr
+
+
+def run_of_halves(url, data, ctx):
+    """A group's function that starts a run of its own (a model per half of
+    the group) and waits for it."""
+    halves = dd.from_pandas(data.to_pandas().assign(half=lambda df: df.index % 2), npartitions=1)
+    inner = halves.manymodel.train(fit_line, by="half", url=url, run_id=f"inner-{ctx.partition_id}")
+    return str(inner.wait(timeout=60, show_progress=False).value)
+
+
+def test_a_run_started_inside_a_group_does_not_deadlock_its_worker(tmp_path):
+    """The inner run's start waited on its count with the one worker thread
+    held by the group that waited on it: a deadlock, which cancel() could
+    not end. It leaves the worker's thread pool while it waits, as
+    distributed.worker_client() does."""
+    url = str(tmp_path / "models")
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.ERROR
+    ) as cluster, distributed.Client(cluster):
+        ddf = dd.from_pandas(make_frame(n_groups=2, rows=10), npartitions=1)
+        outer = ddf.manymodel.train(
+            lambda data, ctx: run_of_halves(url, data, ctx), by="store", url=url, run_id="outer"
+        )
+        assert outer.wait(timeout=90, show_progress=False) == RunStatus.SUCCESS, outer.summary()["error"].tolist()
+        assert [outer.get_model(store) for store in (0, 1)] == ["SUCCESS", "SUCCESS"]
+        assert ManyModelRun.restore_from("inner-1", url).summary()["status"].tolist() == ["DONE", "DONE"]
