@@ -180,3 +180,39 @@ def test_a_missing_bucket_is_refused_before_compute(client, s3_options):
     ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=2)
     with pytest.raises(InvalidURLError, match="'no-such-bucket' does not exist; an object store's bucket must exist"):
         ddf.manymodel.train(fit_line, by="store", url="s3://no-such-bucket/x", run_id="r1", storage_options=s3_options)
+
+
+def _listings(endpoint: str, action) -> list[str]:
+    """The S3 listing requests the server saw while ``action`` ran (moto's recorder)."""
+    import json
+
+    import requests
+
+    requests.post(f"{endpoint}/moto-api/recorder/reset-recording")
+    requests.post(f"{endpoint}/moto-api/recorder/start-recording")
+    try:
+        action()
+    finally:
+        requests.post(f"{endpoint}/moto-api/recorder/stop-recording")
+    recorded = requests.get(f"{endpoint}/moto-api/recorder/download-recording").text
+    urls = [json.loads(line)["url"] for line in recorded.splitlines() if line.strip()]
+    return [url for url in urls if "list-type=2" in url]
+
+
+def test_an_overwrite_lists_the_old_run_once(client, s3_options, tmp_path, monkeypatch):
+    """fsspec's recursive rm of the group folders listed each one in turn:
+    a request per group before any file went (an hour of listings at
+    100,000 groups on a store answering in 40 ms)."""
+    from dask_manymodel.store import RunStore
+
+    url = "s3://models/listed-once"
+    ddf = dd.from_pandas(make_frame(n_groups=30, rows=5), npartitions=2)
+    run = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", storage_options=s3_options)
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    store = RunStore(url, "r1", s3_options)
+    monkeypatch.chdir(tmp_path)  # where the recorder writes its file, "moto_recording"
+    listings = _listings(
+        s3_options["client_kwargs"]["endpoint_url"], lambda: store.delete_run(keep=("_run.json",))
+    )
+    assert len(listings) == 1, listings
+    assert store.fs.find(store.root) == [f"{store.root}/_run.json"]
