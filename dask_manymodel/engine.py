@@ -356,7 +356,7 @@ def _check_can_hold_run(store: RunStore) -> None:
                     return
                 raise InvalidURLError(
                     f"cannot write to {store.url!r}: {path!r} does not exist; an object store's "
-                    f"bucket must exist before a run writes there (create it, or check the URL)"
+                    f"bucket must exist before anything is written there (create it, or check the URL)"
                 ) from None
             path = parent
     if info["type"] != "directory":

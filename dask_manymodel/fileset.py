@@ -27,7 +27,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from .connectors._batching import Columns, Rebatcher, check_batch_size, check_seed
-from .engine import as_dask_dataframe, index_as_column
+from .engine import as_dask_dataframe, check_reachable, check_workers_share_store, index_as_column
 from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError
 from .store import RunStore, _is_local, any_read_as_pattern, open_url, remove_paths, resolved_url
 
@@ -35,6 +35,22 @@ __all__ = ["FileSet"]
 
 MANIFEST = "_fileset.json"
 CLAIM = "_fileset.claim"
+
+
+class _ClaimLost(Exception):
+    """Another make of the same name claimed it over this one."""
+
+
+def _check_workers_share(store: RunStore) -> None:
+    """memory:// with worker processes: each would write its files into its
+    own memory, and the FileSet would be made with no rows."""
+    import distributed
+
+    try:
+        client = distributed.get_client()
+    except ValueError:  # no cluster: Dask's local scheduler, in this process
+        return
+    check_workers_share_store(store, client)
 _SHUFFLE_COLUMN = "__manymodel_shuffle__"
 
 
@@ -127,6 +143,11 @@ class FileSet:
         fs, base = open_url(url, storage_options)
         url = resolved_url(url, fs, base)  # as the workers writing the files must read it
         root = posixpath.join(base, name)
+        claim = RunStore(url, name, storage_options)
+        # as a run checks its URL: a missing bucket, bad credentials, a file
+        # where the folder must be are said so now, not as a backend's error
+        check_reachable(claim)
+        _check_workers_share(claim)
         exists = FileSetExistsError(
             f"FileSet {name!r} already exists at {url}; FileSets are immutable: "
             f"choose another name or delete() the old one"
@@ -140,13 +161,20 @@ class FileSet:
         # one name at once would otherwise both pass the check above and
         # write their files into one folder.
         fileset_id = uuid.uuid4().hex[:12]
-        claim = RunStore(url, name, storage_options)
         try:
             claim.create_exclusive(claim.path(CLAIM), json.dumps({"id": fileset_id}).encode())
         except FileExistsError:
             raise exists from None
         try:
             cls._write(fs, url, root, name, ddf, shuffle, seed, storage_options, fileset_id)
+        except _ClaimLost:
+            # another make wrote the name's claim over ours (a store whose
+            # exclusive create is a check, then a write): its files stay
+            for path in fs.ls(root, detail=False):
+                if path.endswith(f".{fileset_id}.parquet"):
+                    with contextlib.suppress(FileNotFoundError):
+                        fs.rm_file(path)
+            raise exists from None
         except BaseException:
             remove_paths(fs, [root])  # nothing half-written: the name is free again
             fs.invalidate_cache(root)
@@ -186,6 +214,11 @@ class FileSet:
             "shuffled": bool(shuffle),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         }
+        # The claim, read again: a store without a true exclusive create (its
+        # check, then its write) may have let another make of the name claim
+        # it meanwhile; the manifest goes only under a claim that is ours.
+        if json.loads(fs.cat_file(posixpath.join(root, CLAIM))).get("id") != fileset_id:
+            raise _ClaimLost()
         fs.pipe_file(posixpath.join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
 
     # ------------------------------------------------------------------

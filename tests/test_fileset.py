@@ -209,6 +209,39 @@ def test_two_makes_of_one_name_at_once_one_is_refused(tmp_path):
     assert back["src"].tolist() == ["A"] * 40
 
 
+def test_a_make_whose_claim_another_make_took_over_leaves_the_name_to_it(tmp_path, monkeypatch):
+    """On a store whose exclusive create is a check and then a write (a GCS
+    emulator ignoring the precondition did so), both makes "won": one
+    manifest replaced the other, and the loser's caller was told it made
+    the FileSet. The claim is read again before the manifest."""
+    from dask_manymodel.store import RunStore
+
+    create = RunStore.create_exclusive
+
+    def raced(self, path, data):  # the other make writes its claim right after ours
+        create(self, path, data)
+        self.fs.pipe_file(path, b'{"id": "other"}')
+        self.fs.pipe_file(path.replace("_fileset.claim", "part.0.other.parquet"), b"the other make's rows")
+
+    monkeypatch.setattr(RunStore, "create_exclusive", raced)
+    with pytest.raises(FileSetExistsError, match="already exists"):
+        FileSet.make(str(tmp_path), "snap", frame(40))
+    left = sorted(p.name for p in (tmp_path / "snap").iterdir())
+    assert left == ["_fileset.claim", "part.0.other.parquet"]  # ours gone, the other's kept
+
+
+def test_make_at_memory_with_worker_processes_is_refused(client):
+    """Each worker process wrote its files into its own memory: the FileSet
+    was made with 0 files and 0 rows, and reading it failed."""
+    from dask_manymodel import InvalidURLError
+    from dask_manymodel.store import open_url
+
+    with pytest.raises(InvalidURLError, match="in-memory and private to each process"):
+        FileSet.make("memory://sets-on-processes", "s1", dd.from_pandas(frame(), npartitions=2))
+    fs, _ = open_url("memory://sets-on-processes")
+    assert not fs.exists("/sets-on-processes/s1")
+
+
 def test_a_make_that_fails_leaves_nothing_and_frees_the_name(url):
     def broken(df):  # the other partitions' files may be written by then
         if df["i"].min() >= 300:

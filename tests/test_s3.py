@@ -180,6 +180,11 @@ def test_a_missing_bucket_is_refused_before_compute(client, s3_options):
     ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=2)
     with pytest.raises(InvalidURLError, match="'no-such-bucket' does not exist; an object store's bucket must exist"):
         ddf.manymodel.train(fit_line, by="store", url="s3://no-such-bucket/x", run_id="r1", storage_options=s3_options)
+    # and a FileSet (it was the backend's FileNotFoundError)
+    from dask_manymodel import FileSet
+
+    with pytest.raises(InvalidURLError, match="'no-such-bucket' does not exist; an object store's bucket must exist"):
+        FileSet.make("s3://no-such-bucket/sets", "s1", ddf, storage_options=s3_options)
 
 
 def _listings(endpoint: str, action) -> list[str]:
