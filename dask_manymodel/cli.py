@@ -208,11 +208,13 @@ def _at_least(name: str, value: int, least: int) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from .run import PartitionStatus
+
     _at_least("--top", args.top, 0)
     run = _restore(args)
     summary = run.summary()
     print(f"run {run.run_id} ({run.kind}) at {args.url}: {run.status.value}")
-    counts = run._counts()
+    counts = run._counts(dict(zip(summary["path"], summary["status"].map(PartitionStatus))))
     if counts:
         print(_table([{"status": k, "groups": v} for k, v in counts.items()], ["status", "groups"]))
     else:
@@ -248,8 +250,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
             f"{run.partition_by!r}); groups include: {sample or 'none'}; "
             f"`dask-manymodel show {args.url} {args.run_id}` lists more"
         )
-    details = run._details()
-    group = details[path]
+    group = run._details([path])[path]  # that group's status alone
     print(f"group {group_text(group.partition_id, n_columns)}: {group.status.value}")
     if group.error:
         print(f"error: {group.error.splitlines()[0]}")

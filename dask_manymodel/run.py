@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import collections.abc
 import concurrent.futures
 import contextlib
 import datetime
@@ -405,7 +406,14 @@ class ManyModelRun:
         self._serde = serde
         self._lock = threading.Lock()
         # records of groups that this run does not (re)run: a resumed run's DONE groups
-        self._records: dict[str, dict] = {r["path"]: r for r in initial_records or []}
+        # (compact: a resume's statuses as stored took ~2.5x train's client memory at 200,000 groups)
+        from .engine import _compact
+
+        self._records: dict[str, Any] = {r["path"]: _KeptRecord(_compact(r)) for r in initial_records or []}
+        # outcomes read from storage before their task handed them back (a live handle's)
+        self._stored_outcomes: dict[str, _KeptRecord] = {}
+        # a finished run's outcomes as read once (a restored handle's)
+        self._settled: dict[str, _KeptRecord] | None = None
         self._initial_count = len(self._records)
         self._source = source
         # per task, the most groups its progress events said were finished
@@ -498,6 +506,8 @@ class ManyModelRun:
             self._finalize_after_failure(exc)
         finally:
             _live_runs.pop(self._spec.submission, None)
+            with self._lock:
+                self._stored_outcomes = {}  # the collected records have them all now
             self._finished.set()
 
     def _keep(self, records: list[dict]) -> None:
@@ -718,20 +728,42 @@ class ManyModelRun:
             return
         self._groups_submission = start
 
-    def _current_records(self) -> dict[str, dict]:
+    def _current_records(self, paths: list[str] | None = None) -> dict[str, Any]:
+        """The records of these groups (of every group without ``paths``) that
+        have one: a live handle's collected records, with the outcomes
+        storage has before their task hands them back; a restored handle's
+        as stored. Outcomes read once are kept: final outcomes of this start
+        do not change, and a restored handle of a finished run is a snapshot
+        of it (read again with ``restore_from`` to see a later resume)."""
         if self.read_only:
-            groups = self._groups
-            records = self._read_statuses([g["path"] for g in groups])
-            if self._groups is not groups:  # caught up with a later start's groups: theirs too
-                records = self._read_statuses([g["path"] for g in self._groups])
-            return records
+            return self._restored_records(paths)
         with self._lock:
-            records = dict(self._records)
+            records = dict(self._stored_outcomes)
+            records.update(self._records)
         if not self._finished.is_set():
             # tasks report back when all their groups are done; storage knows
             # each group as soon as it finishes
-            missing = [g["path"] for g in self._groups if g["path"] not in records]
-            records.update(self._read_statuses(missing))
+            wanted = [g["path"] for g in self._groups] if paths is None else paths
+            read = self._read_statuses([path for path in wanted if path not in records])
+            kept = {path: _KeptRecord(record) for path, record in read.items() if record["status"] in FINAL_STATUSES}
+            with self._lock:
+                if not self._finished.is_set():  # (once finished, the collected records have them all)
+                    self._stored_outcomes.update(kept)
+            records.update(read)
+        return records if paths is None else {path: records[path] for path in paths if path in records}
+
+    def _restored_records(self, paths: list[str] | None) -> dict[str, Any]:
+        if self._settled is not None:  # the finished run's, as read before
+            records = self._settled
+            return dict(records) if paths is None else {path: records[path] for path in paths if path in records}
+        if paths is not None:
+            return self._read_statuses(paths)
+        groups = self._groups
+        records = self._read_statuses([g["path"] for g in groups])
+        if self._groups is not groups:  # caught up with a later start's groups: theirs too
+            records = self._read_statuses([g["path"] for g in self._groups])
+        if self._manifest.get("status") != RunStatus.IN_PROGRESS.value:
+            self._settled = {path: _KeptRecord(record) for path, record in records.items()}
         return records
 
     def _running_tasks(self) -> set[int]:
@@ -748,11 +780,14 @@ class ManyModelRun:
             return set()
         return {key[1] for key in executing}
 
-    def _details(self) -> dict[str, PartitionDetails]:
-        records = self._current_records()
+    def _details(self, paths: list[str] | None = None) -> dict[str, PartitionDetails]:
+        """``{path: PartitionDetails}`` of these groups (of every group
+        without ``paths``), reading only their statuses."""
+        records = self._current_records(paths)
         running = self._running_tasks()
         details = {}
-        for group in self._groups:
+        groups = self._groups if paths is None else [self._group_of_path(path) for path in paths]
+        for group in groups:
             record = records.get(group["path"])
             if record is None:
                 status = PartitionStatus.RUNNING if group.get("task") in running else PartitionStatus.PENDING
@@ -821,9 +856,12 @@ class ManyModelRun:
         return _aggregate(statuses, PartitionStatus.CANCELLED in statuses and bool(self._manifest.get("cancelled")), finished)
 
     @property
-    def partition_details(self) -> dict[Any, PartitionDetails]:
-        """``{partition_id: PartitionDetails}`` for every group of the run."""
-        return {d.partition_id: d for d in self._details().values()}
+    def partition_details(self) -> "PartitionDetailsMapping":
+        """``{partition_id: PartitionDetails}`` for every group of the run, as
+        a read-only mapping that reads a group's status when it is looked up
+        (``run.partition_details[7]`` reads group 7's alone) and every
+        group's in one batched read when iterated over with values."""
+        return PartitionDetailsMapping(self)
 
     def get_progress(self) -> dict[str, list[PartitionDetails]]:
         """Groups by status: ``{"DONE": [PartitionDetails, ...], "FAILED": [...]}``.
@@ -1288,15 +1326,23 @@ class ManyModelRun:
     # ------------------------------------------------------------------
     # display
 
-    def _counts(self, details: dict[str, PartitionDetails] | None = None) -> dict[str, int]:
+    def _statuses(self) -> dict[str, PartitionStatus]:
+        """Each group's status, by path (no :class:`PartitionDetails` made)."""
+        records = self._current_records()
+        running = self._running_tasks()
+        return {
+            group["path"]: PartitionStatus(records[group["path"]]["status"]) if group["path"] in records
+            else PartitionStatus.RUNNING if group.get("task") in running else PartitionStatus.PENDING
+            for group in self._groups
+        }
+
+    def _counts(self, statuses: dict[str, PartitionStatus] | None = None) -> dict[str, int]:
         """Groups per status, in the order of :class:`PartitionStatus`; only those that occur."""
-        details = self._details() if details is None else details
-        found = [d.status for d in details.values()]
-        return {s.value: found.count(s) for s in PartitionStatus if s in found}
+        found = collections.Counter((self._statuses() if statuses is None else statuses).values())
+        return {s.value: found[s] for s in PartitionStatus if found[s]}
 
     def __repr__(self) -> str:
-        details = self._details()
-        counts = ", ".join(f"{k}={v}" for k, v in self._counts(details).items())
+        counts = ", ".join(f"{k}={v}" for k, v in self._counts().items())
         mode = "restored" if self.read_only else "live"
         return (
             f"<ManyModelRun {self.kind} {self.run_id!r} {self.status.value} ({mode}) "
@@ -1309,16 +1355,16 @@ class ManyModelRun:
     def _repr_html_(self) -> str:
         """Jupyter display: status, groups per status, where the run lives, the
         dashboard link, and the first failed groups with their errors."""
-        details = self._details()
-        counts = self._counts(details)
+        statuses = self._statuses()
+        counts = self._counts(statuses)
         status = self.status.value
         esc = html.escape
         rows = "".join(
             f"<tr><td>{esc(name)}</td><td style='text-align:right'>{n:,}</td></tr>"
             for name, n in counts.items()
         )
-        failed = [d for d in details.values() if d.status in (PartitionStatus.FAILED, PartitionStatus.INTERNAL_ERROR)]
-        shown = failed[: self._HTML_FAILED_SHOWN]
+        failed = [p for p, s in statuses.items() if s in (PartitionStatus.FAILED, PartitionStatus.INTERNAL_ERROR)]
+        shown = self._details(failed[: self._HTML_FAILED_SHOWN]).values()
         items = "".join(
             f"<li><code>{esc(repr(d.partition_id))}</code> {esc(d.status.value)}: "
             f"{esc(d.error.splitlines()[0] if d.error else '(no error message)')}</li>"
@@ -1340,6 +1386,38 @@ class ManyModelRun:
             + (f"<p>Failed groups ({len(failed):,}):</p><ul>{items}</ul>" if failed else "")
             + "</div>"
         )
+
+
+class PartitionDetailsMapping(collections.abc.Mapping):
+    """``run.partition_details``: ``{partition_id: PartitionDetails}``, read
+    from the run when used. Looking one group up reads that group's status
+    alone (with 200,000 groups, reading them all took ~10 s, and minutes of
+    requests on an object store); ``values()`` and ``items()`` read every
+    group's in one batched read. Keys are found as :meth:`ManyModelRun.get_model`
+    finds them (``7`` and ``np.int64(7)`` alike, a tuple for several ``by``
+    columns, None for the null group)."""
+
+    def __init__(self, run: ManyModelRun):
+        self._run = run
+
+    def __getitem__(self, partition_id: Any) -> PartitionDetails:
+        path = self._run._group_for(partition_id)["path"]  # PartitionNotFoundError is a KeyError
+        return self._run._details([path])[path]
+
+    def __iter__(self):
+        return (self._run._partition_id(group) for group in self._run._groups)
+
+    def __len__(self) -> int:
+        return len(self._run._groups)
+
+    def values(self) -> list[PartitionDetails]:  # type: ignore[override]
+        return list(self._run._details().values())
+
+    def items(self) -> list[tuple[Any, PartitionDetails]]:  # type: ignore[override]
+        return [(details.partition_id, details) for details in self._run._details().values()]
+
+    def __repr__(self) -> str:
+        return repr(dict(self.items()))
 
 
 def _constant_column(value: Any, dtype: Any, index: pd.Index) -> pd.Series:

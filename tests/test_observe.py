@@ -8,6 +8,7 @@ import os
 import re
 
 import dask.dataframe as dd
+import numpy as np
 import pytest
 
 import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
@@ -262,3 +263,69 @@ def test_runs_share_one_progress_topic(client, ddf, store_url):
         assert run.wait(show_progress=False) == RunStatus.SUCCESS
     assert client.run_on_scheduler(manymodel_topics) == ["manymodel-progress"]
     assert len(client._event_handlers) <= before + 1
+
+
+def _counting_status_reads(monkeypatch) -> list[int]:
+    """How many groups each batched status read asks for, from now on."""
+    from dask_manymodel.store import RunStore
+
+    sizes: list[int] = []
+    read = RunStore.read_statuses
+
+    def counted(self, rels, *args, **kwargs):
+        sizes.append(len(rels))
+        return read(self, rels, *args, **kwargs)
+
+    monkeypatch.setattr(RunStore, "read_statuses", counted)
+    return sizes
+
+
+def test_one_groups_details_read_that_group_alone(finished, monkeypatch, capsys):
+    """partition_details[7], repr() and the CLI's logs read every group's
+    status (200,000 files at 200,000 groups: ~10 s locally, minutes of
+    requests on an object store), and a restored handle read them all again
+    on every call."""
+    from dask_manymodel import cli
+
+    restored = ManyModelRun.restore_from("r1", finished.url)
+    reads = _counting_status_reads(monkeypatch)
+    assert restored.partition_details[2].error.startswith("ValueError: group 2")
+    assert restored.partition_details[np.int64(7)].status.value == "DONE"
+    assert 5 in restored.partition_details and 99 not in restored.partition_details
+    assert len(restored.partition_details) == 12 and sorted(restored.partition_details) == list(range(12))
+    assert reads == [1, 1, 1]  # (99 is no group: nothing to read)
+    assert restored.summary()["status"].value_counts().to_dict() == {"DONE": 11, "FAILED": 1}
+    assert {d.partition_id: d.status.value for d in restored.partition_details.values()}[2] == "FAILED"
+    repr(restored), restored._repr_html_(), restored.get_progress()
+    assert reads == [1, 1, 1, 12]  # a finished run's statuses are read once, then kept
+    assert cli.main(["logs", finished.url, "r1", "2"]) == 0
+    assert "ValueError: group 2" in capsys.readouterr().out
+    assert reads[4:] == [1]
+    assert cli.main(["show", finished.url, "r1"]) == 0
+    assert "FAILED" in capsys.readouterr().out
+    assert reads[5:] == [12]
+
+
+def last_group_held(gate, data, ctx):
+    """Group 19 (the last of its task: equal groups run in key order) waits for the gate."""
+    if ctx.partition_id == 19:
+        hold_until_released(gate)
+    return len(data)
+
+
+def test_a_live_handle_reads_a_finished_group_once_while_its_task_runs(client, store_url, monkeypatch):
+    """summary() while the run went read every group its task had not
+    handed back yet, on every call: 12-22 s a call at 200,000 groups."""
+    ddf = dd.from_pandas(make_frame(n_groups=20, rows=2), npartitions=1)
+    gate = os.path.join(store_url, "..", "release")
+    run = ddf.manymodel.train(functools.partial(last_group_held, gate), by="store", url=store_url, run_id="r1",
+                              execution_options=ExecutionOptions(npartitions=1))
+    # one task: its last group is held, the others finish and wait in storage
+    poll(lambda: run.summary()["status"].value_counts().get("DONE", 0) >= 5)
+    reads = _counting_status_reads(monkeypatch)
+    done = (run.summary()["status"] == "DONE").sum()
+    run.summary()
+    assert len(reads) == 2 and reads[0] == 20 - done and reads[1] <= 20 - done, (reads, done)
+    open(gate, "w").close()
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    assert run.summary()["status"].eq("DONE").all()
