@@ -17,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import logging
 import os
 import posixpath
+import time
 import uuid
 from typing import Any
 
@@ -35,6 +37,25 @@ __all__ = ["FileSet"]
 
 MANIFEST = "_fileset.json"
 CLAIM = "_fileset.claim"
+
+logger = logging.getLogger(__name__)
+
+
+def _remove_half_made(fs, root: str) -> None:
+    """Remove what a failed make wrote. Tasks of its compute that were
+    running when one failed go on writing for a moment ("Directory not
+    empty" on local disk): tried again a few times; a failure is logged,
+    never raised over the make's own error."""
+    for attempt in range(6):
+        try:
+            remove_paths(fs, [root])
+            fs.invalidate_cache(root)
+            if not fs.exists(root):
+                return
+        except OSError:
+            pass
+        time.sleep(0.1 * 2**attempt)  # (3 s in all) the failed compute's other tasks finish their files
+    logger.warning("could not remove the files of the failed FileSet make at %s; delete the folder by hand", root)
 
 
 class _ClaimLost(Exception):
@@ -176,8 +197,7 @@ class FileSet:
                         fs.rm_file(path)
             raise exists from None
         except BaseException:
-            remove_paths(fs, [root])  # nothing half-written: the name is free again
-            fs.invalidate_cache(root)
+            _remove_half_made(fs, root)  # nothing half-written: the name is free again
             raise
         return cls(url, name, storage_options)
 

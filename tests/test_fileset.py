@@ -256,6 +256,36 @@ def test_a_make_that_fails_leaves_nothing_and_frees_the_name(url):
     assert FileSet.make(url, "half", frame()).num_rows == 400
 
 
+def _broken_first_partition(df):
+    if df["i"].min() == 0:
+        raise RuntimeError("bad partition")
+    return df
+
+
+def test_a_failed_make_removes_what_its_other_tasks_write_late_and_raises_its_own_error(tmp_path, monkeypatch):
+    """A task of the failed compute (still running on a worker when another
+    failed) wrote its file while the make removed the folder: "OSError:
+    Directory not empty" was raised in place of the partition's own error,
+    and the file stayed under the name."""
+    from dask_manymodel import fileset
+
+    remove, calls = fileset.remove_paths, []
+
+    def racing(fs, paths):  # the first removal meets another task's late file
+        calls.append(paths)
+        if len(calls) == 1:
+            (tmp_path / "late" / "part.1.late.parquet").write_bytes(b"written late")
+            raise OSError(39, "Directory not empty")
+        remove(fs, paths)
+
+    monkeypatch.setattr(fileset, "remove_paths", racing)
+    source = dd.from_pandas(frame(40), npartitions=2).map_partitions(_broken_first_partition, meta=frame().iloc[:0])
+    with pytest.raises(RuntimeError, match="bad partition"):
+        FileSet.make(str(tmp_path), "late", source)
+    assert not (tmp_path / "late").exists() and len(calls) == 2
+    assert FileSet.make(str(tmp_path), "late", frame(3)).num_rows == 3
+
+
 def test_a_handle_never_reads_a_fileset_made_again_under_its_name(url):
     pytest.importorskip("torch")
     FileSet.make(url, "snap", frame(6))
