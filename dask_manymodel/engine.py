@@ -267,7 +267,7 @@ def check_meta(meta: Any, by: list) -> tuple[pd.DataFrame | None, pa.Schema | No
 
     if not isinstance(meta, pd.DataFrame):
         try:
-            made = make_meta(meta) if isinstance(meta, (dict, list, tuple)) else None
+            made = make_meta(_str_as_a_string_type(meta)) if isinstance(meta, (dict, list, tuple)) else None
         except Exception:  # Dask's own message is about its internals
             made = None
         if not isinstance(made, pd.DataFrame):
@@ -284,6 +284,26 @@ def check_meta(meta: Any, by: list) -> tuple[pd.DataFrame | None, pa.Schema | No
     typed = [field for field in schema if _has_a_type(field.type)]
     # the schema's pandas metadata too: a cast column's entry is taken from it
     return meta, pa.schema(typed, metadata=schema.metadata) if typed else None
+
+
+def _str_as_a_string_type(meta: Any) -> Any:
+    """A dict or list meta's ``"str"`` (or ``str``) as a string dtype, as
+    pandas 3 reads it: pandas 2 makes it an object column, which has no
+    arrow type, so a group whose values were all None wrote arrow's null
+    type beside the others' strings, and the dataset could not be read
+    whole. (Dask itself turns pandas 2's object strings into
+    ``string[pyarrow]``.)"""
+    if int(pd.__version__.split(".")[0]) >= 3:
+        return meta
+
+    def as_string(dtype: Any) -> Any:
+        return "string[pyarrow]" if dtype is str or (isinstance(dtype, str) and dtype == "str") else dtype
+
+    if isinstance(meta, dict):
+        return {column: as_string(dtype) for column, dtype in meta.items()}
+    if all(isinstance(item, tuple) and len(item) == 2 for item in meta):
+        return [(column, as_string(dtype)) for column, dtype in meta]
+    return meta
 
 
 def _has_a_type(arrow_type: pa.DataType) -> bool:
@@ -353,6 +373,8 @@ def _check_can_hold_run(store: RunStore) -> None:
             parent = fs._parent(path)
             if parent in ("", path):  # the top, and nothing exists on the way
                 if store.is_local or "memory" in fs.protocol:
+                    return
+                if fs.exists(path):  # an empty bucket: s3fs before 2025.10 has no info() of it
                     return
                 raise InvalidURLError(
                     f"cannot write to {store.url!r}: {path!r} does not exist; an object store's "

@@ -61,7 +61,8 @@ PROGRESS_BARS_JS = """
     }
     for (const child of (view.child_views || [])) walk(child);
   };
-  const roots = typeof Bokeh.index.roots === "function" ? Bokeh.index.roots() : Bokeh.index.roots;
+  // Bokeh.index: a ViewManager (bokeh 3.3+; roots a method or a list), a plain object before
+  const roots = typeof Bokeh.index.roots === "function" ? Bokeh.index.roots() : (Bokeh.index.roots || Object.values(Bokeh.index));
   for (const root of roots) walk(root);
   return Object.assign(bars, {box});
 }
