@@ -1393,18 +1393,29 @@ class PartitionDetailsMapping(collections.abc.Mapping):
     from the run when used. Looking one group up reads that group's status
     alone (with 200,000 groups, reading them all took ~10 s, and minutes of
     requests on an object store); ``values()`` and ``items()`` read every
-    group's in one batched read. Keys are found as :meth:`ManyModelRun.get_model`
-    finds them (``7`` and ``np.int64(7)`` alike, a tuple for several ``by``
-    columns, None for the null group)."""
+    group's in one batched read, and so does the first lookup after the
+    mapping was iterated over (``dict(d)``, ``{k: d[k] for k in d}``), whose
+    lookups then share that read. Keys are found as
+    :meth:`ManyModelRun.get_model` finds them (``7`` and ``np.int64(7)``
+    alike, a tuple for several ``by`` columns, None for the null group).
+    Pickled or copied, it is a plain dict of the details as they are then."""
 
     def __init__(self, run: ManyModelRun):
         self._run = run
+        self._iterated = False
+        self._read_together: dict[str, PartitionDetails] | None = None
 
     def __getitem__(self, partition_id: Any) -> PartitionDetails:
         path = self._run._group_for(partition_id)["path"]  # PartitionNotFoundError is a KeyError
+        if self._read_together is None and self._iterated:
+            # keys, then a lookup per key: one read for all, not one per key
+            self._read_together = self._run._details()
+        if self._read_together is not None:
+            return self._read_together[path]
         return self._run._details([path])[path]
 
     def __iter__(self):
+        self._iterated = True
         return (self._run._partition_id(group) for group in self._run._groups)
 
     def __len__(self) -> int:
@@ -1415,6 +1426,9 @@ class PartitionDetailsMapping(collections.abc.Mapping):
 
     def items(self) -> list[tuple[Any, PartitionDetails]]:  # type: ignore[override]
         return [(details.partition_id, details) for details in self._run._details().values()]
+
+    def __reduce__(self):
+        return dict, (dict(self.items()),)
 
     def __repr__(self) -> str:
         return repr(dict(self.items()))

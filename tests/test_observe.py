@@ -306,6 +306,25 @@ def test_one_groups_details_read_that_group_alone(finished, monkeypatch, capsys)
     assert reads[5:] == [12]
 
 
+def test_partition_details_copies_as_a_dict_and_reads_once_when_iterated(finished, monkeypatch):
+    """Once a plain dict: it pickled and copied (now it held the live handle,
+    which cannot be), and dict(d) or {k: d[k] for k in d} read every group
+    once (a lookup per key read one group each: 140 s at 200,000 groups)."""
+    import copy
+    import pickle
+
+    details = finished.partition_details
+    for copied in (pickle.loads(pickle.dumps(details)), copy.deepcopy(details), copy.copy(details)):
+        assert type(copied) is dict and sorted(copied) == list(range(12)) and copied[2].status.value == "FAILED"
+    restored = ManyModelRun.restore_from("r1", finished.url)
+    reads = _counting_status_reads(monkeypatch)
+    d = restored.partition_details
+    assert sorted(d) == list(range(12)) and reads == []  # keys alone read nothing
+    as_dict = dict(d)
+    assert {k: d[k].status.value for k in d}[2] == "FAILED" and as_dict[7].status.value == "DONE"
+    assert reads == [12], reads  # one batched read, not one per key
+
+
 def last_group_held(gate, data, ctx):
     """Group 19 (the last of its task: equal groups run in key order) waits for the gate."""
     if ctx.partition_id == 19:
