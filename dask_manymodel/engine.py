@@ -287,8 +287,9 @@ def check_meta(meta: Any, by: list) -> tuple[pd.DataFrame | None, pa.Schema | No
 
 
 def _str_as_a_string_type(meta: Any) -> Any:
-    """A dict or list meta's ``"str"`` (or ``str``) as a string dtype, as
-    pandas 3 reads it: pandas 2 makes it an object column, which has no
+    """A dict or list meta's ``"str"`` (or ``str``) as a string dtype
+    (``string[pyarrow]``, as Dask makes pandas 2's strings; pandas 3's
+    ``str`` holds NaN for missing values, this pd.NA): pandas 2 makes it an object column, which has no
     arrow type, so a group whose values were all None wrote arrow's null
     type beside the others' strings, and the dataset could not be read
     whole. (Dask itself turns pandas 2's object strings into
@@ -302,7 +303,7 @@ def _str_as_a_string_type(meta: Any) -> Any:
     if isinstance(meta, dict):
         return {column: as_string(dtype) for column, dtype in meta.items()}
     if all(isinstance(item, tuple) and len(item) == 2 for item in meta):
-        return [(column, as_string(dtype)) for column, dtype in meta]
+        return type(meta)((column, as_string(dtype)) for column, dtype in meta)  # a tuple stays one
     return meta
 
 

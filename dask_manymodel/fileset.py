@@ -50,7 +50,7 @@ def _remove_half_made(fs, root: str) -> None:
         try:
             remove_paths(fs, [root])
             fs.invalidate_cache(root)
-            if not fs.exists(root):
+            if not fs.exists(root) or not fs.find(root):  # (an object store may keep a folder marker)
                 return
         except OSError:
             pass

@@ -1393,9 +1393,10 @@ class PartitionDetailsMapping(collections.abc.Mapping):
     from the run when used. Looking one group up reads that group's status
     alone (with 200,000 groups, reading them all took ~10 s, and minutes of
     requests on an object store); ``values()`` and ``items()`` read every
-    group's in one batched read, and so does the first lookup after the
-    mapping was iterated over (``dict(d)``, ``{k: d[k] for k in d}``), whose
-    lookups then share that read. Keys are found as
+    group's in one batched read, and so does the first lookup after each
+    pass over the keys (``dict(d)``, ``{k: d[k] for k in d}``), whose
+    lookups then share that read for the groups it found final (a group
+    still going is read again when looked up). Keys are found as
     :meth:`ManyModelRun.get_model` finds them (``7`` and ``np.int64(7)``
     alike, a tuple for several ``by`` columns, None for the null group).
     Pickled or copied, it is a plain dict of the details as they are then."""
@@ -1410,12 +1411,14 @@ class PartitionDetailsMapping(collections.abc.Mapping):
         if self._read_together is None and self._iterated:
             # keys, then a lookup per key: one read for all, not one per key
             self._read_together = self._run._details()
-        if self._read_together is not None:
-            return self._read_together[path]
-        return self._run._details([path])[path]
+        together = (self._read_together or {}).get(path)
+        if together is not None and together.status in FINAL_STATUSES:
+            return together  # a final outcome does not change
+        return self._run._details([path])[path]  # one still going: as it is now
 
     def __iter__(self):
-        self._iterated = True
+        # each pass over the keys reads again (once), on its first lookup
+        self._iterated, self._read_together = True, None
         return (self._run._partition_id(group) for group in self._run._groups)
 
     def __len__(self) -> int:

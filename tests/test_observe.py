@@ -345,6 +345,10 @@ def test_a_live_handle_reads_a_finished_group_once_while_its_task_runs(client, s
     done = (run.summary()["status"] == "DONE").sum()
     run.summary()
     assert len(reads) == 2 and reads[0] == 20 - done and reads[1] <= 20 - done, (reads, done)
+    held = run.partition_details
+    assert sorted(held) == list(range(20)) and held[19].status.value in ("PENDING", "RUNNING")
     open(gate, "w").close()
     assert run.wait(show_progress=False) == RunStatus.SUCCESS
     assert run.summary()["status"].eq("DONE").all()
+    # a mapping held since then, once iterated over, still shows a group still going as it is now
+    assert held[19].status.value == "DONE"
