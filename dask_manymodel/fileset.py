@@ -72,6 +72,8 @@ def _check_workers_share(store: RunStore) -> None:
     except ValueError:  # no cluster: Dask's local scheduler, in this process
         return
     check_workers_share_store(store, client)
+
+
 _SHUFFLE_COLUMN = "__manymodel_shuffle__"
 
 
