@@ -287,13 +287,12 @@ def check_meta(meta: Any, by: list) -> tuple[pd.DataFrame | None, pa.Schema | No
 
 
 def _str_as_a_string_type(meta: Any) -> Any:
-    """A dict or list meta's ``"str"`` (or ``str``) as a string dtype
-    (``string[pyarrow]``, as Dask makes pandas 2's strings; pandas 3's
-    ``str`` holds NaN for missing values, this pd.NA): pandas 2 makes it an object column, which has no
-    arrow type, so a group whose values were all None wrote arrow's null
-    type beside the others' strings, and the dataset could not be read
-    whole. (Dask itself turns pandas 2's object strings into
-    ``string[pyarrow]``.)"""
+    """On pandas 2, a dict or list meta's ``"str"`` (or ``str``) as
+    ``string[pyarrow]``, as Dask makes pandas 2's strings (pandas 3's
+    ``str`` holds NaN for a missing value, this pd.NA). Pandas 2 makes it
+    an object column, which has no arrow type: a group whose values were
+    all None wrote arrow's null type beside the others' strings, and the
+    output could not be read as one dataset."""
     if int(pd.__version__.split(".")[0]) >= 3:
         return meta
 
