@@ -50,7 +50,8 @@ def _remove_half_made(fs, root: str) -> None:
         try:
             remove_paths(fs, [root])
             fs.invalidate_cache(root)
-            if not fs.exists(root) or not fs.find(root):  # (an object store may keep a folder marker)
+            # (an object store may keep a folder marker, "name/", which s3fs before 2025 lists)
+            if not fs.exists(root) or all(name.endswith("/") for name in fs.find(root)):
                 return
         except OSError:
             pass
