@@ -69,18 +69,23 @@ def test_progress_and_retry_failed_use_the_runs_own_cluster(client, tmp_path):
 
 
 ENDS_WITHOUT_WAIT = r"""
-import sys, time
+import functools, os, sys, time
 import dask.dataframe as dd, distributed, logging, numpy as np, pandas as pd
 import dask_manymodel
 import dask_manymodel.run
 dask_manymodel.run._FENCE_SECONDS = 3.0  # as a slow store's writes: the collector's end takes a while
+dask_manymodel.run._EXIT_CANCEL_SECONDS = 1.0  # the held groups below never finish: cut off soon
 
-def slow_mean(data, ctx):
-    time.sleep(0.5)  # simulated work: the run is still going on when the script ends
+def held_mean(gate, data, ctx):
+    # held until a file that nobody writes: the run is still going on when the script ends
+    deadline = time.monotonic() + 60
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.05)  # poll
     return float(data.to_pandas()["x"].mean())
 
 if __name__ == "__main__":
     url, mode = sys.argv[1], sys.argv[2]
+    slow_mean = functools.partial(held_mean, url + ".never")
     frame = pd.DataFrame({"store": np.repeat(np.arange(8), 2), "x": np.arange(16.0)})
     ddf = dd.from_pandas(frame, npartitions=2)
     if mode == "with":  # the block closes the client while the run goes on
