@@ -59,6 +59,12 @@ def _remove_half_made(fs, root: str) -> None:
     logger.warning("could not remove the files of the failed FileSet make at %s; delete the folder by hand", root)
 
 
+def _own_files(fs, root: str, fileset_id: str) -> list[str]:
+    """The part files in ``root`` of the FileSet whose id is ``fileset_id``."""
+    suffix = f".{fileset_id}.parquet"
+    return [path for path in fs.ls(root, detail=False) if path.endswith(suffix)]
+
+
 class _ClaimLost(Exception):
     """Another make of the same name claimed it over this one."""
 
@@ -194,10 +200,9 @@ class FileSet:
         except _ClaimLost:
             # another make wrote the name's claim over ours (a store whose
             # exclusive create is a check, then a write): its files stay
-            for path in fs.ls(root, detail=False):
-                if path.endswith(f".{fileset_id}.parquet"):
-                    with contextlib.suppress(FileNotFoundError):
-                        fs.rm_file(path)
+            for path in _own_files(fs, root, fileset_id):
+                with contextlib.suppress(FileNotFoundError):
+                    fs.rm_file(path)
             raise exists from None
         except BaseException:
             _remove_half_made(fs, root)  # nothing half-written: the name is free again
@@ -218,11 +223,7 @@ class FileSet:
             write_metadata_file=False, name_function=lambda number: f"part.{number}.{fileset_id}.parquet",
         )
         fs.invalidate_cache(root)
-        suffix = f".{fileset_id}.parquet"
-        files = sorted(
-            (p for p in fs.ls(root, detail=False) if p.endswith(suffix)),
-            key=lambda p: int(posixpath.basename(p).split(".")[1]),
-        )
+        files = sorted(_own_files(fs, root, fileset_id), key=lambda p: int(posixpath.basename(p).split(".")[1]))
         rows = []
         for path in files:
             with fs.open(path, "rb") as f:

@@ -750,12 +750,11 @@ class ManyModelRun:
                 if not self._finished.is_set():  # (once finished, the collected records have them all)
                     self._stored_outcomes.update(kept)
             records.update(read)
-        return records if paths is None else {path: records[path] for path in paths if path in records}
+        return _of_paths(records, paths)
 
     def _restored_records(self, paths: list[str] | None) -> dict[str, Any]:
         if self._settled is not None:  # the finished run's, as read before
-            records = self._settled
-            return dict(records) if paths is None else {path: records[path] for path in paths if path in records}
+            return _of_paths(self._settled, paths)
         if paths is not None:
             return self._read_statuses(paths)
         groups = self._groups
@@ -790,8 +789,7 @@ class ManyModelRun:
         for group in groups:
             record = records.get(group["path"])
             if record is None:
-                status = PartitionStatus.RUNNING if group.get("task") in running else PartitionStatus.PENDING
-                record = {"status": status, "rows": group.get("rows", 0)}
+                record = {"status": _not_finished(group, running), "rows": group.get("rows", 0)}
             details[group["path"]] = PartitionDetails(
                 partition_id=self._partition_id(group),
                 status=PartitionStatus(record["status"]),
@@ -1332,7 +1330,7 @@ class ManyModelRun:
         running = self._running_tasks()
         return {
             group["path"]: PartitionStatus(records[group["path"]]["status"]) if group["path"] in records
-            else PartitionStatus.RUNNING if group.get("task") in running else PartitionStatus.PENDING
+            else _not_finished(group, running)
             for group in self._groups
         }
 
@@ -1386,6 +1384,17 @@ class ManyModelRun:
             + (f"<p>Failed groups ({len(failed):,}):</p><ul>{items}</ul>" if failed else "")
             + "</div>"
         )
+
+
+def _not_finished(group: dict, running: set[int]) -> PartitionStatus:
+    """The status of a group with no outcome yet: RUNNING while a worker
+    executes its task, else PENDING."""
+    return PartitionStatus.RUNNING if group.get("task") in running else PartitionStatus.PENDING
+
+
+def _of_paths(records: dict[str, Any], paths: list[str] | None) -> dict[str, Any]:
+    """``records`` of these groups that have one (a copy of all without ``paths``)."""
+    return dict(records) if paths is None else {path: records[path] for path in paths if path in records}
 
 
 class PartitionDetailsMapping(collections.abc.Mapping):

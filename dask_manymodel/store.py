@@ -373,12 +373,8 @@ def remove_paths(fs: fsspec.AbstractFileSystem, paths: list[str]) -> None:
             elif os.path.lexists(local):
                 os.remove(local)
             continue
-        # an object store has files only: delete each one under the path
-        for name in fs.find(path) if fs.isdir(path) else [path]:
-            try:
-                fs.rm_file(name)
-            except FileNotFoundError:
-                pass
+        # an object store has files only: each one under the path
+        remove_files(fs, fs.find(path) if fs.isdir(path) else [path])
 
 
 def remove_files(fs: fsspec.AbstractFileSystem, files: list[str]) -> None:
