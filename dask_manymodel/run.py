@@ -21,6 +21,9 @@ from typing import TYPE_CHECKING, Any, Callable
 import distributed
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.feather as feather
+import pyarrow.parquet as pq
 
 from .exceptions import (
     InvalidArgumentError,
@@ -39,6 +42,7 @@ from .store import (
     PARTITION_FILE,
     RUN_MANIFEST,
     RunStore,
+    cat_files,
     group_path,
     is_null,
     normalize_key,
@@ -1533,6 +1537,88 @@ def _as_layout(frame: pd.DataFrame, by: list[str], key: tuple, layout: pd.DataFr
 
 def _read_output(items: list[tuple[str, tuple]], fs, by: list[str], layout: pd.DataFrame) -> pd.DataFrame:
     """Read the output files of some groups into one frame laid out as
-    ``layout`` (runs on a worker)."""
-    frames = [_as_layout(_read_frame(fs, path), by, key, layout) for path, key in items]
+    ``layout`` (runs on a worker).
+
+    The files are fetched in one batched read (s3fs and gcsfs fetch them
+    concurrently). When they share one schema (always with ``meta=``, and
+    whenever the groups returned the same dtypes) they become one Arrow
+    table, converted to pandas once: a group's own read and conversion cost
+    ~1.5 ms, most of the read before. Otherwise each group's frame is read
+    and laid out alone, and pandas' concat reconciles their dtypes.
+    """
+    paths = [path for path, _ in items]
+    keys = [key for _, key in items]
+    blobs = _read_files(fs, paths)
+    files = [pq.ParquetFile(pa.BufferReader(blob)) for blob in blobs]
+    if _one_plain_schema([f.schema_arrow for f in files]):
+        tables = [f.read(use_pandas_metadata=True) for f in files]
+        frame = _arrow_to_pandas(pa.concat_tables(tables))
+        return _as_layout_of_groups(frame, by, keys, [table.num_rows for table in tables], layout)
+    frames = [_as_layout(pd.read_parquet(pa.BufferReader(blob)), by, key, layout) for blob, key in zip(blobs, keys)]
     return pd.concat(frames, ignore_index=True)
+
+
+def _read_files(fs, paths: list[str]) -> list[bytes]:
+    """The contents of these files, in their order, in one batched read."""
+    found = {fs._strip_protocol(path): data for path, data in cat_files(fs, paths).items()}
+    blobs = []
+    for path in paths:
+        data = found.get(fs._strip_protocol(path))
+        if data is None:
+            raise FileNotFoundError(f"the output file {path} is missing: it was deleted since the run ended")
+        blobs.append(data)
+    return blobs
+
+
+def _one_plain_schema(schemas: list) -> bool:
+    """Whether these files' frames concatenate as one Arrow table to what
+    pandas' concat of them would give: the same schema and pandas metadata,
+    and no categorical (each group's own categories: pandas' concat makes
+    differing ones object, Arrow would merge them)."""
+    first = schemas[0]
+    return not any(pa.types.is_dictionary(field.type) for field in first) and all(
+        schema.equals(first, check_metadata=True) for schema in schemas[1:]
+    )
+
+
+def _arrow_to_pandas(table) -> pd.DataFrame:
+    """``table`` as pandas converts what it reads (string dtypes, time
+    zones: the conversion ``pd.read_parquet`` does), through its reader of an
+    in-memory Arrow file."""
+    sink = pa.BufferOutputStream()
+    feather.write_feather(table, sink, compression="uncompressed")
+    return pd.read_feather(pa.BufferReader(sink.getvalue()))
+
+
+def _as_layout_of_groups(
+    frame: pd.DataFrame, by: list[str], keys: list[tuple], rows: list[int], layout: pd.DataFrame
+) -> pd.DataFrame:
+    """The stored frames of several groups, concatenated into ``frame``
+    (``rows`` of each in turn), laid out as ``layout``: what
+    :func:`_as_layout` of each group, concatenated, gives."""
+    columns = {}
+    for col in layout.columns:
+        if col in by:
+            values = [key[by.index(col)] for key in keys]
+            columns[col] = _group_values_column(values, rows, layout[col].dtype)
+        elif col in frame.columns:
+            columns[col] = frame[col]
+        else:
+            columns[col] = _constant_column(None, layout[col].dtype, frame.index)
+    return pd.DataFrame(columns, index=frame.index)
+
+
+def _group_values_column(values: list, rows: list[int], dtype: Any) -> pd.Series:
+    """Each group's value on each of its rows, as a column of ``dtype``;
+    what concatenating :func:`_constant_column` of each group gives."""
+    if not any(is_null(value) for value in values):
+        try:
+            distinct = pd.array(values, dtype=dtype)
+        except (TypeError, ValueError):
+            pass
+        else:
+            return pd.Series(distinct.take(np.repeat(np.arange(len(values)), rows)))
+    # a null (its dtype's own, or NaN for ints) or a value the dtype cannot
+    # hold: group by group, as pandas' concat reconciles them
+    parts = [_constant_column(value, dtype, pd.RangeIndex(n)) for value, n in zip(values, rows)]
+    return pd.concat(parts, ignore_index=True)

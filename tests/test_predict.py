@@ -17,6 +17,7 @@ import pytest
 from dask.utils import key_split
 
 import dask_manymodel  # noqa: F401
+from dask_manymodel.run import _with_group_columns
 from dask_manymodel import (
     InvalidArgumentError,
     ManyModelInference,
@@ -600,3 +601,67 @@ def test_a_batch_whose_training_check_cannot_be_made_is_not_written(tmp_path):
     assert kept[0][0]["status"] == "INTERNAL_ERROR" and kept[0][1] == {}
     assert "could not read training run 'r1''s _run.json" in kept[0][0]["error"] and "denied" in kept[0][0]["error"]
     assert kept[1][0]["error"] == "its own"
+
+
+def _group_frames_case(name):
+    """(by, layout, [(key, the frame a group stored)]) of one shape of output."""
+    utc = "Europe/Paris"
+    same = lambda i: pd.DataFrame({  # noqa: E731  one schema in every group
+        "x": np.arange(3, dtype="int64") + i, "y": [0.5, np.nan, 1.5],
+        "s": ["a", None, f"g{i}"], "t": pd.array(["u", pd.NA, "v"], dtype="string[pyarrow]"),
+        "n": pd.array([1, None, 3], dtype="Int64"), "b": pd.array([True, None, False], dtype="boolean"),
+        "when": pd.date_range("2026-01-01", periods=3, tz=utc), "gap": pd.to_timedelta([1, 2, 3], unit="s"),
+        "lists": [[1, 2], [], [i]], 0: [1, 2, 3],
+    })
+    if name == "one schema":
+        groups = [((i,), same(i)) for i in range(5)]
+        return ["store"], _with_group_columns(same(0).iloc[:0], ["store"], [np.dtype("int64")]), groups
+    if name == "dtypes differ":
+        groups = [((1,), pd.DataFrame({"x": [1, 2], "z": ["a", "b"]})), ((2,), pd.DataFrame({"x": [0.5]})),
+                  ((3,), pd.DataFrame({"x": [3], "z": [None]})), ((4,), pd.DataFrame({"x": ["text"]}))]
+        return ["store"], _with_group_columns(groups[0][1].iloc[:0], ["store"], [np.dtype("int64")]), groups
+    if name == "categoricals":
+        groups = [((i,), pd.DataFrame({"c": pd.Categorical(["a", f"c{i}"]), "x": [1.0, 2.0]})) for i in range(3)]
+        return ["store"], _with_group_columns(groups[0][1].iloc[:0], ["store"], [np.dtype("int64")]), groups
+    if name == "null and odd keys":
+        by = ["store", "region", "day", "flag"]
+        keys = [(1, "north", pd.Timestamp("2026-01-01", tz=utc), True), (np.nan, None, pd.NaT, None),
+                (2, "south", pd.Timestamp("2026-01-02", tz=utc), False)]
+        groups = [(key, pd.DataFrame({"x": [1.0, 2.0]})) for key in keys]
+        layout = _with_group_columns(pd.DataFrame({"x": [1.0], "never": [1]}).iloc[:0], by, [
+            np.dtype("int64"), pd.StringDtype("pyarrow"), pd.DatetimeTZDtype(tz=utc), np.dtype("bool")])
+        return by, layout, groups
+    if name == "categorical keys":
+        dtype = pd.CategoricalDtype(["b", "a"])
+        groups = [(("a",), pd.DataFrame({"x": [1.0]})), (("b",), pd.DataFrame({"x": [2.0, 3.0]}))]
+        return ["store"], _with_group_columns(pd.DataFrame({"x": [1.0]}).iloc[:0], ["store"], [dtype]), groups
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("case", ["one schema", "dtypes differ", "categoricals", "null and odd keys",
+                                  "categorical keys"])
+def test_a_partition_of_output_reads_as_each_group_read_alone_and_concatenated(case):
+    # to_dask_dataframe reads a partition's files in one batch and converts
+    # them at once when they share a schema; it must give what reading each
+    # group's file with pandas, laying it out and concatenating gives
+    import fsspec
+    import pyarrow.parquet as pq
+
+    from dask_manymodel.run import _as_layout, _one_plain_schema, _read_output
+
+    by, layout, groups = _group_frames_case(case)
+    fs = fsspec.filesystem("memory")
+    items = []
+    for i, (key, frame) in enumerate(groups):
+        path = f"/read-output-{case.replace(' ', '-')}/g[{i}]/part-0.parquet"  # a glob character too
+        with fs.open(path, "wb") as f:
+            pq.write_table(pyarrow.Table.from_pandas(frame, preserve_index=False), f)
+        items.append((path, key))
+    assert _one_plain_schema([pq.read_schema(fs.open(path)) for path, _ in items]) == (case != "dtypes differ" and
+                                                                                      case != "categoricals")
+    expected = pd.concat([_as_layout(pd.read_parquet(fs.open(path)), by, key, layout) for path, key in items],
+                         ignore_index=True)
+    pd.testing.assert_frame_equal(_read_output(items, fs, by, layout), expected)
+    fs.rm_file(items[1][0])
+    with pytest.raises(FileNotFoundError, match=r"g\[1\]/part-0.parquet is missing"):
+        _read_output(items, fs, by, layout)
