@@ -28,7 +28,7 @@ from .exceptions import (
     PartitionNotFoundError,
     RunNotFoundError,
 )
-from .store import RUN_MANIFEST, cat_files, is_null, normalize_key, open_url
+from .store import FORMAT_VERSION, RUN_MANIFEST, cat_files, is_null, normalize_key, open_url
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
@@ -84,7 +84,11 @@ def cmd_runs(args: argparse.Namespace) -> int:
                 "groups": manifest.get("n_groups", ""),
                 "created": (manifest.get("created") or "")[:19],
             }
-            if manifest.get("run_id") != folder:
+            if not isinstance(manifest.get("format_version", FORMAT_VERSION), int) or manifest.get(
+                "format_version", FORMAT_VERSION
+            ) > FORMAT_VERSION:
+                row["note"] = f"written by a later dask_manymodel (storage format {manifest['format_version']!r})"
+            elif manifest.get("run_id") != folder:
                 row["note"] = f"{RUN_MANIFEST} says run_id {manifest.get('run_id')!r} (a copied folder?)"
             elif row["status"] == "IN_PROGRESS":
                 # the client that ran it may have died before writing the final

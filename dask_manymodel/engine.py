@@ -66,6 +66,7 @@ from .serde import (
     writes_in_memory,
 )
 from .store import (
+    FORMAT_VERSION,
     GROUP_TEXT,
     GROUPS_FILE,
     PARTITION_FILE,
@@ -93,7 +94,6 @@ RESERVED_PREFIX = "__manymodel_"
 PARTITION_COLUMN = "__manymodel_partition__"
 PREDICTION_COLUMN = "prediction"
 OUTPUT_FILE = "part-0.parquet"
-FORMAT_VERSION = 1
 _RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # How often a task asks the scheduler whether the run was cancelled, and
 # reports progress: often enough to feel prompt, rarely enough to cost nothing.

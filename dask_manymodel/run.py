@@ -1300,7 +1300,9 @@ class ManyModelRun:
             )
         try:
             groups = store.read_run_file(GROUPS_FILE, list)
-        except FileNotFoundError:  # the run is being set up right now
+        except FileNotFoundError:
+            if manifest["status"] != RunStatus.IN_PROGRESS:  # else the run is being set up right now
+                raise store.damaged(GROUPS_FILE, "it is missing") from None
             groups = []
         return cls(store=store, manifest=manifest, groups=groups, serde=serde)
 

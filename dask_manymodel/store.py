@@ -46,6 +46,10 @@ from .exceptions import InvalidArgumentError, InvalidURLError, StorageError
 logger = logging.getLogger(__name__)
 
 RUN_MANIFEST = "_run.json"
+#: The storage layout this code writes and reads (``format_version`` in
+#: ``_run.json``); a run of a later layout is refused, never misread or
+#: rewritten in this one by a resume.
+FORMAT_VERSION = 1
 # what every reader of a run's manifest relies on
 _MANIFEST_KEYS = ("kind", "partition_by", "status")
 GROUPS_FILE = "_groups.json"
@@ -691,21 +695,35 @@ class RunStore:
         try:
             value = self.read_json(self.path(name))
         except ValueError as error:  # not JSON, or not UTF-8
-            raise self._damaged(name, f"it is not JSON ({error})") from None
+            raise self.damaged(name, f"it is not JSON ({error})") from None
         if not isinstance(value, shape):
-            raise self._damaged(name, f"it holds a {type(value).__name__}, not a JSON {shape.__name__}")
+            raise self.damaged(name, f"it holds a {type(value).__name__}, not a JSON {shape.__name__}")
         return value
 
     def read_manifest(self) -> dict:
         """The run's ``_run.json``, with the keys every reader relies on
         (errors as :meth:`read_run_file`)."""
+        from .run import RunStatus  # here: run.py imports this module
+
         manifest = self.read_run_file(RUN_MANIFEST, dict)
+        version = manifest.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise self.damaged(RUN_MANIFEST, f"its format_version is {version!r}, not a whole number")
+        if version > FORMAT_VERSION:
+            raise StorageError(
+                f"run {self.run_id!r} at {self.url} was written by a later dask_manymodel (storage format "
+                f"{version}; this one reads format {FORMAT_VERSION}): upgrade dask_manymodel (pip install "
+                f"-U dask-manymodel) to read or resume it"
+            )
         missing = [key for key in _MANIFEST_KEYS if key not in manifest]
         if missing:
-            raise self._damaged(RUN_MANIFEST, f"it has no {', '.join(missing)}")
+            raise self.damaged(RUN_MANIFEST, f"it has no {', '.join(missing)}")
+        if manifest["status"] not in {status.value for status in RunStatus}:
+            raise self.damaged(RUN_MANIFEST, f"its status {manifest['status']!r} is not a run status")
         return manifest
 
-    def _damaged(self, name: str, why: str) -> StorageError:
+    def damaged(self, name: str, why: str) -> StorageError:
+        """The error for one of the run's own files that is not as dask_manymodel wrote it."""
         return StorageError(
             f"run {self.run_id!r} at {self.url} cannot be read: its {name} is damaged ({why}); it was "
             f"cut short or changed by something other than dask_manymodel. Run it again with "
@@ -737,12 +755,20 @@ class RunStore:
         once; a handle reads one group's when asked. Read in chunks, so that
         only one chunk's files are in memory whole.
         """
+        from .run import PartitionStatus  # here: run.py imports this module
+
+        known = {status.value for status in PartitionStatus}
         files = {self.path(rel, PARTITION_FILE): rel for rel in rels}
         paths = list(files)
         statuses = {}
         for start in range(0, len(paths), _STATUS_READ_CHUNK):
             for path, status in self.read_many_json(paths[start:start + _STATUS_READ_CHUNK]).items():
-                if path in files and isinstance(status, dict) and (attempt is None or status.get("attempt") == attempt):
+                if path not in files:
+                    continue
+                if not isinstance(status, dict) or status.get("status") not in known:
+                    logger.warning("ignoring status file %s: it holds no group status", path)
+                    continue
+                if attempt is None or status.get("attempt") == attempt:
                     for key in GROUP_TEXT:
                         status.pop(key, None)
                     statuses[files[path]] = status

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import sys
@@ -18,6 +20,7 @@ from dask_manymodel import (
     ManyModelError,
     ManyModelRun,
     ManyModelTraining,
+    PartitionStatus,
     RunNotFoundError,
     RunStatus,
     StorageError,
@@ -321,3 +324,52 @@ def test_a_by_column_name_too_long_for_a_folder_is_refused(client, ddf, tmp_path
         ddf.rename(columns={"store": column}).manymodel.train(fit_line, by=column, url=url, run_id="r1")
     assert "rename the column" in str(info.value)
     assert not os.path.exists(url)
+
+
+def _edit_json(path, change):
+    with open(path) as f:
+        value = json.load(f)
+    change(value)
+    with open(path, "w") as f:
+        json.dump(value, f)
+
+
+def test_a_run_of_a_later_storage_format_is_refused_not_misread_nor_rewritten(client, ddf, tmp_path, capsys):
+    from dask_manymodel.cli import main
+
+    url = str(tmp_path / "models")
+    ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1").wait(show_progress=False)
+    manifest = os.path.join(url, "r1", "_run.json")
+    _edit_json(manifest, lambda m: m.update(format_version=2, layout="something new"))
+    later = re.escape(f"run 'r1' at {url} was written by a later dask_manymodel (storage format 2; this one "
+                      f"reads format 1): upgrade dask_manymodel")
+    with pytest.raises(StorageError, match=later):
+        ManyModelRun.restore_from("r1", url)
+    with pytest.raises(StorageError, match=later):
+        ddf.manymodel.predict(keep_rows, by="store", url=url, training_run_id="r1", run_id="s1")
+    with pytest.raises(StorageError, match=later):
+        ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", on_existing_artifacts="resume")
+    with open(manifest) as f:
+        assert json.load(f)["format_version"] == 2  # a resume did not write it in the older format
+    assert main(["show", url, "r1"]) == 2 and "storage format 2" in capsys.readouterr().err
+    assert main(["runs", url]) == 0 and "written by a later dask_manymodel (storage format 2)" in capsys.readouterr().out
+
+
+def test_statuses_no_dask_manymodel_writes_are_a_damaged_file_or_left_out(client, ddf, tmp_path, caplog):
+    url = str(tmp_path / "models")
+    ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1").wait(show_progress=False)
+    run_folder = os.path.join(url, "r1")
+    group = ManyModelRun.restore_from("r1", url).partition_details[1].path
+    _edit_json(os.path.join(run_folder, group, "_partition.json"), lambda s: s.update(status="SKIPPED"))
+    with caplog.at_level(logging.WARNING, logger="dask_manymodel.store"):
+        restored = ManyModelRun.restore_from("r1", url)
+        assert set(restored.summary()["status"]) <= set(PartitionStatus)  # was ValueError: 'SKIPPED'
+        assert restored.partition_details[1].status != "SKIPPED"
+    assert f"ignoring status file {os.path.join(run_folder, group, '_partition.json')}" in caplog.text
+    _edit_json(os.path.join(run_folder, "_run.json"), lambda m: m.update(status="PAUSED"))
+    with pytest.raises(StorageError, match=re.escape("its _run.json is damaged (its status 'PAUSED' is not a run")):
+        ManyModelRun.restore_from("r1", url)
+    _edit_json(os.path.join(run_folder, "_run.json"), lambda m: m.update(status="SUCCESS"))
+    os.remove(os.path.join(run_folder, "_groups.json"))  # a finished run's: not "being set up"
+    with pytest.raises(StorageError, match=re.escape("its _groups.json is damaged (it is missing)")):
+        ManyModelRun.restore_from("r1", url)
