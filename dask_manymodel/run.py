@@ -1301,7 +1301,9 @@ class ManyModelRun:
         try:
             groups = store.read_run_file(GROUPS_FILE, list)
         except FileNotFoundError:
-            if manifest["status"] != RunStatus.IN_PROGRESS:  # else the run is being set up right now
+            # a run in progress is being set up right now, and one whose
+            # start failed may have none; a run whose tasks ran had one
+            if manifest["status"] in (RunStatus.SUCCESS, RunStatus.PARTIAL_FAILURE):
                 raise store.damaged(GROUPS_FILE, "it is missing") from None
             groups = []
         return cls(store=store, manifest=manifest, groups=groups, serde=serde)
