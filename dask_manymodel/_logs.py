@@ -81,6 +81,13 @@ class _ThreadRoutedStream:
     def flush(self):
         self.original.flush()
 
+    def close(self):
+        # a group's sys.stdout.close() would close the worker's own stream
+        # for every later group and run: while a group's thread is captured,
+        # its stream is the group's log, which the engine ends itself
+        if getattr(_local, "buffer", None) is None:
+            self.original.close()
+
     def __getattr__(self, name):
         return getattr(self.original, name)
 

@@ -71,8 +71,10 @@ class DataConnector:
     def to_pandas(self, limit: int | None = None) -> pd.DataFrame:
         """The group's rows as a pandas DataFrame (the first ``limit`` rows if given).
 
-        The frame is shared with the engine, not copied: copy it before
-        changing it in place.
+        The same frame on every call, not a copy; change it as you like. A
+        retry (``ExecutionOptions(max_retries=)``) gets the rows as they were
+        before the failed call, and a predict's returned Series or array sits
+        beside the input columns as they were, not as the function left them.
         """
         if limit is None:
             return self._frame
@@ -253,6 +255,11 @@ class PartitionContext:
         self._before_write = _before_write
         # the files the engine writes into the group's folder itself
         self._taken_names = _taken_names
+        self._closed = False
+
+    def _close(self) -> None:
+        """The group's function has returned: its status is being written."""
+        self._closed = True
 
     def __repr__(self) -> str:
         return f"PartitionContext(partition_id={self.partition_id!r}, run_id={self.run_id!r})"
@@ -290,6 +297,12 @@ class PartitionContext:
             The URL of the saved file.
         """
         _check_artifact_name(filename, self._taken_names)
+        if self._closed:
+            raise InvalidArgumentError(
+                f"ctx.upload({filename!r}) of group {self.partition_id!r} came after the group's function "
+                f"returned (from a thread it left running?); its status is written without it. Upload "
+                f"from the function itself, and join the threads it starts before it returns"
+            )
         store, folder = self._group_folder(self.partition_id, None)
         write = write_function or _pickle_write
         with tempfile.TemporaryDirectory(prefix="manymodel-") as tmp:

@@ -121,6 +121,14 @@ def check_function(func: Any, kind: str) -> Callable:
         raise InvalidArgumentError(
             f"the {kind} function must be callable as f({names}), got {func!r}"
         )
+    if inspect.isgeneratorfunction(func) or inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
+        # calling one runs none of its body (a yield left in, an async def):
+        # every group would be DONE having done nothing
+        what = "a generator function" if inspect.isgeneratorfunction(func) else "an async function"
+        raise InvalidArgumentError(
+            f"the {kind} function {getattr(func, '__qualname__', func)!r} is {what}: calling it runs none "
+            f"of its body; make it a plain function that returns its result"
+        )
     try:
         signature = inspect.signature(func)
     except (TypeError, ValueError):  # some builtins have no signature: trust them
@@ -1093,17 +1101,16 @@ def _save_model(
     serde = spec.serde
     path = spec.store.path(rel, serde.filename)
 
-    def failed(exc: Exception) -> _UserError:
+    def failed(exc: BaseException) -> _UserError:
         return _UserError(
             f"{type(serde).__name__} could not write the model of group {partition_id!r} "
-            f"(a {type(model).__module__}.{type(model).__qualname__}): "
-            f"{type(exc).__name__}: {exc}"
+            f"(a {type(model).__module__}.{type(model).__qualname__}): {error_line(exc)}"
         )
 
     if writes_in_memory(serde):
         try:
             data = serde.to_bytes(model)
-        except Exception as exc:
+        except BaseException as exc:  # the model's own pickling may raise anything
             raise failed(exc) from exc
         if data is not None:  # None: this model goes through write() (ModelSerde.to_bytes)
             if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -1116,7 +1123,7 @@ def _save_model(
     def write(local_path: str) -> None:
         try:
             serde.write(model, local_path)
-        except Exception as exc:
+        except BaseException as exc:  # the model's own pickling may raise anything
             _remove_folder(local_path)
             raise failed(exc) from exc
         problem = not_one_file(local_path, f"{type(serde).__name__}.write", f"group {partition_id!r}")
@@ -1173,7 +1180,13 @@ def _save_output(spec: RunSpec, result: Any, frame: pd.DataFrame, rel: str) -> t
     # to pyarrow (what DataFrame.to_parquet does underneath): selecting the
     # columns there skips a pandas drop, a third of the cost for small groups
     columns = [c for c in result.columns if c not in spec.by]
-    table = pa.Table.from_pandas(result, columns=columns, preserve_index=False)
+    try:
+        table = pa.Table.from_pandas(result, columns=columns, preserve_index=False)
+    except (pa.ArrowException, ValueError, TypeError) as exc:  # mixed types in a column, duplicate names
+        raise _UserError(
+            f"the returned frame cannot be stored as parquet: {error_line(exc)}; give each column one "
+            f"type (e.g. .astype(str)) and each column its own name"
+        ) from exc
     if spec.output_schema is not None:
         table = _as_meta_types(table, spec.output_schema, spec.meta_pandas_columns)
     buffer = pa.BufferOutputStream()
@@ -1267,10 +1280,10 @@ def _load_model(
             return spec.serde.read(local)
         except FileNotFoundError as exc:
             raise missing from exc
-        except Exception as exc:
+        except BaseException as exc:  # the model's own unpickling may raise anything
             raise _UserError(
                 f"{type(spec.serde).__name__} could not read model file "
-                f"{training.display(rel, spec.serde.filename)}: {type(exc).__name__}: {exc}"
+                f"{training.display(rel, spec.serde.filename)}: {error_line(exc)}"
             ) from exc
 
     if training.is_local:
@@ -1430,7 +1443,10 @@ def run_group(
                 model_rel = model_rel or rel
                 prefetched = model_prefetch.take(model_rel) if model_prefetch is not None else None
                 model = _load_model(spec, model_rel, training_status, partition_id, prefetched)
-            result = _call_with_retries(spec, record, ctx, frame, model)
+            try:
+                result = _call_with_retries(spec, record, ctx, frame, model)
+            finally:
+                ctx._close()  # a thread the function left running may not save into the group now
             if record["status"] == "DONE":
                 if spec.kind == "train":
                     if result is None:
@@ -1450,12 +1466,10 @@ def run_group(
             record.update(status="FAILED", error=str(exc), traceback=traceback.format_exc())
         except (StorageError, _GroupTooBig) as exc:
             record.update(status="INTERNAL_ERROR", error=str(exc), traceback=traceback.format_exc())
-        except KeyboardInterrupt:
-            raise
         except BaseException as exc:  # our own bug, or something unexpected underneath
             record.update(
                 status="INTERNAL_ERROR",
-                error=f"{type(exc).__name__}: {exc}",
+                error=error_line(exc),
                 traceback=traceback.format_exc(),
             )
     record.update(
@@ -1484,24 +1498,52 @@ def capped_text(text: str | None, max_chars: int) -> str | None:
     return f"{text[:head]}\n[... {len(text) - max_chars} characters cut ...]\n{text[len(text) - tail:]}"
 
 
+def error_line(exc: BaseException) -> str:
+    """``Type: message`` of an exception, also of one whose ``str()`` raises
+    (a user's own class): the group's error, never a new one about it."""
+    try:
+        message = str(exc)
+    except BaseException:  # noqa: B036 (anything a user's __str__ raises)
+        message = f"<str() of this {type(exc).__name__} raised>"
+    return f"{type(exc).__name__}: {message}"
+
+
+def unshared(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``frame`` that changes made to it in place cannot reach
+    back through: shallow under pandas' copy-on-write (pandas 3, or pandas 2
+    with the option on; no row is copied until one is changed), deep
+    without it."""
+    return frame.copy(deep=not _COPY_ON_WRITE)
+
+
+_COPY_ON_WRITE = int(pd.__version__.split(".")[0]) >= 3 or pd.options.mode.copy_on_write is True
+
+
 def _call_with_retries(spec, record, ctx, frame, model) -> Any:
-    data = DataConnector(frame)
+    # The function may change the frame it gets in place (df["x"] /= 10,
+    # drop(inplace=True)). Where the group's rows are read again after it, a
+    # retry and predict's output beside the input columns, each call gets a
+    # frame of its own; a train or DPF call without retries needs none.
+    own_frame = spec.options.max_retries > 0 or spec.kind == "predict"
     for attempt in range(spec.options.max_retries + 1):
         record["attempts"] = attempt + 1
+        data = DataConnector(unshared(frame) if own_frame else frame)
         try:
             if spec.kind == "predict":
                 result = spec.func(data, model, ctx)
             else:
                 result = spec.func(data, ctx)
-        except (_Superseded, KeyboardInterrupt):
+        except _Superseded:
             raise
-        except BaseException as exc:  # SystemExit, asyncio.CancelledError, a user's own
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt, asyncio.CancelledError, a user's own
             # a BaseException let out of the task would fail every group of
-            # the task, or (a class the client's event loop does not expect)
-            # leave the run waiting for ever: it is this group's error
+            # the task, kill its worker, or (a class the client's event loop
+            # does not expect) leave the run waiting for ever: it is this
+            # group's error. A KeyboardInterrupt too: Ctrl-C reaches only a
+            # process's main thread, never the worker thread running a group.
             record.update(
                 status="FAILED",
-                error=f"{type(exc).__name__}: {exc}",
+                error=error_line(exc),
                 traceback=traceback.format_exc(),
             )
             logger.debug("group %s failed (attempt %d)", record["path"], attempt + 1)

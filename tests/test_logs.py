@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
 
@@ -243,3 +244,41 @@ def test_each_group_keeps_its_own_warnings_and_bytes_fail_at_the_write(client, s
         assert f"UserWarning: deprecated thing used by {group}" in details.logs
         assert "UserWarning: the same text from every group" in details.logs
     assert "caught: write() argument must be str, not bytes" in run.partition_details[2].logs
+
+
+_earlier_contexts: list = []
+
+
+def closes_stdout_and_keeps_its_context(data, ctx):
+    """Group 0 closes sys.stdout and keeps its ctx; group 1 prints and uploads
+    through group 0's ctx after group 0 returned (as a thread left running would)."""
+    if ctx.partition_id == 0:
+        sys.stdout.close()
+        _earlier_contexts.append(ctx)
+        return 0
+    print(f"group {ctx.partition_id} prints", flush=True)
+    if ctx.partition_id == 1:
+        try:
+            _earlier_contexts[-1].upload("late", "late.txt")
+        except Exception as exc:
+            print(f"late upload: {type(exc).__name__}: {exc}")
+    return 1
+
+
+def test_a_group_closing_stdout_or_using_its_context_late_breaks_nothing(client, store_url):
+    """sys.stdout.close() in one group closed the worker's stream: every later
+    group of the worker failed at its next print. An upload through a group's
+    ctx after its function returned went into a folder already DONE, unlisted."""
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=1)
+    run = ddf.manymodel.train(
+        closes_stdout_and_keeps_its_context, by="store", url=store_url, run_id="r1",
+        execution_options=ExecutionOptions(npartitions=1),
+    )
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    details = run.partition_details
+    assert all(f"group {g} prints" in details[g].logs for g in (1, 2, 3))
+    assert ("late upload: InvalidArgumentError: ctx.upload('late.txt') of group 0 came after the group's "
+            "function returned") in details[1].logs
+    assert "late.txt" not in os.listdir(os.path.join(store_url, "r1", details[0].path))
+    again = ddf.manymodel.train(fit_line, by="store", url=store_url, run_id="r2")
+    assert again.wait(show_progress=False) == RunStatus.SUCCESS

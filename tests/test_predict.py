@@ -665,3 +665,28 @@ def test_a_partition_of_output_reads_as_each_group_read_alone_and_concatenated(c
     fs.rm_file(items[1][0])
     with pytest.raises(FileNotFoundError, match=r"g\[1\]/part-0.parquet is missing"):
         _read_output(items, fs, by, layout)
+
+
+def changes_its_rows_and_returns_a_series(data, model, ctx):
+    df = data.to_pandas()
+    df["x"] = (df["x"] - df["x"].mean()) / 10
+    df["scratch"] = 1.0
+    if ctx.partition_id == 2:
+        return pd.DataFrame({"mixed": [1, "a"] + [None] * (len(df) - 2)})
+    return np.polyval(model, df["x"].to_numpy())
+
+
+def test_a_returned_series_sits_beside_the_input_as_it_was(trained, ddf, store_url):
+    """The output took the frame the function had changed in place (its
+    scratch column, x standardised); a frame pyarrow cannot store was an
+    INTERNAL_ERROR, not the group's FAILED."""
+    inf = ddf.manymodel.predict(changes_its_rows_and_returns_a_series, by="store", url=store_url,
+                                training_run_id="r1", run_id="s1")
+    assert inf.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    failed = inf.partition_details[2]
+    assert failed.status == "FAILED" and "the returned frame cannot be stored as parquet" in failed.error
+    out = inf.to_dask_dataframe().compute()
+    assert "scratch" not in out.columns
+    expected = ddf.compute()
+    expected = expected[expected["store"] != 2]
+    assert sorted(out["x"]) == sorted(expected["x"])

@@ -23,6 +23,7 @@ import dask_manymodel  # noqa: F401  (registers the accessor)
 from dask_manymodel import (
     DPF,
     ExecutionOptions,
+    InvalidArgumentError,
     ManyModelRun,
     ManyModelTraining,
     ModelNotAvailableError,
@@ -160,7 +161,16 @@ def raising_base_exceptions(data, ctx):
         sys.exit("giving up on this group")
     if ctx.partition_id == 5:
         raise UsersOwnInterrupt("stop this one")
+    if ctx.partition_id == 7:
+        raise KeyboardInterrupt("a library's own stop")
+    if ctx.partition_id == 9:
+        raise UnprintableError()
     return fit_line(data, ctx)
+
+
+class UnprintableError(Exception):
+    def __str__(self):
+        raise RuntimeError("this error cannot say what it is")
 
 
 def test_a_group_raising_a_base_exception_fails_alone(client, ddf, store_url):
@@ -173,12 +183,16 @@ def test_a_group_raising_a_base_exception_fails_alone(client, ddf, store_url):
     )
     assert run.wait(timeout=120, show_progress=False) == RunStatus.PARTIAL_FAILURE
     progress = run.get_progress()
-    assert sorted(d.partition_id for d in progress["DONE"]) == [0, 2, 4, 6, 7, 8, 9, 10, 11]
+    assert sorted(d.partition_id for d in progress["DONE"]) == [0, 2, 4, 6, 8, 10, 11]
     errors = {d.partition_id: d.error for d in progress["FAILED"]}
     assert errors == {
         1: "CancelledError: a library's own timeout",
         3: "SystemExit: giving up on this group",
         5: "UsersOwnInterrupt: stop this one",
+        # Ctrl-C never reaches a worker's thread: this one is the group's (it killed the worker)
+        7: "KeyboardInterrupt: a library's own stop",
+        # was INTERNAL_ERROR, about the str() that failed
+        9: "UnprintableError: <str() of this UnprintableError raised>",
     }
     assert ManyModelRun.restore_from("r1", store_url).status == RunStatus.PARTIAL_FAILURE
 
@@ -820,3 +834,68 @@ def test_tasks_of_a_run_share_the_cancel_check(client, cluster, store_url):
     # two workers, each asking at its first task and then once per heartbeat at most
     allowed = 2 * (elapsed / _HEARTBEAT_SECONDS + 1)
     assert 1 <= len(asked) <= min(allowed, n_tasks - 1), (len(asked), n_tasks, elapsed)
+
+
+_calls_per_group: dict = {}
+
+
+def changes_its_rows_then_fails_once(data, ctx):
+    """Changes the frame in place; its first call per group then fails."""
+    df = data.to_pandas()
+    total = float(df["x"].sum())
+    df["x"] = df["x"] / 10
+    df.drop(columns=["y"], inplace=True)
+    _calls_per_group[ctx.partition_id] = _calls_per_group.get(ctx.partition_id, 0) + 1
+    if _calls_per_group[ctx.partition_id] == 1:
+        raise ConnectionError("a flaky service")
+    return total
+
+
+def test_a_retry_gets_the_groups_rows_as_they_were(client, ddf, store_url):
+    """A retry got the frame its first attempt had changed in place: a model
+    of x / 10 said SUCCESS (or a KeyError for the dropped column)."""
+    run = ddf.manymodel.train(
+        changes_its_rows_then_fails_once, by="store", url=store_url, run_id="r1",
+        execution_options=ExecutionOptions(max_retries=1),
+    )
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    expected = ddf.compute().groupby("store")["x"].sum()
+    for group, details in run.partition_details.items():
+        assert details.attempts == 2
+        assert run.get_model(group) == pytest.approx(expected[group])
+
+
+def a_generator(data, ctx):
+    yield data.to_pandas()
+
+
+async def a_coroutine(data, ctx):
+    return len(data)
+
+
+@pytest.mark.parametrize("func, what", [(a_generator, "a generator function"), (a_coroutine, "an async function")])
+def test_a_generator_or_async_function_is_refused_before_anything_runs(client, ddf, store_url, func, what):
+    """Calling one runs none of its body: a DPF run was SUCCESS having done nothing."""
+    with pytest.raises(InvalidArgumentError, match=f"is {what}: calling it runs none of its body"):
+        DPF(func, stage_name=store_url).run(partition_by="store", dataframe=ddf, run_id="r1")
+    with pytest.raises(InvalidArgumentError, match=f"is {what}"):
+        ddf.manymodel.train(func, by="store", url=store_url, run_id="r1")
+    assert not os.path.exists(store_url)
+
+
+class _UnpicklableWithSystemExit:
+    def __reduce__(self):
+        raise SystemExit("this model refuses to be saved")
+
+
+def returns_a_model_that_exits_when_pickled(data, ctx):
+    return _UnpicklableWithSystemExit() if ctx.partition_id == 2 else 1
+
+
+def test_a_model_whose_pickling_raises_any_base_exception_fails_its_group(client, ddf, store_url):
+    run = ddf.manymodel.train(returns_a_model_that_exits_when_pickled, by="store", url=store_url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    failed = run.partition_details[2]
+    assert failed.status == "FAILED"  # was INTERNAL_ERROR
+    assert "could not write the model of group 2" in failed.error
+    assert "SystemExit: this model refuses to be saved" in failed.error
