@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 # Imported for its side effect: registering ``ddf.manymodel``.
 from . import accessor as _accessor  # noqa: F401
+from ._client import IgnoreInterrupts
 from .api import DPF, ManyModelInference, ManyModelTraining
 from .context import DataConnector, PartitionContext
 from .exceptions import (
@@ -41,6 +42,7 @@ __all__ = [
     "FileSetDeletedError",
     "FileSetExistsError",
     "FileSetNotFoundError",
+    "IgnoreInterrupts",
     "InvalidArgumentError",
     "InvalidURLError",
     "ManyModelError",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import signal
 import threading
 from collections.abc import Iterator
 
@@ -41,8 +42,10 @@ def get_or_start_client() -> distributed.Client:
                 # its client was closed by the user: its workers would run on
                 # beside the new cluster's until the interpreter exits
                 _embedded.cluster.close()
-            cluster = distributed.LocalCluster(processes=True, dashboard_address=":0")
+            with _interrupts_ignored_by_new_processes():
+                cluster = distributed.LocalCluster(processes=True, dashboard_address=":0")
             _embedded = distributed.Client(cluster, set_as_default=True)
+            _embedded.register_plugin(IgnoreInterrupts())  # also workers the nanny starts again later
             atexit.register(_close_embedded)
             logger.info(
                 "no Dask client was active; started a LocalCluster with %d workers, "
@@ -51,6 +54,45 @@ def get_or_start_client() -> distributed.Client:
                 _embedded.dashboard_link,
             )
         return _embedded
+
+
+class IgnoreInterrupts(distributed.WorkerPlugin):
+    """Keep SIGINT from the embedded cluster's worker processes.
+
+    Jupyter's stop button (and its restart, which interrupts first) sends
+    SIGINT to the kernel's whole process group, the worker processes of a
+    LocalCluster started there included: they die, nobody starts them again,
+    and every later run in the kernel waits for ever on a cluster of no
+    workers (dask/distributed#1925). The kernel still gets its
+    KeyboardInterrupt; the workers stop when the cluster is closed, as they
+    always do (SIGTERM). dask_manymodel registers it on the cluster it
+    starts itself only: a worker someone started in a terminal must stop on
+    Ctrl-C. Register it on a LocalCluster of your own in a notebook:
+
+    >>> client = distributed.Client(distributed.LocalCluster())  # doctest: +SKIP
+    >>> client.register_plugin(dask_manymodel.IgnoreInterrupts())  # doctest: +SKIP
+    """
+
+    name = "dask-manymodel-ignore-interrupts"
+
+    def setup(self, worker: distributed.Worker) -> None:
+        if threading.current_thread() is threading.main_thread():  # a worker process's loop: it is
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _interrupts_ignored_by_new_processes() -> Iterator[None]:
+    """While starting the embedded cluster: its worker processes start with
+    SIGINT ignored (a process keeps an ignored signal ignored), before the
+    plugin reaches them. A Ctrl-C in these seconds is lost."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager

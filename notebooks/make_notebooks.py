@@ -19,6 +19,7 @@ import dask_manymodel  # registers ddf.manymodel
 cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0",
                                    silence_logs=logging.ERROR)
 client = distributed.Client(cluster)
+client.register_plugin(dask_manymodel.IgnoreInterrupts())  # the stop button would kill the workers
 url = tempfile.mkdtemp()  # any fsspec URL works: s3://bucket/models, gs://..., memory:// (threads only)
 print("dashboard:", client.dashboard_link)'''
 

@@ -806,6 +806,48 @@ def test_embedded_cluster_without_a_client(tmp_path):
     assert "AGAIN SUCCESS closed" in out.stdout, out.stderr[-3000:]
 
 
+def test_the_embedded_clusters_workers_outlive_an_interrupt(tmp_path):
+    """Jupyter's stop button sends SIGINT to the kernel's process group: the
+    embedded cluster's workers died, and every later run waited for ever."""
+    script = textwrap.dedent(
+        f"""
+        import os, signal, time
+        import dask.dataframe as dd, pandas as pd, numpy as np
+        import distributed
+        import dask_manymodel
+
+        def restarted_and_ignoring(client, first):
+            try:  # a worker going away fails the call: ask again
+                pids = client.run(os.getpid)
+                ignoring = client.run(lambda: signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+            except Exception:
+                return False
+            return len(pids) == 2 and set(pids.values()) != set(first.values()) and all(ignoring.values())
+
+        pdf = pd.DataFrame({{"g": np.repeat([1, 2, 3], 5), "x": np.arange(15.0)}})
+        ddf = dd.from_pandas(pdf, npartitions=2)
+        run = ddf.manymodel.train(lambda data, ctx: len(data), by="g", url={str(tmp_path)!r}, run_id="r1")
+        print("FIRST", run.wait(show_progress=False).value)
+        client = distributed.get_client()
+        # a worker the nanny starts again (after a crash) is covered too
+        first = client.run(os.getpid)
+        os.kill(next(iter(first.values())), signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not restarted_and_ignoring(client, first):
+            assert time.monotonic() < deadline, "no worker restarted"
+            time.sleep(0.2)  # poll
+        pids = client.run(os.getpid)
+        for pid in pids.values():
+            os.kill(pid, signal.SIGINT)  # as the stop button: every process of the group
+        again = ddf.manymodel.train(lambda data, ctx: len(data), by="g", url={str(tmp_path)!r}, run_id="r2")
+        print("AGAIN", again.wait(timeout=60, show_progress=False).value, client.run(os.getpid) == pids)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert "FIRST SUCCESS" in out.stdout, out.stderr[-3000:]
+    assert "AGAIN SUCCESS True" in out.stdout, out.stderr[-3000:]
+
+
 def test_tasks_of_a_run_share_the_cancel_check(client, cluster, store_url):
     """Asking whether the run was cancelled is a round trip to the scheduler:
     a worker asks at most once per heartbeat for all of a run's tasks, not
