@@ -42,7 +42,7 @@ from .store import (
     PARTITION_FILE,
     RUN_MANIFEST,
     RunStore,
-    cat_files,
+    any_read_as_pattern,
     group_path,
     is_null,
     normalize_key,
@@ -1539,37 +1539,73 @@ def _as_layout(frame: pd.DataFrame, by: list[str], key: tuple, layout: pd.DataFr
     return pd.DataFrame(columns, index=frame.index)
 
 
+# A partition's output files are read a batch at a time: up to this many
+# files, sized from the files seen so far to about this many bytes (a batch's
+# bytes and tables are held at once, beside the frames made so far).
+_BATCH_FILES = 256
+_BATCH_BYTES = 32 * 2**20
+
+
 def _read_output(items: list[tuple[str, tuple]], fs, by: list[str], layout: pd.DataFrame) -> pd.DataFrame:
     """Read the output files of some groups into one frame laid out as
     ``layout`` (runs on a worker).
 
-    The files are fetched in one batched read (s3fs and gcsfs fetch them
-    concurrently). When they share one schema (always with ``meta=``, and
-    whenever the groups returned the same dtypes) they become one Arrow
-    table, converted to pandas once: a group's own read and conversion cost
-    ~1.5 ms, most of the read before. Otherwise each group's frame is read
-    and laid out alone, and pandas' concat reconciles their dtypes.
+    The files are fetched a batch at a time, each batch in one read (s3fs
+    and gcsfs fetch its files concurrently). A batch whose files share one
+    schema (always with ``meta=``, and whenever the groups returned the same
+    dtypes) is concatenated as Arrow tables and converted to pandas at once:
+    a group's own read and conversion cost ~1.5 ms, most of the read before.
+    Otherwise each group's frame is laid out alone. pandas' concat of the
+    frames then reconciles their dtypes, as it did group by group.
     """
-    paths = [path for path, _ in items]
-    keys = [key for _, key in items]
-    blobs = _read_files(fs, paths)
-    files = [pq.ParquetFile(pa.BufferReader(blob)) for blob in blobs]
-    if _one_plain_schema([f.schema_arrow for f in files]):
-        tables = [f.read(use_pandas_metadata=True) for f in files]
-        frame = _arrow_to_pandas(pa.concat_tables(tables))
-        return _as_layout_of_groups(frame, by, keys, [table.num_rows for table in tables], layout)
-    frames = [_as_layout(pd.read_parquet(pa.BufferReader(blob)), by, key, layout) for blob, key in zip(blobs, keys)]
-    return pd.concat(frames, ignore_index=True)
+    frames = []
+    start, batch_files = 0, min(16, _BATCH_FILES)
+    while start < len(items):
+        batch = items[start:start + batch_files]
+        blobs = _read_files(fs, [path for path, _ in batch])
+        size = sum(len(blob) for blob in blobs)
+        tables = []
+        for i, blob in enumerate(blobs):  # read with the pandas metadata, as pd.read_parquet reads
+            tables.append(pq.ParquetFile(pa.BufferReader(blob)).read(use_pandas_metadata=True))
+            blobs[i] = None  # let each file's bytes go once decoded
+        frames.extend(_batch_as_layout(tables, [key for _, key in batch], by, layout))
+        start += len(batch)
+        batch_files = max(1, min(_BATCH_FILES, _BATCH_BYTES * len(batch) // max(size, 1)))
+    return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+
+
+def _batch_as_layout(tables: list, keys: list[tuple], by: list[str], layout: pd.DataFrame) -> list[pd.DataFrame]:
+    """Some groups' stored tables as frames laid out as ``layout``: one
+    frame when they share a plain schema, else one per group."""
+    if not _one_plain_schema([table.schema for table in tables]):
+        return [_as_layout(_arrow_to_pandas(table), by, key, layout) for table, key in zip(tables, keys)]
+    rows = [table.num_rows for table in tables]
+    frame = _arrow_to_pandas(pa.concat_tables(tables))
+    tables.clear()
+    return [_as_layout_of_groups(frame, by, keys, rows, layout)]
 
 
 def _read_files(fs, paths: list[str]) -> list[bytes]:
-    """The contents of these files, in their order, in one batched read."""
-    found = {fs._strip_protocol(path): data for path, data in cat_files(fs, paths).items()}
+    """The contents of these files, in their order, in one batched read. A
+    missing file says so; any other error (access denied, a dropped
+    connection) is raised as it is."""
+    if any_read_as_pattern(paths):  # fsspec would read such a path as a glob pattern: one by one
+        found: dict[str, Any] = {}
+        for path in paths:
+            try:
+                found[path] = fs.cat_file(path)
+            except FileNotFoundError as exc:
+                found[path] = exc
+    else:
+        found = fs.cat(paths, on_error="return")
+    found = {fs._strip_protocol(path): data for path, data in found.items()}
     blobs = []
     for path in paths:
         data = found.get(fs._strip_protocol(path))
-        if data is None:
+        if data is None or isinstance(data, FileNotFoundError):
             raise FileNotFoundError(f"the output file {path} is missing: it was deleted since the run ended")
+        if isinstance(data, BaseException):
+            raise data
         blobs.append(data)
     return blobs
 

@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import dask.dataframe as dd
+import fsspec.implementations.memory
 import numpy as np
 import pandas as pd
 import pyarrow
@@ -638,16 +639,22 @@ def _group_frames_case(name):
     raise AssertionError(name)
 
 
+@pytest.mark.parametrize("batch_files", [None, 2])
 @pytest.mark.parametrize("case", ["one schema", "dtypes differ", "categoricals", "null and odd keys",
                                   "categorical keys"])
-def test_a_partition_of_output_reads_as_each_group_read_alone_and_concatenated(case):
-    # to_dask_dataframe reads a partition's files in one batch and converts
-    # them at once when they share a schema; it must give what reading each
-    # group's file with pandas, laying it out and concatenating gives
+def test_a_partition_of_output_reads_as_each_group_read_alone_and_concatenated(case, batch_files, monkeypatch):
+    # to_dask_dataframe reads a partition's files a batch at a time, and
+    # converts a batch at once when its files share a schema (batch_files=2:
+    # several batches); it must give what reading each group's file with
+    # pandas, laying it out and concatenating gives
     import fsspec
     import pyarrow.parquet as pq
 
+    from dask_manymodel import run as run_module
     from dask_manymodel.run import _as_layout, _one_plain_schema, _read_output
+
+    if batch_files is not None:
+        monkeypatch.setattr(run_module, "_BATCH_FILES", batch_files)
 
     by, layout, groups = _group_frames_case(case)
     fs = fsspec.filesystem("memory")
@@ -665,6 +672,33 @@ def test_a_partition_of_output_reads_as_each_group_read_alone_and_concatenated(c
     fs.rm_file(items[1][0])
     with pytest.raises(FileNotFoundError, match=r"g\[1\]/part-0.parquet is missing"):
         _read_output(items, fs, by, layout)
+
+
+class _DeniedMemoryFileSystem(fsspec.implementations.memory.MemoryFileSystem):
+    """memory:// whose group 1 cannot be read (as S3's access denied)."""
+
+    def cat_file(self, path, *args, **kwargs):
+        if "/g1/" in path:
+            raise PermissionError(f"Access Denied: {path}")
+        return super().cat_file(path, *args, **kwargs)
+
+
+def test_an_output_file_that_cannot_be_read_says_why():
+    """Every read error said the file was missing (deleted since the run ended)."""
+    import pyarrow.parquet as pq
+
+    from dask_manymodel.run import _read_output
+
+    fs = _DeniedMemoryFileSystem(skip_instance_cache=True)
+    items = []
+    for i in range(3):
+        path = f"/read-denied/g{i}/part-0.parquet"
+        with fs.open(path, "wb") as f:
+            pq.write_table(pyarrow.table({"x": [1.0]}), f)
+        items.append((path, (i,)))
+    layout = _with_group_columns(pd.DataFrame({"x": [1.0]}).iloc[:0], ["store"], [np.dtype("int64")])
+    with pytest.raises(PermissionError, match="Access Denied: /read-denied/g1/part-0.parquet"):
+        _read_output(items, fs, ["store"], layout)
 
 
 def changes_its_rows_and_returns_a_series(data, model, ctx):
