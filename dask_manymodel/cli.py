@@ -84,10 +84,11 @@ def cmd_runs(args: argparse.Namespace) -> int:
                 "groups": manifest.get("n_groups", ""),
                 "created": (manifest.get("created") or "")[:19],
             }
-            if not isinstance(manifest.get("format_version", FORMAT_VERSION), int) or manifest.get(
-                "format_version", FORMAT_VERSION
-            ) > FORMAT_VERSION:
-                row["note"] = f"written by a later dask_manymodel (storage format {manifest['format_version']!r})"
+            version = manifest.get("format_version", FORMAT_VERSION)
+            if not isinstance(version, int) or isinstance(version, bool):
+                raise ValueError(f"format_version {version!r}")  # damaged, as restore_from says
+            if version > FORMAT_VERSION:
+                row["note"] = f"written by a later dask_manymodel (storage format {version})"
             elif manifest.get("run_id") != folder:
                 row["note"] = f"{RUN_MANIFEST} says run_id {manifest.get('run_id')!r} (a copied folder?)"
             elif row["status"] == "IN_PROGRESS":

@@ -261,6 +261,14 @@ class PartitionContext:
         """The group's function has returned: its status is being written."""
         self._closed = True
 
+    def _refuse_if_closed(self, filename: str) -> None:
+        if self._closed:
+            raise InvalidArgumentError(
+                f"ctx.upload({filename!r}) of group {self.partition_id!r} came after the group's function "
+                f"returned (from a thread it left running?); its status is written without it. Upload "
+                f"from the function itself, and join the threads it starts before it returns"
+            )
+
     def __repr__(self) -> str:
         return f"PartitionContext(partition_id={self.partition_id!r}, run_id={self.run_id!r})"
 
@@ -297,12 +305,7 @@ class PartitionContext:
             The URL of the saved file.
         """
         _check_artifact_name(filename, self._taken_names)
-        if self._closed:
-            raise InvalidArgumentError(
-                f"ctx.upload({filename!r}) of group {self.partition_id!r} came after the group's function "
-                f"returned (from a thread it left running?); its status is written without it. Upload "
-                f"from the function itself, and join the threads it starts before it returns"
-            )
+        self._refuse_if_closed(filename)
         store, folder = self._group_folder(self.partition_id, None)
         write = write_function or _pickle_write
         with tempfile.TemporaryDirectory(prefix="manymodel-") as tmp:
@@ -314,6 +317,7 @@ class PartitionContext:
                 raise InvalidArgumentError(f"{problem} (its second argument)")
             if self._before_write is not None:
                 self._before_write()
+            self._refuse_if_closed(filename)  # again: the file may have taken a while to write
             store.upload_file(local, posixpath.join(folder, filename))
         if filename not in self._uploaded:
             self._uploaded.append(filename)

@@ -1180,8 +1180,17 @@ def _save_output(spec: RunSpec, result: Any, frame: pd.DataFrame, rel: str) -> t
     # to pyarrow (what DataFrame.to_parquet does underneath): selecting the
     # columns there skips a pandas drop, a third of the cost for small groups
     columns = [c for c in result.columns if c not in spec.by]
+    if not columns and len(result):
+        # a parquet file of no column holds no row either: its rows would be lost
+        raise _UserError(
+            f"the returned frame has {len(result)} rows but no column besides the by columns "
+            f"{list(spec.by)!r}, whose values come from the group; return at least one column of "
+            f"your own, or None to store nothing"
+        )
     try:
         table = pa.Table.from_pandas(result, columns=columns, preserve_index=False)
+    except pa.ArrowMemoryError:  # out of memory: not the frame's fault
+        raise
     except (pa.ArrowException, ValueError, TypeError) as exc:  # mixed types in a column, duplicate names
         raise _UserError(
             f"the returned frame cannot be stored as parquet: {error_line(exc)}; give each column one "
@@ -1548,9 +1557,31 @@ def _call_with_retries(spec, record, ctx, frame, model) -> Any:
             )
             logger.debug("group %s failed (attempt %d)", record["path"], attempt + 1)
             continue
+        if inspect.isawaitable(result) or inspect.isgenerator(result) or inspect.isasyncgen(result):
+            # an async or generator __call__, or a wrapper of one, that
+            # check_function could not see: none of its body ran
+            _close_unrun(result)
+            record.update(
+                status="FAILED",
+                error=f"the function returned a {type(result).__name__} (an async or generator function?): "
+                      f"none of its body ran; make it a plain function that returns its result",
+                traceback=None,
+            )
+            return None
         record.update(status="DONE", error=None, traceback=None)
         return result
     return None
+
+
+def _close_unrun(result: Any) -> None:
+    """Close a coroutine or generator that will never run (no "never
+    awaited" warning on the worker)."""
+    close = getattr(result, "close", None) if not inspect.isasyncgen(result) else None
+    if callable(close):
+        try:
+            close()
+        except Exception:  # a foreign awaitable's close: nothing to keep
+            pass
 
 
 def iter_groups(frame: pd.DataFrame, by: list) -> Iterator[tuple[tuple, pd.DataFrame]]:

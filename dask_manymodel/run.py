@@ -1301,9 +1301,10 @@ class ManyModelRun:
         try:
             groups = store.read_run_file(GROUPS_FILE, list)
         except FileNotFoundError:
-            # a run in progress is being set up right now, and one whose
-            # start failed may have none; a run whose tasks ran had one
-            if manifest["status"] in (RunStatus.SUCCESS, RunStatus.PARTIAL_FAILURE):
+            # a run in progress is being set up right now, one whose start
+            # failed may have none, and a run of no group is SUCCESS before
+            # it is written; a run whose tasks ran had one
+            if manifest["status"] in (RunStatus.SUCCESS, RunStatus.PARTIAL_FAILURE) and manifest.get("n_groups"):
                 raise store.damaged(GROUPS_FILE, "it is missing") from None
             groups = []
         return cls(store=store, manifest=manifest, groups=groups, serde=serde)

@@ -353,6 +353,8 @@ def test_a_run_of_a_later_storage_format_is_refused_not_misread_nor_rewritten(cl
         assert json.load(f)["format_version"] == 2  # a resume did not write it in the older format
     assert main(["show", url, "r1"]) == 2 and "storage format 2" in capsys.readouterr().err
     assert main(["runs", url]) == 0 and "written by a later dask_manymodel (storage format 2)" in capsys.readouterr().out
+    _edit_json(manifest, lambda m: m.update(format_version="1"))  # not a number: damaged, as restore_from says
+    assert main(["runs", url]) == 0 and "unreadable _run.json" in capsys.readouterr().out
 
 
 def test_statuses_no_dask_manymodel_writes_are_a_damaged_file_or_left_out(client, ddf, tmp_path, caplog):
@@ -373,3 +375,8 @@ def test_statuses_no_dask_manymodel_writes_are_a_damaged_file_or_left_out(client
     os.remove(os.path.join(run_folder, "_groups.json"))  # a finished run's: not "being set up"
     with pytest.raises(StorageError, match=re.escape("its _groups.json is damaged (it is missing)")):
         ManyModelRun.restore_from("r1", url)
+    # a run of no group is SUCCESS before its _groups.json is written
+    empty = ddf[ddf["store"] < 0].manymodel.train(fit_line, by="store", url=url, run_id="r0")
+    assert empty.wait(show_progress=False) == RunStatus.SUCCESS
+    os.remove(os.path.join(url, "r0", "_groups.json"))
+    assert ManyModelRun.restore_from("r0", url).summary().empty

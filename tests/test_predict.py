@@ -724,3 +724,14 @@ def test_a_returned_series_sits_beside_the_input_as_it_was(trained, ddf, store_u
     expected = ddf.compute()
     expected = expected[expected["store"] != 2]
     assert sorted(out["x"]) == sorted(expected["x"])
+
+
+def only_the_by_column(data, model, ctx):
+    return data.to_pandas()[["store"]]
+
+
+def test_a_frame_of_only_by_columns_fails_its_group_instead_of_losing_its_rows(trained, ddf, store_url):
+    """Its parquet file held no column and so no row: output_rows said 40, the output had none."""
+    inf = ddf.manymodel.predict(only_the_by_column, by="store", url=store_url, training_run_id="r1", run_id="s1")
+    assert inf.wait(show_progress=False) == RunStatus.FAILURE
+    assert "no column besides the by columns ['store']" in inf.partition_details[0].error

@@ -915,6 +915,20 @@ async def a_coroutine(data, ctx):
     return len(data)
 
 
+class _AsyncCallable:
+    async def __call__(self, data, ctx):
+        ctx.upload(len(data), "rows")
+
+
+def test_a_callable_whose_call_runs_nothing_fails_its_groups(client, ddf, store_url):
+    """An object with an async __call__ passes the up-front check: its groups
+    were DONE having run nothing (no file uploaded)."""
+    run = DPF(_AsyncCallable(), stage_name=store_url).run(partition_by="store", dataframe=ddf, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.FAILURE
+    assert "the function returned a coroutine (an async or generator function?): none of its body ran" in (
+        run.partition_details[0].error)
+
+
 @pytest.mark.parametrize("func, what", [(a_generator, "a generator function"), (a_coroutine, "an async function")])
 def test_a_generator_or_async_function_is_refused_before_anything_runs(client, ddf, store_url, func, what):
     """Calling one runs none of its body: a DPF run was SUCCESS having done nothing."""
