@@ -2526,10 +2526,12 @@ def _partition_task(key: tuple, spec: Any, frame: Any, keep: pd.Index | None, ha
 
 
 def _shuffle_method(ddf: dd.DataFrame, asked: str | None) -> str | None:
-    """The shuffle's method: the one asked for, else Dask's choice, except
-    that Dask's p2p shuffle needs string column names (it fails in its last
-    phase otherwise): then the task-based shuffle. Columns that share a name
-    are refused: no shuffle of Dask's keeps them as they are."""
+    """The shuffle's method: the one asked for (or set in Dask's config),
+    else Dask's choice, except that Dask's p2p shuffle needs string column
+    names (it fails in its last phase otherwise) and keeps Python objects
+    only as far as Arrow does (a tuple fails, a list becomes an array): with
+    such columns, the task-based shuffle. Columns that share a name are
+    refused: no shuffle of Dask's keeps them as they are."""
     twice = ddf.columns[ddf.columns.duplicated()].unique().tolist()
     if twice:
         # p2p fails on them; tasks and disk hand the groups more columns than the input has
@@ -2540,6 +2542,13 @@ def _shuffle_method(ddf: dd.DataFrame, asked: str | None) -> str | None:
         )
     not_strings = [c for c in ddf.columns if not isinstance(c, str)]
     if not not_strings:
+        if asked is None and dask.config.get("dataframe.shuffle.method", None) is None:
+            objects = [c for c, dtype in ddf._meta.dtypes.items() if dtype == object]
+            if objects:
+                # p2p sends rows through Arrow: tuples, mixed types fail every
+                # group of the run, lists arrive as numpy arrays
+                logger.debug("columns %r hold Python objects: shuffling with tasks, not p2p", objects[:3])
+                return "tasks"
         return asked
     if asked == "p2p":
         raise InvalidArgumentError(

@@ -602,7 +602,7 @@ class ManyModelRun:
                     "status": "INTERNAL_ERROR",
                     "error": (
                         f"group {self._partition_id(group)!r} ({group.get('rows', 0):,} rows) was lost "
-                        f"with the task running it: {type(exc).__name__}: {exc}"
+                        f"with the task running it: {_with_cause(exc)}"
                         + (
                             "; its worker may have run out of memory"
                             if type(exc).__name__ == "KilledWorker"
@@ -1393,6 +1393,15 @@ class ManyModelRun:
             + (f"<p>Failed groups ({len(failed):,}):</p><ul>{items}</ul>" if failed else "")
             + "</div>"
         )
+
+
+def _with_cause(exc: BaseException) -> str:
+    """``Type: message`` of a task's error, and of what caused it: Dask's
+    "P2P ... failed during transfer phase" says nothing without its cause."""
+    from .engine import error_line
+
+    cause = exc.__cause__ or exc.__context__
+    return error_line(exc) + (f" (caused by {error_line(cause)})" if cause is not None else "")
 
 
 def _not_finished(group: dict, running: set[int]) -> PartitionStatus:

@@ -459,3 +459,20 @@ def test_a_groups_memory_counts_its_categoricals_codes_only():
     group = frame.iloc[:1000]
     assert _frame_bytes(group) == group["c"].cat.codes.nbytes + 8 * 1000
     assert group.memory_usage(deep=True, index=False).sum() > 100 * _frame_bytes(group)
+
+
+def value_types(data, ctx):
+    return sorted({type(v).__name__ for v in data.to_pandas()["pair"]})
+
+
+def test_columns_of_python_objects_reach_the_groups_as_they_are(client, store_url):
+    """Dask's default p2p shuffle sends rows through Arrow: a column of tuples
+    failed every group (INTERNAL_ERROR), one of lists reached the function as
+    numpy arrays. Such a run shuffles with tasks, as pandas' groupby keeps them."""
+    ddf = dd.from_pandas(make_frame(n_groups=6, rows=5).sample(frac=1, random_state=0), npartitions=3,
+                         sort=False)  # spread: a shuffle
+    for make, name in ((lambda v: (v, v), "tuple"), (lambda v: [v], "list")):
+        with_objects = ddf.assign(pair=ddf["x"].apply(make, meta=("pair", object)))
+        run = with_objects.manymodel.train(value_types, by="store", url=store_url, run_id=f"r-{name}")
+        assert run.wait(show_progress=False) == RunStatus.SUCCESS, run.summary()["error"].dropna().tolist()
+        assert {str(run.get_model(g)) for g in range(6)} == {str([name])}
