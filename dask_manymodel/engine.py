@@ -796,8 +796,20 @@ def _group_index(df: pd.DataFrame, by: list) -> pd.Index:
     return pd.MultiIndex.from_frame(df[by])
 
 
-def _tag_partition(df: pd.DataFrame, by: list, keys: pd.Index, parts: np.ndarray) -> pd.DataFrame:
+def in_meta_columns(df: pd.DataFrame, columns: list) -> pd.DataFrame:
+    """``df`` with exactly ``columns``, in their order, where it has them all
+    (once each): a partition whose columns are in another order than its
+    meta says, or has more (``map_partitions(..., enforce_metadata=False)``,
+    ``from_map``), gives its groups the input's columns as pandas would read
+    them whole; the shuffle's own map_partitions would refuse it."""
+    if list(df.columns) == columns or df.columns.has_duplicates or not set(columns) <= set(df.columns):
+        return df
+    return df[columns]
+
+
+def _tag_partition(df: pd.DataFrame, by: list, keys: pd.Index, parts: np.ndarray, columns: list) -> pd.DataFrame:
     """Add the output-partition column to one input partition."""
+    df = in_meta_columns(df, columns)
     positions = keys.get_indexer(_group_index(df, by))
     if (positions < 0).any():  # the data changed between the count and the shuffle
         raise RuntimeError("a group appeared that was not counted; is the input deterministic?")
@@ -1851,11 +1863,14 @@ def run_partition(spec: RunSpec, frame: pd.DataFrame, keep: pd.Index | None = No
     """
     if keep is not None:
         frame = frame[keep.get_indexer(_group_index(frame, spec.by)) >= 0]
-    if spec.columns is not None and len(frame.columns) != len(spec.columns):
+    if spec.columns is not None and list(frame.columns) != list(spec.columns):
         # a column Dask's shuffle left behind (its "_partitions", with a
-        # MultiIndex of columns): the groups get the input's columns only
-        expected = set(spec.columns)
-        frame = frame.drop(columns=[c for c in frame.columns if c not in expected])
+        # MultiIndex of columns), or an input partition whose columns differ
+        # from its meta's: the groups get the input's columns only, in order
+        frame = in_meta_columns(frame, list(spec.columns))
+        if len(frame.columns) != len(spec.columns):
+            expected = set(spec.columns)
+            frame = frame.drop(columns=[c for c in frame.columns if c not in expected])
     with keep_freed_memory(spec.options.reuse_freed_memory), freeze_older_objects():
         return _run_partition(spec, frame)
 
@@ -2465,6 +2480,7 @@ def _start_run(
                 by,
                 keys,
                 parts,
+                list(ddf._meta.columns),
                 meta=ddf._meta.assign(**{PARTITION_COLUMN: np.int64(0)}),
                 token="manymodel-assign",
             )

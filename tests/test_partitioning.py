@@ -476,3 +476,28 @@ def test_columns_of_python_objects_reach_the_groups_as_they_are(client, store_ur
         run = with_objects.manymodel.train(value_types, by="store", url=store_url, run_id=f"r-{name}")
         assert run.wait(show_progress=False) == RunStatus.SUCCESS, run.summary()["error"].dropna().tolist()
         assert {str(run.get_model(g)) for g in range(6)} == {str([name])}
+
+
+def reorder_some(df, partition_info=None):
+    """Odd partitions with their columns in another order than the meta's, and one more."""
+    if (partition_info or {}).get("number", 0) % 2:
+        return df[list(df.columns)[::-1]].assign(extra=1)
+    return df
+
+
+def columns_seen(data, ctx):
+    return list(data.to_pandas().columns)
+
+
+@pytest.mark.parametrize("spread", [True, False])
+def test_partitions_whose_columns_differ_from_the_meta_give_the_meta_columns(client, store_url, spread):
+    """Built with enforce_metadata=False: a run that shuffled failed every
+    group (the shuffle checks the columns), one that did not handed each
+    group its partition's own column order."""
+    frame = make_frame(n_groups=6, rows=5)
+    source = frame.sample(frac=1, random_state=0) if spread else frame
+    ddf = dd.from_pandas(source, npartitions=3, sort=False).map_partitions(
+        reorder_some, meta=frame.iloc[:0], enforce_metadata=False)
+    run = ddf.manymodel.train(columns_seen, by="store", url=store_url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS, run.summary()["error"].dropna().tolist()[:1]
+    assert {tuple(run.get_model(g)) for g in range(6)} == {tuple(frame.columns)}
