@@ -957,11 +957,21 @@ class ManyModelRun:
                             f"call wait() again or cancel()"
                         )
             if bar is not None:
-                bar.update(len(self._groups) - bar.n)
+                self._end_bar(bar)
         finally:
             if bar is not None:
                 bar.close()
         return self.status
+
+    def _end_bar(self, bar) -> None:
+        """The bar at the run's end: the groups that ran (not those
+        cancelled before they started), the count per status, and red
+        unless the run is SUCCESS (tqdm paints a full bar green)."""
+        counts = self._counts()
+        bar.update(len(self._groups) - counts.get(PartitionStatus.CANCELLED.value, 0) - bar.n)
+        bar.set_postfix_str(", ".join(f"{n:,} {status}" for status, n in counts.items()), refresh=False)
+        if self.status != RunStatus.SUCCESS:
+            bar.colour = "red"
 
     def cancel(self, timeout: float | None = 60) -> RunStatus:
         """Stop the run: running tasks stop before their next group, and groups
@@ -1157,6 +1167,8 @@ class ManyModelRun:
         if record is None or record.get("status") != "DONE":
             status = record.get("status") if record else "PENDING"
             error = f": {record.get('error')}" if record and record.get("error") else ""
+            if status in ("FAILED", "INTERNAL_ERROR"):
+                error += f" (its traceback and logs: run.partition_details[{partition_id!r}])"
             raise ModelNotAvailableError(
                 f"group {partition_id!r} of run {self.run_id!r} has no model: it is {status}{error}"
             )
@@ -1461,7 +1473,21 @@ class PartitionDetailsMapping(collections.abc.Mapping):
         return dict, (dict(self.items()),)
 
     def __repr__(self) -> str:
-        return repr(dict(self.items()))
+        # the first groups only: a notebook displaying it showed (and saved)
+        # every group's details, 16 MB at 100,000 groups, after reading them all
+        groups = self._run._groups
+        shown = self._run._details([group["path"] for group in groups[:_REPR_GROUPS]])
+        text = ", ".join(f"{details.partition_id!r}: {details!r}" for details in shown.values())
+        if len(groups) > _REPR_GROUPS:
+            text += (
+                f", ... ({len(groups) - _REPR_GROUPS:,} more groups: look one up with [partition_id], "
+                f"or see run.summary())"
+            )
+        return "{" + text + "}"
+
+
+#: How many groups ``repr(run.partition_details)`` shows.
+_REPR_GROUPS = 10
 
 
 def _constant_column(value: Any, dtype: Any, index: pd.Index) -> pd.Series:

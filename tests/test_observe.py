@@ -48,6 +48,8 @@ def test_wait_counts_groups_not_tasks(client, ddf, store_url, capsys):
     captured = capsys.readouterr()
     final = captured.err.replace("\r", "\n").strip().splitlines()[-1]
     assert final.startswith("train r1: 100%") and "12/12" in final and "group" in final, final
+    # the outcome at the end, and not painted as a success (a full bar was green in a notebook)
+    assert final.endswith("11 DONE, 1 FAILED]") and "\x1b[31m" in final, final
     assert captured.out == ""
 
 
@@ -323,6 +325,18 @@ def test_partition_details_copies_as_a_dict_and_reads_once_when_iterated(finishe
     as_dict = dict(d)
     assert {k: d[k].status.value for k in d}[2] == "FAILED" and as_dict[7].status.value == "DONE"
     assert reads == [12], reads  # one batched read, not one per key
+
+
+def test_partition_details_shows_its_first_groups_only(finished, monkeypatch):
+    """Its repr was every group's details (16 MB in a notebook's output, and
+    saved with it, at 100,000 groups), read in full each time it was shown."""
+    restored = ManyModelRun.restore_from("r1", finished.url)
+    reads = _counting_status_reads(monkeypatch)
+    text = repr(restored.partition_details)
+    assert text.startswith("{0: PartitionDetails(partition_id=0") and "9: PartitionDetails" in text
+    assert "10: PartitionDetails" not in text
+    assert text.endswith("... (2 more groups: look one up with [partition_id], or see run.summary())}")
+    assert reads == [10]
 
 
 def last_group_held(gate, data, ctx):

@@ -129,7 +129,8 @@ def test_errors_in_some_groups(client, ddf, store_url):
     assert failed[3].error == "ValueError: odd group 3"
     assert "Traceback" in failed[3].traceback and "failing_on_odd" in failed[3].traceback
     assert "group 3 has 40 rows" in failed[3].logs and "printed by 3" in failed[3].logs
-    with pytest.raises(ModelNotAvailableError, match="FAILED: ValueError: odd group 3"):
+    with pytest.raises(ModelNotAvailableError, match=r"FAILED: ValueError: odd group 3 \(its traceback and logs: "
+                       r"run.partition_details\[3\]\)"):
         run.get_model(3)
     with pytest.raises(PartitionNotFoundError, match="no group 99"):
         run.get_model(99)
