@@ -218,10 +218,21 @@ class FileSet:
             ddf = keyed.shuffle(on=_SHUFFLE_COLUMN).map_partitions(_order_by_random_key, meta=ddf._meta)
         # the id in every file name: a handle of a deleted FileSet never reads
         # the files of a new one made under the same name
-        ddf.to_parquet(
+        writing = ddf.to_parquet(
             f"{url}/{name}", write_index=False, storage_options=storage_options,
             write_metadata_file=False, name_function=lambda number: f"part.{number}.{fileset_id}.parquet",
+            compute=False,
         )
+        import distributed
+
+        try:
+            client = distributed.get_client()
+        except ValueError:  # no Dask cluster: Dask's own scheduler
+            writing.compute()
+        else:
+            # on the cluster even under dask.config.set(scheduler="threads"):
+            # the shuffle Dask picked (p2p, for the client) runs on its workers only
+            client.compute(writing).result()
         fs.invalidate_cache(root)
         files = sorted(_own_files(fs, root, fileset_id), key=lambda p: int(posixpath.basename(p).split(".")[1]))
         rows = []

@@ -355,3 +355,15 @@ def test_a_delete_leaves_a_fileset_made_during_its_sweep(tmp_path, monkeypatch):
     monkeypatch.setattr(fs, "ls", list_then_someone_makes_it)
     made.delete()
     assert FileSet(url, "snap").num_rows == 3
+
+
+def test_a_shuffled_make_runs_on_the_cluster_under_a_local_scheduler_setting(client, tmp_path):
+    """dask.config.set(scheduler="threads") with a client: Dask picked its p2p
+    shuffle (for the client) and ran it on the local scheduler, which failed
+    ("P2P ... failed during transfer phase"); a run works there."""
+    pdf = pd.DataFrame({"k": np.arange(200) % 5, "x": np.arange(200.0)})
+    ddf = dd.from_pandas(pdf, npartitions=3)
+    with dask.config.set(scheduler="threads"):
+        made = FileSet.make(str(tmp_path), "shuffled", ddf, shuffle=True, seed=1)
+    assert made.num_rows == 200
+    assert sorted(made.to_dask_dataframe().compute()["x"]) == list(pdf["x"])
