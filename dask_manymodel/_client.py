@@ -71,13 +71,18 @@ class IgnoreInterrupts(distributed.WorkerPlugin):
 
     >>> client = distributed.Client(distributed.LocalCluster())  # doctest: +SKIP
     >>> client.register_plugin(dask_manymodel.IgnoreInterrupts())  # doctest: +SKIP
+
+    Not for a cluster whose workers run in the notebook's own process
+    (``LocalCluster(processes=False)``): there, it is the kernel that would
+    ignore the stop button.
     """
 
     name = "dask-manymodel-ignore-interrupts"
 
     def setup(self, worker: distributed.Worker) -> None:
         if threading.current_thread() is threading.main_thread():  # a worker process's loop: it is
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            with contextlib.suppress(ValueError, OSError):  # a subinterpreter: no signals to set
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
@@ -85,10 +90,15 @@ def _interrupts_ignored_by_new_processes() -> Iterator[None]:
     """While starting the embedded cluster: its worker processes start with
     SIGINT ignored (a process keeps an ignored signal ignored), before the
     plugin reaches them. A Ctrl-C in these seconds is lost."""
-    if threading.current_thread() is not threading.main_thread():
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if previous is None:  # not the main thread, or a handler set from C that Python cannot put back
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except (ValueError, OSError):  # a subinterpreter: no signals to set
+        yield
+        return
     try:
         yield
     finally:

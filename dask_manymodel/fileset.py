@@ -74,11 +74,13 @@ def _check_workers_share(store: RunStore) -> None:
     own memory, and the FileSet would be made with no rows."""
     import distributed
 
+    from ._client import _synchronous
+
     try:
         client = distributed.get_client()
     except ValueError:  # no cluster: Dask's local scheduler, in this process
         return
-    check_workers_share_store(store, client)
+    check_workers_share_store(store, _synchronous(client))  # an asynchronous one: refused here, first
 
 
 _SHUFFLE_COLUMN = "__manymodel_shuffle__"
@@ -225,14 +227,18 @@ class FileSet:
         )
         import distributed
 
+        from ._client import _synchronous
+
         try:
             client = distributed.get_client()
         except ValueError:  # no Dask cluster: Dask's own scheduler
             writing.compute()
         else:
             # on the cluster even under dask.config.set(scheduler="threads"):
-            # the shuffle Dask picked (p2p, for the client) runs on its workers only
-            client.compute(writing).result()
+            # the shuffle Dask picked (p2p, for the client) runs on its workers
+            # only. (An asynchronous client, which would write nothing, was
+            # refused before the claim.)
+            _synchronous(client).compute(writing).result()
         fs.invalidate_cache(root)
         files = sorted(_own_files(fs, root, fileset_id), key=lambda p: int(posixpath.basename(p).split(".")[1]))
         rows = []

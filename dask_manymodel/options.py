@@ -47,7 +47,13 @@ class ExecutionOptions:
         ``"never"``: do not shuffle, and refuse input where a group is split
         across partitions.
     shuffle_method : str, optional
-        ``"p2p"``, ``"tasks"`` or ``"disk"``; default is Dask's own choice.
+        ``"p2p"``, ``"tasks"`` or ``"disk"``; default is Dask's own choice
+        (``dataframe.shuffle.method`` in its config, else p2p), except for
+        an input with columns of Python objects (object dtype): ``"tasks"``,
+        as p2p sends rows through Arrow, which fails on tuples and mixed
+        types and turns lists into arrays. Ask for ``"p2p"`` (it spills to
+        disk; ``tasks`` holds the rows in memory) where those columns hold
+        strings only, as with pandas 2 and Dask's ``convert-string`` off.
     max_log_chars : int
         Cap on the captured logs kept per group (a note marks the cut).
     task_retries : int
@@ -63,7 +69,7 @@ class ExecutionOptions:
         group is refused before the shuffle when its estimated size (its
         rows times its input partitions' bytes per row) passes this fraction
         of the smallest worker limit divided by the copies the shuffle holds
-        (3 with ``tasks`` or ``disk``, 6 with ``p2p``, Dask's default;
+        (3 with ``tasks`` or ``disk``, 6 with ``p2p``; see ``shuffle_method``;
         measured): a group too big killed the shuffle's workers, and every
         group of the run was lost with them. None turns the checks off.
     reuse_freed_memory : bool

@@ -1412,7 +1412,7 @@ def _with_cause(exc: BaseException) -> str:
     "P2P ... failed during transfer phase" says nothing without its cause."""
     from .engine import error_line
 
-    cause = exc.__cause__ or exc.__context__
+    cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     return error_line(exc) + (f" (caused by {error_line(cause)})" if cause is not None else "")
 
 

@@ -15,7 +15,7 @@ import distributed
 import pytest
 
 import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
-from dask_manymodel import ExecutionOptions, InvalidArgumentError, ManyModelRun, RunStatus
+from dask_manymodel import ExecutionOptions, FileSet, InvalidArgumentError, ManyModelRun, RunStatus
 
 from .conftest import fit_line, make_frame
 
@@ -30,9 +30,13 @@ def test_an_asynchronous_client_is_refused_before_anything_is_written(tmp_path):
         ) as cluster, distributed.Client(cluster, asynchronous=True):
             with pytest.raises(InvalidArgumentError, match="synchronous Dask client.*asyncio.to_thread"):
                 ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1")
+            # a FileSet too (it made one of no rows, the name taken)
+            with pytest.raises(InvalidArgumentError, match="synchronous Dask client"):
+                FileSet.make(url, "s1", ddf)
 
     asyncio.run(start_in_the_event_loop())
     assert not os.path.exists(os.path.join(url, "r1"))
+    assert not os.path.exists(os.path.join(url, "s1"))
 
 
 def fails_until_flag(flag, data, ctx):

@@ -621,6 +621,11 @@ def _group_frames_case(name):
         groups = [((1,), pd.DataFrame({"x": [1, 2], "z": ["a", "b"]})), ((2,), pd.DataFrame({"x": [0.5]})),
                   ((3,), pd.DataFrame({"x": [3], "z": [None]})), ((4,), pd.DataFrame({"x": ["text"]}))]
         return ["store"], _with_group_columns(groups[0][1].iloc[:0], ["store"], [np.dtype("int64")]), groups
+    if name == "batches differ":  # with two groups a batch: one at once, one group by group, one at once
+        frames = [pd.DataFrame({"x": [1, 2]}), pd.DataFrame({"x": [3]}), pd.DataFrame({"x": [0.5]}),
+                  pd.DataFrame({"x": ["text"]}), pd.DataFrame({"x": [4]}), pd.DataFrame({"x": [5, 6]})]
+        groups = [((i,), frame) for i, frame in enumerate(frames)]
+        return ["store"], _with_group_columns(frames[0].iloc[:0], ["store"], [np.dtype("int64")]), groups
     if name == "categoricals":
         groups = [((i,), pd.DataFrame({"c": pd.Categorical(["a", f"c{i}"]), "x": [1.0, 2.0]})) for i in range(3)]
         return ["store"], _with_group_columns(groups[0][1].iloc[:0], ["store"], [np.dtype("int64")]), groups
@@ -640,8 +645,8 @@ def _group_frames_case(name):
 
 
 @pytest.mark.parametrize("batch_files", [None, 2])
-@pytest.mark.parametrize("case", ["one schema", "dtypes differ", "categoricals", "null and odd keys",
-                                  "categorical keys"])
+@pytest.mark.parametrize("case", ["one schema", "dtypes differ", "batches differ", "categoricals",
+                                  "null and odd keys", "categorical keys"])
 def test_a_partition_of_output_reads_as_each_group_read_alone_and_concatenated(case, batch_files, monkeypatch):
     # to_dask_dataframe reads a partition's files a batch at a time, and
     # converts a batch at once when its files share a schema (batch_files=2:
@@ -664,8 +669,8 @@ def test_a_partition_of_output_reads_as_each_group_read_alone_and_concatenated(c
         with fs.open(path, "wb") as f:
             pq.write_table(pyarrow.Table.from_pandas(frame, preserve_index=False), f)
         items.append((path, key))
-    assert _one_plain_schema([pq.read_schema(fs.open(path)) for path, _ in items]) == (case != "dtypes differ" and
-                                                                                      case != "categoricals")
+    assert _one_plain_schema([pq.read_schema(fs.open(path)) for path, _ in items]) == (
+        case not in ("dtypes differ", "batches differ", "categoricals"))
     expected = pd.concat([_as_layout(pd.read_parquet(fs.open(path)), by, key, layout) for path, key in items],
                          ignore_index=True)
     pd.testing.assert_frame_equal(_read_output(items, fs, by, layout), expected)
