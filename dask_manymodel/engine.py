@@ -2271,6 +2271,8 @@ def _start_run(
                 f"by={by!r} differs from the training run's partition_by "
                 f"{training_manifest['partition_by']!r}"
             )
+        if training_manifest["status"] == "IN_PROGRESS":
+            _refuse_a_training_in_progress(training_store, training_manifest)
         serde = _inference_serde(serde, training_manifest, training_run_id)
         training_zones = _training_zones(training_store, ddf, by)
     elif kind == "train":
@@ -2718,6 +2720,26 @@ def _check_scalar_keys(by: list, key_tuples: list[tuple]) -> None:
 
 def _json_key(key: tuple) -> Any:
     return key_to_json(key[0]) if len(key) == 1 else [key_to_json(v) for v in key]
+
+
+def _refuse_a_training_in_progress(training_store: RunStore, manifest: dict) -> None:
+    """A predict would fail the groups not trained yet, depending on timing,
+    saying they were never trained. A run whose client died may say
+    IN_PROGRESS with every group final: its groups tell (as restore_from)."""
+    from .run import ManyModelRun, RunStatus
+
+    try:
+        groups = training_store.read_run_file(GROUPS_FILE, list)
+    except FileNotFoundError:  # being set up right now
+        groups = []
+    training = ManyModelRun(store=training_store, manifest=manifest, groups=groups)
+    if groups and training.status != RunStatus.IN_PROGRESS:
+        return
+    raise InvalidArgumentError(
+        f"training run {training_store.run_id!r} at {training_store.url} is still in progress: predict "
+        f"once it has ended (run.wait()), or, if the process that ran it is gone, finish it first "
+        f"(ddf.manymodel.train(..., on_existing_artifacts='resume')); nothing is written"
+    )
 
 
 def _read_manifest_or_none(store: RunStore) -> dict | None:

@@ -740,3 +740,31 @@ def test_a_frame_of_only_by_columns_fails_its_group_instead_of_losing_its_rows(t
     inf = ddf.manymodel.predict(only_the_by_column, by="store", url=store_url, training_run_id="r1", run_id="s1")
     assert inf.wait(show_progress=False) == RunStatus.FAILURE
     assert "no column besides the by columns ['store']" in inf.partition_details[0].error
+
+
+def held_at_group_3(gate, data, ctx):
+    from .conftest import hold_until_released
+
+    if ctx.partition_id == 3:
+        hold_until_released(gate)
+    return fit_line(data, ctx)
+
+
+def test_a_predict_with_a_training_still_in_progress_is_refused(client, ddf, store_url, tmp_path):
+    """It was accepted, and the groups not trained yet failed, depending on
+    timing, saying they were never trained there."""
+    import functools
+
+    gate = str(tmp_path / "gate")
+    training = ddf.manymodel.train(functools.partial(held_at_group_3, gate), by="store", url=store_url,
+                                   run_id="r1")
+    try:
+        with pytest.raises(InvalidArgumentError, match="training run 'r1' at .* is still in progress: predict "
+                           "once it has ended"):
+            ddf.manymodel.predict(predict_frame, by="store", url=store_url, training_run_id="r1", run_id="s1")
+        assert not os.path.exists(os.path.join(store_url, "s1"))
+    finally:
+        open(gate, "w").close()
+    assert training.wait(show_progress=False) == RunStatus.SUCCESS
+    inf = ddf.manymodel.predict(predict_frame, by="store", url=store_url, training_run_id="r1", run_id="s1")
+    assert inf.wait(show_progress=False) == RunStatus.SUCCESS
