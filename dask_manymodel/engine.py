@@ -652,7 +652,7 @@ def submit_count(
 
 def _count_partition(df: pd.DataFrame, by: list, number: int, with_bytes: bool = True) -> pd.DataFrame:
     sizes = df.groupby(by, dropna=False, observed=True, sort=False).size()
-    out = sizes.rename(_ROWS).reset_index()
+    out = _object_keys_stay_object(sizes.rename(_ROWS).reset_index(), df, by)
     out[_PARTS] = 1
     out[_HOME] = number
     # for the memory guard of a run that shuffles (see _too_big_to_shuffle)
@@ -662,9 +662,21 @@ def _count_partition(df: pd.DataFrame, by: list, number: int, with_bytes: bool =
 
 
 def _combine_counts(frames: list[pd.DataFrame], by: list, final: bool) -> pd.DataFrame:
-    combined = pd.concat(frames, ignore_index=True).groupby(by, dropna=False, observed=True)
-    counts = combined.agg(_COUNT_AGG)
-    return counts if final else counts.reset_index()
+    together = pd.concat(frames, ignore_index=True)
+    counts = together.groupby(by, dropna=False, observed=True).agg(_COUNT_AGG)
+    return counts if final else _object_keys_stay_object(counts.reset_index(), together, by)
+
+
+def _object_keys_stay_object(out: pd.DataFrame, source: pd.DataFrame, by: list) -> pd.DataFrame:
+    """``out`` with the ``by`` columns that are object in ``source`` object
+    again: pandas 2 gives a groupby's keys the type it infers from the
+    values (bool for a partition of True/False, float64 for one of None),
+    and concatenated, True and False became 1.0 and 0.0 (another group
+    folder: the run ended SUCCESS with those groups never run)."""
+    for column in by:
+        if source[column].dtype == object and out[column].dtype != object:
+            out[column] = out[column].astype(object)
+    return out
 
 
 def _count_groups_graph(
@@ -792,8 +804,21 @@ def assign_groups(sizes: np.ndarray, npartitions: int) -> np.ndarray:
 
 def _group_index(df: pd.DataFrame, by: list) -> pd.Index:
     if len(by) == 1:
-        return pd.Index(df[by[0]])
+        return _nulls_as_nan(pd.Index(df[by[0]]))
     return pd.MultiIndex.from_frame(df[by])
+
+
+def _nulls_as_nan(index: pd.Index) -> pd.Index:
+    """``index`` with every null of an object column (None, pd.NA, NaT) as
+    NaN: groupby names their one group NaN, and ``get_indexer`` matches a
+    null of an object Index only to the same kind of null (None found no
+    counted group: every group of a run that shuffled failed, and a split
+    partition's null group never ran)."""
+    if isinstance(index, pd.MultiIndex) or index.dtype != object or not index.hasnans:  # a MultiIndex codes nulls as -1
+        return index
+    values = index.to_numpy(dtype=object, copy=True)
+    values[index.isna()] = np.nan
+    return pd.Index(values, dtype=object, name=index.name)
 
 
 def in_meta_columns(df: pd.DataFrame, columns: list) -> pd.DataFrame:
@@ -810,7 +835,7 @@ def in_meta_columns(df: pd.DataFrame, columns: list) -> pd.DataFrame:
 def _tag_partition(df: pd.DataFrame, by: list, keys: pd.Index, parts: np.ndarray, columns: list) -> pd.DataFrame:
     """Add the output-partition column to one input partition."""
     df = in_meta_columns(df, columns)
-    positions = keys.get_indexer(_group_index(df, by))
+    positions = _nulls_as_nan(keys).get_indexer(_group_index(df, by))
     if (positions < 0).any():  # the data changed between the count and the shuffle
         raise RuntimeError("a group appeared that was not counted; is the input deterministic?")
     return df.assign(**{PARTITION_COLUMN: parts[positions]})
@@ -1862,7 +1887,7 @@ def run_partition(spec: RunSpec, frame: pd.DataFrame, keep: pd.Index | None = No
     Returns one small record per group; the models stay in storage.
     """
     if keep is not None:
-        frame = frame[keep.get_indexer(_group_index(frame, spec.by)) >= 0]
+        frame = frame[_nulls_as_nan(keep).get_indexer(_group_index(frame, spec.by)) >= 0]
     if spec.columns is not None and list(frame.columns) != list(spec.columns):
         # a column Dask's shuffle left behind (its "_partitions", with a
         # MultiIndex of columns), or an input partition whose columns differ

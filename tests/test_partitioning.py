@@ -8,6 +8,7 @@ import functools
 import json
 import os
 
+import dask
 import dask.dataframe as dd
 import distributed
 import numpy as np
@@ -501,3 +502,48 @@ def test_partitions_whose_columns_differ_from_the_meta_give_the_meta_columns(cli
     run = ddf.manymodel.train(columns_seen, by="store", url=store_url, run_id="r1")
     assert run.wait(show_progress=False) == RunStatus.SUCCESS, run.summary()["error"].dropna().tolist()[:1]
     assert {tuple(run.get_model(g)) for g in range(6)} == {tuple(frame.columns)}
+
+
+def rows_and_id(data, ctx):
+    return {"rows": len(data), "id": ctx.partition_id}
+
+
+def test_a_null_key_of_an_object_column_is_one_group_however_the_run_cuts_its_input(client, store_url):
+    """None in an object by column (kept object: mixed values, or Dask's
+    convert-string off): a run that shuffled failed every group ("a group
+    appeared that was not counted"), and a partition split into tasks
+    never ran the null group (SUCCESS, the group PENDING)."""
+    keys = np.array(["a", None, 7] * 8, dtype=object)
+    pdf = pd.DataFrame({"k": keys, "x": np.arange(24.0)})
+    big = pd.DataFrame({"k": np.array(["a", None, 7, "b", "c", "d"] * 50, dtype=object), "x": np.arange(300.0)})
+    with dask.config.set({"dataframe.convert-string": False}):
+        spread = dd.from_pandas(pdf, npartitions=3, sort=False)  # a shuffle
+        split = dd.concat([dd.from_pandas(big, npartitions=1),  # one partition, several tasks' share
+                           dd.from_pandas(pd.DataFrame({"k": np.array(["z"], dtype=object), "x": [0.0]}),
+                                          npartitions=1)])
+        for name, ddf, options, expected in (
+            ("spread", spread, ExecutionOptions(), {"a": 8, None: 8, 7: 8}),
+            ("split", split, ExecutionOptions(shuffle="never"), {**{k: 50 for k in ["a", None, 7, "b", "c", "d"]},
+                                                                  "z": 1}),
+        ):
+            run = ddf.manymodel.train(rows_and_id, by="k", url=store_url, run_id=name, execution_options=options)
+            assert run.wait(show_progress=False) == RunStatus.SUCCESS, run.summary()["error"].dropna().tolist()[:1]
+            assert run.get_model(None) == {"rows": expected[None], "id": None}, name
+            assert {key: run.get_model(key)["rows"] for key in expected} == expected, name
+
+
+def test_a_bool_key_with_nulls_read_from_parquet_keeps_its_groups(client, store_url, tmp_path):
+    """pandas 2 reads such a column as objects (True, False, None) while
+    Dask's meta says bool; the count's keys came back 1.0 and 0.0 (a
+    partition of only None counts as float): the run said SUCCESS with the
+    True and False groups never run. (pandas 3 reads them as booleans.)"""
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    for i, flag in enumerate([True, None, False]):  # one file per group: no shuffle
+        pq.write_table(pyarrow.table({"flag": pyarrow.array([flag] * 5, pyarrow.bool_()), "x": np.arange(5.0)}),
+                       str(tmp_path / f"part-{i}.parquet"))
+    run = dd.read_parquet(str(tmp_path / "part-*.parquet")).manymodel.train(rows_and_id, by="flag", url=store_url,
+                                                                             run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    assert {flag: run.get_model(flag)["rows"] for flag in (True, None, False)} == {True: 5, None: 5, False: 5}
