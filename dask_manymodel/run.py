@@ -504,6 +504,7 @@ class ManyModelRun:
                 self._fence_cut_off_tasks()
                 for task_index, exc in cut_off.items():
                     self._keep(self._task_lost(task_index, exc))
+            self._keep(self._unreported())
             self._finalize()
         except Exception as exc:
             logger.exception("collecting the results of run %r failed", self.run_id)
@@ -611,6 +612,40 @@ class ManyModelRun:
                     ),
                 }
             record = _record(self._spec, key, group["path"], rows=group.get("rows", 0), **outcome)
+            if superseded is not None:  # the folder is another run's now: kept here only
+                record.update(status="CANCELLED", error=f"not written: {superseded}")
+                records.append(record)
+                continue
+            records.append(_write_status(self._spec, record))
+        return records
+
+    def _unreported(self) -> list[dict]:
+        """Groups of this start's tasks that no task reported, every task
+        having ended: INTERNAL_ERROR, written, so that a run is never SUCCESS
+        with a group that never ran (a task that did not find a group's rows
+        in its partition, as keys pandas read differently from the count's
+        once did, would otherwise leave it PENDING under a SUCCESS)."""
+        from .engine import _record, _write_status
+
+        missing = [
+            group for group in self._groups
+            if isinstance(group.get("task"), int) and group["task"] >= 0 and group["path"] not in self._records
+        ]
+        if not missing:
+            return []
+        logger.warning("run %r: %d group(s) were not run by their task", self.run_id, len(missing))
+        superseded = self._superseded_by()
+        records = []
+        for group in missing:
+            key = normalize_key(self._partition_id(group), len(self.partition_by))
+            record = _record(
+                self._spec, key, group["path"], rows=group.get("rows", 0), status="INTERNAL_ERROR",
+                error=(
+                    f"group {self._partition_id(group)!r} ({group.get('rows', 0):,} rows) was not run: its "
+                    f"task ended without finding its rows (did the input change since the count? is it "
+                    f"deterministic?); resume the run to run it"
+                ),
+            )
             if superseded is not None:  # the folder is another run's now: kept here only
                 record.update(status="CANCELLED", error=f"not written: {superseded}")
                 records.append(record)

@@ -939,3 +939,26 @@ def test_a_careful_try_that_starts_cancelled_keeps_the_stored_groups(tmp_path, m
     assert [got[g]["status"] for g in range(4)] == ["DONE", "FAILED", "CANCELLED", "DONE"]
     with open(tmp_path / "m" / "r1" / "store=0" / "_partition.json") as f:
         assert json.load(f)["status"] == "DONE"
+
+
+def test_a_group_that_its_task_did_not_report_is_never_counted_a_success(tmp_path, monkeypatch):
+    """A task that ended without a group's record (as when keys that pandas
+    read differently from the count were not found in its partition) left
+    that group PENDING, and the run said SUCCESS."""
+    from dask_manymodel import engine
+
+    original = engine._run_partition
+
+    def forgetting_group_3(spec, frame):
+        return engine.TaskRecords(r for r in original(spec, frame) if r["partition_id"] != 3)
+
+    monkeypatch.setattr(engine, "_run_partition", forgetting_group_3)  # the tasks run in this process
+    url = str(tmp_path / "models")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0",
+                                  silence_logs=logging.ERROR) as cluster, distributed.Client(cluster):
+        run = dd.from_pandas(make_frame(n_groups=6, rows=5), npartitions=2).manymodel.train(
+            fit_line, by="store", url=url, run_id="r1")
+        assert run.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    lost = ManyModelRun.restore_from("r1", url).partition_details[3]
+    assert lost.status == "INTERNAL_ERROR" and "group 3 (5 rows) was not run" in lost.error
+    assert ManyModelRun.restore_from("r1", url).status == RunStatus.PARTIAL_FAILURE
