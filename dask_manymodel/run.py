@@ -1072,13 +1072,22 @@ class ManyModelRun:
 
         Waits for this run to finish first, then starts a resumed run (same
         run_id, same attempt) over the same dataframe and returns its handle.
-        A restored handle has no dataframe: use
-        ``ManyModelTraining(...).run(..., on_existing_artifacts="resume")``.
+        The groups run the same function over the same (lazy) dataframe:
+        data fixed at its source is read again; to change the function, start
+        the run again with it and ``on_existing_artifacts="resume"``. A
+        restored handle has no dataframe: use
+        ``ddf.manymodel.train(..., on_existing_artifacts="resume")`` (or
+        ``predict``, or the class API's ``.run``).
         """
         if self.read_only or self._source is None:
+            call = {
+                "train": "ddf.manymodel.train(fn, by=..., url=..., ",
+                "predict": f"ddf.manymodel.predict(fn, by=..., url=..., training_run_id="
+                           f"{self._manifest.get('training_run_id')!r}, ",
+            }.get(self.kind, "DPF(fn, stage_name=url).run(partition_by=..., dataframe=ddf, ")
             raise ReadOnlyRunError(
                 f"run {self.run_id!r} was restored from storage and has no dataframe; call "
-                f".run(..., run_id={self.run_id!r}, on_existing_artifacts='resume') with the data"
+                f"{call}run_id={self.run_id!r}, on_existing_artifacts='resume') with the data"
             )
         self.wait(show_progress=show_progress)
         # on the run's own cluster (where its input may be persisted), not the
@@ -1194,11 +1203,18 @@ class ManyModelRun:
             The run has no such group.
         ModelNotAvailableError
             The group did not finish DONE (the message says how it ended).
+        RunNotFoundError
+            The run was deleted since the handle was made.
         """
         if self.kind != "train":
             raise InvalidArgumentError(f"run {self.run_id!r} is a {self.kind} run; it has no models")
         group = self._group_for(partition_id)
         record = self._read_statuses([group["path"]]).get(group["path"])
+        if record is None and not self._store.fs.exists(self._store.path(RUN_MANIFEST)):
+            raise RunNotFoundError(
+                f"run {self.run_id!r} no longer exists at {self._store.url} (deleted since this handle "
+                f"was made?)"
+            )
         if record is None or record.get("status") != "DONE":
             status = record.get("status") if record else "PENDING"
             error = f": {record.get('error')}" if record and record.get("error") else ""

@@ -122,6 +122,10 @@ def test_distributed_progress_over_the_runs_tasks(finished, capsys):
         assert {key[0].rsplit("-", 1)[0] for key in widget.keys} == {"manymodel-train"}
     with pytest.raises(ReadOnlyRunError, match="restored from storage"):
         ManyModelRun.restore_from("r1", finished.url).progress()
+    # the call that resumes it, in the accessor the docs teach (it named only the class API's .run)
+    with pytest.raises(ReadOnlyRunError, match=r"call ddf\.manymodel\.train\(fn, by=\.\.\., url=\.\.\., "
+                       r"run_id='r1', on_existing_artifacts='resume'\) with the data"):
+        ManyModelRun.restore_from("r1", finished.url).retry_failed()
 
 
 def test_progress_of_a_running_run_from_another_handle(client, store_url):

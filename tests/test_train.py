@@ -956,3 +956,18 @@ def test_a_model_whose_pickling_raises_any_base_exception_fails_its_group(client
     assert failed.status == "FAILED"  # was INTERNAL_ERROR
     assert "could not write the model of group 2" in failed.error
     assert "SystemExit: this model refuses to be saved" in failed.error
+
+
+def test_a_handle_of_a_deleted_run_says_so(client, ddf, store_url):
+    """Its models said "it is PENDING", as if the run were still going."""
+    import shutil
+
+    from dask_manymodel import RunNotFoundError
+
+    run = ddf.manymodel.train(fit_line, by="store", url=store_url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    restored = ManyModelRun.restore_from("r1", store_url)
+    shutil.rmtree(os.path.join(store_url, "r1"))
+    for handle in (run, restored):
+        with pytest.raises(RunNotFoundError, match="run 'r1' no longer exists at .*deleted since"):
+            handle.get_model(1)
