@@ -7,7 +7,7 @@ two versions of the code without the host's disk in the way.
 """
 import logging, statistics, sys, tempfile, time, shutil
 import numpy as np, pandas as pd, dask.dataframe as dd, distributed
-import dask_manymodel
+import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
 FEAT = [f"x{i}" for i in range(5)]
 def fit(data, ctx):
     df = data.to_pandas()
