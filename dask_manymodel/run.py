@@ -564,7 +564,7 @@ class ManyModelRun:
         """A whole task failed: its groups without a final status become
         INTERNAL_ERROR (CANCELLED when :meth:`cancel` dropped the task before
         it started)."""
-        from .engine import _died_in_group_message, _record, _write_status
+        from .engine import _died_in_group_message
 
         dropped = self._manifest.get("cancelled") and isinstance(exc, concurrent.futures.CancelledError)
         superseded = self._superseded_by()
@@ -611,13 +611,19 @@ class ManyModelRun:
                         )
                     ),
                 }
-            record = _record(self._spec, key, group["path"], rows=group.get("rows", 0), **outcome)
-            if superseded is not None:  # the folder is another run's now: kept here only
-                record.update(status="CANCELLED", error=f"not written: {superseded}")
-                records.append(record)
-                continue
-            records.append(_write_status(self._spec, record))
+            records.append(self._client_outcome(group, key, superseded, **outcome))
         return records
+
+    def _client_outcome(self, group: dict, key: tuple, superseded: str | None, **outcome: Any) -> dict:
+        """A group's outcome decided here, not by its task: written as its
+        status, unless the folder is another run's now (kept here only)."""
+        from .engine import _record, _write_status
+
+        record = _record(self._spec, key, group["path"], rows=group.get("rows", 0), **outcome)
+        if superseded is not None:
+            record.update(status="CANCELLED", error=f"not written: {superseded}")
+            return record
+        return _write_status(self._spec, record)
 
     def _unreported(self) -> list[dict]:
         """Groups of this start's tasks that no task reported, every task
@@ -625,8 +631,6 @@ class ManyModelRun:
         with a group that never ran (a task that did not find a group's rows
         in its partition, as keys pandas read differently from the count's
         once did, would otherwise leave it PENDING under a SUCCESS)."""
-        from .engine import _record, _write_status
-
         missing = [
             group for group in self._groups
             if isinstance(group.get("task"), int) and group["task"] >= 0 and group["path"] not in self._records
@@ -635,23 +639,18 @@ class ManyModelRun:
             return []
         logger.warning("run %r: %d group(s) were not run by their task", self.run_id, len(missing))
         superseded = self._superseded_by()
-        records = []
-        for group in missing:
-            key = normalize_key(self._partition_id(group), len(self.partition_by))
-            record = _record(
-                self._spec, key, group["path"], rows=group.get("rows", 0), status="INTERNAL_ERROR",
+        return [
+            self._client_outcome(
+                group, normalize_key(self._partition_id(group), len(self.partition_by)), superseded,
+                status="INTERNAL_ERROR",
                 error=(
                     f"group {self._partition_id(group)!r} ({group.get('rows', 0):,} rows) was not run: its "
                     f"task ended without finding its rows (did the input change since the count? is it "
                     f"deterministic?); resume the run to run it"
                 ),
             )
-            if superseded is not None:  # the folder is another run's now: kept here only
-                record.update(status="CANCELLED", error=f"not written: {superseded}")
-                records.append(record)
-                continue
-            records.append(_write_status(self._spec, record))
-        return records
+            for group in missing
+        ]
 
     def _set_cancel_event(self) -> None:
         """Tell the run's tasks to stop before their next group (fail_fast for
