@@ -384,6 +384,30 @@ def test_a_named_index_reaches_the_groups_as_a_column(client, store_url):
     assert seen["first_x"] == frame[frame.store == 2].x.iloc[0]
 
 
+def test_every_group_gets_a_plain_range_index_whatever_its_place_in_its_partition(client, store_url):
+    """The docs promise each group's frame a plain RangeIndex. Groups came
+    with their rows' places in the task's partition (Index([4, 9, ...]) for
+    all but the partition's first group), so a frame built beside it
+    (``out["x"] = df["x"]`` next to predictions) aligned on those labels:
+    NaN in every group but one, and which one depended on the partitioning."""
+    frame = make_frame(n_groups=4, rows=5).sample(frac=1, random_state=0).reset_index(drop=True)
+    ddf = dd.from_pandas(frame, npartitions=1)  # groups interleaved, all in one task
+
+    def index_and_aligned(data, ctx):
+        df = data.to_pandas()
+        out = pd.DataFrame({"prediction": np.zeros(len(df))})
+        out["x"] = df["x"]  # aligned on the index, as pandas does
+        return {"index": df.index, "x": out["x"].tolist()}
+
+    run = ddf.manymodel.train(index_and_aligned, by="store", url=store_url, run_id="r1",
+                              execution_options=ExecutionOptions(npartitions=1))
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS, run.summary()
+    for store in range(4):
+        seen = run.get_model(store)
+        pd.testing.assert_index_equal(seen["index"], pd.RangeIndex(5), exact=True)
+        assert seen["x"] == frame[frame.store == store].x.tolist()
+
+
 def test_column_names_that_are_not_strings_shuffle_too(client, store_url):
     """Dask's p2p shuffle fails on them in its last phase (every group was
     INTERNAL_ERROR): the run shuffles with tasks instead, and a p2p asked
