@@ -1254,9 +1254,11 @@ class ManyModelRun:
         of the input's column (a null group holds that dtype's NaN, NaT or
         NA; a restored handle infers the dtype from all the group values),
         unless ``meta=`` names them: then they keep meta's dtype and place.
-        Nothing is read until the frame is computed. The same rows are a
-        hive-partitioned parquet dataset at ``url/run_id`` for any parquet
-        reader.
+        The rows come group by group in the run's group order (that of
+        :meth:`summary`), each group's as its function returned them, the
+        same from a live handle and a restored one. Nothing is read until the
+        frame is computed. The same rows are a hive-partitioned parquet
+        dataset at ``url/run_id`` for any parquet reader.
 
         Raises
         ------
@@ -1293,7 +1295,11 @@ class ManyModelRun:
         if not items:
             return dd.from_pandas(meta, npartitions=1)
         n_chunks = max(1, min(len(items), len(self._futures or []) or 8))
-        chunks = [items[i::n_chunks] for i in range(n_chunks)]
+        # consecutive groups per partition, so that the rows come in the run's
+        # group order whatever the number of partitions: dealt round robin,
+        # a live handle (one partition per task) and a restored one (8) of
+        # the same run computed the same rows in different orders
+        chunks = [items[len(items) * i // n_chunks : len(items) * (i + 1) // n_chunks] for i in range(n_chunks)]
         return dd.from_map(
             _read_output, chunks, fs=self._store.fs, by=by, layout=meta, meta=meta,
             enforce_metadata=False, label="manymodel-read-output",

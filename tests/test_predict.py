@@ -20,6 +20,7 @@ from dask.utils import key_split
 import dask_manymodel  # noqa: F401
 from dask_manymodel.run import _with_group_columns
 from dask_manymodel import (
+    ExecutionOptions,
     InvalidArgumentError,
     ManyModelInference,
     ManyModelRun,
@@ -74,6 +75,20 @@ def test_output_is_a_hive_dataset(trained, ddf, store_url):
         table.sort_values("x")["pred"].reset_index(drop=True),
         expected.sort_values("x")["pred"].reset_index(drop=True),
     )
+
+
+def test_output_rows_come_in_group_order_from_a_live_and_a_restored_handle(trained, ddf, store_url):
+    """The groups were dealt round robin to the frame's partitions, whose
+    count was the live run's task count but 8 for a restored handle: one
+    run's output came in two orders (0, 3, 6, 9, 1, ... against 0, 8, 1, 9,
+    2, ...). Now consecutive groups share a partition, in the run's order."""
+    inf = ddf.manymodel.predict(predict_frame, by="store", url=store_url, training_run_id="r1", run_id="s1",
+                                execution_options=ExecutionOptions(npartitions=3))
+    assert inf.wait(show_progress=False) == RunStatus.SUCCESS and len(inf.futures) == 3
+    live = inf.to_dask_dataframe().compute().reset_index(drop=True)
+    restored = ManyModelRun.restore_from("s1", store_url).to_dask_dataframe().compute().reset_index(drop=True)
+    assert live["store"].drop_duplicates().tolist() == list(range(12)) == inf.summary()["partition_id"].tolist()
+    pd.testing.assert_frame_equal(live, restored)
 
 
 def test_missing_and_failed_models(client, store_url):
