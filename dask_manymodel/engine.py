@@ -1194,7 +1194,17 @@ def _save_output(spec: RunSpec, result: Any, frame: pd.DataFrame, rel: str) -> t
                 f"the returned Series is named {name!r}, a by column, whose values the output takes "
                 f"from the group; name it otherwise, e.g. series.rename({PREDICTION_COLUMN!r})"
             )
-        result = frame.assign(**{name: result.to_numpy()})
+        values = result.to_numpy()
+        if not result.index.equals(frame.index) and result.index.is_unique:
+            # a Series computed from the group's frame sorted (by its date, as
+            # a time series must be) carries the frame's labels in another
+            # order: aligned on them, as df.assign aligns. Taken by position,
+            # each value landed on another row. Any other index (dates, a
+            # fresh one) is not the frame's: its values are taken in row order
+            positions = frame.index.get_indexer(result.index)
+            if (positions >= 0).all():
+                values = values[np.argsort(positions)]
+        result = frame.assign(**{name: values})
     elif isinstance(result, np.ndarray):
         if result.ndim != 1 or len(result) != len(frame):
             raise _UserError(

@@ -567,6 +567,32 @@ def test_a_returned_series_keeps_its_name_and_may_not_take_a_by_columns(client, 
     assert "named 'k', a by column" in lost.partition_details[1].error
 
 
+def times_ten_after_sorting_by_t(data, model, ctx):
+    df = data.to_pandas().sort_values("t")  # a time series, sorted as the docs advise
+    return (df["t"] * 10).rename("pred")  # the sorted frame's labels
+
+
+def times_ten_indexed_by_date(data, model, ctx):
+    df = data.to_pandas()
+    return pd.Series((df["t"] * 10).to_numpy(), index=pd.date_range("2024-01-01", periods=len(df)), name="pred")
+
+
+def test_a_returned_series_of_the_sorted_frame_is_aligned_on_its_index(client, store_url):
+    """The docs say "as df.assign(name=series)", which aligns on the index;
+    the values were taken by position, so a Series computed from the group's
+    frame sorted by its time put each prediction beside another row
+    (t=3 got 10). A Series whose index is not the frame's is taken in row order."""
+    pdf = pd.DataFrame({"k": [1, 2, 1, 1, 2, 1], "t": [3, 9, 1, 4, 8, 2]})
+    ddf = dd.from_pandas(pdf, npartitions=1)
+    ddf.manymodel.train(fit_nothing, by="k", url=store_url, run_id="r1").wait(show_progress=False)
+    for run_id, predict in [("s1", times_ten_after_sorting_by_t), ("s2", times_ten_indexed_by_date)]:
+        run = ddf.manymodel.predict(predict, by="k", url=store_url, training_run_id="r1", run_id=run_id)
+        assert run.wait(show_progress=False) == RunStatus.SUCCESS, run.summary()
+        out = run.to_dask_dataframe().compute()
+        assert out["t"].tolist() == [3, 1, 4, 2, 9, 8]  # each group's rows as they came
+        assert (out["pred"] == out["t"] * 10).all(), out
+
+
 def start_the_training_again(url, data, model, ctx):
     # what another process's overwrite of the training run does first; each
     # group does it (the two groups may run at once, in two tasks), atomically
