@@ -154,6 +154,38 @@ def test_a_store_failure_before_the_tasks_start_marks_the_run_failed(client, fla
     assert ManyModelRun.restore_from("r1", url).status == RunStatus.FAILURE
 
 
+def another_model(data, ctx):
+    return "another model"
+
+
+def test_a_status_that_cannot_be_read_is_an_error_not_a_group_never_run(client, flaky, tmp_path):
+    """A group's _partition.json that is there but cannot be read (access
+    denied) was read as missing: a restored SUCCESS run showed the group
+    PENDING, get_model said "it is PENDING", and a resume trained it again
+    over its stored model."""
+    url = f"flaky://{tmp_path}/models"
+    ddf = dd.from_pandas(make_frame(n_groups=6, rows=5), npartitions=2)
+    assert ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1").wait(show_progress=False) == RunStatus.SUCCESS
+    model = tmp_path / "models" / "r1" / "store=2" / "model.pkl"
+    stored = model.read_bytes()
+    denied = {"deny_reads": ["store=2/_partition.json"]}
+    unreadable = (r"cannot read flaky://\S*/r1/store=2/_partition.json of run 'r1' at .*: PermissionError: .*"
+                  r"Permission denied.*the file is there, so the group's outcome is not known .* Make the "
+                  r"file readable")
+    restored = ManyModelRun.restore_from("r1", url, storage_options=denied)
+    with pytest.raises(StorageError, match=unreadable):
+        restored.get_progress()
+    with pytest.raises(StorageError, match=unreadable):
+        restored.get_model(2)
+    with pytest.raises(StorageError, match=unreadable):
+        ddf.manymodel.train(another_model, by="store", url=url, run_id="r1", on_existing_artifacts="resume",
+                            storage_options=denied)
+    assert model.read_bytes() == stored  # not trained again
+    again = ManyModelRun.restore_from("r1", url)  # readable again: as it was
+    assert again.status == RunStatus.SUCCESS and len(again.get_progress()["DONE"]) == 6
+    np.testing.assert_allclose(again.get_model(2), [1.2, 2], atol=1e-9)
+
+
 def fails_odd_groups(data, ctx):
     if ctx.partition_id % 2:
         raise ValueError(f"group {ctx.partition_id} fails")
