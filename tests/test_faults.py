@@ -186,6 +186,38 @@ def test_a_status_that_cannot_be_read_is_an_error_not_a_group_never_run(client, 
     np.testing.assert_allclose(again.get_model(2), [1.2, 2], atol=1e-9)
 
 
+def test_a_final_status_the_store_refuses_is_said_once_with_what_to_do(client, tmp_path, caplog, monkeypatch):
+    """The disk filled up (or turned read-only) after the groups were
+    stored, before the final _run.json: the log said "collecting the results
+    failed" with two tracebacks (the write tried twice over), and not what
+    storage now shows or how to record the run."""
+    url = str(tmp_path / "models")
+    ddf = dd.from_pandas(make_frame(n_groups=6, rows=5), npartitions=2)
+    write_json = RunStore.write_json
+
+    def disk_full_at_the_end(self, path, data, **kwargs):  # the client's final write only
+        if path.endswith("/_run.json") and data.get("status") != "IN_PROGRESS":
+            raise StorageError(f"writing {path} failed after 4 attempts: [Errno 28] No space left on device")
+        return write_json(self, path, data, **kwargs)
+
+    monkeypatch.setattr(RunStore, "write_json", disk_full_at_the_end)
+    with caplog.at_level(logging.WARNING, "dask_manymodel"):
+        run = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1")
+        assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not any("collecting the results" in m for m in messages)
+    [warning] = [m for m in messages if "final status" in m]
+    assert f"run 'r1' ended SUCCESS, but its final status could not be written to {url}/r1/_run.json" in warning
+    assert "No space left on device" in warning and "on_existing_artifacts='resume'" in warning
+    stored = json.loads((tmp_path / "models" / "r1" / "_run.json").read_text())
+    assert stored["status"] == "IN_PROGRESS"
+    assert ManyModelRun.restore_from("r1", url).status == RunStatus.SUCCESS  # from the groups, as said
+    monkeypatch.undo()  # space again: the resume the warning names records the run
+    again = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", on_existing_artifacts="resume")
+    assert again.wait(show_progress=False) == RunStatus.SUCCESS
+    assert json.loads((tmp_path / "models" / "r1" / "_run.json").read_text())["status"] == "SUCCESS"
+
+
 def fails_odd_groups(data, ctx):
     if ctx.partition_id % 2:
         raise ValueError(f"group {ctx.partition_id} fails")
