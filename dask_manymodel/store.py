@@ -770,11 +770,19 @@ class RunStore:
                 f"files). Make the file readable (the store's permissions, or the disk) and try again"
             ) from exc
         out = {}
+        damaged = []
         for path, data in found.items():
             try:
                 out[self.fs._strip_protocol(path)] = json.loads(data)
             except ValueError:
-                logger.warning("ignoring unreadable status file %s", path)
+                damaged.append(path)
+        if damaged:
+            # one line, not one per file: a disk that filled up mid-run cuts
+            # short the status of every group that finished after
+            logger.warning(
+                "ignoring %d status file(s) that are not JSON, such as %s: cut short (a full disk, a killed "
+                "writer) or being written; their groups read as not run", len(damaged), damaged[0],
+            )
         return out
 
     def read_statuses(self, rels: Sequence[str], attempt: str | None = None) -> dict[str, dict]:

@@ -218,6 +218,25 @@ def test_a_final_status_the_store_refuses_is_said_once_with_what_to_do(client, t
     assert json.loads((tmp_path / "models" / "r1" / "_run.json").read_text())["status"] == "SUCCESS"
 
 
+def test_statuses_cut_short_by_a_full_disk_are_one_warning(client, tmp_path, caplog):
+    """A disk that fills up mid-run cuts short the status of every group
+    that finishes after (they are written without a rename): each read of
+    the run logged one warning per such file, thousands of lines a read."""
+    url = str(tmp_path / "models")
+    ddf = dd.from_pandas(make_frame(n_groups=6, rows=5), npartitions=2)
+    assert ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1").wait(show_progress=False) == RunStatus.SUCCESS
+    for group in (1, 3, 4):
+        status = tmp_path / "models" / "r1" / f"store={group}" / "_partition.json"
+        status.write_bytes(status.read_bytes()[:20])
+    with caplog.at_level(logging.WARNING, "dask_manymodel"):
+        progress = ManyModelRun.restore_from("r1", url).get_progress()
+    assert [d.partition_id for d in progress["DONE"]] == [0, 2, 5]
+    assert [d.partition_id for d in progress["PENDING"]] == [1, 3, 4]  # as not run: no model trusted
+    [warning] = [r.getMessage() for r in caplog.records if "status file" in r.getMessage()]
+    assert warning.startswith("ignoring 3 status file(s) that are not JSON, such as ")
+    assert "_partition.json: cut short (a full disk" in warning
+
+
 def fails_odd_groups(data, ctx):
     if ctx.partition_id % 2:
         raise ValueError(f"group {ctx.partition_id} fails")
