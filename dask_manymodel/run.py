@@ -1242,17 +1242,15 @@ class ManyModelRun:
                 f"group {partition_id!r} of run {self.run_id!r} has no model: it is {status}{error}"
             )
         serde = self._model_serde()
-        with tempfile.TemporaryDirectory(prefix="manymodel-") as tmp:
-            local = os.path.join(tmp, serde.filename)
-            os.makedirs(os.path.dirname(local), exist_ok=True)  # a filename with a subfolder
-            try:
-                self._store.download_file(self._store.path(group["path"], serde.filename), local)
-            except FileNotFoundError:
-                raise ModelNotAvailableError(
-                    f"group {partition_id!r} of run {self.run_id!r} is DONE, but its model file "
-                    f"{self._store.display(group['path'], serde.filename)} is missing (deleted since?)"
-                ) from None
-            return serde.read(local)
+        try:
+            # on local disk read in place: no copy in the temp folder
+            with self._store.local_file(self._store.path(group["path"], serde.filename), serde.filename) as local:
+                return serde.read(local)
+        except FileNotFoundError:
+            raise ModelNotAvailableError(
+                f"group {partition_id!r} of run {self.run_id!r} is DONE, but its model file "
+                f"{self._store.display(group['path'], serde.filename)} is missing (deleted since?)"
+            ) from None
 
     # ------------------------------------------------------------------
     # inference output

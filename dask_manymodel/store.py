@@ -30,6 +30,7 @@ import posixpath
 import random
 import re
 import shutil
+import tempfile
 import time
 import uuid
 from typing import Any, Callable, Sequence, TypeVar
@@ -813,6 +814,23 @@ class RunStore:
                         status.pop(key, None)
                     statuses[files[path]] = status
         return statuses
+
+    @contextlib.contextmanager
+    def local_file(self, path: str, name: str):
+        """A local path to read the file at ``path`` from: on local disk the
+        stored file itself (a model of GBs needs no room in the temp folder,
+        often a small disk of its own), elsewhere a copy named ``name`` in a
+        temp folder, removed after. Raises FileNotFoundError if it is missing."""
+        if self.is_local:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(errno.ENOENT, "no such file", path)
+            yield path
+            return
+        with tempfile.TemporaryDirectory(prefix="manymodel-") as tmp:
+            local = os.path.join(tmp, name)
+            os.makedirs(os.path.dirname(local), exist_ok=True)  # a serde's file in a subfolder
+            self.download_file(path, local)
+            yield local
 
     def download_file(self, path: str, local_path: str) -> None:
         self._retry(lambda: self.fs.get_file(path, local_path), f"downloading {path}")

@@ -237,6 +237,28 @@ def test_statuses_cut_short_by_a_full_disk_are_one_warning(client, tmp_path, cap
     assert "_partition.json: cut short (a full disk" in warning
 
 
+def test_get_model_of_a_run_on_local_disk_needs_no_room_in_the_temp_folder(client, tmp_path, monkeypatch):
+    """The models on a big shared disk, the client's temp folder a small
+    one (a login node's /tmp): get_model copied each model there first, and
+    failed with "downloading ... failed after 4 attempts: [Errno 28] No
+    space left on device" for a model it could read where it is."""
+    url = str(tmp_path / "models")
+    ddf = dd.from_pandas(make_frame(n_groups=3, rows=5), npartitions=1)
+    run = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+
+    def temp_folder_full(self, path, local_path):
+        raise StorageError(f"downloading {path} failed after 4 attempts: [Errno 28] No space left on device")
+
+    monkeypatch.setattr(RunStore, "download_file", temp_folder_full)
+    for handle in (run, ManyModelRun.restore_from("r1", url)):
+        np.testing.assert_allclose(handle.get_model(2), [1.2, 2], atol=1e-9)
+    os.remove(tmp_path / "models" / "r1" / "store=1" / "model.pkl")
+    with pytest.raises(ManyModelError, match=r"group 1 of run 'r1' is DONE, but its model file .*/r1/store=1/"
+                       r"model.pkl is missing"):
+        run.get_model(1)
+
+
 def fails_odd_groups(data, ctx):
     if ctx.partition_id % 2:
         raise ValueError(f"group {ctx.partition_id} fails")
