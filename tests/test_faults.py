@@ -5,10 +5,13 @@ groups too big for a worker."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import threading
 import uuid
@@ -257,6 +260,50 @@ def test_get_model_of_a_run_on_local_disk_needs_no_room_in_the_temp_folder(clien
     with pytest.raises(ManyModelError, match=r"group 1 of run 'r1' is DONE, but its model file .*/r1/store=1/"
                        r"model.pkl is missing"):
         run.get_model(1)
+
+
+class DiskFullSerde(PickleSerde):
+    """Writes a file (not in memory, as TorchSerde and TensorFlowSerde do);
+    the disk fills up half-way through."""
+
+    def write(self, model, file_path):
+        with open(file_path, "wb") as f:
+            f.write(b"half a model")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_disk_that_fills_up_while_a_serde_writes_is_an_internal_error(client, tmp_path):
+    """A serde that writes a file, on a full disk: the group was FAILED,
+    "DiskFullSerde could not write the model of group 0 (a numpy.ndarray)",
+    blaming the model, and no word of where."""
+    url = str(tmp_path / "models")
+    ddf = dd.from_pandas(make_frame(n_groups=2, rows=5), npartitions=1)
+    run = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", serde=DiskFullSerde(),
+                              execution_options=ExecutionOptions(storage_retries=0))
+    assert run.wait(show_progress=False) == RunStatus.FAILURE
+    details = run.partition_details[0]
+    assert details.status == "INTERNAL_ERROR"
+    assert re.search(r"DiskFullSerde could not write the model of group 0 to \S*/r1/store=0/\.tmp-\S*model.pkl: "
+                     r"OSError: \[Errno 28\] No space left on device; that disk is full .*free space there, then "
+                     r"run the group again \(run.retry_failed\(\)", details.error)
+    assert sorted(os.listdir(tmp_path / "models" / "r1" / "store=0")) == ["_partition.json"]  # nothing half-written
+
+
+def test_a_full_disk_a_writer_wraps_in_its_own_error_is_told_from_the_room_left(tmp_path, monkeypatch):
+    """torch.save on a full disk raises RuntimeError("... unexpected pos
+    1600 vs 1494"), with no OSError to say why."""
+    from dask_manymodel import engine
+
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1600 vs 1494")
+    path = str(tmp_path / ".tmp-1-model.pt")
+    monkeypatch.setattr(engine.shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(2**30, 2**30, 0))
+    assert engine._disk_refused(torch_error, path)
+    monkeypatch.setattr(engine.shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(2**30, 0, 2**30))
+    assert not engine._disk_refused(torch_error, path)  # room left: the model's (or the serde's) fault
+    assert engine._disk_refused(OSError(errno.EDQUOT, "Disk quota exceeded"), path)
+    wrapped = RuntimeError("could not save")
+    wrapped.__cause__ = OSError(errno.EROFS, "Read-only file system")
+    assert engine._disk_refused(wrapped, path)
 
 
 def fails_odd_groups(data, ctx):
