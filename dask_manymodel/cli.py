@@ -75,6 +75,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
     # run_id inside _run.json stays the old one when a folder is copied
     by_folder = {posixpath.basename(posixpath.dirname(path)): data for path, data in found.items()}
     for folder, data in sorted(by_folder.items()):
+        if isinstance(data, Exception):  # there, but access denied or an I/O error
+            rows.append({"run_id": folder, "status": f"unreadable {RUN_MANIFEST}",
+                         "note": f"{type(data).__name__}: {data}"})
+            continue
         try:
             manifest = json.loads(data)
             row = {

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
+import errno
 import functools
 import heapq
 import inspect
@@ -1162,6 +1163,13 @@ def _save_model(
             serde.write(model, local_path)
         except BaseException as exc:  # the model's own pickling may raise anything
             _remove_folder(local_path)
+            if _disk_refused(exc, local_path):  # not the model's fault: INTERNAL_ERROR
+                raise StorageError(
+                    f"{type(serde).__name__} could not write the model of group {partition_id!r} to "
+                    f"{local_path}: {error_line(exc)}; that disk is full (or over quota, or read-only): "
+                    f"free space there, then run the group again (run.retry_failed(), or "
+                    f"on_existing_artifacts='resume')"
+                ) from exc
             raise failed(exc) from exc
         problem = not_one_file(local_path, f"{type(serde).__name__}.write", f"group {partition_id!r}")
         if problem:
@@ -1170,6 +1178,28 @@ def _save_model(
 
     before_write()  # written now, not with the batch
     return spec.store.write_via_file(path, write, scratch_dir), {}
+
+
+#: A write that fails with one of these failed for its disk, never its model.
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+#: Less free room than this where a write failed: the disk filled up.
+_NEARLY_FULL_BYTES = 2**20
+
+
+def _disk_refused(exc: BaseException, path: str) -> bool:
+    """Whether writing local file ``path`` failed for its disk: full, over
+    quota, read-only. Some writers wrap the system's error in their own
+    (torch.save's "unexpected pos 1600 vs 1494"), so a disk left with (next
+    to) no room counts too: the file's partial bytes are still there."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _DISK_ERRNOS:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(os.path.dirname(path) or ".").free < _NEARLY_FULL_BYTES
+    except OSError:
+        return False
 
 
 def _remove_folder(path: str) -> None:

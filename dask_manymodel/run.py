@@ -505,10 +505,16 @@ class ManyModelRun:
                 for task_index, exc in cut_off.items():
                     self._keep(self._task_lost(task_index, exc))
             self._keep(self._unreported())
-            self._finalize()
         except Exception as exc:
             logger.exception("collecting the results of run %r failed", self.run_id)
             self._finalize_after_failure(exc)
+        else:
+            # every outcome is collected: a store that refuses _run.json now
+            # (full, read-only) is said as that, not as a failure to collect
+            try:
+                self._finalize()
+            except Exception as exc:
+                self._final_status_not_written(exc)
         finally:
             _live_runs.pop(self._spec.submission, None)
             with self._lock:
@@ -555,10 +561,23 @@ class ManyModelRun:
                     self._records[group["path"]] = _KeptRecord(record)
         try:
             self._finalize()
-        except Exception:
+        except Exception as write_error:
+            self._final_status_not_written(write_error)
+
+    def _final_status_not_written(self, exc: Exception) -> None:
+        """The store refused the final ``_run.json``: the handle keeps its
+        status, and the warning says what storage shows and what to do."""
+        if self._manifest.get("status") == RunStatus.IN_PROGRESS.value:  # _finalize failed before setting it
             statuses = [PartitionStatus(r["status"]) for r in self._records.values()]
             self._manifest["status"] = _aggregate(statuses, False, True).value
-            logger.warning("could not write the final status of run %r", self.run_id, exc_info=True)
+        logger.warning(
+            "run %r ended %s, but its final status could not be written to %s (%s: %s). Until it is, its "
+            "_run.json says IN_PROGRESS: restore_from and the CLI tell its status from the groups' stored "
+            "statuses (those the store refused too read as not run). Once the store takes writes again "
+            "(free space, permissions), run it again with on_existing_artifacts='resume': that records its "
+            "status, and runs its groups that are not DONE",
+            self.run_id, self._manifest["status"], self._store.display(RUN_MANIFEST), type(exc).__name__, exc,
+        )
 
     def _task_lost(self, task_index: int, exc: BaseException) -> list[dict]:
         """A whole task failed: its groups without a final status become
@@ -1223,17 +1242,15 @@ class ManyModelRun:
                 f"group {partition_id!r} of run {self.run_id!r} has no model: it is {status}{error}"
             )
         serde = self._model_serde()
-        with tempfile.TemporaryDirectory(prefix="manymodel-") as tmp:
-            local = os.path.join(tmp, serde.filename)
-            os.makedirs(os.path.dirname(local), exist_ok=True)  # a filename with a subfolder
-            try:
-                self._store.download_file(self._store.path(group["path"], serde.filename), local)
-            except FileNotFoundError:
-                raise ModelNotAvailableError(
-                    f"group {partition_id!r} of run {self.run_id!r} is DONE, but its model file "
-                    f"{self._store.display(group['path'], serde.filename)} is missing (deleted since?)"
-                ) from None
-            return serde.read(local)
+        try:
+            # on local disk read in place: no copy in the temp folder
+            with self._store.local_file(self._store.path(group["path"], serde.filename), serde.filename) as local:
+                return serde.read(local)
+        except FileNotFoundError:
+            raise ModelNotAvailableError(
+                f"group {partition_id!r} of run {self.run_id!r} is DONE, but its model file "
+                f"{self._store.display(group['path'], serde.filename)} is missing (deleted since?)"
+            ) from None
 
     # ------------------------------------------------------------------
     # inference output

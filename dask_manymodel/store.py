@@ -30,6 +30,7 @@ import posixpath
 import random
 import re
 import shutil
+import tempfile
 import time
 import uuid
 from typing import Any, Callable, Sequence, TypeVar
@@ -348,18 +349,25 @@ GROUP_TEXT = ("logs", "traceback")
 _STATUS_READ_CHUNK = 1_000
 
 
-def cat_files(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes]:
+def cat_files(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes | Exception]:
     """The contents of these files, those missing left out; never expands a
-    path as a glob pattern (fsspec's ``cat`` of a list does)."""
+    path as a glob pattern (fsspec's ``cat`` of a list does).
+
+    A file that is there but cannot be read (access denied, an I/O error)
+    is not missing: its exception stands in for its contents, for the caller
+    to raise or show. Read as missing, a group whose status cannot be read
+    would look never run, and a resume would train it again over its model.
+    """
     if not any_read_as_pattern(paths):
-        return fs.cat(paths, on_error="omit")
-    found = {}
-    for path in paths:
-        try:
-            found[path] = fs.cat_file(path)
-        except FileNotFoundError:
-            continue
-    return found
+        found = fs.cat(paths, on_error="return")
+    else:
+        found = {}
+        for path in paths:
+            try:
+                found[path] = fs.cat_file(path)
+            except Exception as exc:
+                found[path] = exc
+    return {path: data for path, data in found.items() if not isinstance(data, FileNotFoundError)}
 
 
 def remove_paths(fs: fsspec.AbstractFileSystem, paths: list[str]) -> None:
@@ -526,6 +534,10 @@ class RunStore:
     def path(self, *parts: str) -> str:
         """Absolute path (for ``self.fs``) of a file under the run's folder."""
         return posixpath.join(self.root, *[p for p in parts if p])
+
+    def _shown(self, path: str) -> str:
+        """A path of ``self.fs`` as the user would type it."""
+        return path if self.is_local else self.fs.unstrip_protocol(path)
 
     def display(self, *parts: str) -> str:
         """The URL a user would type for a file of this run."""
@@ -731,18 +743,47 @@ class RunStore:
         )
 
     def read_many_json(self, paths: list[str]) -> dict[str, Any]:
-        """Read many small JSON files at once; missing ones are left out."""
+        """Read many small JSON files at once; missing ones are left out.
+
+        Raises :class:`StorageError`, naming the file, if one is there but
+        cannot be read (after the store's retries)."""
         if not paths:
             return {}
-        found = self._retry(lambda: cat_files(self.fs, paths), f"reading {len(paths)} status files")
+        unreadable: list[str] = []
+
+        def read() -> dict[str, bytes | Exception]:
+            unreadable.clear()
+            found = cat_files(self.fs, paths)
+            unreadable[:] = [path for path, data in found.items() if isinstance(data, Exception)]
+            if unreadable:
+                raise found[unreadable[0]]  # retried if it may pass (an I/O error, a dropped connection)
+            return found
+
+        try:
+            found = self._retry(read, f"reading {len(paths)} status files")
+        except Exception as exc:
+            if not unreadable:
+                raise
+            raise StorageError(
+                f"cannot read {self._shown(unreadable[0])} of run {self.run_id!r} at "
+                f"{self.url}: {type(exc).__name__}: {exc}; the file is there, so the group's outcome "
+                f"is not known (it is not taken as never run: a resume would run it again over its "
+                f"files). Make the file readable (the store's permissions, or the disk) and try again"
+            ) from exc
         out = {}
+        damaged = []
         for path, data in found.items():
-            if isinstance(data, Exception):
-                continue
             try:
                 out[self.fs._strip_protocol(path)] = json.loads(data)
             except ValueError:
-                logger.warning("ignoring unreadable status file %s", path)
+                damaged.append(path)
+        if damaged:
+            # one line, not one per file: a disk that filled up mid-run cuts
+            # short the status of every group that finished after
+            logger.warning(
+                "ignoring %d status file(s) that are not JSON, such as %s: cut short (a full disk, a killed "
+                "writer) or being written; their groups read as not run", len(damaged), damaged[0],
+            )
         return out
 
     def read_statuses(self, rels: Sequence[str], attempt: str | None = None) -> dict[str, dict]:
@@ -773,6 +814,23 @@ class RunStore:
                         status.pop(key, None)
                     statuses[files[path]] = status
         return statuses
+
+    @contextlib.contextmanager
+    def local_file(self, path: str, name: str):
+        """A local path to read the file at ``path`` from: on local disk the
+        stored file itself (a model of GBs needs no room in the temp folder,
+        often a small disk of its own), elsewhere a copy named ``name`` in a
+        temp folder, removed after. Raises FileNotFoundError if it is missing."""
+        if self.is_local:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(errno.ENOENT, "no such file", path)
+            yield path
+            return
+        with tempfile.TemporaryDirectory(prefix="manymodel-") as tmp:
+            local = os.path.join(tmp, name)
+            os.makedirs(os.path.dirname(local), exist_ok=True)  # a serde's file in a subfolder
+            self.download_file(path, local)
+            yield local
 
     def download_file(self, path: str, local_path: str) -> None:
         self._retry(lambda: self.fs.get_file(path, local_path), f"downloading {path}")

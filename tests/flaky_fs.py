@@ -1,7 +1,7 @@
 """File systems that fail on purpose, for the fault tests.
 
 They are real fsspec file systems (local disk, or S3 through s3fs) with
-injected ``OSError``s on writes. Instances pickle to the workers with their
+injected ``OSError``s on writes (and, on local disk, refused reads). Instances pickle to the workers with their
 options; each failure is appended to ``log_path`` so a test can check that
 failures really happened in the worker processes.
 """
@@ -45,9 +45,18 @@ class FlakyLocalFileSystem(LocalFileSystem):
 
     protocol = "flaky"
 
-    def __init__(self, fail_rate=0.0, fail_paths=(), fail_rm=False, readonly=False, log_path=None, seed=None, **kwargs):
+    def __init__(self, fail_rate=0.0, fail_paths=(), fail_rm=False, readonly=False, log_path=None, seed=None,
+                 deny_reads=(), **kwargs):
         super().__init__(**kwargs)
         self.injector = _Injector(fail_rate, fail_paths, fail_rm, readonly, log_path, seed)
+        # reads of paths holding one of these refused, as S3's AccessDenied on
+        # one object or another user's file on a shared disk
+        self.deny_reads = tuple(deny_reads)
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        if any(fragment in path for fragment in self.deny_reads):
+            raise PermissionError(13, "Permission denied", path)
+        return super().cat_file(path, start=start, end=end, **kwargs)
 
     @classmethod
     def _strip_protocol(cls, path):

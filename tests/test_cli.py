@@ -83,6 +83,21 @@ def test_runs_skips_foreign_folders_and_survives_a_damaged_manifest(runs, capsys
     assert "s1" in out and "unreadable _run.json" in out and "r1" in out
 
 
+def test_runs_lists_a_run_whose_manifest_cannot_be_read(runs, capsys):
+    """A _run.json that is there but cannot be read (access denied) was
+    read as missing: the run was left out of the list, as a folder that
+    holds no run."""
+    from . import flaky_fs
+
+    flaky_fs.register()
+    denied = json.dumps({"deny_reads": ["r1/_run.json"]})
+    assert main(["runs", f"flaky://{runs}", "--storage-options", denied]) == 0
+    table = lines_of(capsys.readouterr().out)
+    assert table[0] == ["run_id", "kind", "status", "groups", "created", "note"]
+    assert table[1][:3] == ["r1", "unreadable", "_run.json"] and "PermissionError:" in table[1]
+    assert table[2][:3] == ["s1", "predict", "PARTIAL_FAILURE"]
+
+
 @pytest.mark.parametrize("command", [["show"], ["logs", "1"]])
 def test_show_and_logs_of_a_damaged_run_exit_2_with_a_message(runs, capsys, command):
     with open(os.path.join(runs, "s1", "_run.json"), "w") as f:

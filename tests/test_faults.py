@@ -5,10 +5,13 @@ groups too big for a worker."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import threading
 import uuid
@@ -152,6 +155,155 @@ def test_a_store_failure_before_the_tasks_start_marks_the_run_failed(client, fla
         ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", execution_options=options,
                             storage_options={"fail_rm": True}, on_existing_artifacts="overwrite")
     assert ManyModelRun.restore_from("r1", url).status == RunStatus.FAILURE
+
+
+def another_model(data, ctx):
+    return "another model"
+
+
+def test_a_status_that_cannot_be_read_is_an_error_not_a_group_never_run(client, flaky, tmp_path):
+    """A group's _partition.json that is there but cannot be read (access
+    denied) was read as missing: a restored SUCCESS run showed the group
+    PENDING, get_model said "it is PENDING", and a resume trained it again
+    over its stored model."""
+    url = f"flaky://{tmp_path}/models"
+    ddf = dd.from_pandas(make_frame(n_groups=6, rows=5), npartitions=2)
+    assert ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1").wait(show_progress=False) == RunStatus.SUCCESS
+    model = tmp_path / "models" / "r1" / "store=2" / "model.pkl"
+    stored = model.read_bytes()
+    denied = {"deny_reads": ["store=2/_partition.json"]}
+    unreadable = (r"cannot read flaky://\S*/r1/store=2/_partition.json of run 'r1' at .*: PermissionError: .*"
+                  r"Permission denied.*the file is there, so the group's outcome is not known .* Make the "
+                  r"file readable")
+    restored = ManyModelRun.restore_from("r1", url, storage_options=denied)
+    with pytest.raises(StorageError, match=unreadable):
+        restored.get_progress()
+    with pytest.raises(StorageError, match=unreadable):
+        restored.get_model(2)
+    with pytest.raises(StorageError, match=unreadable):
+        ddf.manymodel.train(another_model, by="store", url=url, run_id="r1", on_existing_artifacts="resume",
+                            storage_options=denied)
+    assert model.read_bytes() == stored  # not trained again
+    again = ManyModelRun.restore_from("r1", url)  # readable again: as it was
+    assert again.status == RunStatus.SUCCESS and len(again.get_progress()["DONE"]) == 6
+    np.testing.assert_allclose(again.get_model(2), [1.2, 2], atol=1e-9)
+
+
+def test_a_final_status_the_store_refuses_is_said_once_with_what_to_do(client, tmp_path, caplog, monkeypatch):
+    """The disk filled up (or turned read-only) after the groups were
+    stored, before the final _run.json: the log said "collecting the results
+    failed" with two tracebacks (the write tried twice over), and not what
+    storage now shows or how to record the run."""
+    url = str(tmp_path / "models")
+    ddf = dd.from_pandas(make_frame(n_groups=6, rows=5), npartitions=2)
+    write_json = RunStore.write_json
+
+    def disk_full_at_the_end(self, path, data, **kwargs):  # the client's final write only
+        if path.endswith("/_run.json") and data.get("status") != "IN_PROGRESS":
+            raise StorageError(f"writing {path} failed after 4 attempts: [Errno 28] No space left on device")
+        return write_json(self, path, data, **kwargs)
+
+    monkeypatch.setattr(RunStore, "write_json", disk_full_at_the_end)
+    with caplog.at_level(logging.WARNING, "dask_manymodel"):
+        run = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1")
+        assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not any("collecting the results" in m for m in messages)
+    [warning] = [m for m in messages if "final status" in m]
+    assert f"run 'r1' ended SUCCESS, but its final status could not be written to {url}/r1/_run.json" in warning
+    assert "No space left on device" in warning and "on_existing_artifacts='resume'" in warning
+    stored = json.loads((tmp_path / "models" / "r1" / "_run.json").read_text())
+    assert stored["status"] == "IN_PROGRESS"
+    assert ManyModelRun.restore_from("r1", url).status == RunStatus.SUCCESS  # from the groups, as said
+    monkeypatch.undo()  # space again: the resume the warning names records the run
+    again = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", on_existing_artifacts="resume")
+    assert again.wait(show_progress=False) == RunStatus.SUCCESS
+    assert json.loads((tmp_path / "models" / "r1" / "_run.json").read_text())["status"] == "SUCCESS"
+
+
+def test_statuses_cut_short_by_a_full_disk_are_one_warning(client, tmp_path, caplog):
+    """A disk that fills up mid-run cuts short the status of every group
+    that finishes after (they are written without a rename): each read of
+    the run logged one warning per such file, thousands of lines a read."""
+    url = str(tmp_path / "models")
+    ddf = dd.from_pandas(make_frame(n_groups=6, rows=5), npartitions=2)
+    assert ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1").wait(show_progress=False) == RunStatus.SUCCESS
+    for group in (1, 3, 4):
+        status = tmp_path / "models" / "r1" / f"store={group}" / "_partition.json"
+        status.write_bytes(status.read_bytes()[:20])
+    with caplog.at_level(logging.WARNING, "dask_manymodel"):
+        progress = ManyModelRun.restore_from("r1", url).get_progress()
+    assert [d.partition_id for d in progress["DONE"]] == [0, 2, 5]
+    assert [d.partition_id for d in progress["PENDING"]] == [1, 3, 4]  # as not run: no model trusted
+    [warning] = [r.getMessage() for r in caplog.records if "status file" in r.getMessage()]
+    assert warning.startswith("ignoring 3 status file(s) that are not JSON, such as ")
+    assert "_partition.json: cut short (a full disk" in warning
+
+
+def test_get_model_of_a_run_on_local_disk_needs_no_room_in_the_temp_folder(client, tmp_path, monkeypatch):
+    """The models on a big shared disk, the client's temp folder a small
+    one (a login node's /tmp): get_model copied each model there first, and
+    failed with "downloading ... failed after 4 attempts: [Errno 28] No
+    space left on device" for a model it could read where it is."""
+    url = str(tmp_path / "models")
+    ddf = dd.from_pandas(make_frame(n_groups=3, rows=5), npartitions=1)
+    run = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+
+    def temp_folder_full(self, path, local_path):
+        raise StorageError(f"downloading {path} failed after 4 attempts: [Errno 28] No space left on device")
+
+    monkeypatch.setattr(RunStore, "download_file", temp_folder_full)
+    for handle in (run, ManyModelRun.restore_from("r1", url)):
+        np.testing.assert_allclose(handle.get_model(2), [1.2, 2], atol=1e-9)
+    os.remove(tmp_path / "models" / "r1" / "store=1" / "model.pkl")
+    with pytest.raises(ManyModelError, match=r"group 1 of run 'r1' is DONE, but its model file .*/r1/store=1/"
+                       r"model.pkl is missing"):
+        run.get_model(1)
+
+
+class DiskFullSerde(PickleSerde):
+    """Writes a file (not in memory, as TorchSerde and TensorFlowSerde do);
+    the disk fills up half-way through."""
+
+    def write(self, model, file_path):
+        with open(file_path, "wb") as f:
+            f.write(b"half a model")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_disk_that_fills_up_while_a_serde_writes_is_an_internal_error(client, tmp_path):
+    """A serde that writes a file, on a full disk: the group was FAILED,
+    "DiskFullSerde could not write the model of group 0 (a numpy.ndarray)",
+    blaming the model, and no word of where."""
+    url = str(tmp_path / "models")
+    ddf = dd.from_pandas(make_frame(n_groups=2, rows=5), npartitions=1)
+    run = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", serde=DiskFullSerde(),
+                              execution_options=ExecutionOptions(storage_retries=0))
+    assert run.wait(show_progress=False) == RunStatus.FAILURE
+    details = run.partition_details[0]
+    assert details.status == "INTERNAL_ERROR"
+    assert re.search(r"DiskFullSerde could not write the model of group 0 to \S*/r1/store=0/\.tmp-\S*model.pkl: "
+                     r"OSError: \[Errno 28\] No space left on device; that disk is full .*free space there, then "
+                     r"run the group again \(run.retry_failed\(\)", details.error)
+    assert sorted(os.listdir(tmp_path / "models" / "r1" / "store=0")) == ["_partition.json"]  # nothing half-written
+
+
+def test_a_full_disk_a_writer_wraps_in_its_own_error_is_told_from_the_room_left(tmp_path, monkeypatch):
+    """torch.save on a full disk raises RuntimeError("... unexpected pos
+    1600 vs 1494"), with no OSError to say why."""
+    from dask_manymodel import engine
+
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1600 vs 1494")
+    path = str(tmp_path / ".tmp-1-model.pt")
+    monkeypatch.setattr(engine.shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(2**30, 2**30, 0))
+    assert engine._disk_refused(torch_error, path)
+    monkeypatch.setattr(engine.shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(2**30, 0, 2**30))
+    assert not engine._disk_refused(torch_error, path)  # room left: the model's (or the serde's) fault
+    assert engine._disk_refused(OSError(errno.EDQUOT, "Disk quota exceeded"), path)
+    wrapped = RuntimeError("could not save")
+    wrapped.__cause__ = OSError(errno.EROFS, "Read-only file system")
+    assert engine._disk_refused(wrapped, path)
 
 
 def fails_odd_groups(data, ctx):
