@@ -365,20 +365,42 @@ def cat_files(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, byte
 def remove_paths(fs: fsspec.AbstractFileSystem, paths: list[str]) -> None:
     """Delete these files and folders (with what they hold); never expands a
     path as a glob pattern (fsspec's ``rm`` does), so that a run under
-    ``models[12]`` cannot delete the files of one under ``models1``."""
+    ``models[12]`` cannot delete the files of one under ``models1``. What
+    another deleter removed meanwhile is no error: two overwrites of one run
+    started at once (two threads, two processes) both delete its old files,
+    and fsspec's ``rm`` raised FileNotFoundError for the first file the
+    other had removed, failing the start that had taken the run over."""
     if not any_read_as_pattern(paths):
-        fs.rm(paths, recursive=True)
-        return
+        try:
+            fs.rm(paths, recursive=True)
+            return
+        except FileNotFoundError:  # one went meanwhile: the rest one by one
+            pass
     for path in paths:
         if _is_local(fs):
-            local = fs._strip_protocol(path)
-            if os.path.isdir(local):
+            _remove_local(fs._strip_protocol(path))
+            continue
+        # an object store has files only: each one under the path
+        with contextlib.suppress(FileNotFoundError):
+            remove_files(fs, fs.find(path) if fs.isdir(path) else [path])
+
+
+def _remove_local(local: str, tries: int = 5) -> None:
+    """Delete a local file or folder that another deleter may be deleting
+    too: ``shutil.rmtree`` raises FileNotFoundError for a file removed
+    between its listing and its unlink, so it lists again."""
+    for attempt in range(tries):
+        try:
+            if os.path.isdir(local) and not os.path.islink(local):
                 shutil.rmtree(local)
             elif os.path.lexists(local):
                 os.remove(local)
-            continue
-        # an object store has files only: each one under the path
-        remove_files(fs, fs.find(path) if fs.isdir(path) else [path])
+            return
+        except FileNotFoundError:
+            if not os.path.lexists(local):
+                return  # the other deleter finished it
+            if attempt == tries - 1:
+                raise
 
 
 def remove_files(fs: fsspec.AbstractFileSystem, files: list[str]) -> None:
