@@ -317,7 +317,21 @@ def end_live_runs() -> None:
     for good, since the interpreter kills the handle's collector thread. A
     run whose client still runs is cancelled (its running groups finish; one
     that takes longer than ``_EXIT_CANCEL_SECONDS`` has its tasks cut off);
-    then the handle records the outcome as for a closed client."""
+    then the handle records the outcome as for a closed client.
+
+    A run that another (non-daemon) thread is waiting on is not cancelled:
+    the interpreter waits for that thread anyway, and this runs before it
+    does (see :func:`_register_at_exit`), so a script whose main thread
+    ended while its threads waited on their runs had those runs CANCELLED
+    under their ``wait()``. Such runs are waited for first; a thread may
+    then wait on a run it started earlier, so the runs are looked at again."""
+    while True:
+        waited_on = [run for run in list(_live_runs.values()) if run._waited_on_elsewhere()]
+        if not waited_on:
+            break
+        for run in waited_on:
+            logger.info("run %r is waited on by another thread as the interpreter exits: waiting for it", run.run_id)
+            run._finished.wait()
     for run in list(_live_runs.values()):
         if run._finished.is_set():
             continue
@@ -423,6 +437,8 @@ class ManyModelRun:
         # per task, the most groups its progress events said were finished
         self._task_progress: dict[Any, int] = {}
         self._finished = threading.Event()
+        # the threads in wait() now (see end_live_runs)
+        self._waiting: list[threading.Thread] = []
         if self.read_only:
             self._finished.set()
             return
@@ -980,6 +996,9 @@ class ManyModelRun:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(self._groups), desc=f"{self.kind} {self.run_id}", unit="group")
+        waiter = threading.current_thread()
+        with self._lock:
+            self._waiting.append(waiter)
         try:
             with outside_the_worker_pool():  # (in a Dask task: see start_run)
                 while not self._finished.wait(0.2):
@@ -993,9 +1012,22 @@ class ManyModelRun:
             if bar is not None:
                 self._end_bar(bar)
         finally:
+            with self._lock:
+                self._waiting.remove(waiter)
             if bar is not None:
                 bar.close()
         return self.status
+
+    def _waited_on_elsewhere(self) -> bool:
+        """Whether a thread other than this one, which the interpreter waits
+        for as it exits (not a daemon), is in :meth:`wait` on this run while
+        it goes on."""
+        current = threading.current_thread()
+        with self._lock:
+            waiting = list(self._waiting)
+        return not self._finished.is_set() and any(
+            thread is not current and not thread.daemon and thread.is_alive() for thread in waiting
+        )
 
     def _end_bar(self, bar) -> None:
         """The bar at the run's end: the groups that ran (not those

@@ -123,6 +123,72 @@ def test_a_script_that_ends_while_its_run_goes_on_leaves_the_run_ended(tmp_path,
         assert "cancelling it (call run.wait() to let it finish)" in out.stderr
 
 
+ENDS_WHILE_THREADS_WAIT = r"""
+import functools, logging, os, sys, threading, time
+import dask.dataframe as dd, distributed, numpy as np, pandas as pd
+import dask_manymodel
+from dask_manymodel import ExecutionOptions, ManyModelRun
+
+def zero_heartbeat():  # the workers ask whether the run was cancelled before every group
+    from dask_manymodel import engine
+    engine._HEARTBEAT_SECONDS = 0.0
+
+def held(gate, data, ctx):  # every group waits until the interpreter exits
+    deadline = time.monotonic() + 60
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.05)  # poll
+    return len(data)
+
+def in_function(thread, name):
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None and frame.f_code.co_name != name:
+        frame = frame.f_back
+    return frame is not None
+
+def poll(condition):
+    deadline = time.monotonic() + 60
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)  # poll
+
+def open_gate_at_exit(gate):  # a daemon: the interpreter does not wait for it
+    poll(lambda: in_function(threading.main_thread(), "_shutdown"))
+    open(gate, "w").close()
+
+if __name__ == "__main__":
+    url = sys.argv[1]
+    gate = url + ".gate"
+    client = distributed.Client(distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.ERROR))
+    client.run(zero_heartbeat)
+    frame = pd.DataFrame({"store": np.repeat(np.arange(8), 2), "x": np.arange(16.0)})
+    ddf = dd.from_pandas(frame, npartitions=2)
+    run = ddf.manymodel.train(functools.partial(held, gate), by="store", url=url, run_id="r1",
+                              execution_options=ExecutionOptions(npartitions=2))
+    waiter = threading.Thread(target=lambda: print("wait() returned", run.wait(show_progress=False).value))
+    waiter.start()
+    poll(lambda: in_function(waiter, "wait"))
+    threading.Thread(target=open_gate_at_exit, args=(gate,), daemon=True).start()
+    # ... and the main thread ends; the interpreter waits for `waiter`
+"""
+
+
+def test_a_run_a_thread_waits_on_goes_on_when_the_main_thread_ends(tmp_path):
+    """The exit hook (which runs before the interpreter waits for its
+    threads) cancelled every run still going on, also those that threads
+    of the script were waiting on: run.wait() in a thread returned
+    CANCELLED, with the warning to call run.wait()."""
+    url = str(tmp_path / "models")
+    out = subprocess.run(
+        [sys.executable, "-c", ENDS_WHILE_THREADS_WAIT, url], capture_output=True, text=True, timeout=240
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "wait() returned SUCCESS" in out.stdout, (out.stdout, out.stderr[-3000:])
+    assert "cancelling it" not in out.stderr
+    restored = ManyModelRun.restore_from("r1", url)
+    assert restored.status == RunStatus.SUCCESS
+    assert restored.summary()["status"].tolist() == ["DONE"] * 8
+
+
 def run_of_halves(url, data, ctx):
     """A group's function that starts a run of its own (a model per half of
     the group) and waits for it."""
