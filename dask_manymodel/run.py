@@ -506,7 +506,11 @@ class ManyModelRun:
     def _collect(self) -> None:
         try:
             cut_off: dict[int, BaseException] = {}  # cancelled outside the run: may still be running
-            for future in distributed.as_completed(self._futures):
+            # on the run's client's loop: as_completed takes the default
+            # client's, and this thread has none of the starting thread's
+            # ``client.as_current()`` (a client made with set_as_default=False:
+            # "No clients found", and every group of the run INTERNAL_ERROR)
+            for future in distributed.as_completed(self._futures, loop=self._client.loop):
                 task_index = future.key[1]
                 try:
                     records = future.result()

@@ -72,6 +72,28 @@ def test_progress_and_retry_failed_use_the_runs_own_cluster(client, tmp_path):
         assert {f.client for f in again.futures} == {other}
 
 
+def test_a_run_on_a_client_that_is_not_the_default_is_collected(tmp_path):
+    """A client made with set_as_default=False and used through
+    ``client.as_current()``, with no default client besides: the handle's
+    collector thread (which has none of the starting thread's as_current
+    context) asked Dask's as_completed for the default client's loop, "No
+    clients found", and every group of the run became INTERNAL_ERROR."""
+    url = str(tmp_path / "m")
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=10), npartitions=2)
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.ERROR
+    ) as cluster, distributed.Client(cluster, set_as_default=False) as own:
+        with pytest.raises(ValueError, match="No clients found"):
+            distributed.default_client()  # nothing for the collector to fall back on
+        with own.as_current():
+            run = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1")
+            assert run.wait(timeout=120, show_progress=False) == RunStatus.SUCCESS, run.summary()["error"].tolist()
+        assert {f.client for f in run.futures} == {own}
+    restored = ManyModelRun.restore_from("r1", url)
+    assert restored.status == RunStatus.SUCCESS
+    assert restored.summary()["status"].tolist() == ["DONE"] * 4
+
+
 ENDS_WITHOUT_WAIT = r"""
 import functools, os, sys, time
 import dask.dataframe as dd, distributed, logging, numpy as np, pandas as pd
