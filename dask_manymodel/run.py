@@ -308,6 +308,8 @@ _exit_hook_registered = False
 # stored (the fence after a closed client takes _FENCE_SECONDS and the writes).
 _EXIT_CANCEL_SECONDS = 10.0
 _EXIT_RECORD_SECONDS = 30.0
+# ... and how often it looks again whether a thread still waits on a run
+_EXIT_WAITED_ON_RECHECK_SECONDS = 0.2
 
 
 def end_live_runs() -> None:
@@ -323,15 +325,14 @@ def end_live_runs() -> None:
     the interpreter waits for that thread anyway, and this runs before it
     does (see :func:`_register_at_exit`), so a script whose main thread
     ended while its threads waited on their runs had those runs CANCELLED
-    under their ``wait()``. Such runs are waited for first; a thread may
-    then wait on a run it started earlier, so the runs are looked at again."""
+    under their ``wait()``. Such runs are waited for first, as long as a
+    thread waits on them (one may give up, ``wait(timeout=...)``, or go on
+    to wait on a run it started earlier)."""
     while True:
         waited_on = [run for run in list(_live_runs.values()) if run._waited_on_elsewhere()]
         if not waited_on:
             break
-        for run in waited_on:
-            logger.info("run %r is waited on by another thread as the interpreter exits: waiting for it", run.run_id)
-            run._finished.wait()
+        waited_on[0]._finished.wait(_EXIT_WAITED_ON_RECHECK_SECONDS)
     for run in list(_live_runs.values()):
         if run._finished.is_set():
             continue

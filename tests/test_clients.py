@@ -176,9 +176,16 @@ def open_gate_at_exit(gate):  # a daemon: the interpreter does not wait for it
     poll(lambda: in_function(threading.main_thread(), "_shutdown"))
     open(gate, "w").close()
 
+def wait_in_thread(run, timeout):
+    try:
+        print("wait() returned", run.wait(timeout=timeout, show_progress=False).value)
+    except dask_manymodel.RunTimeoutError:
+        print("wait() gave up")
+
 if __name__ == "__main__":
-    url = sys.argv[1]
+    url, mode = sys.argv[1], sys.argv[2]
     gate = url + ".gate"
+    dask_manymodel.run._EXIT_CANCEL_SECONDS = 1.0  # held groups that nobody waits for: cut off soon
     client = distributed.Client(distributed.LocalCluster(
         n_workers=2, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.ERROR))
     client.run(zero_heartbeat)
@@ -186,29 +193,39 @@ if __name__ == "__main__":
     ddf = dd.from_pandas(frame, npartitions=2)
     run = ddf.manymodel.train(functools.partial(held, gate), by="store", url=url, run_id="r1",
                               execution_options=ExecutionOptions(npartitions=2))
-    waiter = threading.Thread(target=lambda: print("wait() returned", run.wait(show_progress=False).value))
+    # "gives up": the thread waits 3 s, and the groups are held for good
+    waiter = threading.Thread(target=wait_in_thread, args=(run, 3 if mode == "gives up" else None))
     waiter.start()
     poll(lambda: in_function(waiter, "wait"))
-    threading.Thread(target=open_gate_at_exit, args=(gate,), daemon=True).start()
+    if mode == "waits":
+        threading.Thread(target=open_gate_at_exit, args=(gate,), daemon=True).start()
     # ... and the main thread ends; the interpreter waits for `waiter`
 """
 
 
-def test_a_run_a_thread_waits_on_goes_on_when_the_main_thread_ends(tmp_path):
+@pytest.mark.parametrize("mode", ["waits", "gives up"])
+def test_a_run_a_thread_waits_on_goes_on_when_the_main_thread_ends(tmp_path, mode):
     """The exit hook (which runs before the interpreter waits for its
     threads) cancelled every run still going on, also those that threads
     of the script were waiting on: run.wait() in a thread returned
-    CANCELLED, with the warning to call run.wait()."""
+    CANCELLED, with the warning to call run.wait(). A thread that gives up
+    waiting (a timeout) leaves its run to the hook again."""
     url = str(tmp_path / "models")
     out = subprocess.run(
-        [sys.executable, "-c", ENDS_WHILE_THREADS_WAIT, url], capture_output=True, text=True, timeout=240
+        [sys.executable, "-c", ENDS_WHILE_THREADS_WAIT, url, mode], capture_output=True, text=True, timeout=240
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "wait() returned SUCCESS" in out.stdout, (out.stdout, out.stderr[-3000:])
-    assert "cancelling it" not in out.stderr
     restored = ManyModelRun.restore_from("r1", url)
-    assert restored.status == RunStatus.SUCCESS
-    assert restored.summary()["status"].tolist() == ["DONE"] * 8
+    if mode == "waits":
+        assert "wait() returned SUCCESS" in out.stdout, (out.stdout, out.stderr[-3000:])
+        assert "cancelling it" not in out.stderr
+        assert restored.status == RunStatus.SUCCESS
+        assert restored.summary()["status"].tolist() == ["DONE"] * 8
+    else:  # held until the groups' own deadline (60 s), then SUCCESS, had the exit waited on
+        assert "wait() gave up" in out.stdout, (out.stdout, out.stderr[-3000:])
+        assert "cancelling it" in out.stderr
+        assert restored.status != RunStatus.SUCCESS
+        assert "DONE" not in restored.summary()["status"].tolist()
 
 
 def run_of_halves(url, data, ctx):
