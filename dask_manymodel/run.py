@@ -726,7 +726,11 @@ class ManyModelRun:
         the groups it runs again only after its ``_run.json`` says
         IN_PROGRESS, and a reader in between would call the run finished."""
         self._refresh_if_running()
-        statuses = self._store.read_statuses(paths, self._manifest.get("attempt"))
+        # while the run goes on, its tasks write statuses in place: one read
+        # as it is written is cut short, which is no damage worth a warning
+        # (one per peek at a live run's summary() or status)
+        running = self._manifest.get("status") == RunStatus.IN_PROGRESS.value
+        statuses = self._store.read_statuses(paths, self._manifest.get("attempt"), being_written=running)
         self._catch_up_groups(statuses)
         if self._manifest.get("status") != RunStatus.IN_PROGRESS.value:
             return statuses

@@ -752,8 +752,9 @@ class RunStore:
             f"on_existing_artifacts='overwrite', or use another run"
         )
 
-    def read_many_json(self, paths: list[str]) -> dict[str, Any]:
-        """Read many small JSON files at once; missing ones are left out."""
+    def read_many_json(self, paths: list[str], being_written: bool = False) -> dict[str, Any]:
+        """Read many small JSON files at once; missing ones are left out, and
+        so are unreadable ones, with a warning unless ``being_written``."""
         if not paths:
             return {}
         found = self._retry(lambda: cat_files(self.fs, paths), f"reading {len(paths)} status files")
@@ -764,13 +765,18 @@ class RunStore:
             try:
                 out[self.fs._strip_protocol(path)] = json.loads(data)
             except ValueError:
-                logger.warning("ignoring unreadable status file %s", path)
+                (logger.debug if being_written else logger.warning)("ignoring unreadable status file %s", path)
         return out
 
-    def read_statuses(self, rels: Sequence[str], attempt: str | None = None) -> dict[str, dict]:
+    def read_statuses(
+        self, rels: Sequence[str], attempt: str | None = None, *, being_written: bool = False
+    ) -> dict[str, dict]:
         """The groups' stored ``_partition.json``, by group folder (those
         missing or damaged left out), in batched reads; with ``attempt``,
-        only those of that attempt of the run.
+        only those of that attempt of the run. ``being_written``: the run is
+        in progress, so a status caught while its task writes it (in place,
+        not renamed: see ``engine._PendingWrites._flush``) reads cut short;
+        that is no damage, and is left out without a warning.
 
         Without the groups' logs and traceback (up to ``max_log_chars`` each):
         a run of 100,000 groups that print would need GBs to hold them all at
@@ -784,7 +790,7 @@ class RunStore:
         paths = list(files)
         statuses = {}
         for start in range(0, len(paths), _STATUS_READ_CHUNK):
-            for path, status in self.read_many_json(paths[start:start + _STATUS_READ_CHUNK]).items():
+            for path, status in self.read_many_json(paths[start:start + _STATUS_READ_CHUNK], being_written).items():
                 if path not in files:
                     continue
                 if not isinstance(status, dict) or status.get("status") not in known:
