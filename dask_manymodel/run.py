@@ -329,11 +329,11 @@ def end_live_runs() -> None:
     thread waits on them (one may give up, ``wait(timeout=...)``, or go on
     to wait on a run it started earlier)."""
     while True:
-        waited_on = [run for run in list(_live_runs.values()) if run._waited_on_elsewhere()]
+        waited_on = [run for run in _live_run_list() if run._waited_on_elsewhere()]
         if not waited_on:
             break
         waited_on[0]._finished.wait(_EXIT_WAITED_ON_RECHECK_SECONDS)
-    for run in list(_live_runs.values()):
+    for run in _live_run_list():
         if run._finished.is_set():
             continue
         logger.warning(
@@ -350,6 +350,18 @@ def end_live_runs() -> None:
             logger.debug("could not cancel run %r", run.run_id, exc_info=True)
         if not run._finished.wait(_EXIT_RECORD_SECONDS):
             logger.warning("run %r could not record its final status; resume it to finish it", run.run_id)
+
+
+def _live_run_list() -> list["ManyModelRun"]:
+    """The live runs now. Listing a WeakValueDictionary raises RuntimeError
+    when another thread starts or ends a run meanwhile; at the exit, which
+    looks again and again while threads wait on their runs, that error
+    would skip the rest of the interpreter's thread shutdown."""
+    while True:
+        try:
+            return list(_live_runs.values())
+        except RuntimeError:  # changed size during iteration: list again
+            continue
 
 
 def _register_at_exit(function: Callable[[], None]) -> None:

@@ -228,6 +228,26 @@ def test_a_run_a_thread_waits_on_goes_on_when_the_main_thread_ends(tmp_path, mod
         assert "DONE" not in restored.summary()["status"].tolist()
 
 
+def test_the_exit_lists_the_live_runs_again_when_another_thread_changed_them(monkeypatch):
+    """Listing the live runs (a WeakValueDictionary) raises RuntimeError
+    when another thread starts or ends a run meanwhile; raised in the exit
+    hook, it skipped the rest of the interpreter's thread shutdown."""
+    import dask_manymodel.run as run_module
+
+    class ChangedOnce(dict):
+        calls = 0
+
+        def values(self):
+            ChangedOnce.calls += 1
+            if ChangedOnce.calls == 1:
+                raise RuntimeError("dictionary changed size during iteration")
+            return super().values()
+
+    monkeypatch.setattr(run_module, "_live_runs", ChangedOnce())
+    run_module.end_live_runs()
+    assert ChangedOnce.calls >= 2
+
+
 def run_of_halves(url, data, ctx):
     """A group's function that starts a run of its own (a model per half of
     the group) and waits for it."""
