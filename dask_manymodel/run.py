@@ -308,6 +308,8 @@ _exit_hook_registered = False
 # stored (the fence after a closed client takes _FENCE_SECONDS and the writes).
 _EXIT_CANCEL_SECONDS = 10.0
 _EXIT_RECORD_SECONDS = 30.0
+# ... and how often it looks again whether a thread still waits on a run
+_EXIT_WAITED_ON_RECHECK_SECONDS = 0.2
 
 
 def end_live_runs() -> None:
@@ -317,8 +319,21 @@ def end_live_runs() -> None:
     for good, since the interpreter kills the handle's collector thread. A
     run whose client still runs is cancelled (its running groups finish; one
     that takes longer than ``_EXIT_CANCEL_SECONDS`` has its tasks cut off);
-    then the handle records the outcome as for a closed client."""
-    for run in list(_live_runs.values()):
+    then the handle records the outcome as for a closed client.
+
+    A run that another (non-daemon) thread is waiting on is not cancelled:
+    the interpreter waits for that thread anyway, and this runs before it
+    does (see :func:`_register_at_exit`), so a script whose main thread
+    ended while its threads waited on their runs had those runs CANCELLED
+    under their ``wait()``. Such runs are waited for first, as long as a
+    thread waits on them (one may give up, ``wait(timeout=...)``, or go on
+    to wait on a run it started earlier)."""
+    while True:
+        waited_on = [run for run in _live_run_list() if run._waited_on_elsewhere()]
+        if not waited_on:
+            break
+        waited_on[0]._finished.wait(_EXIT_WAITED_ON_RECHECK_SECONDS)
+    for run in _live_run_list():
         if run._finished.is_set():
             continue
         logger.warning(
@@ -335,6 +350,18 @@ def end_live_runs() -> None:
             logger.debug("could not cancel run %r", run.run_id, exc_info=True)
         if not run._finished.wait(_EXIT_RECORD_SECONDS):
             logger.warning("run %r could not record its final status; resume it to finish it", run.run_id)
+
+
+def _live_run_list() -> list["ManyModelRun"]:
+    """The live runs now. Listing a WeakValueDictionary raises RuntimeError
+    when another thread starts or ends a run meanwhile; at the exit, which
+    looks again and again while threads wait on their runs, that error
+    would skip the rest of the interpreter's thread shutdown."""
+    while True:
+        try:
+            return list(_live_runs.values())
+        except RuntimeError:  # changed size during iteration: list again
+            continue
 
 
 def _register_at_exit(function: Callable[[], None]) -> None:
@@ -423,6 +450,8 @@ class ManyModelRun:
         # per task, the most groups its progress events said were finished
         self._task_progress: dict[Any, int] = {}
         self._finished = threading.Event()
+        # the threads in wait() now (see end_live_runs)
+        self._waiting: list[threading.Thread] = []
         if self.read_only:
             self._finished.set()
             return
@@ -490,7 +519,11 @@ class ManyModelRun:
     def _collect(self) -> None:
         try:
             cut_off: dict[int, BaseException] = {}  # cancelled outside the run: may still be running
-            for future in distributed.as_completed(self._futures):
+            # on the run's client's loop: as_completed takes the default
+            # client's, and this thread has none of the starting thread's
+            # ``client.as_current()`` (a client made with set_as_default=False:
+            # "No clients found", and every group of the run INTERNAL_ERROR)
+            for future in distributed.as_completed(self._futures, loop=self._client.loop):
                 task_index = future.key[1]
                 try:
                     records = future.result()
@@ -724,7 +757,11 @@ class ManyModelRun:
         the groups it runs again only after its ``_run.json`` says
         IN_PROGRESS, and a reader in between would call the run finished."""
         self._refresh_if_running()
-        statuses = self._store.read_statuses(paths, self._manifest.get("attempt"))
+        # while the run goes on, its tasks write statuses in place: one read
+        # as it is written is cut short, which is no damage worth a warning
+        # (one per peek at a live run's summary() or status)
+        running = self._manifest.get("status") == RunStatus.IN_PROGRESS.value
+        statuses = self._store.read_statuses(paths, self._manifest.get("attempt"), being_written=running)
         self._catch_up_groups(statuses)
         if self._manifest.get("status") != RunStatus.IN_PROGRESS.value:
             return statuses
@@ -999,6 +1036,9 @@ class ManyModelRun:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(self._groups), desc=f"{self.kind} {self.run_id}", unit="group")
+        waiter = threading.current_thread()
+        with self._lock:
+            self._waiting.append(waiter)
         try:
             with outside_the_worker_pool():  # (in a Dask task: see start_run)
                 while not self._finished.wait(0.2):
@@ -1012,9 +1052,22 @@ class ManyModelRun:
             if bar is not None:
                 self._end_bar(bar)
         finally:
+            with self._lock:
+                self._waiting.remove(waiter)
             if bar is not None:
                 bar.close()
         return self.status
+
+    def _waited_on_elsewhere(self) -> bool:
+        """Whether a thread other than this one, which the interpreter waits
+        for as it exits (not a daemon), is in :meth:`wait` on this run while
+        it goes on."""
+        current = threading.current_thread()
+        with self._lock:
+            waiting = list(self._waiting)
+        return not self._finished.is_set() and any(
+            thread is not current and not thread.daemon and thread.is_alive() for thread in waiting
+        )
 
     def _end_bar(self, bar) -> None:
         """The bar at the run's end: the groups that ran (not those

@@ -373,20 +373,42 @@ def cat_files(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, byte
 def remove_paths(fs: fsspec.AbstractFileSystem, paths: list[str]) -> None:
     """Delete these files and folders (with what they hold); never expands a
     path as a glob pattern (fsspec's ``rm`` does), so that a run under
-    ``models[12]`` cannot delete the files of one under ``models1``."""
+    ``models[12]`` cannot delete the files of one under ``models1``. What
+    another deleter removed meanwhile is no error: two overwrites of one run
+    started at once (two threads, two processes) both delete its old files,
+    and fsspec's ``rm`` raised FileNotFoundError for the first file the
+    other had removed, failing the start that had taken the run over."""
     if not any_read_as_pattern(paths):
-        fs.rm(paths, recursive=True)
-        return
+        try:
+            fs.rm(paths, recursive=True)
+            return
+        except FileNotFoundError:  # one went meanwhile: the rest one by one
+            pass
     for path in paths:
         if _is_local(fs):
-            local = fs._strip_protocol(path)
-            if os.path.isdir(local):
+            _remove_local(fs._strip_protocol(path))
+            continue
+        # an object store has files only: each one under the path
+        with contextlib.suppress(FileNotFoundError):
+            remove_files(fs, fs.find(path) if fs.isdir(path) else [path])
+
+
+def _remove_local(local: str, tries: int = 5) -> None:
+    """Delete a local file or folder that another deleter may be deleting
+    too: ``shutil.rmtree`` raises FileNotFoundError for a file removed
+    between its listing and its unlink, so it lists again."""
+    for attempt in range(tries):
+        try:
+            if os.path.isdir(local) and not os.path.islink(local):
                 shutil.rmtree(local)
             elif os.path.lexists(local):
                 os.remove(local)
-            continue
-        # an object store has files only: each one under the path
-        remove_files(fs, fs.find(path) if fs.isdir(path) else [path])
+            return
+        except FileNotFoundError:
+            if not os.path.lexists(local):
+                return  # the other deleter finished it
+            if attempt == tries - 1:
+                raise
 
 
 def remove_files(fs: fsspec.AbstractFileSystem, files: list[str]) -> None:
@@ -742,8 +764,9 @@ class RunStore:
             f"on_existing_artifacts='overwrite', or use another run"
         )
 
-    def read_many_json(self, paths: list[str]) -> dict[str, Any]:
-        """Read many small JSON files at once; missing ones are left out.
+    def read_many_json(self, paths: list[str], being_written: bool = False) -> dict[str, Any]:
+        """Read many small JSON files at once; missing ones are left out, and
+        so are ones that do not parse, with a warning unless ``being_written``.
 
         Raises :class:`StorageError`, naming the file, if one is there but
         cannot be read (after the store's retries)."""
@@ -779,17 +802,24 @@ class RunStore:
                 damaged.append(path)
         if damaged:
             # one line, not one per file: a disk that filled up mid-run cuts
-            # short the status of every group that finished after
-            logger.warning(
+            # short the status of every group that finished after. While the
+            # run goes on, its tasks write statuses in place: one caught as
+            # it is written is no damage worth a warning
+            (logger.debug if being_written else logger.warning)(
                 "ignoring %d status file(s) that are not JSON, such as %s: cut short (a full disk, a killed "
                 "writer) or being written; their groups read as not run", len(damaged), damaged[0],
             )
         return out
 
-    def read_statuses(self, rels: Sequence[str], attempt: str | None = None) -> dict[str, dict]:
+    def read_statuses(
+        self, rels: Sequence[str], attempt: str | None = None, *, being_written: bool = False
+    ) -> dict[str, dict]:
         """The groups' stored ``_partition.json``, by group folder (those
         missing or damaged left out), in batched reads; with ``attempt``,
-        only those of that attempt of the run.
+        only those of that attempt of the run. ``being_written``: the run is
+        in progress, so a status caught while its task writes it (in place,
+        not renamed: see ``engine._PendingWrites._flush``) reads cut short;
+        that is no damage, and is left out without a warning.
 
         Without the groups' logs and traceback (up to ``max_log_chars`` each):
         a run of 100,000 groups that print would need GBs to hold them all at
@@ -803,7 +833,7 @@ class RunStore:
         paths = list(files)
         statuses = {}
         for start in range(0, len(paths), _STATUS_READ_CHUNK):
-            for path, status in self.read_many_json(paths[start:start + _STATUS_READ_CHUNK]).items():
+            for path, status in self.read_many_json(paths[start:start + _STATUS_READ_CHUNK], being_written).items():
                 if path not in files:
                     continue
                 if not isinstance(status, dict) or status.get("status") not in known:

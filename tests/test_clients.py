@@ -72,6 +72,28 @@ def test_progress_and_retry_failed_use_the_runs_own_cluster(client, tmp_path):
         assert {f.client for f in again.futures} == {other}
 
 
+def test_a_run_on_a_client_that_is_not_the_default_is_collected(tmp_path):
+    """A client made with set_as_default=False and used through
+    ``client.as_current()``, with no default client besides: the handle's
+    collector thread (which has none of the starting thread's as_current
+    context) asked Dask's as_completed for the default client's loop, "No
+    clients found", and every group of the run became INTERNAL_ERROR."""
+    url = str(tmp_path / "m")
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=10), npartitions=2)
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.ERROR
+    ) as cluster, distributed.Client(cluster, set_as_default=False) as own:
+        with pytest.raises(ValueError, match="No clients found"):
+            distributed.default_client()  # nothing for the collector to fall back on
+        with own.as_current():
+            run = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1")
+            assert run.wait(timeout=120, show_progress=False) == RunStatus.SUCCESS, run.summary()["error"].tolist()
+        assert {f.client for f in run.futures} == {own}
+    restored = ManyModelRun.restore_from("r1", url)
+    assert restored.status == RunStatus.SUCCESS
+    assert restored.summary()["status"].tolist() == ["DONE"] * 4
+
+
 ENDS_WITHOUT_WAIT = r"""
 import functools, os, sys, time
 import dask.dataframe as dd, distributed, logging, numpy as np, pandas as pd
@@ -121,6 +143,109 @@ def test_a_script_that_ends_while_its_run_goes_on_leaves_the_run_ended(tmp_path,
     if mode == "embedded":  # its client still ran: cancelled, as run.cancel() does
         assert restored.status == RunStatus.CANCELLED
         assert "cancelling it (call run.wait() to let it finish)" in out.stderr
+
+
+ENDS_WHILE_THREADS_WAIT = r"""
+import functools, logging, os, sys, threading, time
+import dask.dataframe as dd, distributed, numpy as np, pandas as pd
+import dask_manymodel
+from dask_manymodel import ExecutionOptions, ManyModelRun
+
+def zero_heartbeat():  # the workers ask whether the run was cancelled before every group
+    from dask_manymodel import engine
+    engine._HEARTBEAT_SECONDS = 0.0
+
+def held(gate, data, ctx):  # every group waits until the interpreter exits
+    deadline = time.monotonic() + 60
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.05)  # poll
+    return len(data)
+
+def in_function(thread, name):
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None and frame.f_code.co_name != name:
+        frame = frame.f_back
+    return frame is not None
+
+def poll(condition):
+    deadline = time.monotonic() + 60
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)  # poll
+
+def open_gate_at_exit(gate):  # a daemon: the interpreter does not wait for it
+    poll(lambda: in_function(threading.main_thread(), "_shutdown"))
+    open(gate, "w").close()
+
+def wait_in_thread(run, timeout):
+    try:
+        print("wait() returned", run.wait(timeout=timeout, show_progress=False).value)
+    except dask_manymodel.RunTimeoutError:
+        print("wait() gave up")
+
+if __name__ == "__main__":
+    url, mode = sys.argv[1], sys.argv[2]
+    gate = url + ".gate"
+    dask_manymodel.run._EXIT_CANCEL_SECONDS = 1.0  # held groups that nobody waits for: cut off soon
+    client = distributed.Client(distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.ERROR))
+    client.run(zero_heartbeat)
+    frame = pd.DataFrame({"store": np.repeat(np.arange(8), 2), "x": np.arange(16.0)})
+    ddf = dd.from_pandas(frame, npartitions=2)
+    run = ddf.manymodel.train(functools.partial(held, gate), by="store", url=url, run_id="r1",
+                              execution_options=ExecutionOptions(npartitions=2))
+    # "gives up": the thread waits 3 s, and the groups are held for good
+    waiter = threading.Thread(target=wait_in_thread, args=(run, 3 if mode == "gives up" else None))
+    waiter.start()
+    poll(lambda: in_function(waiter, "wait"))
+    if mode == "waits":
+        threading.Thread(target=open_gate_at_exit, args=(gate,), daemon=True).start()
+    # ... and the main thread ends; the interpreter waits for `waiter`
+"""
+
+
+@pytest.mark.parametrize("mode", ["waits", "gives up"])
+def test_a_run_a_thread_waits_on_goes_on_when_the_main_thread_ends(tmp_path, mode):
+    """The exit hook (which runs before the interpreter waits for its
+    threads) cancelled every run still going on, also those that threads
+    of the script were waiting on: run.wait() in a thread returned
+    CANCELLED, with the warning to call run.wait(). A thread that gives up
+    waiting (a timeout) leaves its run to the hook again."""
+    url = str(tmp_path / "models")
+    out = subprocess.run(
+        [sys.executable, "-c", ENDS_WHILE_THREADS_WAIT, url, mode], capture_output=True, text=True, timeout=240
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    restored = ManyModelRun.restore_from("r1", url)
+    if mode == "waits":
+        assert "wait() returned SUCCESS" in out.stdout, (out.stdout, out.stderr[-3000:])
+        assert "cancelling it" not in out.stderr
+        assert restored.status == RunStatus.SUCCESS
+        assert restored.summary()["status"].tolist() == ["DONE"] * 8
+    else:  # held until the groups' own deadline (60 s), then SUCCESS, had the exit waited on
+        assert "wait() gave up" in out.stdout, (out.stdout, out.stderr[-3000:])
+        assert "cancelling it" in out.stderr
+        assert restored.status != RunStatus.SUCCESS
+        assert "DONE" not in restored.summary()["status"].tolist()
+
+
+def test_the_exit_lists_the_live_runs_again_when_another_thread_changed_them(monkeypatch):
+    """Listing the live runs (a WeakValueDictionary) raises RuntimeError
+    when another thread starts or ends a run meanwhile; raised in the exit
+    hook, it skipped the rest of the interpreter's thread shutdown."""
+    import dask_manymodel.run as run_module
+
+    class ChangedOnce(dict):
+        calls = 0
+
+        def values(self):
+            ChangedOnce.calls += 1
+            if ChangedOnce.calls == 1:
+                raise RuntimeError("dictionary changed size during iteration")
+            return super().values()
+
+    monkeypatch.setattr(run_module, "_live_runs", ChangedOnce())
+    run_module.end_live_runs()
+    assert ChangedOnce.calls >= 2
 
 
 def run_of_halves(url, data, ctx):

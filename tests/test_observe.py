@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
 import re
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
-from dask_manymodel import ExecutionOptions, ManyModelRun, ReadOnlyRunError, RunStatus
+from dask_manymodel import ExecutionOptions, ManyModelRun, PartitionStatus, ReadOnlyRunError, RunStatus
 
 from .conftest import (
     fit_line,
@@ -153,6 +154,46 @@ def test_progress_of_a_running_run_from_another_handle(client, store_url):
     assert {k: len(v) for k, v in restored.get_progress().items()} == {"DONE": 20}
     with pytest.raises(ReadOnlyRunError):
         restored.wait()
+
+
+def test_a_status_read_as_it_is_written_is_no_warning_while_the_run_goes_on(client, store_url, caplog):
+    """Tasks write statuses in place (no rename), so a peek at a run in
+    progress (run.summary(), run.status, a handle restored in another
+    thread or process) can catch one cut short: no damage, but each such
+    peek logged "ignoring ... status file(s) that are not JSON" as a WARNING. Once the
+    run has ended, a status that does not parse is damage, still warned of."""
+    ddf = dd.from_pandas(make_frame(n_groups=20, rows=2), npartitions=2)
+    gate = os.path.join(store_url, "..", "release")
+    run = ddf.manymodel.train(functools.partial(group_zero_held, gate), by="store", url=store_url, run_id="r1",
+                              execution_options=ExecutionOptions(npartitions=2))
+    restored = ManyModelRun.restore_from("r1", store_url)
+    poll(lambda: bool(restored.get_progress().get("DONE")))
+    done = restored.get_progress()["DONE"][0]
+    # as a reader finds a status its task is writing: cut short
+    status_file = os.path.join(store_url, "r1", done.path, "_partition.json")
+    with open(status_file, "r+") as f:
+        text = f.read()
+        f.seek(0)
+        f.truncate()
+        f.write(text[: len(text) // 2])
+    unreadable = f"ignoring 1 status file(s) that are not JSON, such as {status_file}:"
+
+    def logged(records):
+        return any(record.getMessage().startswith(unreadable) for record in records)
+
+    with caplog.at_level(logging.DEBUG, logger="dask_manymodel.store"):
+        peek = ManyModelRun.restore_from("r1", store_url)
+        assert peek.partition_details[done.partition_id].status != PartitionStatus.DONE  # (read, left out)
+        assert peek.summary()["status"].tolist().count("DONE") < 20
+        run.summary()
+    assert logged(caplog.records)  # it was read cut short ...
+    assert not logged([r for r in caplog.records if r.levelno >= logging.WARNING])  # quietly
+    open(gate, "w").close()
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dask_manymodel.store"):
+        ManyModelRun.restore_from("r1", store_url).summary()
+    assert logged(caplog.records)  # a finished run's: damage
 
 
 def test_repr(finished):

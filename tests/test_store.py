@@ -219,3 +219,27 @@ def test_unicode_normalization_forms_are_distinct_folders():
     nfd = unicodedata.normalize("NFD", "café")
     assert nfc != nfd
     assert encode_value(nfc) != encode_value(nfd)
+
+
+def test_deleting_a_run_while_another_deleter_removes_its_files_is_no_error(tmp_path, monkeypatch):
+    """Two overwrites of one run started at once (two threads of a script)
+    both delete the run's old files: one's listing names folders the other
+    removes before this one reaches them. The start that had taken the run
+    over got a bare FileNotFoundError and marked the run FAILURE."""
+    store = RunStore(str(tmp_path), "r1")
+    store.write_bytes(store.path("_run.json"), b"{}")
+    for group in range(3):
+        store.write_bytes(store.path(f"g={group}", "model.pkl"), b"m")
+        store.write_bytes(store.path(f"g={group}", "_partition.json"), b"{}")
+    listing = store.fs.ls
+
+    def listed_then_raced(path, detail=False, **kwargs):
+        entries = listing(path, detail=detail, **kwargs)
+        store.fs.rm(store.path("g=1"), recursive=True)  # the other start's delete, between listing and removal
+        return entries
+
+    monkeypatch.setattr(store.fs, "ls", listed_then_raced)
+    store.delete_run(keep=("_run.json",))
+    monkeypatch.undo()
+    store.fs.invalidate_cache(store.root)
+    assert [posixpath.basename(p.rstrip("/")) for p in store.fs.ls(store.root, detail=False)] == ["_run.json"]
