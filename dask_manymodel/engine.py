@@ -20,6 +20,7 @@ import inspect
 import json
 import logging
 import os
+import math
 import pickle
 import posixpath
 import re
@@ -548,6 +549,38 @@ def run_exists(store: RunStore) -> bool:
 
 # --------------------------------------------------------------------------
 # assignment of groups to output partitions
+
+
+def planned_threads(client: distributed.Client) -> int:
+    """The worker threads the run's tasks are sized for: those of the
+    workers there now, or of the workers the cluster is to have, if more.
+
+    A cluster that scales has few workers when a run starts: ``scale(20)``
+    was just called and the workers are still starting (a batch job waits in
+    its queue), or ``adapt(minimum=1, maximum=20)`` starts one. Sized for the
+    workers present, the run had 4 tasks for 20 workers: 16 idled (adaptive
+    scaling asks for no more workers than there are tasks), and the tasks
+    ran where their input was, one worker running three of them. The cluster
+    object (``client.cluster``: a LocalCluster, dask-jobqueue's or
+    dask-kubernetes' SpecCluster) says how many workers it asked for, and an
+    adaptive one its finite maximum; they are counted with the threads of
+    the workers present. A client connected by address has no cluster object:
+    the workers present."""
+    nthreads = client.nthreads()
+    present = sum(nthreads.values())
+    cluster = getattr(client, "cluster", None)
+    try:
+        planned = len(cluster.plan) if cluster is not None else 0
+        adaptive = getattr(cluster, "_adaptive", None)
+        if adaptive is not None and getattr(adaptive, "state", None) in ("starting", "running"):
+            maximum = adaptive.maximum
+            if maximum is not None and not math.isinf(maximum):
+                planned = max(planned, int(maximum))
+    except Exception:  # a cluster class of its own: the workers present only
+        logger.debug("could not ask the cluster how many workers it plans", exc_info=True)
+        planned = 0
+    per_worker = present / len(nthreads) if nthreads else 1
+    return max(present, round(planned * per_worker), 1)
 
 
 def default_npartitions(threads: int, n_groups: int) -> int:
@@ -2386,7 +2419,7 @@ def _start_run(
             f"{by!r} column(s) one type (e.g. .astype(str))"
         )
 
-    threads = sum(client.nthreads().values()) or 1
+    threads = planned_threads(client)
     shuffle = needs_shuffle(counts, ddf.npartitions, threads, options.shuffle, options.npartitions is not None)
     shuffle_method = _shuffle_method(ddf, options.shuffle_method) if shuffle else None
     refused = _too_big_to_shuffle(counts, options, client, shuffle_method) if shuffle else {}

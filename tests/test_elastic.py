@@ -1,0 +1,79 @@
+"""Runs on clusters whose workers change: a run started while the cluster
+scales up (``cluster.scale(n)`` just called, ``cluster.adapt(...)``)."""
+
+from __future__ import annotations
+
+import logging
+
+import dask.dataframe as dd
+import distributed
+import pytest
+
+import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
+from dask_manymodel import RunStatus
+
+from .conftest import fit_line, make_frame
+
+
+@pytest.fixture
+def one_worker_cluster():
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
+    ) as cluster, distributed.Client(cluster, set_as_default=True) as client:
+        yield cluster, client
+
+
+def test_a_run_started_while_the_cluster_scales_up_has_tasks_for_the_workers_to_come(one_worker_cluster, tmp_path):
+    # as on a batch system: cluster.scale(3), and the run starts while the
+    # workers wait in the queue (here: until the test opens the gate).
+    # Sized for the one worker there at the start, the run had 4 tasks, and
+    # the workers that came later found little or nothing to do
+    cluster, client = one_worker_cluster
+    gate = tmp_path / "gate"
+    preload = tmp_path / "held_worker.py"
+    preload.write_text(
+        "import asyncio, os\n"
+        "async def dask_setup(worker):\n"
+        f"    while not os.path.exists({str(gate)!r}):\n"
+        "        await asyncio.sleep(0.05)  # poll\n"
+    )
+    cluster.new_spec["options"] = dict(cluster.new_spec["options"], preload=[str(preload)])
+    cluster.scale(3)
+    ddf = dd.from_pandas(make_frame(n_groups=24, rows=10), npartitions=2)
+    try:
+        run = ddf.manymodel.train(fit_line, by="store", url=str(tmp_path / "models"), run_id="r1")
+        assert len(client.nthreads()) == 1  # the others still held
+    finally:
+        gate.touch()
+
+    assert len(run.futures) == 12  # 4 per thread of the 3 workers
+    assert run.wait(timeout=120, show_progress=False) is RunStatus.SUCCESS
+    assert len(run.get_progress()["DONE"]) == 24
+
+
+def test_a_run_started_on_an_adaptive_cluster_has_tasks_for_its_maximum(one_worker_cluster, tmp_path):
+    # adaptive scaling asks for no more workers than there are tasks: sized
+    # for the one worker there at the start (4 tasks), the run never had
+    # more than 4 workers, whatever the maximum
+    cluster, client = one_worker_cluster
+    cluster.adapt(minimum=1, maximum=3)  # no task yet: it asks for no more worker
+    ddf = dd.from_pandas(make_frame(n_groups=24, rows=10), npartitions=2)
+
+    run = ddf.manymodel.train(fit_line, by="store", url=str(tmp_path / "models"), run_id="r1")
+
+    assert len(run.futures) == 12  # 4 per thread of the 3 workers
+    assert run.wait(timeout=120, show_progress=False) is RunStatus.SUCCESS
+    assert len(run.get_progress()["DONE"]) == 24
+
+
+def test_a_run_on_a_cluster_without_a_plan_has_tasks_for_the_workers_there(one_worker_cluster, tmp_path):
+    # an adaptive cluster with no maximum says nothing of the workers to come
+    cluster, client = one_worker_cluster
+    cluster.adapt(minimum=1, interval="1h")  # running, and adding no worker during the test
+    ddf = dd.from_pandas(make_frame(n_groups=24, rows=10), npartitions=2)
+
+    run = ddf.manymodel.train(fit_line, by="store", url=str(tmp_path / "models"), run_id="r1")
+
+    assert len(run.futures) == 4  # the one worker's thread
+    assert run.wait(timeout=120, show_progress=False) is RunStatus.SUCCESS
+
