@@ -521,6 +521,31 @@ def warn_if_no_worker_offers(resources: dict | None, client: distributed.Client)
     )
 
 
+def warn_if_no_workers(client: distributed.Client) -> None:
+    """Warn when the cluster has no worker now and its cluster object asks
+    for none: the run's first step (counting the groups) waits, inside
+    ``train()``, before any handle exists, until a worker joins, without a
+    word. A warning, not an error: a worker may be started by hand, or by a
+    cluster this process cannot see (a client connected by address)."""
+    if client.nthreads():
+        return
+    cluster = getattr(client, "cluster", None)
+    try:
+        adaptive = getattr(cluster, "_adaptive", None)
+        if cluster is not None and (cluster.plan or getattr(adaptive, "state", None) in ("starting", "running")):
+            return  # workers asked for (scale(n), adapt): they are on their way
+    except Exception:  # a cluster class of its own: no evidence either way
+        logger.debug("could not ask the cluster which workers it plans", exc_info=True)
+    warnings.warn(
+        f"the cluster ({client.scheduler.address}) has no workers, and none are asked for; the run waits "
+        f"(this call does not return) until a worker joins. Start workers (cluster.scale(2), "
+        f"cluster.adapt(minimum=1, maximum=...), or dask worker <scheduler address>); nothing of the run "
+        f"is written before then",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
 def workers_resources(client: distributed.Client) -> list[dict] | None:
     """Every worker's resources, asked of the scheduler (``scheduler_info``
     lists only the first few in newer distributed); None if it would not say."""
@@ -2357,6 +2382,7 @@ def _start_run(
     # 2. count rows per group: the only compute before anything is written --
     client = get_or_start_client()
     check_workers_share_store(store, client)
+    warn_if_no_workers(client)
     warn_if_no_worker_offers(options.resources, client)
     # read the input once: the count and the run both start from its
     # persisted partitions (a run persists its shuffled rows anyway, so this

@@ -1,9 +1,12 @@
 """Runs on clusters whose workers change: a run started while the cluster
-scales up (``cluster.scale(n)`` just called, ``cluster.adapt(...)``)."""
+scales up (``cluster.scale(n)`` just called, ``cluster.adapt(...)``), or on
+a cluster of no worker."""
 
 from __future__ import annotations
 
 import logging
+import threading
+import warnings
 
 import dask.dataframe as dd
 import distributed
@@ -12,7 +15,7 @@ import pytest
 import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
 from dask_manymodel import RunStatus
 
-from .conftest import fit_line, make_frame
+from .conftest import fit_line, make_frame, poll
 
 
 @pytest.fixture
@@ -77,3 +80,44 @@ def test_a_run_on_a_cluster_without_a_plan_has_tasks_for_the_workers_there(one_w
     assert len(run.futures) == 4  # the one worker's thread
     assert run.wait(timeout=120, show_progress=False) is RunStatus.SUCCESS
 
+
+def test_a_run_on_a_cluster_of_no_worker_says_so_and_starts_when_one_joins(tmp_path):
+    # train() waits, before it returns a handle, until a worker joins: it
+    # did so without a word on a cluster that asked for none
+    with distributed.LocalCluster(
+        n_workers=0, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
+    ) as cluster, distributed.Client(cluster, set_as_default=True) as client:
+        ddf = dd.from_pandas(make_frame(n_groups=4, rows=10), npartitions=2)
+        url = tmp_path / "models"
+        started: dict = {}
+
+        def start() -> None:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                started["warnings"] = caught
+                with client.as_current():
+                    started["run"] = ddf.manymodel.train(fit_line, by="store", url=str(url), run_id="r1")
+
+        thread = threading.Thread(target=start, daemon=True)
+        thread.start()
+        try:
+            poll(lambda: any("has no workers" in str(w.message) for w in started.get("warnings", [])))
+            message = next(str(w.message) for w in started["warnings"] if "has no workers" in str(w.message))
+            assert "until a worker joins" in message and "cluster.scale(" in message
+            assert not (url / "r1").exists()  # nothing written while it waits
+        finally:
+            cluster.scale(1)  # as the warning says: the run starts
+            thread.join(120)
+        assert started["run"].wait(timeout=120, show_progress=False) is RunStatus.SUCCESS
+
+
+def test_a_run_on_a_cluster_whose_workers_are_asked_for_does_not_warn(tmp_path):
+    with distributed.LocalCluster(
+        n_workers=0, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
+    ) as cluster, distributed.Client(cluster, set_as_default=True):
+        cluster.adapt(minimum=0, maximum=1)
+        ddf = dd.from_pandas(make_frame(n_groups=4, rows=10), npartitions=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            run = ddf.manymodel.train(fit_line, by="store", url=str(tmp_path / "models"), run_id="r1")
+        assert run.wait(timeout=120, show_progress=False) is RunStatus.SUCCESS
