@@ -12,6 +12,7 @@ model never travels back to the client, only a small record per group.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import datetime
 import functools
@@ -2421,6 +2422,19 @@ def _start_run(
     spec_future = send_spec(spec, client)
     try:
         counts = counting.result()
+    except concurrent.futures.CancelledError as exc:
+        if not any(future.cancelled() for future in partitions):
+            raise
+        # the persisted input is gone from the cluster: Dask names only the
+        # count's task ("lost dependencies"), not what happened nor what to do
+        raise InvalidArgumentError(
+            f"cannot start run {run_id!r}: the dataframe's persisted partitions are gone from the cluster "
+            f"(client.restart() drops every persisted partition), and it holds nothing to compute them "
+            f"again from (persisting it again persists the same gone partitions). Build the dataframe again "
+            f"from its source (dd.read_parquet(...), then .persist() if you like) and start the run with "
+            f"it; to keep the DONE groups of an earlier start (whose retry_failed() reads the gone "
+            f"partitions), pass on_existing_artifacts='resume'. Nothing of this start was written"
+        ) from exc
     except TypeError as exc:
         raise InvalidArgumentError(
             f"cannot group by {by!r}: {exc}; group values must be hashable scalars "

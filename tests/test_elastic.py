@@ -13,7 +13,7 @@ import distributed
 import pytest
 
 import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
-from dask_manymodel import RunStatus
+from dask_manymodel import InvalidArgumentError, RunStatus
 
 from .conftest import fit_line, make_frame, poll
 
@@ -121,3 +121,34 @@ def test_a_run_on_a_cluster_whose_workers_are_asked_for_does_not_warn(tmp_path):
             warnings.simplefilter("error")
             run = ddf.manymodel.train(fit_line, by="store", url=str(tmp_path / "models"), run_id="r1")
         assert run.wait(timeout=120, show_progress=False) is RunStatus.SUCCESS
+
+
+def test_a_run_over_partitions_a_restart_dropped_says_so_and_resumes_once_persisted_again(one_worker_cluster, tmp_path):
+    # client.restart() drops every persisted partition: the run's count failed
+    # with Dask's "('manymodel-count-...-combine-1', 0) cancelled for reason:
+    # lost dependencies", naming neither the input nor what to do
+    cluster, client = one_worker_cluster
+    url = str(tmp_path / "models")
+    def from_source():
+        return dd.from_pandas(make_frame(n_groups=4, rows=10), npartitions=2)
+
+    ddf = from_source().persist()
+    distributed.wait(ddf)
+    run = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1")
+    assert run.wait(timeout=120, show_progress=False) is RunStatus.SUCCESS
+    client.restart()
+
+    with pytest.raises(InvalidArgumentError, match="persisted partitions are gone from the cluster") as caught:
+        run.retry_failed()
+    assert "Build the dataframe again from its source" in str(caught.value)
+    assert "on_existing_artifacts='resume'" in str(caught.value)
+    with pytest.raises(InvalidArgumentError, match="persisted partitions are gone"):
+        ddf.manymodel.train(fit_line, by="store", url=url, run_id="r2")
+    assert not (tmp_path / "models" / "r2").exists()
+
+    with pytest.raises(InvalidArgumentError, match="persisted partitions are gone"):
+        ddf.persist().manymodel.train(fit_line, by="store", url=url, run_id="r2")  # the same gone partitions
+    again = from_source().persist()  # as the error says
+    resumed = again.manymodel.train(fit_line, by="store", url=url, run_id="r1", on_existing_artifacts="resume")
+    assert resumed.wait(timeout=120, show_progress=False) is RunStatus.SUCCESS
+    assert len(resumed.get_progress()["DONE"]) == 4
