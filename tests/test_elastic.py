@@ -1,9 +1,10 @@
 """Runs on clusters whose workers change: a run started while the cluster
-scales up (``cluster.scale(n)`` just called, ``cluster.adapt(...)``), or on
-a cluster of no worker."""
+scales up (``cluster.scale(n)`` just called, ``cluster.adapt(...)``), on a
+cluster of no worker, one that lost every worker, or after ``client.restart()``."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import warnings
@@ -13,9 +14,9 @@ import distributed
 import pytest
 
 import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
-from dask_manymodel import InvalidArgumentError, RunStatus
+from dask_manymodel import ExecutionOptions, InvalidArgumentError, ManyModelRun, PartitionStatus, RunStatus
 
-from .conftest import fit_line, make_frame, poll
+from .conftest import fit_line, group_zero_held, make_frame, poll
 
 
 @pytest.fixture
@@ -152,3 +153,30 @@ def test_a_run_over_partitions_a_restart_dropped_says_so_and_resumes_once_persis
     resumed = again.manymodel.train(fit_line, by="store", url=url, run_id="r1", on_existing_artifacts="resume")
     assert resumed.wait(timeout=120, show_progress=False) is RunStatus.SUCCESS
     assert len(resumed.get_progress()["DONE"]) == 4
+
+
+def test_cancel_of_a_run_whose_cluster_has_no_worker_left(tmp_path):
+    # the cluster scaled to zero (its jobs hit their walltime, its nodes were
+    # reclaimed) while the run waited: its tasks would never start to see the
+    # cancel, and cancel() waited for them until its timeout, the run left
+    # IN_PROGRESS in storage
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
+    ) as cluster, distributed.Client(cluster, set_as_default=True) as client:
+        url = str(tmp_path / "models")
+        gate = str(tmp_path / "gate")
+        ddf = dd.from_pandas(make_frame(n_groups=8, rows=10), npartitions=2)
+        run = ddf.manymodel.train(
+            functools.partial(group_zero_held, gate), by="store", url=url, run_id="r1",
+            execution_options=ExecutionOptions(npartitions=4),
+        )
+        poll(lambda: run.partition_details[0].status is PartitionStatus.RUNNING)
+        cluster.scale(0)
+        poll(lambda: not client.nthreads())
+        open(gate, "w").close()  # (a worker that comes back would finish group 0)
+
+        assert run.cancel(timeout=60) is RunStatus.CANCELLED
+        statuses = set(run.summary()["status"])
+        assert "CANCELLED" in statuses and statuses <= {"CANCELLED", "DONE"}
+        stored = ManyModelRun.restore_from("r1", url)
+        assert stored.status is RunStatus.CANCELLED and len(stored.summary()) == 8
