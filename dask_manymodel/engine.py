@@ -2201,10 +2201,15 @@ def _died_in_group_message(
             f"it again with retry_failed(); on workers with one thread each, a group that takes its "
             f"worker down is named"
         )
+    # a worker stopped from outside (a preempted node, a worker killed rather
+    # than retired) dies the same way, and Dask counts it the same: on a
+    # cluster that does that, a long group can meet it in two tries in a row
     return (
         f"{died}, in a later try of its task (Dask runs a task again when its worker dies): the "
         f"function, or saving its model, needs more memory than a worker has, or crashed the process "
-        f"(native code, os._exit); {then}"
+        f"(native code, os._exit); {then}. Unless its workers were stopped from outside while it ran, "
+        f"in each try (preempted or spot nodes, workers killed rather than retired): then the group is "
+        f"not at fault, and retry_failed() runs it again"
     )
 
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import signal
 import threading
+import time
 import warnings
 
 import dask.dataframe as dd
@@ -180,3 +183,33 @@ def test_cancel_of_a_run_whose_cluster_has_no_worker_left(tmp_path):
         assert "CANCELLED" in statuses and statuses <= {"CANCELLED", "DONE"}
         stored = ManyModelRun.restore_from("r1", url)
         assert stored.status is RunStatus.CANCELLED and len(stored.summary()) == 8
+
+
+def stopped_from_outside_twice(folder, data, ctx):
+    """Group 0's worker is stopped (SIGTERM, as a preempted node's) while the
+    group runs, in the first two tries of its task."""
+    if ctx.partition_id == 0:
+        tries = len(os.listdir(folder))
+        if tries < 2:
+            open(os.path.join(folder, str(tries)), "w").close()
+            os.kill(os.getpid(), signal.SIGTERM)
+            while True:
+                time.sleep(0.05)  # poll: until the stop arrives
+    return fit_line(data, ctx)
+
+
+def test_a_group_whose_worker_is_stopped_from_outside_twice_is_not_only_blamed(one_worker_cluster, tmp_path):
+    # on a cluster of preemptible nodes, a long group met a stop in two tries
+    # in a row: FAILED, its error naming only memory or a crash of its own
+    folder = tmp_path / "tries"
+    folder.mkdir()
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=10), npartitions=1)
+    run = ddf.manymodel.train(
+        functools.partial(stopped_from_outside_twice, str(folder)), by="store", url=str(tmp_path / "models"),
+        run_id="r1", execution_options=ExecutionOptions(npartitions=1),
+    )
+    assert run.wait(timeout=120, show_progress=False) is RunStatus.PARTIAL_FAILURE
+    error = run.partition_details[0].error
+    assert "died while the group ran" in error and "needs more memory" in error
+    assert "stopped from outside" in error and "retry_failed()" in error
+    assert len(run.get_progress()["DONE"]) == 3
