@@ -12,6 +12,7 @@ model never travels back to the client, only a small record per group.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import datetime
 import errno
@@ -21,6 +22,7 @@ import inspect
 import json
 import logging
 import os
+import math
 import pickle
 import posixpath
 import re
@@ -521,6 +523,31 @@ def warn_if_no_worker_offers(resources: dict | None, client: distributed.Client)
     )
 
 
+def warn_if_no_workers(client: distributed.Client) -> None:
+    """Warn when the cluster has no worker now and its cluster object asks
+    for none: the run's first step (counting the groups) waits, inside
+    ``train()``, before any handle exists, until a worker joins, without a
+    word. A warning, not an error: a worker may be started by hand, or by a
+    cluster this process cannot see (a client connected by address)."""
+    if client.nthreads():
+        return
+    cluster = getattr(client, "cluster", None)
+    try:
+        adaptive = getattr(cluster, "_adaptive", None)
+        if cluster is not None and (cluster.plan or getattr(adaptive, "state", None) in ("starting", "running")):
+            return  # workers asked for (scale(n), adapt): they are on their way
+    except Exception:  # a cluster class of its own: no evidence either way
+        logger.debug("could not ask the cluster which workers it plans", exc_info=True)
+    warnings.warn(
+        f"the cluster ({client.scheduler.address}) has no workers, and none are asked for; the run waits "
+        f"(this call does not return) until a worker joins. Start workers (cluster.scale(2), "
+        f"cluster.adapt(minimum=1, maximum=...), or dask worker <scheduler address>); nothing of the run "
+        f"is written before then",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
 def workers_resources(client: distributed.Client) -> list[dict] | None:
     """Every worker's resources, asked of the scheduler (``scheduler_info``
     lists only the first few in newer distributed); None if it would not say."""
@@ -549,6 +576,38 @@ def run_exists(store: RunStore) -> bool:
 
 # --------------------------------------------------------------------------
 # assignment of groups to output partitions
+
+
+def planned_threads(client: distributed.Client) -> int:
+    """The worker threads the run's tasks are sized for: those of the
+    workers there now, or of the workers the cluster is to have, if more.
+
+    A cluster that scales has few workers when a run starts: ``scale(20)``
+    was just called and the workers are still starting (a batch job waits in
+    its queue), or ``adapt(minimum=1, maximum=20)`` starts one. Sized for the
+    workers present, the run had 4 tasks for 20 workers: 16 idled (adaptive
+    scaling asks for no more workers than there are tasks), and the tasks
+    ran where their input was, one worker running three of them. The cluster
+    object (``client.cluster``: a LocalCluster, dask-jobqueue's or
+    dask-kubernetes' SpecCluster) says how many workers it asked for, and an
+    adaptive one its finite maximum; they are counted with the threads of
+    the workers present. A client connected by address has no cluster object:
+    the workers present."""
+    nthreads = client.nthreads()
+    present = sum(nthreads.values())
+    cluster = getattr(client, "cluster", None)
+    try:
+        planned = len(cluster.plan) if cluster is not None else 0
+        adaptive = getattr(cluster, "_adaptive", None)
+        if adaptive is not None and getattr(adaptive, "state", None) in ("starting", "running"):
+            maximum = adaptive.maximum
+            if maximum is not None and not math.isinf(maximum):
+                planned = max(planned, int(maximum))
+    except Exception:  # a cluster class of its own: the workers present only
+        logger.debug("could not ask the cluster how many workers it plans", exc_info=True)
+        planned = 0
+    per_worker = present / len(nthreads) if nthreads else 1
+    return max(present, round(planned * per_worker), 1)
 
 
 def default_npartitions(threads: int, n_groups: int) -> int:
@@ -2188,10 +2247,15 @@ def _died_in_group_message(
             f"it again with retry_failed(); on workers with one thread each, a group that takes its "
             f"worker down is named"
         )
+    # a worker stopped from outside (a preempted node, a worker killed rather
+    # than retired) dies the same way, and Dask counts it the same: on a
+    # cluster that does that, a long group can meet it in two tries in a row
     return (
         f"{died}, in a later try of its task (Dask runs a task again when its worker dies): the "
         f"function, or saving its model, needs more memory than a worker has, or crashed the process "
-        f"(native code, os._exit); {then}"
+        f"(native code, os._exit); {then}. Unless its workers were stopped from outside while it ran, "
+        f"in each try (preempted or spot nodes, workers killed rather than retired): then the group is "
+        f"not at fault, and retry_failed() runs it again"
     )
 
 
@@ -2370,6 +2434,7 @@ def _start_run(
     # 2. count rows per group: the only compute before anything is written --
     client = get_or_start_client()
     check_workers_share_store(store, client)
+    warn_if_no_workers(client)
     warn_if_no_worker_offers(options.resources, client)
     # read the input once: the count and the run both start from its
     # persisted partitions (a run persists its shuffled rows anyway, so this
@@ -2408,6 +2473,19 @@ def _start_run(
     spec_future = send_spec(spec, client)
     try:
         counts = counting.result()
+    except concurrent.futures.CancelledError as exc:
+        if not any(future.cancelled() for future in partitions):
+            raise
+        # the persisted input is gone from the cluster: Dask names only the
+        # count's task ("lost dependencies"), not what happened nor what to do
+        raise InvalidArgumentError(
+            f"cannot start run {run_id!r}: the dataframe's persisted partitions are gone from the cluster "
+            f"(client.restart() drops every persisted partition), and it holds nothing to compute them "
+            f"again from (persisting it again persists the same gone partitions). Build the dataframe again "
+            f"from its source (dd.read_parquet(...), then .persist() if you like) and start the run with "
+            f"it; to keep the DONE groups of an earlier start (whose retry_failed() reads the gone "
+            f"partitions), pass on_existing_artifacts='resume'. Nothing of this start was written"
+        ) from exc
     except TypeError as exc:
         raise InvalidArgumentError(
             f"cannot group by {by!r}: {exc}; group values must be hashable scalars "
@@ -2432,7 +2510,7 @@ def _start_run(
             f"{by!r} column(s) one type (e.g. .astype(str))"
         )
 
-    threads = sum(client.nthreads().values()) or 1
+    threads = planned_threads(client)
     shuffle = needs_shuffle(counts, ddf.npartitions, threads, options.shuffle, options.npartitions is not None)
     shuffle_method = _shuffle_method(ddf, options.shuffle_method) if shuffle else None
     refused = _too_big_to_shuffle(counts, options, client, shuffle_method) if shuffle else {}

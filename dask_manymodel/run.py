@@ -1084,9 +1084,11 @@ class ManyModelRun:
         not yet started become CANCELLED. Returns the final status once every
         task has stopped.
 
-        Tasks that need resources no worker offers
-        (``ExecutionOptions(resources=...)``) would never start; they are
-        dropped, and their groups become CANCELLED too. Raises
+        Tasks that no worker can run, because they need resources no worker
+        offers (``ExecutionOptions(resources=...)``) or because the cluster
+        has no worker left (scaled to zero, its jobs or nodes gone), would
+        never start; they are dropped, and their groups become CANCELLED
+        too. Raises
         :class:`RunTimeoutError` if the run has not stopped after ``timeout``
         seconds (None: wait as long as it takes).
         """
@@ -1101,8 +1103,9 @@ class ManyModelRun:
         deadline = None if timeout is None else time.monotonic() + timeout
         with outside_the_worker_pool():  # (in a Dask task: see start_run)
             while True:
-                # tasks that need resources no worker offers would never start to
-                # see the event: drop them, their groups become CANCELLED. Asked
+                # tasks that need resources no worker offers, or on a cluster of
+                # no worker, would never start to see the event: drop them, their
+                # groups become CANCELLED. Asked
                 # again while waiting: a task may reach the scheduler only now, or
                 # lose the one worker that could run it
                 unrunnable = self._tasks_no_worker_can_run()
@@ -1114,15 +1117,15 @@ class ManyModelRun:
                     raise RunTimeoutError(f"run {self.run_id!r} did not stop within {timeout}s")
 
     def _tasks_no_worker_can_run(self) -> set:
-        """Keys of this run's tasks that have not started and need resources
-        that no worker of the cluster offers now."""
+        """Keys of this run's tasks that have not started and that no worker
+        of the cluster can run now: they need resources that none offers, or
+        there is no worker (a cluster scaled to zero, or whose workers all
+        went: cancel() waited for ever for them to start)."""
         from .engine import some_worker_offers, workers_resources
 
         needs = self._spec.options.resources  # every task of the run needs the same
-        if not needs:
-            return set()
         offered = workers_resources(self._client)
-        if offered is None or some_worker_offers(needs, offered):
+        if offered is None or (offered and (not needs or some_worker_offers(needs, offered))):
             return set()
         keys = [f.key for f in self._futures]
         try:
