@@ -21,8 +21,8 @@ import heapq
 import inspect
 import json
 import logging
-import os
 import math
+import os
 import pickle
 import posixpath
 import re
