@@ -147,6 +147,26 @@ def check_function(func: Any, kind: str) -> Callable:
     return func
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def user_stack_level() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` that names the user's line:
+    the first frame outside this package (as pandas' ``find_stack_level``).
+    A fixed level named a line of the package for some entry points, and
+    Python shows a warning once per line it names: a second run in a
+    notebook with the same problem was not warned of."""
+    frame = inspect.currentframe()
+    level = 0
+    try:
+        while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+            frame = frame.f_back
+            level += 1
+    finally:
+        del frame  # no reference cycle through the frames
+    return level
+
+
 # What a user function carries along travels to every worker with it: its
 # closure, a partial's arguments, and the globals it uses when it is defined
 # in a notebook or script (cloudpickle sends such functions by value). Above
@@ -175,7 +195,7 @@ def warn_if_function_carries_large_data(func: Callable, kind: str) -> None:
         f"the dataframe or read it inside the function instead; if every group needs all of it, this "
         f"is expected",
         UserWarning,
-        stacklevel=4,
+        stacklevel=user_stack_level(),
     )
 
 
@@ -519,7 +539,7 @@ def warn_if_no_worker_offers(resources: dict | None, client: distributed.Client)
         f"Start such workers (dask worker ... --resources \"GPU=1\"), or leave resources out of "
         f"ExecutionOptions",
         UserWarning,
-        stacklevel=4,
+        stacklevel=user_stack_level(),
     )
 
 
@@ -544,7 +564,7 @@ def warn_if_no_workers(client: distributed.Client) -> None:
         f"cluster.adapt(minimum=1, maximum=...), or dask worker <scheduler address>); nothing of the run "
         f"is written before then",
         UserWarning,
-        stacklevel=4,
+        stacklevel=user_stack_level(),
     )
 
 

@@ -780,6 +780,35 @@ def test_a_function_that_carries_large_data_gets_a_warning(client, ddf, tmp_path
     assert "later" in run.partition_details[0].error
 
 
+def test_a_warning_names_the_users_line(client, ddf, tmp_path, monkeypatch):
+    """A warning named a line of the package (a fixed stacklevel), and Python
+    shows a warning once per line it names: a notebook's second run with the
+    same problem, from another cell, got none. It names the caller's line,
+    from either API."""
+    from dask_manymodel import ManyModelTraining, engine
+
+    monkeypatch.setattr(engine, "_LARGE_FUNCTION_BYTES", 2**20)  # 1 MiB instead of 100
+    weights = np.ones(2**18)  # 2 MiB
+
+    def train_with_weights(data, ctx):
+        return fit_line(data, ctx) * weights[0]
+
+    def start(run_id):  # the same line of this file starts every run
+        return ddf.manymodel.train(train_with_weights, by="store", url=str(tmp_path), run_id=run_id)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own: once per line named
+        runs = [start("r1"), start("r2")]
+        runs.append(ManyModelTraining(train_with_weights, str(tmp_path)).run(
+            partition_by="store", dataframe=ddf, run_id="r3"))
+    carried = [w for w in caught if "carries 'weights'" in str(w.message)]
+    # start()'s line (for one run or both: Python forgets what it showed when a
+    # filter changes, as the cluster's code does) and the class API's
+    assert len(carried) >= 2 and {os.path.basename(w.filename) for w in carried} == {"test_train.py"}
+    assert len({w.lineno for w in carried}) == 2
+    assert all(run.wait(show_progress=False) == RunStatus.SUCCESS for run in runs)
+
+
 def test_embedded_cluster_without_a_client(tmp_path):
     script = textwrap.dedent(
         f"""
