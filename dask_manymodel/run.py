@@ -327,12 +327,18 @@ def end_live_runs() -> None:
     ended while its threads waited on their runs had those runs CANCELLED
     under their ``wait()``. Such runs are waited for first, as long as a
     thread waits on them (one may give up, ``wait(timeout=...)``, or go on
-    to wait on a run it started earlier)."""
-    while True:
-        waited_on = [run for run in _live_run_list() if run._waited_on_elsewhere()]
-        if not waited_on:
-            break
-        waited_on[0]._finished.wait(_EXIT_WAITED_ON_RECHECK_SECONDS)
+    to wait on a run it started earlier). Ctrl-C while it waits ends the
+    wait: those runs are cancelled as the others."""
+    try:
+        while True:
+            waited_on = [run for run in _live_run_list() if run._waited_on_elsewhere()]
+            if not waited_on:
+                break
+            waited_on[0]._finished.wait(_EXIT_WAITED_ON_RECHECK_SECONDS)
+    except KeyboardInterrupt:
+        # out of this hook, the interpreter would neither join the threads
+        # nor end the runs: left IN_PROGRESS, their tasks going on
+        logger.warning("interrupted while waiting for the runs that threads wait on: cancelling them")
     for run in _live_run_list():
         if run._finished.is_set():
             continue
