@@ -1225,12 +1225,18 @@ def _save_output(spec: RunSpec, result: Any, frame: pd.DataFrame, rel: str) -> t
                 f"from the group; name it otherwise, e.g. series.rename({PREDICTION_COLUMN!r})"
             )
         values = result.to_numpy()
-        if not result.index.equals(frame.index) and result.index.is_unique:
+        if (
+            result.index.names == frame.index.names
+            and not result.index.equals(frame.index)
+            and result.index.is_unique
+        ):
             # a Series computed from the group's frame sorted (by its date, as
             # a time series must be) carries the frame's labels in another
             # order: aligned on them, as df.assign aligns. Taken by position,
             # each value landed on another row. Any other index (dates, a
-            # fresh one) is not the frame's: its values are taken in row order
+            # fresh one, a column's: set_index("day") of days 0..n-1 in any
+            # order would pass for the frame's labels, hence the names) is not
+            # the frame's: its values are taken in row order
             positions = frame.index.get_indexer(result.index)
             if (positions >= 0).all():
                 values = values[np.argsort(positions)]
