@@ -1301,15 +1301,20 @@ class ManyModelRun:
                 f"group {partition_id!r} of run {self.run_id!r} has no model: it is {status}{error}"
             )
         serde = self._model_serde()
-        try:
-            # on local disk read in place: no copy in the temp folder
-            with self._store.local_file(self._store.path(group["path"], serde.filename), serde.filename) as local:
-                return serde.read(local)
-        except FileNotFoundError:
-            raise ModelNotAvailableError(
-                f"group {partition_id!r} of run {self.run_id!r} is DONE, but its model file "
-                f"{self._store.display(group['path'], serde.filename)} is missing (deleted since?)"
-            ) from None
+        with contextlib.ExitStack() as stack:
+            try:
+                # on local disk read in place: no copy in the temp folder
+                local = stack.enter_context(
+                    self._store.local_file(self._store.path(group["path"], serde.filename), serde.filename)
+                )
+            except FileNotFoundError:
+                raise ModelNotAvailableError(
+                    f"group {partition_id!r} of run {self.run_id!r} is DONE, but its model file "
+                    f"{self._store.display(group['path'], serde.filename)} is missing (deleted since?)"
+                ) from None
+            # not in the try: a FileNotFoundError of the model's own loading
+            # (a file it opens as it is unpickled) names that file, not this one
+            return serde.read(local)
 
     # ------------------------------------------------------------------
     # inference output
