@@ -1370,9 +1370,10 @@ def _load_model(
     def read(local: str) -> Any:
         try:
             return spec.serde.read(local)
-        except FileNotFoundError as exc:
-            raise missing from exc
         except BaseException as exc:  # the model's own unpickling may raise anything
+            if isinstance(exc, FileNotFoundError) and not os.path.lexists(local):
+                raise missing from exc
+            # (the model file there: a file the model opens as it is unpickled is missing)
             raise _UserError(
                 f"{type(spec.serde).__name__} could not read model file "
                 f"{training.display(rel, spec.serde.filename)}: {error_line(exc)}"

@@ -278,7 +278,8 @@ class LoadsAFileOfItsOwn:
 def test_get_model_says_which_file_the_models_own_loading_misses(client, tmp_path):
     """A FileNotFoundError of the model's own unpickling was said as the
     model file missing ("is DONE, but its model file .../model.pkl is
-    missing (deleted since?)"), with the model file there."""
+    missing (deleted since?)"; in a predict, "model file .../model.pkl is
+    missing"), with the model file there."""
     url = str(tmp_path / "models")
     table = tmp_path / "table.txt"
     table.write_text("a b c")
@@ -290,10 +291,20 @@ def test_get_model_says_which_file_the_models_own_loading_misses(client, tmp_pat
     with pytest.raises(FileNotFoundError, match="table.txt") as raised:
         ManyModelRun.restore_from("r1", url).get_model(1)
     assert not isinstance(raised.value, ManyModelError)
+    # a predict's group said the same: "model file .../model.pkl is missing"
+    inf = ddf.manymodel.predict(predict_nothing, by="store", url=url, training_run_id="r1", run_id="s1")
+    assert inf.wait(show_progress=False) == RunStatus.FAILURE
+    error = inf.partition_details[1].error
+    assert "PickleSerde could not read model file" in error and "table.txt" in error, error
+    assert "is missing" not in error
 
 
 def keeps_a_table(path, data, ctx):
     return LoadsAFileOfItsOwn(path)
+
+
+def predict_nothing(data, model, ctx):
+    return None
 
 
 class DiskFullSerde(PickleSerde):
