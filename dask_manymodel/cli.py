@@ -76,6 +76,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
     by_folder = {posixpath.basename(posixpath.dirname(path)): data for path, data in found.items()}
     for folder, data in sorted(by_folder.items()):
         if isinstance(data, Exception):  # there, but access denied or an I/O error
+            if _cannot_list(fs, posixpath.join(base, folder)):
+                continue  # the folder itself is closed (a disk's lost+found): not known to hold a run
             rows.append({"run_id": folder, "status": f"unreadable {RUN_MANIFEST}",
                          "note": f"{type(data).__name__}: {data}"})
             continue
@@ -108,6 +110,19 @@ def cmd_runs(args: argparse.Namespace) -> int:
     columns = ["run_id", "kind", "status", "groups", "created"]
     print(_table(rows, columns + ["note"] if any("note" in r for r in rows) else columns))
     return 0
+
+
+def _cannot_list(fs: Any, folder: str) -> bool:
+    """Whether listing ``folder`` is refused: then what it holds is not
+    known, and a ``_run.json`` that cannot be read there is no evidence of a
+    run (a mount's ``lost+found``, root's and closed to others)."""
+    try:
+        fs.ls(folder, detail=False)
+    except PermissionError:
+        return True
+    except Exception:  # another error: the _run.json's own says more
+        return False
+    return False
 
 
 def _status_from_groups(args: argparse.Namespace, run_id: str, stored: str) -> str:

@@ -1304,12 +1304,18 @@ def _save_output(spec: RunSpec, result: Any, frame: pd.DataFrame, rel: str) -> t
                 f"from the group; name it otherwise, e.g. series.rename({PREDICTION_COLUMN!r})"
             )
         values = result.to_numpy()
-        if not result.index.equals(frame.index) and result.index.is_unique:
+        if (
+            result.index.names == frame.index.names
+            and not result.index.equals(frame.index)
+            and result.index.is_unique
+        ):
             # a Series computed from the group's frame sorted (by its date, as
             # a time series must be) carries the frame's labels in another
             # order: aligned on them, as df.assign aligns. Taken by position,
             # each value landed on another row. Any other index (dates, a
-            # fresh one) is not the frame's: its values are taken in row order
+            # fresh one, a column's: set_index("day") of days 0..n-1 in any
+            # order would pass for the frame's labels, hence the names) is not
+            # the frame's: its values are taken in row order
             positions = frame.index.get_indexer(result.index)
             if (positions >= 0).all():
                 values = values[np.argsort(positions)]
@@ -1443,9 +1449,10 @@ def _load_model(
     def read(local: str) -> Any:
         try:
             return spec.serde.read(local)
-        except FileNotFoundError as exc:
-            raise missing from exc
         except BaseException as exc:  # the model's own unpickling may raise anything
+            if isinstance(exc, FileNotFoundError) and not os.path.lexists(local):
+                raise missing from exc
+            # (the model file there: a file the model opens as it is unpickled is missing)
             raise _UserError(
                 f"{type(spec.serde).__name__} could not read model file "
                 f"{training.display(rel, spec.serde.filename)}: {error_line(exc)}"

@@ -310,6 +310,10 @@ _EXIT_CANCEL_SECONDS = 10.0
 _EXIT_RECORD_SECONDS = 30.0
 # ... and how often it looks again whether a thread still waits on a run
 _EXIT_WAITED_ON_RECHECK_SECONDS = 0.2
+# A thread that left wait() this recently, the run going on, still counts as
+# waiting on it: a loop of wait(timeout=...) that says the progress between
+# (a summary() reads storage) is out of wait() for a moment each time
+_EXIT_WAIT_AGAIN_SECONDS = 5.0
 
 
 def end_live_runs() -> None:
@@ -327,12 +331,20 @@ def end_live_runs() -> None:
     ended while its threads waited on their runs had those runs CANCELLED
     under their ``wait()``. Such runs are waited for first, as long as a
     thread waits on them (one may give up, ``wait(timeout=...)``, or go on
-    to wait on a run it started earlier)."""
-    while True:
-        waited_on = [run for run in _live_run_list() if run._waited_on_elsewhere()]
-        if not waited_on:
-            break
-        waited_on[0]._finished.wait(_EXIT_WAITED_ON_RECHECK_SECONDS)
+    to wait on a run it started earlier; one that left ``wait()`` less than
+    ``_EXIT_WAIT_AGAIN_SECONDS`` ago and lives on counts as waiting, as a
+    loop of ``wait(timeout=...)`` does). Ctrl-C while it waits ends the
+    wait: those runs are cancelled as the others."""
+    try:
+        while True:
+            waited_on = [run for run in _live_run_list() if run._waited_on_elsewhere()]
+            if not waited_on:
+                break
+            waited_on[0]._finished.wait(_EXIT_WAITED_ON_RECHECK_SECONDS)
+    except KeyboardInterrupt:
+        # out of this hook, the interpreter would neither join the threads
+        # nor end the runs: left IN_PROGRESS, their tasks going on
+        logger.warning("interrupted while waiting for the runs that threads wait on: cancelling them")
     for run in _live_run_list():
         if run._finished.is_set():
             continue
@@ -450,8 +462,9 @@ class ManyModelRun:
         # per task, the most groups its progress events said were finished
         self._task_progress: dict[Any, int] = {}
         self._finished = threading.Event()
-        # the threads in wait() now (see end_live_runs)
+        # the threads in wait() now, and when others left it (see end_live_runs)
         self._waiting: list[threading.Thread] = []
+        self._left_wait: dict[threading.Thread, float] = {}
         if self.read_only:
             self._finished.set()
             return
@@ -1031,15 +1044,15 @@ class ManyModelRun:
         from ._client import outside_the_worker_pool
 
         deadline = None if timeout is None else time.monotonic() + timeout
-        bar = None
-        if show_progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(self._groups), desc=f"{self.kind} {self.run_id}", unit="group")
         waiter = threading.current_thread()
         with self._lock:
             self._waiting.append(waiter)
+        bar = None
         try:
+            if show_progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(self._groups), desc=f"{self.kind} {self.run_id}", unit="group")
             with outside_the_worker_pool():  # (in a Dask task: see start_run)
                 while not self._finished.wait(0.2):
                     if bar is not None:
@@ -1054,6 +1067,8 @@ class ManyModelRun:
         finally:
             with self._lock:
                 self._waiting.remove(waiter)
+                self._left_wait = {t: left for t, left in self._left_wait.items() if t.is_alive()}
+                self._left_wait[waiter] = time.monotonic()
             if bar is not None:
                 bar.close()
         return self.status
@@ -1063,8 +1078,9 @@ class ManyModelRun:
         for as it exits (not a daemon), is in :meth:`wait` on this run while
         it goes on."""
         current = threading.current_thread()
+        recently = time.monotonic() - _EXIT_WAIT_AGAIN_SECONDS
         with self._lock:
-            waiting = list(self._waiting)
+            waiting = self._waiting + [t for t, left in self._left_wait.items() if left > recently]
         return not self._finished.is_set() and any(
             thread is not current and not thread.daemon and thread.is_alive() for thread in waiting
         )
@@ -1298,15 +1314,20 @@ class ManyModelRun:
                 f"group {partition_id!r} of run {self.run_id!r} has no model: it is {status}{error}"
             )
         serde = self._model_serde()
-        try:
-            # on local disk read in place: no copy in the temp folder
-            with self._store.local_file(self._store.path(group["path"], serde.filename), serde.filename) as local:
-                return serde.read(local)
-        except FileNotFoundError:
-            raise ModelNotAvailableError(
-                f"group {partition_id!r} of run {self.run_id!r} is DONE, but its model file "
-                f"{self._store.display(group['path'], serde.filename)} is missing (deleted since?)"
-            ) from None
+        with contextlib.ExitStack() as stack:
+            try:
+                # on local disk read in place: no copy in the temp folder
+                local = stack.enter_context(
+                    self._store.local_file(self._store.path(group["path"], serde.filename), serde.filename)
+                )
+            except FileNotFoundError:
+                raise ModelNotAvailableError(
+                    f"group {partition_id!r} of run {self.run_id!r} is DONE, but its model file "
+                    f"{self._store.display(group['path'], serde.filename)} is missing (deleted since?)"
+                ) from None
+            # not in the try: a FileNotFoundError of the model's own loading
+            # (a file it opens as it is unpickled) names that file, not this one
+            return serde.read(local)
 
     # ------------------------------------------------------------------
     # inference output

@@ -558,7 +558,13 @@ class RunStore:
         return posixpath.join(self.root, *[p for p in parts if p])
 
     def _shown(self, path: str) -> str:
-        """A path of ``self.fs`` as the user would type it."""
+        """A path of ``self.fs`` as the user would type it: one in the run's
+        folder as :meth:`display` spells it (``unstrip_protocol`` of a
+        LocalFileSystem subclass says ``file://`` in fsspec before 2025)."""
+        folder = self.root.rstrip("/") + "/"
+        stripped = self.fs._strip_protocol(path)
+        if stripped.startswith(folder):
+            return self.display(stripped[len(folder):])
         return path if self.is_local else self.fs.unstrip_protocol(path)
 
     def display(self, *parts: str) -> str:

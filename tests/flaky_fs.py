@@ -49,14 +49,20 @@ class FlakyLocalFileSystem(LocalFileSystem):
                  deny_reads=(), **kwargs):
         super().__init__(**kwargs)
         self.injector = _Injector(fail_rate, fail_paths, fail_rm, readonly, log_path, seed)
-        # reads of paths holding one of these refused, as S3's AccessDenied on
-        # one object or another user's file on a shared disk
+        # reads (and listings) of paths holding one of these refused, as S3's
+        # AccessDenied on one object or another user's file on a shared disk
         self.deny_reads = tuple(deny_reads)
 
     def cat_file(self, path, start=None, end=None, **kwargs):
         if any(fragment in path for fragment in self.deny_reads):
             raise PermissionError(13, "Permission denied", path)
         return super().cat_file(path, start=start, end=end, **kwargs)
+
+    def ls(self, path, detail=False, **kwargs):
+        # a folder of such a path cannot be listed either (a disk's lost+found)
+        if any(fragment in self._strip_protocol(path) for fragment in self.deny_reads):
+            raise PermissionError(13, "Permission denied", path)
+        return super().ls(path, detail=detail, **kwargs)
 
     @classmethod
     def _strip_protocol(cls, path):

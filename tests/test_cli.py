@@ -98,6 +98,22 @@ def test_runs_lists_a_run_whose_manifest_cannot_be_read(runs, capsys):
     assert table[2][:3] == ["s1", "predict", "PARTIAL_FAILURE"]
 
 
+def test_runs_leaves_out_a_folder_that_cannot_be_entered(runs, capsys):
+    """A URL at a disk's root holds lost+found, root's and closed to
+    others: its _run.json could not be read, and the list showed it as a
+    run, "lost+found  unreadable _run.json  PermissionError: ...". A folder
+    that cannot be listed is not known to hold a run: left out, as before."""
+    from . import flaky_fs
+
+    flaky_fs.register()
+    os.mkdir(os.path.join(runs, "lost+found"))
+    denied = json.dumps({"deny_reads": ["lost+found"]})
+    assert main(["runs", f"flaky://{runs}", "--storage-options", denied]) == 0
+    table = lines_of(capsys.readouterr().out)
+    assert [row[0] for row in table] == ["run_id", "r1", "s1"]
+    assert "note" not in table[0]
+
+
 @pytest.mark.parametrize("command", [["show"], ["logs", "1"]])
 def test_show_and_logs_of_a_damaged_run_exit_2_with_a_message(runs, capsys, command):
     with open(os.path.join(runs, "s1", "_run.json"), "w") as f:

@@ -4,6 +4,7 @@ a run whose cluster is not the default client's."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import subprocess
@@ -146,7 +147,7 @@ def test_a_script_that_ends_while_its_run_goes_on_leaves_the_run_ended(tmp_path,
 
 
 ENDS_WHILE_THREADS_WAIT = r"""
-import functools, logging, os, sys, threading, time
+import functools, logging, os, signal, sys, threading, time
 import dask.dataframe as dd, distributed, numpy as np, pandas as pd
 import dask_manymodel
 from dask_manymodel import ExecutionOptions, ManyModelRun
@@ -172,9 +173,26 @@ def poll(condition):
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.02)  # poll
 
-def open_gate_at_exit(gate):  # a daemon: the interpreter does not wait for it
+LOOPS = [0]  # how many times wait_in_a_loop's wait() timed out
+
+def open_gate_at_exit(gate, loops=0):  # a daemon: the interpreter does not wait for it
     poll(lambda: in_function(threading.main_thread(), "_shutdown"))
+    then = LOOPS[0]
+    poll(lambda: LOOPS[0] >= then + loops)  # (that many times out of wait() while the exit waits)
     open(gate, "w").close()
+
+def ctrl_c_at_exit():  # a daemon: Ctrl-C while the exit waits for the run
+    poll(lambda: in_function(threading.main_thread(), "end_live_runs"))
+    os.kill(os.getpid(), signal.SIGINT)
+
+def wait_in_a_loop(run):  # as a script that says the progress every few seconds
+    while True:
+        try:
+            print("wait() returned", run.wait(timeout=0.3, show_progress=False).value)
+            return
+        except dask_manymodel.RunTimeoutError:
+            LOOPS[0] += 1
+            time.sleep(0.5)  # what it does between waits: a summary() of a big run, printed
 
 def wait_in_thread(run, timeout):
     try:
@@ -195,28 +213,35 @@ if __name__ == "__main__":
                               execution_options=ExecutionOptions(npartitions=2))
     # "gives up": the thread waits 3 s, and the groups are held for good
     waiter = threading.Thread(target=wait_in_thread, args=(run, 3 if mode == "gives up" else None))
+    if mode == "polls":
+        waiter = threading.Thread(target=wait_in_a_loop, args=(run,))
     waiter.start()
     poll(lambda: in_function(waiter, "wait"))
-    if mode == "waits":
-        threading.Thread(target=open_gate_at_exit, args=(gate,), daemon=True).start()
+    if mode in ("waits", "polls"):
+        threading.Thread(target=open_gate_at_exit, args=(gate, 4 if mode == "polls" else 0), daemon=True).start()
+    if mode == "ctrl-c":
+        threading.Thread(target=ctrl_c_at_exit, daemon=True).start()
     # ... and the main thread ends; the interpreter waits for `waiter`
 """
 
 
-@pytest.mark.parametrize("mode", ["waits", "gives up"])
+@pytest.mark.parametrize("mode", ["waits", "polls", "gives up"])
 def test_a_run_a_thread_waits_on_goes_on_when_the_main_thread_ends(tmp_path, mode):
     """The exit hook (which runs before the interpreter waits for its
     threads) cancelled every run still going on, also those that threads
     of the script were waiting on: run.wait() in a thread returned
     CANCELLED, with the warning to call run.wait(). A thread that gives up
-    waiting (a timeout) leaves its run to the hook again."""
+    waiting (a timeout) leaves its run to the hook again; one that waits in a
+    loop of wait(timeout=...), saying the progress between, does not (the
+    hook, looking every 0.2 s, caught it between two waits and cancelled
+    the run)."""
     url = str(tmp_path / "models")
     out = subprocess.run(
         [sys.executable, "-c", ENDS_WHILE_THREADS_WAIT, url, mode], capture_output=True, text=True, timeout=240
     )
     assert out.returncode == 0, out.stderr[-3000:]
     restored = ManyModelRun.restore_from("r1", url)
-    if mode == "waits":
+    if mode in ("waits", "polls"):
         assert "wait() returned SUCCESS" in out.stdout, (out.stdout, out.stderr[-3000:])
         assert "cancelling it" not in out.stderr
         assert restored.status == RunStatus.SUCCESS
@@ -226,6 +251,23 @@ def test_a_run_a_thread_waits_on_goes_on_when_the_main_thread_ends(tmp_path, mod
         assert "cancelling it" in out.stderr
         assert restored.status != RunStatus.SUCCESS
         assert "DONE" not in restored.summary()["status"].tolist()
+
+
+def test_ctrl_c_while_the_exit_waits_for_a_run_a_thread_waits_on_cancels_it(tmp_path):
+    """Ctrl-C while the exit hook waited for a run that a thread waits on
+    left the hook (a traceback, "Exception ignored in: <module 'threading'>"),
+    and with it the interpreter's joining of the threads: the run was left
+    IN_PROGRESS, its tasks going on, which the docs say only SIGKILL and
+    SIGTERM do."""
+    url = str(tmp_path / "models")
+    out = subprocess.run(
+        [sys.executable, "-c", ENDS_WHILE_THREADS_WAIT, url, "ctrl-c"], capture_output=True, text=True, timeout=240
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "interrupted while waiting for the runs that threads wait on: cancelling them" in out.stderr, out.stderr[-3000:]
+    assert "wait() returned CANCELLED" in out.stdout, (out.stdout, out.stderr[-3000:])
+    with open(os.path.join(url, "r1", "_run.json")) as f:
+        assert json.load(f)["status"] == "CANCELLED"
 
 
 def test_the_exit_lists_the_live_runs_again_when_another_thread_changed_them(monkeypatch):

@@ -262,6 +262,51 @@ def test_get_model_of_a_run_on_local_disk_needs_no_room_in_the_temp_folder(clien
         run.get_model(1)
 
 
+class LoadsAFileOfItsOwn:
+    """A model that opens a file of its own as it is unpickled (a
+    vocabulary, a lookup table saved beside the code)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        with open(self.path) as f:
+            self.table = f.read()
+
+
+def test_get_model_says_which_file_the_models_own_loading_misses(client, tmp_path):
+    """A FileNotFoundError of the model's own unpickling was said as the
+    model file missing ("is DONE, but its model file .../model.pkl is
+    missing (deleted since?)"; in a predict, "model file .../model.pkl is
+    missing"), with the model file there."""
+    url = str(tmp_path / "models")
+    table = tmp_path / "table.txt"
+    table.write_text("a b c")
+    ddf = dd.from_pandas(make_frame(n_groups=2, rows=5), npartitions=1)
+    run = ddf.manymodel.train(functools.partial(keeps_a_table, str(table)), by="store", url=url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    assert ManyModelRun.restore_from("r1", url).get_model(1).table == "a b c"
+    table.unlink()
+    with pytest.raises(FileNotFoundError, match="table.txt") as raised:
+        ManyModelRun.restore_from("r1", url).get_model(1)
+    assert not isinstance(raised.value, ManyModelError)
+    # a predict's group said the same: "model file .../model.pkl is missing"
+    inf = ddf.manymodel.predict(predict_nothing, by="store", url=url, training_run_id="r1", run_id="s1")
+    assert inf.wait(show_progress=False) == RunStatus.FAILURE
+    error = inf.partition_details[1].error
+    assert "PickleSerde could not read model file" in error and "table.txt" in error, error
+    assert "is missing" not in error
+
+
+def keeps_a_table(path, data, ctx):
+    return LoadsAFileOfItsOwn(path)
+
+
+def predict_nothing(data, model, ctx):
+    return None
+
+
 class DiskFullSerde(PickleSerde):
     """Writes a file (not in memory, as TorchSerde and TensorFlowSerde do);
     the disk fills up half-way through."""

@@ -577,15 +577,24 @@ def times_ten_indexed_by_date(data, model, ctx):
     return pd.Series((df["t"] * 10).to_numpy(), index=pd.date_range("2024-01-01", periods=len(df)), name="pred")
 
 
+def times_ten_indexed_by_day(data, model, ctx):
+    df = data.to_pandas().set_index("day")  # each group's days 0..n-1, not in row order
+    return (df["t"] * 10).rename("pred")
+
+
 def test_a_returned_series_of_the_sorted_frame_is_aligned_on_its_index(client, store_url):
     """The docs say "as df.assign(name=series)", which aligns on the index;
     the values were taken by position, so a Series computed from the group's
     frame sorted by its time put each prediction beside another row
-    (t=3 got 10). A Series whose index is not the frame's is taken in row order."""
-    pdf = pd.DataFrame({"k": [1, 2, 1, 1, 2, 1], "t": [3, 9, 1, 4, 8, 2]})
+    (t=3 got 10). A Series whose index is not the frame's is taken in row
+    order: also one indexed by a column (set_index("day")) whose values
+    happen to be the frame's labels 0..n-1 in another order, which was
+    aligned on them as if it were the frame's (t=3 got 20)."""
+    pdf = pd.DataFrame({"k": [1, 2, 1, 1, 2, 1], "t": [3, 9, 1, 4, 8, 2], "day": [2, 1, 0, 3, 0, 1]})
     ddf = dd.from_pandas(pdf, npartitions=1)
     ddf.manymodel.train(fit_nothing, by="k", url=store_url, run_id="r1").wait(show_progress=False)
-    for run_id, predict in [("s1", times_ten_after_sorting_by_t), ("s2", times_ten_indexed_by_date)]:
+    for run_id, predict in [("s1", times_ten_after_sorting_by_t), ("s2", times_ten_indexed_by_date),
+                            ("s3", times_ten_indexed_by_day)]:
         run = ddf.manymodel.predict(predict, by="k", url=store_url, training_run_id="r1", run_id=run_id)
         assert run.wait(show_progress=False) == RunStatus.SUCCESS, run.summary()
         out = run.to_dask_dataframe().compute()
