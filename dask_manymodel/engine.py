@@ -1270,11 +1270,13 @@ def _disk_refused(exc: BaseException, path: str) -> bool:
     quota, read-only. Some writers wrap the system's error in their own
     (torch.save's "unexpected pos 1600 vs 1494"), so a disk left with (next
     to) no room counts too: the file's partial bytes are still there."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in _DISK_ERRNOS:
+    link: BaseException | None = exc
+    seen: set[int] = set()
+    while link is not None and id(link) not in seen:  # a chain may loop (raise a from b, b from a)
+        if isinstance(link, OSError) and link.errno in _DISK_ERRNOS:
             return True
-        seen = seen.__cause__ or seen.__context__
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
     try:
         return shutil.disk_usage(os.path.dirname(path) or ".").free < _NEARLY_FULL_BYTES
     except OSError:
@@ -2089,7 +2091,7 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> TaskRecords:
             # partition (which depend on the partitioning): a function that
             # adds a column built apart (out["date"] = df["date"] beside
             # pd.Series(predictions)) aligns on it, and got NaN for every group
-            # but its partition's first. Set on the slice: no copy, about 1 us
+            # but its partition's first. Set on the slice: no copy, a few us
             group.index = pd.RangeIndex(len(group))
             if cancelled or heartbeat.beat():
                 cancelled = True

@@ -349,6 +349,9 @@ def test_a_full_disk_a_writer_wraps_in_its_own_error_is_told_from_the_room_left(
     wrapped = RuntimeError("could not save")
     wrapped.__cause__ = OSError(errno.EROFS, "Read-only file system")
     assert engine._disk_refused(wrapped, path)
+    looped_a, looped_b = ValueError("a"), ValueError("b")  # raise a from b, b from a: a chain that loops
+    looped_a.__cause__, looped_b.__cause__ = looped_b, looped_a
+    assert not engine._disk_refused(looped_a, path)  # ends (room left), not a loop for ever
 
 
 def fails_odd_groups(data, ctx):
