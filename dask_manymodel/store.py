@@ -25,6 +25,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import posixpath
 import random
@@ -203,7 +204,8 @@ def group_path(by: Sequence[str], key: Sequence[Any]) -> str:
 
 def key_to_json(value: Any) -> Any:
     """A group value as JSON that :func:`key_from_json` turns back into it
-    (date-times with their time zone's name, durations as pd.Timedelta)."""
+    (date-times with their time zone's name, durations as pd.Timedelta, inf and
+    -inf tagged: JSON has no such numbers)."""
     value = _as_pandas_time(value)
     if isinstance(value, np.generic):
         value = value.item()
@@ -212,6 +214,11 @@ def key_to_json(value: Any) -> Any:
     if isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
+        if math.isinf(value):
+            # json.dumps would write Infinity, which is no JSON: the run's
+            # _groups.json and the group's _partition.json would then break
+            # every strict reader (jq, JavaScript, Go, DuckDB's read_json)
+            return {"__float__": str(value)}
         return value
     if isinstance(value, pd.Timestamp):
         return {"__timestamp__": value.isoformat(), "tz": str(value.tz) if value.tz else None}
@@ -237,6 +244,8 @@ def key_from_json(data: Any) -> Any:
             return pd.Timedelta(data["__timedelta__"])
         if "__date__" in data:
             return datetime.date.fromisoformat(data["__date__"])
+        if "__float__" in data:
+            return float(data["__float__"])
         return data.get("__str__")
     return data
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import posixpath
 
@@ -154,6 +155,16 @@ def test_numpy_and_python_times_find_the_pandas_folder(pandas_value, others):
 
 def test_nan_key_json_is_null():
     assert key_to_json(math.nan) is None
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, np.float64("inf"), np.float32("-inf")])
+def test_infinite_keys_are_strict_json_and_come_back(value):
+    # json.dumps of a bare inf writes Infinity, which jq, JavaScript, Go
+    # and DuckDB's read_json refuse
+    text = json.dumps(key_to_json(value), allow_nan=False)
+    back = key_from_json(json.loads(text))
+    assert type(back) is float and back == value
+    assert encode_value(back) == encode_value(value)
 
 
 @settings(max_examples=300, deadline=None)

@@ -229,6 +229,36 @@ def test_edge_values_round_trip(client, tmp_path):
     assert os.path.isdir(os.path.join(root, "key=__HIVE_DEFAULT_PARTITION__"))
 
 
+def _strict_json(path):
+    def refuse(constant):
+        raise AssertionError(f"{path} holds {constant}, which is not JSON")
+
+    with open(path) as f:
+        return json.load(f, parse_constant=refuse)
+
+
+def test_infinite_keys_leave_strict_json_for_other_tools(client, tmp_path):
+    # a run's JSON files are read by tools other than Python's json (jq, a
+    # dashboard in JavaScript): the inf and -inf groups must not make them
+    # invalid JSON, and still come back as floats
+    url = str(tmp_path / "models")
+    pdf = pd.DataFrame({"key": [1.5, np.inf, -np.inf, 2.0] * 2, "x": 1.0})
+    run = dd.from_pandas(pdf, npartitions=2).manymodel.train(
+        lambda data, ctx: len(data), by="key", url=url, run_id="r1"
+    )
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    root = os.path.join(url, "r1")
+    _strict_json(os.path.join(root, "_run.json"))
+    groups = _strict_json(os.path.join(root, "_groups.json"))
+    assert len(groups) == 4
+    for name in ("key=inf", "key=-inf", "key=1.5", "key=2"):
+        assert _strict_json(os.path.join(root, name, "_partition.json"))["status"] == "DONE"
+    restored = ManyModelRun.restore_from("r1", url)
+    ids = restored.summary()["partition_id"].tolist()
+    assert sorted(ids) == [-np.inf, 1.5, 2.0, np.inf] and all(type(v) is float for v in ids)
+    assert restored.get_model(np.inf) == 2 and restored.get_model(-np.inf) == 2
+
+
 def test_typed_keys_ints_dates_and_strings_with_na(client, tmp_path):
     url = str(tmp_path / "models")
     days = pd.to_datetime(["2024-01-01", "2024-01-02"])
