@@ -31,6 +31,21 @@ from .exceptions import (
 from .store import FORMAT_VERSION, RUN_MANIFEST, cat_files, is_null, normalize_key, open_url
 
 
+def _created_text(created: Any) -> str:
+    """A run's ``created`` time to the second, in UTC and saying so (``Z``):
+    cut at the second alone, the stored UTC time read as the local time of
+    whoever runs the command, hours off."""
+    if not isinstance(created, str):
+        return ""
+    try:
+        moment = datetime.datetime.fromisoformat(created)
+    except ValueError:
+        return created[:19]
+    if moment.tzinfo is None:  # as written by hand: the time as it is
+        return moment.strftime("%Y-%m-%dT%H:%M:%S")
+    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _table(rows: list[dict], columns: list[str]) -> str:
     widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
     lines = ["  ".join(c.ljust(widths[c]) for c in columns).rstrip()]
@@ -88,7 +103,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
                 "kind": manifest["kind"],
                 "status": manifest["status"],
                 "groups": manifest.get("n_groups", ""),
-                "created": (manifest.get("created") or "")[:19],
+                "created": _created_text(manifest.get("created")),
             }
             version = manifest.get("format_version", FORMAT_VERSION)
             if not isinstance(version, int) or isinstance(version, bool):

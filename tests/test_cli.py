@@ -56,6 +56,10 @@ def test_runs_lists_every_run_as_a_table(runs, capsys):
         ["s1", "predict", "PARTIAL_FAILURE", "12"],
     ]
     assert all(row[4].startswith("20") and "T" in row[4] for row in table[1:])  # ISO time
+    # in UTC, as stored, and saying so: read as local time it would be hours off
+    created = json.load(open(os.path.join(runs, "r1", "_run.json")))["created"]
+    assert created.endswith("+00:00")
+    assert table[1][4] == created[:19] + "Z"
 
 
 def test_runs_agrees_with_show_when_the_client_died_before_the_end(runs, capsys):
