@@ -31,6 +31,7 @@ import time
 import traceback
 import uuid
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -53,6 +54,7 @@ from .context import DataConnector, PartitionContext, not_one_file
 from .exceptions import (
     InvalidArgumentError,
     InvalidURLError,
+    MissingDependencyError,
     RunExistsError,
     RunNotFoundError,
     StorageError,
@@ -421,6 +423,87 @@ def check_workers_share_store(store: RunStore, client: distributed.Client) -> No
             f"workers run in other processes; use a local folder or object store URL, or "
             f"LocalCluster(processes=False)"
         )
+
+
+# (worker address, module) pairs found importable, per client: each worker is
+# asked once, and only what a run needs that it was not asked before
+_found_on_workers: "weakref.WeakKeyDictionary[distributed.Client, set[tuple[str, str]]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def check_workers_environment(client: distributed.Client, serde: ModelSerde | None = None) -> None:
+    """Fail before anything runs or is written when the workers lack
+    dask_manymodel, or a module the run's serde needs (torch for
+    TorchSerde); warn when they have another dask_manymodel than the client.
+
+    A worker without dask_manymodel cannot even unpickle the run's tasks:
+    Dask then closes its connection, the worker goes, and the run waited for
+    ever with no word of why. Without torch, every group trained, then failed
+    to save its model. Workers that join later are asked by the next run.
+    """
+    from . import __version__
+
+    nthreads = client.nthreads()
+    modules = ["dask_manymodel", *getattr(serde, "_needs", ())]
+    found = _found_on_workers.setdefault(client, set())
+    to_ask = sorted({worker for worker in nthreads for module in modules if (worker, module) not in found})
+    if not to_ask:
+        return
+
+    def what_is_there(modules: list[str]) -> dict[str, str | None]:
+        # defined in here, so that it travels by value: it runs where
+        # dask_manymodel may be missing. Per module its version ("" when it
+        # has none), or None when it is not there; dask_manymodel is
+        # imported, as a task would (a missing dependency of it fails too)
+        import importlib
+        import importlib.util
+
+        there: dict[str, str | None] = {}
+        for name in modules:
+            try:
+                if name == "dask_manymodel":
+                    there[name] = str(importlib.import_module(name).__version__)
+                else:
+                    there[name] = "" if importlib.util.find_spec(name) is not None else None
+            except Exception as exc:
+                there[name] = None
+                there[f"{name} error"] = f"{type(exc).__name__}: {exc}"
+        return there
+
+    try:
+        answers = client.run(what_is_there, modules, workers=to_ask, on_error="return")
+    except Exception:  # a cluster that runs no client functions: the tasks find out
+        logger.debug("could not ask the workers what they have installed", exc_info=True)
+        return
+    answers = {worker: answer for worker, answer in answers.items() if isinstance(answer, dict)}
+    for module in modules:
+        lacking = sorted(worker for worker, answer in answers.items() if answer.get(module) is None)
+        if lacking:
+            first = answers[lacking[0]]
+            why = first.get(f"{module} error", f"ModuleNotFoundError: No module named '{module}'")
+            needs = (
+                f"dask_manymodel {__version__}, the version of this client"
+                if module == "dask_manymodel"
+                else f"{module}, which {type(serde).__name__} reads and writes models with"
+            )
+            raise MissingDependencyError(
+                f"{module} cannot be imported on {len(lacking)} of the cluster's {len(nthreads)} "
+                f"worker(s) ({lacking[0]}: {why}). Every worker needs {needs}: install it in the "
+                f"workers' environment (their image), not only on this client; "
+                f"client.get_versions(packages=[{module!r}]) lists each worker's. Nothing is written"
+            )
+    others = sorted(
+        {answer["dask_manymodel"] for answer in answers.values() if answer.get("dask_manymodel") != __version__}
+    )
+    if others:
+        warnings.warn(
+            f"the workers have dask_manymodel {', '.join(others)}, this client {__version__}: a run's tasks "
+            f"may fail or misbehave on the workers; install the same version on the client and the workers",
+            UserWarning,
+            stacklevel=4,
+        )
+    found.update((worker, module) for worker in answers for module in modules)
 
 
 def send_spec(spec: "RunSpec", client: distributed.Client) -> distributed.Future:
@@ -2369,6 +2452,8 @@ def _start_run(
 
     # 2. count rows per group: the only compute before anything is written --
     client = get_or_start_client()
+    # before the first task: one the workers cannot load closes the worker
+    check_workers_environment(client, serde)
     check_workers_share_store(store, client)
     warn_if_no_worker_offers(options.resources, client)
     # read the input once: the count and the run both start from its

@@ -17,7 +17,7 @@ this library::
     ├── ReadOnlyRunError         (RuntimeError) wait()/cancel() on a restored run
     ├── RunTimeoutError          (TimeoutError)
     ├── StorageError             (OSError)      the store failed underneath us
-    └── MissingDependencyError   (ImportError)  an optional extra is not installed
+    └── MissingDependencyError   (ImportError)  a dependency is not installed (here, or on the workers)
 
 Foreign errors (fsspec, distributed, torch) are translated in one place each,
 with ``raise ... from exc`` so the original stays in the traceback.
@@ -99,7 +99,8 @@ class StorageError(ManyModelError, OSError):
 
 
 class MissingDependencyError(ManyModelError, ImportError):
-    """An optional dependency is missing; the message names the extra to install."""
+    """A dependency is missing, here or on the workers (dask_manymodel itself,
+    or an optional extra); the message names what to install, and where."""
 
 
 def missing_dependency(package: str, extra: str) -> MissingDependencyError:
