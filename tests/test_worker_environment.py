@@ -12,7 +12,7 @@ import distributed
 import pytest
 
 import dask_manymodel
-from dask_manymodel import MissingDependencyError, RunStatus, TorchSerde
+from dask_manymodel import FileSet, MissingDependencyError, RunStatus, TorchSerde
 from tests.conftest import fit_line, make_frame
 
 # a worker preload (inline code) that makes modules look not installed there
@@ -63,6 +63,17 @@ def test_workers_without_dask_manymodel_are_said_before_anything_runs(workers_wi
     # the worker is still there (a task it could not unpickle closed it)
     assert len(workers_without.nthreads()) == 1
 
+
+
+@pytest.mark.timeout(60)  # it hung: the workers could not load the shuffle's tasks
+@pytest.mark.parametrize("workers_without", [["dask_manymodel"]], indirect=True)
+def test_a_shuffled_fileset_on_workers_without_dask_manymodel_is_refused(workers_without, ddf, tmp_path):
+    url = str(tmp_path / "filesets")
+    with pytest.raises(MissingDependencyError, match="dask_manymodel cannot be imported on 1 of the cluster's"):
+        FileSet.make(url, "shuffled", ddf, shuffle=True, seed=1)
+    assert not os.path.exists(os.path.join(url, "shuffled"))
+    # unshuffled, Dask's own to_parquet writes it: that needs nothing of ours there
+    assert FileSet.make(url, "plain", ddf).to_dask_dataframe().shape[0].compute() == len(ddf)
 
 @pytest.mark.parametrize("workers_without", [["torch"]], indirect=True)
 def test_workers_without_the_serdes_module_are_said_before_any_group_trains(workers_without, ddf, tmp_path):
