@@ -531,12 +531,57 @@ def send_spec(spec: "RunSpec", client: distributed.Client) -> distributed.Future
             f"the {what} cannot be sent to the workers: pickling it failed with "
             f"{type(error).__name__}: {error}. {advice}"
         ) from exc
-    return client.submit(load_run_spec, payload, key=f"manymodel-spec-{spec.submission}", pure=False)
+    what = describe_function(spec.func, spec.kind)
+    return client.submit(load_run_spec, payload, what, key=f"manymodel-spec-{spec.submission}", pure=False)
 
 
-def load_run_spec(payload: bytes) -> "RunSpec":
-    """The task that turns the run's pickled spec into the object its tasks share."""
-    return pickle.loads(payload)
+def load_run_spec(payload: bytes, what: str = "function") -> "SentSpec":
+    """The task that loads the run's pickled spec (on one worker: an error
+    here is the run's, see :func:`check_spec_loads`); its tasks share it."""
+    sent = SentSpec(payload, what)
+    sent.load()
+    return sent
+
+
+class SentSpec:
+    """The run's spec as the workers hold it: loaded once per worker by the
+    first task there, and passed from worker to worker as its pickled bytes.
+
+    Passed on as a RunSpec, a worker that lacked a module of the function
+    (the others had it) failed to unpickle it inside Dask's own transfer:
+    Dask logged it on the worker and the run's tasks there waited for ever.
+    As bytes, the task itself fails, with the error that says what to do.
+    """
+
+    def __init__(self, payload: bytes, what: str):
+        self._payload = payload
+        self._what = what  # the function, as the error names it
+        self._spec: RunSpec | None = None
+        self._lock = threading.Lock()
+
+    def __reduce__(self):
+        return type(self), (self._payload, self._what)
+
+    def load(self) -> "RunSpec":
+        with self._lock:
+            if self._spec is None:
+                try:
+                    self._spec = pickle.loads(self._payload)
+                except Exception as exc:
+                    text = f"{type(exc).__name__}: {exc}"
+                    if any(sign in text for sign in _CANNOT_LOAD_SIGNS):
+                        raise InvalidArgumentError(_cannot_load_message(self._what, text)) from exc
+                    raise
+            return self._spec
+
+
+def _cannot_load_message(what: str, text: str) -> str:
+    return (
+        f"the {what} (or its serde) cannot be loaded on the workers: {text}. "
+        f"The workers need every module it refers to: install it there, send a single file "
+        f"with client.upload_file(path), or send the module's code along with the function: "
+        f"cloudpickle.register_pickle_by_value(module)"
+    )
 
 
 def check_spec_loads(spec_future: distributed.Future, spec: "RunSpec") -> None:
@@ -547,15 +592,11 @@ def check_spec_loads(spec_future: distributed.Future, spec: "RunSpec") -> None:
     if spec_future.status != "error":
         return
     exc = spec_future.exception()
+    if isinstance(exc, InvalidArgumentError):
+        raise exc  # SentSpec.load's: it says what to do
     text = f"{type(exc).__name__}: {exc}"
     if any(sign in text for sign in _CANNOT_LOAD_SIGNS):
-        raise InvalidArgumentError(
-            f"the {describe_function(spec.func, spec.kind)} (or its serde) cannot be loaded on the "
-            f"workers: {text}. "
-            f"The workers need every module it refers to: install it there, send a single file "
-            f"with client.upload_file(path), or send the module's code along with the function: "
-            f"cloudpickle.register_pickle_by_value(module)"
-        ) from exc
+        raise InvalidArgumentError(_cannot_load_message(describe_function(spec.func, spec.kind), text)) from exc
     raise exc  # not a pickling problem: the cluster's own error
 
 
@@ -2009,6 +2050,8 @@ def run_partition(spec: RunSpec, frame: pd.DataFrame, keep: pd.Index | None = No
     into several tasks); the partition's other rows are left to the others.
     Returns one small record per group; the models stay in storage.
     """
+    if isinstance(spec, SentSpec):
+        spec = spec.load()
     if keep is not None:
         frame = frame[_nulls_as_nan(keep).get_indexer(_group_index(frame, spec.by)) >= 0]
     if spec.columns is not None and list(frame.columns) != list(spec.columns):

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import sys
 
+import cloudpickle
 import dask.dataframe as dd
 import distributed
 import pytest
 
 import dask_manymodel
-from dask_manymodel import FileSet, MissingDependencyError, RunStatus, TorchSerde
+from dask_manymodel import FileSet, InvalidArgumentError, MissingDependencyError, RunStatus, TorchSerde
+from dask_manymodel import engine
 from tests.conftest import fit_line, make_frame
 
 # a worker preload (inline code) that makes modules look not installed there
@@ -100,3 +104,29 @@ def test_workers_with_another_dask_manymodel_are_warned_of(ddf, tmp_path):
         )):
             run = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1")
         assert run.wait(show_progress=False, timeout=60) == RunStatus.SUCCESS
+
+
+def _load_where_sent(data: bytes):
+    return pickle.loads(data).load()
+
+
+def test_the_spec_goes_from_worker_to_worker_as_bytes(client, tmp_path, monkeypatch):
+    # Passed from the worker that loaded it to one that lacks a module of the
+    # function (a cluster of mixed images), the spec failed to unpickle inside
+    # Dask's transfer, and that worker's tasks waited for ever. As bytes,
+    # the task there fails and says why.
+    name = f"only_on_the_first_worker_{os.getpid()}"
+    folder = tmp_path / "user_modules"
+    folder.mkdir()
+    (folder / f"{name}.py").write_text("def fit(data, ctx):\n    return 1\n")
+    monkeypatch.syspath_prepend(str(folder))
+    module = __import__(name)
+    monkeypatch.setitem(sys.modules, name, module)
+
+    sent = engine.load_run_spec(cloudpickle.dumps(module.fit), "train function fit")  # where it loads
+    moved = pickle.dumps(sent)  # as Dask passes it on
+    with pytest.raises(InvalidArgumentError) as info:
+        client.submit(_load_where_sent, moved, pure=False).result()  # the workers lack the module
+    message = str(info.value)
+    assert "the train function fit (or its serde) cannot be loaded on the workers" in message
+    assert f"No module named '{name}'" in message and "client.upload_file(path)" in message
