@@ -104,8 +104,19 @@ class MissingDependencyError(ManyModelError, ImportError):
 
 
 def missing_dependency(package: str, extra: str) -> MissingDependencyError:
-    """Build the error for an optional package that is not installed."""
+    """Build the error for an optional package that is not installed. Raised
+    in a Dask worker (a group's function, a serde), it says so: the client,
+    where the user looks, may well have the package."""
+    try:
+        import distributed
+
+        worker = distributed.get_worker().address
+    except (ImportError, ValueError):
+        return MissingDependencyError(
+            f"{package} is required for this; install it with `pip install 'dask-manymodel[{extra}]'`"
+        )
     return MissingDependencyError(
-        f"{package} is required for this; install it with "
-        f"`pip install 'dask-manymodel[{extra}]'`"
+        f"{package} is required for this, and this Dask worker ({worker}) does not have it; install it "
+        f"in the workers' environment (their image), not only on the client: `pip install "
+        f"'dask-manymodel[{extra}]'`"
     )

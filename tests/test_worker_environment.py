@@ -93,6 +93,25 @@ def test_workers_without_the_serdes_module_are_said_before_any_group_trains(work
     assert run.wait(show_progress=False, timeout=60) == RunStatus.SUCCESS
 
 
+
+def train_with_a_torch_dataset(data, ctx):
+    data.to_torch_dataset(batch_size=4)
+    return 1
+
+
+@pytest.mark.parametrize("workers_without", [["torch"]], indirect=True)
+def test_a_package_missing_on_the_worker_that_runs_a_group_is_said_to_be_missing_there(workers_without, ddf, tmp_path):
+    run = ddf.manymodel.train(train_with_a_torch_dataset, by="store", url=str(tmp_path / "models"), run_id="r1")
+    assert run.wait(show_progress=False, timeout=60) == RunStatus.FAILURE
+    errors = set(run.summary()["error"])
+    assert len(errors) == 1, errors
+    worker = next(iter(workers_without.nthreads()))
+    assert errors.pop() == (
+        f"MissingDependencyError: torch is required for this, and this Dask worker ({worker}) does not have "
+        f"it; install it in the workers' environment (their image), not only on the client: `pip install "
+        f"'dask-manymodel[torch]'`"
+    )
+
 def test_workers_with_another_dask_manymodel_are_warned_of(ddf, tmp_path):
     older = "import dask_manymodel\ndask_manymodel.__version__ = '0.0.1'\n"
     cluster, client = _cluster_client(older)
