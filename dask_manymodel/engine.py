@@ -1491,9 +1491,17 @@ def _load_model(
         except FileNotFoundError as exc:
             raise missing from exc
         except BaseException as exc:  # the model's own unpickling may raise anything
+            text = error_line(exc)
+            if any(sign in text for sign in _CANNOT_LOAD_SIGNS):
+                # the model's class is in a module the client (where it was
+                # trained) had and this worker lacks, or has in another version
+                text += (
+                    "; the workers need every module the model's classes come from, in the version it "
+                    "was trained with: install it there, or send a single file with client.upload_file(path)"
+                )
             raise _UserError(
                 f"{type(spec.serde).__name__} could not read model file "
-                f"{training.display(rel, spec.serde.filename)}: {error_line(exc)}"
+                f"{training.display(rel, spec.serde.filename)}: {text}"
             ) from exc
 
     if training.is_local:
