@@ -149,3 +149,20 @@ def test_the_spec_goes_from_worker_to_worker_as_bytes(client, tmp_path, monkeypa
     message = str(info.value)
     assert "the train function fit (or its serde) cannot be loaded on the workers" in message
     assert f"No module named '{name}'" in message and "client.upload_file(path)" in message
+
+
+def predict_x(data, model, ctx):
+    return data.to_pandas()[["x"]].rename(columns={"x": "prediction"})
+
+
+@pytest.mark.timeout(90)  # the compute hung: the workers could not load the read's tasks
+def test_an_output_read_on_workers_without_dask_manymodel_is_refused(client, ddf, tmp_path):
+    url = str(tmp_path / "models")
+    ddf.manymodel.train(fit_line, by="store", url=url, run_id="t1").wait(show_progress=False)
+    run = ddf.manymodel.predict(predict_x, by="store", url=url, run_id="p1", training_run_id="t1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    # another cluster reads the results: its workers lack dask_manymodel
+    cluster, other = _cluster_client(HIDE.format(hidden={"dask_manymodel"}))
+    with cluster, other:
+        with pytest.raises(MissingDependencyError, match="dask_manymodel cannot be imported on 1 of the cluster's"):
+            dask_manymodel.ManyModelRun.restore_from("p1", url).to_dask_dataframe().compute()
