@@ -33,6 +33,7 @@ import time
 import traceback
 import uuid
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -55,6 +56,7 @@ from .context import DataConnector, PartitionContext, not_one_file
 from .exceptions import (
     InvalidArgumentError,
     InvalidURLError,
+    MissingDependencyError,
     RunExistsError,
     RunNotFoundError,
     StorageError,
@@ -445,6 +447,87 @@ def check_workers_share_store(store: RunStore, client: distributed.Client) -> No
         )
 
 
+# (worker address, module) pairs found importable, per client: each worker is
+# asked once, and only what a run needs that it was not asked before
+_found_on_workers: "weakref.WeakKeyDictionary[distributed.Client, set[tuple[str, str]]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def check_workers_environment(client: distributed.Client, serde: ModelSerde | None = None) -> None:
+    """Fail before anything runs or is written when the workers lack
+    dask_manymodel, or a module the run's serde needs (torch for
+    TorchSerde); warn when they have another dask_manymodel than the client.
+
+    A worker without dask_manymodel cannot even unpickle the run's tasks:
+    Dask then closes its connection, the worker goes, and the run waited for
+    ever with no word of why. Without torch, every group trained, then failed
+    to save its model. Workers that join later are asked by the next run.
+    """
+    from . import __version__
+
+    nthreads = client.nthreads()
+    modules = ["dask_manymodel", *getattr(serde, "_needs", ())]
+    found = _found_on_workers.setdefault(client, set())
+    to_ask = sorted({worker for worker in nthreads for module in modules if (worker, module) not in found})
+    if not to_ask:
+        return
+
+    def what_is_there(modules: list[str]) -> dict[str, str | None]:
+        # defined in here, so that it travels by value: it runs where
+        # dask_manymodel may be missing. Per module its version ("" when it
+        # has none), or None when it is not there; dask_manymodel is
+        # imported, as a task would (a missing dependency of it fails too)
+        import importlib
+        import importlib.util
+
+        there: dict[str, str | None] = {}
+        for name in modules:
+            try:
+                if name == "dask_manymodel":
+                    there[name] = str(importlib.import_module(name).__version__)
+                else:
+                    there[name] = "" if importlib.util.find_spec(name) is not None else None
+            except Exception as exc:
+                there[name] = None
+                there[f"{name} error"] = f"{type(exc).__name__}: {exc}"
+        return there
+
+    try:
+        answers = client.run(what_is_there, modules, workers=to_ask, on_error="return")
+    except Exception:  # a cluster that runs no client functions: the tasks find out
+        logger.debug("could not ask the workers what they have installed", exc_info=True)
+        return
+    answers = {worker: answer for worker, answer in answers.items() if isinstance(answer, dict)}
+    for module in modules:
+        lacking = sorted(worker for worker, answer in answers.items() if answer.get(module) is None)
+        if lacking:
+            first = answers[lacking[0]]
+            why = first.get(f"{module} error", f"ModuleNotFoundError: No module named '{module}'")
+            needs = (
+                f"dask_manymodel {__version__}, the version of this client"
+                if module == "dask_manymodel"
+                else f"{module}, which {type(serde).__name__} reads and writes models with"
+            )
+            raise MissingDependencyError(
+                f"{module} cannot be imported on {len(lacking)} of the cluster's {len(nthreads)} "
+                f"worker(s) ({lacking[0]}: {why}). Every worker needs {needs}: install it in the "
+                f"workers' environment (their image), not only on this client; "
+                f"client.get_versions(packages=[{module!r}]) lists each worker's. Nothing is written"
+            )
+    others = sorted(
+        {answer["dask_manymodel"] for answer in answers.values() if answer.get("dask_manymodel") != __version__}
+    )
+    if others:
+        warnings.warn(
+            f"the workers have dask_manymodel {', '.join(others)}, this client {__version__}: a run's tasks "
+            f"may fail or misbehave on the workers; install the same version on the client and the workers",
+            UserWarning,
+            stacklevel=user_stack_level(),
+        )
+    found.update((worker, module) for worker in answers for module in modules)
+
+
 def send_spec(spec: "RunSpec", client: distributed.Client) -> distributed.Future:
     """Make the run's spec a task of the cluster; returns its future.
 
@@ -470,12 +553,57 @@ def send_spec(spec: "RunSpec", client: distributed.Client) -> distributed.Future
             f"the {what} cannot be sent to the workers: pickling it failed with "
             f"{type(error).__name__}: {error}. {advice}"
         ) from exc
-    return client.submit(load_run_spec, payload, key=f"manymodel-spec-{spec.submission}", pure=False)
+    what = describe_function(spec.func, spec.kind)
+    return client.submit(load_run_spec, payload, what, key=f"manymodel-spec-{spec.submission}", pure=False)
 
 
-def load_run_spec(payload: bytes) -> "RunSpec":
-    """The task that turns the run's pickled spec into the object its tasks share."""
-    return pickle.loads(payload)
+def load_run_spec(payload: bytes, what: str = "function") -> "SentSpec":
+    """The task that loads the run's pickled spec (on one worker: an error
+    here is the run's, see :func:`check_spec_loads`); its tasks share it."""
+    sent = SentSpec(payload, what)
+    sent.load()
+    return sent
+
+
+class SentSpec:
+    """The run's spec as the workers hold it: loaded once per worker by the
+    first task there, and passed from worker to worker as its pickled bytes.
+
+    Passed on as a RunSpec, a worker that lacked a module of the function
+    (the others had it) failed to unpickle it inside Dask's own transfer:
+    Dask logged it on the worker and the run's tasks there waited for ever.
+    As bytes, the task itself fails, with the error that says what to do.
+    """
+
+    def __init__(self, payload: bytes, what: str):
+        self._payload = payload
+        self._what = what  # the function, as the error names it
+        self._spec: RunSpec | None = None
+        self._lock = threading.Lock()
+
+    def __reduce__(self):
+        return type(self), (self._payload, self._what)
+
+    def load(self) -> "RunSpec":
+        with self._lock:
+            if self._spec is None:
+                try:
+                    self._spec = pickle.loads(self._payload)
+                except Exception as exc:
+                    text = f"{type(exc).__name__}: {exc}"
+                    if any(sign in text for sign in _CANNOT_LOAD_SIGNS):
+                        raise InvalidArgumentError(_cannot_load_message(self._what, text)) from exc
+                    raise
+            return self._spec
+
+
+def _cannot_load_message(what: str, text: str) -> str:
+    return (
+        f"the {what} (or its serde) cannot be loaded on the workers: {text}. "
+        f"The workers need every module it refers to: install it there, send a single file "
+        f"with client.upload_file(path), or send the module's code along with the function: "
+        f"cloudpickle.register_pickle_by_value(module)"
+    )
 
 
 def check_spec_loads(spec_future: distributed.Future, spec: "RunSpec") -> None:
@@ -486,15 +614,11 @@ def check_spec_loads(spec_future: distributed.Future, spec: "RunSpec") -> None:
     if spec_future.status != "error":
         return
     exc = spec_future.exception()
+    if isinstance(exc, InvalidArgumentError):
+        raise exc  # SentSpec.load's: it says what to do
     text = f"{type(exc).__name__}: {exc}"
     if any(sign in text for sign in _CANNOT_LOAD_SIGNS):
-        raise InvalidArgumentError(
-            f"the {describe_function(spec.func, spec.kind)} (or its serde) cannot be loaded on the "
-            f"workers: {text}. "
-            f"The workers need every module it refers to: install it there, send a single file "
-            f"with client.upload_file(path), or send the module's code along with the function: "
-            f"cloudpickle.register_pickle_by_value(module)"
-        ) from exc
+        raise InvalidArgumentError(_cannot_load_message(describe_function(spec.func, spec.kind), text)) from exc
     raise exc  # not a pickling problem: the cluster's own error
 
 
@@ -1455,9 +1579,17 @@ def _load_model(
             if isinstance(exc, FileNotFoundError) and not os.path.lexists(local):
                 raise missing from exc
             # (the model file there: a file the model opens as it is unpickled is missing)
+            text = error_line(exc)
+            if any(sign in text for sign in _CANNOT_LOAD_SIGNS):
+                # the model's class is in a module the client (where it was
+                # trained) had and this worker lacks, or has in another version
+                text += (
+                    "; the workers need every module the model's classes come from, in the version it "
+                    "was trained with: install it there, or send a single file with client.upload_file(path)"
+                )
             raise _UserError(
                 f"{type(spec.serde).__name__} could not read model file "
-                f"{training.display(rel, spec.serde.filename)}: {error_line(exc)}"
+                f"{training.display(rel, spec.serde.filename)}: {text}"
             ) from exc
 
     if training.is_local:
@@ -2014,6 +2146,8 @@ def run_partition(spec: RunSpec, frame: pd.DataFrame, keep: pd.Index | None = No
     into several tasks); the partition's other rows are left to the others.
     Returns one small record per group; the models stay in storage.
     """
+    if isinstance(spec, SentSpec):
+        spec = spec.load()
     if keep is not None:
         frame = frame[_nulls_as_nan(keep).get_indexer(_group_index(frame, spec.by)) >= 0]
     if spec.columns is not None and list(frame.columns) != list(spec.columns):
@@ -2462,6 +2596,8 @@ def _start_run(
 
     # 2. count rows per group: the only compute before anything is written --
     client = get_or_start_client()
+    # before the first task: one the workers cannot load closes the worker
+    check_workers_environment(client, serde)
     check_workers_share_store(store, client)
     warn_if_no_workers(client)
     warn_if_no_worker_offers(options.resources, client)

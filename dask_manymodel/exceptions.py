@@ -17,7 +17,7 @@ this library::
     ├── ReadOnlyRunError         (RuntimeError) wait()/cancel() on a restored run
     ├── RunTimeoutError          (TimeoutError)
     ├── StorageError             (OSError)      the store failed underneath us
-    └── MissingDependencyError   (ImportError)  an optional extra is not installed
+    └── MissingDependencyError   (ImportError)  a dependency is not installed (here, or on the workers)
 
 Foreign errors (fsspec, distributed, torch) are translated in one place each,
 with ``raise ... from exc`` so the original stays in the traceback.
@@ -99,12 +99,24 @@ class StorageError(ManyModelError, OSError):
 
 
 class MissingDependencyError(ManyModelError, ImportError):
-    """An optional dependency is missing; the message names the extra to install."""
+    """A dependency is missing, here or on the workers (dask_manymodel itself,
+    or an optional extra); the message names what to install, and where."""
 
 
 def missing_dependency(package: str, extra: str) -> MissingDependencyError:
-    """Build the error for an optional package that is not installed."""
+    """Build the error for an optional package that is not installed. Raised
+    in a Dask worker (a group's function, a serde), it says so: the client,
+    where the user looks, may well have the package."""
+    try:
+        import distributed
+
+        worker = distributed.get_worker().address
+    except (ImportError, ValueError):
+        return MissingDependencyError(
+            f"{package} is required for this; install it with `pip install 'dask-manymodel[{extra}]'`"
+        )
     return MissingDependencyError(
-        f"{package} is required for this; install it with "
-        f"`pip install 'dask-manymodel[{extra}]'`"
+        f"{package} is required for this, and this Dask worker ({worker}) does not have it; install it "
+        f"in the workers' environment (their image), not only on the client: `pip install "
+        f"'dask-manymodel[{extra}]'`"
     )

@@ -29,7 +29,13 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from .connectors._batching import Columns, Rebatcher, check_batch_size, check_seed
-from .engine import as_dask_dataframe, check_reachable, check_workers_share_store, index_as_column
+from .engine import (
+    as_dask_dataframe,
+    check_reachable,
+    check_workers_environment,
+    check_workers_share_store,
+    index_as_column,
+)
 from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError
 from .store import RunStore, _is_local, any_read_as_pattern, open_url, remove_paths, resolved_url
 
@@ -69,9 +75,11 @@ class _ClaimLost(Exception):
     """Another make of the same name claimed it over this one."""
 
 
-def _check_workers_share(store: RunStore) -> None:
+def _check_workers_share(store: RunStore, shuffle: bool = False) -> None:
     """memory:// with worker processes: each would write its files into its
-    own memory, and the FileSet would be made with no rows."""
+    own memory, and the FileSet would be made with no rows. With ``shuffle``,
+    the workers need dask_manymodel too (its functions shuffle the rows):
+    without it, Dask closed the workers and make() waited for ever."""
     import distributed
 
     from ._client import _synchronous
@@ -80,7 +88,10 @@ def _check_workers_share(store: RunStore) -> None:
         client = distributed.get_client()
     except ValueError:  # no cluster: Dask's local scheduler, in this process
         return
-    check_workers_share_store(store, _synchronous(client))  # an asynchronous one: refused here, first
+    client = _synchronous(client)  # an asynchronous one: refused here, first
+    check_workers_share_store(store, client)
+    if shuffle:
+        check_workers_environment(client)
 
 
 _SHUFFLE_COLUMN = "__manymodel_shuffle__"
@@ -179,7 +190,7 @@ class FileSet:
         # as a run checks its URL: a missing bucket, bad credentials, a file
         # where the folder must be are said so now, not as a backend's error
         check_reachable(claim)
-        _check_workers_share(claim)
+        _check_workers_share(claim, shuffle)
         exists = FileSetExistsError(
             f"FileSet {name!r} already exists at {url}; FileSets are immutable: "
             f"choose another name or delete() the old one"

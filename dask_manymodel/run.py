@@ -1388,6 +1388,7 @@ class ManyModelRun:
             meta = _with_all_categories(meta, by, keys)
         if not items:
             return dd.from_pandas(meta, npartitions=1)
+        _check_the_workers_can_read()
         n_chunks = max(1, min(len(items), len(self._futures or []) or 8))
         # consecutive groups per partition, so that the rows come in the run's
         # group order whatever the number of partitions: dealt round robin,
@@ -1730,6 +1731,21 @@ def _as_layout(frame: pd.DataFrame, by: list[str], key: tuple, layout: pd.DataFr
 # bytes and tables are held at once, beside the frames made so far).
 _BATCH_FILES = 256
 _BATCH_BYTES = 32 * 2**20
+
+
+def _check_the_workers_can_read() -> None:
+    """The output is read by dask_manymodel's own function on the workers
+    of the active client: on workers without it (another team's cluster,
+    reading the run's results) Dask closed them and the compute waited for
+    ever. Checked when the frame is made, the read itself stays lazy."""
+    from .engine import check_workers_environment
+
+    try:
+        client = distributed.get_client()
+    except ValueError:  # Dask's local schedulers: this process has dask_manymodel
+        return
+    if not client.asynchronous:
+        check_workers_environment(client)
 
 
 def _read_output(items: list[tuple[str, tuple]], fs, by: list[str], layout: pd.DataFrame) -> pd.DataFrame:

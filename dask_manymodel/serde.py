@@ -153,6 +153,9 @@ class TorchSerde(ModelSerde):
         a GPU worker load anywhere.
     """
 
+    #: modules every worker must have (checked when a run starts)
+    _needs = ("torch",)
+
     def __init__(self, filename: str = "model.pt", weights_only: bool = False, model_factory=None,
                  map_location: str = "cpu"):
         self.filename = filename
@@ -203,6 +206,8 @@ class TensorFlowSerde(ModelSerde):
     filename : str
         Must end with ``.keras`` (Keras chooses the format from it).
     """
+
+    _needs = ("tensorflow",)
 
     def __init__(self, filename: str = "model.keras"):
         if not filename.endswith(".keras"):

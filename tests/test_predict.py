@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -818,3 +819,21 @@ def test_a_predict_with_a_training_still_in_progress_is_refused(client, ddf, sto
     assert training.wait(show_progress=False) == RunStatus.SUCCESS
     inf = ddf.manymodel.predict(predict_frame, by="store", url=store_url, training_run_id="r1", run_id="s1")
     assert inf.wait(show_progress=False) == RunStatus.SUCCESS
+
+
+def test_a_model_whose_class_the_workers_lack_says_to_install_it_there(trained, ddf, store_url, tmp_path, monkeypatch):
+    # group 3's model is of a class from a module only the client has (the
+    # workers started before it existed): a cluster image without it
+    name = f"model_classes_only_here_{os.getpid()}"
+    (tmp_path / f"{name}.py").write_text("class Line:\n    def __init__(self, coef):\n        self.coef = coef\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = __import__(name)
+    monkeypatch.setitem(sys.modules, name, module)
+    with open(os.path.join(store_url, "r1", "store=3", "model.pkl"), "wb") as f:
+        f.write(pickle.dumps(module.Line([1.0, 0.0])))
+    inf = ddf.manymodel.predict(predict_frame, by="store", url=store_url, training_run_id="r1", run_id="s1")
+    assert inf.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    error = inf.partition_details[3].error
+    assert f"store=3/model.pkl: ModuleNotFoundError: No module named '{name}'; the workers need every module" in error
+    assert "install it there, or send a single file with client.upload_file(path)" in error
+    assert inf.partition_details[4].status == "DONE"
