@@ -321,6 +321,12 @@ class FileSet:
         # nothing): each file read as it is named instead
         with self._fs.open(paths[0], "rb") as f:
             meta = pq.read_schema(f).empty_table().to_pandas()
+        # by a function of dask_manymodel on the workers: on workers without
+        # it (another team's cluster reading the FileSet), Dask closed them
+        # and the compute waited for ever, as for a run's output
+        from .run import _check_the_workers_can_read
+
+        _check_the_workers_can_read()
         return dd.from_map(_read_parquet_file, paths, fs=self._fs, meta=meta, label="fileset-read")
 
     def to_torch_dataset(self, *, batch_size=None, shuffle=False, drop_last_batch=True, seed=None):

@@ -166,3 +166,15 @@ def test_an_output_read_on_workers_without_dask_manymodel_is_refused(client, ddf
     with cluster, other:
         with pytest.raises(MissingDependencyError, match="dask_manymodel cannot be imported on 1 of the cluster's"):
             dask_manymodel.ManyModelRun.restore_from("p1", url).to_dask_dataframe().compute()
+
+
+@pytest.mark.timeout(90)  # the compute hung: the workers could not load the read's tasks
+def test_a_fileset_read_by_our_function_on_workers_without_dask_manymodel_is_refused(client, ddf, tmp_path):
+    # a URL with [ ] * ? in it is read file by file by dask_manymodel's own
+    # function (Dask would read it as a pattern), which such workers cannot load
+    url = str(tmp_path / "data[v1]")
+    FileSet.make(url, "plain", ddf)
+    cluster, other = _cluster_client(HIDE.format(hidden={"dask_manymodel"}))
+    with cluster, other:
+        with pytest.raises(MissingDependencyError, match="dask_manymodel cannot be imported on 1 of the cluster's"):
+            FileSet(url, "plain").to_dask_dataframe().compute()
