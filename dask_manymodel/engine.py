@@ -2403,6 +2403,9 @@ def _died_in_group_message(
     many other tasks ran in that worker process then (none: it is blamed)."""
     partition_id = key[0] if len(key) == 1 else key
     died = f"the worker process running group {partition_id!r} died while the group ran"
+    # Dask's KilledWorker text ends its sentence (".../killed.html."): a
+    # sentence follows ``then`` here, and "killed.html.. Unless" read as a typo
+    then = then.rstrip(".")
     if others:
         return (
             f"{died} alone in its task, but {others} other task(s) ran in the same process then (a "

@@ -1162,3 +1162,17 @@ def test_a_group_that_its_task_did_not_report_is_never_counted_a_success(tmp_pat
     lost = ManyModelRun.restore_from("r1", url).partition_details[3]
     assert lost.status == "INTERNAL_ERROR" and "group 3 (5 rows) was not run" in lost.error
     assert ManyModelRun.restore_from("r1", url).status == RunStatus.PARTIAL_FAILURE
+
+
+def test_the_died_in_group_message_reads_as_sentences_after_dasks_own():
+    # Dask's KilledWorker text ends with a period (".../killed.html."), and
+    # the sentence about workers stopped from outside follows it
+    from dask_manymodel import engine
+
+    killed = (
+        "Dask gave the task up: KilledWorker: Attempted to run task 'x' on 4 different workers, but all those "
+        "workers died while running it. For more information see https://distributed.dask.org/en/stable/killed.html."
+    )
+    for others in (0, 2):
+        message = engine._died_in_group_message((3,), killed, others=others)
+        assert "killed.html. " in message and ".." not in message, message
