@@ -676,14 +676,21 @@ def warn_if_no_workers(client: distributed.Client) -> None:
     if client.nthreads():
         return
     cluster = getattr(client, "cluster", None)
-    try:
-        adaptive = getattr(cluster, "_adaptive", None)
-        if cluster is not None and (cluster.plan or getattr(adaptive, "state", None) in ("starting", "running")):
-            return  # workers asked for (scale(n), adapt): they are on their way
-    except Exception:  # a cluster class of its own: no evidence either way
-        logger.debug("could not ask the cluster which workers it plans", exc_info=True)
+    asked = "none are asked for"
+    if cluster is None:
+        asked = "this client (connected by address) cannot see whether any are asked for"
+    else:
+        try:
+            adaptive = getattr(cluster, "_adaptive", None)
+            if cluster.plan or getattr(adaptive, "state", None) in ("starting", "running"):
+                return  # workers asked for (scale(n), adapt): they are on their way
+        except Exception:  # a cluster class of its own: no evidence either way
+            # (dask-kubernetes' KubeCluster has neither plan nor workers: said
+            # "none are asked for" after its scale(10), its pods pending)
+            logger.debug("could not ask the cluster which workers it plans", exc_info=True)
+            asked = f"its {type(cluster).__name__} does not say whether any are asked for"
     warnings.warn(
-        f"the cluster ({client.scheduler.address}) has no workers, and none are asked for; the run waits "
+        f"the cluster ({client.scheduler.address}) has no workers, and {asked}; the run waits "
         f"(this call does not return) until a worker joins. Start workers (cluster.scale(2), "
         f"cluster.adapt(minimum=1, maximum=...), or dask worker <scheduler address>); nothing of the run "
         f"is written before then",

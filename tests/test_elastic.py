@@ -213,3 +213,29 @@ def test_a_group_whose_worker_is_stopped_from_outside_twice_is_not_only_blamed(o
     assert "died while the group ran" in error and "needs more memory" in error
     assert "stopped from outside" in error and "retry_failed()" in error
     assert len(run.get_progress()["DONE"]) == 3
+
+
+class _ClusterWithoutPlan:
+    """As dask-kubernetes' KubeCluster: a Cluster with neither plan nor workers."""
+
+    @property
+    def plan(self):
+        raise AttributeError("'_ClusterWithoutPlan' object has no attribute 'workers'")
+
+
+def test_no_workers_on_a_cluster_that_cannot_say_what_it_asked_for_is_not_said_to_ask_for_none():
+    # after KubeCluster(n_workers=0).scale(10), its pods pending, the warning
+    # said "none are asked for": untrue, and the user had just asked for 10
+    from types import SimpleNamespace
+
+    from dask_manymodel import engine
+
+    client = SimpleNamespace(
+        nthreads=dict, cluster=_ClusterWithoutPlan(), scheduler=SimpleNamespace(address="tcp://10.0.0.1:8786")
+    )
+    with pytest.warns(UserWarning, match="has no workers") as caught:
+        engine.warn_if_no_workers(client)
+    message = str(caught[0].message)
+    assert "none are asked for" not in message, message
+    assert "its _ClusterWithoutPlan does not say whether any are asked for" in message
+    assert "until a worker joins" in message
