@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
 from typing import Callable, Iterator
 
@@ -75,6 +76,19 @@ def fit_line(data, ctx):
     """A train function: least squares slope and intercept of y on x."""
     df = data.to_pandas()
     return np.polyfit(df["x"].to_numpy(), df["y"].to_numpy(), 1)
+
+
+def module_only_here(tmp_path, monkeypatch, name: str, code: str):
+    """A module importable in this process only (the workers started before
+    it existed): written to ``tmp_path``, imported, and gone again after the
+    test."""
+    folder = tmp_path / "modules_only_here"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.py").write_text(code)
+    monkeypatch.syspath_prepend(str(folder))
+    module = __import__(name)
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
 
 
 def poll(condition: Callable[[], bool], timeout: float = 30, interval: float = 0.05) -> None:

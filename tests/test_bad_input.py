@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import re
-import sys
 
 import numpy as np
 import pandas as pd
@@ -26,7 +25,7 @@ from dask_manymodel import (
     StorageError,
 )
 
-from .conftest import fit_line
+from .conftest import fit_line, module_only_here
 
 
 def no_args():
@@ -298,12 +297,7 @@ def test_a_predict_function_that_cannot_be_sent_is_refused_before_writing(client
 def test_a_function_the_workers_cannot_load_is_refused_before_writing(client, ddf, tmp_path, monkeypatch):
     # a module only the client has (the workers started before it existed)
     name = f"only_on_the_client_{os.getpid()}"
-    folder = tmp_path / "client_modules"
-    folder.mkdir()
-    (folder / f"{name}.py").write_text("def helper(data):\n    return len(data)\n")
-    monkeypatch.syspath_prepend(str(folder))
-    module = __import__(name)
-    monkeypatch.setitem(sys.modules, name, module)  # gone again after the test
+    module = module_only_here(tmp_path, monkeypatch, name, "def helper(data):\n    return len(data)\n")
 
     def train_with_a_local_module(data, ctx):
         return module.helper(data.to_pandas())

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import sys
 
 import cloudpickle
 import dask.dataframe as dd
@@ -17,7 +16,7 @@ import pytest
 import dask_manymodel
 from dask_manymodel import FileSet, InvalidArgumentError, MissingDependencyError, RunStatus, TorchSerde
 from dask_manymodel import engine
-from tests.conftest import fit_line, make_frame
+from tests.conftest import fit_line, make_frame, module_only_here
 
 # a worker preload (inline code) that makes modules look not installed there
 HIDE = """
@@ -135,12 +134,7 @@ def test_the_spec_goes_from_worker_to_worker_as_bytes(client, tmp_path, monkeypa
     # Dask's transfer, and that worker's tasks waited for ever. As bytes,
     # the task there fails and says why.
     name = f"only_on_the_first_worker_{os.getpid()}"
-    folder = tmp_path / "user_modules"
-    folder.mkdir()
-    (folder / f"{name}.py").write_text("def fit(data, ctx):\n    return 1\n")
-    monkeypatch.syspath_prepend(str(folder))
-    module = __import__(name)
-    monkeypatch.setitem(sys.modules, name, module)
+    module = module_only_here(tmp_path, monkeypatch, name, "def fit(data, ctx):\n    return 1\n")
 
     sent = engine.load_run_spec(cloudpickle.dumps(module.fit), "train function fit")  # where it loads
     moved = pickle.dumps(sent)  # as Dask passes it on
