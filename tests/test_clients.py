@@ -174,6 +174,13 @@ def poll(condition):
         time.sleep(0.02)  # poll
 
 LOOPS = [0]  # how many times wait_in_a_loop's wait() timed out
+LOOKS = [0]  # how many times the exit hook looked whether a thread waits on the run
+
+def counted(looks_whether_waited_on):
+    def look():
+        LOOKS[0] += 1
+        return looks_whether_waited_on()
+    return look
 
 def open_gate_at_exit(gate, loops=0):  # a daemon: the interpreter does not wait for it
     poll(lambda: in_function(threading.main_thread(), "_shutdown"))
@@ -192,7 +199,10 @@ def wait_in_a_loop(run):  # as a script that says the progress every few seconds
             return
         except dask_manymodel.RunTimeoutError:
             LOOPS[0] += 1
-            time.sleep(0.5)  # what it does between waits: a summary() of a big run, printed
+            # out of wait() (as a script saying the progress between waits) until the
+            # exit hook has looked at least once, or ended the run
+            then = LOOKS[0]
+            poll(lambda: LOOKS[0] > then or run._finished.is_set())
 
 def wait_in_thread(run, timeout):
     try:
@@ -214,6 +224,7 @@ if __name__ == "__main__":
     # "gives up": the thread waits 3 s, and the groups are held for good
     waiter = threading.Thread(target=wait_in_thread, args=(run, 3 if mode == "gives up" else None))
     if mode == "polls":
+        run._waited_on_elsewhere = counted(run._waited_on_elsewhere)
         waiter = threading.Thread(target=wait_in_a_loop, args=(run,))
     waiter.start()
     poll(lambda: in_function(waiter, "wait"))
