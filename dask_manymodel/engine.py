@@ -592,34 +592,24 @@ class SentSpec:
                 except Exception as exc:
                     text = f"{type(exc).__name__}: {exc}"
                     if any(sign in text for sign in _CANNOT_LOAD_SIGNS):
-                        raise InvalidArgumentError(_cannot_load_message(self._what, text)) from exc
+                        raise InvalidArgumentError(
+                            f"the {self._what} (or its serde) cannot be loaded on the workers: {text}. "
+                            f"The workers need every module it refers to: install it there, send a single "
+                            f"file with client.upload_file(path), or send the module's code along with the "
+                            f"function: cloudpickle.register_pickle_by_value(module)"
+                        ) from exc
                     raise
             return self._spec
 
 
-def _cannot_load_message(what: str, text: str) -> str:
-    return (
-        f"the {what} (or its serde) cannot be loaded on the workers: {text}. "
-        f"The workers need every module it refers to: install it there, send a single file "
-        f"with client.upload_file(path), or send the module's code along with the function: "
-        f"cloudpickle.register_pickle_by_value(module)"
-    )
-
-
-def check_spec_loads(spec_future: distributed.Future, spec: "RunSpec") -> None:
+def check_spec_loads(spec_future: distributed.Future) -> None:
     """Wait until a worker has loaded the spec; one that the workers cannot
     unpickle (a module the client has and they lack) fails with an error
-    that says what to do, before anything is written."""
+    that says what to do (:meth:`SentSpec.load`'s), before anything is
+    written; any other error is the cluster's own, raised as it is."""
     distributed.wait(spec_future)
-    if spec_future.status != "error":
-        return
-    exc = spec_future.exception()
-    if isinstance(exc, InvalidArgumentError):
-        raise exc  # SentSpec.load's: it says what to do
-    text = f"{type(exc).__name__}: {exc}"
-    if any(sign in text for sign in _CANNOT_LOAD_SIGNS):
-        raise InvalidArgumentError(_cannot_load_message(describe_function(spec.func, spec.kind), text)) from exc
-    raise exc  # not a pickling problem: the cluster's own error
+    if spec_future.status == "error":
+        raise spec_future.exception()
 
 
 # what a worker's failure to unpickle a function looks like in the text Dask relays
@@ -680,15 +670,13 @@ def warn_if_no_workers(client: distributed.Client) -> None:
     if cluster is None:
         asked = "this client (connected by address) cannot see whether any are asked for"
     else:
-        try:
-            adaptive = getattr(cluster, "_adaptive", None)
-            if cluster.plan or getattr(adaptive, "state", None) in ("starting", "running"):
-                return  # workers asked for (scale(n), adapt): they are on their way
-        except Exception:  # a cluster class of its own: no evidence either way
+        plan = _workers_asked_for(cluster)
+        if plan is None:
             # (dask-kubernetes' KubeCluster has neither plan nor workers: said
             # "none are asked for" after its scale(10), its pods pending)
-            logger.debug("could not ask the cluster which workers it plans", exc_info=True)
             asked = f"its {type(cluster).__name__} does not say whether any are asked for"
+        elif plan[0] or plan[1] is not None:
+            return  # workers asked for (scale(n), adapt): they are on their way
     warnings.warn(
         f"the cluster ({client.scheduler.address}) has no workers, and {asked}; the run waits "
         f"(this call does not return) until a worker joins. Start workers (cluster.scale(2), "
@@ -747,18 +735,28 @@ def planned_threads(client: distributed.Client) -> int:
     nthreads = client.nthreads()
     present = sum(nthreads.values())
     cluster = getattr(client, "cluster", None)
-    try:
-        planned = len(cluster.plan) if cluster is not None else 0
-        adaptive = getattr(cluster, "_adaptive", None)
-        if adaptive is not None and getattr(adaptive, "state", None) in ("starting", "running"):
-            maximum = adaptive.maximum
-            if maximum is not None and not math.isinf(maximum):
-                planned = max(planned, int(maximum))
-    except Exception:  # a cluster class of its own: the workers present only
-        logger.debug("could not ask the cluster how many workers it plans", exc_info=True)
-        planned = 0
+    plan = _workers_asked_for(cluster) if cluster is not None else None
+    planned = 0
+    if plan is not None:  # (a cluster class that cannot say: the workers present only)
+        planned, maximum = plan
+        if maximum is not None and not math.isinf(maximum):
+            planned = max(planned, int(maximum))
     per_worker = present / len(nthreads) if nthreads else 1
     return max(present, round(planned * per_worker), 1)
+
+
+def _workers_asked_for(cluster: Any) -> tuple[int, float | None] | None:
+    """How many workers the cluster object has asked for (``scale(n)``: its
+    ``plan``) and, while it adapts, its maximum (maybe inf); None when it
+    cannot say (a cluster class of its own, dask-kubernetes' KubeCluster)."""
+    try:
+        adaptive = getattr(cluster, "_adaptive", None)
+        adapting = adaptive is not None and getattr(adaptive, "state", None) in ("starting", "running")
+        maximum = (math.inf if adaptive.maximum is None else adaptive.maximum) if adapting else None
+        return len(cluster.plan), maximum
+    except Exception:
+        logger.debug("could not ask the cluster which workers it plans", exc_info=True)
+        return None
 
 
 def default_npartitions(threads: int, n_groups: int) -> int:
@@ -2666,7 +2664,7 @@ def _start_run(
             f"cannot group by {by!r}: {exc}; group values must be hashable scalars "
             f"(not lists or dicts)"
         ) from exc
-    check_spec_loads(spec_future, spec)
+    check_spec_loads(spec_future)
 
     keys: pd.Index = counts.index
     sizes = counts[_ROWS].to_numpy()

@@ -42,7 +42,7 @@ from .store import (
     PARTITION_FILE,
     RUN_MANIFEST,
     RunStore,
-    any_read_as_pattern,
+    cat_files,
     group_path,
     is_null,
     normalize_key,
@@ -1788,23 +1788,14 @@ def _batch_as_layout(tables: list, keys: list[tuple], by: list[str], layout: pd.
 
 
 def _read_files(fs, paths: list[str]) -> list[bytes]:
-    """The contents of these files, in their order, in one batched read. A
-    missing file says so; any other error (access denied, a dropped
-    connection) is raised as it is."""
-    if any_read_as_pattern(paths):  # fsspec would read such a path as a glob pattern: one by one
-        found: dict[str, Any] = {}
-        for path in paths:
-            try:
-                found[path] = fs.cat_file(path)
-            except FileNotFoundError as exc:
-                found[path] = exc
-    else:
-        found = fs.cat(paths, on_error="return")
-    found = {fs._strip_protocol(path): data for path, data in found.items()}
+    """The contents of these files, in their order, in one batched read
+    (:func:`~dask_manymodel.store.cat_files`). A missing file says so; any
+    other error (access denied, a dropped connection) is raised as it is."""
+    found = {fs._strip_protocol(path): data for path, data in cat_files(fs, paths).items()}
     blobs = []
     for path in paths:
         data = found.get(fs._strip_protocol(path))
-        if data is None or isinstance(data, FileNotFoundError):
+        if data is None:
             raise FileNotFoundError(f"the output file {path} is missing: it was deleted since the run ended")
         if isinstance(data, BaseException):
             raise data
