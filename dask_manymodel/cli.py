@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import posixpath
+import re
 import shlex
 import sys
 from typing import Any, Sequence
@@ -29,6 +30,46 @@ from .exceptions import (
     RunNotFoundError,
 )
 from .store import FORMAT_VERSION, RUN_MANIFEST, cat_files, is_null, normalize_key, open_url
+
+
+# C0 and C1 control characters and DEL: a terminal acts on them (ESC starts
+# sequences that clear the screen, retitle the window, write the clipboard),
+# and what a run stored (group values, errors, logs, its folders' names) may
+# come from anyone's data or files
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_BUT_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # less newline and tab
+
+
+def _visible(text: Any, keep_lines: bool = False) -> str:
+    """``text`` with its control characters written as Python writes them in a
+    repr (``\\x1b``, ``\\r``), so that printing it cannot drive the terminal;
+    ``keep_lines`` keeps newlines and tabs (logs, a traceback).
+
+    Examples
+    --------
+    >>> _visible("a\\x1b[2Jb")
+    'a\\\\x1b[2Jb'
+    """
+    pattern = _CONTROL_BUT_LINES if keep_lines else _CONTROL
+    return pattern.sub(lambda found: repr(found.group())[1:-1], str(text))
+
+
+def _shell_word(text: str) -> str:
+    """``shlex.quote(text)``; a text with control characters as bash's
+    ``$'...'`` instead, with them as escapes that bash turns back into them
+    (so the word is still one to paste after ``logs URL RUN_ID``)."""
+    if not _CONTROL.search(text):
+        return shlex.quote(text)
+    out = []
+    for char in text:
+        if char in "\\'":
+            out.append("\\" + char)
+        elif _CONTROL.match(char):
+            # bash reads \xHH as a byte: one above 0x7f as the character's code point
+            out.append(f"\\x{ord(char):02x}" if ord(char) < 0x80 else f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    return "$'" + "".join(out) + "'"
 
 
 def _created_text(created: Any) -> str:
@@ -47,9 +88,10 @@ def _created_text(created: Any) -> str:
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
-    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
+    rows = [{c: _visible(r.get(c, "")) for c in columns} for r in rows]
+    widths = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in columns}
     lines = ["  ".join(c.ljust(widths[c]) for c in columns).rstrip()]
-    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns).rstrip() for r in rows]
+    lines += ["  ".join(r[c].ljust(widths[c]) for c in columns).rstrip() for r in rows]
     return "\n".join(lines)
 
 
@@ -178,14 +220,17 @@ def _value_text(value: Any) -> str:
 
 def group_text(partition_id: Any, n_columns: int) -> str:
     """A group as show prints it and logs takes it: its values, one per
-    partition_by column, quoted as a shell needs them and joined by spaces.
+    partition_by column, quoted as a shell needs them and joined by spaces
+    (one with control characters as bash's ``$'...'``, see :func:`_shell_word`).
 
     Examples
     --------
     >>> group_text(("a b", 1.0), 2)
     "'a b' 1.0"
+    >>> print(group_text("\\x1b[2J", 1))
+    $'\\x1b[2J'
     """
-    return " ".join(shlex.quote(_value_text(v)) for v in normalize_key(partition_id, n_columns))
+    return " ".join(_shell_word(_value_text(v)) for v in normalize_key(partition_id, n_columns))
 
 
 def _readings(text: str, column: list) -> list:
@@ -252,7 +297,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     _at_least("--top", args.top, 0)
     run = _restore(args)
     summary = run.summary()
-    print(f"run {run.run_id} ({run.kind}) at {args.url}: {run.status.value}")
+    print(f"run {run.run_id} ({_visible(run.kind)}) at {args.url}: {run.status.value}")
     counts = run._counts(dict(zip(summary["path"], summary["status"].map(PartitionStatus))))
     if counts:
         print(_table([{"status": k, "groups": v} for k, v in counts.items()], ["status", "groups"]))
@@ -272,7 +317,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"\nfailed groups ({len(failed)}):")
         for row in failed.head(args.top).itertuples():
             first_line = row.error.splitlines()[0] if row.error else ""
-            print(f"  {group_text(row.partition_id, n_columns)}: {row.status}: {first_line}")
+            print(f"  {group_text(row.partition_id, n_columns)}: {row.status}: {_visible(first_line)}")
         if len(failed) > args.top:
             print(f"  ... and {len(failed) - args.top} more")
     return 0
@@ -292,13 +337,11 @@ def cmd_logs(args: argparse.Namespace) -> int:
     group = run._details([path])[path]  # that group's status alone
     print(f"group {group_text(group.partition_id, n_columns)}: {group.status.value}")
     if group.error:
-        print(f"error: {group.error.splitlines()[0]}")
-    if group.logs:
-        print(group.logs, end="" if group.logs.endswith("\n") else "\n")
-    else:
-        print("(no logs captured)")
-    if group.traceback:
-        print(group.traceback, end="" if group.traceback.endswith("\n") else "\n")
+        print(f"error: {_visible(group.error.splitlines()[0])}")
+    # as captured, less what would drive the terminal (colours too: shown as \x1b[...)
+    for text in (group.logs or "(no logs captured)", group.traceback):
+        if text:
+            print(_visible(text, keep_lines=True), end="" if text.endswith("\n") else "\n")
     return 0
 
 
@@ -365,10 +408,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return _output_closed()
     except ManyModelError as exc:
-        print(f"dask-manymodel: error: {exc}", file=sys.stderr)
+        print(f"dask-manymodel: error: {_visible(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"dask-manymodel: error: cannot read {args.url!r}: {exc}", file=sys.stderr)
+        print(f"dask-manymodel: error: cannot read {args.url!r}: {_visible(exc)}", file=sys.stderr)
         return 2
 
 

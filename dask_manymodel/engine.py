@@ -76,6 +76,7 @@ from .store import (
     GROUPS_FILE,
     PARTITION_FILE,
     RUN_MANIFEST,
+    TEMP_PREFIX,
     RunStore,
     column_segment,
     group_path,
@@ -111,7 +112,8 @@ _HEARTBEAT_SECONDS = 0.5
 
 def check_run_id(run_id: Any, what: str = "run_id") -> str:
     """A run_id is one safe path segment: letters, digits, ``.``, ``_``, ``-``."""
-    if not isinstance(run_id, str) or not _RUN_ID_PATTERN.match(run_id) or ".." in run_id:
+    # fullmatch: the pattern's "$" also matches before a last newline ("r1\n")
+    if not isinstance(run_id, str) or not _RUN_ID_PATTERN.fullmatch(run_id) or ".." in run_id:
         raise InvalidArgumentError(
             f"{what} {run_id!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', "
             f"starting with a letter or digit, without '..', '/' or whitespace"
@@ -711,6 +713,31 @@ def run_exists(store: RunStore) -> bool:
         return store.fs.exists(store.root) and bool(store.fs.ls(store.root))
     except FileNotFoundError:
         return False
+
+
+def refuse_a_folder_of_no_run(store: RunStore) -> None:
+    """Refuse a run folder that holds files but no ``_run.json``: not a run
+    (another tool's files, a FileSet, or a folder named by mistake:
+    ``url="~", run_id="Documents"``). An overwrite deletes the folder's
+    contents, and deleted them all; the "already exists" error advised
+    that overwrite."""
+    store.fs.invalidate_cache(store.root)
+    try:
+        names = [posixpath.basename(name.rstrip("/")) for name in store.fs.ls(store.root, detail=False)]
+    except FileNotFoundError:
+        return
+    if RUN_MANIFEST in names:
+        return
+    # (the temp file of a _run.json whose writer was killed is a run's own)
+    others = sorted(name for name in names if not name.startswith(TEMP_PREFIX))
+    if others:
+        shown = ", ".join(repr(name) for name in others[:3]) + (", ..." if len(others) > 3 else "")
+        raise RunExistsError(
+            f"{store.display()} holds files ({shown}) but no {RUN_MANIFEST}: it is not a run of "
+            f"dask_manymodel (another tool's files, a FileSet, or a folder named by mistake), and "
+            f"on_existing_artifacts never deletes or writes into one. Choose another run_id or url, or "
+            f"remove the folder yourself if it is meant to go; nothing was written"
+        )
 
 
 # --------------------------------------------------------------------------
@@ -2599,8 +2626,10 @@ def _start_run(
                 f"{previous.get('partition_by')!r}, not a {kind} run by {[str(c) for c in by]!r}"
             )
         _check_resume_matches(previous, serde, training_run_id, training_manifest)
-    elif run_exists(store) and on_existing_artifacts == "error":
-        raise RunExistsError(_exists_message(run_id, store))
+    else:
+        refuse_a_folder_of_no_run(store)
+        if on_existing_artifacts == "error" and run_exists(store):
+            raise RunExistsError(_exists_message(run_id, store))
 
     # 2. count rows per group: the only compute before anything is written --
     client = get_or_start_client()

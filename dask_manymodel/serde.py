@@ -273,12 +273,18 @@ def check_filename(serde: ModelSerde) -> None:
 
 def serde_from_manifest(entry: dict) -> ModelSerde | None:
     """Rebuild a serde recorded by :func:`serde_to_manifest`, if its class can
-    be built without arguments besides ``filename``; otherwise None."""
+    be built without arguments besides ``filename``; otherwise None.
+
+    Only a :class:`ModelSerde` is built: ``_run.json`` is a file of the store,
+    which anyone who can write there may edit, and it named ``subprocess.run``
+    with its arguments as well as a serde (called by ``get_model``)."""
     module_name, _, qualname = entry["class"].rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), qualname)
-    except (ImportError, AttributeError):
+    except (ImportError, AttributeError, ValueError):  # ValueError: no module name
         return None
+    if not (isinstance(cls, type) and issubclass(cls, ModelSerde)):
+        return None  # (the caller says it cannot be rebuilt: pass serde=)
     try:
         return cls(**entry.get("params", {"filename": entry["filename"]}))
     except TypeError:

@@ -490,7 +490,7 @@ def _make_folder(folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
 
 
-_TEMP_PREFIX = ".tmp-"
+TEMP_PREFIX = ".tmp-"
 
 
 def _temp_name(path: str, tag: str) -> str:
@@ -498,11 +498,11 @@ def _temp_name(path: str, tag: str) -> str:
     the real name, so writers that pick a format from the extension (Keras)
     still work."""
     folder, name = posixpath.split(path)
-    temp = f"{_TEMP_PREFIX}{tag}-{name}"
+    temp = f"{TEMP_PREFIX}{tag}-{name}"
     if len(temp.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         # a long name (up to the 255 bytes a file system allows) must still
         # have a temp name that fits: the tag and the extension alone
-        temp = f"{_TEMP_PREFIX}{tag}{posixpath.splitext(name)[1][:100]}"
+        temp = f"{TEMP_PREFIX}{tag}{posixpath.splitext(name)[1][:100]}"
     return posixpath.join(folder, temp)
 
 
@@ -917,7 +917,7 @@ class RunStore:
             return
         for folder, subfolders, names in os.walk(self.path(rel)):
             for name in names:
-                if name.startswith(_TEMP_PREFIX):
+                if name.startswith(TEMP_PREFIX):
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(os.path.join(folder, name))
 

@@ -45,6 +45,8 @@ CASES = [
     ("run-id-dotdot", {"run_id": ".."}, InvalidArgumentError, "run_id '..' is not allowed"),
     ("run-id-whitespace", {"run_id": "my run"}, InvalidArgumentError, "run_id 'my run'"),
     ("run-id-empty", {"run_id": ""}, InvalidArgumentError, "run_id '' is not allowed"),
+    # read from a file or input() without strip(): regex's $ matched before the newline
+    ("run-id-newline", {"run_id": "r1\n"}, InvalidArgumentError, "run_id 'r1\\n' is not allowed"),
     ("func-not-callable", {"train_func": 42}, InvalidArgumentError, "must be callable"),
     ("func-no-args", {"train_func": no_args}, InvalidArgumentError, "must accept 2 positional"),
     ("func-three-args", {"train_func": three_args}, InvalidArgumentError, "must accept 2 positional"),

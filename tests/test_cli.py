@@ -333,3 +333,44 @@ def test_logs_of_an_unknown_group_lists_groups_as_show_prints_them(keyed_runs, c
     assert sorted(listed) == ["'sp ace' 2", "None 1", "x/y 1"]
     assert main(["logs", keyed_runs, "pairs", "x/y"]) == 2
     assert "has 2 partition_by columns ['k', 'n']: give one value for each, got 1" in capsys.readouterr().err
+
+
+# clears the screen, retitles the window; \x9b is the one-byte CSI of C1
+TERMINAL_CONTROL = "\x1b[2J\x1b]0;pwned\x07\x9b"
+
+
+def fail_naming_the_key(data, ctx):
+    print(f"hello from {ctx.partition_id}\rover", file=sys.stderr)
+    if ctx.partition_id != "ok":
+        raise ValueError(f"bad group {ctx.partition_id}")  # str(), not a repr: the key as it is
+    return 1
+
+
+def test_control_characters_of_stored_text_never_reach_the_terminal(client, store_url):
+    """A group value, an error, captured logs, a folder's or a _run.json's
+    text that holds ESC ... drove the terminal of whoever ran show, logs or
+    runs on the run: printed raw."""
+    ddf = dd.from_pandas(pd.DataFrame({"k": [TERMINAL_CONTROL, "ok"] * 3, "x": range(6)}), npartitions=2)
+    ddf.manymodel.train(fail_naming_the_key, by="k", url=store_url, run_id="r1").wait(show_progress=False)
+    # a folder of the store and a _run.json written by someone else
+    os.makedirs(os.path.join(store_url, "x" + TERMINAL_CONTROL))
+    manifest = json.load(open(os.path.join(store_url, "r1", "_run.json")))
+    with open(os.path.join(store_url, "x" + TERMINAL_CONTROL, "_run.json"), "w") as f:
+        json.dump(manifest | {"kind": TERMINAL_CONTROL, "run_id": "x" + TERMINAL_CONTROL}, f)
+    outputs = {}
+    for command in (["runs", store_url], ["show", store_url, "r1"]):
+        out = subprocess.run(CLI + command, capture_output=True, text=True, check=True)
+        outputs[command[0]] = out.stdout
+    assert r"x\x1b[2J\x1b]0;pwned\x07\x9b" in outputs["runs"]
+    failed = outputs["show"].split("failed groups (1):\n")[1]
+    word = r"$'\x1b[2J\x1b]0;pwned\x07\u009b'"  # bash's quoting: copied after logs, it names the group
+    assert failed == f"  {word}: FAILED: ValueError: bad group " + r"\x1b[2J\x1b]0;pwned\x07\x9b" + "\n"
+    out = subprocess.run(
+        ["bash", "-c", shlex.join(CLI + ["logs", store_url, "r1"]) + " " + word],
+        capture_output=True, text=True, check=True, env=os.environ | {"LC_ALL": "C.UTF-8"},
+    ).stdout
+    assert out.startswith(f"group {word}: FAILED\nerror: ValueError: bad group " + r"\x1b[2J")
+    assert r"hello from \x1b[2J\x1b]0;pwned\x07\x9b\rover" + "\n" in out  # logs: newlines kept
+    assert out.rstrip("\n").endswith(r"ValueError: bad group \x1b[2J\x1b]0;pwned\x07\x9b")
+    for text in [*outputs.values(), out]:
+        assert not set(text) & (set(map(chr, range(32))) - {"\n"} | set(map(chr, range(0x7f, 0xa0))))

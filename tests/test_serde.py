@@ -6,7 +6,9 @@ Each serde gets the same tests by subclassing :class:`SerdeContract`
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import tempfile
 
 import dask.dataframe as dd
@@ -16,6 +18,7 @@ import pytest
 
 import dask_manymodel  # noqa: F401
 from dask_manymodel import (
+    DataConnector,
     InvalidArgumentError,
     ManyModelRun,
     ModelNotAvailableError,
@@ -375,3 +378,28 @@ def test_a_filename_may_start_with_an_underscore():
 
     for name in ("_model.pkl", "_weights/model.pt", "model_partition.json"):
         check_filename(PickleSerde(filename=name))
+
+
+def test_a_run_json_that_names_no_serde_runs_nothing(client, ddf, tmp_path):
+    """_run.json named its serde's class and arguments, and get_model (and a
+    predict without serde=) called whatever it named: one edited in the store
+    ran subprocess.run. Only a ModelSerde is built; serde= still loads."""
+    url, marker = str(tmp_path), tmp_path / "ran"
+    ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1").wait(show_progress=False)
+    path = tmp_path / "r1" / "_run.json"
+    manifest = json.loads(path.read_text())
+    for entry in (
+        {"class": "subprocess.run", "filename": "model.pkl",
+         "params": {"args": [sys.executable, "-c", f"open({str(marker)!r}, 'w')"]}},
+        {"class": "builtins.print", "filename": "model.pkl", "params": {"sep": "ran"}},
+        {"class": "print", "filename": "model.pkl"},  # no module at all: import_module("") raised ValueError
+    ):
+        path.write_text(json.dumps(manifest | {"serde": entry}))
+        with pytest.raises(InvalidArgumentError, match="cannot be rebuilt here; pass serde= to restore_from"):
+            ManyModelRun.restore_from("r1", url).get_model(1)
+        with pytest.raises(InvalidArgumentError, match="cannot rebuild serde"):
+            ddf.manymodel.predict(lambda data, model, ctx: None, by="store", url=url, training_run_id="r1",
+                                  run_id="s1")
+        assert not marker.exists()
+    np.testing.assert_allclose(ManyModelRun.restore_from("r1", url, serde=PickleSerde()).get_model(1),
+                               fit_line(DataConnector.from_pandas(make_frame().query("store == 1")), None))

@@ -434,6 +434,34 @@ def test_overwrite_replaces_the_old_run(client, store_url):
     with pytest.raises(PartitionNotFoundError):
         restored.get_model(5)
 
+@pytest.mark.parametrize("on_existing", ["overwrite", "error"])
+def test_a_folder_that_is_no_run_is_never_overwritten(client, tmp_path, on_existing):
+    """url="~", run_id="Documents" (or a FileSet's name) with overwrite
+    deleted every file of the folder; "error" advised that overwrite."""
+    from dask_manymodel import FileSet, RunExistsError
+
+    home = str(tmp_path)
+    os.makedirs(os.path.join(home, "Documents", "thesis"))
+    with open(os.path.join(home, "Documents", "thesis", "chapter1.tex"), "w") as f:
+        f.write("years of work")
+    FileSet.make(home, "snap", pd.DataFrame({"a": range(5)}))
+    snap_files = sorted(os.listdir(os.path.join(home, "snap")))
+    ddf = dd.from_pandas(make_frame(n_groups=2), npartitions=2)
+    for run_id in ("Documents", "snap"):
+        with pytest.raises(RunExistsError, match=f"{run_id} holds files .* but no _run.json") as caught:
+            ddf.manymodel.train(fit_line, by="store", url=home, run_id=run_id, on_existing_artifacts=on_existing)
+        assert "on_existing_artifacts='overwrite'" not in str(caught.value)
+    assert sorted(os.listdir(os.path.join(home, "Documents"))) == ["thesis"]
+    assert os.listdir(os.path.join(home, "Documents", "thesis")) == ["chapter1.tex"]
+    assert sorted(os.listdir(os.path.join(home, "snap"))) == snap_files
+    assert FileSet(home, "snap").to_dask_dataframe().compute()["a"].tolist() == list(range(5))
+    # a folder with only the temp file of a _run.json whose writer was killed is the run's own
+    os.makedirs(os.path.join(home, "r1"))
+    open(os.path.join(home, "r1", ".tmp-0123-_run.json"), "w").close()
+    run = ddf.manymodel.train(fit_line, by="store", url=home, run_id="r1", on_existing_artifacts="overwrite")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+
+
 
 def save_through_context(data, ctx):
     df = data.to_pandas()
