@@ -2613,9 +2613,12 @@ def _start_run(
         serde = None
 
     previous = None
+    if on_existing_artifacts == "overwrite":
+        _refuse_a_fileset(store)  # which the overwrite would delete
     if on_existing_artifacts == "resume":
         previous = _read_manifest_or_none(store)
         if previous is None:
+            _refuse_a_fileset(store)
             raise RunNotFoundError(
                 f"cannot resume run {run_id!r}: it does not exist at {store.url}"
             )
@@ -2626,6 +2629,7 @@ def _start_run(
             )
         _check_resume_matches(previous, serde, training_run_id, training_manifest)
     elif run_exists(store) and on_existing_artifacts == "error":
+        _refuse_a_fileset(store)
         raise RunExistsError(_exists_message(run_id, store))
 
     # 2. count rows per group: the only compute before anything is written --
@@ -2955,6 +2959,21 @@ def _marked_failed_if_it_fails(store: RunStore, manifest: dict, kept_done: int) 
             raise StorageError(f"{exc}; {advice}") from exc
         exc.add_note(advice)
         raise
+
+
+def _refuse_a_fileset(store: RunStore) -> None:
+    """Raise if ``url/run_id`` holds a FileSet: a run and a FileSet share
+    the URL's names, and ``on_existing_artifacts="overwrite"`` (which the
+    error of an existing run suggests) deleted the snapshot, as it deletes
+    an old run, and trained in its place."""
+    from .fileset import CLAIM  # here: fileset.py imports this module
+
+    if store.exists(store.path(CLAIM)):
+        raise RunExistsError(
+            f"{store.display()} holds a FileSet, not a run: a run cannot take its name (nor replace "
+            f"it); choose another run_id, or delete the FileSet first (FileSet(url, "
+            f"{store.run_id!r}).delete())"
+        )
 
 
 def _exists_message(run_id: str, store: RunStore) -> str:
