@@ -111,6 +111,10 @@ def _reach(url: str, storage_options: dict | None) -> tuple[Any, str]:
     """Open ``url`` and check that it can be listed; every backend error
     (credentials, DNS, a refused connection) becomes one clear message."""
     fs, base = open_url(url, storage_options)
+    # fsspec keeps an object store's listings for as long as its file system
+    # lives (one per storage_options, for the whole process): a second call
+    # in a notebook listed none of the runs written meanwhile by others
+    fs.invalidate_cache(base)
     try:
         exists = fs.exists(base)
     except Exception as exc:

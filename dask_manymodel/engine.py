@@ -731,6 +731,7 @@ def refuse_a_folder_of_no_run(store: RunStore) -> None:
     # (the temp file of a _run.json whose writer was killed is a run's own)
     others = sorted(name for name in names if not name.startswith(TEMP_PREFIX))
     if others:
+        _refuse_a_fileset(store)  # a FileSet's folder: saying so
         shown = ", ".join(repr(name) for name in others[:3]) + (", ..." if len(others) > 3 else "")
         raise RunExistsError(
             f"{store.display()} holds files ({shown}) but no {RUN_MANIFEST}: it is not a run of "
@@ -1576,6 +1577,17 @@ class _UserError(Exception):
     """A failure the user can fix (FAILED, not INTERNAL_ERROR)."""
 
 
+class _NoModel(_UserError):
+    """A predict group found no model of the training run's attempt (no
+    status of it, or its model file gone): what a start again (or a
+    deletion) of the training run while the predict runs looks like too, so
+    its batch's check of the training run tells which it was."""
+
+
+# a predict record's mark, never written: its group failed as _NoModel did
+_NO_MODEL = "_no_model"
+
+
 def _model_trained(spec: RunSpec, training_status: dict | None) -> bool:
     """Whether the training run's status says the group has a model."""
     return (
@@ -1592,7 +1604,7 @@ def _load_model(
     already downloaded (:class:`_ModelPrefetch`), deleted once read."""
     training = spec.training_store
     if training_status is None or training_status.get("attempt") != spec.training_attempt:
-        raise _UserError(
+        raise _NoModel(
             f"group {partition_id!r} has no model in training run {training.run_id!r} "
             f"(it was never trained there)"
         )
@@ -1602,7 +1614,7 @@ def _load_model(
             f"it ended {training_status.get('status')} there"
         )
     remote = training.path(rel, spec.serde.filename)
-    missing = _UserError(f"model file {training.display(rel, spec.serde.filename)} is missing")
+    missing = _NoModel(f"model file {training.display(rel, spec.serde.filename)} is missing")
 
     def read(local: str) -> Any:
         try:
@@ -1802,6 +1814,8 @@ def run_group(
             record.update(status="CANCELLED", error=f"not written: {exc}", traceback=None)
         except _UserError as exc:
             record.update(status="FAILED", error=str(exc), traceback=traceback.format_exc())
+            if isinstance(exc, _NoModel):
+                record[_NO_MODEL] = True  # taken off before it is written (_PendingWrites._flush)
         except (StorageError, _GroupTooBig) as exc:
             record.update(status="INTERNAL_ERROR", error=str(exc), traceback=traceback.format_exc())
         except BaseException as exc:  # our own bug, or something unexpected underneath
@@ -2067,11 +2081,13 @@ class _PendingWrites:
     def _flush(self) -> None:
         store = self.spec.store
         entries, self.entries, self.nbytes = self.entries, [], 0
+        # the groups that found no model (the mark is never written)
+        no_model = {id(record) for record, _ in entries if record.pop(_NO_MODEL, False)}
         if entries and self.heartbeat.check_superseded():
             self._drop(entries)
             return
-        if self.spec.kind == "predict" and any(record["status"] == "DONE" for record, _ in entries):
-            entries = self._unless_training_changed(entries)
+        if self.spec.kind == "predict" and (no_model or any(record["status"] == "DONE" for record, _ in entries)):
+            entries = self._unless_training_changed(entries, no_model)
         folders: set[str] = set()  # the groups' folders made for their models
         failed = store.write_many(
             {path: data for _, files in entries for path, data in files.items()}, made_folders=folders
@@ -2105,7 +2121,9 @@ class _PendingWrites:
             # what the task returns; the full record is in storage now
             self.written.append(_compact(record))
 
-    def _unless_training_changed(self, entries: list[tuple[dict, dict[str, bytes]]]) -> list:
+    def _unless_training_changed(
+        self, entries: list[tuple[dict, dict[str, bytes]]], no_model: frozenset[int] | set[int] = frozenset()
+    ) -> list:
         """A predict's batch, its DONE groups FAILED (their outputs not
         written) if the training run was started again since this task began:
         an overwrite writes its ``_run.json`` before it deletes or writes a
@@ -2114,7 +2132,14 @@ class _PendingWrites:
         batch (a predict's batches are written at most every ``max_seconds``,
         see :meth:`add`); a run reading two trainings' models would otherwise
         be DONE. A read that fails makes the batch INTERNAL_ERROR: unchecked,
-        its models cannot be vouched for."""
+        its models cannot be vouched for.
+
+        Its groups that found no model (:class:`_NoModel`, the ids of their
+        records in ``no_model``) say so too when the training run changed:
+        the start again had deleted their models (or the task read the
+        training's statuses after it began), and their error said "never
+        trained there" or "model file missing", untrue of the training run
+        this predict began with."""
         training = self.spec.training_store
         unchecked = None
         if not self.training_changed:
@@ -2128,7 +2153,9 @@ class _PendingWrites:
         if not self.training_changed and unchecked is None:
             return entries
         for record, files in entries:
-            if record["status"] != "DONE":
+            if id(record) in no_model and self.training_changed:
+                record.update(traceback=None)  # (the error below is all there is to say)
+            elif record["status"] != "DONE":
                 continue
             files.clear()
             record.update(output_rows=0, bytes=0)
@@ -2617,6 +2644,7 @@ def _start_run(
     if on_existing_artifacts == "resume":
         previous = _read_manifest_or_none(store)
         if previous is None:
+            _refuse_a_fileset(store)
             raise RunNotFoundError(
                 f"cannot resume run {run_id!r}: it does not exist at {store.url}"
             )
@@ -2627,6 +2655,7 @@ def _start_run(
             )
         _check_resume_matches(previous, serde, training_run_id, training_manifest)
     else:
+        # (a FileSet's folder among them, which an overwrite would delete)
         refuse_a_folder_of_no_run(store)
         if on_existing_artifacts == "error" and run_exists(store):
             raise RunExistsError(_exists_message(run_id, store))
@@ -2958,6 +2987,21 @@ def _marked_failed_if_it_fails(store: RunStore, manifest: dict, kept_done: int) 
             raise StorageError(f"{exc}; {advice}") from exc
         exc.add_note(advice)
         raise
+
+
+def _refuse_a_fileset(store: RunStore) -> None:
+    """Raise if ``url/run_id`` holds a FileSet: a run and a FileSet share
+    the URL's names, and ``on_existing_artifacts="overwrite"`` (which the
+    error of an existing run suggests) deleted the snapshot, as it deletes
+    an old run, and trained in its place."""
+    from .fileset import CLAIM  # here: fileset.py imports this module
+
+    if store.exists(store.path(CLAIM)):
+        raise RunExistsError(
+            f"{store.display()} holds a FileSet, not a run: a run cannot take its name (nor replace "
+            f"it); choose another run_id, or delete the FileSet first (FileSet(url, "
+            f"{store.run_id!r}).delete())"
+        )
 
 
 def _exists_message(run_id: str, store: RunStore) -> str:

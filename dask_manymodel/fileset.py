@@ -37,7 +37,7 @@ from .engine import (
     index_as_column,
 )
 from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError
-from .store import RunStore, _is_local, any_read_as_pattern, open_url, remove_paths, resolved_url
+from .store import RUN_MANIFEST, RunStore, _is_local, any_read_as_pattern, open_url, remove_paths, resolved_url
 
 __all__ = ["FileSet"]
 
@@ -196,6 +196,11 @@ class FileSet:
             f"choose another name or delete() the old one"
         )
         if fs.exists(root) and fs.ls(root):
+            if fs.exists(posixpath.join(root, RUN_MANIFEST)):
+                raise FileSetExistsError(
+                    f"{url}/{name} holds the run {name!r}, not a FileSet: a FileSet cannot take a run's "
+                    f"name; choose another name"
+                )
             raise exists
         # a named index is kept as a column, as DataFrame.to_parquet keeps it
         # (one named like a column is dropped, as a run drops it)

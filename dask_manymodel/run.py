@@ -1284,6 +1284,28 @@ class ManyModelRun:
                 return candidate
         return path
 
+    def _check_not_started_again(self) -> None:
+        """Raise if the run this handle reads is gone: deleted, or started
+        again (an overwrite: another attempt) since the handle was made. A
+        handle reads only its own attempt's groups, so all of them read as
+        not run then (a handle of last night's run kept while tonight's job
+        overwrites it said "it is PENDING")."""
+        try:
+            stored = self._store.read_manifest()
+        except FileNotFoundError:
+            raise RunNotFoundError(
+                f"run {self.run_id!r} no longer exists at {self._store.url} (deleted since this handle "
+                f"was made?)"
+            ) from None
+        except ManyModelError:  # damaged: what the group's status says
+            return
+        if stored.get("attempt") != self._manifest.get("attempt"):
+            raise RunNotFoundError(
+                f"run {self.run_id!r} at {self._store.url} was started again (on_existing_artifacts="
+                f"'overwrite') since this handle was made, and its models are the new start's; "
+                f"ManyModelRun.restore_from({self.run_id!r}, url) reads the run as it is now"
+            )
+
     def get_model(self, partition_id: Any) -> Any:
         """Load the model of one group through the run's serde.
 
@@ -1294,17 +1316,15 @@ class ManyModelRun:
         ModelNotAvailableError
             The group did not finish DONE (the message says how it ended).
         RunNotFoundError
-            The run was deleted since the handle was made.
+            The run was deleted, or started again (overwritten), since the
+            handle was made.
         """
         if self.kind != "train":
             raise InvalidArgumentError(f"run {self.run_id!r} is a {self.kind} run; it has no models")
         group = self._group_for(partition_id)
         record = self._read_statuses([group["path"]]).get(group["path"])
-        if record is None and not self._store.fs.exists(self._store.path(RUN_MANIFEST)):
-            raise RunNotFoundError(
-                f"run {self.run_id!r} no longer exists at {self._store.url} (deleted since this handle "
-                f"was made?)"
-            )
+        if record is None:
+            self._check_not_started_again()
         if record is None or record.get("status") != "DONE":
             status = record.get("status") if record else "PENDING"
             error = f": {record.get('error')}" if record and record.get("error") else ""

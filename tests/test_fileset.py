@@ -367,3 +367,33 @@ def test_a_shuffled_make_runs_on_the_cluster_under_a_local_scheduler_setting(cli
         made = FileSet.make(str(tmp_path), "shuffled", ddf, shuffle=True, seed=1)
     assert made.num_rows == 200
     assert sorted(made.to_dask_dataframe().compute()["x"]) == list(pdf["x"])
+
+
+def keep_nothing(data, ctx):
+    return 0
+
+
+@pytest.mark.parametrize("how", ["error", "overwrite", "resume"])
+def test_a_run_never_takes_the_name_of_a_fileset_in_the_same_url(client, tmp_path, how):
+    """Nightly runs and their FileSets share one URL, and so its names. A
+    run started under a FileSet's name said "run '2026-11-01' already exists
+    ...; pass on_existing_artifacts='overwrite' to replace it", and the
+    overwrite deleted the snapshot and trained in its place (a resume said
+    the run did not exist)."""
+    from dask_manymodel import RunExistsError
+
+    url = str(tmp_path / "team")
+    snapshot = FileSet.make(url, "2026-11-01", frame(20))
+    ddf = dd.from_pandas(frame(20).assign(k=1), npartitions=1)
+    with pytest.raises(RunExistsError, match="2026-11-01 holds a FileSet, not a run"):
+        ddf.manymodel.train(keep_nothing, by="k", url=url, run_id="2026-11-01", on_existing_artifacts=how)
+    assert snapshot.num_rows == 20 and FileSet(url, "2026-11-01").to_dask_dataframe().compute().shape == (20, 3)
+    assert not (tmp_path / "team" / "2026-11-01" / "_run.json").exists()
+
+
+def test_a_fileset_never_takes_the_name_of_a_run_in_the_same_url(client, tmp_path):
+    url = str(tmp_path / "team")
+    ddf = dd.from_pandas(frame(20).assign(k=1), npartitions=1)
+    ddf.manymodel.train(keep_nothing, by="k", url=url, run_id="2026-11-01").wait(show_progress=False)
+    with pytest.raises(FileSetExistsError, match="holds the run '2026-11-01', not a FileSet"):
+        FileSet.make(url, "2026-11-01", frame(20))

@@ -632,6 +632,66 @@ def test_a_predict_never_mixes_the_models_of_two_trainings(client, store_url):
     assert not any(name.startswith("part-") for _, _, names in os.walk(f"{store_url}/s1") for name in names)
 
 
+def overwrite_the_training(url):
+    """What another process's overwrite of the training run 'r1' does: its
+    _run.json with a new attempt first, then the old groups' files go."""
+    import shutil
+
+    folder = os.path.join(url, "r1")
+    with open(os.path.join(folder, "_run.json")) as f:
+        manifest = json.load(f)
+    with open(os.path.join(folder, "_run.json.new"), "w") as f:
+        json.dump({**manifest, "attempt": "the-overwrite"}, f)
+    os.replace(os.path.join(folder, "_run.json.new"), os.path.join(folder, "_run.json"))
+    for name in os.listdir(folder):
+        if name.startswith("k="):
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+
+
+def overwrite_the_training_in_the_first_group(url, data, model, ctx):
+    with open(os.path.join(url, "r1", "_run.json")) as f:
+        if json.load(f)["attempt"] != "the-overwrite":
+            overwrite_the_training(url)
+    return data.to_pandas().assign(pred=1.0)
+
+
+def overwrite_the_training_as_the_input_is_read(url, frame):
+    overwrite_the_training(url)
+    return frame
+
+
+@pytest.mark.parametrize("when", ["while a group runs", "before the tasks start"])
+def test_groups_whose_models_an_overwrite_took_say_the_training_started_again(client, store_url, when):
+    """A predict reading a nightly training run that another process
+    overwrote meanwhile: the groups that found their models gone said "model
+    file ... is missing", or "group 2 has no model in training run 'r1' (it
+    was never trained there)" when their task started after the overwrite's
+    deletion, untrue of the training the predict began with; only the groups
+    that found a model said the training was started again."""
+    import functools
+
+    pdf = pd.DataFrame({"k": [1, 1, 2, 2], "x": [1.0, 2.0, 3.0, 4.0]})
+    ddf = dd.from_pandas(pdf, npartitions=1)
+    ddf.manymodel.train(fit_nothing, by="k", url=store_url, run_id="r1").wait(show_progress=False)
+    options = None
+    if when == "while a group runs":  # the group after it, in the same task, finds its model file gone
+        func = functools.partial(overwrite_the_training_in_the_first_group, store_url)
+        options = ExecutionOptions(npartitions=1)
+    else:  # the tasks read the training's statuses after the overwrite began
+        func = predict_one
+        ddf = ddf.map_partitions(functools.partial(overwrite_the_training_as_the_input_is_read, store_url), meta=pdf.iloc[:0])
+    inf = ddf.manymodel.predict(func, by="k", url=store_url, training_run_id="r1", run_id="s1",
+                                execution_options=options)
+    assert inf.wait(show_progress=False) == RunStatus.FAILURE
+    errors = {key: details.error for key, details in inf.partition_details.items()}
+    assert set(errors) == {1, 2}
+    for error in errors.values():
+        assert "training run 'r1' was started again (or deleted) while this predict ran" in error, errors
+    restored = ManyModelRun.restore_from("s1", store_url)
+    assert all("was started again" in d.error for d in restored.partition_details.values())
+    assert not any(name.startswith("part-") for _, _, names in os.walk(f"{store_url}/s1") for name in names)
+
+
 def test_a_batch_whose_training_check_cannot_be_made_is_not_written(tmp_path):
     """A failed read of the training run's _run.json wrote the batch
     unchecked (its models could be of another start)."""

@@ -221,3 +221,32 @@ def test_an_overwrite_lists_the_old_run_once(client, s3_options, tmp_path, monke
     )
     assert len(listings) == 1, listings
     assert store.fs.find(store.root) == [f"{store.root}/_run.json"]
+
+
+def test_runs_lists_the_runs_another_process_wrote_since_its_last_listing(s3_options, capsys):
+    """`dask-manymodel runs` from Python (cli.main, as a notebook calls it
+    every morning): s3fs keeps a listing for as long as its file system
+    lives (one per storage_options, for the process), so the runs that the
+    nightly job wrote since the first call were never listed."""
+    import json
+
+    from dask_manymodel.cli import main
+
+    url = "s3://models/nightly-listing"
+    # fsspec's cached file system, as a user's storage_options give it
+    options = {key: value for key, value in s3_options.items() if key != "skip_instance_cache"}
+    nightly = s3fs.S3FileSystem(**s3_options)  # another process: a file system of its own
+
+    def nightly_run(run_id):
+        manifest = {"format_version": 1, "run_id": run_id, "kind": "train", "partition_by": ["store"],
+                    "status": "SUCCESS", "n_groups": 0, "created": "2026-11-01T02:00:00+00:00"}
+        nightly.pipe({f"models/nightly-listing/{run_id}/_run.json": json.dumps(manifest).encode(),
+                      f"models/nightly-listing/{run_id}/_groups.json": b"[]"})
+
+    nightly_run("2026-11-01")
+    assert main(["runs", url, "--storage-options", json.dumps(options)]) == 0
+    assert "2026-11-01" in capsys.readouterr().out
+    nightly_run("2026-11-02")
+    assert main(["runs", url, "--storage-options", json.dumps(options)]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert listed == ["2026-11-01", "2026-11-02"]

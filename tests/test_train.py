@@ -1058,3 +1058,20 @@ def test_a_handle_of_a_deleted_run_says_so(client, ddf, store_url):
     for handle in (run, restored):
         with pytest.raises(RunNotFoundError, match="run 'r1' no longer exists at .*deleted since"):
             handle.get_model(1)
+
+
+def test_a_handle_of_a_run_overwritten_since_says_so(client, ddf, store_url):
+    """A handle of last night's run, kept in a notebook while tonight's job
+    overwrote the run: its models said "group 1 of run 'r1' has no model: it
+    is PENDING" (the handle reads its own start's groups only)."""
+    from dask_manymodel import RunNotFoundError
+
+    run = ddf.manymodel.train(fit_line, by="store", url=store_url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    restored = ManyModelRun.restore_from("r1", store_url)
+    tonight = ddf.manymodel.train(fit_line, by="store", url=store_url, run_id="r1", on_existing_artifacts="overwrite")
+    assert tonight.wait(show_progress=False) == RunStatus.SUCCESS
+    for handle in (run, restored):
+        with pytest.raises(RunNotFoundError, match="run 'r1' at .* was started again .* since this handle was made"):
+            handle.get_model(1)
+    np.testing.assert_allclose(ManyModelRun.restore_from("r1", store_url).get_model(1), [1.1, 1], atol=1e-9)
