@@ -447,8 +447,9 @@ def test_a_folder_that_is_no_run_is_never_overwritten(client, tmp_path, on_exist
     FileSet.make(home, "snap", pd.DataFrame({"a": range(5)}))
     snap_files = sorted(os.listdir(os.path.join(home, "snap")))
     ddf = dd.from_pandas(make_frame(n_groups=2), npartitions=2)
-    for run_id in ("Documents", "snap"):
-        with pytest.raises(RunExistsError, match=f"{run_id} holds files .* but no _run.json") as caught:
+    expected = {"Documents": "Documents holds files .* but no _run.json", "snap": "snap holds a FileSet, not a run"}
+    for run_id, message in expected.items():
+        with pytest.raises(RunExistsError, match=message) as caught:
             ddf.manymodel.train(fit_line, by="store", url=home, run_id=run_id, on_existing_artifacts=on_existing)
         assert "on_existing_artifacts='overwrite'" not in str(caught.value)
     assert sorted(os.listdir(os.path.join(home, "Documents"))) == ["thesis"]
