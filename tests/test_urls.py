@@ -5,11 +5,13 @@ is never shown."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 
 import dask.dataframe as dd
 import fsspec
+import pandas as pd
 import pytest
 
 import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
@@ -122,6 +124,11 @@ def test_a_password_in_the_url_is_never_shown_or_stored(client, tmp_path):
     assert scores.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
     error = scores.partition_details[2].error
     assert "is missing" in error and "alice:***@host" in error and secret not in error
+
+    client.run(importlib.import_module, "tests.cred_fs")  # the workers write a FileSet by its URL
+    fileset = FileSet.make(url, "fs1", ddf)
+    assert "alice:***@host" in repr(fileset) and secret not in repr(fileset)
+    assert len(pd.read_parquet(fileset.files()[0])) > 0  # its files' URLs open them
     for folder, _, files in os.walk(tmp_path / "models"):  # nothing stored holds it
         for name in files:
             assert secret.encode() not in open(os.path.join(folder, name), "rb").read(), name
