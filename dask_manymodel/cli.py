@@ -29,7 +29,7 @@ from .exceptions import (
     PartitionNotFoundError,
     RunNotFoundError,
 )
-from .store import FORMAT_VERSION, RUN_MANIFEST, cat_files, is_null, normalize_key, open_url
+from .store import FORMAT_VERSION, RUN_MANIFEST, cat_files, is_null, normalize_key, open_url, shown_url
 
 
 # C0 and C1 control characters and DEL: a terminal acts on them (ESC starts
@@ -119,10 +119,10 @@ def _reach(url: str, storage_options: dict | None) -> tuple[Any, str]:
         exists = fs.exists(base)
     except Exception as exc:
         raise InvalidURLError(
-            f"cannot reach {url!r}: {type(exc).__name__}: {exc}; check the URL and --storage-options"
+            f"cannot reach {shown_url(url)!r}: {type(exc).__name__}: {exc}; check the URL and --storage-options"
         ) from exc
     if not exists:
-        raise RunNotFoundError(f"no runs at {url!r}: the location does not exist")
+        raise RunNotFoundError(f"no runs at {shown_url(url)!r}: the location does not exist")
     return fs, base
 
 
@@ -166,7 +166,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         except (ValueError, KeyError, TypeError):  # a damaged manifest: list the folder anyway
             rows.append({"run_id": folder, "status": f"unreadable {RUN_MANIFEST}"})
     if not rows:
-        print(f"no runs at {args.url}")
+        print(f"no runs at {shown_url(args.url)}")
         return 0
     columns = ["run_id", "kind", "status", "groups", "created"]
     print(_table(rows, columns + ["note"] if any("note" in r for r in rows) else columns))
@@ -301,7 +301,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     _at_least("--top", args.top, 0)
     run = _restore(args)
     summary = run.summary()
-    print(f"run {run.run_id} ({_visible(run.kind)}) at {args.url}: {run.status.value}")
+    print(f"run {run.run_id} ({_visible(run.kind)}) at {shown_url(args.url)}: {run.status.value}")
     counts = run._counts(dict(zip(summary["path"], summary["status"].map(PartitionStatus))))
     if counts:
         print(_table([{"status": k, "groups": v} for k, v in counts.items()], ["status", "groups"]))
@@ -336,7 +336,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
         raise PartitionNotFoundError(
             f"run {args.run_id!r} has no group {' '.join(map(repr, args.group))} (partition_by "
             f"{run.partition_by!r}); groups include: {sample or 'none'}; "
-            f"`dask-manymodel show {args.url} {args.run_id}` lists more"
+            f"`dask-manymodel show {shown_url(args.url)} {args.run_id}` lists more"
         )
     group = run._details([path])[path]  # that group's status alone
     print(f"group {group_text(group.partition_id, n_columns)}: {group.status.value}")
@@ -415,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dask-manymodel: error: {_visible(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"dask-manymodel: error: cannot read {args.url!r}: {_visible(exc)}", file=sys.stderr)
+        print(f"dask-manymodel: error: cannot read {shown_url(args.url)!r}: {_visible(exc)}", file=sys.stderr)
         return 2
 
 

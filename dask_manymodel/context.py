@@ -302,7 +302,8 @@ class PartitionContext:
         Returns
         -------
         str
-            The URL of the saved file.
+            The URL of the saved file, as the run's URL was given (with a
+            password it holds, so that it opens the file).
         """
         _check_artifact_name(filename, self._taken_names)
         self._refuse_if_closed(filename)
@@ -321,7 +322,7 @@ class PartitionContext:
             store.upload_file(local, posixpath.join(folder, filename))
         if filename not in self._uploaded:
             self._uploaded.append(filename)
-        return store.display(group_path(self._by, normalize_key(self.partition_id, len(self._by))), filename)
+        return store.url_of(group_path(self._by, normalize_key(self.partition_id, len(self._by))), filename)
 
     def download(
         self,

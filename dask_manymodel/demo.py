@@ -49,6 +49,7 @@ def run_demo(url: str, n_stores: int = 1000, rows_per_store: int = 200, n_worker
     import distributed
 
     import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
+    from .store import shown_url
 
     with distributed.LocalCluster(
         n_workers=n_workers, threads_per_worker=1, processes=True, silence_logs=logging.ERROR
@@ -78,5 +79,5 @@ def run_demo(url: str, n_stores: int = 1000, rows_per_store: int = 200, n_worker
         predictions = scores.to_dask_dataframe()
         rmse = float(np.sqrt(((predictions["y"] - predictions["pred"]) ** 2).mean().compute()))
         print(f"rows scored: {len(predictions)}, RMSE {rmse:.4f}")
-        print(f"models and scores are in {url}")
+        print(f"models and scores are in {shown_url(url)}")
         return 0 if status.value == "SUCCESS" else 1

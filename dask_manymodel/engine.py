@@ -83,6 +83,7 @@ from .store import (
     key_from_json,
     key_to_json,
     paths_in_zones,
+    shown_url,
     stored_zones,
 )
 
@@ -391,13 +392,14 @@ def check_reachable(store: RunStore) -> None:
         raise
     except Exception as exc:  # any backend error: credentials, DNS, permissions
         raise InvalidURLError(
-            f"cannot reach {store.url!r}: {type(exc).__name__}: {exc}; check the URL "
+            f"cannot reach {shown_url(store.url)!r}: {type(exc).__name__}: {exc}; check the URL "
             f"and storage_options"
         ) from exc
 
 
 def _check_can_hold_run(store: RunStore) -> None:
     fs = store.fs
+    url = shown_url(store.url)
     # the nearest folder that exists at or above the URL's
     path = store.base
     while True:
@@ -412,23 +414,23 @@ def _check_can_hold_run(store: RunStore) -> None:
                 if fs.exists(path):  # an empty bucket: s3fs before 2025.10 has no info() of it
                     return
                 raise InvalidURLError(
-                    f"cannot write to {store.url!r}: {path!r} does not exist; an object store's "
+                    f"cannot write to {url!r}: {shown_url(path)!r} does not exist; an object store's "
                     f"bucket must exist before anything is written there (create it, or check the URL)"
                 ) from None
             path = parent
     if info["type"] != "directory":
-        raise InvalidURLError(f"cannot write to {store.url!r}: {path!r} is a file, not a folder")
+        raise InvalidURLError(f"cannot write to {url!r}: {shown_url(path)!r} is a file, not a folder")
     if store.is_local and not os.access(fs._strip_protocol(path), os.W_OK):
         raise InvalidURLError(
-            f"cannot write to {store.url!r}: the folder {path!r} is not writable here (permissions, "
+            f"cannot write to {url!r}: the folder {path!r} is not writable here (permissions, "
             f"or a read-only disk)"
         )
     if path == store.base:  # the run's own folder, where it exists, must be a folder too
         try:
             if fs.info(store.root)["type"] != "directory":
                 raise InvalidURLError(
-                    f"cannot write run {store.run_id!r} to {store.url!r}: {store.root!r} is a file, "
-                    f"not a folder"
+                    f"cannot write run {store.run_id!r} to {url!r}: {shown_url(store.root)!r} is a file, not a "
+                    f"folder"
                 )
         except FileNotFoundError:
             pass
@@ -443,7 +445,7 @@ def check_workers_share_store(store: RunStore, client: distributed.Client) -> No
     worker_pids = set(client.run(os.getpid).values())
     if worker_pids - {os.getpid()}:
         raise InvalidURLError(
-            f"{store.url!r} is in-memory and private to each process, but the cluster's "
+            f"{shown_url(store.url)!r} is in-memory and private to each process, but the cluster's "
             f"workers run in other processes; use a local folder or object store URL, or "
             f"LocalCluster(processes=False)"
         )
@@ -627,7 +629,7 @@ def _unpicklable_part(spec: "RunSpec") -> tuple[str, str, Exception] | None:
          "pickled; create such objects (locks, open files, connections, clients) inside the function instead"),
         (f"serde {type(spec.serde).__name__}", spec.serde,
          "Keep only picklable attributes on the serde; create the others when it reads or writes"),
-        (f"storage at {spec.store.url!r} (its storage_options)", spec.store,
+        (f"storage at {shown_url(spec.store.url)!r} (its storage_options)", spec.store,
          "Pass storage_options that pickle (strings, numbers, dicts): fsspec sends them to every worker"),
     ]
     for what, part, advice in parts:
@@ -1228,19 +1230,19 @@ def superseded_by(store: RunStore, submission: str, ended_counts: bool = False) 
     try:
         manifest = store.read_json(store.path(RUN_MANIFEST))
     except FileNotFoundError:
-        return f"run {store.run_id!r} was deleted from {store.url} while it ran"
+        return f"run {store.run_id!r} was deleted from {shown_url(store.url)} while it ran"
     if not isinstance(manifest, dict):
         return None
     if manifest.get("submission") == submission:
         if ended_counts and manifest.get("finished"):
             return (
-                f"run {store.run_id!r} at {store.url} was ended by its client while this task ran: "
+                f"run {store.run_id!r} at {shown_url(store.url)} was ended by its client while this task ran: "
                 f"the task was cancelled outside the run (client.cancel(), client.restart() or a "
                 f"closed client)"
             )
         return None
     return (
-        f"run {store.run_id!r} at {store.url} was started again while this one ran (an overwrite or "
+        f"run {store.run_id!r} at {shown_url(store.url)} was started again while this one ran (an overwrite or "
         f"resume, most often by another client: attempt {manifest.get('attempt')!r}); its folders belong "
         f"to that run now"
     )
@@ -2618,12 +2620,12 @@ def _start_run(
         training_manifest = _read_manifest_or_none(training_store)
         if training_manifest is None:
             raise RunNotFoundError(
-                f"training run {training_run_id!r} does not exist at {store.url}; "
+                f"training run {training_run_id!r} does not exist at {shown_url(store.url)}; "
                 f"train it first or check training_run_id and url"
             )
         if training_manifest.get("kind") != "train":
             raise InvalidArgumentError(
-                f"run {training_run_id!r} at {store.url} is a {training_manifest.get('kind')} "
+                f"run {training_run_id!r} at {shown_url(store.url)} is a {training_manifest.get('kind')} "
                 f"run, not a training run"
             )
         if list(training_manifest["partition_by"]) != [str(c) for c in by]:
@@ -2646,7 +2648,7 @@ def _start_run(
         if previous is None:
             _refuse_a_fileset(store)
             raise RunNotFoundError(
-                f"cannot resume run {run_id!r}: it does not exist at {store.url}"
+                f"cannot resume run {run_id!r}: it does not exist at {shown_url(store.url)}"
             )
         if previous.get("kind") != kind or previous.get("partition_by") != [str(c) for c in by]:
             raise InvalidArgumentError(
@@ -2976,8 +2978,13 @@ def _marked_failed_if_it_fails(store: RunStore, manifest: dict, kept_done: int) 
         try:
             store.write_json(store.path(RUN_MANIFEST), manifest)
         except Exception:  # the store itself is what failed, most often
-            logger.warning("could not mark run %r at %s as failed", manifest["run_id"], store.url, exc_info=True)
-        advice = f"run {manifest['run_id']!r} at {store.url} was left unfinished (no task started); start it again"
+            logger.warning(
+                "could not mark run %r at %s as failed", manifest["run_id"], shown_url(store.url), exc_info=True
+            )
+        advice = (
+            f"run {manifest['run_id']!r} at {shown_url(store.url)} was left unfinished (no task started); "
+            f"start it again"
+        )
         advice += (
             f" with on_existing_artifacts='resume' (or run.retry_failed()), which keeps its {kept_done:,} DONE groups"
             if kept_done
@@ -3006,7 +3013,7 @@ def _refuse_a_fileset(store: RunStore) -> None:
 
 def _exists_message(run_id: str, store: RunStore) -> str:
     return (
-        f"run {run_id!r} already exists at {store.url}; pass on_existing_artifacts='overwrite' "
+        f"run {run_id!r} already exists at {shown_url(store.url)}; pass on_existing_artifacts='overwrite' "
         f"to replace it, 'resume' to run only its groups that are not DONE, or choose "
         f"another run_id"
     )
@@ -3131,7 +3138,7 @@ def _refuse_a_training_in_progress(training_store: RunStore, manifest: dict) -> 
     if groups and training.status != RunStatus.IN_PROGRESS:
         return
     raise InvalidArgumentError(
-        f"training run {training_store.run_id!r} at {training_store.url} is still in progress: predict "
+        f"training run {training_store.run_id!r} at {shown_url(training_store.url)} is still in progress: predict "
         f"once it has ended (run.wait()), or, if the process that ran it is gone, finish it first "
         f"(ddf.manymodel.train(..., on_existing_artifacts='resume')); nothing is written"
     )

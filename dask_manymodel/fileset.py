@@ -37,7 +37,9 @@ from .engine import (
     index_as_column,
 )
 from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError
-from .store import RUN_MANIFEST, RunStore, _is_local, any_read_as_pattern, open_url, remove_paths, resolved_url
+from .store import (
+    RUN_MANIFEST, RunStore, _is_local, any_read_as_pattern, open_url, remove_paths, resolved_url, shown_url,
+)
 
 __all__ = ["FileSet"]
 
@@ -144,7 +146,7 @@ class FileSet:
         self._manifest = self._read_manifest()
         if self._manifest is None:
             raise FileSetNotFoundError(
-                f"no FileSet {name!r} at {self.url}; create it with FileSet.make(url, name, dataframe)"
+                f"no FileSet {name!r} at {shown_url(self.url)}; create it with FileSet.make(url, name, dataframe)"
             )
 
     def _read_manifest(self) -> dict | None:
@@ -156,7 +158,7 @@ class FileSet:
 
     def __repr__(self) -> str:
         state = "deleted" if self._deleted else f"{len(self._manifest['files'])} files, {self._manifest['rows']} rows"
-        return f"FileSet({self.url!r}, {self.name!r}: {state})"
+        return f"FileSet({shown_url(self.url)!r}, {self.name!r}: {state})"
 
     @classmethod
     def make(
@@ -192,13 +194,13 @@ class FileSet:
         check_reachable(claim)
         _check_workers_share(claim, shuffle)
         exists = FileSetExistsError(
-            f"FileSet {name!r} already exists at {url}; FileSets are immutable: "
+            f"FileSet {name!r} already exists at {shown_url(url)}; FileSets are immutable: "
             f"choose another name or delete() the old one"
         )
         if fs.exists(root) and fs.ls(root):
             if fs.exists(posixpath.join(root, RUN_MANIFEST)):
                 raise FileSetExistsError(
-                    f"{url}/{name} holds the run {name!r}, not a FileSet: a FileSet cannot take a run's "
+                    f"{shown_url(url)}/{name} holds the run {name!r}, not a FileSet: a FileSet cannot take a run's "
                     f"name; choose another name"
                 )
             raise exists
@@ -289,15 +291,16 @@ class FileSet:
                 return
             how = "deleted" if stored is None else "deleted and made again under the same name"
             raise FileSetDeletedError(
-                f"FileSet {self.name!r} at {self.url} was {how} after this handle opened it; "
+                f"FileSet {self.name!r} at {shown_url(self.url)} was {how} after this handle opened it; "
                 f"reopen it with FileSet(url, name), or make a new one with FileSet.make"
             )
         raise FileSetDeletedError(
-            f"FileSet {self.name!r} at {self.url} was deleted; make a new one with FileSet.make"
+            f"FileSet {self.name!r} at {shown_url(self.url)} was deleted; make a new one with FileSet.make"
         )
 
     def files(self) -> list[str]:
-        """URLs of the parquet files, in order."""
+        """URLs of the parquet files, in order: under the URL as it was given
+        (with a password it holds, so that they open the files)."""
         self._check_alive()
         return [f"{self.url}/{self.name}/{f}" for f in self._manifest["files"]]
 

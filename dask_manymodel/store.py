@@ -311,12 +311,12 @@ def open_url(url: str, storage_options: dict | None = None) -> tuple[fsspec.Abst
         fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
     except ValueError as exc:  # unknown protocol
         raise InvalidURLError(
-            f"cannot open url {str(url)!r}: {exc}; use a local path or an fsspec URL "
+            f"cannot open url {shown_url(url)!r}: {exc}; use a local path or an fsspec URL "
             f"such as file://, memory://, s3:// or gs://"
         ) from exc
     except ImportError as exc:
         raise InvalidURLError(
-            f"cannot open url {str(url)!r}: {exc} (install the fsspec backend it names)"
+            f"cannot open url {shown_url(url)!r}: {exc} (install the fsspec backend it names)"
         ) from exc
     return fs, path.rstrip("/") or "/"
 
@@ -332,6 +332,29 @@ def resolved_url(url: Any, fs: fsspec.AbstractFileSystem, base: str) -> str:
     if text.endswith(":"):  # "memory://" itself: "memory:" would read as a local path
         return text + "//"
     return text or fs.unstrip_protocol(base)
+
+
+# the scheme and authority (``user:password@host:port``) of one URL of a chain
+_AUTHORITY = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)([^/?#]*)")
+
+
+def shown_url(url: Any) -> str:
+    """``url`` as shown in reprs, messages, logs and stored errors: the
+    password of a ``user:password@host`` (ftp, sftp, smb, http basic auth)
+    as ``***``, in each URL of a chain (``simplecache::ftp://...``) too; a
+    URL without one unchanged. Never for opening: the password is gone.
+
+    >>> shown_url("simplecache::ftp://alice:s3cret@host/models")
+    'simplecache::ftp://alice:***@host/models'
+    """
+
+    def hide(match: re.Match) -> str:
+        # split as urllib (and so fsspec) does: the last "@" ends the user info
+        userinfo, at, host = match[2].rpartition("@")
+        user, _, password = userinfo.partition(":")
+        return f"{match[1]}{user}:***@{host}" if at and password else match[0]
+
+    return "::".join(_AUTHORITY.sub(hide, part, count=1) for part in str(url).split("::"))
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -546,7 +569,7 @@ class RunStore:
         self.retry_backoff = retry_backoff
 
     def __repr__(self) -> str:
-        return f"RunStore({self.url!r}, {self.run_id!r})"
+        return f"RunStore({shown_url(self.url)!r}, {self.run_id!r})"
 
     def sibling(self, run_id: str) -> "RunStore":
         """Run ``run_id`` under the same URL, on the same file system, with
@@ -574,11 +597,18 @@ class RunStore:
         stripped = self.fs._strip_protocol(path)
         if stripped.startswith(folder):
             return self.display(stripped[len(folder):])
-        return path if self.is_local else self.fs.unstrip_protocol(path)
+        # (http's paths are whole URLs, with their user info)
+        return path if self.is_local else shown_url(self.fs.unstrip_protocol(path))
+
+    def url_of(self, *parts: str) -> str:
+        """The URL of a file of this run, to open it again (with any password
+        the URL was given)."""
+        return "/".join([self.url, self.run_id, *[p for p in parts if p]])
 
     def display(self, *parts: str) -> str:
-        """The URL a user would type for a file of this run."""
-        return "/".join([self.url, self.run_id, *[p for p in parts if p]])
+        """The URL a user would type for a file of this run, as shown in
+        messages and reprs: without a password (:func:`shown_url`)."""
+        return shown_url(self.url_of(*parts))
 
     # writes ----------------------------------------------------------
     def _retry(self, action: Callable[[], T], what: str) -> T:
@@ -760,7 +790,7 @@ class RunStore:
             raise self.damaged(RUN_MANIFEST, f"its format_version is {version!r}, not a whole number")
         if version > FORMAT_VERSION:
             raise StorageError(
-                f"run {self.run_id!r} at {self.url} was written by a later dask_manymodel (storage format "
+                f"run {self.run_id!r} at {shown_url(self.url)} was written by a later dask_manymodel (storage format "
                 f"{version}; this one reads format {FORMAT_VERSION}): upgrade dask_manymodel (pip install "
                 f"-U dask-manymodel) to read or resume it"
             )
@@ -774,7 +804,7 @@ class RunStore:
     def damaged(self, name: str, why: str) -> StorageError:
         """The error for one of the run's own files that is not as dask_manymodel wrote it."""
         return StorageError(
-            f"run {self.run_id!r} at {self.url} cannot be read: its {name} is damaged ({why}); it was "
+            f"run {self.run_id!r} at {shown_url(self.url)} cannot be read: its {name} is damaged ({why}); it was "
             f"cut short or changed by something other than dask_manymodel. Run it again with "
             f"on_existing_artifacts='overwrite', or use another run"
         )
@@ -804,7 +834,7 @@ class RunStore:
                 raise
             raise StorageError(
                 f"cannot read {self._shown(unreadable[0])} of run {self.run_id!r} at "
-                f"{self.url}: {type(exc).__name__}: {exc}; the file is there, so the group's outcome "
+                f"{shown_url(self.url)}: {type(exc).__name__}: {exc}; the file is there, so the group's outcome "
                 f"is not known (it is not taken as never run: a resume would run it again over its "
                 f"files). Make the file readable (the store's permissions, or the disk) and try again"
             ) from exc

@@ -1,16 +1,24 @@
 """One place, however its URL is spelled: a relative local path, the root of
 a memory:// store. Later reads (a worker's, or the client's after a chdir)
-open the place the URL named when the run started."""
+open the place the URL named when the run started. A password in the URL
+is never shown."""
 
 from __future__ import annotations
 
+import importlib
 import os
+import pickle
 
 import dask.dataframe as dd
+import fsspec
+import pandas as pd
+import pytest
 
 import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
-from dask_manymodel import FileSet, ManyModelRun, RunStatus
+from dask_manymodel import FileSet, ManyModelRun, RunExistsError, RunNotFoundError, RunStatus
+from dask_manymodel.store import shown_url
 
+from . import cred_fs
 from .conftest import fit_line, make_frame
 
 
@@ -67,3 +75,60 @@ def test_the_root_of_a_memory_store(thread_client):
     assert len(fileset.to_dask_dataframe().compute()) == 10
     assert not os.path.exists("memory:")  # nothing written to a local folder of that name
     assert FileSet("memory:///", fileset.name).num_rows == 10  # another spelling of the root
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("ftp://alice:pw@host/models", "ftp://alice:***@host/models"),
+    ("simplecache::sftp://alice:pw@host:22/m", "simplecache::sftp://alice:***@host:22/m"),
+    ("https://alice:p@ss:w@host/m?x=1", "https://alice:***@host/m?x=1"),  # the last "@" ends it
+    ("ftp://alice@host/m", "ftp://alice@host/m"),
+    ("ftp://host:21/m@x", "ftp://host:21/m@x"),
+    ("s3://bucket/m", "s3://bucket/m"),
+    ("/data/models", "/data/models"),
+])
+def test_shown_url_hides_only_a_password(url, shown):
+    assert shown_url(url) == shown
+
+
+def fit_and_save(data, ctx):
+    url = ctx.upload(len(data), "rows.pkl")
+    with fsspec.open(url, "rb") as f:  # the URL upload returns opens the file: it keeps the password
+        assert pickle.load(f) == len(data)
+    return fit_line(data, ctx)
+
+
+def test_a_password_in_the_url_is_never_shown_or_stored(client, tmp_path):
+    """ftp://user:password@host (sftp, smb, http basic auth): the password was
+    in the run's repr and html, its error messages, and the errors stored in
+    _partition.json ("model file <URL>/... is missing")."""
+    secret = cred_fs.PASSWORD
+    url = f"credfs://alice:{secret}@host{tmp_path}/models"
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=2)
+    run = ddf.manymodel.train(fit_and_save, by="store", url=url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS, run.summary()["error"].tolist()
+    assert run.url == url  # what opens the run again
+    assert ManyModelRun.restore_from("r1", run.url).get_model(3)[1] == pytest.approx(3)
+    for text in (repr(run), run._repr_html_()):
+        assert "alice:***@host" in text and secret not in text
+    with pytest.raises(RunExistsError) as exists:
+        ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1")
+    with pytest.raises(RunNotFoundError) as missing:
+        ManyModelRun.restore_from("r2", url)
+    for error in (exists.value, missing.value):
+        assert "alice:***@host" in str(error) and secret not in str(error)
+
+    os.remove(tmp_path / "models" / "r1" / "store=2" / "model.pkl")
+    scores = ddf.manymodel.predict(
+        lambda data, model, ctx: data.to_pandas()[["x"]], by="store", url=url, training_run_id="r1", run_id="s1"
+    )
+    assert scores.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    error = scores.partition_details[2].error
+    assert "is missing" in error and "alice:***@host" in error and secret not in error
+
+    client.run(importlib.import_module, "tests.cred_fs")  # the workers write a FileSet by its URL
+    fileset = FileSet.make(url, "fs1", ddf)
+    assert "alice:***@host" in repr(fileset) and secret not in repr(fileset)
+    assert len(pd.read_parquet(fileset.files()[0])) > 0  # its files' URLs open them
+    for folder, _, files in os.walk(tmp_path / "models"):  # nothing stored holds it
+        for name in files:
+            assert secret.encode() not in open(os.path.join(folder, name), "rb").read(), name
