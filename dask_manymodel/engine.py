@@ -2682,6 +2682,7 @@ def _start_run(
             f"two different group values map to the same folder {clash!r}; make the "
             f"{by!r} column(s) one type (e.g. .astype(str))"
         )
+    _check_case_clash(store, by, groups)
 
     threads = planned_threads(client)
     shuffle = needs_shuffle(counts, ddf.npartitions, threads, options.shuffle, options.npartitions is not None)
@@ -2929,6 +2930,33 @@ def _marked_failed_if_it_fails(store: RunStore, manifest: dict, kept_done: int) 
             raise StorageError(f"{exc}; {advice}") from exc
         exc.add_note(advice)
         raise
+
+
+def _check_case_clash(store: RunStore, by: list, groups: list[dict]) -> None:
+    """Refuse, before anything is written, group values whose folders differ
+    only by case (``k=Store``, ``k=store``) on a store that takes them for one
+    folder: each group would write its model over the other's, and both would
+    read DONE, each with the model of whichever finished last. The store is
+    asked only when two folders differ by case alone (a probe file: see
+    :meth:`RunStore.ignores_case`)."""
+    folded: dict[str, dict] = {}
+    clash = None
+    for group in groups:
+        other = folded.setdefault(group["path"].lower(), group)
+        if other is not group:
+            clash = (other, group)
+            break
+    if clash is None or not store.ignores_case():
+        return
+    first, second = (json_key_to_partition_id(g["partition_id"]) for g in clash)
+    raise InvalidArgumentError(
+        f"group values {first!r} and {second!r} of {by!r} differ only by case, and the store at "
+        f"{store.url} takes file names that differ only by case for one (as macOS and Windows do by "
+        f"default, and FAT/exFAT drives): their folders {clash[0]['path']!r} and {clash[1]['path']!r} "
+        f"would be one, and each group would overwrite the other's model. Make the values differ "
+        f"other than by case (e.g. .str.lower() if they are one group), or use a store that tells "
+        f"case apart (a case-sensitive volume, an object store); nothing was written"
+    )
 
 
 def _exists_message(run_id: str, store: RunStore) -> str:

@@ -895,6 +895,27 @@ class RunStore:
 
         self._retry(download, f"downloading {len(paths)} files")
 
+    def ignores_case(self) -> bool:
+        """Whether this store takes two names that differ only by case for one
+        (macOS and Windows do by default, and so do FAT/exFAT drives and some
+        SMB mounts): group folders ``k=Store`` and ``k=store`` would then be
+        one folder. A probe file is written in the URL's folder (where the run
+        folders are), looked up by its name in upper case, and removed. False
+        when the probe cannot be written: writing the run fails on its own,
+        with its own error."""
+        name = f"{_TEMP_PREFIX}{uuid.uuid4().hex}-case-probe"
+        probe = posixpath.join(self.base, name)
+        try:
+            self.write_bytes(probe, b"")
+        except OSError:
+            logger.debug("could not write %s to see whether the store ignores case", probe, exc_info=True)
+            return False
+        try:
+            return self.exists(posixpath.join(self.base, name.upper()))
+        finally:
+            with contextlib.suppress(OSError):
+                self.fs.rm_file(probe)
+
     def exists(self, path: str) -> bool:
         return self._retry(lambda: self.fs.exists(path), f"checking {path}")
 
