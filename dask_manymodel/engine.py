@@ -81,7 +81,9 @@ from .store import (
     group_path,
     key_from_json,
     key_to_json,
+    normalize_key,
     paths_in_zones,
+    remove_paths,
     stored_zones,
 )
 
@@ -2201,8 +2203,9 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> TaskRecords:
     if spec.kind == "predict":
         # one batched read of this partition's training statuses
         training_statuses = spec.training_store.read_statuses(rels)
-        if spec.training_zones:
-            model_rels = _model_folders(spec, groups.keys, rels, training_statuses)
+        # those not found: a zone-aware value stored in another zone, a long
+        # value whose folder an earlier version named (see paths_in_zones)
+        model_rels = _model_folders(spec, groups.keys, rels, training_statuses)
     pending = _PendingWrites(spec, heartbeat)
     # a task that starts after a cancel runs no group (once the cancel is
     # known in this process: asked now, or by another task under 0.5 s ago)
@@ -3043,6 +3046,21 @@ def _merge_for_resume(
         stored_groups = store.read_run_file(GROUPS_FILE, list)
     except FileNotFoundError:
         stored_groups = []
+    counted_paths = {g["path"] for g in counted}
+    # a long value that an earlier version stored in a folder cut within a
+    # character (see store.encode_value) runs again in its folder of today,
+    # and its old folder goes: else the run would hold the group twice
+    by = previous["partition_by"]
+    moved = {
+        g["path"] for g in stored_groups
+        if g["path"] not in counted_paths
+        and group_path(by, normalize_key(json_key_to_partition_id(g["partition_id"]), len(by))) in counted_paths
+    }
+    if moved:
+        logger.info("run %r: %d group(s) stored by an earlier version run again in new folders, such as %r",
+                    store.run_id, len(moved), min(moved))
+        remove_paths(store.fs, [store.path(path) for path in sorted(moved)])
+        stored_groups = [g for g in stored_groups if g["path"] not in moved]
     merged = {g["path"]: {k: v for k, v in g.items() if k != "task"} for g in stored_groups}
     for group in counted:
         merged[group["path"]] = {**merged.get(group["path"], {}), **group}

@@ -6,6 +6,7 @@ import datetime
 import json
 import math
 import posixpath
+from urllib.parse import unquote_to_bytes
 
 import numpy as np
 import pandas as pd
@@ -85,6 +86,21 @@ def test_long_values_are_shortened_with_a_hash():
     assert "~" in encode_value(a)
     # a cut never leaves half of a %XX escape
     assert "%" not in encode_value("é" * 300).split("~")[0][-2:]
+
+
+@pytest.mark.parametrize("char", ["é", "Ж", "日", "🏪"])
+@pytest.mark.parametrize("lead", range(4))
+def test_a_shortened_value_keeps_whole_characters(char, lead):
+    """Hive readers decode a folder name as UTF-8, and pyarrow refused the
+    whole dataset over one long value whose prefix ended within a character
+    ("%D0" of "Ж" = "%D0%96")."""
+    value = "x" * lead + char * 100
+    prefix = encode_value(value).split("~")[0]
+    text = unquote_to_bytes(prefix).decode("utf-8")  # raises within a character
+    assert value.startswith(text)
+    assert len(prefix) > MAX_SEGMENT_CHARS - 17 - 12  # at most one character less
+    # a value whose prefix was cut between characters keeps its folder
+    assert encode_value("x" * 183 + "é") == encode_value("x" * 183 + "é", cut_within_characters=True)
 
 
 @pytest.mark.parametrize("column", ["c" * 56, "é" * 30, "k" * 228])
