@@ -1786,10 +1786,10 @@ def run_group(
                 traceback=traceback.format_exc(),
             )
     record.update(
-        logs=logs.text,
+        logs=unicode_text(logs.text),
         # an exception's message can be any size (a 20 MB repr): cut as the logs are
-        error=capped_text(record["error"], MAX_ERROR_CHARS),
-        traceback=capped_text(record["traceback"], spec.options.max_log_chars),
+        error=unicode_text(capped_text(record["error"], MAX_ERROR_CHARS)),
+        traceback=unicode_text(capped_text(record["traceback"], spec.options.max_log_chars)),
         artifacts=list(ctx._uploaded),
         seconds=time.perf_counter() - start,
         finished=_now(),
@@ -1809,6 +1809,17 @@ def capped_text(text: str | None, max_chars: int) -> str | None:
     head = max_chars // 2
     tail = max_chars - head
     return f"{text[:head]}\n[... {len(text) - max_chars} characters cut ...]\n{text[len(text) - tail:]}"
+
+
+def unicode_text(text: str | None) -> str | None:
+    """``text`` with each lone surrogate written as its escape (``\\udce9``).
+    A file name that is not UTF-8 (``os.listdir``, ``os.fsdecode``) holds one,
+    and so does the message of an error about it or a print of it: pandas' and
+    pyarrow's strings refuse it (``run.summary()`` raised for the whole run),
+    and so do strict JSON readers of the group's status."""
+    if text is None or text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_line(exc: BaseException) -> str:

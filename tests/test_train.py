@@ -275,6 +275,33 @@ def test_keys_that_differ_by_case_are_refused_on_a_store_that_ignores_case(threa
     fsspec.filesystem("memory").rm("/case-sensitive", recursive=True)
 
 
+def _fails_on_a_file_name_that_is_not_utf8(data, ctx):
+    name = os.fsdecode(b"caf\xe9.csv")  # as os.listdir gives it: with a surrogate
+    print("reading", name)
+    if ctx.partition_id == "bad":
+        raise ValueError(f"{name} has no column 'price'")
+    return 1
+
+
+def test_a_group_that_prints_or_raises_a_surrogate_leaves_readable_text(client, tmp_path):
+    """A file name that is not UTF-8 in a group's error or prints: run.summary() raised UnicodeEncodeError for the whole run
+    (pandas' and pyarrow's strings refuse a lone surrogate), and the
+    group's _partition.json held it as an escape that strict JSON readers refuse."""
+    url = str(tmp_path / "models")
+    frame = dd.from_pandas(pd.DataFrame({"k": ["bad", "good"], "v": [1, 2]}), npartitions=1)
+    run = frame.manymodel.train(_fails_on_a_file_name_that_is_not_utf8, by="k", url=url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    summary = run.summary().set_index("partition_id")
+    assert summary.loc["bad", "error"] == "ValueError: caf\\udce9.csv has no column 'price'"
+    details = run.partition_details["bad"]
+    assert "reading caf\\udce9.csv" in details.logs and "caf\\udce9.csv" in details.traceback
+    for group in ("k=bad", "k=good"):
+        with open(os.path.join(url, "r1", group, "_partition.json"), encoding="utf-8") as f:
+            text = f.read()
+        # a lone surrogate's escape reads back as one, which no UTF-8 holds
+        json.dumps(json.loads(text), ensure_ascii=False).encode("utf-8")
+
+
 def _strict_json(path):
     def refuse(constant):
         raise AssertionError(f"{path} holds {constant}, which is not JSON")
