@@ -112,10 +112,10 @@ _HEARTBEAT_SECONDS = 0.5
 
 
 def check_run_id(run_id: Any, what: str = "run_id") -> str:
-    """A run_id is one safe path segment: letters, digits, ``.``, ``_``, ``-``."""
+    """A run_id is one safe path segment: ASCII letters, digits, ``.``, ``_``, ``-``."""
     if not isinstance(run_id, str) or not _RUN_ID_PATTERN.match(run_id) or ".." in run_id:
         raise InvalidArgumentError(
-            f"{what} {run_id!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', "
+            f"{what} {run_id!r} is not allowed: use 1-128 ASCII letters (A-Z, a-z), digits, '.', '_' or '-', "
             f"starting with a letter or digit, without '..', '/' or whitespace"
         )
     return run_id

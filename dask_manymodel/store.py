@@ -217,7 +217,7 @@ def column_segment(column: str) -> tuple[str, int]:
             f"{len(name)} bytes, and its groups' folders '<column>=<value>' may take "
             f"{MAX_NAME_BYTES} bytes, {_MIN_VALUE_CHARS} of them for the value; rename the column "
             f"(ddf.rename(columns=...)) to at most {MAX_NAME_BYTES - 1 - _MIN_VALUE_CHARS} bytes "
-            f"encoded (letters, digits and _.- take one byte, other characters three per UTF-8 byte)"
+            f"encoded (ASCII letters, digits and _.- take one byte, other characters three per UTF-8 byte)"
         )
     return name, min(MAX_SEGMENT_CHARS, room)
 

@@ -232,6 +232,16 @@ def test_no_run_id_leaves_the_base_folder(run_id):
     assert posixpath.normpath(store.root) == store.root
 
 
+@pytest.mark.parametrize("run_id", ["café", "訓練-2024", "ｒｕｎ１"])
+def test_a_run_id_with_letters_outside_ascii_is_refused_saying_so(run_id):
+    """The message asked for "letters", which é and 訓 are."""
+    from dask_manymodel.engine import check_run_id
+    from dask_manymodel.exceptions import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match=r"ASCII letters \(A-Z, a-z\)"):
+        check_run_id(run_id)
+
+
 @pytest.mark.parametrize("value", ["../x", "/", "\\", "\x00", "%2F", "..%2F..", "a/../../b"])
 def test_hostile_values_stay_in_one_segment(value):
     rel = group_path(["k"], (value,))
