@@ -528,6 +528,9 @@ def _make_folder(folder: str) -> None:
 
 
 _TEMP_PREFIX = ".tmp-"
+# what os.link raises on a file system without hard links: FAT and exFAT
+# drives (EPERM on Linux, ENOTSUP on macOS), some SMB and FUSE mounts
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 
 
 def _temp_name(path: str, tag: str) -> str:
@@ -631,7 +634,16 @@ class RunStore:
             fill(tmp)
             size = os.path.getsize(tmp)
             if exclusive:
-                os.link(tmp, path)  # raises FileExistsError if path exists
+                try:
+                    os.link(tmp, path)  # raises FileExistsError if path exists
+                except OSError as exc:
+                    if exc.errno not in _NO_HARD_LINKS:
+                        raise
+                    # claimed by a create that fails if path exists, then filled
+                    # in one step; a reader between the two finds it empty
+                    # (unreadable, as a file being written)
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                    os.replace(tmp, path)
             else:
                 os.replace(tmp, path)  # atomic on POSIX
             return size

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import math
+import os
 import posixpath
 from urllib.parse import unquote_to_bytes
 
@@ -215,6 +217,25 @@ def test_atomic_local_write_leaves_no_temp_files(tmp_path):
     store.write_bytes(store.path("g=1", "x.bin"), b"world")
     assert (tmp_path / "r1" / "g=1" / "x.bin").read_bytes() == b"world"
     assert sorted(p.name for p in (tmp_path / "r1" / "g=1").iterdir()) == ["x.bin"]
+
+
+@pytest.mark.parametrize("code", [errno.EPERM, errno.ENOTSUP])
+def test_exclusive_create_on_a_drive_without_hard_links(tmp_path, monkeypatch, code):
+    """FAT and exFAT drives have no hard links: os.link raised, and every new
+    run there (on_existing_artifacts='error', the default) and every FileSet
+    failed with 'permission denied ... check the credentials'."""
+
+    def no_hard_links(src, dst, *args, **kwargs):
+        raise OSError(code, os.strerror(code), src, None, dst)
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    store = RunStore(str(tmp_path), "r1")
+    store.create_exclusive(store.path("_run.json"), b'{"a": 1}')
+    assert (tmp_path / "r1" / "_run.json").read_bytes() == b'{"a": 1}'
+    with pytest.raises(FileExistsError):
+        store.create_exclusive(store.path("_run.json"), b'{"b": 2}')
+    assert (tmp_path / "r1" / "_run.json").read_bytes() == b'{"a": 1}'
+    assert os.listdir(tmp_path / "r1") == ["_run.json"]  # no temp file left
 
 
 @settings(max_examples=300, deadline=None)
