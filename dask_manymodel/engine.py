@@ -2696,7 +2696,6 @@ def _start_run(
             f"two different group values map to the same folder {clash!r}; make the "
             f"{by!r} column(s) one type (e.g. .astype(str))"
         )
-    _check_case_clash(store, by, groups)
 
     threads = planned_threads(client)
     shuffle = needs_shuffle(counts, ddf.npartitions, threads, options.shuffle, options.npartitions is not None)
@@ -2710,6 +2709,7 @@ def _start_run(
     counted_paths = [g["path"] for g in groups]  # in the order of `sizes`
     if previous is not None:
         groups, done_paths, initial_records, stale = _merge_for_resume(store, previous, groups)
+    _check_case_clash(store, by, groups)  # with a resumed run's stored groups too
     # groups too big to shuffle: INTERNAL_ERROR now, left out of the shuffle
     refused_records = [
         _record(spec, key_tuples[position], counted_paths[position], status="INTERNAL_ERROR",

@@ -264,6 +264,15 @@ def test_keys_that_differ_by_case_are_refused_on_a_store_that_ignores_case(threa
     with pytest.raises(InvalidArgumentError, match=r"differ only by case.*'k=STORE' and 'k=Store'"):
         dd.from_pandas(pdf, npartitions=2).manymodel.train(_keep_key, by="k", url="caseblind://runs", run_id="r1")
     assert _CaseBlindMemoryFS.store == {}  # nothing written, the probe removed
+    # a resume brings in "store" beside the stored "Store"
+    first = dd.from_pandas(pdf[pdf["k"] == "Store"], npartitions=1)
+    run = first.manymodel.train(_keep_key, by="k", url="caseblind://runs", run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    stored = {path: file.getvalue() for path, file in _CaseBlindMemoryFS.store.items()}
+    second = dd.from_pandas(pdf[pdf["k"] == "store"], npartitions=1)
+    with pytest.raises(InvalidArgumentError, match=r"'Store' and 'store' of \['k'\] differ only by case"):
+        second.manymodel.train(_keep_key, by="k", url="caseblind://runs", run_id="r1", on_existing_artifacts="resume")
+    assert {path: file.getvalue() for path, file in _CaseBlindMemoryFS.store.items()} == stored
 
     # where case tells names apart, each key keeps its own folder and model
     url = "memory://case-sensitive"
