@@ -9,6 +9,7 @@ silently, as the shell reports a Unix tool that SIGPIPE ended.
 from __future__ import annotations
 
 import argparse
+import codecs
 import datetime
 import itertools
 import json
@@ -268,11 +269,23 @@ def _readings(text: str, column: list) -> list:
     return readings
 
 
+def _as_typed(text: str) -> str:
+    """A command-line argument as the terminal sent it: under ``LANG=C``
+    Python reads the command line as ASCII and keeps every other byte as a
+    surrogate (``店`` as ``'\\udce5\\udcba\\udc97'``), which names no group;
+    those bytes are UTF-8 on any terminal of today."""
+    try:
+        return os.fsencode(text).decode("utf-8")
+    except UnicodeError:  # not UTF-8 either: as Python read it
+        return text
+
+
 def _find_group(run: Any, texts: list[str]) -> str | None:
     """The folder of the group of ``run`` that ``texts`` (one per partition_by
     column) name, found by the run's own lookup, as ``run.get_model`` finds a
     group; None when no group matches."""
     n_columns = len(run.partition_by)
+    texts = [_as_typed(text) for text in texts]
     if len(texts) != n_columns:
         raise InvalidArgumentError(
             f"run {run.run_id!r} has {n_columns} partition_by columns {run.partition_by!r}: "
@@ -399,8 +412,36 @@ def _output_closed() -> int:
     return 141  # 128 + SIGPIPE: what `set -o pipefail` sees of `yes | head -1`
 
 
+def _bytes_back_or_escaped(exc: UnicodeError) -> tuple[str | bytes, int]:
+    """An encoding error handler: surrogates back to the bytes they stand for
+    (``surrogateescape``: a path typed under ``LANG=C`` prints as typed), any
+    other character as an escape (``backslashreplace``: ``\\u5e97``)."""
+    try:
+        return codecs.lookup_error("surrogateescape")(exc)
+    except UnicodeError:
+        return codecs.backslashreplace_errors(exc)
+
+
+codecs.register_error("dask_manymodel.cli", _bytes_back_or_escaped)
+
+
+def _escaping_what_cannot_be_shown() -> None:
+    """Print a character that stdout's encoding cannot write as an escape
+    (``\\u5e97``), as Python's stderr does, instead of dying on it with a
+    traceback: a group value or a log line in Chinese under ``LANG=C`` (an
+    ASCII stdout), or a surrogate that a group printed (a file name that is
+    not UTF-8, read by ``os.listdir``) on a UTF-8 one; surrogates print as
+    the bytes they stand for, as Python's stdout does under ``LANG=C``."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="dask_manymodel.cli")
+        except (AttributeError, ValueError, OSError):  # not a text file (replaced, closed)
+            continue
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dask-manymodel`` console script; returns the exit code."""
+    _escaping_what_cannot_be_shown()
     args = build_parser().parse_args(argv)
     try:
         if hasattr(args, "storage_options"):

@@ -82,7 +82,9 @@ from .store import (
     group_path,
     key_from_json,
     key_to_json,
+    normalize_key,
     paths_in_zones,
+    remove_paths,
     shown_url,
     stored_zones,
 )
@@ -112,11 +114,11 @@ _HEARTBEAT_SECONDS = 0.5
 
 
 def check_run_id(run_id: Any, what: str = "run_id") -> str:
-    """A run_id is one safe path segment: letters, digits, ``.``, ``_``, ``-``."""
+    """A run_id is one safe path segment: ASCII letters, digits, ``.``, ``_``, ``-``."""
     # fullmatch: the pattern's "$" also matches before a last newline ("r1\n")
     if not isinstance(run_id, str) or not _RUN_ID_PATTERN.fullmatch(run_id) or ".." in run_id:
         raise InvalidArgumentError(
-            f"{what} {run_id!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', "
+            f"{what} {run_id!r} is not allowed: use 1-128 ASCII letters (A-Z, a-z), digits, '.', '_' or '-', "
             f"starting with a letter or digit, without '..', '/' or whitespace"
         )
     return run_id
@@ -1827,10 +1829,10 @@ def run_group(
                 traceback=traceback.format_exc(),
             )
     record.update(
-        logs=logs.text,
+        logs=unicode_text(logs.text),
         # an exception's message can be any size (a 20 MB repr): cut as the logs are
-        error=capped_text(record["error"], MAX_ERROR_CHARS),
-        traceback=capped_text(record["traceback"], spec.options.max_log_chars),
+        error=unicode_text(capped_text(record["error"], MAX_ERROR_CHARS)),
+        traceback=unicode_text(capped_text(record["traceback"], spec.options.max_log_chars)),
         artifacts=list(ctx._uploaded),
         seconds=time.perf_counter() - start,
         finished=_now(),
@@ -1850,6 +1852,17 @@ def capped_text(text: str | None, max_chars: int) -> str | None:
     head = max_chars // 2
     tail = max_chars - head
     return f"{text[:head]}\n[... {len(text) - max_chars} characters cut ...]\n{text[len(text) - tail:]}"
+
+
+def unicode_text(text: str | None) -> str | None:
+    """``text`` with each lone surrogate written as its escape (``\\udce9``).
+    A file name that is not UTF-8 (``os.listdir``, ``os.fsdecode``) holds one,
+    and so does the message of an error about it or a print of it: pandas' and
+    pyarrow's strings refuse it (``run.summary()`` raised for the whole run),
+    and so do strict JSON readers of the group's status."""
+    if text is None or text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_line(exc: BaseException) -> str:
@@ -2257,8 +2270,9 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> TaskRecords:
     if spec.kind == "predict":
         # one batched read of this partition's training statuses
         training_statuses = spec.training_store.read_statuses(rels)
-        if spec.training_zones:
-            model_rels = _model_folders(spec, groups.keys, rels, training_statuses)
+        # those not found: a zone-aware value stored in another zone, a long
+        # value whose folder an earlier version named (see paths_in_zones)
+        model_rels = _model_folders(spec, groups.keys, rels, training_statuses)
     pending = _PendingWrites(spec, heartbeat)
     # a task that starts after a cancel runs no group (once the cancel is
     # known in this process: asked now, or by another task under 0.5 s ago)
@@ -2755,6 +2769,7 @@ def _start_run(
     counted_paths = [g["path"] for g in groups]  # in the order of `sizes`
     if previous is not None:
         groups, done_paths, initial_records, stale = _merge_for_resume(store, previous, groups)
+    _check_case_clash(store, by, groups)  # with a resumed run's stored groups too
     # groups too big to shuffle: INTERNAL_ERROR now, left out of the shuffle
     refused_records = [
         _record(spec, key_tuples[position], counted_paths[position], status="INTERNAL_ERROR",
@@ -3011,6 +3026,33 @@ def _refuse_a_fileset(store: RunStore) -> None:
         )
 
 
+def _check_case_clash(store: RunStore, by: list, groups: list[dict]) -> None:
+    """Refuse, before anything is written, group values whose folders differ
+    only by case (``k=Store``, ``k=store``) on a store that takes them for one
+    folder: each group would write its model over the other's, and both would
+    read DONE, each with the model of whichever finished last. The store is
+    asked only when two folders differ by case alone (a probe file: see
+    :meth:`RunStore.ignores_case`)."""
+    folded: dict[str, dict] = {}
+    clash = None
+    for group in groups:
+        other = folded.setdefault(group["path"].lower(), group)
+        if other is not group:
+            clash = (other, group)
+            break
+    if clash is None or not store.ignores_case():
+        return
+    first, second = (json_key_to_partition_id(g["partition_id"]) for g in clash)
+    raise InvalidArgumentError(
+        f"group values {first!r} and {second!r} of {by!r} differ only by case, and the store at "
+        f"{shown_url(store.url)} takes file names that differ only by case for one (as macOS and Windows do by "
+        f"default, and FAT/exFAT drives): their folders {clash[0]['path']!r} and {clash[1]['path']!r} "
+        f"would be one, and each group would overwrite the other's model. Make the values differ "
+        f"other than by case (e.g. .str.lower() if they are one group), or use a store that tells "
+        f"case apart (a case-sensitive volume, an object store); nothing was written"
+    )
+
+
 def _exists_message(run_id: str, store: RunStore) -> str:
     return (
         f"run {run_id!r} already exists at {shown_url(store.url)}; pass on_existing_artifacts='overwrite' "
@@ -3095,6 +3137,21 @@ def _merge_for_resume(
         stored_groups = store.read_run_file(GROUPS_FILE, list)
     except FileNotFoundError:
         stored_groups = []
+    counted_paths = {g["path"] for g in counted}
+    # a long value that an earlier version stored in a folder cut within a
+    # character (see store.encode_value) runs again in its folder of today,
+    # and its old folder goes: else the run would hold the group twice
+    by = previous["partition_by"]
+    moved = {
+        g["path"] for g in stored_groups
+        if g["path"] not in counted_paths
+        and group_path(by, normalize_key(json_key_to_partition_id(g["partition_id"]), len(by))) in counted_paths
+    }
+    if moved:
+        logger.info("run %r: %d group(s) stored by an earlier version run again in new folders, such as %r",
+                    store.run_id, len(moved), min(moved))
+        remove_paths(store.fs, [store.path(path) for path in sorted(moved)])
+        stored_groups = [g for g in stored_groups if g["path"] not in moved]
     merged = {g["path"]: {k: v for k, v in g.items() if k != "task"} for g in stored_groups}
     for group in counted:
         merged[group["path"]] = {**merged.get(group["path"], {}), **group}

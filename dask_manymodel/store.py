@@ -129,14 +129,39 @@ def _encode_text(text: str) -> str:
     return quote(text, safe="", errors="surrogatepass").replace("~", "%7E")
 
 
-def encode_value(value: Any, max_chars: int = MAX_SEGMENT_CHARS) -> str:
+# the escape of a UTF-8 byte that starts a character of 2, 3 or 4 bytes, and of
+# one that continues it
+_LEAD_ESCAPE = re.compile(r"%(?:C[2-9A-F]|D[0-9A-F]|E[0-9A-F]|F[0-4])")
+_CONTINUATION_ESCAPE = re.compile(r"%[89AB][0-9A-F]")
+
+
+def _whole_characters(prefix: str) -> str:
+    """``prefix`` (percent-encoded, ending at a whole escape) without the
+    escapes of a last character that it holds only part of."""
+    end = len(prefix)
+    continuations = 0
+    while end >= 3 and _CONTINUATION_ESCAPE.fullmatch(prefix, end - 3, end):
+        end -= 3
+        continuations += 1
+    if end >= 3 and _LEAD_ESCAPE.fullmatch(prefix, end - 3, end):
+        lead = int(prefix[end - 2:end], 16)
+        length = 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+        if continuations < length - 1:
+            return prefix[: end - 3]
+    return prefix
+
+
+def encode_value(value: Any, max_chars: int = MAX_SEGMENT_CHARS, *, cut_within_characters: bool = False) -> str:
     """Turn one group value into the part of a path segment after ``=``.
 
     The mapping is deterministic, so the same value always finds the same
     folder (``7`` and ``"7"`` share one, and so do ``7.0``, and ``0.0`` and
     ``-0.0``: equal values are one group for pandas); it never yields ``/``, ``\\``, an
     empty name of its own, or more than ``max_chars`` characters (a longer
-    one keeps a prefix and a hash of the whole value).
+    one keeps a prefix of whole characters and a hash of the whole value).
+    ``cut_within_characters``: the prefix as earlier versions cut it, at a
+    whole ``%XX`` escape but maybe within a character's UTF-8 bytes (where
+    their runs keep the models of long values: see :func:`paths_in_zones`).
 
     Examples
     --------
@@ -163,6 +188,11 @@ def encode_value(value: Any, max_chars: int = MAX_SEGMENT_CHARS) -> str:
         cut = prefix.rfind("%", len(prefix) - 2)
         if cut != -1:
             prefix = prefix[:cut]
+        if not cut_within_characters:
+            # nor a character's UTF-8 bytes ("%D0" of "%D0%B0"): hive readers
+            # decode the folder name, and pyarrow refuses the whole dataset
+            # over one name that is not UTF-8
+            prefix = _whole_characters(prefix)
         encoded = f"{prefix}~{digest[:_HASH_CHARS]}"
     return encoded
 
@@ -187,18 +217,19 @@ def column_segment(column: str) -> tuple[str, int]:
             f"{len(name)} bytes, and its groups' folders '<column>=<value>' may take "
             f"{MAX_NAME_BYTES} bytes, {_MIN_VALUE_CHARS} of them for the value; rename the column "
             f"(ddf.rename(columns=...)) to at most {MAX_NAME_BYTES - 1 - _MIN_VALUE_CHARS} bytes "
-            f"encoded (letters, digits and _.- take one byte, other characters three per UTF-8 byte)"
+            f"encoded (ASCII letters, digits and _.- take one byte, other characters three per UTF-8 byte)"
         )
     return name, min(MAX_SEGMENT_CHARS, room)
 
 
-def group_path(by: Sequence[str], key: Sequence[Any]) -> str:
+def group_path(by: Sequence[str], key: Sequence[Any], *, cut_within_characters: bool = False) -> str:
     """Relative folder of one group: ``col=value`` segments joined by ``/``,
-    each within :data:`MAX_NAME_BYTES`."""
+    each within :data:`MAX_NAME_BYTES` (``cut_within_characters``: see
+    :func:`encode_value`)."""
     segments = []
     for col, value in zip(by, key):
         name, room = column_segment(str(col))
-        segments.append(f"{name}={encode_value(value, room)}")
+        segments.append(f"{name}={encode_value(value, room, cut_within_characters=cut_within_characters)}")
     return "/".join(segments)
 
 
@@ -280,7 +311,9 @@ def paths_in_zones(by: Sequence[str], key: Sequence[Any], zones: Sequence[set[st
     """The other folders ``key`` may have in a run whose stored values are in
     ``zones`` (per column, :func:`stored_zones`). A time-zone-aware value
     names its folder in its own zone (``...+01:00``), so the same instant
-    stored in another zone is in another folder; pandas calls the two equal."""
+    stored in another zone is in another folder; pandas calls the two equal.
+    A long value that a run of an earlier version stored may have its folder
+    cut within a character (see :func:`encode_value`)."""
     choices = []
     for i, value in enumerate(key):
         options = [value]
@@ -292,7 +325,11 @@ def paths_in_zones(by: Sequence[str], key: Sequence[Any], zones: Sequence[set[st
                     continue
         choices.append(options)
     own = group_path(by, key)
-    paths = dict.fromkeys(group_path(by, moved) for moved in itertools.product(*choices))
+    paths = dict.fromkeys(
+        group_path(by, moved, cut_within_characters=old)
+        for moved in itertools.product(*choices)
+        for old in (False, True)
+    )
     paths.pop(own, None)
     return list(paths)
 
@@ -514,6 +551,9 @@ def _make_folder(folder: str) -> None:
 
 
 TEMP_PREFIX = ".tmp-"
+# what os.link raises on a file system without hard links: FAT and exFAT
+# drives (EPERM on Linux, ENOTSUP on macOS), some SMB and FUSE mounts
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 
 
 def _temp_name(path: str, tag: str) -> str:
@@ -624,7 +664,16 @@ class RunStore:
             fill(tmp)
             size = os.path.getsize(tmp)
             if exclusive:
-                os.link(tmp, path)  # raises FileExistsError if path exists
+                try:
+                    os.link(tmp, path)  # raises FileExistsError if path exists
+                except OSError as exc:
+                    if exc.errno not in _NO_HARD_LINKS:
+                        raise
+                    # claimed by a create that fails if path exists, then filled
+                    # in one step; a reader between the two finds it empty
+                    # (unreadable, as a file being written)
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                    os.replace(tmp, path)
             else:
                 os.replace(tmp, path)  # atomic on POSIX
             return size
@@ -924,6 +973,27 @@ class RunStore:
                 self.fs.get(list(paths), list(local_paths))
 
         self._retry(download, f"downloading {len(paths)} files")
+
+    def ignores_case(self) -> bool:
+        """Whether this store takes two names that differ only by case for one
+        (macOS and Windows do by default, and so do FAT/exFAT drives and some
+        SMB mounts): group folders ``k=Store`` and ``k=store`` would then be
+        one folder. A probe file is written in the URL's folder (where the run
+        folders are), looked up by its name in upper case, and removed. False
+        when the probe cannot be written: writing the run fails on its own,
+        with its own error."""
+        name = f"{TEMP_PREFIX}{uuid.uuid4().hex}-case-probe"
+        probe = posixpath.join(self.base, name)
+        try:
+            self.write_bytes(probe, b"")
+        except OSError:
+            logger.debug("could not write %s to see whether the store ignores case", probe, exc_info=True)
+            return False
+        try:
+            return self.exists(posixpath.join(self.base, name.upper()))
+        finally:
+            with contextlib.suppress(OSError):
+                self.fs.rm_file(probe)
 
     def exists(self, path: str) -> bool:
         return self._retry(lambda: self.fs.exists(path), f"checking {path}")

@@ -374,3 +374,34 @@ def test_control_characters_of_stored_text_never_reach_the_terminal(client, stor
     assert out.rstrip("\n").endswith(r"ValueError: bad group \x1b[2J\x1b]0;pwned\x07\x9b")
     for text in [*outputs.values(), out]:
         assert not set(text) & (set(map(chr, range(32))) - {"\n"} | set(map(chr, range(0x7f, 0xa0))))
+
+
+def say_in_other_scripts(data, ctx):
+    print(f"key {ctx.partition_id}: température 20 °C")
+    print("a file name that is not UTF-8:", os.fsdecode(b"caf\xe9.csv"))  # a surrogate
+    return 1
+
+
+def test_show_and_logs_in_the_c_locale_and_with_surrogates(client, store_url):
+    """Under LANG=C (cron, a bare container, ssh without a locale) stdout is
+    ASCII: show and logs died with a UnicodeEncodeError traceback on a group
+    value or a log line in another script, and logs took the value typed
+    (UTF-8 bytes, read as surrogates) for no group. On a UTF-8 stdout, logs
+    died on the surrogate that a group printed."""
+    frame = pd.DataFrame({"k": ["店舗", "plain"], "v": [1, 2]})
+    dd.from_pandas(frame, npartitions=1).manymodel.train(
+        say_in_other_scripts, by="k", url=store_url, run_id="r1"
+    ).wait(show_progress=False)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "PYTHONIOENCODING", "PYTHONUTF8"))}
+    c_locale = {**env, "LC_ALL": "C", "PYTHONUTF8": "0"}
+    out = subprocess.run([*CLI, "show", store_url, "r1"], capture_output=True, env=c_locale, timeout=60)
+    assert (out.returncode, out.stderr) == (0, b""), out.stderr.decode(errors="replace")
+    assert b"\\u5e97\\u8217" in out.stdout
+    for group in ("店舗", "plain"):
+        out = subprocess.run([*CLI, "logs", store_url, "r1", group], capture_output=True, env=c_locale, timeout=60)
+        assert (out.returncode, out.stderr) == (0, b""), out.stderr.decode(errors="replace")
+        assert b": DONE" in out.stdout and b"temp\\xe9rature 20 \\xb0C" in out.stdout
+    strict = {**env, "PYTHONIOENCODING": "utf-8:strict"}  # as on a desktop's en_US.UTF-8
+    out = subprocess.run([*CLI, "logs", store_url, "r1", "店舗"], capture_output=True, env=strict, timeout=60)
+    assert (out.returncode, out.stderr) == (0, b""), out.stderr.decode(errors="replace")
+    assert "group '店舗': DONE".encode() in out.stdout and b"caf\xe9.csv" in out.stdout  # the bytes it stands for

@@ -897,3 +897,53 @@ def test_a_model_whose_class_the_workers_lack_says_to_install_it_there(trained, 
     assert f"store=3/model.pkl: ModuleNotFoundError: No module named '{name}'; the workers need every module" in error
     assert "install it there, or send a single file with client.upload_file(path)" in error
     assert inf.partition_details[4].status == "DONE"
+
+
+def _keep_rows(data, ctx):
+    return len(data.to_pandas())
+
+
+def _rows_and_model(data, model, ctx):
+    return data.to_pandas().assign(model=model)
+
+
+def test_long_non_ascii_values_leave_output_that_hive_readers_read(client, tmp_path):
+    """A value of 34 Cyrillic letters is shortened, and its folder name was cut
+    within a letter: pd.read_parquet (pyarrow) of the predict output refused
+    the whole folder ("Partition segment was not valid UTF-8"). A run that an
+    earlier version stored so still gives its models, and a resume moves the
+    group to its folder of today."""
+    url = str(tmp_path / "models")
+    long_key = "Москва, улица Тверская, дом " + "Ж" * 10
+    pdf = pd.DataFrame({"k": [long_key] * 3 + ["short"] * 2, "x": np.arange(5.0)})
+    frame = dd.from_pandas(pdf, npartitions=2)
+    run = frame.manymodel.train(_keep_rows, by="k", url=url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    inf = frame.manymodel.predict(_rows_and_model, by="k", url=url, run_id="p1", training_run_id="r1")
+    assert inf.wait(show_progress=False) == RunStatus.SUCCESS
+    read = pd.read_parquet(f"{url}/p1")
+    assert sorted(read["model"]) == [2, 2, 3, 3, 3]
+    shortened = set(read["k"].astype(str)) - {"short"}
+    assert len(shortened) == 1 and long_key.startswith(shortened.pop().split("~")[0])  # prefix and hash
+
+    # the folder as an earlier version named it, cut within a letter
+    from dask_manymodel.store import group_path
+
+    new, old = (group_path(["k"], (long_key,), cut_within_characters=cut) for cut in (False, True))
+    assert new != old
+    os.rename(f"{url}/r1/{new}", f"{url}/r1/{old}")
+    for name in ("_groups.json", f"{old}/_partition.json"):
+        with open(f"{url}/r1/{name}") as f:
+            text = f.read()
+        with open(f"{url}/r1/{name}", "w") as f:
+            f.write(text.replace(json.dumps(new), json.dumps(old)))
+    stored = ManyModelRun.restore_from("r1", url)
+    assert stored.get_model(long_key) == 3
+    again = frame.manymodel.predict(_rows_and_model, by="k", url=url, run_id="p2", training_run_id="r1")
+    assert again.wait(show_progress=False) == RunStatus.SUCCESS
+    assert sorted(again.to_dask_dataframe().compute()["model"]) == [2, 2, 3, 3, 3]
+    resumed = frame.manymodel.train(_keep_rows, by="k", url=url, run_id="r1", on_existing_artifacts="resume")
+    assert resumed.wait(show_progress=False) == RunStatus.SUCCESS
+    assert sorted(resumed.summary()["partition_id"]) == sorted([long_key, "short"])
+    assert resumed.get_model(long_key) == 3
+    assert sorted(os.listdir(f"{url}/r1")) == sorted(["_groups.json", "_run.json", new, "k=short"])

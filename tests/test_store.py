@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import math
+import os
 import posixpath
+from urllib.parse import unquote_to_bytes
 
 import numpy as np
 import pandas as pd
@@ -85,6 +88,21 @@ def test_long_values_are_shortened_with_a_hash():
     assert "~" in encode_value(a)
     # a cut never leaves half of a %XX escape
     assert "%" not in encode_value("é" * 300).split("~")[0][-2:]
+
+
+@pytest.mark.parametrize("char", ["é", "Ж", "日", "🏪"])
+@pytest.mark.parametrize("lead", range(4))
+def test_a_shortened_value_keeps_whole_characters(char, lead):
+    """Hive readers decode a folder name as UTF-8, and pyarrow refused the
+    whole dataset over one long value whose prefix ended within a character
+    ("%D0" of "Ж" = "%D0%96")."""
+    value = "x" * lead + char * 100
+    prefix = encode_value(value).split("~")[0]
+    text = unquote_to_bytes(prefix).decode("utf-8")  # raises within a character
+    assert value.startswith(text)
+    assert len(prefix) > MAX_SEGMENT_CHARS - 17 - 12  # at most one character less
+    # a value whose prefix was cut between characters keeps its folder
+    assert encode_value("x" * 183 + "é") == encode_value("x" * 183 + "é", cut_within_characters=True)
 
 
 @pytest.mark.parametrize("column", ["c" * 56, "é" * 30, "k" * 228])
@@ -201,6 +219,25 @@ def test_atomic_local_write_leaves_no_temp_files(tmp_path):
     assert sorted(p.name for p in (tmp_path / "r1" / "g=1").iterdir()) == ["x.bin"]
 
 
+@pytest.mark.parametrize("code", [errno.EPERM, errno.ENOTSUP])
+def test_exclusive_create_on_a_drive_without_hard_links(tmp_path, monkeypatch, code):
+    """FAT and exFAT drives have no hard links: os.link raised, and every new
+    run there (on_existing_artifacts='error', the default) and every FileSet
+    failed with 'permission denied ... check the credentials'."""
+
+    def no_hard_links(src, dst, *args, **kwargs):
+        raise OSError(code, os.strerror(code), src, None, dst)
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    store = RunStore(str(tmp_path), "r1")
+    store.create_exclusive(store.path("_run.json"), b'{"a": 1}')
+    assert (tmp_path / "r1" / "_run.json").read_bytes() == b'{"a": 1}'
+    with pytest.raises(FileExistsError):
+        store.create_exclusive(store.path("_run.json"), b'{"b": 2}')
+    assert (tmp_path / "r1" / "_run.json").read_bytes() == b'{"a": 1}'
+    assert os.listdir(tmp_path / "r1") == ["_run.json"]  # no temp file left
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.text())
 def test_no_run_id_leaves_the_base_folder(run_id):
@@ -214,6 +251,16 @@ def test_no_run_id_leaves_the_base_folder(run_id):
     store = RunStore("/base", run_id)
     assert posixpath.dirname(store.root) == "/base"
     assert posixpath.normpath(store.root) == store.root
+
+
+@pytest.mark.parametrize("run_id", ["café", "訓練-2024", "ｒｕｎ１"])
+def test_a_run_id_with_letters_outside_ascii_is_refused_saying_so(run_id):
+    """The message asked for "letters", which é and 訓 are."""
+    from dask_manymodel.engine import check_run_id
+    from dask_manymodel.exceptions import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match=r"ASCII letters \(A-Z, a-z\)"):
+        check_run_id(run_id)
 
 
 @pytest.mark.parametrize("value", ["../x", "/", "\\", "\x00", "%2F", "..%2F..", "a/../../b"])

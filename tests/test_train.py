@@ -14,10 +14,12 @@ import time
 import warnings
 
 import dask.dataframe as dd
+import fsspec
 import numpy as np
 import pandas as pd
 import pytest
 from dask.utils import key_split
+from fsspec.implementations.memory import MemoryFileSystem
 
 import dask_manymodel  # noqa: F401  (registers the accessor)
 from dask_manymodel import (
@@ -227,6 +229,86 @@ def test_edge_values_round_trip(client, tmp_path):
                 folders.add(os.path.dirname(real))
     assert len(folders) == len(EDGE_VALUES) + 1
     assert os.path.isdir(os.path.join(root, "key=__HIVE_DEFAULT_PARTITION__"))
+
+
+class _CaseBlindMemoryFS(MemoryFileSystem):
+    """memory:// that takes names differing only by case for one, as macOS and
+    Windows do by default, and FAT/exFAT drives (without keeping the case)."""
+
+    protocol = ("caseblind",)
+    store: dict = {}
+    pseudo_dirs = [""]
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        if isinstance(path, list):
+            return [cls._strip_protocol(p) for p in path]
+        return MemoryFileSystem._strip_protocol(str(path).removeprefix("caseblind://")).lower()
+
+
+def _keep_key(data, ctx):
+    return {"key": ctx.partition_id, "rows": len(data)}
+
+
+CASE_KEYS = ["Store", "store", "STORE"]
+
+
+def test_keys_that_differ_by_case_are_refused_on_a_store_that_ignores_case(thread_client):
+    """"Store" and "store" name the folders k=Store and k=store: one folder on
+    macOS, Windows or a FAT drive. Every group wrote its model over the
+    others', all read DONE (the run a SUCCESS), and get_model("store") gave
+    the model of "STORE"."""
+    fsspec.register_implementation("caseblind", _CaseBlindMemoryFS, clobber=True)
+    _CaseBlindMemoryFS.store.clear()
+    pdf = pd.DataFrame({"k": np.repeat(CASE_KEYS, 3), "y": np.arange(9.0)})
+    with pytest.raises(InvalidArgumentError, match=r"differ only by case.*'k=STORE' and 'k=Store'"):
+        dd.from_pandas(pdf, npartitions=2).manymodel.train(_keep_key, by="k", url="caseblind://runs", run_id="r1")
+    assert _CaseBlindMemoryFS.store == {}  # nothing written, the probe removed
+    # a resume brings in "store" beside the stored "Store"
+    first = dd.from_pandas(pdf[pdf["k"] == "Store"], npartitions=1)
+    run = first.manymodel.train(_keep_key, by="k", url="caseblind://runs", run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    stored = {path: file.getvalue() for path, file in _CaseBlindMemoryFS.store.items()}
+    second = dd.from_pandas(pdf[pdf["k"] == "store"], npartitions=1)
+    with pytest.raises(InvalidArgumentError, match=r"'Store' and 'store' of \['k'\] differ only by case"):
+        second.manymodel.train(_keep_key, by="k", url="caseblind://runs", run_id="r1", on_existing_artifacts="resume")
+    assert {path: file.getvalue() for path, file in _CaseBlindMemoryFS.store.items()} == stored
+
+    # where case tells names apart, each key keeps its own folder and model
+    url = "memory://case-sensitive"
+    run = dd.from_pandas(pdf, npartitions=2).manymodel.train(_keep_key, by="k", url=url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    assert [run.get_model(key) for key in CASE_KEYS] == [{"key": key, "rows": 3} for key in CASE_KEYS]
+    files = fsspec.filesystem("memory").find("/case-sensitive")
+    assert not [f for f in files if "case-probe" in f]
+    fsspec.filesystem("memory").rm("/case-sensitive", recursive=True)
+
+
+def _fails_on_a_file_name_that_is_not_utf8(data, ctx):
+    name = os.fsdecode(b"caf\xe9.csv")  # as os.listdir gives it: with a surrogate
+    print("reading", name)
+    if ctx.partition_id == "bad":
+        raise ValueError(f"{name} has no column 'price'")
+    return 1
+
+
+def test_a_group_that_prints_or_raises_a_surrogate_leaves_readable_text(client, tmp_path):
+    """A file name that is not UTF-8 in a group's error or prints: run.summary() raised UnicodeEncodeError for the whole run
+    (pandas' and pyarrow's strings refuse a lone surrogate), and the
+    group's _partition.json held it as an escape that strict JSON readers refuse."""
+    url = str(tmp_path / "models")
+    frame = dd.from_pandas(pd.DataFrame({"k": ["bad", "good"], "v": [1, 2]}), npartitions=1)
+    run = frame.manymodel.train(_fails_on_a_file_name_that_is_not_utf8, by="k", url=url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    summary = run.summary().set_index("partition_id")
+    assert summary.loc["bad", "error"] == "ValueError: caf\\udce9.csv has no column 'price'"
+    details = run.partition_details["bad"]
+    assert "reading caf\\udce9.csv" in details.logs and "caf\\udce9.csv" in details.traceback
+    for group in ("k=bad", "k=good"):
+        with open(os.path.join(url, "r1", group, "_partition.json"), encoding="utf-8") as f:
+            text = f.read()
+        # a lone surrogate's escape reads back as one, which no UTF-8 holds
+        json.dumps(json.loads(text), ensure_ascii=False).encode("utf-8")
 
 
 def _strict_json(path):
