@@ -1424,12 +1424,15 @@ def _save_output(spec: RunSpec, result: Any, frame: pd.DataFrame, rel: str) -> t
     returns (rows, ``{path: bytes}`` still to write)."""
     if result is None:
         return 0, {}
+    # parquet names columns by text: a by column 0 is the folder "0=...", and
+    # a returned column 0 or "0" is the one the path already names
+    by_names = {str(column) for column in spec.by}
     if isinstance(result, pd.Series):
         if len(result) != len(frame):
             raise _UserError(f"the returned Series has {len(result)} rows, the group {len(frame)}")
         # unnamed (or ""): "prediction"; a Series named 0 is named, as in to_frame()
         name = PREDICTION_COLUMN if result.name is None or result.name == "" else str(result.name)
-        if name in spec.by:  # the by columns' values come from the path: it would be lost
+        if name in by_names:  # the by columns' values come from the path: it would be lost
             raise _UserError(
                 f"the returned Series is named {name!r}, a by column, whose values the output takes "
                 f"from the group; name it otherwise, e.g. series.rename({PREDICTION_COLUMN!r})"
@@ -1450,7 +1453,15 @@ def _save_output(spec: RunSpec, result: Any, frame: pd.DataFrame, rel: str) -> t
             positions = frame.index.get_indexer(result.index)
             if (positions >= 0).all():
                 values = values[np.argsort(positions)]
-        result = frame.assign(**{name: values})
+        # the input column it replaces, as parquet names them: named 1, it is
+        # the column 1 of a frame of int labels (a new "1" beside it would
+        # give the file two columns "1", which no reader reads)
+        target = next((column for column in frame.columns if str(column) == name), name)
+        if isinstance(target, str):
+            result = frame.assign(**{target: values})
+        else:
+            result = frame.copy(deep=False)
+            result[target] = values
     elif isinstance(result, np.ndarray):
         if result.ndim != 1 or len(result) != len(frame):
             raise _UserError(
@@ -1472,7 +1483,7 @@ def _save_output(spec: RunSpec, result: Any, frame: pd.DataFrame, rel: str) -> t
     # the by columns live in the path (hive style), not in the file. Straight
     # to pyarrow (what DataFrame.to_parquet does underneath): selecting the
     # columns there skips a pandas drop, a third of the cost for small groups
-    columns = [c for c in result.columns if c not in spec.by]
+    columns = [c for c in result.columns if str(c) not in by_names]
     if not columns and len(result):
         # a parquet file of no column holds no row either: its rows would be lost
         raise _UserError(
@@ -1489,6 +1500,18 @@ def _save_output(spec: RunSpec, result: Any, frame: pd.DataFrame, rel: str) -> t
             f"the returned frame cannot be stored as parquet: {error_line(exc)}; give each column one "
             f"type (e.g. .astype(str)) and each column its own name"
         ) from exc
+    if len(set(table.column_names)) < table.num_columns:
+        # labels that differ in pandas but not as text (1 and "1"): the file
+        # would be written with two columns of one name, which every reader
+        # (to_dask_dataframe, pd.read_parquet) refuses after the run
+        names = table.column_names
+        twice = sorted({name for name in names if names.count(name) > 1})
+        clashing = [c for c in columns if str(c) in twice]
+        raise _UserError(
+            f"the returned frame's columns {clashing!r:.200} are all named {twice!r:.100} in parquet, "
+            f"which names columns by text; rename them so that each has a text of its own "
+            f"(frame.rename(columns=...))"
+        )
     if spec.output_schema is not None:
         table = _as_meta_types(table, spec.output_schema, spec.meta_pandas_columns)
     buffer = pa.BufferOutputStream()

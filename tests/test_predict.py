@@ -568,6 +568,43 @@ def test_a_returned_series_keeps_its_name_and_may_not_take_a_by_columns(client, 
     assert "named 'k', a by column" in lost.partition_details[1].error
 
 
+def column_1_times_ten(data, model, ctx):
+    return data.to_pandas()[1] * 10  # a Series named 1, as the input's column
+
+
+def named_0_after_the_by_column(data, model, ctx):
+    return data.to_pandas()[1].rename("0")
+
+
+def with_a_text_1_beside_the_int_1(data, model, ctx):
+    return data.to_pandas()[[1]].assign(**{"1": 5.0})
+
+
+def test_output_columns_are_matched_as_parquet_names_them_by_text(client, store_url):
+    """Input labels 0 and 1 (a frame of int labels): a Series named 1
+    joined the frame as a column "1" beside its 1, and a frame with 1 and
+    "1" was stored as is: the groups were DONE with a file of two columns
+    "1", which to_dask_dataframe (and pd.read_parquet) refused after the
+    run. A Series named "0" beside the by column 0 was DONE, and lost: the
+    output's column "0" held the group's value."""
+    pdf = pd.DataFrame({0: [1, 1, 2, 2], 1: [1.0, 2.0, 3.0, 4.0]})
+    ddf = dd.from_pandas(pdf, npartitions=2)
+    ddf.manymodel.train(fit_nothing, by=0, url=store_url, run_id="r1").wait(show_progress=False)
+    replaced = ddf.manymodel.predict(column_1_times_ten, by=0, url=store_url, training_run_id="r1", run_id="s1")
+    assert replaced.wait(show_progress=False) == RunStatus.SUCCESS
+    out = replaced.to_dask_dataframe().compute()
+    assert list(out.columns) == ["0", "1"]
+    assert sorted(out["1"]) == [10.0, 20.0, 30.0, 40.0]  # it replaced the input's column
+    lost = ddf.manymodel.predict(named_0_after_the_by_column, by=0, url=store_url, training_run_id="r1",
+                                 run_id="s2")
+    assert lost.wait(show_progress=False) == RunStatus.FAILURE
+    assert "named '0', a by column" in lost.partition_details[1].error
+    clash = ddf.manymodel.predict(with_a_text_1_beside_the_int_1, by=0, url=store_url, training_run_id="r1",
+                                  run_id="s3")
+    assert clash.wait(show_progress=False) == RunStatus.FAILURE
+    assert "columns [1, '1'] are all named ['1'] in parquet" in clash.partition_details[2].error
+
+
 def times_ten_after_sorting_by_t(data, model, ctx):
     df = data.to_pandas().sort_values("t")  # a time series, sorted as the docs advise
     return (df["t"] * 10).rename("pred")  # the sorted frame's labels
