@@ -2888,6 +2888,32 @@ def _partition_task(key: tuple, spec: Any, frame: Any, keep: pd.Index | None, ha
         return Task(key, run_partition, spec, frame, keep)
 
 
+# The column Dask's shuffles (tasks, p2p, disk) add to say where each row
+# goes, and drop after: an input column of that name is dropped with it.
+DASK_SHUFFLE_COLUMN = "_partitions"
+
+
+def check_shuffle_labels(columns: pd.Index, why: str) -> None:
+    """Refuse, before anything is written, the column labels that no shuffle
+    of Dask's carries: ``_partitions`` (its own column: the groups got the
+    input's columns less that one, silently) and a missing label (None,
+    NaN: Dask checks each partition's labels against its meta's, NaN equals
+    nothing, and every group was lost with its task)."""
+    if DASK_SHUFFLE_COLUMN in columns:
+        raise InvalidArgumentError(
+            f"column {DASK_SHUFFLE_COLUMN!r} is the name of the column Dask's shuffle adds while it moves "
+            f"the rows, and drops after, with the input's column of that name; {why}: rename it "
+            f"(ddf.rename(columns={{{DASK_SHUFFLE_COLUMN!r}: ...}})); nothing is written"
+        )
+    unnamed = [c for c in columns if not isinstance(c, str) and pd.api.types.is_scalar(c) and pd.isna(c)]
+    if unnamed:
+        raise InvalidArgumentError(
+            f"a column is labelled {unnamed[0]!r} (a missing value, not a name), which Dask cannot "
+            f"shuffle: it matches no label, not even its own; {why}: name it "
+            f"(ddf.columns = [...]); nothing is written"
+        )
+
+
 def _shuffle_method(ddf: dd.DataFrame, asked: str | None) -> str | None:
     """The shuffle's method: the one asked for (or set in Dask's config),
     else Dask's choice, except that Dask's p2p shuffle needs string column
@@ -2903,6 +2929,7 @@ def _shuffle_method(ddf: dd.DataFrame, asked: str | None) -> str | None:
             f"groups are spread over the input's partitions), which Dask cannot do with such columns; "
             f"rename them (ddf.columns = [...]); nothing is written"
         )
+    check_shuffle_labels(ddf.columns, "this run must shuffle (its groups are spread over the input's partitions)")
     not_strings = [c for c in ddf.columns if not isinstance(c, str)]
     if not not_strings:
         if asked is None and dask.config.get("dataframe.shuffle.method", None) is None:

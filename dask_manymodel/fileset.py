@@ -32,11 +32,12 @@ from .connectors._batching import Columns, Rebatcher, check_batch_size, check_se
 from .engine import (
     as_dask_dataframe,
     check_reachable,
+    check_shuffle_labels,
     check_workers_environment,
     check_workers_share_store,
     index_as_column,
 )
-from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError
+from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError, InvalidArgumentError
 from .store import RunStore, _is_local, any_read_as_pattern, open_url, remove_paths, resolved_url
 
 __all__ = ["FileSet"]
@@ -69,6 +70,28 @@ def _own_files(fs, root: str, fileset_id: str) -> list[str]:
     """The part files in ``root`` of the FileSet whose id is ``fileset_id``."""
     suffix = f".{fileset_id}.parquet"
     return [path for path in fs.ls(root, detail=False) if path.endswith(suffix)]
+
+
+def _check_labels(columns: Any, shuffle: bool) -> None:
+    """Column labels the files cannot hold, refused before the claim: Dask
+    said "parquet doesn't support non-string column names" without naming
+    them, and a label None or NaN passed that check and failed every write
+    task with a KeyError about 'nan'. Duplicate names, which Dask refused
+    in a message of pyarrow's, are said so too."""
+    not_text = [c for c in columns if not isinstance(c, str)]
+    if not_text:
+        raise InvalidArgumentError(
+            f"column label(s) {not_text[:3]!r:.200} are not text, and the FileSet's parquet files name "
+            f"columns by text; rename them (ddf.columns = [str(c) for c in ddf.columns]); nothing is written"
+        )
+    twice = pd.Index(columns)[pd.Index(columns).duplicated()].unique().tolist()
+    if twice:
+        raise InvalidArgumentError(
+            f"column name(s) {twice[:3]!r:.200} name more than one column, and a parquet file holds each "
+            f"name once; rename them (ddf.columns = [...]); nothing is written"
+        )
+    if shuffle:
+        check_shuffle_labels(columns, "FileSet.make(shuffle=True) shuffles the rows")
 
 
 class _ClaimLost(Exception):
@@ -200,6 +223,7 @@ class FileSet:
         # a named index is kept as a column, as DataFrame.to_parquet keeps it
         # (one named like a column is dropped, as a run drops it)
         ddf = index_as_column(as_dask_dataframe(dataframe), None)
+        _check_labels(ddf.columns, shuffle)
         # Claimed in one exclusive write before anything else: two makes of
         # one name at once would otherwise both pass the check above and
         # write their files into one folder.

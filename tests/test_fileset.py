@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import dask
@@ -367,3 +368,25 @@ def test_a_shuffled_make_runs_on_the_cluster_under_a_local_scheduler_setting(cli
         made = FileSet.make(str(tmp_path), "shuffled", ddf, shuffle=True, seed=1)
     assert made.num_rows == 200
     assert sorted(made.to_dask_dataframe().compute()["x"]) == list(pdf["x"])
+
+
+@pytest.mark.parametrize(
+    "columns, shuffle, message",
+    [
+        ([0, 1, 2], False, r"column label\(s\) \[0, 1, 2\] are not text"),
+        (["i", np.nan, "s"], False, r"column label\(s\) \[nan\] are not text"),
+        (["i", "x", "x"], False, r"column name\(s\) \['x'\] name more than one column"),
+        (["i", "_partitions", "s"], True, r"column '_partitions' is the name of the column Dask's shuffle adds"),
+    ],
+    ids=["ints", "nan", "twice", "dasks-own"],
+)
+def test_make_refuses_labels_its_files_cannot_hold_before_writing(tmp_path, columns, shuffle, message):
+    """Dask said "parquet doesn't support non-string column names" naming
+    none; a NaN label failed every write task (KeyError: 'nan'), and a
+    shuffled make of a column _partitions failed after its compute (Dask's
+    shuffle drops its own column of that name)."""
+    source = frame(40)
+    source.columns = columns
+    with pytest.raises(InvalidArgumentError, match=message):
+        FileSet.make(str(tmp_path / "sets"), "fs1", dd.from_pandas(source, npartitions=2), shuffle=shuffle)
+    assert not os.path.exists(tmp_path / "sets" / "fs1")

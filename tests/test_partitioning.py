@@ -460,6 +460,28 @@ def test_duplicate_column_names_are_refused_when_the_run_must_shuffle(client, st
     assert run.get_model(3) == ["store", "x", "x"]
 
 
+@pytest.mark.parametrize("label", ["_partitions", np.nan, None], ids=["dasks-own", "nan", "none"])
+def test_labels_no_dask_shuffle_carries_are_refused_when_the_run_must_shuffle(client, store_url, label):
+    """A column _partitions vanished from every group's frame (Dask's
+    shuffles add and drop their own column of that name); a column labelled
+    None or NaN made every group INTERNAL_ERROR ("Order of columns does not
+    match. Actual: ['store', nan, ...] Expected: ['store', nan, ...]")."""
+    frame = make_frame(n_groups=6, rows=5)[["store", "x", "y"]]
+    frame.columns = ["store", "x", label]
+    spread = dd.from_pandas(frame.sample(frac=1, random_state=0), npartitions=3, sort=False)
+    for method in (None, "tasks"):
+        with pytest.raises(InvalidArgumentError, match=r"this run must shuffle .*: (rename|name) it"):
+            spread.manymodel.train(fit_line, by="store", url=store_url, run_id="r1",
+                                   execution_options=ExecutionOptions(shuffle_method=method))
+    assert not os.path.exists(os.path.join(store_url, "r1"))
+    # a run that needs no shuffle hands the column over as it is
+    whole = dd.from_pandas(frame, npartitions=2, sort=False)
+    run = whole.manymodel.train(lambda data, ctx: list(map(str, data.to_pandas().columns)), by="store",
+                                url=store_url, run_id="r2")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS, run.summary()["error"].dropna().tolist()
+    assert run.get_model(3) == ["store", "x", str(frame.columns[2])]
+
+
 # the engine tags rows with a flat column name, which pandas 3 deprecates on
 # a MultiIndex of columns (left as it is: see the closing note); pandas 2 has
 # no Pandas4Warning (it derives from DeprecationWarning)
