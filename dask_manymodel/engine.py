@@ -2914,6 +2914,17 @@ def check_shuffle_labels(columns: pd.Index, why: str) -> None:
         )
 
 
+def _p2p_loses(dtype: Any) -> bool:
+    """Whether Dask's p2p shuffle fails on, or changes, a column of ``dtype``:
+    pandas' ArrowDtype of a nested type (a list, a struct, a map) failed
+    every group of the run (INTERNAL_ERROR: "data type 'list<item: int64>
+    [pyarrow]' not understood", pandas reading its own Arrow metadata), and
+    a decimal reached the groups as a column of Python objects. The tasks
+    shuffle keeps them as they are."""
+    arrow_type = getattr(dtype, "pyarrow_dtype", None)
+    return arrow_type is not None and (pa.types.is_nested(arrow_type) or pa.types.is_decimal(arrow_type))
+
+
 def _shuffle_method(ddf: dd.DataFrame, asked: str | None) -> str | None:
     """The shuffle's method: the one asked for (or set in Dask's config),
     else Dask's choice, except that Dask's p2p shuffle needs string column
@@ -2933,10 +2944,11 @@ def _shuffle_method(ddf: dd.DataFrame, asked: str | None) -> str | None:
     not_strings = [c for c in ddf.columns if not isinstance(c, str)]
     if not not_strings:
         if asked is None and dask.config.get("dataframe.shuffle.method", None) is None:
-            objects = [c for c, dtype in ddf._meta.dtypes.items() if dtype == object]
+            objects = [c for c, dtype in ddf._meta.dtypes.items() if dtype == object or _p2p_loses(dtype)]
             if objects:
                 # p2p sends rows through Arrow: tuples, mixed types fail every
-                # group of the run, lists arrive as numpy arrays
+                # group of the run, lists arrive as numpy arrays; pyarrow lists
+                # and structs fail it too, decimals arrive as objects
                 logger.debug("columns %r hold Python objects: shuffling with tasks, not p2p", objects[:3])
                 return "tasks"
         return asked
