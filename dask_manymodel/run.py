@@ -9,6 +9,7 @@ import contextlib
 import datetime
 import enum
 import html
+import json
 import logging
 import os
 import tempfile
@@ -1704,8 +1705,9 @@ def _with_group_columns(meta: pd.DataFrame, by: list[str], dtypes: list) -> pd.D
 
 
 def _read_frame(fs, path: str) -> pd.DataFrame:
+    """One output file as a frame, converted as the partitions are."""
     with fs.open(path, "rb") as f:
-        return pd.read_parquet(f)
+        return _arrow_to_pandas(pq.ParquetFile(f).read(use_pandas_metadata=True))
 
 
 def _as_layout(frame: pd.DataFrame, by: list[str], key: tuple, layout: pd.DataFrame) -> pd.DataFrame:
@@ -1814,13 +1816,44 @@ def _one_plain_schema(schemas: list) -> bool:
     )
 
 
+def _kept_as_arrow(arrow_type: pa.DataType) -> bool:
+    """Types pandas converts to columns of Python objects other than text
+    (dates, times, decimals, bytes, lists, structs, maps), which Dask's
+    ``dataframe.convert-string`` then turned into their text in
+    ``to_dask_dataframe`` ("2020-01-01", "[1 2]", "{'u': 1}"). A pyarrow
+    list's own pandas metadata ("list<item: int64>[pyarrow]") pandas cannot
+    even read back. Such columns are pandas' ArrowDtype of their type, as
+    ``dd.read_parquet`` makes dates and decimals."""
+    t = pa.types
+    return (
+        t.is_date(arrow_type) or t.is_time(arrow_type) or t.is_decimal(arrow_type)
+        or t.is_binary(arrow_type) or t.is_large_binary(arrow_type) or t.is_fixed_size_binary(arrow_type)
+        or (t.is_nested(arrow_type) and not t.is_dictionary(arrow_type))
+    )
+
+
 def _arrow_to_pandas(table) -> pd.DataFrame:
     """``table`` as pandas converts what it reads (string dtypes, time
     zones: the conversion ``pd.read_parquet`` does), through its reader of an
-    in-memory Arrow file."""
+    in-memory Arrow file; the columns :func:`_kept_as_arrow` says, as
+    pandas' ArrowDtype of their type."""
+    kept = [(i, field.name) for i, field in enumerate(table.schema) if _kept_as_arrow(field.type)]
+    arrow_columns = [table.column(i) for i, _ in kept]
+    if kept:
+        names = {name for _, name in kept}
+        table = table.drop_columns([name for _, name in kept])
+        metadata = dict(table.schema.metadata or {})
+        if b"pandas" in metadata:  # their entries: pandas would apply them to the columns left
+            pandas_meta = json.loads(metadata[b"pandas"])
+            pandas_meta["columns"] = [c for c in pandas_meta["columns"] if c.get("name") not in names]
+            metadata[b"pandas"] = json.dumps(pandas_meta).encode()
+            table = table.replace_schema_metadata(metadata)
     sink = pa.BufferOutputStream()
     feather.write_feather(table, sink, compression="uncompressed")
-    return pd.read_feather(pa.BufferReader(sink.getvalue()))
+    frame = pd.read_feather(pa.BufferReader(sink.getvalue()))
+    for (position, name), column in zip(kept, arrow_columns):
+        frame.insert(position, name, pd.arrays.ArrowExtensionArray(column))
+    return frame
 
 
 def _as_layout_of_groups(

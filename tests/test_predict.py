@@ -605,6 +605,50 @@ def test_output_columns_are_matched_as_parquet_names_them_by_text(client, store_
     assert "columns [1, '1'] are all named ['1'] in parquet" in clash.partition_details[2].error
 
 
+def dates_decimals_lists_and_dicts(data, model, ctx):
+    import datetime
+    import decimal
+
+    import pyarrow as pa
+
+    n = len(data.to_pandas())
+    return pd.DataFrame({
+        "day": [datetime.date(2020, 1, ctx.partition_id)] * n,
+        "price": [decimal.Decimal("1.25")] * n,
+        "pair": [[ctx.partition_id, 1]] * n,
+        "info": [{"u": ctx.partition_id}] * n,
+        "blob": [b"ab"] * n,
+        "quantiles": pd.array([[0.1, 0.9]] * n, dtype=pd.ArrowDtype(pa.list_(pa.float64()))),
+        "label": ["a"] * n,
+    })
+
+
+def test_output_columns_of_objects_keep_their_values(client, store_url):
+    """Dask's convert-string turned every column of Python objects that
+    to_dask_dataframe read into text: a date was "2020-01-01", a list
+    "[1 1]", a dict "{'u': 1}"; a pyarrow list column raised TypeError: data
+    type 'list<item: double>[pyarrow]' not understood (pandas' reading of its
+    own metadata). They come back as pandas' ArrowDtype of their type."""
+    import datetime
+    import decimal
+
+    ddf = dd.from_pandas(pd.DataFrame({"k": [1, 1, 2, 2], "x": [1.0, 2.0, 3.0, 4.0]}), npartitions=2)
+    ddf.manymodel.train(fit_nothing, by="k", url=store_url, run_id="r1").wait(show_progress=False)
+    inf = ddf.manymodel.predict(dates_decimals_lists_and_dicts, by="k", url=store_url, training_run_id="r1",
+                                run_id="s1")
+    assert inf.wait(show_progress=False) == RunStatus.SUCCESS
+    for handle in (inf, ManyModelRun.restore_from("s1", store_url)):
+        lazy = handle.to_dask_dataframe()
+        out = lazy.compute()
+        assert out.dtypes.to_dict() == lazy.dtypes.to_dict()
+        row = out[out["k"] == 2].iloc[0]
+        assert row["day"] == datetime.date(2020, 1, 2)
+        assert row["price"] == decimal.Decimal("1.25")
+        assert list(row["pair"]) == [2, 1] and row["info"] == {"u": 2} and row["blob"] == b"ab"
+        assert list(row["quantiles"]) == [0.1, 0.9]
+        assert row["label"] == "a" and pd.api.types.is_string_dtype(out["label"].dtype)
+
+
 def times_ten_after_sorting_by_t(data, model, ctx):
     df = data.to_pandas().sort_values("t")  # a time series, sorted as the docs advise
     return (df["t"] * 10).rename("pred")  # the sorted frame's labels
@@ -744,7 +788,7 @@ def test_a_partition_of_output_reads_as_each_group_read_alone_and_concatenated(c
     import pyarrow.parquet as pq
 
     from dask_manymodel import run as run_module
-    from dask_manymodel.run import _as_layout, _one_plain_schema, _read_output
+    from dask_manymodel.run import _as_layout, _one_plain_schema, _read_frame, _read_output
 
     if batch_files is not None:
         monkeypatch.setattr(run_module, "_BATCH_FILES", batch_files)
@@ -759,8 +803,12 @@ def test_a_partition_of_output_reads_as_each_group_read_alone_and_concatenated(c
         items.append((path, key))
     assert _one_plain_schema([pq.read_schema(fs.open(path)) for path, _ in items]) == (
         case not in ("dtypes differ", "batches differ", "categoricals"))
-    expected = pd.concat([_as_layout(pd.read_parquet(fs.open(path)), by, key, layout) for path, key in items],
+    # each file as the meta's is read: pd.read_parquet's conversion, with
+    # lists (and other non-text objects) as pandas' ArrowDtype
+    expected = pd.concat([_as_layout(_read_frame(fs, path), by, key, layout) for path, key in items],
                          ignore_index=True)
+    if case == "one schema":
+        assert expected["lists"].dtype == pd.ArrowDtype(pyarrow.list_(pyarrow.int64()))
     pd.testing.assert_frame_equal(_read_output(items, fs, by, layout), expected)
     fs.rm_file(items[1][0])
     with pytest.raises(FileNotFoundError, match=r"g\[1\]/part-0.parquet is missing"):
