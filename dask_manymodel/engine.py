@@ -245,8 +245,16 @@ def check_by(by: Any, ddf: dd.DataFrame) -> list:
         raise InvalidArgumentError(
             "partition_by/by is empty: name the column(s) that define the groups"
         )
-    if len(set(map(str, columns))) != len(columns):
+    if len(set(columns)) != len(columns):
         raise InvalidArgumentError(f"partition_by/by {columns!r} names a column twice")
+    if len(set(map(str, columns))) != len(columns):
+        # 0 and "0": two columns, but one folder name ("0=...") and one
+        # name in the output's parquet files
+        raise InvalidArgumentError(
+            f"partition_by/by {columns!r} names columns whose names are one text, which its groups' "
+            f"folders ('<column>=<value>') and output files name columns by; rename one "
+            f"(ddf.rename(columns=...))"
+        )
     missing = [c for c in columns if c not in ddf.columns]
     if missing:
         raise InvalidArgumentError(
