@@ -318,8 +318,21 @@ def check_meta(meta: Any, by: list) -> tuple[pd.DataFrame | None, pa.Schema | No
             )
         meta = made
     meta = meta.iloc[:0]
+    if not all(isinstance(column, str) for column in meta.columns):
+        # the output's columns are its files', which parquet names by text:
+        # meta's 1 is the column "1" (kept as 1, it matched none and was
+        # nulls in every row, and a by column 0 came twice)
+        names = [str(column) for column in meta.columns]
+        if len(set(names)) != len(names):
+            raise InvalidArgumentError(
+                f"meta's columns {list(meta.columns)!r:.200} are named by text in the output (parquet's "
+                f"names), where some are one name; rename them so that each has a text of its own"
+            )
+        meta = meta.set_axis(names, axis=1)
+    by_names = {str(column) for column in by}
     try:
-        schema = pa.Schema.from_pandas(meta.drop(columns=[c for c in by if c in meta.columns]), preserve_index=False)
+        schema = pa.Schema.from_pandas(meta.drop(columns=[c for c in meta.columns if c in by_names]),
+                                       preserve_index=False)
     except (pa.ArrowException, TypeError, ValueError) as exc:
         raise InvalidArgumentError(f"meta has a column pyarrow cannot store: {exc}") from None
     typed = [field for field in schema if _has_a_type(field.type)]

@@ -605,6 +605,32 @@ def test_output_columns_are_matched_as_parquet_names_them_by_text(client, store_
     assert "columns [1, '1'] are all named ['1'] in parquet" in clash.partition_details[2].error
 
 
+def column_1_and_a_prediction(data, model, ctx):
+    return data.to_pandas()[[1]].assign(p=2.0)
+
+
+def test_a_meta_of_int_labels_names_the_outputs_columns_by_their_text(client, store_url):
+    """meta={1: float} matched no column of the files (which parquet names
+    "1"): the column was NaN in every row; a meta naming the by column 0 gave
+    the output both 0 (all NaN) and "0"."""
+    ddf = dd.from_pandas(pd.DataFrame({0: [1, 1, 2, 2], 1: [1.0, 2.0, 3.0, 4.0]}), npartitions=2)
+    ddf.manymodel.train(fit_nothing, by=0, url=store_url, run_id="r1").wait(show_progress=False)
+    meta = pd.DataFrame({0: pd.Series([], dtype="int64"), 1: pd.Series([], dtype="float64"),
+                         "p": pd.Series([], dtype="float64")})
+    inf = ddf.manymodel.predict(column_1_and_a_prediction, by=0, url=store_url, training_run_id="r1",
+                                run_id="s1", meta=meta)
+    assert inf.wait(show_progress=False) == RunStatus.SUCCESS
+    lazy = inf.to_dask_dataframe()
+    out = lazy.compute()
+    assert list(lazy.columns) == list(out.columns) == ["0", "1", "p"]
+    assert sorted(out["1"]) == [1.0, 2.0, 3.0, 4.0] and sorted(out["0"]) == [1, 1, 2, 2]
+    clash = pd.DataFrame({1: pd.Series([], dtype="float64"), "1": pd.Series([], dtype="float64")})
+    with pytest.raises(InvalidArgumentError, match=r"meta's columns \[1, '1'\] are named by text"):
+        ddf.manymodel.predict(column_1_and_a_prediction, by=0, url=store_url, training_run_id="r1", run_id="s2",
+                              meta=clash)
+    assert not os.path.exists(os.path.join(store_url, "s2"))
+
+
 def dates_decimals_lists_and_dicts(data, model, ctx):
     import datetime
     import decimal
