@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .connectors._batching import Columns, Rebatcher, check_batch_size, check_seed
@@ -339,12 +340,14 @@ class FileSet:
 
         self._check_alive()
         paths = self._paths()
-        if not any_read_as_pattern(paths):
+        with self._fs.open(paths[0], "rb") as f:
+            schema = pq.read_schema(f)
+        if not any_read_as_pattern(paths) and not _nested(schema):
             return dd.read_parquet(self.files(), storage_options=self._storage_options)
         # Dask reads a path with [ ] * ? in it as a pattern (data[v1] found
-        # nothing): each file read as it is named instead
-        with self._fs.open(paths[0], "rb") as f:
-            meta = pq.read_schema(f).empty_table().to_pandas()
+        # nothing), and cannot read a pyarrow list column back (pandas'
+        # metadata of it): each file read as it is named instead
+        meta = _to_pandas(schema.empty_table())
         # by a function of dask_manymodel on the workers: on workers without
         # it (another team's cluster reading the FileSet), Dask closed them
         # and the compute waited for ever, as for a run's output
@@ -442,7 +445,30 @@ def _identity(manifest: dict) -> tuple:
 
 def _read_parquet_file(path: str, fs) -> pd.DataFrame:
     with fs.open(path, "rb") as f:
-        return pq.read_table(f).to_pandas()
+        return _to_pandas(pq.read_table(f))
+
+
+def _nested(schema) -> set[str]:
+    """The columns of pyarrow lists, structs and maps."""
+    return {f.name for f in schema if pa.types.is_nested(f.type) and not pa.types.is_dictionary(f.type)}
+
+
+def _to_pandas(table) -> pd.DataFrame:
+    """``table.to_pandas()``, except that pandas cannot read back its own
+    metadata of a pyarrow list or struct column ("TypeError: data type
+    'list<item: int64>[pyarrow]' not understood": every read of such a
+    FileSet failed): those columns are pandas' ArrowDtype of their type,
+    as they were made."""
+    nested = _nested(table.schema)
+    if not nested:
+        return table.to_pandas()
+    metadata = dict(table.schema.metadata or {})
+    if b"pandas" in metadata:
+        pandas_meta = json.loads(metadata[b"pandas"])
+        pandas_meta["columns"] = [c for c in pandas_meta["columns"] if c.get("name") not in nested]
+        metadata[b"pandas"] = json.dumps(pandas_meta).encode()
+        table = table.replace_schema_metadata(metadata)
+    return table.to_pandas(types_mapper=lambda t: pd.ArrowDtype(t) if pa.types.is_nested(t) else None)
 
 
 def _columns_with_missing(fs, paths: list[str]) -> frozenset[str]:
@@ -494,7 +520,7 @@ class _FileSource:
             raise FileSetDeletedError(
                 f"{path} is gone: its FileSet was deleted while this dataset streamed it"
             ) from None
-        return Columns.from_frame(table.to_pandas(), self.with_missing)
+        return Columns.from_frame(_to_pandas(table), self.with_missing)
 
     @property
     def schema(self) -> dict[str, tuple[np.dtype, bool]]:

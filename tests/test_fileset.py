@@ -390,3 +390,18 @@ def test_make_refuses_labels_its_files_cannot_hold_before_writing(tmp_path, colu
     with pytest.raises(InvalidArgumentError, match=message):
         FileSet.make(str(tmp_path / "sets"), "fs1", dd.from_pandas(source, npartitions=2), shuffle=shuffle)
     assert not os.path.exists(tmp_path / "sets" / "fs1")
+
+
+def test_a_pyarrow_list_column_reads_back(tmp_path):
+    """pandas cannot read back its own metadata of a pyarrow list column
+    (TypeError: data type 'list<item: int64>[pyarrow]' not understood): the
+    FileSet was made, and every read of it failed."""
+    import pyarrow as pa
+
+    source = frame(40).assign(pair=pd.array([[1, 2]] * 40, dtype=pd.ArrowDtype(pa.list_(pa.int64()))))
+    made = FileSet.make(str(tmp_path / "sets"), "lists", dd.from_pandas(source, npartitions=2))
+    back = made.to_dask_dataframe().compute().reset_index(drop=True)
+    assert back["pair"].dtype == pd.ArrowDtype(pa.list_(pa.int64()))
+    assert back["pair"].tolist() == [[1, 2]] * 40 and back["i"].tolist() == list(range(40))
+    batch = next(iter(made.to_torch_dataset(batch_size=4)))
+    assert [list(pair) for pair in batch["pair"]] == [[1, 2]] * 4
