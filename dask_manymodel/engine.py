@@ -1477,7 +1477,9 @@ def _save_output(spec: RunSpec, result: Any, frame: pd.DataFrame, rel: str) -> t
         # the input column it replaces, as parquet names them: named 1, it is
         # the column 1 of a frame of int labels (a new "1" beside it would
         # give the file two columns "1", which no reader reads)
-        target = next((column for column in frame.columns if str(column) == name), name)
+        target = name
+        if name not in frame.columns and frame.columns.inferred_type != "string":  # (a wide frame: no scan)
+            target = next((column for column in frame.columns if str(column) == name), name)
         if isinstance(target, str):
             result = frame.assign(**{target: values})
         else:
