@@ -1722,10 +1722,24 @@ def _as_layout(frame: pd.DataFrame, by: list[str], key: tuple, layout: pd.DataFr
         if col in values:
             columns[col] = _constant_column(values[col], layout[col].dtype, frame.index)
         elif col in frame.columns:
-            columns[col] = frame[col]
+            columns[col] = _as_arrow_dtype_of(frame[col], layout[col].dtype)
         else:
             columns[col] = _constant_column(None, layout[col].dtype, frame.index)
     return pd.DataFrame(columns, index=frame.index)
+
+
+def _as_arrow_dtype_of(column: pd.Series, dtype: Any) -> pd.Series:
+    """A group's column in the layout's ArrowDtype (:func:`_kept_as_arrow`)
+    where it has another type: a group whose dates or lists were all None
+    stored arrow's null type, which pandas reads as objects, and the
+    partition's column was objects where meta said dates. A column that
+    does not convert stays as it is (pandas' concat reconciles it)."""
+    if not isinstance(dtype, pd.ArrowDtype) or column.dtype == dtype:
+        return column
+    try:
+        return column.astype(dtype)
+    except (TypeError, ValueError, pa.ArrowException):
+        return column
 
 
 # A partition's output files are read a batch at a time: up to this many
@@ -1868,10 +1882,24 @@ def _as_layout_of_groups(
             values = [key[by.index(col)] for key in keys]
             columns[col] = _group_values_column(values, rows, layout[col].dtype)
         elif col in frame.columns:
-            columns[col] = frame[col]
+            columns[col] = _as_arrow_dtype_of(frame[col], layout[col].dtype)
         else:
             columns[col] = _constant_column(None, layout[col].dtype, frame.index)
     return pd.DataFrame(columns, index=frame.index)
+
+
+def _as_arrow_dtype_of(column: pd.Series, dtype: Any) -> pd.Series:
+    """A group's column in the layout's ArrowDtype (:func:`_kept_as_arrow`)
+    where it has another type: a group whose dates or lists were all None
+    stored arrow's null type, which pandas reads as objects, and the
+    partition's column was objects where meta said dates. A column that
+    does not convert stays as it is (pandas' concat reconciles it)."""
+    if not isinstance(dtype, pd.ArrowDtype) or column.dtype == dtype:
+        return column
+    try:
+        return column.astype(dtype)
+    except (TypeError, ValueError, pa.ArrowException):
+        return column
 
 
 def _group_values_column(values: list, rows: list[int], dtype: Any) -> pd.Series:

@@ -675,6 +675,32 @@ def test_output_columns_of_objects_keep_their_values(client, store_url):
         assert row["label"] == "a" and pd.api.types.is_string_dtype(out["label"].dtype)
 
 
+def dates_and_lists_none_in_group_2(data, model, ctx):
+    import datetime
+
+    n = len(data.to_pandas())
+    none = ctx.partition_id == 2
+    return pd.DataFrame({"day": [None if none else datetime.date(2020, 1, 1)] * n,
+                         "pair": [None if none else [1, 2]] * n})
+
+
+def test_a_group_whose_dates_or_lists_are_all_none_reads_in_metas_type(client, store_url):
+    """Its file holds arrow's null type: read alone, its columns were
+    objects in a partition whose meta said dates and lists."""
+    import pyarrow as pa
+
+    ddf = dd.from_pandas(pd.DataFrame({"k": [1, 1, 2, 2], "x": [1.0, 2.0, 3.0, 4.0]}), npartitions=1)
+    ddf.manymodel.train(fit_nothing, by="k", url=store_url, run_id="r1").wait(show_progress=False)
+    inf = ddf.manymodel.predict(dates_and_lists_none_in_group_2, by="k", url=store_url, training_run_id="r1",
+                                run_id="s1")
+    assert inf.wait(show_progress=False) == RunStatus.SUCCESS
+    lazy = inf.to_dask_dataframe()
+    out = lazy.compute()
+    assert lazy.dtypes.to_dict() == out.dtypes.to_dict()
+    assert out["pair"].dtype == pd.ArrowDtype(pa.list_(pa.int64()))
+    assert out["day"].isna().tolist() == [False, False, True, True]
+
+
 def times_ten_after_sorting_by_t(data, model, ctx):
     df = data.to_pandas().sort_values("t")  # a time series, sorted as the docs advise
     return (df["t"] * 10).rename("pred")  # the sorted frame's labels
