@@ -2937,7 +2937,7 @@ def check_shuffle_labels(columns: pd.Index, why: str) -> None:
         )
 
 
-def _p2p_loses(dtype: Any) -> bool:
+def p2p_loses(dtype: Any) -> bool:
     """Whether Dask's p2p shuffle fails on, or changes, a column of ``dtype``:
     pandas' ArrowDtype of a nested type (a list, a struct, a map) failed
     every group of the run (INTERNAL_ERROR: "data type 'list<item: int64>
@@ -2967,7 +2967,7 @@ def _shuffle_method(ddf: dd.DataFrame, asked: str | None) -> str | None:
     not_strings = [c for c in ddf.columns if not isinstance(c, str)]
     if not not_strings:
         if asked is None and dask.config.get("dataframe.shuffle.method", None) is None:
-            objects = [c for c, dtype in ddf._meta.dtypes.items() if dtype == object or _p2p_loses(dtype)]
+            objects = [c for c, dtype in ddf._meta.dtypes.items() if dtype == object or p2p_loses(dtype)]
             if objects:
                 # p2p sends rows through Arrow: tuples, mixed types fail every
                 # group of the run, lists arrive as numpy arrays; pyarrow lists

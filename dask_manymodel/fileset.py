@@ -24,6 +24,7 @@ import time
 import uuid
 from typing import Any
 
+import dask
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -37,6 +38,7 @@ from .engine import (
     check_workers_environment,
     check_workers_share_store,
     index_as_column,
+    p2p_loses,
 )
 from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError, InvalidArgumentError
 from .store import RunStore, _is_local, any_read_as_pattern, open_url, remove_paths, resolved_url
@@ -253,7 +255,13 @@ class FileSet:
         if shuffle:
             seed = int(np.random.SeedSequence().entropy % 2**62) if seed is None else seed
             keyed = ddf.map_partitions(_random_keys, seed, meta=ddf._meta.assign(**{_SHUFFLE_COLUMN: np.int64(0)}))
-            ddf = keyed.shuffle(on=_SHUFFLE_COLUMN).map_partitions(_order_by_random_key, meta=ddf._meta)
+            # Dask's p2p shuffle fails on a pyarrow list or struct column (the
+            # make failed after its compute): the tasks shuffle then, unless
+            # Dask's config names a method
+            method = {}
+            if dask.config.get("dataframe.shuffle.method", None) is None and any(map(p2p_loses, ddf.dtypes)):
+                method = {"shuffle_method": "tasks"}
+            ddf = keyed.shuffle(on=_SHUFFLE_COLUMN, **method).map_partitions(_order_by_random_key, meta=ddf._meta)
         # the id in every file name: a handle of a deleted FileSet never reads
         # the files of a new one made under the same name
         writing = ddf.to_parquet(

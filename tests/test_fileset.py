@@ -403,5 +403,16 @@ def test_a_pyarrow_list_column_reads_back(tmp_path):
     back = made.to_dask_dataframe().compute().reset_index(drop=True)
     assert back["pair"].dtype == pd.ArrowDtype(pa.list_(pa.int64()))
     assert back["pair"].tolist() == [[1, 2]] * 40 and back["i"].tolist() == list(range(40))
+
+
+def test_a_shuffled_make_of_a_pyarrow_list_column_on_the_cluster(client, tmp_path):
+    """Dask's p2p shuffle failed on it after the make's compute ("P2P ...
+    failed during transfer phase"): such a make shuffles with tasks."""
+    import pyarrow as pa
+
+    source = frame(40).assign(pair=pd.array([[1, 2]] * 40, dtype=pd.ArrowDtype(pa.list_(pa.int64()))))
+    made = FileSet.make(str(tmp_path / "sets"), "lists", dd.from_pandas(source, npartitions=3), shuffle=True, seed=1)
+    back = made.to_dask_dataframe().compute()
+    assert sorted(back["i"]) == list(range(40)) and back["pair"].tolist() == [[1, 2]] * 40
     batch = next(iter(made.to_torch_dataset(batch_size=4)))
     assert [list(pair) for pair in batch["pair"]] == [[1, 2]] * 4
