@@ -533,7 +533,7 @@ class _FileSource:
     @property
     def schema(self) -> dict[str, tuple[np.dtype, bool]]:
         with self.fs.open(self.paths[0], "rb") as f:
-            empty = pq.read_schema(f).empty_table().to_pandas()
+            empty = _to_pandas(pq.read_schema(f).empty_table())
         return Columns.from_frame(empty, self.with_missing).schema
 
     def epoch(self, rng, *, batch_size, shuffle, drop_last, share=0, n_shares=1):

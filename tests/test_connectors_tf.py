@@ -127,3 +127,20 @@ def test_columns_of_objects_name_themselves():
 def test_bad_seed(data, bad):
     with pytest.raises(InvalidArgumentError, match="seed must be a non-negative int or None"):
         data.to_tf_dataset(batch_size=8, seed=bad)
+
+
+def test_a_filesets_list_column_names_itself(tmp_path):
+    """A FileSet's schema read failed on a pyarrow list column (TypeError:
+    data type 'list<item: int64>[pyarrow]' not understood); streamed, its
+    lists raised TensorFlow's "Unsupported object type numpy.ndarray"."""
+    import dask.dataframe as dd
+    import pyarrow as pa
+
+    from dask_manymodel import FileSet
+
+    pairs = pd.array([[1, 2]] * 8, dtype=pd.ArrowDtype(pa.list_(pa.int64())))
+    source = dd.from_pandas(pd.DataFrame({"x": np.arange(8.0), "pair": pairs}), npartitions=2)
+    made = FileSet.make(str(tmp_path / "sets"), "lists", source)
+    # raised in the dataset's generator: TensorFlow passes it on as its own error, with the message
+    with pytest.raises(tf.errors.InvalidArgumentError, match="column 'pair' holds lists or structs, which a tf.Tensor"):
+        next(iter(made.to_tf_dataset(batch_size=4)))

@@ -38,6 +38,10 @@ def _tensor_values(name: str, values: np.ndarray, is_string: bool) -> np.ndarray
     column of lists or other objects is refused naming it (TensorFlow's own
     "setting an array element with a sequence" named none)."""
     if not is_string:
+        # a FileSet's pyarrow lists and structs, streamed: TensorFlow's own
+        # "Unsupported object type numpy.ndarray" named no column
+        if values.dtype == object and len(values) and isinstance(values[0], (np.ndarray, list, tuple, dict)):
+            raise _not_a_tensor(name, "lists or structs")
         return values
     try:
         return _strings(values)
