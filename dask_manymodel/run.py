@@ -1351,7 +1351,10 @@ class ManyModelRun:
         unless ``meta=`` names them: then they keep meta's dtype and place.
         The rows come group by group in the run's group order (that of
         :meth:`summary`), each group's as its function returned them, the
-        same from a live handle and a restored one. Nothing is read until the
+        same from a live handle and a restored one. Column names are text, as
+        parquet stores them (a ``by`` column ``0`` is ``"0"``); columns of
+        dates, times, decimals, bytes, lists and structs are pandas'
+        ``ArrowDtype`` of their stored type. Nothing is read until the
         frame is computed. The same rows are a hive-partitioned parquet
         dataset at ``url/run_id`` for any parquet reader.
 
