@@ -1891,20 +1891,6 @@ def _as_layout_of_groups(
     return pd.DataFrame(columns, index=frame.index)
 
 
-def _as_arrow_dtype_of(column: pd.Series, dtype: Any) -> pd.Series:
-    """A group's column in the layout's ArrowDtype (:func:`_kept_as_arrow`)
-    where it has another type: a group whose dates or lists were all None
-    stored arrow's null type, which pandas reads as objects, and the
-    partition's column was objects where meta said dates. A column that
-    does not convert stays as it is (pandas' concat reconciles it)."""
-    if not isinstance(dtype, pd.ArrowDtype) or column.dtype == dtype:
-        return column
-    try:
-        return column.astype(dtype)
-    except (TypeError, ValueError, pa.ArrowException):
-        return column
-
-
 def _group_values_column(values: list, rows: list[int], dtype: Any) -> pd.Series:
     """Each group's value on each of its rows, as a column of ``dtype``;
     what concatenating :func:`_constant_column` of each group gives."""
