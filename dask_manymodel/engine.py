@@ -250,8 +250,16 @@ def check_by(by: Any, ddf: dd.DataFrame) -> list:
         raise InvalidArgumentError(
             "partition_by/by is empty: name the column(s) that define the groups"
         )
-    if len(set(map(str, columns))) != len(columns):
+    if len(set(columns)) != len(columns):
         raise InvalidArgumentError(f"partition_by/by {columns!r} names a column twice")
+    if len(set(map(str, columns))) != len(columns):
+        # 0 and "0": two columns, but one folder name ("0=...") and one
+        # name in the output's parquet files
+        raise InvalidArgumentError(
+            f"partition_by/by {columns!r} names columns whose names are one text, which its groups' "
+            f"folders ('<column>=<value>') and output files name columns by; rename one "
+            f"(ddf.rename(columns=...))"
+        )
     missing = [c for c in columns if c not in ddf.columns]
     if missing:
         raise InvalidArgumentError(
@@ -315,8 +323,21 @@ def check_meta(meta: Any, by: list) -> tuple[pd.DataFrame | None, pa.Schema | No
             )
         meta = made
     meta = meta.iloc[:0]
+    if not all(isinstance(column, str) for column in meta.columns):
+        # the output's columns are its files', which parquet names by text:
+        # meta's 1 is the column "1" (kept as 1, it matched none and was
+        # nulls in every row, and a by column 0 came twice)
+        names = [str(column) for column in meta.columns]
+        if len(set(names)) != len(names):
+            raise InvalidArgumentError(
+                f"meta's columns {list(meta.columns)!r:.200} are named by text in the output (parquet's "
+                f"names), where some are one name; rename them so that each has a text of its own"
+            )
+        meta = meta.set_axis(names, axis=1)
+    by_names = {str(column) for column in by}
     try:
-        schema = pa.Schema.from_pandas(meta.drop(columns=[c for c in by if c in meta.columns]), preserve_index=False)
+        schema = pa.Schema.from_pandas(meta.drop(columns=[c for c in meta.columns if c in by_names]),
+                                       preserve_index=False)
     except (pa.ArrowException, TypeError, ValueError) as exc:
         raise InvalidArgumentError(f"meta has a column pyarrow cannot store: {exc}") from None
     typed = [field for field in schema if _has_a_type(field.type)]
@@ -1456,12 +1477,15 @@ def _save_output(spec: RunSpec, result: Any, frame: pd.DataFrame, rel: str) -> t
     returns (rows, ``{path: bytes}`` still to write)."""
     if result is None:
         return 0, {}
+    # parquet names columns by text: a by column 0 is the folder "0=...", and
+    # a returned column 0 or "0" is the one the path already names
+    by_names = {str(column) for column in spec.by}
     if isinstance(result, pd.Series):
         if len(result) != len(frame):
             raise _UserError(f"the returned Series has {len(result)} rows, the group {len(frame)}")
         # unnamed (or ""): "prediction"; a Series named 0 is named, as in to_frame()
         name = PREDICTION_COLUMN if result.name is None or result.name == "" else str(result.name)
-        if name in spec.by:  # the by columns' values come from the path: it would be lost
+        if name in by_names:  # the by columns' values come from the path: it would be lost
             raise _UserError(
                 f"the returned Series is named {name!r}, a by column, whose values the output takes "
                 f"from the group; name it otherwise, e.g. series.rename({PREDICTION_COLUMN!r})"
@@ -1482,7 +1506,17 @@ def _save_output(spec: RunSpec, result: Any, frame: pd.DataFrame, rel: str) -> t
             positions = frame.index.get_indexer(result.index)
             if (positions >= 0).all():
                 values = values[np.argsort(positions)]
-        result = frame.assign(**{name: values})
+        # the input column it replaces, as parquet names them: named 1, it is
+        # the column 1 of a frame of int labels (a new "1" beside it would
+        # give the file two columns "1", which no reader reads)
+        target = name
+        if name not in frame.columns and frame.columns.inferred_type != "string":  # (a wide frame: no scan)
+            target = next((column for column in frame.columns if str(column) == name), name)
+        if isinstance(target, str):
+            result = frame.assign(**{target: values})
+        else:
+            result = frame.copy(deep=False)
+            result[target] = values
     elif isinstance(result, np.ndarray):
         if result.ndim != 1 or len(result) != len(frame):
             raise _UserError(
@@ -1504,7 +1538,7 @@ def _save_output(spec: RunSpec, result: Any, frame: pd.DataFrame, rel: str) -> t
     # the by columns live in the path (hive style), not in the file. Straight
     # to pyarrow (what DataFrame.to_parquet does underneath): selecting the
     # columns there skips a pandas drop, a third of the cost for small groups
-    columns = [c for c in result.columns if c not in spec.by]
+    columns = [c for c in result.columns if str(c) not in by_names]
     if not columns and len(result):
         # a parquet file of no column holds no row either: its rows would be lost
         raise _UserError(
@@ -1521,6 +1555,18 @@ def _save_output(spec: RunSpec, result: Any, frame: pd.DataFrame, rel: str) -> t
             f"the returned frame cannot be stored as parquet: {error_line(exc)}; give each column one "
             f"type (e.g. .astype(str)) and each column its own name"
         ) from exc
+    if len(set(table.column_names)) < table.num_columns:
+        # labels that differ in pandas but not as text (1 and "1"): the file
+        # would be written with two columns of one name, which every reader
+        # (to_dask_dataframe, pd.read_parquet) refuses after the run
+        names = table.column_names
+        twice = sorted({name for name in names if names.count(name) > 1})
+        clashing = [c for c in columns if str(c) in twice]
+        raise _UserError(
+            f"the returned frame's columns {clashing!r:.200} are all named {twice!r:.100} in parquet, "
+            f"which names columns by text; rename them so that each has a text of its own "
+            f"(frame.rename(columns=...))"
+        )
     if spec.output_schema is not None:
         table = _as_meta_types(table, spec.output_schema, spec.meta_pandas_columns)
     buffer = pa.BufferOutputStream()
@@ -2940,6 +2986,43 @@ def _partition_task(key: tuple, spec: Any, frame: Any, keep: pd.Index | None, ha
         return Task(key, run_partition, spec, frame, keep)
 
 
+# The column Dask's shuffles (tasks, p2p, disk) add to say where each row
+# goes, and drop after: an input column of that name is dropped with it.
+DASK_SHUFFLE_COLUMN = "_partitions"
+
+
+def check_shuffle_labels(columns: pd.Index, why: str) -> None:
+    """Refuse, before anything is written, the column labels that no shuffle
+    of Dask's carries: ``_partitions`` (its own column: the groups got the
+    input's columns less that one, silently) and a missing label (None,
+    NaN: Dask checks each partition's labels against its meta's, NaN equals
+    nothing, and every group was lost with its task)."""
+    if DASK_SHUFFLE_COLUMN in columns:
+        raise InvalidArgumentError(
+            f"column {DASK_SHUFFLE_COLUMN!r} is the name of the column Dask's shuffle adds while it moves "
+            f"the rows, and drops after, with the input's column of that name; {why}: rename it "
+            f"(ddf.rename(columns={{{DASK_SHUFFLE_COLUMN!r}: ...}})); nothing is written"
+        )
+    unnamed = [c for c in columns if not isinstance(c, str) and pd.api.types.is_scalar(c) and pd.isna(c)]
+    if unnamed:
+        raise InvalidArgumentError(
+            f"a column is labelled {unnamed[0]!r} (a missing value, not a name), which Dask cannot "
+            f"shuffle: it matches no label, not even its own; {why}: name it "
+            f"(ddf.columns = [...]); nothing is written"
+        )
+
+
+def p2p_loses(dtype: Any) -> bool:
+    """Whether Dask's p2p shuffle fails on, or changes, a column of ``dtype``:
+    pandas' ArrowDtype of a nested type (a list, a struct, a map) failed
+    every group of the run (INTERNAL_ERROR: "data type 'list<item: int64>
+    [pyarrow]' not understood", pandas reading its own Arrow metadata), and
+    a decimal reached the groups as a column of Python objects. The tasks
+    shuffle keeps them as they are."""
+    arrow_type = getattr(dtype, "pyarrow_dtype", None)
+    return arrow_type is not None and (pa.types.is_nested(arrow_type) or pa.types.is_decimal(arrow_type))
+
+
 def _shuffle_method(ddf: dd.DataFrame, asked: str | None) -> str | None:
     """The shuffle's method: the one asked for (or set in Dask's config),
     else Dask's choice, except that Dask's p2p shuffle needs string column
@@ -2955,13 +3038,15 @@ def _shuffle_method(ddf: dd.DataFrame, asked: str | None) -> str | None:
             f"groups are spread over the input's partitions), which Dask cannot do with such columns; "
             f"rename them (ddf.columns = [...]); nothing is written"
         )
+    check_shuffle_labels(ddf.columns, "this run must shuffle (its groups are spread over the input's partitions)")
     not_strings = [c for c in ddf.columns if not isinstance(c, str)]
     if not not_strings:
         if asked is None and dask.config.get("dataframe.shuffle.method", None) is None:
-            objects = [c for c, dtype in ddf._meta.dtypes.items() if dtype == object]
+            objects = [c for c, dtype in ddf._meta.dtypes.items() if dtype == object or p2p_loses(dtype)]
             if objects:
                 # p2p sends rows through Arrow: tuples, mixed types fail every
-                # group of the run, lists arrive as numpy arrays
+                # group of the run, lists arrive as numpy arrays; pyarrow lists
+                # and structs fail it too, decimals arrive as objects
                 logger.debug("columns %r hold Python objects: shuffling with tasks, not p2p", objects[:3])
                 return "tasks"
         return asked

@@ -24,19 +24,23 @@ import time
 import uuid
 from typing import Any
 
+import dask
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .connectors._batching import Columns, Rebatcher, check_batch_size, check_seed
 from .engine import (
     as_dask_dataframe,
     check_reachable,
+    check_shuffle_labels,
     check_workers_environment,
     check_workers_share_store,
     index_as_column,
+    p2p_loses,
 )
-from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError
+from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError, InvalidArgumentError
 from .store import (
     RUN_MANIFEST, RunStore, _is_local, any_read_as_pattern, open_url, remove_paths, resolved_url, shown_url,
 )
@@ -71,6 +75,28 @@ def _own_files(fs, root: str, fileset_id: str) -> list[str]:
     """The part files in ``root`` of the FileSet whose id is ``fileset_id``."""
     suffix = f".{fileset_id}.parquet"
     return [path for path in fs.ls(root, detail=False) if path.endswith(suffix)]
+
+
+def _check_labels(columns: Any, shuffle: bool) -> None:
+    """Column labels the files cannot hold, refused before the claim: Dask
+    said "parquet doesn't support non-string column names" without naming
+    them, and a label None or NaN passed that check and failed every write
+    task with a KeyError about 'nan'. Duplicate names, which Dask refused
+    in a message of pyarrow's, are said so too."""
+    not_text = [c for c in columns if not isinstance(c, str)]
+    if not_text:
+        raise InvalidArgumentError(
+            f"column label(s) {not_text[:3]!r:.200} are not text, and the FileSet's parquet files name "
+            f"columns by text; rename them (ddf.columns = [str(c) for c in ddf.columns]); nothing is written"
+        )
+    twice = pd.Index(columns)[pd.Index(columns).duplicated()].unique().tolist()
+    if twice:
+        raise InvalidArgumentError(
+            f"column name(s) {twice[:3]!r:.200} name more than one column, and a parquet file holds each "
+            f"name once; rename them (ddf.columns = [...]); nothing is written"
+        )
+    if shuffle:
+        check_shuffle_labels(columns, "FileSet.make(shuffle=True) shuffles the rows")
 
 
 class _ClaimLost(Exception):
@@ -207,6 +233,7 @@ class FileSet:
         # a named index is kept as a column, as DataFrame.to_parquet keeps it
         # (one named like a column is dropped, as a run drops it)
         ddf = index_as_column(as_dask_dataframe(dataframe), None)
+        _check_labels(ddf.columns, shuffle)
         # Claimed in one exclusive write before anything else: two makes of
         # one name at once would otherwise both pass the check above and
         # write their files into one folder.
@@ -235,7 +262,13 @@ class FileSet:
         if shuffle:
             seed = int(np.random.SeedSequence().entropy % 2**62) if seed is None else seed
             keyed = ddf.map_partitions(_random_keys, seed, meta=ddf._meta.assign(**{_SHUFFLE_COLUMN: np.int64(0)}))
-            ddf = keyed.shuffle(on=_SHUFFLE_COLUMN).map_partitions(_order_by_random_key, meta=ddf._meta)
+            # Dask's p2p shuffle fails on a pyarrow list or struct column (the
+            # make failed after its compute): the tasks shuffle then, unless
+            # Dask's config names a method
+            method = {}
+            if dask.config.get("dataframe.shuffle.method", None) is None and any(map(p2p_loses, ddf.dtypes)):
+                method = {"shuffle_method": "tasks"}
+            ddf = keyed.shuffle(on=_SHUFFLE_COLUMN, **method).map_partitions(_order_by_random_key, meta=ddf._meta)
         # the id in every file name: a handle of a deleted FileSet never reads
         # the files of a new one made under the same name
         writing = ddf.to_parquet(
@@ -323,12 +356,14 @@ class FileSet:
 
         self._check_alive()
         paths = self._paths()
-        if not any_read_as_pattern(paths):
+        with self._fs.open(paths[0], "rb") as f:
+            schema = pq.read_schema(f)
+        if not any_read_as_pattern(paths) and not _nested(schema):
             return dd.read_parquet(self.files(), storage_options=self._storage_options)
         # Dask reads a path with [ ] * ? in it as a pattern (data[v1] found
-        # nothing): each file read as it is named instead
-        with self._fs.open(paths[0], "rb") as f:
-            meta = pq.read_schema(f).empty_table().to_pandas()
+        # nothing), and cannot read a pyarrow list column back (pandas'
+        # metadata of it): each file read as it is named instead
+        meta = _to_pandas(schema.empty_table())
         # by a function of dask_manymodel on the workers: on workers without
         # it (another team's cluster reading the FileSet), Dask closed them
         # and the compute waited for ever, as for a run's output
@@ -426,7 +461,30 @@ def _identity(manifest: dict) -> tuple:
 
 def _read_parquet_file(path: str, fs) -> pd.DataFrame:
     with fs.open(path, "rb") as f:
-        return pq.read_table(f).to_pandas()
+        return _to_pandas(pq.read_table(f))
+
+
+def _nested(schema) -> set[str]:
+    """The columns of pyarrow lists, structs and maps."""
+    return {f.name for f in schema if pa.types.is_nested(f.type) and not pa.types.is_dictionary(f.type)}
+
+
+def _to_pandas(table) -> pd.DataFrame:
+    """``table.to_pandas()``, except that pandas cannot read back its own
+    metadata of a pyarrow list or struct column ("TypeError: data type
+    'list<item: int64>[pyarrow]' not understood": every read of such a
+    FileSet failed): those columns are pandas' ArrowDtype of their type,
+    as they were made."""
+    nested = _nested(table.schema)
+    if not nested:
+        return table.to_pandas()
+    metadata = dict(table.schema.metadata or {})
+    if b"pandas" in metadata:
+        pandas_meta = json.loads(metadata[b"pandas"])
+        pandas_meta["columns"] = [c for c in pandas_meta["columns"] if c.get("name") not in nested]
+        metadata[b"pandas"] = json.dumps(pandas_meta).encode()
+        table = table.replace_schema_metadata(metadata)
+    return table.to_pandas(types_mapper=lambda t: pd.ArrowDtype(t) if pa.types.is_nested(t) else None)
 
 
 def _columns_with_missing(fs, paths: list[str]) -> frozenset[str]:
@@ -478,12 +536,12 @@ class _FileSource:
             raise FileSetDeletedError(
                 f"{path} is gone: its FileSet was deleted while this dataset streamed it"
             ) from None
-        return Columns.from_frame(table.to_pandas(), self.with_missing)
+        return Columns.from_frame(_to_pandas(table), self.with_missing)
 
     @property
     def schema(self) -> dict[str, tuple[np.dtype, bool]]:
         with self.fs.open(self.paths[0], "rb") as f:
-            empty = pq.read_schema(f).empty_table().to_pandas()
+            empty = _to_pandas(pq.read_schema(f).empty_table())
         return Columns.from_frame(empty, self.with_missing).schema
 
     def epoch(self, rng, *, batch_size, shuffle, drop_last, share=0, n_shares=1):

@@ -9,6 +9,7 @@ import contextlib
 import datetime
 import enum
 import html
+import json
 import logging
 import os
 import tempfile
@@ -1373,7 +1374,10 @@ class ManyModelRun:
         unless ``meta=`` names them: then they keep meta's dtype and place.
         The rows come group by group in the run's group order (that of
         :meth:`summary`), each group's as its function returned them, the
-        same from a live handle and a restored one. Nothing is read until the
+        same from a live handle and a restored one. Column names are text, as
+        parquet stores them (a ``by`` column ``0`` is ``"0"``); columns of
+        dates, times, decimals, bytes, lists and structs are pandas'
+        ``ArrowDtype`` of their stored type. Nothing is read until the
         frame is computed. The same rows are a hive-partitioned parquet
         dataset at ``url/run_id`` for any parquet reader.
 
@@ -1727,8 +1731,9 @@ def _with_group_columns(meta: pd.DataFrame, by: list[str], dtypes: list) -> pd.D
 
 
 def _read_frame(fs, path: str) -> pd.DataFrame:
+    """One output file as a frame, converted as the partitions are."""
     with fs.open(path, "rb") as f:
-        return pd.read_parquet(f)
+        return _arrow_to_pandas(pq.ParquetFile(f).read(use_pandas_metadata=True))
 
 
 def _as_layout(frame: pd.DataFrame, by: list[str], key: tuple, layout: pd.DataFrame) -> pd.DataFrame:
@@ -1743,10 +1748,24 @@ def _as_layout(frame: pd.DataFrame, by: list[str], key: tuple, layout: pd.DataFr
         if col in values:
             columns[col] = _constant_column(values[col], layout[col].dtype, frame.index)
         elif col in frame.columns:
-            columns[col] = frame[col]
+            columns[col] = _as_arrow_dtype_of(frame[col], layout[col].dtype)
         else:
             columns[col] = _constant_column(None, layout[col].dtype, frame.index)
     return pd.DataFrame(columns, index=frame.index)
+
+
+def _as_arrow_dtype_of(column: pd.Series, dtype: Any) -> pd.Series:
+    """A group's column in the layout's ArrowDtype (:func:`_kept_as_arrow`)
+    where it has another type: a group whose dates or lists were all None
+    stored arrow's null type, which pandas reads as objects, and the
+    partition's column was objects where meta said dates. A column that
+    does not convert stays as it is (pandas' concat reconciles it)."""
+    if not isinstance(dtype, pd.ArrowDtype) or column.dtype == dtype:
+        return column
+    try:
+        return column.astype(dtype)
+    except (TypeError, ValueError, pa.ArrowException):
+        return column
 
 
 # A partition's output files are read a batch at a time: up to this many
@@ -1837,13 +1856,44 @@ def _one_plain_schema(schemas: list) -> bool:
     )
 
 
+def _kept_as_arrow(arrow_type: pa.DataType) -> bool:
+    """Types pandas converts to columns of Python objects other than text
+    (dates, times, decimals, bytes, lists, structs, maps), which Dask's
+    ``dataframe.convert-string`` then turned into their text in
+    ``to_dask_dataframe`` ("2020-01-01", "[1 2]", "{'u': 1}"). A pyarrow
+    list's own pandas metadata ("list<item: int64>[pyarrow]") pandas cannot
+    even read back. Such columns are pandas' ArrowDtype of their type, as
+    ``dd.read_parquet`` makes dates and decimals."""
+    t = pa.types
+    return (
+        t.is_date(arrow_type) or t.is_time(arrow_type) or t.is_decimal(arrow_type)
+        or t.is_binary(arrow_type) or t.is_large_binary(arrow_type) or t.is_fixed_size_binary(arrow_type)
+        or (t.is_nested(arrow_type) and not t.is_dictionary(arrow_type))
+    )
+
+
 def _arrow_to_pandas(table) -> pd.DataFrame:
     """``table`` as pandas converts what it reads (string dtypes, time
     zones: the conversion ``pd.read_parquet`` does), through its reader of an
-    in-memory Arrow file."""
+    in-memory Arrow file; the columns :func:`_kept_as_arrow` says, as
+    pandas' ArrowDtype of their type."""
+    kept = [(i, field.name) for i, field in enumerate(table.schema) if _kept_as_arrow(field.type)]
+    arrow_columns = [table.column(i) for i, _ in kept]
+    if kept:
+        names = {name for _, name in kept}
+        table = table.drop_columns([name for _, name in kept])
+        metadata = dict(table.schema.metadata or {})
+        if b"pandas" in metadata:  # their entries: pandas would apply them to the columns left
+            pandas_meta = json.loads(metadata[b"pandas"])
+            pandas_meta["columns"] = [c for c in pandas_meta["columns"] if c.get("name") not in names]
+            metadata[b"pandas"] = json.dumps(pandas_meta).encode()
+            table = table.replace_schema_metadata(metadata)
     sink = pa.BufferOutputStream()
     feather.write_feather(table, sink, compression="uncompressed")
-    return pd.read_feather(pa.BufferReader(sink.getvalue()))
+    frame = pd.read_feather(pa.BufferReader(sink.getvalue()))
+    for (position, name), column in zip(kept, arrow_columns):
+        frame.insert(position, name, pd.arrays.ArrowExtensionArray(column))
+    return frame
 
 
 def _as_layout_of_groups(
@@ -1858,7 +1908,7 @@ def _as_layout_of_groups(
             values = [key[by.index(col)] for key in keys]
             columns[col] = _group_values_column(values, rows, layout[col].dtype)
         elif col in frame.columns:
-            columns[col] = frame[col]
+            columns[col] = _as_arrow_dtype_of(frame[col], layout[col].dtype)
         else:
             columns[col] = _constant_column(None, layout[col].dtype, frame.index)
     return pd.DataFrame(columns, index=frame.index)

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 
+import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
@@ -376,3 +377,15 @@ def test_statuses_no_dask_manymodel_writes_are_a_damaged_file_or_left_out(client
     assert empty.wait(show_progress=False) == RunStatus.SUCCESS
     os.remove(os.path.join(url, "r0", "_groups.json"))
     assert ManyModelRun.restore_from("r0", url).summary().empty
+
+
+def test_by_columns_of_one_text_are_refused_saying_so(client, tmp_path):
+    """by=[0, "0"] said it "names a column twice": two columns, whose
+    groups' folders would both be named "0=..."."""
+    ddf = dd.from_pandas(pd.DataFrame({0: [1, 2], "0": [3, 4], "x": [1.0, 2.0]}), npartitions=1)
+    url = str(tmp_path / "models")
+    with pytest.raises(InvalidArgumentError, match=r"\[0, '0'\] names columns whose names are one text.*rename one"):
+        ddf.manymodel.train(fit_line, by=[0, "0"], url=url, run_id="r1")
+    with pytest.raises(InvalidArgumentError, match=r"\['x', 'x'\] names a column twice"):
+        ddf.manymodel.train(fit_line, by=["x", "x"], url=url, run_id="r1")
+    assert not os.path.exists(url)

@@ -100,7 +100,47 @@ def test_bytes_that_are_not_text_pass_through():
     assert batch["s"].numpy().tolist() == ["\u00e9".encode(), b"b", b"c"]  # text beside it: UTF-8
 
 
+def test_columns_of_objects_name_themselves():
+    """Decimals, pyarrow lists and lists in an object column raised
+    TensorFlow's "Failed to convert a NumPy array to a Tensor" or numpy's
+    "setting an array element with a sequence", naming no column; a pyarrow
+    dictionary of text still passes as text."""
+    import decimal
+
+    import pyarrow as pa
+
+    columns = {
+        "price": pd.array([decimal.Decimal("1.25")] * 2, dtype=pd.ArrowDtype(pa.decimal128(10, 2))),
+        "pair": pd.array([[1, 2]] * 2, dtype=pd.ArrowDtype(pa.list_(pa.int64()))),
+        "listed": pd.Series([[1, 2]] * 2, dtype=object),
+    }
+    for name, values in columns.items():
+        df = pd.DataFrame({"x": [1.0, 2.0], name: values})
+        with pytest.raises(InvalidArgumentError, match=f"column '{name}' holds .*which a tf.Tensor cannot hold"):
+            DataConnector.from_pandas(df).to_tf_dataset(batch_size=2)
+    text = pd.array(["a", "b"], dtype=pd.ArrowDtype(pa.dictionary(pa.int32(), pa.string())))
+    batch = next(iter(DataConnector.from_pandas(pd.DataFrame({"t": text})).to_tf_dataset(batch_size=2)))
+    assert batch["t"].numpy().tolist() == [b"a", b"b"]
+
+
 @pytest.mark.parametrize("bad", [-1, 2.5, True, "1"])
 def test_bad_seed(data, bad):
     with pytest.raises(InvalidArgumentError, match="seed must be a non-negative int or None"):
         data.to_tf_dataset(batch_size=8, seed=bad)
+
+
+def test_a_filesets_list_column_names_itself(tmp_path):
+    """A FileSet's schema read failed on a pyarrow list column (TypeError:
+    data type 'list<item: int64>[pyarrow]' not understood); streamed, its
+    lists raised TensorFlow's "Unsupported object type numpy.ndarray"."""
+    import dask.dataframe as dd
+    import pyarrow as pa
+
+    from dask_manymodel import FileSet
+
+    pairs = pd.array([[1, 2]] * 8, dtype=pd.ArrowDtype(pa.list_(pa.int64())))
+    source = dd.from_pandas(pd.DataFrame({"x": np.arange(8.0), "pair": pairs}), npartitions=2)
+    made = FileSet.make(str(tmp_path / "sets"), "lists", source)
+    # raised in the dataset's generator: TensorFlow passes it on as its own error, with the message
+    with pytest.raises(tf.errors.InvalidArgumentError, match="column 'pair' holds lists or structs, which a tf.Tensor"):
+        next(iter(made.to_tf_dataset(batch_size=4)))

@@ -232,6 +232,31 @@ def test_datetimes_and_timedeltas_are_int64_nanoseconds_whatever_their_unit():
     assert batch["span"].tolist() == [10**9, 2 * 10**9]
 
 
+def test_pyarrow_dates_are_int64_nanoseconds_of_their_midnight():
+    """read_parquet(dtype_backend="pyarrow") reads a parquet date as
+    date32[day][pyarrow]: it raised NotImplementedError: as_unit not
+    implemented for date32[day]."""
+    import datetime
+
+    import pyarrow as pa
+
+    days = pd.array([datetime.date(2020, 1, 1), None], dtype=pd.ArrowDtype(pa.date32()))
+    batch = next(iter(DataConnector.from_pandas(pd.DataFrame({"day": days})).to_torch_dataset(batch_size=2)))
+    assert batch["day"].dtype == torch.int64
+    assert batch["day"].tolist() == [1577836800 * 10**9, -(2**63)]  # a missing one as NaT
+
+
+@pytest.mark.parametrize(
+    "values", [pd.period_range("2020-01", periods=2, freq="M"), pd.interval_range(0, 2)], ids=["period", "interval"]
+)
+def test_a_column_with_no_numeric_form_names_itself_and_the_way_out(values):
+    """It raised TypeError: float() argument must be a string or a real
+    number, not 'Period', naming no column."""
+    df = pd.DataFrame({"x": [1.0, 2.0], "when": values})
+    with pytest.raises(InvalidArgumentError, match=r"column 'when' \((period|interval).*no numeric form.*convert it"):
+        DataConnector.from_pandas(df).to_torch_dataset(batch_size=1)
+
+
 def test_datetimes_outside_the_nanosecond_range_name_the_column():
     df = pd.DataFrame({"far": np.array(["3000-01-01"], "datetime64[s]")})
     with pytest.raises(InvalidArgumentError, match="column 'far'.*nanosecond range"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import dask
@@ -397,3 +398,51 @@ def test_a_fileset_never_takes_the_name_of_a_run_in_the_same_url(client, tmp_pat
     ddf.manymodel.train(keep_nothing, by="k", url=url, run_id="2026-11-01").wait(show_progress=False)
     with pytest.raises(FileSetExistsError, match="holds the run '2026-11-01', not a FileSet"):
         FileSet.make(url, "2026-11-01", frame(20))
+
+
+@pytest.mark.parametrize(
+    "columns, shuffle, message",
+    [
+        ([0, 1, 2], False, r"column label\(s\) \[0, 1, 2\] are not text"),
+        (["i", np.nan, "s"], False, r"column label\(s\) \[nan\] are not text"),
+        (["i", "x", "x"], False, r"column name\(s\) \['x'\] name more than one column"),
+        (["i", "_partitions", "s"], True, r"column '_partitions' is the name of the column Dask's shuffle adds"),
+    ],
+    ids=["ints", "nan", "twice", "dasks-own"],
+)
+def test_make_refuses_labels_its_files_cannot_hold_before_writing(tmp_path, columns, shuffle, message):
+    """Dask said "parquet doesn't support non-string column names" naming
+    none; a NaN label failed every write task (KeyError: 'nan'), and a
+    shuffled make of a column _partitions failed after its compute (Dask's
+    shuffle drops its own column of that name)."""
+    source = frame(40)
+    source.columns = columns
+    with pytest.raises(InvalidArgumentError, match=message):
+        FileSet.make(str(tmp_path / "sets"), "fs1", dd.from_pandas(source, npartitions=2), shuffle=shuffle)
+    assert not os.path.exists(tmp_path / "sets" / "fs1")
+
+
+def test_a_pyarrow_list_column_reads_back(tmp_path):
+    """pandas cannot read back its own metadata of a pyarrow list column
+    (TypeError: data type 'list<item: int64>[pyarrow]' not understood): the
+    FileSet was made, and every read of it failed."""
+    import pyarrow as pa
+
+    source = frame(40).assign(pair=pd.array([[1, 2]] * 40, dtype=pd.ArrowDtype(pa.list_(pa.int64()))))
+    made = FileSet.make(str(tmp_path / "sets"), "lists", dd.from_pandas(source, npartitions=2))
+    back = made.to_dask_dataframe().compute().reset_index(drop=True)
+    assert back["pair"].dtype == pd.ArrowDtype(pa.list_(pa.int64()))
+    assert back["pair"].tolist() == [[1, 2]] * 40 and back["i"].tolist() == list(range(40))
+
+
+def test_a_shuffled_make_of_a_pyarrow_list_column_on_the_cluster(client, tmp_path):
+    """Dask's p2p shuffle failed on it after the make's compute ("P2P ...
+    failed during transfer phase"): such a make shuffles with tasks."""
+    import pyarrow as pa
+
+    source = frame(40).assign(pair=pd.array([[1, 2]] * 40, dtype=pd.ArrowDtype(pa.list_(pa.int64()))))
+    made = FileSet.make(str(tmp_path / "sets"), "lists", dd.from_pandas(source, npartitions=3), shuffle=True, seed=1)
+    back = made.to_dask_dataframe().compute()
+    assert sorted(back["i"]) == list(range(40)) and back["pair"].tolist() == [[1, 2]] * 40
+    batch = next(iter(made.to_torch_dataset(batch_size=4)))
+    assert [list(pair) for pair in batch["pair"]] == [[1, 2]] * 4

@@ -460,6 +460,28 @@ def test_duplicate_column_names_are_refused_when_the_run_must_shuffle(client, st
     assert run.get_model(3) == ["store", "x", "x"]
 
 
+@pytest.mark.parametrize("label", ["_partitions", np.nan, None], ids=["dasks-own", "nan", "none"])
+def test_labels_no_dask_shuffle_carries_are_refused_when_the_run_must_shuffle(client, store_url, label):
+    """A column _partitions vanished from every group's frame (Dask's
+    shuffles add and drop their own column of that name); a column labelled
+    None or NaN made every group INTERNAL_ERROR ("Order of columns does not
+    match. Actual: ['store', nan, ...] Expected: ['store', nan, ...]")."""
+    frame = make_frame(n_groups=6, rows=5)[["store", "x", "y"]]
+    frame.columns = ["store", "x", label]
+    spread = dd.from_pandas(frame.sample(frac=1, random_state=0), npartitions=3, sort=False)
+    for method in (None, "tasks"):
+        with pytest.raises(InvalidArgumentError, match=r"this run must shuffle .*: (rename|name) it"):
+            spread.manymodel.train(fit_line, by="store", url=store_url, run_id="r1",
+                                   execution_options=ExecutionOptions(shuffle_method=method))
+    assert not os.path.exists(os.path.join(store_url, "r1"))
+    # a run that needs no shuffle hands the column over as it is
+    whole = dd.from_pandas(frame, npartitions=2, sort=False)
+    run = whole.manymodel.train(lambda data, ctx: list(map(str, data.to_pandas().columns)), by="store",
+                                url=store_url, run_id="r2")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS, run.summary()["error"].dropna().tolist()
+    assert run.get_model(3) == ["store", "x", str(frame.columns[2])]
+
+
 # the engine tags rows with a flat column name, which pandas 3 deprecates on
 # a MultiIndex of columns (left as it is: see the closing note); pandas 2 has
 # no Pandas4Warning (it derives from DeprecationWarning)
@@ -501,6 +523,33 @@ def test_columns_of_python_objects_reach_the_groups_as_they_are(client, store_ur
         run = with_objects.manymodel.train(value_types, by="store", url=store_url, run_id=f"r-{name}")
         assert run.wait(show_progress=False) == RunStatus.SUCCESS, run.summary()["error"].dropna().tolist()
         assert {str(run.get_model(g)) for g in range(6)} == {str([name])}
+
+
+def arrow_dtypes(data, ctx):
+    df = data.to_pandas()
+    return {column: str(df[column].dtype) for column in ("pair", "price")}, df["pair"].iloc[0]
+
+
+def test_pyarrow_lists_structs_and_decimals_reach_the_groups_as_they_are(client, store_url):
+    """Dask's default p2p shuffle failed every group of a run with a
+    pyarrow list or struct column (INTERNAL_ERROR: "data type
+    'list<item: int64>[pyarrow]' not understood"), and handed a decimal
+    column over as Python objects: such a run shuffles with tasks."""
+    import decimal
+
+    import pyarrow as pa
+
+    frame = make_frame(n_groups=6, rows=5).sample(frac=1, random_state=0)
+    price = pd.array([decimal.Decimal("1.25")] * len(frame), dtype=pd.ArrowDtype(pa.decimal128(10, 2)))
+    for name, arrow_type, value in (("list", pa.list_(pa.int64()), [1, 2]), ("struct", pa.struct([("u", pa.int64())]),
+                                                                             {"u": 1})):
+        pairs = pd.array([value] * len(frame), dtype=pd.ArrowDtype(arrow_type))
+        ddf = dd.from_pandas(frame.assign(pair=pairs, price=price), npartitions=3, sort=False)  # spread: a shuffle
+        run = ddf.manymodel.train(arrow_dtypes, by="store", url=store_url, run_id=f"r-{name}")
+        assert run.wait(show_progress=False) == RunStatus.SUCCESS, run.summary()["error"].dropna().tolist()
+        dtypes, first = run.get_model(2)
+        assert dtypes == {"pair": str(pd.ArrowDtype(arrow_type)), "price": "decimal128(10, 2)[pyarrow]"}
+        assert first == value
 
 
 def reorder_some(df, partition_info=None):

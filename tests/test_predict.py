@@ -568,6 +568,139 @@ def test_a_returned_series_keeps_its_name_and_may_not_take_a_by_columns(client, 
     assert "named 'k', a by column" in lost.partition_details[1].error
 
 
+def column_1_times_ten(data, model, ctx):
+    return data.to_pandas()[1] * 10  # a Series named 1, as the input's column
+
+
+def named_0_after_the_by_column(data, model, ctx):
+    return data.to_pandas()[1].rename("0")
+
+
+def with_a_text_1_beside_the_int_1(data, model, ctx):
+    return data.to_pandas()[[1]].assign(**{"1": 5.0})
+
+
+def test_output_columns_are_matched_as_parquet_names_them_by_text(client, store_url):
+    """Input labels 0 and 1 (a frame of int labels): a Series named 1
+    joined the frame as a column "1" beside its 1, and a frame with 1 and
+    "1" was stored as is: the groups were DONE with a file of two columns
+    "1", which to_dask_dataframe (and pd.read_parquet) refused after the
+    run. A Series named "0" beside the by column 0 was DONE, and lost: the
+    output's column "0" held the group's value."""
+    pdf = pd.DataFrame({0: [1, 1, 2, 2], 1: [1.0, 2.0, 3.0, 4.0]})
+    ddf = dd.from_pandas(pdf, npartitions=2)
+    ddf.manymodel.train(fit_nothing, by=0, url=store_url, run_id="r1").wait(show_progress=False)
+    replaced = ddf.manymodel.predict(column_1_times_ten, by=0, url=store_url, training_run_id="r1", run_id="s1")
+    assert replaced.wait(show_progress=False) == RunStatus.SUCCESS
+    out = replaced.to_dask_dataframe().compute()
+    assert list(out.columns) == ["0", "1"]
+    assert sorted(out["1"]) == [10.0, 20.0, 30.0, 40.0]  # it replaced the input's column
+    lost = ddf.manymodel.predict(named_0_after_the_by_column, by=0, url=store_url, training_run_id="r1",
+                                 run_id="s2")
+    assert lost.wait(show_progress=False) == RunStatus.FAILURE
+    assert "named '0', a by column" in lost.partition_details[1].error
+    clash = ddf.manymodel.predict(with_a_text_1_beside_the_int_1, by=0, url=store_url, training_run_id="r1",
+                                  run_id="s3")
+    assert clash.wait(show_progress=False) == RunStatus.FAILURE
+    assert "columns [1, '1'] are all named ['1'] in parquet" in clash.partition_details[2].error
+
+
+def column_1_and_a_prediction(data, model, ctx):
+    return data.to_pandas()[[1]].assign(p=2.0)
+
+
+def test_a_meta_of_int_labels_names_the_outputs_columns_by_their_text(client, store_url):
+    """meta={1: float} matched no column of the files (which parquet names
+    "1"): the column was NaN in every row; a meta naming the by column 0 gave
+    the output both 0 (all NaN) and "0"."""
+    ddf = dd.from_pandas(pd.DataFrame({0: [1, 1, 2, 2], 1: [1.0, 2.0, 3.0, 4.0]}), npartitions=2)
+    ddf.manymodel.train(fit_nothing, by=0, url=store_url, run_id="r1").wait(show_progress=False)
+    meta = pd.DataFrame({0: pd.Series([], dtype="int64"), 1: pd.Series([], dtype="float64"),
+                         "p": pd.Series([], dtype="float64")})
+    inf = ddf.manymodel.predict(column_1_and_a_prediction, by=0, url=store_url, training_run_id="r1",
+                                run_id="s1", meta=meta)
+    assert inf.wait(show_progress=False) == RunStatus.SUCCESS
+    lazy = inf.to_dask_dataframe()
+    out = lazy.compute()
+    assert list(lazy.columns) == list(out.columns) == ["0", "1", "p"]
+    assert sorted(out["1"]) == [1.0, 2.0, 3.0, 4.0] and sorted(out["0"]) == [1, 1, 2, 2]
+    clash = pd.DataFrame({1: pd.Series([], dtype="float64"), "1": pd.Series([], dtype="float64")})
+    with pytest.raises(InvalidArgumentError, match=r"meta's columns \[1, '1'\] are named by text"):
+        ddf.manymodel.predict(column_1_and_a_prediction, by=0, url=store_url, training_run_id="r1", run_id="s2",
+                              meta=clash)
+    assert not os.path.exists(os.path.join(store_url, "s2"))
+
+
+def dates_decimals_lists_and_dicts(data, model, ctx):
+    import datetime
+    import decimal
+
+    import pyarrow as pa
+
+    n = len(data.to_pandas())
+    return pd.DataFrame({
+        "day": [datetime.date(2020, 1, ctx.partition_id)] * n,
+        "price": [decimal.Decimal("1.25")] * n,
+        "pair": [[ctx.partition_id, 1]] * n,
+        "info": [{"u": ctx.partition_id}] * n,
+        "blob": [b"ab"] * n,
+        "quantiles": pd.array([[0.1, 0.9]] * n, dtype=pd.ArrowDtype(pa.list_(pa.float64()))),
+        "label": ["a"] * n,
+    })
+
+
+def test_output_columns_of_objects_keep_their_values(client, store_url):
+    """Dask's convert-string turned every column of Python objects that
+    to_dask_dataframe read into text: a date was "2020-01-01", a list
+    "[1 1]", a dict "{'u': 1}"; a pyarrow list column raised TypeError: data
+    type 'list<item: double>[pyarrow]' not understood (pandas' reading of its
+    own metadata). They come back as pandas' ArrowDtype of their type."""
+    import datetime
+    import decimal
+
+    ddf = dd.from_pandas(pd.DataFrame({"k": [1, 1, 2, 2], "x": [1.0, 2.0, 3.0, 4.0]}), npartitions=2)
+    ddf.manymodel.train(fit_nothing, by="k", url=store_url, run_id="r1").wait(show_progress=False)
+    inf = ddf.manymodel.predict(dates_decimals_lists_and_dicts, by="k", url=store_url, training_run_id="r1",
+                                run_id="s1")
+    assert inf.wait(show_progress=False) == RunStatus.SUCCESS
+    for handle in (inf, ManyModelRun.restore_from("s1", store_url)):
+        lazy = handle.to_dask_dataframe()
+        out = lazy.compute()
+        assert out.dtypes.to_dict() == lazy.dtypes.to_dict()
+        row = out[out["k"] == 2].iloc[0]
+        assert row["day"] == datetime.date(2020, 1, 2)
+        assert row["price"] == decimal.Decimal("1.25")
+        assert list(row["pair"]) == [2, 1] and row["info"] == {"u": 2} and row["blob"] == b"ab"
+        assert list(row["quantiles"]) == [0.1, 0.9]
+        assert row["label"] == "a" and pd.api.types.is_string_dtype(out["label"].dtype)
+
+
+def dates_and_lists_none_in_group_2(data, model, ctx):
+    import datetime
+
+    n = len(data.to_pandas())
+    none = ctx.partition_id == 2
+    return pd.DataFrame({"day": [None if none else datetime.date(2020, 1, 1)] * n,
+                         "pair": [None if none else [1, 2]] * n})
+
+
+def test_a_group_whose_dates_or_lists_are_all_none_reads_in_metas_type(client, store_url):
+    """Its file holds arrow's null type: read alone, its columns were
+    objects in a partition whose meta said dates and lists."""
+    import pyarrow as pa
+
+    ddf = dd.from_pandas(pd.DataFrame({"k": [1, 1, 2, 2], "x": [1.0, 2.0, 3.0, 4.0]}), npartitions=1)
+    ddf.manymodel.train(fit_nothing, by="k", url=store_url, run_id="r1").wait(show_progress=False)
+    inf = ddf.manymodel.predict(dates_and_lists_none_in_group_2, by="k", url=store_url, training_run_id="r1",
+                                run_id="s1")
+    assert inf.wait(show_progress=False) == RunStatus.SUCCESS
+    lazy = inf.to_dask_dataframe()
+    out = lazy.compute()
+    assert lazy.dtypes.to_dict() == out.dtypes.to_dict()
+    assert out["pair"].dtype == pd.ArrowDtype(pa.list_(pa.int64()))
+    assert out["day"].isna().tolist() == [False, False, True, True]
+
+
 def times_ten_after_sorting_by_t(data, model, ctx):
     df = data.to_pandas().sort_values("t")  # a time series, sorted as the docs advise
     return (df["t"] * 10).rename("pred")  # the sorted frame's labels
@@ -767,7 +900,7 @@ def test_a_partition_of_output_reads_as_each_group_read_alone_and_concatenated(c
     import pyarrow.parquet as pq
 
     from dask_manymodel import run as run_module
-    from dask_manymodel.run import _as_layout, _one_plain_schema, _read_output
+    from dask_manymodel.run import _as_layout, _one_plain_schema, _read_frame, _read_output
 
     if batch_files is not None:
         monkeypatch.setattr(run_module, "_BATCH_FILES", batch_files)
@@ -782,8 +915,12 @@ def test_a_partition_of_output_reads_as_each_group_read_alone_and_concatenated(c
         items.append((path, key))
     assert _one_plain_schema([pq.read_schema(fs.open(path)) for path, _ in items]) == (
         case not in ("dtypes differ", "batches differ", "categoricals"))
-    expected = pd.concat([_as_layout(pd.read_parquet(fs.open(path)), by, key, layout) for path, key in items],
+    # each file as the meta's is read: pd.read_parquet's conversion, with
+    # lists (and other non-text objects) as pandas' ArrowDtype
+    expected = pd.concat([_as_layout(_read_frame(fs, path), by, key, layout) for path, key in items],
                          ignore_index=True)
+    if case == "one schema":
+        assert expected["lists"].dtype == pd.ArrowDtype(pyarrow.list_(pyarrow.int64()))
     pd.testing.assert_frame_equal(_read_output(items, fs, by, layout), expected)
     fs.rm_file(items[1][0])
     with pytest.raises(FileNotFoundError, match=r"g\[1\]/part-0.parquet is missing"):

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from ..exceptions import InvalidArgumentError
 
@@ -44,7 +45,11 @@ def _datetimes_as_int64_ns(series: pd.Series) -> np.ndarray:
     tz-aware datetimes count from the epoch in UTC."""
     try:
         arrow_type = getattr(series.dtype, "pyarrow_dtype", None)
-        if getattr(series.dtype, "tz", None) is not None or getattr(arrow_type, "tz", None):
+        if arrow_type is not None and pa.types.is_date(arrow_type):
+            # pyarrow's dates (what read_parquet(dtype_backend="pyarrow") makes
+            # of a parquet date) have no unit to change: midnight of the day
+            series = series.astype("datetime64[ns]")
+        elif getattr(series.dtype, "tz", None) is not None or getattr(arrow_type, "tz", None):
             series = series.dt.tz_convert("UTC").dt.tz_localize(None)
         values = series.dt.as_unit("ns").to_numpy()
     except (pd.errors.OutOfBoundsDatetime, pd.errors.OutOfBoundsTimedelta, OverflowError) as exc:
@@ -75,11 +80,20 @@ def column_to_numpy(series: pd.Series, has_missing: bool | None = None) -> tuple
         return _datetimes_as_int64_ns(series), False
     if isinstance(dtype, pd.api.extensions.ExtensionDtype):
         numpy_dtype = np.dtype(getattr(dtype, "numpy_dtype", "float64"))
-        if numpy_dtype.kind == "f":
-            return series.to_numpy(dtype=numpy_dtype, na_value=np.nan), False
-        if series.isna().any() if has_missing is None else has_missing:
-            return series.to_numpy(dtype="float64", na_value=np.nan), False
-        return series.to_numpy(dtype=numpy_dtype), False
+        try:
+            if numpy_dtype.kind == "f":
+                return series.to_numpy(dtype=numpy_dtype, na_value=np.nan), False
+            if series.isna().any() if has_missing is None else has_missing:
+                return series.to_numpy(dtype="float64", na_value=np.nan), False
+            return series.to_numpy(dtype=numpy_dtype), False
+        except (TypeError, ValueError) as exc:
+            # periods, intervals: "float() argument must be ... not 'Period'",
+            # which named no column
+            raise InvalidArgumentError(
+                f"column {series.name!r} ({dtype}) has no numeric form for a tensor ({type(exc).__name__}: "
+                f"{exc}); convert it first: a period with .dt.to_timestamp(), an interval with "
+                f".array.left or .array.mid, or anything with .astype(str)"
+            ) from exc
     return series.to_numpy(), False
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._compat import import_optional
+from ..exceptions import InvalidArgumentError
 from ._batching import check_batch_size, check_seed, count_batches, epoch_rng, new_seed
 
 
@@ -22,6 +23,38 @@ def _strings(values: np.ndarray) -> np.ndarray:
         # bytes that are not ASCII (a binary column): tf.string holds raw
         # bytes, so hand them over as they are, and text as UTF-8
         return np.array([v if isinstance(v, bytes) else str(v).encode() for v in values], dtype=object)
+
+
+def _not_a_tensor(name: str, what: str, exc: BaseException | None = None) -> InvalidArgumentError:
+    because = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
+    return InvalidArgumentError(
+        f"column {name!r} holds {what}, which a tf.Tensor cannot hold{because}; TensorFlow takes numbers "
+        f"and text: convert the column first (to numbers, one column per item of a list, or .astype(str))"
+    )
+
+
+def _tensor_values(name: str, values: np.ndarray, is_string: bool) -> np.ndarray:
+    """A column's values as TensorFlow takes them: text as ``_strings``; a
+    column of lists or other objects is refused naming it (TensorFlow's own
+    "setting an array element with a sequence" named none)."""
+    if not is_string:
+        # a FileSet's pyarrow lists and structs, streamed: TensorFlow's own
+        # "Unsupported object type numpy.ndarray" named no column
+        if values.dtype == object and len(values) and isinstance(values[0], (np.ndarray, list, tuple, dict)):
+            raise _not_a_tensor(name, "lists or structs")
+        return values
+    try:
+        return _strings(values)
+    except (TypeError, ValueError) as exc:
+        raise _not_a_tensor(name, "values that are not text (lists, arrays)", exc) from exc
+
+
+def _converts(tf, values: np.ndarray) -> bool:
+    try:
+        tf.constant(values)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def make_tf_dataset(source, *, batch_size, shuffle=False, drop_last_batch=True, seed=None):
@@ -45,9 +78,7 @@ def make_tf_dataset(source, *, batch_size, shuffle=False, drop_last_batch=True, 
         rng = epoch_rng(base_seed, epochs["count"])
         epochs["count"] += 1
         for batch in source.epoch(rng, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last_batch):
-            yield {
-                name: _strings(values) if schema[name][1] else values for name, values in batch.items()
-            }
+            yield {name: _tensor_values(name, values, schema[name][1]) for name, values in batch.items()}
 
     dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
     # a known length lets Keras size its epochs (no "ran out of data" warning)
@@ -68,12 +99,17 @@ def _in_memory_dataset(tf, columns, batch_size: int, shuffle: bool, n_batches: i
     for name, values in columns.arrays.items():
         key = "string" if name in columns.strings else values.dtype.str
         by_dtype.setdefault(key, []).append(name)
-    matrices = {
-        key: tf.constant(
-            np.stack([_strings(columns.arrays[n]) if key == "string" else columns.arrays[n] for n in names], axis=1)
-        )
-        for key, names in by_dtype.items()
-    }
+    matrices = {}
+    for key, names in by_dtype.items():
+        stacked = np.stack([_tensor_values(n, columns.arrays[n], key == "string") for n in names], axis=1)
+        try:
+            matrices[key] = tf.constant(stacked)
+        except (TypeError, ValueError) as exc:
+            # pyarrow decimals, lists, structs (object arrays that are not
+            # text): TensorFlow's "Failed to convert a NumPy array to a
+            # Tensor" named no column. Found again one by one, on failure only
+            bad = next((n for n in names if not _converts(tf, columns.arrays[n])), names[0])
+            raise _not_a_tensor(bad, "Python objects (decimals, lists, structs)", exc) from exc
     order_of_columns = list(columns.arrays)
     n_rows = columns.n_rows
 
