@@ -307,9 +307,9 @@ def stored_zones(groups: list[dict], n_columns: int) -> list[set[str]]:
     return zones
 
 
-def paths_in_zones(by: Sequence[str], key: Sequence[Any], zones: Sequence[set[str]]) -> list[str]:
+def paths_in_zones(by: Sequence[str], key: Sequence[Any], zones: Sequence[set[str]] | None) -> list[str]:
     """The other folders ``key`` may have in a run whose stored values are in
-    ``zones`` (per column, :func:`stored_zones`). A time-zone-aware value
+    ``zones`` (per column, :func:`stored_zones`; None: in no zone). A time-zone-aware value
     names its folder in its own zone (``...+01:00``), so the same instant
     stored in another zone is in another folder; pandas calls the two equal.
     A long value that a run of an earlier version stored may have its folder
@@ -317,7 +317,7 @@ def paths_in_zones(by: Sequence[str], key: Sequence[Any], zones: Sequence[set[st
     choices = []
     for i, value in enumerate(key):
         options = [value]
-        if isinstance(value, datetime.datetime) and value.tzinfo is not None:
+        if isinstance(value, datetime.datetime) and value.tzinfo is not None and zones:
             for tz in sorted(zones[i]):
                 try:
                     options.append(pd.Timestamp(value).tz_convert(tz))

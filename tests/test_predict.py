@@ -335,6 +335,24 @@ def test_predict_finds_models_trained_in_another_time_zone(request, tmp_path, wh
     assert sorted(out["pred"]) == [1.0, 2.0, 3.0, 4.0]  # each group's own model: its x
 
 
+def test_predict_of_zone_aware_values_from_a_training_run_without_zones(client, store_url):
+    """A training run on naive dates (no zone stored) and a predict input in
+    UTC: the groups have no model, and say so (FAILED), not a TypeError that
+    lost every group of the task (INTERNAL_ERROR)."""
+    naive = pd.DataFrame({"ts": pd.to_datetime(["2020-01-01", "2020-01-02"]), "x": [1.0, 2.0]})
+    dd.from_pandas(naive, npartitions=1).manymodel.train(mean_of_x, by="ts", url=store_url, run_id="r1").wait(
+        show_progress=False
+    )
+    utc = naive.assign(ts=naive["ts"].dt.tz_localize("UTC"))
+    inf = dd.from_pandas(utc, npartitions=1).manymodel.predict(
+        predict_with_mean, by="ts", url=store_url, training_run_id="r1", run_id="s1"
+    )
+    assert inf.wait(show_progress=False) == RunStatus.FAILURE
+    summary = inf.summary()
+    assert list(summary["status"]) == ["FAILED", "FAILED"]
+    assert all("never trained there" in error for error in summary["error"])
+
+
 def test_meta_with_or_without_the_by_column(client, store_url):
     pdf = pd.DataFrame({"k": [1, 1, 2, 2], "x": [1.0, 2.0, 3.0, 4.0]})
     ddf = dd.from_pandas(pdf, npartitions=2)
