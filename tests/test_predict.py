@@ -1062,6 +1062,22 @@ def _rows_and_model(data, model, ctx):
     return data.to_pandas().assign(model=model)
 
 
+def _as_stored_by_an_earlier_version(folder: str, key: str) -> str:
+    """Move the group ``key`` (of a run by ``k``) to the folder an earlier
+    version named, cut within a letter; returns the folder of today."""
+    from dask_manymodel.store import group_path
+
+    new, old = (group_path(["k"], (key,), cut_within_characters=cut) for cut in (False, True))
+    assert new != old
+    os.rename(f"{folder}/{new}", f"{folder}/{old}")
+    for name in ("_groups.json", f"{old}/_partition.json"):
+        with open(f"{folder}/{name}") as f:
+            text = f.read()
+        with open(f"{folder}/{name}", "w") as f:
+            f.write(text.replace(json.dumps(new), json.dumps(old)))
+    return new
+
+
 def test_long_non_ascii_values_leave_output_that_hive_readers_read(client, tmp_path):
     """A value of 34 Cyrillic letters is shortened, and its folder name was cut
     within a letter: pd.read_parquet (pyarrow) of the predict output refused
@@ -1081,17 +1097,7 @@ def test_long_non_ascii_values_leave_output_that_hive_readers_read(client, tmp_p
     shortened = set(read["k"].astype(str)) - {"short"}
     assert len(shortened) == 1 and long_key.startswith(shortened.pop().split("~")[0])  # prefix and hash
 
-    # the folder as an earlier version named it, cut within a letter
-    from dask_manymodel.store import group_path
-
-    new, old = (group_path(["k"], (long_key,), cut_within_characters=cut) for cut in (False, True))
-    assert new != old
-    os.rename(f"{url}/r1/{new}", f"{url}/r1/{old}")
-    for name in ("_groups.json", f"{old}/_partition.json"):
-        with open(f"{url}/r1/{name}") as f:
-            text = f.read()
-        with open(f"{url}/r1/{name}", "w") as f:
-            f.write(text.replace(json.dumps(new), json.dumps(old)))
+    new = _as_stored_by_an_earlier_version(f"{url}/r1", long_key)
     stored = ManyModelRun.restore_from("r1", url)
     assert stored.get_model(long_key) == 3
     again = frame.manymodel.predict(_rows_and_model, by="k", url=url, run_id="p2", training_run_id="r1")
@@ -1102,3 +1108,28 @@ def test_long_non_ascii_values_leave_output_that_hive_readers_read(client, tmp_p
     assert sorted(resumed.summary()["partition_id"]) == sorted([long_key, "short"])
     assert resumed.get_model(long_key) == 3
     assert sorted(os.listdir(f"{url}/r1")) == sorted(["_groups.json", "_run.json", new, "k=short"])
+
+
+def _keep_rows_and_upload(data, ctx):
+    ctx.upload({"rows": len(data.to_pandas())}, "extra.pkl")
+    return len(data.to_pandas())
+
+
+def _rows_from_the_training_upload(data, model, ctx):
+    return data.to_pandas().assign(model=ctx.download("extra.pkl", run_id="r1")["rows"])
+
+
+def test_ctx_download_finds_a_long_values_file_in_a_run_of_an_earlier_version(client, tmp_path):
+    """ctx.download(name, run_id=...) of a training run that an earlier
+    version stored, whose long value's folder was cut within a letter: the
+    file is found there, as get_model and predict find its model (it was a
+    FileNotFoundError of the folder of today)."""
+    url = str(tmp_path / "models")
+    long_key = "Москва, улица Тверская, дом " + "Ж" * 10
+    frame = dd.from_pandas(pd.DataFrame({"k": [long_key] * 3 + ["short"] * 2, "x": np.arange(5.0)}), npartitions=2)
+    run = frame.manymodel.train(_keep_rows_and_upload, by="k", url=url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    _as_stored_by_an_earlier_version(f"{url}/r1", long_key)
+    inf = frame.manymodel.predict(_rows_from_the_training_upload, by="k", url=url, run_id="p1", training_run_id="r1")
+    assert inf.wait(show_progress=False) == RunStatus.SUCCESS, inf.summary()["error"].tolist()
+    assert sorted(inf.to_dask_dataframe().compute()["model"]) == [2, 2, 3, 3, 3]
