@@ -1133,3 +1133,26 @@ def test_ctx_download_finds_a_long_values_file_in_a_run_of_an_earlier_version(cl
     inf = frame.manymodel.predict(_rows_from_the_training_upload, by="k", url=url, run_id="p1", training_run_id="r1")
     assert inf.wait(show_progress=False) == RunStatus.SUCCESS, inf.summary()["error"].tolist()
     assert sorted(inf.to_dask_dataframe().compute()["model"]) == [2, 2, 3, 3, 3]
+
+
+def test_a_refused_resume_of_a_run_of_an_earlier_version_removes_no_folder(client, tmp_path, monkeypatch):
+    """A resume moves a long value's group from the folder an earlier version
+    named to its folder of today, running it again; one refused before its
+    manifest is written ("nothing was written": here values that differ only
+    by case on a store that ignores case) removed the old folder, and its
+    model, all the same."""
+    from dask_manymodel import store as store_module
+
+    url = str(tmp_path / "models")
+    long_key = "Москва, улица Тверская, дом " + "Ж" * 10
+    pdf = pd.DataFrame({"k": [long_key] * 3 + ["short"] * 2, "x": np.arange(5.0)})
+    run = dd.from_pandas(pdf, npartitions=2).manymodel.train(_keep_rows, by="k", url=url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    _as_stored_by_an_earlier_version(f"{url}/r1", long_key)
+    before = sorted(os.listdir(f"{url}/r1"))
+    monkeypatch.setattr(store_module.RunStore, "ignores_case", lambda self: True)
+    clashing = dd.from_pandas(pd.concat([pdf, pdf.iloc[3:].assign(k="Short")]), npartitions=2)
+    with pytest.raises(InvalidArgumentError, match="differ only by case"):
+        clashing.manymodel.train(_keep_rows, by="k", url=url, run_id="r1", on_existing_artifacts="resume")
+    assert sorted(os.listdir(f"{url}/r1")) == before
+    assert ManyModelRun.restore_from("r1", url).get_model(long_key) == 3
