@@ -371,6 +371,20 @@ def resolved_url(url: Any, fs: fsspec.AbstractFileSystem, base: str) -> str:
     return text or fs.unstrip_protocol(base)
 
 
+def without_pandas_metadata_of(table: Any, names: set[str]) -> Any:
+    """``table`` (a pyarrow Table) with the entries of columns ``names``
+    taken out of its pandas metadata, so that a reader converts those columns
+    by their Arrow type alone (pandas cannot read back its own entry of a pyarrow list:
+    "data type 'list<item: int64>[pyarrow]' not understood")."""
+    metadata = dict(table.schema.metadata or {})
+    if b"pandas" not in metadata:
+        return table
+    pandas_meta = json.loads(metadata[b"pandas"])
+    pandas_meta["columns"] = [c for c in pandas_meta["columns"] if c.get("name") not in names]
+    metadata[b"pandas"] = json.dumps(pandas_meta).encode()
+    return table.replace_schema_metadata(metadata)
+
+
 # the scheme and authority (``user:password@host:port``) of one URL of a chain
 _AUTHORITY = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)([^/?#]*)")
 
