@@ -351,11 +351,22 @@ class PartitionContext:
             from .engine import check_run_id
 
             check_run_id(run_id)  # a folder of the URL, never one beside it ("..")
-        store, folder = self._group_folder(
-            self.partition_id if partition_id is _THIS_GROUP else partition_id, run_id
-        )
+        partition_id = self.partition_id if partition_id is _THIS_GROUP else partition_id
+        store, folder = self._group_folder(partition_id, run_id)
         read = read_function or _pickle_read
         with tempfile.TemporaryDirectory(prefix="manymodel-") as tmp:
             local = os.path.join(tmp, filename)
-            store.download_file(posixpath.join(folder, filename), local)
+            try:
+                store.download_file(posixpath.join(folder, filename), local)
+            except FileNotFoundError as missing:
+                # a long value's folder as an earlier version named it (cut
+                # within a character, see store.encode_value), in a run it wrote
+                key = normalize_key(partition_id, len(self._by))
+                old = store.path(group_path(self._by, key, cut_within_characters=True))
+                if old == folder:
+                    raise
+                try:
+                    store.download_file(posixpath.join(old, filename), local)
+                except FileNotFoundError:
+                    raise missing from None
             return read(local)

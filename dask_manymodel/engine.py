@@ -2812,9 +2812,10 @@ def _start_run(
     done_paths: set[str] = set()
     initial_records: list[dict] = []
     stale: list[str] = []
+    moved: list[str] = []
     counted_paths = [g["path"] for g in groups]  # in the order of `sizes`
     if previous is not None:
-        groups, done_paths, initial_records, stale = _merge_for_resume(store, previous, groups)
+        groups, done_paths, initial_records, stale, moved = _merge_for_resume(store, previous, groups)
     _check_case_clash(store, by, groups)  # with a resumed run's stored groups too
     # groups too big to shuffle: INTERNAL_ERROR now, left out of the shuffle
     refused_records = [
@@ -2851,6 +2852,11 @@ def _start_run(
         if on_existing_artifacts == "overwrite":
             # the old files, once the new manifest makes their statuses stale
             store.delete_run(keep=(RUN_MANIFEST,))
+        if moved:
+            # the old folders of groups that run again in their folders of
+            # today (see _merge_for_resume): only now, as a start refused
+            # before its manifest deletes nothing
+            remove_paths(store.fs, [store.path(path) for path in moved])
         if stale:
             # the outcomes the earlier pass stored for the groups that run
             # again (until they are gone, readers skip them: another
@@ -3211,12 +3217,14 @@ def _check_resume_matches(
 
 def _merge_for_resume(
     store: RunStore, previous: dict, counted: list[dict]
-) -> tuple[list[dict], set[str], list[dict], list[str]]:
+) -> tuple[list[dict], set[str], list[dict], list[str], list[str]]:
     """Groups of a resumed run: the stored ones plus any new ones in the data.
 
     Returns the merged group list, the paths of the groups already DONE
-    (left untouched), their stored records, and the groups that run again
-    although this attempt stored an outcome for them (FAILED, CANCELLED, ...).
+    (left untouched), their stored records, the groups that run again
+    although this attempt stored an outcome for them (FAILED, CANCELLED, ...),
+    and the folders to remove of groups that run again in another folder.
+    Reads only: the caller deletes once its manifest is written.
     """
     try:
         stored_groups = store.read_run_file(GROUPS_FILE, list)
@@ -3225,7 +3233,8 @@ def _merge_for_resume(
     counted_paths = {g["path"] for g in counted}
     # a long value that an earlier version stored in a folder cut within a
     # character (see store.encode_value) runs again in its folder of today,
-    # and its old folder goes: else the run would hold the group twice
+    # and its old folder goes (the caller removes it): else the run would
+    # hold the group twice
     by = previous["partition_by"]
     moved = {
         g["path"] for g in stored_groups
@@ -3235,7 +3244,6 @@ def _merge_for_resume(
     if moved:
         logger.info("run %r: %d group(s) stored by an earlier version run again in new folders, such as %r",
                     store.run_id, len(moved), min(moved))
-        remove_paths(store.fs, [store.path(path) for path in sorted(moved)])
         stored_groups = [g for g in stored_groups if g["path"] not in moved]
     merged = {g["path"]: {k: v for k, v in g.items() if k != "task"} for g in stored_groups}
     for group in counted:
@@ -3247,7 +3255,7 @@ def _merge_for_resume(
     # for a group that is no longer in the data)
     kept = [r for r in statuses if r["path"] not in rerun]
     stale = [r["path"] for r in statuses if r["path"] in rerun]
-    return list(merged.values()), done_paths, kept, stale
+    return list(merged.values()), done_paths, kept, stale, sorted(moved)
 
 
 def _check_scalar_keys(by: list, key_tuples: list[tuple]) -> None:

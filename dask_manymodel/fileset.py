@@ -43,6 +43,7 @@ from .engine import (
 from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError, InvalidArgumentError
 from .store import (
     RUN_MANIFEST, RunStore, _is_local, any_read_as_pattern, open_url, remove_paths, resolved_url, shown_url,
+    without_pandas_metadata_of,
 )
 
 __all__ = ["FileSet"]
@@ -478,12 +479,7 @@ def _to_pandas(table) -> pd.DataFrame:
     nested = _nested(table.schema)
     if not nested:
         return table.to_pandas()
-    metadata = dict(table.schema.metadata or {})
-    if b"pandas" in metadata:
-        pandas_meta = json.loads(metadata[b"pandas"])
-        pandas_meta["columns"] = [c for c in pandas_meta["columns"] if c.get("name") not in nested]
-        metadata[b"pandas"] = json.dumps(pandas_meta).encode()
-        table = table.replace_schema_metadata(metadata)
+    table = without_pandas_metadata_of(table, nested)
     return table.to_pandas(types_mapper=lambda t: pd.ArrowDtype(t) if pa.types.is_nested(t) else None)
 
 

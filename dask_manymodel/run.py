@@ -9,7 +9,6 @@ import contextlib
 import datetime
 import enum
 import html
-import json
 import logging
 import os
 import tempfile
@@ -50,6 +49,7 @@ from .store import (
     paths_in_zones,
     shown_url,
     stored_zones,
+    without_pandas_metadata_of,
 )
 
 if TYPE_CHECKING:
@@ -1881,13 +1881,8 @@ def _arrow_to_pandas(table) -> pd.DataFrame:
     arrow_columns = [table.column(i) for i, _ in kept]
     if kept:
         names = {name for _, name in kept}
-        table = table.drop_columns([name for _, name in kept])
-        metadata = dict(table.schema.metadata or {})
-        if b"pandas" in metadata:  # their entries: pandas would apply them to the columns left
-            pandas_meta = json.loads(metadata[b"pandas"])
-            pandas_meta["columns"] = [c for c in pandas_meta["columns"] if c.get("name") not in names]
-            metadata[b"pandas"] = json.dumps(pandas_meta).encode()
-            table = table.replace_schema_metadata(metadata)
+        # (their entries too: pandas would apply them to the columns left)
+        table = without_pandas_metadata_of(table.drop_columns(list(names)), names)
     sink = pa.BufferOutputStream()
     feather.write_feather(table, sink, compression="uncompressed")
     frame = pd.read_feather(pa.BufferReader(sink.getvalue()))

@@ -307,9 +307,9 @@ def stored_zones(groups: list[dict], n_columns: int) -> list[set[str]]:
     return zones
 
 
-def paths_in_zones(by: Sequence[str], key: Sequence[Any], zones: Sequence[set[str]]) -> list[str]:
+def paths_in_zones(by: Sequence[str], key: Sequence[Any], zones: Sequence[set[str]] | None) -> list[str]:
     """The other folders ``key`` may have in a run whose stored values are in
-    ``zones`` (per column, :func:`stored_zones`). A time-zone-aware value
+    ``zones`` (per column, :func:`stored_zones`; None: in no zone). A time-zone-aware value
     names its folder in its own zone (``...+01:00``), so the same instant
     stored in another zone is in another folder; pandas calls the two equal.
     A long value that a run of an earlier version stored may have its folder
@@ -317,7 +317,7 @@ def paths_in_zones(by: Sequence[str], key: Sequence[Any], zones: Sequence[set[st
     choices = []
     for i, value in enumerate(key):
         options = [value]
-        if isinstance(value, datetime.datetime) and value.tzinfo is not None:
+        if isinstance(value, datetime.datetime) and value.tzinfo is not None and zones:
             for tz in sorted(zones[i]):
                 try:
                     options.append(pd.Timestamp(value).tz_convert(tz))
@@ -369,6 +369,20 @@ def resolved_url(url: Any, fs: fsspec.AbstractFileSystem, base: str) -> str:
     if text.endswith(":"):  # "memory://" itself: "memory:" would read as a local path
         return text + "//"
     return text or fs.unstrip_protocol(base)
+
+
+def without_pandas_metadata_of(table: Any, names: set[str]) -> Any:
+    """``table`` (a pyarrow Table) with the entries of columns ``names``
+    taken out of its pandas metadata, so that a reader converts those columns
+    by their Arrow type alone (pandas cannot read back its own entry of a pyarrow list:
+    "data type 'list<item: int64>[pyarrow]' not understood")."""
+    metadata = dict(table.schema.metadata or {})
+    if b"pandas" not in metadata:
+        return table
+    pandas_meta = json.loads(metadata[b"pandas"])
+    pandas_meta["columns"] = [c for c in pandas_meta["columns"] if c.get("name") not in names]
+    metadata[b"pandas"] = json.dumps(pandas_meta).encode()
+    return table.replace_schema_metadata(metadata)
 
 
 # the scheme and authority (``user:password@host:port``) of one URL of a chain

@@ -335,6 +335,24 @@ def test_predict_finds_models_trained_in_another_time_zone(request, tmp_path, wh
     assert sorted(out["pred"]) == [1.0, 2.0, 3.0, 4.0]  # each group's own model: its x
 
 
+def test_predict_of_zone_aware_values_from_a_training_run_without_zones(client, store_url):
+    """A training run on naive dates (no zone stored) and a predict input in
+    UTC: the groups have no model, and say so (FAILED), not a TypeError that
+    lost every group of the task (INTERNAL_ERROR)."""
+    naive = pd.DataFrame({"ts": pd.to_datetime(["2020-01-01", "2020-01-02"]), "x": [1.0, 2.0]})
+    dd.from_pandas(naive, npartitions=1).manymodel.train(mean_of_x, by="ts", url=store_url, run_id="r1").wait(
+        show_progress=False
+    )
+    utc = naive.assign(ts=naive["ts"].dt.tz_localize("UTC"))
+    inf = dd.from_pandas(utc, npartitions=1).manymodel.predict(
+        predict_with_mean, by="ts", url=store_url, training_run_id="r1", run_id="s1"
+    )
+    assert inf.wait(show_progress=False) == RunStatus.FAILURE
+    summary = inf.summary()
+    assert list(summary["status"]) == ["FAILED", "FAILED"]
+    assert all("never trained there" in error for error in summary["error"])
+
+
 def test_meta_with_or_without_the_by_column(client, store_url):
     pdf = pd.DataFrame({"k": [1, 1, 2, 2], "x": [1.0, 2.0, 3.0, 4.0]})
     ddf = dd.from_pandas(pdf, npartitions=2)
@@ -1044,6 +1062,22 @@ def _rows_and_model(data, model, ctx):
     return data.to_pandas().assign(model=model)
 
 
+def _as_stored_by_an_earlier_version(folder: str, key: str) -> str:
+    """Move the group ``key`` (of a run by ``k``) to the folder an earlier
+    version named, cut within a letter; returns the folder of today."""
+    from dask_manymodel.store import group_path
+
+    new, old = (group_path(["k"], (key,), cut_within_characters=cut) for cut in (False, True))
+    assert new != old
+    os.rename(f"{folder}/{new}", f"{folder}/{old}")
+    for name in ("_groups.json", f"{old}/_partition.json"):
+        with open(f"{folder}/{name}") as f:
+            text = f.read()
+        with open(f"{folder}/{name}", "w") as f:
+            f.write(text.replace(json.dumps(new), json.dumps(old)))
+    return new
+
+
 def test_long_non_ascii_values_leave_output_that_hive_readers_read(client, tmp_path):
     """A value of 34 Cyrillic letters is shortened, and its folder name was cut
     within a letter: pd.read_parquet (pyarrow) of the predict output refused
@@ -1063,17 +1097,7 @@ def test_long_non_ascii_values_leave_output_that_hive_readers_read(client, tmp_p
     shortened = set(read["k"].astype(str)) - {"short"}
     assert len(shortened) == 1 and long_key.startswith(shortened.pop().split("~")[0])  # prefix and hash
 
-    # the folder as an earlier version named it, cut within a letter
-    from dask_manymodel.store import group_path
-
-    new, old = (group_path(["k"], (long_key,), cut_within_characters=cut) for cut in (False, True))
-    assert new != old
-    os.rename(f"{url}/r1/{new}", f"{url}/r1/{old}")
-    for name in ("_groups.json", f"{old}/_partition.json"):
-        with open(f"{url}/r1/{name}") as f:
-            text = f.read()
-        with open(f"{url}/r1/{name}", "w") as f:
-            f.write(text.replace(json.dumps(new), json.dumps(old)))
+    new = _as_stored_by_an_earlier_version(f"{url}/r1", long_key)
     stored = ManyModelRun.restore_from("r1", url)
     assert stored.get_model(long_key) == 3
     again = frame.manymodel.predict(_rows_and_model, by="k", url=url, run_id="p2", training_run_id="r1")
@@ -1084,3 +1108,51 @@ def test_long_non_ascii_values_leave_output_that_hive_readers_read(client, tmp_p
     assert sorted(resumed.summary()["partition_id"]) == sorted([long_key, "short"])
     assert resumed.get_model(long_key) == 3
     assert sorted(os.listdir(f"{url}/r1")) == sorted(["_groups.json", "_run.json", new, "k=short"])
+
+
+def _keep_rows_and_upload(data, ctx):
+    ctx.upload({"rows": len(data.to_pandas())}, "extra.pkl")
+    return len(data.to_pandas())
+
+
+def _rows_from_the_training_upload(data, model, ctx):
+    return data.to_pandas().assign(model=ctx.download("extra.pkl", run_id="r1")["rows"])
+
+
+def test_ctx_download_finds_a_long_values_file_in_a_run_of_an_earlier_version(client, tmp_path):
+    """ctx.download(name, run_id=...) of a training run that an earlier
+    version stored, whose long value's folder was cut within a letter: the
+    file is found there, as get_model and predict find its model (it was a
+    FileNotFoundError of the folder of today)."""
+    url = str(tmp_path / "models")
+    long_key = "Москва, улица Тверская, дом " + "Ж" * 10
+    frame = dd.from_pandas(pd.DataFrame({"k": [long_key] * 3 + ["short"] * 2, "x": np.arange(5.0)}), npartitions=2)
+    run = frame.manymodel.train(_keep_rows_and_upload, by="k", url=url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    _as_stored_by_an_earlier_version(f"{url}/r1", long_key)
+    inf = frame.manymodel.predict(_rows_from_the_training_upload, by="k", url=url, run_id="p1", training_run_id="r1")
+    assert inf.wait(show_progress=False) == RunStatus.SUCCESS, inf.summary()["error"].tolist()
+    assert sorted(inf.to_dask_dataframe().compute()["model"]) == [2, 2, 3, 3, 3]
+
+
+def test_a_refused_resume_of_a_run_of_an_earlier_version_removes_no_folder(client, tmp_path, monkeypatch):
+    """A resume moves a long value's group from the folder an earlier version
+    named to its folder of today, running it again; one refused before its
+    manifest is written ("nothing was written": here values that differ only
+    by case on a store that ignores case) removed the old folder, and its
+    model, all the same."""
+    from dask_manymodel import store as store_module
+
+    url = str(tmp_path / "models")
+    long_key = "Москва, улица Тверская, дом " + "Ж" * 10
+    pdf = pd.DataFrame({"k": [long_key] * 3 + ["short"] * 2, "x": np.arange(5.0)})
+    run = dd.from_pandas(pdf, npartitions=2).manymodel.train(_keep_rows, by="k", url=url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    _as_stored_by_an_earlier_version(f"{url}/r1", long_key)
+    before = sorted(os.listdir(f"{url}/r1"))
+    monkeypatch.setattr(store_module.RunStore, "ignores_case", lambda self: True)
+    clashing = dd.from_pandas(pd.concat([pdf, pdf.iloc[3:].assign(k="Short")]), npartitions=2)
+    with pytest.raises(InvalidArgumentError, match="differ only by case"):
+        clashing.manymodel.train(_keep_rows, by="k", url=url, run_id="r1", on_existing_artifacts="resume")
+    assert sorted(os.listdir(f"{url}/r1")) == before
+    assert ManyModelRun.restore_from("r1", url).get_model(long_key) == 3
