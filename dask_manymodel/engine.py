@@ -3017,8 +3017,17 @@ def p2p_loses(dtype: Any) -> bool:
     pandas' ArrowDtype of a nested type (a list, a struct, a map) failed
     every group of the run (INTERNAL_ERROR: "data type 'list<item: int64>
     [pyarrow]' not understood", pandas reading its own Arrow metadata), and
-    a decimal reached the groups as a column of Python objects. The tasks
-    shuffle keeps them as they are."""
+    a decimal reached the groups as a column of Python objects. A
+    categorical whose categories are not numpy's or text fails it or
+    changes its values: pd.cut's bins (intervals) failed every group, times
+    with a zone arrived in UTC without it, periods as periods, and a run
+    keyed by such a column found none of its groups. A sparse column fails
+    it. The tasks shuffle keeps them as they are."""
+    if isinstance(dtype, pd.CategoricalDtype):
+        categories = getattr(dtype.categories, "dtype", None)  # None: a categorical with no categories given
+        return categories is not None and not isinstance(categories, (np.dtype, pd.StringDtype))
+    if isinstance(dtype, pd.SparseDtype):
+        return True
     arrow_type = getattr(dtype, "pyarrow_dtype", None)
     return arrow_type is not None and (pa.types.is_nested(arrow_type) or pa.types.is_decimal(arrow_type))
 
