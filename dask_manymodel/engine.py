@@ -456,6 +456,22 @@ def as_dask_dataframe(dataframe: Any) -> dd.DataFrame:
     if isinstance(dataframe, dd.DataFrame):
         return dataframe
     if isinstance(dataframe, pd.DataFrame):
+        if isinstance(dataframe.index, pd.MultiIndex):
+            # Dask has no MultiIndex (from_pandas failed on one: "isna is not
+            # defined for MultiIndex"), and a frame from groupby(...).agg() or
+            # a pivot has one: as a named index does (index_as_column), its
+            # named levels become columns that by can name; unnamed ones, and
+            # those named like a column, are dropped
+            named = [name for name in dataframe.index.names if name is not None and name not in dataframe.columns]
+            if len(set(named)) != len(named):
+                raise InvalidArgumentError(
+                    f"the dataframe's MultiIndex names levels {list(dataframe.index.names)!r}, one of them twice; "
+                    f"rename them (df.index = df.index.set_names([...])) or reset_index() the frame first"
+                )
+            levels = dataframe.index.nlevels
+            dataframe = dataframe.reset_index(level=named) if named else dataframe
+            if len(named) < levels:
+                dataframe = dataframe.reset_index(drop=True)
         return dd.from_pandas(dataframe, npartitions=max(1, min(8, len(dataframe) // 100_000 + 1)))
     raise InvalidArgumentError(
         f"dataframe must be a dask.dataframe.DataFrame or pandas.DataFrame, "
