@@ -65,7 +65,8 @@ class ManyModelAccessor:
         train_func : callable
             ``train_func(data: DataConnector, ctx: PartitionContext) -> model``.
         by : str or list of str
-            Column(s) whose values define the groups.
+            Column(s) whose values define the groups (a named index counts as
+            a column). Rows whose key is missing form a group of their own.
         url : str
             Where runs live: a local path or any fsspec URL.
         run_id : str

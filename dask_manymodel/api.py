@@ -52,9 +52,11 @@ class DPF:
         Parameters
         ----------
         partition_by : str or list of str
-            Column(s) whose values define the groups.
+            Column(s) whose values define the groups (a named index counts as
+            a column). Rows whose key is missing form a group of their own.
         dataframe : dask.dataframe.DataFrame or pandas.DataFrame
-            The rows; a pandas frame is split into a few partitions.
+            The rows; a pandas frame is split into a few partitions (the
+            named levels of its index, a MultiIndex too, become columns).
         run_id : str
             Folder of the run under ``stage_name``.
         on_existing_artifacts : {"error", "overwrite", "resume"}

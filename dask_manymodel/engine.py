@@ -239,6 +239,9 @@ def check_by(by: Any, ddf: dd.DataFrame) -> list:
     several = isinstance(by, (list, tuple, pd.Index, np.ndarray))
     columns = list(by) if several else [by]
     for column in columns:
+        refused = _not_a_column_name(column, ddf)
+        if refused:
+            raise InvalidArgumentError(refused)
         try:
             hash(column)
         except TypeError:
@@ -250,6 +253,21 @@ def check_by(by: Any, ddf: dd.DataFrame) -> list:
         raise InvalidArgumentError(
             "partition_by/by is empty: name the column(s) that define the groups"
         )
+    # before the checks of names given twice: an array of a column's values
+    # (by=df["store"].values) "named a column twice", listing every value
+    missing = [c for c in columns if c not in ddf.columns]
+    if missing:
+        shown = f"{missing[:5]!r}" + (f" (and {len(missing) - 5:,} more)" if len(missing) > 5 else "")
+        values = ""
+        if isinstance(by, (pd.Index, np.ndarray)) and len(missing) > 1:
+            values = (
+                "; an array of group values, one per row, as pandas' groupby takes, is not taken: add it "
+                "as a column (ddf = ddf.assign(group=...)) and pass by='group'"
+            )
+        raise InvalidArgumentError(
+            f"partition_by/by column(s) {shown:.300} not in the dataframe; "
+            f"its columns are {list(ddf.columns)!r:.300}{values}"
+        )
     if len(set(columns)) != len(columns):
         raise InvalidArgumentError(f"partition_by/by {columns!r} names a column twice")
     if len(set(map(str, columns))) != len(columns):
@@ -260,15 +278,55 @@ def check_by(by: Any, ddf: dd.DataFrame) -> list:
             f"folders ('<column>=<value>') and output files name columns by; rename one "
             f"(ddf.rename(columns=...))"
         )
-    missing = [c for c in columns if c not in ddf.columns]
-    if missing:
-        raise InvalidArgumentError(
-            f"partition_by/by column(s) {missing!r} not in the dataframe; "
-            f"its columns are {list(ddf.columns)!r}"
-        )
     for column in columns:
         column_segment(str(column))  # a name too long for any folder: refused before compute
     return columns
+
+
+def _not_a_column_name(value: Any, ddf: dd.DataFrame) -> str | None:
+    """Why ``value``, which pandas' groupby takes as ``by`` (a Series of
+    values, a function of the index, a ``pd.Grouper``), is refused here, and
+    what to do instead; None for anything else. Said before compute: a Dask
+    Series was called "not in the dataframe", printed whole, and a function
+    or a Grouper the same, which said nothing of what to do."""
+    if isinstance(value, (pd.Series, dd.Series, dd.Index)):
+        name = value.name
+        itself = ""
+        try:
+            if name is not None and name in ddf.columns:
+                itself = f"; to group by the column {name!r} as it is, pass by={name!r}"
+        except TypeError:  # a name that cannot be hashed
+            pass
+        return (
+            f"partition_by/by takes column names, not a Series of group values (got a "
+            f"{type(value).__module__.split('.')[0]} {type(value).__name__} named {name!r:.80}): add it to the dataframe as a "
+            f"column and name that column: ddf = ddf.assign(group=<the Series>), then by='group'{itself}"
+        )
+    try:
+        if value in ddf.columns:
+            return None  # a column's label, whatever its type
+    except TypeError:  # cannot be hashed: check_by says so
+        return None
+    if isinstance(value, pd.Grouper):
+        key, freq = getattr(value, "key", None), getattr(value, "freq", None)
+        freq = getattr(freq, "freqstr", freq)
+        column = key if key is not None else "date"  # without a key, pandas bins the index: a column here
+        if freq is not None:
+            what = (
+                f"add its bins as a column and name that column, e.g. for monthly groups ddf = "
+                f"ddf.assign(month=ddf[{column!r}].dt.to_period('M').dt.start_time), then by='month'"
+            )
+        else:
+            what = f"pass by={column!r}"
+        given = ", ".join(f"{name}={setting!r}" for name, setting in (("key", key), ("freq", freq)) if setting is not None)
+        return f"partition_by/by takes column names, not a pd.Grouper (got pd.Grouper({given})): {what}"
+    if callable(value) and not isinstance(value, (str, bytes, type)):
+        return (
+            f"partition_by/by takes column names, not a function (got {getattr(value, '__qualname__', value)!r:.80}): "
+            f"pandas calls one on each index label; add its values as a column and name that column: ddf = "
+            f"ddf.assign(group=ddf.index.to_series().map(func)), then by='group'"
+        )
+    return None
 
 
 def index_as_column(ddf: dd.DataFrame, by: Any) -> dd.DataFrame:
@@ -398,6 +456,22 @@ def as_dask_dataframe(dataframe: Any) -> dd.DataFrame:
     if isinstance(dataframe, dd.DataFrame):
         return dataframe
     if isinstance(dataframe, pd.DataFrame):
+        if isinstance(dataframe.index, pd.MultiIndex):
+            # Dask has no MultiIndex (from_pandas failed on one: "isna is not
+            # defined for MultiIndex"), and a frame from groupby(...).agg() or
+            # a pivot has one: as a named index does (index_as_column), its
+            # named levels become columns that by can name; unnamed ones, and
+            # those named like a column, are dropped
+            named = [name for name in dataframe.index.names if name is not None and name not in dataframe.columns]
+            if len(set(named)) != len(named):
+                raise InvalidArgumentError(
+                    f"the dataframe's MultiIndex names levels {list(dataframe.index.names)!r}, one of them twice; "
+                    f"rename them (df.index = df.index.set_names([...])) or reset_index() the frame first"
+                )
+            levels = dataframe.index.nlevels
+            dataframe = dataframe.reset_index(level=named) if named else dataframe
+            if len(named) < levels:
+                dataframe = dataframe.reset_index(drop=True)
         return dd.from_pandas(dataframe, npartitions=max(1, min(8, len(dataframe) // 100_000 + 1)))
     raise InvalidArgumentError(
         f"dataframe must be a dask.dataframe.DataFrame or pandas.DataFrame, "
@@ -3023,8 +3097,17 @@ def p2p_loses(dtype: Any) -> bool:
     pandas' ArrowDtype of a nested type (a list, a struct, a map) failed
     every group of the run (INTERNAL_ERROR: "data type 'list<item: int64>
     [pyarrow]' not understood", pandas reading its own Arrow metadata), and
-    a decimal reached the groups as a column of Python objects. The tasks
-    shuffle keeps them as they are."""
+    a decimal reached the groups as a column of Python objects. A
+    categorical whose categories are not numpy's or text fails it or
+    changes its values: pd.cut's bins (intervals) failed every group, times
+    with a zone arrived in UTC without it, periods as periods, and a run
+    keyed by such a column found none of its groups. A sparse column fails
+    it. The tasks shuffle keeps them as they are."""
+    if isinstance(dtype, pd.CategoricalDtype):
+        categories = getattr(dtype.categories, "dtype", None)  # None: a categorical with no categories given
+        return categories is not None and not isinstance(categories, (np.dtype, pd.StringDtype))
+    if isinstance(dtype, pd.SparseDtype):
+        return True
     arrow_type = getattr(dtype, "pyarrow_dtype", None)
     return arrow_type is not None and (pa.types.is_nested(arrow_type) or pa.types.is_decimal(arrow_type))
 

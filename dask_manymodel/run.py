@@ -1370,7 +1370,8 @@ class ManyModelRun:
 
         The ``by`` columns come first, with each group's value and the dtype
         of the input's column (a null group holds that dtype's NaN, NaT or
-        NA; a restored handle infers the dtype from all the group values),
+        NA; a restored handle infers the dtype from all the group values;
+        Python dates, times and decimals are pandas' ``ArrowDtype``),
         unless ``meta=`` names them: then they keep meta's dtype and place.
         The rows come group by group in the run's group order (that of
         :meth:`summary`), each group's as its function returned them, the
@@ -1431,11 +1432,13 @@ class ManyModelRun:
         """The dtype of each ``by`` column in the output: the input's, so that a
         null group (NaN, NaT, NA) keeps the column's type. A restored handle has
         no input: there, what pandas infers from all the run's group values."""
+        keys = [normalize_key(self._partition_id(g), len(self.partition_by)) for g in self._groups]
         if self._source is not None:
             columns = self._source["dataframe"]._meta
-            return [columns[col].dtype for col in self._spec.by]
-        keys = [normalize_key(self._partition_id(g), len(self.partition_by)) for g in self._groups]
-        return [_inferred_dtype([key[i] for key in keys]) for i in range(len(self.partition_by))]
+            dtypes = [columns[col].dtype for col in self._spec.by]
+        else:
+            dtypes = [_inferred_dtype([key[i] for key in keys]) for i in range(len(self.partition_by))]
+        return [_kept_group_dtype(dtype, [key[i] for key in keys]) for i, dtype in enumerate(dtypes)]
 
     # ------------------------------------------------------------------
     # restore
@@ -1693,6 +1696,24 @@ def _inferred_dtype(values: list) -> Any:
     bools = [isinstance(v, (bool, np.bool_)) for v in values]
     if dtype == object and any(bools) and all(b or is_null(v) for b, v in zip(bools, values)):
         return pd.BooleanDtype()
+    return dtype
+
+
+def _kept_group_dtype(dtype: Any, values: list) -> Any:
+    """``dtype``, except that a column of Python objects whose group values
+    are dates, times or decimals (``ddf["day"].dt.date``) is pandas'
+    ArrowDtype of their type, as the output's other such columns are
+    (:func:`_kept_as_arrow`): as ``object``, Dask's
+    ``dataframe.convert-string`` turned them into their text ("2020-01-01")."""
+    if dtype != object:
+        return dtype
+    present = [value for value in values if not is_null(value)]
+    try:
+        arrow_type = pa.array(present).type
+    except (pa.ArrowException, TypeError, ValueError):  # mixed types: left as they are
+        return dtype
+    if present and _kept_as_arrow(arrow_type) and not pa.types.is_nested(arrow_type):
+        return pd.ArrowDtype(arrow_type)
     return dtype
 
 

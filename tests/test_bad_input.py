@@ -389,3 +389,29 @@ def test_by_columns_of_one_text_are_refused_saying_so(client, tmp_path):
     with pytest.raises(InvalidArgumentError, match=r"\['x', 'x'\] names a column twice"):
         ddf.manymodel.train(fit_line, by=["x", "x"], url=url, run_id="r1")
     assert not os.path.exists(url)
+
+
+def test_by_forms_pandas_takes_are_refused_saying_what_to_do(client, ddf, tmp_path):
+    """pandas' groupby takes a Series of values, a function, a pd.Grouper or
+    an array of values as ``by``: a Dask Series was "not in the dataframe"
+    (its whole structure printed), an array of a column's values "named a
+    column twice" (every value listed), and a function or Grouper said
+    nothing of what to do. Each is refused saying so, before compute."""
+    url = str(tmp_path / "models")
+    dated = ddf.assign(date=dd.to_datetime(ddf["store"], unit="D"))
+    values = ddf["store"].compute().to_numpy()
+    cases = [
+        (ddf["store"] % 3, r"not a Series of group values \(got a dask Series named 'store'\).*ddf.assign\(group="
+                           r".*to group by the column 'store' as it is, pass by='store'"),
+        (ddf["store"].compute(), r"not a Series of group values \(got a pandas Series named 'store'\)"),
+        (lambda label: label % 2, r"not a function \(got '.*<lambda>'\).*ddf.assign\(group=ddf.index.to_series"),
+        (pd.Grouper(key="date", freq="MS"), r"not a pd.Grouper \(got pd.Grouper\(key='date', freq='MS'\)\): add its "
+                                            r"bins as a column.*ddf\['date'\].dt.to_period\('M'\)"),
+        (pd.Grouper(key="store"), r"not a pd.Grouper \(got pd.Grouper\(key='store'\)\): pass by='store'"),
+        (values, r"column\(s\) \[np.int64\(0\), .*\] \(and 475 more\) not in the dataframe.*an array of group values"),
+    ]
+    for by, message in cases:
+        with pytest.raises(InvalidArgumentError, match=message) as info:
+            dated.manymodel.train(fit_line, by=by, url=url, run_id="r1")
+        assert len(str(info.value)) < 700, str(info.value)
+    assert not os.path.exists(url)

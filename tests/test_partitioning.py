@@ -552,6 +552,42 @@ def test_pyarrow_lists_structs_and_decimals_reach_the_groups_as_they_are(client,
         assert first == value
 
 
+def key_and_values(data, ctx):
+    df = data.to_pandas()
+    return ctx.partition_id, len(df), str(df["key"].dtype), df["key"].iloc[0], sorted(df["when"])
+
+
+@pytest.mark.parametrize("key", ["bins", "zoned", "months", "sparse"])
+def test_keys_pandas_users_make_as_categoricals_reach_their_groups(client, store_url, key):
+    """Dask's default p2p shuffle failed every group keyed by pd.cut's bins
+    (a categorical of intervals: INTERNAL_ERROR, "P2P ... failed"), handed a
+    categorical of zone-aware times over in UTC without its zone and one of
+    periods as periods (neither group found by its task: INTERNAL_ERROR,
+    "not run"), and failed on a sparse column: such a run shuffles with
+    tasks, and each group gets its rows as pandas' groupby gives them."""
+    frame = make_frame(n_groups=6, rows=5).sample(frac=1, random_state=0)  # spread: a shuffle
+    zoned = pd.date_range("2020-01-01", periods=len(frame), freq="h", tz="Europe/Paris")
+    frame["when"] = pd.Categorical(zoned)  # a zone-aware categorical beside the key, in every case
+    half = (frame["store"] // 2).to_numpy()  # 3 groups
+    values = {
+        "bins": pd.cut(frame["store"], [-1, 1, 3, 5]),
+        "zoned": pd.Categorical(pd.Timestamp("2020-01-01", tz="Europe/Paris") + pd.to_timedelta(half, "D")),
+        "months": pd.Categorical([pd.Period("2020-01", "M") + h for h in half]),
+        "sparse": pd.arrays.SparseArray(half),
+    }
+    frame["key"] = values[key]
+    ddf = dd.from_pandas(frame, npartitions=3, sort=False)
+    run = ddf.manymodel.train(key_and_values, by="key", url=store_url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS, run.summary()["error"].dropna().tolist()[:1]
+    expected = {name: group for name, group in frame.groupby("key", observed=True)}
+    assert len(run.summary()) == len(expected) == 3
+    for name, group in expected.items():
+        partition_id, rows, dtype, first, when = run.get_model(name)
+        assert (rows, dtype, first) == (len(group), str(frame["key"].dtype), name)
+        assert when == sorted(group["when"])  # in their zone, not moved to UTC
+        assert str(when[0].tz) == "Europe/Paris"
+
+
 def reorder_some(df, partition_info=None):
     """Odd partitions with their columns in another order than the meta's, and one more."""
     if (partition_info or {}).get("number", 0) % 2:

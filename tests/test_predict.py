@@ -693,6 +693,36 @@ def test_output_columns_of_objects_keep_their_values(client, store_url):
         assert row["label"] == "a" and pd.api.types.is_string_dtype(out["label"].dtype)
 
 
+def rows_of_x(data, model, ctx):
+    return data.to_pandas()[["x"]]
+
+
+def test_a_by_column_of_dates_keeps_them_in_the_output(client, store_url):
+    """Grouped by day (``ddf["when"].dt.date``, a column of Python dates),
+    the output's by column was their text ("2020-01-01": Dask's
+    convert-string turned the input's object dtype into strings), so that
+    ``out[out.day == datetime.date(2020, 1, 1)]`` found nothing. It is
+    pandas' date32 ArrowDtype, as the output's other date columns are."""
+    import datetime
+
+    import pyarrow as pa
+
+    frame = pd.DataFrame({"when": pd.date_range("2020-01-01", periods=8, freq="12h"), "x": np.arange(8.0)})
+    frame.loc[3, "when"] = pd.NaT  # a null group too
+    ddf = dd.from_pandas(frame, npartitions=2)
+    ddf = ddf.assign(day=ddf["when"].dt.date)
+    assert ddf["day"].dtype == object
+    ddf.manymodel.train(fit_nothing, by="day", url=store_url, run_id="r1").wait(show_progress=False)
+    inf = ddf.manymodel.predict(rows_of_x, by="day", url=store_url, training_run_id="r1", run_id="s1")
+    assert inf.wait(show_progress=False) == RunStatus.SUCCESS
+    for handle in (inf, ManyModelRun.restore_from("s1", store_url)):
+        lazy = handle.to_dask_dataframe()
+        out = lazy.compute()
+        assert lazy["day"].dtype == out["day"].dtype == pd.ArrowDtype(pa.date32())
+        assert sorted(out.loc[out["day"] == datetime.date(2020, 1, 1), "x"]) == [0.0, 1.0]
+        assert out.loc[out["day"].isna(), "x"].tolist() == [3.0]
+
+
 def dates_and_lists_none_in_group_2(data, model, ctx):
     import datetime
 

@@ -96,6 +96,29 @@ def test_class_api_and_memory_store(thread_client):
     np.testing.assert_allclose(restored.get_model(4), expected_line(4), atol=1e-9)
 
 
+def columns_and_rows(data, ctx):
+    df = data.to_pandas()
+    return list(df.columns), sorted(df["x"].round(9))
+
+
+def test_a_pandas_frame_with_a_multiindex_is_grouped_by_its_levels(client, tmp_path):
+    """A pandas frame from groupby(...).agg() or a pivot has a MultiIndex,
+    which Dask lacks: the class API failed with pandas' NotImplementedError
+    ("isna is not defined for MultiIndex"). Its named levels are columns, as
+    a named index is, and by names them as pandas' groupby would."""
+    frame = make_frame(n_groups=4, rows=6).assign(day=np.tile(np.arange(3), 8))
+    daily = frame.groupby(["store", "day"]).agg(x=("x", "sum"))  # MultiIndex (store, day)
+    run = ManyModelTraining(columns_and_rows, stage_name=str(tmp_path)).run(
+        partition_by="store", dataframe=daily, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS, run.summary()["error"].dropna().tolist()[:1]
+    for store, rows in daily.groupby(level="store"):
+        assert run.get_model(store) == (["store", "day", "x"], sorted(rows["x"].round(9)))
+    both = ManyModelTraining(columns_and_rows, stage_name=str(tmp_path)).run(
+        partition_by=["store", "day"], dataframe=daily, run_id="r2")
+    assert both.wait(show_progress=False) == RunStatus.SUCCESS
+    assert len(both.summary()) == len(daily) == 12
+
+
 def test_storage_options_are_never_written(thread_client):
     import fsspec
 
