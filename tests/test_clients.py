@@ -325,3 +325,22 @@ def test_a_run_started_inside_a_group_does_not_deadlock_its_worker(tmp_path):
         assert outer.wait(timeout=90, show_progress=False) == RunStatus.SUCCESS, outer.summary()["error"].tolist()
         assert [outer.get_model(store) for store in (0, 1)] == ["SUCCESS", "SUCCESS"]
         assert ManyModelRun.restore_from("inner-1", url).summary()["status"].tolist() == ["DONE", "DONE"]
+
+
+def make_a_fileset(url, shuffle):
+    """A pipeline's step, run as a Dask task: snapshot a frame as a FileSet."""
+    ddf = dd.from_pandas(make_frame(n_groups=3, rows=10), npartitions=2)
+    return len(FileSet.make(url, f"snapshot-{shuffle}", ddf, shuffle=shuffle).to_dask_dataframe())
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_fileset_made_inside_a_task_does_not_deadlock_its_worker(tmp_path, shuffle):
+    """FileSet.make waited on its writes with the one worker thread held by
+    the task that made it: the step hung for ever (Dask's own compute, and
+    a run, leave the worker's thread pool while they wait)."""
+    url = str(tmp_path / "sets")
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.ERROR
+    ) as cluster, distributed.Client(cluster) as client:
+        assert client.submit(make_a_fileset, url, shuffle, pure=False).result(timeout=60) == 30
+
