@@ -130,8 +130,9 @@ def _synchronous(client: distributed.Client) -> distributed.Client:
         raise InvalidArgumentError(
             "dask_manymodel needs a synchronous Dask client, but the active one is asynchronous "
             "(Client(asynchronous=True), called from its event loop); start the run from a thread "
-            "(await asyncio.to_thread(ddf.manymodel.train, ...)) with a synchronous client, or "
-            "create the Client without asynchronous=True"
+            "(await asyncio.to_thread(ddf.manymodel.train, ...)), where the same client serves it, and "
+            "wait on the run from a thread too (await asyncio.to_thread(run.wait)); or create the Client "
+            "without asynchronous=True"
         )
     return client
 

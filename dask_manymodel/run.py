@@ -876,6 +876,21 @@ class ManyModelRun:
             self._settled = {path: _KeptRecord(record) for path, record in records.items()}
         return records
 
+    def _refuse_on_the_event_loop(self, what: str, call: str, stored: str = "") -> None:
+        """Refuse what waits on the cluster while the run goes on, when
+        called in the event loop of the run's client: that of an
+        asynchronous client (an asyncio service that started the run in a
+        thread, as the start's error says) or a worker's. Blocking the loop
+        that brings the cluster's answers, ``wait()`` froze the service for
+        ever, ``cancel()`` set nothing and timed out, and ``summary()`` got
+        a coroutine ("'coroutine' object is not iterable")."""
+        if self._client is not None and self._client.asynchronous:
+            raise InvalidArgumentError(
+                f"run {self.run_id!r} is still going on, and {what} of its live handle waits on the Dask "
+                f"cluster, which cannot answer while the call holds the client's event loop (an "
+                f"asynchronous client's); call it from a thread: await asyncio.to_thread({call}){stored}"
+            )
+
     def _running_tasks(self) -> set[int]:
         """The run's tasks a worker is executing, as the scheduler heard at
         the workers' last heartbeats (about a second behind). Not the tasks
@@ -883,6 +898,10 @@ class ManyModelRun:
         include the ones waiting in the worker's queue."""
         if self.read_only or self._finished.is_set() or not self._futures:
             return set()
+        self._refuse_on_the_event_loop(
+            "reading its groups' statuses (summary(), get_progress(), partition_details)", "run.summary",
+            f", or read them as stored: ManyModelRun.restore_from({self.run_id!r}, url).summary()",
+        )
         name = self._futures[0].key[0]
         try:
             executing = self._client.run_on_scheduler(_executing_keys, name)
@@ -894,9 +913,10 @@ class ManyModelRun:
         """``{path: PartitionDetails}`` of these groups (of every group
         without ``paths``), reading only their statuses."""
         records = self._current_records(paths)
-        running = self._running_tasks()
         details = {}
         groups = self._groups if paths is None else [self._group_of_path(path) for path in paths]
+        # (only for groups with no outcome: a display's failed groups need no scheduler)
+        running = self._running_tasks() if any(group["path"] not in records for group in groups) else set()
         for group in groups:
             record = records.get(group["path"])
             if record is None:
@@ -1047,6 +1067,8 @@ class ManyModelRun:
             )
         from ._client import outside_the_worker_pool
 
+        if not self._finished.is_set():
+            self._refuse_on_the_event_loop("wait()", "run.wait")
         deadline = None if timeout is None else time.monotonic() + timeout
         waiter = threading.current_thread()
         with self._lock:
@@ -1116,6 +1138,7 @@ class ManyModelRun:
             raise ReadOnlyRunError(f"run {self.run_id!r} was restored from storage: it cannot be cancelled")
         if self._finished.is_set():
             return self.status
+        self._refuse_on_the_event_loop("cancel()", "run.cancel")
         self._manifest["cancelled"] = True
         distributed.Event(self._spec.cancel_event, client=self._client).set()
         from ._client import outside_the_worker_pool
@@ -1523,23 +1546,34 @@ class ManyModelRun:
     # ------------------------------------------------------------------
     # display
 
-    def _statuses(self) -> dict[str, PartitionStatus]:
-        """Each group's status, by path (no :class:`PartitionDetails` made)."""
+    def _statuses(self, shown: bool = False) -> dict[str, PartitionStatus | str]:
+        """Each group's status, by path (no :class:`PartitionDetails` made).
+        ``shown``: for a display, which must not fail: in the client's event
+        loop, where the running tasks cannot be asked for, a group with no
+        outcome yet is ``"RUNNING or PENDING"``."""
         records = self._current_records()
-        running = self._running_tasks()
+        try:
+            running = self._running_tasks()
+        except InvalidArgumentError:
+            if not shown:
+                raise
+            running = None
         return {
             group["path"]: PartitionStatus(records[group["path"]]["status"]) if group["path"] in records
-            else _not_finished(group, running)
+            else _RUNNING_OR_PENDING if running is None else _not_finished(group, running)
             for group in self._groups
         }
 
-    def _counts(self, statuses: dict[str, PartitionStatus] | None = None) -> dict[str, int]:
+    def _counts(self, statuses: dict[str, PartitionStatus | str] | None = None) -> dict[str, int]:
         """Groups per status, in the order of :class:`PartitionStatus`; only those that occur."""
         found = collections.Counter((self._statuses() if statuses is None else statuses).values())
-        return {s.value: found[s] for s in PartitionStatus if found[s]}
+        counts = {s.value: found[s] for s in PartitionStatus if found[s]}
+        if found[_RUNNING_OR_PENDING]:
+            counts[_RUNNING_OR_PENDING] = found[_RUNNING_OR_PENDING]
+        return counts
 
     def __repr__(self) -> str:
-        counts = ", ".join(f"{k}={v}" for k, v in self._counts().items())
+        counts = ", ".join(f"{k}={v}" for k, v in self._counts(self._statuses(shown=True)).items())
         mode = "restored" if self.read_only else "live"
         return (
             f"<ManyModelRun {self.kind} {self.run_id!r} {self.status.value} ({mode}) "
@@ -1552,7 +1586,7 @@ class ManyModelRun:
     def _repr_html_(self) -> str:
         """Jupyter display: status, groups per status, where the run lives, the
         dashboard link, and the first failed groups with their errors."""
-        statuses = self._statuses()
+        statuses = self._statuses(shown=True)
         counts = self._counts(statuses)
         status = self.status.value
         esc = html.escape
@@ -1592,6 +1626,11 @@ def _with_cause(exc: BaseException) -> str:
 
     cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     return error_line(exc) + (f" (caused by {error_line(cause)})" if cause is not None else "")
+
+
+# A display's status of a group with no outcome yet, where the scheduler
+# cannot be asked whether its task runs (see ManyModelRun._statuses)
+_RUNNING_OR_PENDING = "RUNNING or PENDING"
 
 
 def _not_finished(group: dict, running: set[int]) -> PartitionStatus:

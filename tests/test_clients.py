@@ -4,6 +4,7 @@ a run whose cluster is not the default client's."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import pytest
 import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
 from dask_manymodel import ExecutionOptions, FileSet, InvalidArgumentError, ManyModelRun, RunStatus
 
-from .conftest import fit_line, make_frame
+from .conftest import fit_line, group_zero_held, make_frame
 
 
 def test_an_asynchronous_client_is_refused_before_anything_is_written(tmp_path):
@@ -344,3 +345,32 @@ def test_a_fileset_made_inside_a_task_does_not_deadlock_its_worker(tmp_path, shu
     ) as cluster, distributed.Client(cluster) as client:
         assert client.submit(make_a_fileset, url, shuffle, pure=False).result(timeout=60) == 30
 
+
+def test_a_live_handle_used_in_the_event_loop_of_an_asynchronous_client_says_to_use_a_thread(tmp_path):
+    """An asyncio service starts the run in a thread, as the start's error
+    says; its handlers then use the handle in the loop. summary() got a
+    coroutine ("'coroutine' object is not iterable"), wait() froze the
+    loop it needed for ever, cancel() set nothing and timed out."""
+    url = str(tmp_path / "models")
+    gate = str(tmp_path / "gate")
+    ddf = dd.from_pandas(make_frame(n_groups=3, rows=10), npartitions=1)
+
+    async def serve():
+        async with distributed.LocalCluster(
+            n_workers=1, processes=False, asynchronous=True, dashboard_address=":0", silence_logs=logging.ERROR
+        ) as cluster, distributed.Client(cluster, asynchronous=True):
+            run = await asyncio.to_thread(
+                ddf.manymodel.train, functools.partial(group_zero_held, gate), by="store", url=url, run_id="r1"
+            )
+            for call in (run.summary, run.get_progress, lambda: run.wait(timeout=5), lambda: run.cancel(timeout=5)):
+                with pytest.raises(InvalidArgumentError, match=r"from a thread: await asyncio\.to_thread\(run\."):
+                    call()
+            assert "RUNNING or PENDING=3" in repr(run)
+            assert "RUNNING or PENDING" in run._repr_html_()
+            open(gate, "w").close()
+            assert await asyncio.to_thread(run.wait, 60, False) == RunStatus.SUCCESS
+            # once it has ended, nothing waits on the cluster: in the loop too
+            assert run.wait() == RunStatus.SUCCESS
+            assert run.summary()["status"].tolist() == ["DONE"] * 3
+
+    asyncio.run(serve())
