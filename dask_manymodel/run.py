@@ -305,6 +305,20 @@ _subscribe_lock = threading.Lock()
 _exit_hook_registered = False
 
 
+def _forget_the_parents_runs() -> None:
+    """In a process forked from one with runs going on (multiprocessing or a
+    ProcessPoolExecutor with the 'fork' start method, celery's prefork):
+    the runs are the parent's, followed there. The child's end (which runs
+    :func:`end_live_runs`, a multiprocessing child's too) cancelled them
+    through the client it inherited, whose event loop did not come along:
+    the child never ended."""
+    _live_runs.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_the_parents_runs)
+
+
 # How long the interpreter's exit waits for a run still going on: first for
 # cancel() (its running groups finish), then for its handle to record what was
 # stored (the fence after a closed client takes _FENCE_SECONDS and the writes).
@@ -466,6 +480,7 @@ class ManyModelRun:
         self._finished = threading.Event()
         # the threads in wait() now, and when others left it (see end_live_runs)
         self._waiting: list[threading.Thread] = []
+        self._pid = os.getpid()  # the process that follows the run (see _refuse_where_it_waits_for_ever)
         self._left_wait: dict[threading.Thread, float] = {}
         if self.read_only:
             self._finished.set()
@@ -876,14 +891,23 @@ class ManyModelRun:
             self._settled = {path: _KeptRecord(record) for path, record in records.items()}
         return records
 
-    def _refuse_on_the_event_loop(self, what: str, call: str, stored: str = "") -> None:
-        """Refuse what waits on the cluster while the run goes on, when
-        called in the event loop of the run's client: that of an
-        asynchronous client (an asyncio service that started the run in a
-        thread, as the start's error says) or a worker's. Blocking the loop
-        that brings the cluster's answers, ``wait()`` froze the service for
-        ever, ``cancel()`` set nothing and timed out, and ``summary()`` got
-        a coroutine ("'coroutine' object is not iterable")."""
+    def _refuse_where_it_waits_for_ever(self, what: str, call: str, stored: str = "") -> None:
+        """Refuse what waits on the cluster while the run goes on where the
+        cluster cannot answer. In the event loop of the run's client (an
+        asyncio service's asynchronous client; the service started the run
+        in a thread, as the start's error says), blocking the loop that
+        brings the answers: ``wait()`` froze the service for ever,
+        ``cancel()`` set nothing and timed out, and ``summary()`` got a
+        coroutine ("'coroutine' object is not iterable"). In a process
+        forked from the one that started the run, where neither the client's
+        loop nor the handle's collecting thread came along: they waited for
+        ever."""
+        if self._pid != os.getpid():
+            raise InvalidArgumentError(
+                f"run {self.run_id!r} was started by process {self._pid}, which this one was forked from: "
+                f"its live handle follows the run there only, and {what} would wait for ever here; read "
+                f"the run as stored: ManyModelRun.restore_from({self.run_id!r}, url)"
+            )
         if self._client is not None and self._client.asynchronous:
             raise InvalidArgumentError(
                 f"run {self.run_id!r} is still going on, and {what} of its live handle waits on the Dask "
@@ -898,7 +922,7 @@ class ManyModelRun:
         include the ones waiting in the worker's queue."""
         if self.read_only or self._finished.is_set() or not self._futures:
             return set()
-        self._refuse_on_the_event_loop(
+        self._refuse_where_it_waits_for_ever(
             "reading its groups' statuses (summary(), get_progress(), partition_details)", "run.summary",
             f", or read them as stored: ManyModelRun.restore_from({self.run_id!r}, url).summary()",
         )
@@ -1068,7 +1092,7 @@ class ManyModelRun:
         from ._client import outside_the_worker_pool
 
         if not self._finished.is_set():
-            self._refuse_on_the_event_loop("wait()", "run.wait")
+            self._refuse_where_it_waits_for_ever("wait()", "run.wait")
         deadline = None if timeout is None else time.monotonic() + timeout
         waiter = threading.current_thread()
         with self._lock:
@@ -1138,7 +1162,7 @@ class ManyModelRun:
             raise ReadOnlyRunError(f"run {self.run_id!r} was restored from storage: it cannot be cancelled")
         if self._finished.is_set():
             return self.status
-        self._refuse_on_the_event_loop("cancel()", "run.cancel")
+        self._refuse_where_it_waits_for_ever("cancel()", "run.cancel")
         self._manifest["cancelled"] = True
         distributed.Event(self._spec.cancel_event, client=self._client).set()
         from ._client import outside_the_worker_pool

@@ -7,6 +7,7 @@ import asyncio
 import functools
 import json
 import logging
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -374,3 +375,60 @@ def test_a_live_handle_used_in_the_event_loop_of_an_asynchronous_client_says_to_
             assert run.summary()["status"].tolist() == ["DONE"] * 3
 
     asyncio.run(serve())
+
+
+def _in_a_forked_child(target, *args) -> tuple:
+    """Run ``target(*args)`` in a child forked from this process; what it
+    returns, or ("still running",) if it has not ended within 30 s."""
+    context = multiprocessing.get_context("fork")
+    receiving, sending = context.Pipe(duplex=False)
+    child = context.Process(target=_send_back, args=(sending, target, *args))
+    child.start()
+    child.join(30)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        return ("still running",)
+    return receiving.recv() if receiving.poll() else ("no answer", child.exitcode)
+
+
+def _send_back(sending, target, *args) -> None:
+    sending.send(target(*args))
+
+
+def _start_and_wait_on_the_parents(run, url):
+    outcome = []
+    for call in (
+        lambda: dd.from_pandas(make_frame(n_groups=2, rows=10), npartitions=1).manymodel.train(
+            fit_line, by="store", url=url, run_id="in-the-child"
+        ),
+        lambda: run.wait(timeout=5),
+        run.summary,
+    ):
+        try:
+            call()
+            outcome.append("no error")
+        except InvalidArgumentError as exc:
+            outcome.append(str(exc))
+    return tuple(outcome)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_process_forked_while_a_run_goes_on_ends_and_says_its_client_is_the_parents(client, tmp_path):
+    """A child forked while the parent's run went on (multiprocessing with
+    the 'fork' start method, celery's prefork) never ended: its exit
+    cancelled the parent's run through the client it inherited, whose
+    event loop did not come along. A run started there, or the inherited
+    handle's wait(), waited for ever too."""
+    url = str(tmp_path / "models")
+    gate = str(tmp_path / "gate")
+    ddf = dd.from_pandas(make_frame(n_groups=3, rows=10), npartitions=1)
+    run = ddf.manymodel.train(functools.partial(group_zero_held, gate), by="store", url=url, run_id="r1")
+    assert _in_a_forked_child(int, "7") == 7  # unrelated work; the child ends
+    started, waited, read = _in_a_forked_child(_start_and_wait_on_the_parents, run, url)
+    assert "forked from" in started and "Make a client in this process" in started
+    assert f"started by process {os.getpid()}" in waited and "restore_from" in waited
+    assert "forked from" in read
+    open(gate, "w").close()
+    assert run.wait(timeout=60, show_progress=False) == RunStatus.SUCCESS
+    assert not os.path.exists(os.path.join(url, "in-the-child"))
