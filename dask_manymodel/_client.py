@@ -5,8 +5,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import os
 import signal
 import threading
+import weakref
 from collections.abc import Iterator
 
 import distributed
@@ -18,6 +20,24 @@ logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _embedded: distributed.Client | None = None
+# The client this process found active as it was forked from another
+# (multiprocessing or a ProcessPoolExecutor with the 'fork' start method,
+# celery's prefork, os.fork()): its event loop's thread did not come along,
+# and a run on it waited for ever.
+_inherited: "weakref.WeakSet[distributed.Client]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    global _embedded
+    # the parent's cluster: closing it at this process's exit waited on the
+    # loop that is not here (a minute, then the parent's workers were asked to stop)
+    _embedded = None
+    with contextlib.suppress(Exception):
+        _inherited.add(distributed.Client.current(allow_global=True))
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def get_or_start_client() -> distributed.Client:
@@ -125,13 +145,23 @@ def outside_the_worker_pool() -> Iterator[None]:
 def _synchronous(client: distributed.Client) -> distributed.Client:
     """``client``, if this call is not running in its event loop: a run's
     start waits on results (``future.result()``), which an asynchronous
-    client would hand back as coroutines."""
+    client would hand back as coroutines. Nor one this process inherited
+    through a fork, which would never answer."""
+    if client in _inherited:
+        raise InvalidArgumentError(
+            f"the active Dask client was made in the process this one was forked from (multiprocessing "
+            f"or a ProcessPoolExecutor with the 'fork' start method, celery's prefork, os.fork()): a "
+            f"client does not survive a fork, and the run would wait for ever. Make a client in this "
+            f"process, distributed.Client({getattr(client.scheduler, 'address', None)!r}), or start the "
+            f"processes with the 'spawn' or 'forkserver' method"
+        )
     if client.asynchronous:
         raise InvalidArgumentError(
             "dask_manymodel needs a synchronous Dask client, but the active one is asynchronous "
             "(Client(asynchronous=True), called from its event loop); start the run from a thread "
-            "(await asyncio.to_thread(ddf.manymodel.train, ...)) with a synchronous client, or "
-            "create the Client without asynchronous=True"
+            "(await asyncio.to_thread(ddf.manymodel.train, ...)), where the same client serves it, and "
+            "wait on the run from a thread too (await asyncio.to_thread(run.wait)); or create the Client "
+            "without asynchronous=True"
         )
     return client
 

@@ -246,6 +246,12 @@ class PartitionContext:
     ):
         self.partition_id = partition_id
         self.run_id = run_id
+        # logging.config.dictConfig(...) disables every logger that exists
+        # already unless told disable_existing_loggers=False (its default is
+        # True): a module of the user's that configures logging as it is
+        # imported, on the workers after dask_manymodel, silenced ctx.logger
+        # in every group's logs. A level the user set still wins.
+        _USER_LOGGER.disabled = False
         self.logger = _USER_LOGGER
         self._store = store
         self._by = by

@@ -279,7 +279,7 @@ class FileSet:
         )
         import distributed
 
-        from ._client import _synchronous
+        from ._client import _synchronous, outside_the_worker_pool
 
         try:
             client = distributed.get_client()
@@ -289,8 +289,11 @@ class FileSet:
             # on the cluster even under dask.config.set(scheduler="threads"):
             # the shuffle Dask picked (p2p, for the client) runs on its workers
             # only. (An asynchronous client, which would write nothing, was
-            # refused before the claim.)
-            _synchronous(client).compute(writing).result()
+            # refused before the claim.) Made inside a Dask task (a pipeline's
+            # step), the wait leaves the worker's thread pool: the writes
+            # waited for a thread that the waiting task held, for ever.
+            with outside_the_worker_pool():
+                _synchronous(client).compute(writing).result()
         fs.invalidate_cache(root)
         files = sorted(_own_files(fs, root, fileset_id), key=lambda p: int(posixpath.basename(p).split(".")[1]))
         rows = []

@@ -305,6 +305,20 @@ _subscribe_lock = threading.Lock()
 _exit_hook_registered = False
 
 
+def _forget_the_parents_runs() -> None:
+    """In a process forked from one with runs going on (multiprocessing or a
+    ProcessPoolExecutor with the 'fork' start method, celery's prefork):
+    the runs are the parent's, followed there. The child's end (which runs
+    :func:`end_live_runs`, a multiprocessing child's too) cancelled them
+    through the client it inherited, whose event loop did not come along:
+    the child never ended."""
+    _live_runs.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_the_parents_runs)
+
+
 # How long the interpreter's exit waits for a run still going on: first for
 # cancel() (its running groups finish), then for its handle to record what was
 # stored (the fence after a closed client takes _FENCE_SECONDS and the writes).
@@ -466,6 +480,7 @@ class ManyModelRun:
         self._finished = threading.Event()
         # the threads in wait() now, and when others left it (see end_live_runs)
         self._waiting: list[threading.Thread] = []
+        self._pid = os.getpid()  # the process that follows the run (see _refuse_where_it_waits_for_ever)
         self._left_wait: dict[threading.Thread, float] = {}
         if self.read_only:
             self._finished.set()
@@ -876,6 +891,30 @@ class ManyModelRun:
             self._settled = {path: _KeptRecord(record) for path, record in records.items()}
         return records
 
+    def _refuse_where_it_waits_for_ever(self, what: str, call: str, stored: str = "") -> None:
+        """Refuse what waits on the cluster while the run goes on where the
+        cluster cannot answer. In the event loop of the run's client (an
+        asyncio service's asynchronous client; the service started the run
+        in a thread, as the start's error says), blocking the loop that
+        brings the answers: ``wait()`` froze the service for ever,
+        ``cancel()`` set nothing and timed out, and ``summary()`` got a
+        coroutine ("'coroutine' object is not iterable"). In a process
+        forked from the one that started the run, where neither the client's
+        loop nor the handle's collecting thread came along: they waited for
+        ever."""
+        if self._pid != os.getpid():
+            raise InvalidArgumentError(
+                f"run {self.run_id!r} was started by process {self._pid}, which this one was forked from: "
+                f"its live handle follows the run there only, and {what} would wait for ever here; read "
+                f"the run as stored: ManyModelRun.restore_from({self.run_id!r}, url)"
+            )
+        if self._client is not None and self._client.asynchronous:
+            raise InvalidArgumentError(
+                f"run {self.run_id!r} is still going on, and {what} of its live handle waits on the Dask "
+                f"cluster, which cannot answer while the call holds the client's event loop (an "
+                f"asynchronous client's); call it from a thread: await asyncio.to_thread({call}){stored}"
+            )
+
     def _running_tasks(self) -> set[int]:
         """The run's tasks a worker is executing, as the scheduler heard at
         the workers' last heartbeats (about a second behind). Not the tasks
@@ -883,6 +922,10 @@ class ManyModelRun:
         include the ones waiting in the worker's queue."""
         if self.read_only or self._finished.is_set() or not self._futures:
             return set()
+        self._refuse_where_it_waits_for_ever(
+            "reading its groups' statuses (summary(), get_progress(), partition_details)", "run.summary",
+            f", or read them as stored: ManyModelRun.restore_from({self.run_id!r}, url).summary()",
+        )
         name = self._futures[0].key[0]
         try:
             executing = self._client.run_on_scheduler(_executing_keys, name)
@@ -894,9 +937,10 @@ class ManyModelRun:
         """``{path: PartitionDetails}`` of these groups (of every group
         without ``paths``), reading only their statuses."""
         records = self._current_records(paths)
-        running = self._running_tasks()
         details = {}
         groups = self._groups if paths is None else [self._group_of_path(path) for path in paths]
+        # (only for groups with no outcome: a display's failed groups need no scheduler)
+        running = self._running_tasks() if any(group["path"] not in records for group in groups) else set()
         for group in groups:
             record = records.get(group["path"])
             if record is None:
@@ -1047,6 +1091,8 @@ class ManyModelRun:
             )
         from ._client import outside_the_worker_pool
 
+        if not self._finished.is_set():
+            self._refuse_where_it_waits_for_ever("wait()", "run.wait")
         deadline = None if timeout is None else time.monotonic() + timeout
         waiter = threading.current_thread()
         with self._lock:
@@ -1116,6 +1162,7 @@ class ManyModelRun:
             raise ReadOnlyRunError(f"run {self.run_id!r} was restored from storage: it cannot be cancelled")
         if self._finished.is_set():
             return self.status
+        self._refuse_where_it_waits_for_ever("cancel()", "run.cancel")
         self._manifest["cancelled"] = True
         distributed.Event(self._spec.cancel_event, client=self._client).set()
         from ._client import outside_the_worker_pool
@@ -1528,23 +1575,34 @@ class ManyModelRun:
     # ------------------------------------------------------------------
     # display
 
-    def _statuses(self) -> dict[str, PartitionStatus]:
-        """Each group's status, by path (no :class:`PartitionDetails` made)."""
+    def _statuses(self, shown: bool = False) -> dict[str, PartitionStatus | str]:
+        """Each group's status, by path (no :class:`PartitionDetails` made).
+        ``shown``: for a display, which must not fail: in the client's event
+        loop, where the running tasks cannot be asked for, a group with no
+        outcome yet is ``"RUNNING or PENDING"``."""
         records = self._current_records()
-        running = self._running_tasks()
+        try:
+            running = self._running_tasks()
+        except InvalidArgumentError:
+            if not shown:
+                raise
+            running = None
         return {
             group["path"]: PartitionStatus(records[group["path"]]["status"]) if group["path"] in records
-            else _not_finished(group, running)
+            else _RUNNING_OR_PENDING if running is None else _not_finished(group, running)
             for group in self._groups
         }
 
-    def _counts(self, statuses: dict[str, PartitionStatus] | None = None) -> dict[str, int]:
+    def _counts(self, statuses: dict[str, PartitionStatus | str] | None = None) -> dict[str, int]:
         """Groups per status, in the order of :class:`PartitionStatus`; only those that occur."""
         found = collections.Counter((self._statuses() if statuses is None else statuses).values())
-        return {s.value: found[s] for s in PartitionStatus if found[s]}
+        counts = {s.value: found[s] for s in PartitionStatus if found[s]}
+        if found[_RUNNING_OR_PENDING]:
+            counts[_RUNNING_OR_PENDING] = found[_RUNNING_OR_PENDING]
+        return counts
 
     def __repr__(self) -> str:
-        counts = ", ".join(f"{k}={v}" for k, v in self._counts().items())
+        counts = ", ".join(f"{k}={v}" for k, v in self._counts(self._statuses(shown=True)).items())
         mode = "restored" if self.read_only else "live"
         return (
             f"<ManyModelRun {self.kind} {self.run_id!r} {self.status.value} ({mode}) "
@@ -1557,7 +1615,7 @@ class ManyModelRun:
     def _repr_html_(self) -> str:
         """Jupyter display: status, groups per status, where the run lives, the
         dashboard link, and the first failed groups with their errors."""
-        statuses = self._statuses()
+        statuses = self._statuses(shown=True)
         counts = self._counts(statuses)
         status = self.status.value
         esc = html.escape
@@ -1597,6 +1655,11 @@ def _with_cause(exc: BaseException) -> str:
 
     cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     return error_line(exc) + (f" (caused by {error_line(cause)})" if cause is not None else "")
+
+
+# A display's status of a group with no outcome yet, where the scheduler
+# cannot be asked whether its task runs (see ManyModelRun._statuses)
+_RUNNING_OR_PENDING = "RUNNING or PENDING"
 
 
 def _not_finished(group: dict, running: set[int]) -> PartitionStatus:

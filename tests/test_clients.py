@@ -4,8 +4,10 @@ a run whose cluster is not the default client's."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -18,7 +20,7 @@ import pytest
 import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
 from dask_manymodel import ExecutionOptions, FileSet, InvalidArgumentError, ManyModelRun, RunStatus
 
-from .conftest import fit_line, make_frame
+from .conftest import fit_line, group_zero_held, make_frame
 
 
 def test_an_asynchronous_client_is_refused_before_anything_is_written(tmp_path):
@@ -325,3 +327,108 @@ def test_a_run_started_inside_a_group_does_not_deadlock_its_worker(tmp_path):
         assert outer.wait(timeout=90, show_progress=False) == RunStatus.SUCCESS, outer.summary()["error"].tolist()
         assert [outer.get_model(store) for store in (0, 1)] == ["SUCCESS", "SUCCESS"]
         assert ManyModelRun.restore_from("inner-1", url).summary()["status"].tolist() == ["DONE", "DONE"]
+
+
+def make_a_fileset(url, shuffle):
+    """A pipeline's step, run as a Dask task: snapshot a frame as a FileSet."""
+    ddf = dd.from_pandas(make_frame(n_groups=3, rows=10), npartitions=2)
+    return len(FileSet.make(url, f"snapshot-{shuffle}", ddf, shuffle=shuffle).to_dask_dataframe())
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_fileset_made_inside_a_task_does_not_deadlock_its_worker(tmp_path, shuffle):
+    """FileSet.make waited on its writes with the one worker thread held by
+    the task that made it: the step hung for ever (Dask's own compute, and
+    a run, leave the worker's thread pool while they wait)."""
+    url = str(tmp_path / "sets")
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.ERROR
+    ) as cluster, distributed.Client(cluster) as client:
+        assert client.submit(make_a_fileset, url, shuffle, pure=False).result(timeout=60) == 30
+
+
+def test_a_live_handle_used_in_the_event_loop_of_an_asynchronous_client_says_to_use_a_thread(tmp_path):
+    """An asyncio service starts the run in a thread, as the start's error
+    says; its handlers then use the handle in the loop. summary() got a
+    coroutine ("'coroutine' object is not iterable"), wait() froze the
+    loop it needed for ever, cancel() set nothing and timed out."""
+    url = str(tmp_path / "models")
+    gate = str(tmp_path / "gate")
+    ddf = dd.from_pandas(make_frame(n_groups=3, rows=10), npartitions=1)
+
+    async def serve():
+        async with distributed.LocalCluster(
+            n_workers=1, processes=False, asynchronous=True, dashboard_address=":0", silence_logs=logging.ERROR
+        ) as cluster, distributed.Client(cluster, asynchronous=True):
+            run = await asyncio.to_thread(
+                ddf.manymodel.train, functools.partial(group_zero_held, gate), by="store", url=url, run_id="r1"
+            )
+            for call in (run.summary, run.get_progress, lambda: run.wait(timeout=5), lambda: run.cancel(timeout=5)):
+                with pytest.raises(InvalidArgumentError, match=r"from a thread: await asyncio\.to_thread\(run\."):
+                    call()
+            assert "RUNNING or PENDING=3" in repr(run)
+            assert "RUNNING or PENDING" in run._repr_html_()
+            open(gate, "w").close()
+            assert await asyncio.to_thread(run.wait, 60, False) == RunStatus.SUCCESS
+            # once it has ended, nothing waits on the cluster: in the loop too
+            assert run.wait() == RunStatus.SUCCESS
+            assert run.summary()["status"].tolist() == ["DONE"] * 3
+
+    asyncio.run(serve())
+
+
+def _in_a_forked_child(target, *args) -> tuple:
+    """Run ``target(*args)`` in a child forked from this process; what it
+    returns, or ("still running",) if it has not ended within 30 s."""
+    context = multiprocessing.get_context("fork")
+    receiving, sending = context.Pipe(duplex=False)
+    child = context.Process(target=_send_back, args=(sending, target, *args))
+    child.start()
+    child.join(30)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        return ("still running",)
+    return receiving.recv() if receiving.poll() else ("no answer", child.exitcode)
+
+
+def _send_back(sending, target, *args) -> None:
+    sending.send(target(*args))
+
+
+def _start_and_wait_on_the_parents(run, url):
+    outcome = []
+    for call in (
+        lambda: dd.from_pandas(make_frame(n_groups=2, rows=10), npartitions=1).manymodel.train(
+            fit_line, by="store", url=url, run_id="in-the-child"
+        ),
+        lambda: run.wait(timeout=5),
+        run.summary,
+    ):
+        try:
+            call()
+            outcome.append("no error")
+        except InvalidArgumentError as exc:
+            outcome.append(str(exc))
+    return tuple(outcome)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_process_forked_while_a_run_goes_on_ends_and_says_its_client_is_the_parents(client, tmp_path):
+    """A child forked while the parent's run went on (multiprocessing with
+    the 'fork' start method, celery's prefork) never ended: its exit
+    cancelled the parent's run through the client it inherited, whose
+    event loop did not come along. A run started there, or the inherited
+    handle's wait(), waited for ever too."""
+    url = str(tmp_path / "models")
+    gate = str(tmp_path / "gate")
+    ddf = dd.from_pandas(make_frame(n_groups=3, rows=10), npartitions=1)
+    run = ddf.manymodel.train(functools.partial(group_zero_held, gate), by="store", url=url, run_id="r1")
+    assert _in_a_forked_child(int, "7") == 7  # unrelated work; the child ends
+    started, waited, read = _in_a_forked_child(_start_and_wait_on_the_parents, run, url)
+    assert "forked from" in started and "Make a client in this process" in started
+    assert f"started by process {os.getpid()}" in waited and "restore_from" in waited
+    assert "forked from" in read
+    open(gate, "w").close()
+    assert run.wait(timeout=60, show_progress=False) == RunStatus.SUCCESS
+    assert not os.path.exists(os.path.join(url, "in-the-child"))

@@ -282,3 +282,38 @@ def test_a_group_closing_stdout_or_using_its_context_late_breaks_nothing(client,
     assert "late.txt" not in os.listdir(os.path.join(store_url, "r1", details[0].path))
     again = ddf.manymodel.train(fit_line, by="store", url=store_url, run_id="r2")
     assert again.wait(show_progress=False) == RunStatus.SUCCESS
+
+
+def _configure_logging_as_an_app_does() -> None:
+    """What a user's module does as the workers import it, after
+    dask_manymodel: dictConfig, whose disable_existing_loggers is True
+    unless told otherwise."""
+    import logging.config
+
+    import dask_manymodel.context  # noqa: F401  (the workers have it before the user's module)
+
+    logging.config.dictConfig({
+        "version": 1,
+        "handlers": {"console": {"class": "logging.StreamHandler"}},
+        "root": {"level": "INFO", "handlers": ["console"]},
+    })
+
+
+def logs_through_ctx(data, ctx):
+    ctx.logger.info("fitting group %s", ctx.partition_id)
+    return len(data)
+
+
+def test_ctx_logger_is_kept_when_a_users_module_configured_logging_with_dict_config(tmp_path):
+    """A module of the user's that called logging.config.dictConfig(...) as
+    it was imported disabled the dask_manymodel.user logger, which existed
+    already: ctx.logger's records were missing from every group's logs."""
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.ERROR
+    ) as cluster, distributed.Client(cluster) as client:
+        client.run(_configure_logging_as_an_app_does)
+        ddf = dd.from_pandas(make_frame(n_groups=2, rows=5), npartitions=1)
+        run = ddf.manymodel.train(logs_through_ctx, by="store", url=str(tmp_path / "models"), run_id="r1")
+        assert run.wait(timeout=60, show_progress=False) == RunStatus.SUCCESS
+        for store in (0, 1):
+            assert f"INFO dask_manymodel.user: fitting group {store}" in run.partition_details[store].logs
