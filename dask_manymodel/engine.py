@@ -2110,6 +2110,25 @@ class SortedGroups:
             columns.append(listed)
         self.keys = list(zip(*columns))
 
+    def merge_by_folder(self, rels: list[str]) -> list[str]:
+        """Make the groups that share a folder (``rels``, one per group) one
+        group, in the place of the first; returns the folders, one per group
+        now. Values that are one group for the count (Dask's groupby, and
+        the folder) may be two for ``pd.factorize`` here: with Dask's
+        ``dataframe.convert-string`` off, an object column mixing
+        ``datetime`` and ``np.datetime64`` of one instant. Run as two, the
+        second group's model and status overwrote the first's (its rows
+        lost, DONE)."""
+        numbers_of: dict[str, list[int]] = {}
+        for number, rel in enumerate(rels):
+            numbers_of.setdefault(rel, []).append(number)
+        sizes = [sum(self.size(number) for number in numbers) for numbers in numbers_of.values()]
+        pieces = [self.rows(number) for numbers in numbers_of.values() for number in numbers]
+        self._ordered = pd.concat(pieces)
+        self._bounds = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+        self.keys = [self.keys[numbers[0]] for numbers in numbers_of.values()]
+        return list(numbers_of)
+
     def rows(self, number: int) -> pd.DataFrame:
         """The rows of group ``number`` (a slice of the sorted partition)."""
         return self._ordered.iloc[self._bounds[number] : self._bounds[number + 1]]
@@ -2383,6 +2402,8 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> TaskRecords:
     heartbeat = _Heartbeat(spec)
     groups = SortedGroups(frame, spec.by)
     rels = [group_path(spec.by, key) for key in groups.keys]  # each group's folder
+    if len(set(rels)) < len(rels):  # (rare: see SortedGroups.merge_by_folder)
+        rels = groups.merge_by_folder(rels)
     # the per-group memory check is only needed if the whole partition is large
     check_memory = _partition_may_not_fit(spec, frame, heartbeat)
     training_statuses: dict[str, dict] = {}

@@ -4,6 +4,7 @@ shuffle; other input is shuffled. Both give the same models."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import json
 import os
@@ -656,3 +657,27 @@ def test_a_bool_key_with_nulls_read_from_parquet_keeps_its_groups(client, store_
                                                                              run_id="r1")
     assert run.wait(show_progress=False) == RunStatus.SUCCESS
     assert {flag: run.get_model(flag)["rows"] for flag in (True, None, False)} == {True: 5, None: 5, False: 5}
+
+
+def rows_and_key_types(data, ctx):
+    frame = data.to_pandas()
+    return len(frame), sorted(type(value).__name__ for value in frame["k"])
+
+
+def test_values_one_group_for_the_count_but_two_for_pandas_run_as_one(client, store_url):
+    """With Dask's convert-string off, an object column mixing datetime,
+    Timestamp and np.datetime64 of one instant is one group for the count
+    (one folder) and two for pd.factorize in the task: the second overwrote
+    the first's model and status, DONE with 1 of its 3 rows."""
+    keys = pd.Series(
+        [datetime.datetime(2020, 1, 1), pd.Timestamp("2020-01-01"), np.datetime64("2020-01-01", "D")],
+        dtype=object,
+    )
+    with dask.config.set({"dataframe.convert-string": False}):
+        ddf = dd.from_pandas(pd.DataFrame({"k": keys, "x": range(3)}), npartitions=1)
+        run = ddf.manymodel.train(rows_and_key_types, by="k", url=store_url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    summary = run.summary()
+    assert summary["rows"].tolist() == [3]
+    rows, types = run.get_model(summary["partition_id"].iloc[0])
+    assert rows == 3 and types == ["Timestamp", "datetime", "datetime64"]
