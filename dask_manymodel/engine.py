@@ -489,14 +489,14 @@ def check_reachable(store: RunStore) -> None:
         raise
     except Exception as exc:  # any backend error: credentials, DNS, permissions
         raise InvalidURLError(
-            f"cannot reach {shown_url(store.url)!r}: {type(exc).__name__}: {exc}; check the URL "
+            f"cannot reach {store.url_shown!r}: {type(exc).__name__}: {exc}; check the URL "
             f"and storage_options"
         ) from exc
 
 
 def _check_can_hold_run(store: RunStore) -> None:
     fs = store.fs
-    url = shown_url(store.url)
+    url = store.url_shown
     # the nearest folder that exists at or above the URL's
     path = store.base
     while True:
@@ -542,7 +542,7 @@ def check_workers_share_store(store: RunStore, client: distributed.Client) -> No
     worker_pids = set(client.run(os.getpid).values())
     if worker_pids - {os.getpid()}:
         raise InvalidURLError(
-            f"{shown_url(store.url)!r} is in-memory and private to each process, but the cluster's "
+            f"{store.url_shown!r} is in-memory and private to each process, but the cluster's "
             f"workers run in other processes; use a local folder or object store URL, or "
             f"LocalCluster(processes=False)"
         )
@@ -726,7 +726,7 @@ def _unpicklable_part(spec: "RunSpec") -> tuple[str, str, Exception] | None:
          "pickled; create such objects (locks, open files, connections, clients) inside the function instead"),
         (f"serde {type(spec.serde).__name__}", spec.serde,
          "Keep only picklable attributes on the serde; create the others when it reads or writes"),
-        (f"storage at {shown_url(spec.store.url)!r} (its storage_options)", spec.store,
+        (f"storage at {spec.store.url_shown!r} (its storage_options)", spec.store,
          "Pass storage_options that pickle (strings, numbers, dicts): fsspec sends them to every worker"),
     ]
     for what, part, advice in parts:
@@ -807,16 +807,9 @@ def some_worker_offers(resources: dict, offered: list[dict]) -> bool:
 
 
 def run_exists(store: RunStore) -> bool:
-    store.fs.invalidate_cache(store.root)
-    try:
-        return store.fs.exists(store.root) and bool(store.fs.ls(store.root))
-    except FileNotFoundError:
-        return False
-
-
-def refuse_a_folder_of_no_run(store: RunStore) -> None:
-    """Refuse a run folder that holds files but no ``_run.json``: not a run
-    (another tool's files, a FileSet, or a folder named by mistake:
+    """Whether ``url/run_id`` holds anything (the run exists), from one
+    listing; refuses a folder that holds files but no ``_run.json``: not a
+    run (another tool's files, a FileSet, or a folder named by mistake:
     ``url="~", run_id="Documents"``). An overwrite deletes the folder's
     contents, and deleted them all; the "already exists" error advised
     that overwrite."""
@@ -824,9 +817,9 @@ def refuse_a_folder_of_no_run(store: RunStore) -> None:
     try:
         names = [posixpath.basename(name.rstrip("/")) for name in store.fs.ls(store.root, detail=False)]
     except FileNotFoundError:
-        return
+        return False
     if RUN_MANIFEST in names:
-        return
+        return True
     # (the temp file of a _run.json whose writer was killed is a run's own)
     others = sorted(name for name in names if not name.startswith(TEMP_PREFIX))
     if others:
@@ -838,6 +831,7 @@ def refuse_a_folder_of_no_run(store: RunStore) -> None:
             f"on_existing_artifacts never deletes or writes into one. Choose another run_id or url, or "
             f"remove the folder yourself if it is meant to go; nothing was written"
         )
+    return bool(names)
 
 
 # --------------------------------------------------------------------------
@@ -1226,6 +1220,12 @@ class RunSpec:
             return {}
 
     @functools.cached_property  # asked for every group: worked out once per task's copy
+    def by_names(self) -> frozenset[str]:
+        """The ``by`` columns' names as parquet names them (by text): a
+        returned column ``0`` or ``"0"`` is the ``by`` column ``0``."""
+        return frozenset(str(column) for column in self.by)
+
+    @functools.cached_property  # asked for every group: worked out once per task's copy
     def own_file_names(self) -> frozenset[str]:
         """The files the engine writes into each group's folder besides its
         status: ``ctx.upload`` may not take their names."""
@@ -1327,19 +1327,19 @@ def superseded_by(store: RunStore, submission: str, ended_counts: bool = False) 
     try:
         manifest = store.read_json(store.path(RUN_MANIFEST))
     except FileNotFoundError:
-        return f"run {store.run_id!r} was deleted from {shown_url(store.url)} while it ran"
+        return f"run {store.run_id!r} was deleted from {store.url_shown} while it ran"
     if not isinstance(manifest, dict):
         return None
     if manifest.get("submission") == submission:
         if ended_counts and manifest.get("finished"):
             return (
-                f"run {store.run_id!r} at {shown_url(store.url)} was ended by its client while this task ran: "
+                f"run {store.run_id!r} at {store.url_shown} was ended by its client while this task ran: "
                 f"the task was cancelled outside the run (client.cancel(), client.restart() or a "
                 f"closed client)"
             )
         return None
     return (
-        f"run {store.run_id!r} at {shown_url(store.url)} was started again while this one ran (an overwrite or "
+        f"run {store.run_id!r} at {store.url_shown} was started again while this one ran (an overwrite or "
         f"resume, most often by another client: attempt {manifest.get('attempt')!r}); its folders belong "
         f"to that run now"
     )
@@ -1553,7 +1553,7 @@ def _save_output(spec: RunSpec, result: Any, frame: pd.DataFrame, rel: str) -> t
         return 0, {}
     # parquet names columns by text: a by column 0 is the folder "0=...", and
     # a returned column 0 or "0" is the one the path already names
-    by_names = {str(column) for column in spec.by}
+    by_names = spec.by_names
     if isinstance(result, pd.Series):
         if len(result) != len(frame):
             raise _UserError(f"the returned Series has {len(result)} rows, the group {len(frame)}")
@@ -2775,12 +2775,12 @@ def _start_run(
         training_manifest = _read_manifest_or_none(training_store)
         if training_manifest is None:
             raise RunNotFoundError(
-                f"training run {training_run_id!r} does not exist at {shown_url(store.url)}; "
+                f"training run {training_run_id!r} does not exist at {store.url_shown}; "
                 f"train it first or check training_run_id and url"
             )
         if training_manifest.get("kind") != "train":
             raise InvalidArgumentError(
-                f"run {training_run_id!r} at {shown_url(store.url)} is a {training_manifest.get('kind')} "
+                f"run {training_run_id!r} at {store.url_shown} is a {training_manifest.get('kind')} "
                 f"run, not a training run"
             )
         if list(training_manifest["partition_by"]) != [str(c) for c in by]:
@@ -2803,7 +2803,7 @@ def _start_run(
         if previous is None:
             _refuse_a_fileset(store)
             raise RunNotFoundError(
-                f"cannot resume run {run_id!r}: it does not exist at {shown_url(store.url)}"
+                f"cannot resume run {run_id!r}: it does not exist at {store.url_shown}"
             )
         if previous.get("kind") != kind or previous.get("partition_by") != [str(c) for c in by]:
             raise InvalidArgumentError(
@@ -2811,11 +2811,10 @@ def _start_run(
                 f"{previous.get('partition_by')!r}, not a {kind} run by {[str(c) for c in by]!r}"
             )
         _check_resume_matches(previous, serde, training_run_id, training_manifest)
-    else:
-        # (a FileSet's folder among them, which an overwrite would delete)
-        refuse_a_folder_of_no_run(store)
-        if on_existing_artifacts == "error" and run_exists(store):
-            raise RunExistsError(_exists_message(run_id, store))
+    # (run_exists refuses a folder that is no run, a FileSet's among them,
+    # which an overwrite would delete)
+    elif run_exists(store) and on_existing_artifacts == "error":
+        raise RunExistsError(_exists_message(run_id, store))
 
     # 2. count rows per group: the only compute before anything is written --
     client = get_or_start_client()
@@ -3189,10 +3188,10 @@ def _marked_failed_if_it_fails(store: RunStore, manifest: dict, kept_done: int) 
             store.write_json(store.path(RUN_MANIFEST), manifest)
         except Exception:  # the store itself is what failed, most often
             logger.warning(
-                "could not mark run %r at %s as failed", manifest["run_id"], shown_url(store.url), exc_info=True
+                "could not mark run %r at %s as failed", manifest["run_id"], store.url_shown, exc_info=True
             )
         advice = (
-            f"run {manifest['run_id']!r} at {shown_url(store.url)} was left unfinished (no task started); "
+            f"run {manifest['run_id']!r} at {store.url_shown} was left unfinished (no task started); "
             f"start it again"
         )
         advice += (
@@ -3240,7 +3239,7 @@ def _check_case_clash(store: RunStore, by: list, groups: list[dict]) -> None:
     first, second = (json_key_to_partition_id(g["partition_id"]) for g in clash)
     raise InvalidArgumentError(
         f"group values {first!r} and {second!r} of {by!r} differ only by case, and the store at "
-        f"{shown_url(store.url)} takes file names that differ only by case for one (as macOS and Windows do by "
+        f"{store.url_shown} takes file names that differ only by case for one (as macOS and Windows do by "
         f"default, and FAT/exFAT drives): their folders {clash[0]['path']!r} and {clash[1]['path']!r} "
         f"would be one, and each group would overwrite the other's model. Make the values differ "
         f"other than by case (e.g. .str.lower() if they are one group), or use a store that tells "
@@ -3250,7 +3249,7 @@ def _check_case_clash(store: RunStore, by: list, groups: list[dict]) -> None:
 
 def _exists_message(run_id: str, store: RunStore) -> str:
     return (
-        f"run {run_id!r} already exists at {shown_url(store.url)}; pass on_existing_artifacts='overwrite' "
+        f"run {run_id!r} already exists at {store.url_shown}; pass on_existing_artifacts='overwrite' "
         f"to replace it, 'resume' to run only its groups that are not DONE, or choose "
         f"another run_id"
     )
@@ -3392,7 +3391,7 @@ def _refuse_a_training_in_progress(training_store: RunStore, manifest: dict) -> 
     if groups and training.status != RunStatus.IN_PROGRESS:
         return
     raise InvalidArgumentError(
-        f"training run {training_store.run_id!r} at {shown_url(training_store.url)} is still in progress: predict "
+        f"training run {training_store.run_id!r} at {training_store.url_shown} is still in progress: predict "
         f"once it has ended (run.wait()), or, if the process that ran it is gone, finish it first "
         f"(ddf.manymodel.train(..., on_existing_artifacts='resume')); nothing is written"
     )

@@ -47,7 +47,6 @@ from .store import (
     is_null,
     normalize_key,
     paths_in_zones,
-    shown_url,
     stored_zones,
     without_pandas_metadata_of,
 )
@@ -1345,14 +1344,14 @@ class ManyModelRun:
             stored = self._store.read_manifest()
         except FileNotFoundError:
             raise RunNotFoundError(
-                f"run {self.run_id!r} no longer exists at {shown_url(self._store.url)} (deleted since this handle "
+                f"run {self.run_id!r} no longer exists at {self._store.url_shown} (deleted since this handle "
                 f"was made?)"
             ) from None
         except ManyModelError:  # damaged: what the group's status says
             return
         if stored.get("attempt") != self._manifest.get("attempt"):
             raise RunNotFoundError(
-                f"run {self.run_id!r} at {shown_url(self._store.url)} was started again (on_existing_artifacts="
+                f"run {self.run_id!r} at {self._store.url_shown} was started again (on_existing_artifacts="
                 f"'overwrite') since this handle was made, and its models are the new start's; "
                 f"ManyModelRun.restore_from({self.run_id!r}, url) reads the run as it is now"
             )
@@ -1525,12 +1524,12 @@ class ManyModelRun:
         try:
             manifest = store.read_manifest()
         except FileNotFoundError:
-            raise RunNotFoundError(f"no run {run_id!r} at {shown_url(store.url)} (no {RUN_MANIFEST})") from None
+            raise RunNotFoundError(f"no run {run_id!r} at {store.url_shown} (no {RUN_MANIFEST})") from None
         except ManyModelError:
             raise
         except Exception as exc:  # the backend's own: credentials, an endpoint that refuses, DNS
             raise InvalidURLError(
-                f"cannot read run {run_id!r} at {shown_url(store.url)!r}: {type(exc).__name__}: {exc}; check the URL "
+                f"cannot read run {run_id!r} at {store.url_shown!r}: {type(exc).__name__}: {exc}; check the URL "
                 f"and storage_options"
             ) from exc
         stored = manifest.get("serde") or {}

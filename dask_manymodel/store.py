@@ -623,7 +623,7 @@ class RunStore:
         self.retry_backoff = retry_backoff
 
     def __repr__(self) -> str:
-        return f"RunStore({shown_url(self.url)!r}, {self.run_id!r})"
+        return f"RunStore({self.url_shown!r}, {self.run_id!r})"
 
     def sibling(self, run_id: str) -> "RunStore":
         """Run ``run_id`` under the same URL, on the same file system, with
@@ -653,6 +653,12 @@ class RunStore:
             return self.display(stripped[len(folder):])
         # (http's paths are whole URLs, with their user info)
         return path if self.is_local else shown_url(self.fs.unstrip_protocol(path))
+
+    @property
+    def url_shown(self) -> str:
+        """The base URL as messages and reprs show it: without a password
+        (:func:`shown_url`)."""
+        return shown_url(self.url)
 
     def url_of(self, *parts: str) -> str:
         """The URL of a file of this run, to open it again (with any password
@@ -853,7 +859,7 @@ class RunStore:
             raise self.damaged(RUN_MANIFEST, f"its format_version is {version!r}, not a whole number")
         if version > FORMAT_VERSION:
             raise StorageError(
-                f"run {self.run_id!r} at {shown_url(self.url)} was written by a later dask_manymodel (storage format "
+                f"run {self.run_id!r} at {self.url_shown} was written by a later dask_manymodel (storage format "
                 f"{version}; this one reads format {FORMAT_VERSION}): upgrade dask_manymodel (pip install "
                 f"-U dask-manymodel) to read or resume it"
             )
@@ -867,7 +873,7 @@ class RunStore:
     def damaged(self, name: str, why: str) -> StorageError:
         """The error for one of the run's own files that is not as dask_manymodel wrote it."""
         return StorageError(
-            f"run {self.run_id!r} at {shown_url(self.url)} cannot be read: its {name} is damaged ({why}); it was "
+            f"run {self.run_id!r} at {self.url_shown} cannot be read: its {name} is damaged ({why}); it was "
             f"cut short or changed by something other than dask_manymodel. Run it again with "
             f"on_existing_artifacts='overwrite', or use another run"
         )
@@ -897,7 +903,7 @@ class RunStore:
                 raise
             raise StorageError(
                 f"cannot read {self._shown(unreadable[0])} of run {self.run_id!r} at "
-                f"{shown_url(self.url)}: {type(exc).__name__}: {exc}; the file is there, so the group's outcome "
+                f"{self.url_shown}: {type(exc).__name__}: {exc}; the file is there, so the group's outcome "
                 f"is not known (it is not taken as never run: a resume would run it again over its "
                 f"files). Make the file readable (the store's permissions, or the disk) and try again"
             ) from exc
