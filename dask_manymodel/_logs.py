@@ -13,6 +13,7 @@ import contextlib
 import logging
 import sys
 import threading
+import time
 import warnings
 from typing import Iterator
 
@@ -92,6 +93,20 @@ class _ThreadRoutedStream:
         return getattr(self.original, name)
 
 
+class _UTCFormatter(logging.Formatter):
+    """Log records' times in UTC, saying so (``2026-11-30T17:17:04.263Z``).
+
+    logging's default is the local time of the process, with no zone: the
+    workers of one cluster may have other ``TZ`` settings than each other and
+    than the client (a laptop in Paris, workers in UTC or New York), and the
+    logs of two groups that ran at the same instant read hours apart, while a
+    group's ``finished`` and ``dask-manymodel runs`` say UTC."""
+
+    converter = time.gmtime
+    default_time_format = "%Y-%m-%dT%H:%M:%S"
+    default_msec_format = "%s.%03dZ"
+
+
 class _ThreadRoutedHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         buffer = getattr(_local, "buffer", None)
@@ -113,7 +128,7 @@ def _install() -> None:
         root = logging.getLogger()
         if _handler is None:
             _handler = _ThreadRoutedHandler(level=logging.DEBUG)
-            _handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            _handler.setFormatter(_UTCFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         if _handler not in root.handlers:
             root.addHandler(_handler)
         if not getattr(warnings.showwarning, "_notes_shown_warnings", False):

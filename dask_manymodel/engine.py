@@ -280,7 +280,27 @@ def check_by(by: Any, ddf: dd.DataFrame) -> list:
         )
     for column in columns:
         column_segment(str(column))  # a name too long for any folder: refused before compute
+        _refuse_a_local_time_zone(column, ddf.dtypes[column])
     return columns
+
+
+def _refuse_a_local_time_zone(column: Any, dtype: Any) -> None:
+    """A ``by`` column in dateutil's ``tzlocal()`` zone: that zone is the
+    local zone of each process that reads it (its ``TZ``), and a client and
+    its workers may have others (a laptop in Paris, workers in UTC). A
+    group's folder names its instant in that zone's offset, so a worker
+    named another folder than the client did, found no rows for it, and its
+    group (in summer, all of them) was INTERNAL_ERROR "not run". Said before
+    compute; a named zone's folders are those the same process had."""
+    tz = getattr(dtype, "tz", None)
+    if type(tz).__module__.startswith("dateutil") and type(tz).__name__ in ("tzlocal", "tzwinlocal"):
+        raise InvalidArgumentError(
+            f"partition_by/by column {column!r} is in the time zone {tz!r}, which is the local zone of "
+            f"each process that reads it: the client's and the workers' may differ, and so would the "
+            f"folders of its groups; convert it to a named zone first, e.g. "
+            f"ddf[{column!r}] = ddf[{column!r}].dt.tz_convert('UTC') (or your zone's name, such as "
+            f"'Europe/Paris', which keeps the folders of runs made in that zone)"
+        )
 
 
 def _not_a_column_name(value: Any, ddf: dd.DataFrame) -> str | None:

@@ -70,6 +70,24 @@ def test_bad_input_is_refused_before_anything_is_written(client, ddf, tmp_path, 
     assert not os.path.exists(url)
 
 
+def test_a_by_column_in_the_local_time_zone_is_refused(client, tmp_path):
+    # dateutil's tzlocal() is each process's own zone: with workers under
+    # another TZ than the client, their groups' folders were others than
+    # the client's, and the groups were INTERNAL_ERROR "not run"
+    import dateutil.tz
+
+    url = str(tmp_path / "models")
+    stamps = pd.to_datetime(["2024-01-01", "2024-06-01"]).tz_localize("UTC").tz_convert(dateutil.tz.tzlocal())
+    pdf = pd.DataFrame({"ts": stamps.repeat(3), "x": np.arange(6.0), "y": np.arange(6.0) * 2})
+    for frame, by in ((pdf, "ts"), (pdf.set_index("ts"), "ts"), (pdf.assign(k=1), ["k", "ts"])):
+        with pytest.raises(InvalidArgumentError, match=r"column 'ts' is in the time zone tzlocal\(\).*tz_convert\('UTC'\)"):
+            dd.from_pandas(frame, npartitions=2).manymodel.train(fit_line, by=by, url=url, run_id="r1")
+    assert not os.path.exists(url)
+    # a named zone is taken
+    named = dd.from_pandas(pdf.assign(ts=pdf["ts"].dt.tz_convert("UTC")), npartitions=2)
+    assert named.manymodel.train(fit_line, by="ts", url=url, run_id="r1").wait(show_progress=False) == RunStatus.SUCCESS
+
+
 def test_bad_execution_options():
     with pytest.raises(InvalidArgumentError, match="npartitions must be a positive int"):
         ExecutionOptions(npartitions=0)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import datetime
 import sys
 import threading
+import time
 
 import dask.dataframe as dd
 import distributed
@@ -47,6 +49,43 @@ def test_prints_and_log_records_are_kept_per_group_and_stored(client, ddf, store
     with open(f"{store_url}/r1/store=5/_partition.json") as f:
         assert json.load(f)["logs"] == logs
     assert ManyModelRun.restore_from("r1", store_url).partition_details[5].logs == logs
+
+
+def _set_time_zone(tz: str | None) -> str | None:
+    """In a worker: set the process's local time zone; return the earlier TZ."""
+    before = os.environ.get("TZ")
+    if tz is None:
+        os.environ.pop("TZ", None)
+    else:
+        os.environ["TZ"] = tz
+    time.tzset()
+    return before
+
+
+def logs_the_time(data, ctx):
+    ctx.logger.info("fitting")
+    return 1
+
+
+def test_log_times_are_utc_whatever_the_workers_time_zone(client, ddf, store_url):
+    # workers of one cluster may run under other TZ settings than each other
+    # and the client; each group's log lines said its worker's local time,
+    # without a zone (hours off from its UTC `finished`, and from each other)
+    before = client.run(_set_time_zone, "Asia/Tokyo")  # UTC+9, no summer time
+    try:
+        run = ddf.manymodel.train(logs_the_time, by="store", url=store_url, run_id="r1")
+        assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    finally:
+        for worker, tz in before.items():
+            client.run(_set_time_zone, tz, workers=[worker])
+    with open(f"{store_url}/r1/store=3/_partition.json") as f:
+        stored = json.load(f)
+    stamp, rest = stored["logs"].split(" ", 1)
+    assert rest == "INFO dask_manymodel.user: fitting\n"
+    assert stamp.endswith("Z"), stamp
+    logged = datetime.datetime.fromisoformat(stamp)
+    finished = datetime.datetime.fromisoformat(stored["finished"])
+    assert abs((finished - logged).total_seconds()) < 60, (stamp, stored["finished"])
 
 
 def chatty(data, ctx):
