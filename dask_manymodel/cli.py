@@ -370,8 +370,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.url, n_stores=args.groups, rows_per_store=args.rows, n_workers=args.workers)
 
 
+# not the module docstring's first line: under ``python -OO`` (or
+# PYTHONOPTIMIZE=2, which the console script obeys too) docstrings are None,
+# and every command died in build_parser with an AttributeError
+_DESCRIPTION = "inspect runs stored at a URL, and run the demo"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dask-manymodel", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dask-manymodel", description=_DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     storage = argparse.ArgumentParser(add_help=False)
     storage.add_argument(

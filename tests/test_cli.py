@@ -406,3 +406,16 @@ def test_show_and_logs_in_the_c_locale_and_with_surrogates(client, store_url):
     assert (out.returncode, out.stderr) == (0, b""), out.stderr.decode(errors="replace")
     # the surrogate the group printed is stored as its escape (see run_group's unicode_text)
     assert "group '店舗': DONE".encode() in out.stdout and b"caf\\udce9.csv" in out.stdout
+
+
+def test_the_cli_runs_with_docstrings_stripped(runs):
+    """``python -OO`` (or PYTHONOPTIMIZE=2, as some locked-down images set,
+    which the console script obeys too) strips docstrings: every command died
+    with "AttributeError: 'NoneType' object has no attribute 'splitlines'"
+    while the parser was built from the module docstring."""
+    command = [sys.executable, "-OO", "-m", "dask_manymodel.cli"]
+    out = subprocess.run([*command, "logs", runs, "r1", "3"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("group 3: FAILED")
+    out = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "usage: dask-manymodel" in out.stdout
