@@ -101,3 +101,50 @@ def test_a_local_folder_is_checked_on_the_workers_that_join_after_the_start(tmp_
             with pytest.raises(InvalidURLError, match="1 of the 1 workers .* do not see"):
                 starting.result(timeout=120)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_home_folder_that_cannot_be_found_is_refused(client, tmp_path, monkeypatch):
+    """``~name/...`` of no such user stayed a relative path, "~name/models":
+    the run's manifest went into a folder "~name" of the client's working
+    directory, the workers (in theirs) found no run, and every group ended
+    CANCELLED, "run 'r1' was deleted from ~name/models while it ran"."""
+    monkeypatch.chdir(tmp_path)
+    url = "~no-such-user-of-manymodel/models"
+    ddf = dd.from_pandas(make_frame(n_groups=3, rows=4), npartitions=1)
+    with pytest.raises(InvalidURLError, match="there is no user 'no-such-user-of-manymodel' here"):
+        ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1")
+    assert os.listdir(tmp_path) == []
+
+
+def _uid_without_passwd_entry() -> int | None:
+    import pwd  # (POSIX only)
+
+    for uid in range(23456, 23556):
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            return uid
+    return None
+
+
+def test_tilde_without_home_under_an_arbitrary_user_id(tmp_path):
+    """OpenShift runs a container under an arbitrary user id with no passwd
+    entry; with HOME unset too, ``~`` names no folder: the URL '~/models'
+    stayed relative (see the test above) instead of saying so."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv (util-linux) to run as a user id without a passwd entry")
+    uid = _uid_without_passwd_entry()
+    if uid is None:
+        pytest.skip("no free user id without a passwd entry")
+    os.chmod(tmp_path, 0o777)
+    env = {key: value for key, value in os.environ.items() if key != "HOME"}
+    code = "from dask_manymodel.store import open_url; open_url('~/models')"
+    as_that_user = [setpriv, "--reuid", str(uid), "--regid", str(uid), "--clear-groups", sys.executable, "-c"]
+    probe = subprocess.run([*as_that_user, "import dask_manymodel"], capture_output=True, text=True, env=env,
+                           cwd=tmp_path, timeout=60)
+    if probe.returncode:
+        pytest.skip(f"this interpreter or checkout cannot be run as user id {uid}: {probe.stderr[-300:]}")
+    out = subprocess.run([*as_that_user, code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert out.returncode == 1
+    assert f"InvalidURLError: cannot open url '~/models': '~' names no home folder here (HOME is not set and user id {uid} has no entry in the password database" in out.stderr
