@@ -133,13 +133,19 @@ def cmd_runs(args: argparse.Namespace) -> int:
     manifests = [posixpath.join(e["name"], RUN_MANIFEST) for e in entries if e["type"] == "directory"]
     found = cat_files(fs, manifests) if manifests else {}  # a URL with [ ] read as it is named
     rows = []
+    closed = []  # folders that cannot be opened and may be runs
     # the folder's name is the run's id for show, logs and restore_from; the
     # run_id inside _run.json stays the old one when a folder is copied
     by_folder = {posixpath.basename(posixpath.dirname(path)): data for path, data in found.items()}
     for folder, data in sorted(by_folder.items()):
         if isinstance(data, Exception):  # there, but access denied or an I/O error
             if _cannot_list(fs, posixpath.join(base, folder)):
-                continue  # the folder itself is closed (a disk's lost+found): not known to hold a run
+                # the folder itself is closed: not known to hold a run, so
+                # not in the table; said below unless its name is no run_id
+                # (a disk's lost+found)
+                if _could_be_run_id(folder):
+                    closed.append(folder)
+                continue
             rows.append({"run_id": folder, "status": f"unreadable {RUN_MANIFEST}",
                          "note": f"{type(data).__name__}: {data}"})
             continue
@@ -168,10 +174,29 @@ def cmd_runs(args: argparse.Namespace) -> int:
             rows.append({"run_id": folder, "status": f"unreadable {RUN_MANIFEST}"})
     if not rows:
         print(f"no runs at {shown_url(args.url)}")
-        return 0
-    columns = ["run_id", "kind", "status", "groups", "created"]
-    print(_table(rows, columns + ["note"] if any("note" in r for r in rows) else columns))
+    else:
+        columns = ["run_id", "kind", "status", "groups", "created"]
+        print(_table(rows, columns + ["note"] if any("note" in r for r in rows) else columns))
+    if closed:
+        # another user's runs written under umask 077 (folders mode 700):
+        # "no runs at URL" alone said that they were not there
+        shown = ", ".join(_visible(name) for name in closed[:10]) + (", ..." if len(closed) > 10 else "")
+        print(
+            f"dask-manymodel: {len(closed)} folder(s) at {shown_url(args.url)} cannot be opened here "
+            f"(permission denied), so they are not listed, runs or not: {shown}",
+            file=sys.stderr,
+        )
     return 0
+
+
+def _could_be_run_id(name: str) -> bool:
+    from .engine import check_run_id
+
+    try:
+        check_run_id(name)
+    except InvalidArgumentError:
+        return False
+    return True
 
 
 def _cannot_list(fs: Any, folder: str) -> bool:
@@ -370,8 +395,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.url, n_stores=args.groups, rows_per_store=args.rows, n_workers=args.workers)
 
 
+# not the module docstring's first line: under ``python -OO`` (or
+# PYTHONOPTIMIZE=2, which the console script obeys too) docstrings are None,
+# and every command died in build_parser with an AttributeError
+_DESCRIPTION = "inspect runs stored at a URL, and run the demo"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dask-manymodel", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dask-manymodel", description=_DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     storage = argparse.ArgumentParser(add_help=False)
     storage.add_argument(

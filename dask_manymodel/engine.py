@@ -27,6 +27,7 @@ import pickle
 import posixpath
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -553,12 +554,16 @@ def _check_can_hold_run(store: RunStore) -> None:
             pass
 
 
-def check_workers_share_store(store: RunStore, client: distributed.Client) -> None:
+def check_workers_share_store(store: RunStore, client: distributed.Client) -> int | None:
     """memory:// lives inside one process: worker processes would each write
-    into their own copy, invisible to the client."""
+    into their own copy, invisible to the client. A local folder lives on
+    one machine: see :func:`check_workers_see_local_folder`, whose count of
+    workers asked this returns for one."""
+    if store.is_local:
+        return check_workers_see_local_folder(store, client)
     protocols = store.fs.protocol if isinstance(store.fs.protocol, tuple) else (store.fs.protocol,)
     if "memory" not in protocols:
-        return
+        return None
     worker_pids = set(client.run(os.getpid).values())
     if worker_pids - {os.getpid()}:
         raise InvalidURLError(
@@ -566,6 +571,46 @@ def check_workers_share_store(store: RunStore, client: distributed.Client) -> No
             f"workers run in other processes; use a local folder or object store URL, or "
             f"LocalCluster(processes=False)"
         )
+    return None
+
+
+def check_workers_see_local_folder(store: RunStore, client: distributed.Client) -> int:
+    """A local folder of the client that the workers do not see (they run on
+    other machines, in other pods or containers, and the folder is no disk
+    they share at the same path): the client wrote the run's manifest on its
+    disk, the tasks found none on theirs, and every group ended CANCELLED,
+    "run 'r1' was deleted from ... while it ran". A FileSet's files went to
+    the workers' disks, and its manifest listed none. Asked here with a
+    marker file, before anything is written; a worker that cannot answer
+    (closing) is not counted. Returns how many workers were asked: none
+    on a cluster still scaling up, whose run asks again after its count."""
+    fs = store.fs
+    folder = store.base  # the nearest folder that exists, at or above the URL's
+    while not os.path.isdir(folder):
+        parent = fs._parent(folder)
+        if parent in ("", folder):
+            return 0
+        folder = parent
+    marker = posixpath.join(folder, f"{TEMP_PREFIX}{uuid.uuid4().hex}-seen-by-the-workers")
+    try:
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except OSError:
+        return 0  # not writable here: check_reachable has said so, or the run's writes will
+    try:
+        seen = client.run(os.path.exists, marker, on_error="return")
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(marker)
+    blind = sorted(worker for worker, answer in seen.items() if answer is False)
+    if blind:
+        raise InvalidURLError(
+            f"{store.url_shown!r} is a local folder, and {len(blind)} of the {len(seen)} workers "
+            f"({', '.join(blind[:3])}{', ...' if len(blind) > 3 else ''}) do not see {folder!r} as this "
+            f"process does: they run on other machines or in other containers (or may not read it). "
+            f"Use a URL every worker reaches (s3://, gs://, abfs://) or a shared file system mounted at "
+            f"the same path on the client and every worker; nothing was written"
+        )
+    return len(seen)
 
 
 # (worker address, module) pairs found importable, per client: each worker is
@@ -1347,7 +1392,13 @@ def superseded_by(store: RunStore, submission: str, ended_counts: bool = False) 
     try:
         manifest = store.read_json(store.path(RUN_MANIFEST))
     except FileNotFoundError:
-        return f"run {store.run_id!r} was deleted from {store.url_shown} while it ran"
+        gone = f"run {store.run_id!r} was deleted from {store.url_shown} while it ran"
+        if store.is_local:  # a worker that joined after the start and its count (check_workers_see_local_folder)
+            gone += (
+                f", or this worker ({socket.gethostname()}) does not see that local folder: a local URL "
+                f"must be on a disk every worker shares at the same path"
+            )
+        return gone
     if not isinstance(manifest, dict):
         return None
     if manifest.get("submission") == submission:
@@ -2840,7 +2891,7 @@ def _start_run(
     client = get_or_start_client()
     # before the first task: one the workers cannot load closes the worker
     check_workers_environment(client, serde)
-    check_workers_share_store(store, client)
+    asked = check_workers_share_store(store, client)
     warn_if_no_workers(client)
     warn_if_no_worker_offers(options.resources, client)
     # read the input once: the count and the run both start from its
@@ -2899,6 +2950,10 @@ def _start_run(
             f"(not lists or dicts)"
         ) from exc
     check_spec_loads(spec_future)
+    if asked == 0:
+        # a local folder, and no worker to ask before the count (a cluster
+        # scaling up, adapt()): the count ran on the workers that came
+        check_workers_see_local_folder(store, client)
 
     keys: pd.Index = counts.index
     sizes = counts[_ROWS].to_numpy()

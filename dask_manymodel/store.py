@@ -355,6 +355,23 @@ def open_url(url: str, storage_options: dict | None = None) -> tuple[fsspec.Abst
         raise InvalidURLError(
             f"cannot open url {shown_url(url)!r}: {exc} (install the fsspec backend it names)"
         ) from exc
+    if _is_local(fs) and path.startswith("~"):
+        # os.path.expanduser leaves "~" as it is when no home is known: HOME
+        # unset and this user id not in the password database (a container
+        # run under an arbitrary user id, as OpenShift does), or "~name" of
+        # no such user. The path stayed relative: the run went into a folder
+        # "~" of this working directory, and workers in another one found no
+        # run (every group CANCELLED, "deleted while it ran")
+        head = path.split("/", 1)[0]
+        if head == "~":
+            uid = f"user id {os.getuid()}" if hasattr(os, "getuid") else "this user"
+            why = f"HOME is not set and {uid} has no entry in the password database; give an absolute path, or set HOME"
+        else:
+            why = f"there is no user {head[1:]!r} here; give an absolute path"
+        raise InvalidURLError(
+            f"cannot open url {shown_url(url)!r}: {head!r} names no home folder here ({why}). "
+            f"A folder named {head!r} in the working directory is './{head}'"
+        )
     return fs, path.rstrip("/") or "/"
 
 

@@ -118,6 +118,25 @@ def test_runs_leaves_out_a_folder_that_cannot_be_entered(runs, capsys):
     assert "note" not in table[0]
 
 
+def test_runs_says_which_folders_it_could_not_open(runs, capsys):
+    """Runs another user wrote under umask 077 (folders of mode 700) were
+    left out as lost+found is, and `runs` said "no runs at URL" as if they
+    were not there. A closed folder whose name is no run_id (lost+found)
+    is still left out without a word."""
+    from . import flaky_fs
+
+    flaky_fs.register()
+    os.mkdir(os.path.join(runs, "lost+found"))
+    denied = json.dumps({"deny_reads": ["lost+found", "/r1", "/s1"]})
+    assert main(["runs", f"flaky://{runs}", "--storage-options", denied]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"no runs at flaky://{runs}\n"
+    assert captured.err == (
+        f"dask-manymodel: 2 folder(s) at flaky://{runs} cannot be opened here (permission denied), "
+        f"so they are not listed, runs or not: r1, s1\n"
+    )
+
+
 @pytest.mark.parametrize("command", [["show"], ["logs", "1"]])
 def test_show_and_logs_of_a_damaged_run_exit_2_with_a_message(runs, capsys, command):
     with open(os.path.join(runs, "s1", "_run.json"), "w") as f:
@@ -406,3 +425,16 @@ def test_show_and_logs_in_the_c_locale_and_with_surrogates(client, store_url):
     assert (out.returncode, out.stderr) == (0, b""), out.stderr.decode(errors="replace")
     # the surrogate the group printed is stored as its escape (see run_group's unicode_text)
     assert "group '店舗': DONE".encode() in out.stdout and b"caf\\udce9.csv" in out.stdout
+
+
+def test_the_cli_runs_with_docstrings_stripped(runs):
+    """``python -OO`` (or PYTHONOPTIMIZE=2, as some locked-down images set,
+    which the console script obeys too) strips docstrings: every command died
+    with "AttributeError: 'NoneType' object has no attribute 'splitlines'"
+    while the parser was built from the module docstring."""
+    command = [sys.executable, "-OO", "-m", "dask_manymodel.cli"]
+    out = subprocess.run([*command, "logs", runs, "r1", "3"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("group 3: FAILED")
+    out = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "usage: dask-manymodel" in out.stdout

@@ -1,0 +1,150 @@
+"""Constrained process environments: containers, pods, batch jobs, locked-down servers."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from typing import Iterator
+
+import dask.dataframe as dd
+import distributed
+import pytest
+
+import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
+from dask_manymodel import FileSet
+from dask_manymodel.exceptions import InvalidURLError
+
+from .conftest import ROOT, fit_line, make_frame
+
+
+def _private_mount_refused(folder: str) -> str | None:
+    """Why a process cannot be given a disk of its own at ``folder`` (a
+    tmpfs in a mount namespace of its own), or None when it can."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return "needs unshare (util-linux)"
+    probe = subprocess.run(
+        [unshare, "-m", "--propagation", "private", "sh", "-c", f"mount -t tmpfs tmpfs {shlex.quote(folder)}"],
+        capture_output=True, text=True, timeout=30,
+    )
+    if probe.returncode:
+        return f"cannot mount a tmpfs in a new mount namespace (needs root): {probe.stderr.strip()}"
+    return None
+
+
+@contextlib.contextmanager
+def worker_on_another_disk(cluster: distributed.LocalCluster, folder: str) -> Iterator[None]:
+    """A worker process of ``cluster`` that sees an empty disk of its own at
+    ``folder``, as a worker on another machine or in another pod sees
+    nothing of the client's local folder there."""
+    reason = _private_mount_refused(folder)
+    if reason:
+        pytest.skip(reason)
+    worker = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         f"mount -t tmpfs tmpfs {shlex.quote(folder)} && exec {shlex.quote(sys.executable)} -m "
+         f"distributed.cli.dask_worker {cluster.scheduler_address} --nworkers 1 --nthreads 1 --no-dashboard"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+
+
+@pytest.fixture
+def no_worker_cluster():
+    with distributed.LocalCluster(
+        n_workers=0, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
+    ) as cluster, distributed.Client(cluster, set_as_default=True) as client:
+        yield cluster, client
+
+
+def test_a_local_folder_the_workers_do_not_see_is_refused_before_anything_is_written(
+    tmp_path, no_worker_cluster
+):
+    """A client's local folder with workers elsewhere (a notebook pod's
+    volume that the worker pods do not mount): the client wrote the run's
+    manifest on its disk, the tasks found none on theirs, and every group
+    ended CANCELLED, "run 'r1' was deleted from ... while it ran"."""
+    cluster, client = no_worker_cluster
+    url = str(tmp_path / "models")
+    ddf = dd.from_pandas(make_frame(n_groups=3, rows=4), npartitions=1)
+    with worker_on_another_disk(cluster, str(tmp_path)):
+        client.wait_for_workers(1, timeout=60)
+        with pytest.raises(InvalidURLError, match=r"1 of the 1 workers \(tcp://.*\) do not see") as refused:
+            ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1")
+        assert "nothing was written" in str(refused.value)
+        # a FileSet's files went to the workers' disks, and its manifest listed none
+        with pytest.raises(InvalidURLError, match="do not see"):
+            FileSet.make(url, "fs1", ddf)
+    assert os.listdir(tmp_path) == []  # the check's marker file is gone too
+
+
+@pytest.mark.filterwarnings("ignore:the cluster .* has no workers:UserWarning")
+def test_a_local_folder_is_checked_on_the_workers_that_join_after_the_start(tmp_path, no_worker_cluster):
+    """A cluster still scaling up (adapt(), jobs queued) has no worker to ask
+    when the run starts: its count waits for them, and they are asked then."""
+    cluster, client = no_worker_cluster
+    url = str(tmp_path / "models")
+    ddf = dd.from_pandas(make_frame(n_groups=3, rows=4), npartitions=1)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        starting = pool.submit(ddf.manymodel.train, fit_line, by="store", url=url, run_id="r1")
+        with worker_on_another_disk(cluster, str(tmp_path)):
+            with pytest.raises(InvalidURLError, match="1 of the 1 workers .* do not see"):
+                starting.result(timeout=120)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_home_folder_that_cannot_be_found_is_refused(client, tmp_path, monkeypatch):
+    """``~name/...`` of no such user stayed a relative path, "~name/models":
+    the run's manifest went into a folder "~name" of the client's working
+    directory, the workers (in theirs) found no run, and every group ended
+    CANCELLED, "run 'r1' was deleted from ~name/models while it ran"."""
+    monkeypatch.chdir(tmp_path)
+    url = "~no-such-user-of-manymodel/models"
+    ddf = dd.from_pandas(make_frame(n_groups=3, rows=4), npartitions=1)
+    with pytest.raises(InvalidURLError, match="there is no user 'no-such-user-of-manymodel' here"):
+        ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1")
+    assert os.listdir(tmp_path) == []
+
+
+def _uid_without_passwd_entry() -> int | None:
+    import pwd  # (POSIX only)
+
+    for uid in range(23456, 23556):
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            return uid
+    return None
+
+
+def test_tilde_without_home_under_an_arbitrary_user_id(tmp_path):
+    """OpenShift runs a container under an arbitrary user id with no passwd
+    entry; with HOME unset too, ``~`` names no folder: the URL '~/models'
+    stayed relative (see the test above) instead of saying so."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv (util-linux) to run as a user id without a passwd entry")
+    uid = _uid_without_passwd_entry()
+    if uid is None:
+        pytest.skip("no free user id without a passwd entry")
+    os.chmod(tmp_path, 0o777)
+    env = {key: value for key, value in os.environ.items() if key != "HOME"}
+    code = "from dask_manymodel.store import open_url; open_url('~/models')"
+    as_that_user = [setpriv, "--reuid", str(uid), "--regid", str(uid), "--clear-groups", sys.executable, "-c"]
+    probe = subprocess.run([*as_that_user, "import dask_manymodel"], capture_output=True, text=True, env=env,
+                           cwd=tmp_path, timeout=60)
+    if probe.returncode:
+        pytest.skip(f"this interpreter or checkout cannot be run as user id {uid}: {probe.stderr[-300:]}")
+    out = subprocess.run([*as_that_user, code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert out.returncode == 1
+    assert f"InvalidURLError: cannot open url '~/models': '~' names no home folder here (HOME is not set and user id {uid} has no entry in the password database" in out.stderr
