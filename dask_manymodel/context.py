@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
-import tempfile
 from typing import TYPE_CHECKING, Any, Callable
 
 import cloudpickle
@@ -14,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .exceptions import InvalidArgumentError
-from .store import PARTITION_FILE, group_path, normalize_key
+from .store import PARTITION_FILE, group_path, normalize_key, scratch_folder
 
 if TYPE_CHECKING:
     from .store import RunStore
@@ -315,7 +314,7 @@ class PartitionContext:
         self._refuse_if_closed(filename)
         store, folder = self._group_folder(self.partition_id, None)
         write = write_function or _pickle_write
-        with tempfile.TemporaryDirectory(prefix="manymodel-") as tmp:
+        with scratch_folder() as tmp:
             local = os.path.join(tmp, filename)
             write(obj, local)
             # as for a serde: one file, or the upload would store an empty folder
@@ -360,7 +359,7 @@ class PartitionContext:
         partition_id = self.partition_id if partition_id is _THIS_GROUP else partition_id
         store, folder = self._group_folder(partition_id, run_id)
         read = read_function or _pickle_read
-        with tempfile.TemporaryDirectory(prefix="manymodel-") as tmp:
+        with scratch_folder() as tmp:
             local = os.path.join(tmp, filename)
             try:
                 store.download_file(posixpath.join(folder, filename), local)

@@ -28,7 +28,6 @@ import posixpath
 import re
 import shutil
 import socket
-import tempfile
 import threading
 import time
 import traceback
@@ -86,6 +85,7 @@ from .store import (
     normalize_key,
     paths_in_zones,
     remove_paths,
+    scratch_folder,
     shown_url,
     stored_zones,
 )
@@ -1838,12 +1838,24 @@ def _load_model(
             return read(prefetched)
         finally:
             os.remove(prefetched)
-    with tempfile.TemporaryDirectory(prefix="manymodel-") as tmp:
+    with scratch_folder() as tmp:
         local = os.path.join(tmp, spec.serde.filename)
         try:
             training.download_file(remote, local)
         except FileNotFoundError as exc:
             raise missing from exc
+        except Exception as exc:
+            if not _disk_refused(exc, local):
+                raise
+            # "downloading ... failed after 4 attempts: No space left on
+            # device" did not say which side was full
+            cause = exc.__cause__ if isinstance(exc, StorageError) and exc.__cause__ is not None else exc
+            raise StorageError(
+                f"could not copy model file {training.display(rel, spec.serde.filename)} to this worker's "
+                f"disk to read it, in {tmp}: {error_line(cause)}; that disk is full (or over quota): give the "
+                f"workers a scratch folder with room for the models (dask worker --local-directory, Dask's "
+                f"temporary-directory), then run the group again (run.retry_failed())"
+            ) from exc
         return read(local)
 
 
@@ -2493,7 +2505,7 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> TaskRecords:
     # local run writes in place and needs none
     remote_models = spec.kind == "predict" and not spec.training_store.is_local
     needs_scratch = remote_models or not spec.store.is_local
-    scratch = tempfile.TemporaryDirectory(prefix="manymodel-") if needs_scratch else contextlib.nullcontext()
+    scratch = scratch_folder() if needs_scratch else contextlib.nullcontext()
     # Dask runs a task again when its worker died while it ran (a group that
     # ran out of memory, crashed in native code): such a try goes carefully
     earlier = _statuses_of_an_earlier_try(spec, rels)

@@ -11,7 +11,6 @@ import enum
 import html
 import logging
 import os
-import tempfile
 import threading
 import time
 import weakref
@@ -47,6 +46,7 @@ from .store import (
     is_null,
     normalize_key,
     paths_in_zones,
+    scratch_folder,
     stored_zones,
     without_pandas_metadata_of,
 )
@@ -126,7 +126,7 @@ class Artifacts:
         """Load artifact ``name``: with ``read_function(local_path)``, or unpickled."""
         from .context import _pickle_read
 
-        with tempfile.TemporaryDirectory(prefix="manymodel-") as tmp:
+        with scratch_folder() as tmp:
             local = os.path.join(tmp, name)
             os.makedirs(os.path.dirname(local), exist_ok=True)  # a serde's file in a subfolder
             self.download(name, local)

@@ -581,6 +581,37 @@ def _make_folder(folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
 
 
+def scratch_folder() -> tempfile.TemporaryDirectory:
+    """A temp folder for files on their way to or from remote storage (a
+    model to upload or to read, an artifact), removed after.
+
+    In a Dask worker it is made in the worker's local directory: the folder
+    its cluster gave it for scratch (``dask worker --local-directory``,
+    Dask's ``temporary-directory``, dask-jobqueue's ``local_directory``),
+    where Dask spills and shuffles too; elsewhere in Dask's
+    ``temporary-directory`` where that is set, else in Python's (TMPDIR).
+    On HPC nodes and in pods /tmp is often small (in memory, or the
+    container's own layer): a model of GBs filled it, "No space left on
+    device", while the scratch disk set aside for the workers had room."""
+    return tempfile.TemporaryDirectory(prefix="manymodel-", dir=_scratch_parent())
+
+
+def _scratch_parent() -> str | None:
+    import sys
+
+    distributed = sys.modules.get("distributed")  # (never imported for this: the CLI has no worker)
+    if distributed is not None:
+        try:
+            return distributed.get_worker().local_directory
+        except (ValueError, AttributeError):  # not in a worker's task (the client, a thread of one's own)
+            pass
+    dask = sys.modules.get("dask")
+    folder = dask.config.get("temporary-directory", None) if dask is not None else None
+    if isinstance(folder, str) and os.path.isdir(os.path.expanduser(folder)):
+        return os.path.expanduser(folder)
+    return None
+
+
 TEMP_PREFIX = ".tmp-"
 # what os.link raises on a file system without hard links: FAT and exFAT
 # drives (EPERM on Linux, ENOTSUP on macOS), some SMB and FUSE mounts
@@ -987,7 +1018,7 @@ class RunStore:
                 raise FileNotFoundError(errno.ENOENT, "no such file", path)
             yield path
             return
-        with tempfile.TemporaryDirectory(prefix="manymodel-") as tmp:
+        with scratch_folder() as tmp:
             local = os.path.join(tmp, name)
             os.makedirs(os.path.dirname(local), exist_ok=True)  # a serde's file in a subfolder
             self.download_file(path, local)

@@ -10,6 +10,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
+import uuid
 from typing import Iterator
 
 import dask.dataframe as dd
@@ -17,7 +19,7 @@ import distributed
 import pytest
 
 import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
-from dask_manymodel import FileSet
+from dask_manymodel import FileSet, ModelSerde, RunStatus
 from dask_manymodel.exceptions import InvalidURLError
 
 from .conftest import ROOT, fit_line, make_frame
@@ -148,3 +150,94 @@ def test_tilde_without_home_under_an_arbitrary_user_id(tmp_path):
     out = subprocess.run([*as_that_user, code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     assert out.returncode == 1
     assert f"InvalidURLError: cannot open url '~/models': '~' names no home folder here (HOME is not set and user id {uid} has no entry in the password database" in out.stderr
+
+
+class RecordingSerde(ModelSerde):
+    """A serde that writes through a file (as torch's and Keras' do) and
+    notes where: the tasks of a thread cluster share this list."""
+
+    filename = "model.txt"
+    paths: list[str] = []
+
+    def write(self, model, file_path):
+        RecordingSerde.paths.append(file_path)
+        with open(file_path, "w") as f:
+            f.write(" ".join(map(str, model)) + " " * int(model[0] == 999) * 2**20)  # group 999: 1 MiB
+
+    def read(self, file_path):
+        RecordingSerde.paths.append(file_path)
+        with open(file_path) as f:
+            return [float(x) for x in f.read().split()]
+
+
+def predict_line(data, model, ctx):
+    df = data.to_pandas()
+    return df.assign(pred=model[0] * df["x"] + model[1])
+
+
+@pytest.fixture
+def scratch_cluster(tmp_path, monkeypatch):
+    """A thread cluster whose workers' local directory is tmp_path/scratch,
+    and Python's temp folder (TMPDIR) another: tmp_path/tmpdir."""
+    os.mkdir(tmp_path / "tmpdir")
+    os.mkdir(tmp_path / "scratch")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmpdir"))
+    RecordingSerde.paths.clear()
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0",
+        silence_logs=logging.ERROR, local_directory=str(tmp_path / "scratch"),
+    ) as cluster, distributed.Client(cluster, set_as_default=True) as client:
+        yield client
+
+
+def test_workers_put_their_temp_files_in_their_local_directory(tmp_path, scratch_cluster):
+    """On HPC nodes and in pods /tmp is often small (in memory, or the
+    container's layer), and the cluster gives its workers a scratch disk
+    (dask worker --local-directory, Dask's temporary-directory): the models
+    on their way to and from remote storage went to TMPDIR all the same,
+    and a model of GBs ended its group "No space left on device"."""
+    url = f"memory://scratch-{uuid.uuid4().hex}"
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=2)
+    serde = RecordingSerde()
+    run = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", serde=serde)
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    scores = ddf.manymodel.predict(predict_line, by="store", url=url, training_run_id="r1", run_id="s1", serde=serde)
+    assert scores.wait(show_progress=False) == RunStatus.SUCCESS
+    assert len(RecordingSerde.paths) == 8  # 4 written, 4 read
+    scratch = str(tmp_path / "scratch") + os.sep
+    assert all(path.startswith(scratch) for path in RecordingSerde.paths), RecordingSerde.paths
+
+
+def test_a_full_scratch_disk_is_named_when_a_model_is_read(tmp_path, scratch_cluster):
+    """A model read from remote storage that its worker's scratch disk has
+    no room for: "downloading ... failed after 4 attempts: No space left on
+    device" did not say which side was full."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a small tmpfs")
+    url = f"memory://scratch-{uuid.uuid4().hex}"
+    pdf = make_frame(n_groups=2, rows=5)
+    ddf = dd.from_pandas(pdf, npartitions=1)
+
+    def big_for_one(data, ctx):
+        return [999.0, 0.0] if ctx.partition_id == 1 else [1.0, 0.0]
+
+    run = ddf.manymodel.train(big_for_one, by="store", url=url, run_id="r1", serde=RecordingSerde())
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    scratch = str(tmp_path / "scratch")
+    # the workers' folders in it stay; their disk becomes 512 KiB from now
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", scratch], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr!r}")
+    try:
+        for worker_dir in scratch_cluster.run(lambda dask_worker: dask_worker.local_directory).values():
+            os.makedirs(worker_dir, exist_ok=True)
+        scores = ddf.manymodel.predict(predict_line, by="store", url=url, training_run_id="r1", run_id="s1")
+        assert scores.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+        summary = scores.summary().set_index("partition_id")
+        assert summary.loc[0, "status"] == "DONE"
+        assert summary.loc[1, "status"] == "INTERNAL_ERROR"
+        error = summary.loc[1, "error"]
+        assert error.startswith(f"could not copy model file {url}/r1/store=1/model.txt to this worker's disk to read it, in {scratch}/")
+        assert "No space left on device; that disk is full (or over quota): give the workers a scratch folder" in error
+    finally:
+        subprocess.run(["umount", scratch], check=True)
