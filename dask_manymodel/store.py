@@ -355,6 +355,19 @@ def open_url(url: str, storage_options: dict | None = None) -> tuple[fsspec.Abst
         raise InvalidURLError(
             f"cannot open url {shown_url(url)!r}: {exc} (install the fsspec backend it names)"
         ) from exc
+    except FileNotFoundError as exc:
+        # a relative path is made absolute with os.getcwd(), which fails when
+        # the working directory was deleted since (a job's folder cleaned
+        # up): a bare "[Errno 2] No such file or directory", naming nothing
+        try:
+            os.getcwd()
+        except FileNotFoundError:
+            raise InvalidURLError(
+                f"cannot open url {shown_url(url)!r}: it is a relative path, and this process's working "
+                f"directory no longer exists (deleted after the process started in it); give an absolute "
+                f"path, or os.chdir() to a folder that exists"
+            ) from exc
+        raise
     if _is_local(fs) and path.startswith("~"):
         # os.path.expanduser leaves "~" as it is when no home is known: HOME
         # unset and this user id not in the password database (a container

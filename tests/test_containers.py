@@ -19,7 +19,8 @@ import distributed
 import pytest
 
 import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
-from dask_manymodel import FileSet, ModelSerde, RunStatus
+from dask_manymodel import FileSet, ManyModelRun, ModelSerde, RunStatus
+from dask_manymodel.cli import main as cli_main
 from dask_manymodel.exceptions import InvalidURLError
 
 from .conftest import ROOT, fit_line, make_frame
@@ -241,3 +242,16 @@ def test_a_full_scratch_disk_is_named_when_a_model_is_read(tmp_path, scratch_clu
         assert "No space left on device; that disk is full (or over quota): give the workers a scratch folder" in error
     finally:
         subprocess.run(["umount", scratch], check=True)
+
+
+def test_a_relative_url_in_a_deleted_working_directory(tmp_path, monkeypatch):
+    """A batch job's folder cleaned up while a process still ran in it:
+    a relative URL failed with a bare "FileNotFoundError: [Errno 2] No such
+    file or directory", naming no file (restore_from, a run, the CLI)."""
+    gone = tmp_path / "job"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with pytest.raises(InvalidURLError, match="'models': it is a relative path, and this process's working directory no longer exists"):
+        ManyModelRun.restore_from("r1", "models")
+    assert cli_main(["runs", "models"]) == 2
