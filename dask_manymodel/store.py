@@ -31,6 +31,7 @@ import posixpath
 import random
 import re
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -378,7 +379,10 @@ def open_url(url: str, storage_options: dict | None = None) -> tuple[fsspec.Abst
         head = path.split("/", 1)[0]
         if head == "~":
             uid = f"user id {os.getuid()}" if hasattr(os, "getuid") else "this user"
-            why = f"HOME is not set and {uid} has no entry in the password database; give an absolute path, or set HOME"
+            why = (
+                f"HOME is not set and {uid} has no entry in the password database; give an absolute "
+                f"path, or set HOME"
+            )
         else:
             why = f"there is no user {head[1:]!r} here; give an absolute path"
         raise InvalidURLError(
@@ -610,8 +614,6 @@ def scratch_folder() -> tempfile.TemporaryDirectory:
 
 
 def _scratch_parent() -> str | None:
-    import sys
-
     distributed = sys.modules.get("distributed")  # (never imported for this: the CLI has no worker)
     if distributed is not None:
         try:

@@ -144,13 +144,17 @@ def test_tilde_without_home_under_an_arbitrary_user_id(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "HOME"}
     code = "from dask_manymodel.store import open_url; open_url('~/models')"
     as_that_user = [setpriv, "--reuid", str(uid), "--regid", str(uid), "--clear-groups", sys.executable, "-c"]
-    probe = subprocess.run([*as_that_user, "import dask_manymodel"], capture_output=True, text=True, env=env,
-                           cwd=tmp_path, timeout=60)
+    probe = subprocess.run(
+        [*as_that_user, "import dask_manymodel"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60
+    )
     if probe.returncode:
         pytest.skip(f"this interpreter or checkout cannot be run as user id {uid}: {probe.stderr[-300:]}")
     out = subprocess.run([*as_that_user, code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     assert out.returncode == 1
-    assert f"InvalidURLError: cannot open url '~/models': '~' names no home folder here (HOME is not set and user id {uid} has no entry in the password database" in out.stderr
+    assert (
+        f"InvalidURLError: cannot open url '~/models': '~' names no home folder here (HOME is not set and "
+        f"user id {uid} has no entry in the password database"
+    ) in out.stderr
 
 
 class RecordingSerde(ModelSerde):
@@ -238,7 +242,9 @@ def test_a_full_scratch_disk_is_named_when_a_model_is_read(tmp_path, scratch_clu
         assert summary.loc[0, "status"] == "DONE"
         assert summary.loc[1, "status"] == "INTERNAL_ERROR"
         error = summary.loc[1, "error"]
-        assert error.startswith(f"could not copy model file {url}/r1/store=1/model.txt to this worker's disk to read it, in {scratch}/")
+        assert error.startswith(
+            f"could not copy model file {url}/r1/store=1/model.txt to this worker's disk to read it, in {scratch}/"
+        )
         assert "No space left on device; that disk is full (or over quota): give the workers a scratch folder" in error
     finally:
         subprocess.run(["umount", scratch], check=True)
@@ -252,6 +258,7 @@ def test_a_relative_url_in_a_deleted_working_directory(tmp_path, monkeypatch):
     gone.mkdir()
     monkeypatch.chdir(gone)
     gone.rmdir()
-    with pytest.raises(InvalidURLError, match="'models': it is a relative path, and this process's working directory no longer exists"):
+    gone_cwd = "'models': it is a relative path, and this process's working directory no longer exists"
+    with pytest.raises(InvalidURLError, match=gone_cwd):
         ManyModelRun.restore_from("r1", "models")
     assert cli_main(["runs", "models"]) == 2
