@@ -109,7 +109,10 @@ def built(tmp_path_factory):
         pytest.skip("needs a git checkout")
     # pyproject's build requirements, which pip would install in isolation
     # (the stock setuptools of a fresh venv is older, and before 70.1 needs wheel)
-    setuptools_version = Version(importlib.metadata.version("setuptools"))
+    try:
+        setuptools_version = Version(importlib.metadata.version("setuptools"))
+    except importlib.metadata.PackageNotFoundError:  # a venv of Python 3.12+ comes without it
+        pytest.skip("needs setuptools>=64 and wheel (or setuptools>=70.1), has no setuptools")
     if setuptools_version < Version("64") or (
         setuptools_version < Version("70.1") and importlib.util.find_spec("wheel") is None
     ):
