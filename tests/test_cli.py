@@ -8,6 +8,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import dask.dataframe as dd
 import numpy as np
@@ -57,7 +58,7 @@ def test_runs_lists_every_run_as_a_table(runs, capsys):
     ]
     assert all(row[4].startswith("20") and "T" in row[4] for row in table[1:])  # ISO time
     # in UTC, as stored, and saying so: read as local time it would be hours off
-    created = json.load(open(os.path.join(runs, "r1", "_run.json")))["created"]
+    created = json.loads(Path(runs, "r1", "_run.json").read_text())["created"]
     assert created.endswith("+00:00")
     assert table[1][4] == created[:19] + "Z"
 
@@ -373,7 +374,7 @@ def test_control_characters_of_stored_text_never_reach_the_terminal(client, stor
     ddf.manymodel.train(fail_naming_the_key, by="k", url=store_url, run_id="r1").wait(show_progress=False)
     # a folder of the store and a _run.json written by someone else
     os.makedirs(os.path.join(store_url, "x" + TERMINAL_CONTROL))
-    manifest = json.load(open(os.path.join(store_url, "r1", "_run.json")))
+    manifest = json.loads(Path(store_url, "r1", "_run.json").read_text())
     with open(os.path.join(store_url, "x" + TERMINAL_CONTROL, "_run.json"), "w") as f:
         json.dump(manifest | {"kind": TERMINAL_CONTROL, "run_id": "x" + TERMINAL_CONTROL}, f)
     outputs = {}

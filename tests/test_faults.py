@@ -15,6 +15,7 @@ import shutil
 import signal
 import threading
 import uuid
+from pathlib import Path
 
 import dask
 import dask.dataframe as dd
@@ -89,7 +90,7 @@ def test_a_killed_worker_loses_nothing(tmp_path):
         assert run.wait(show_progress=False, timeout=180) == RunStatus.SUCCESS
         for g in range(240):
             np.testing.assert_allclose(run.get_model(g), [1 + g / 10, g], atol=1e-6)
-    manifest = json.load(open(os.path.join(url, "r1", "_run.json")))
+    manifest = json.loads(Path(url, "r1", "_run.json").read_text())
     assert manifest["status"] == "SUCCESS" and manifest["counts"] == {"DONE": 240}
     restored = ManyModelRun.restore_from("r1", url)
     assert restored.status == RunStatus.SUCCESS
@@ -644,7 +645,7 @@ def test_a_resume_with_no_group_left_to_run_ends_with_the_stored_outcomes(client
     without_3 = dd.from_pandas(frame[frame.store != 3], npartitions=2)
     resumed = without_3.manymodel.train(fail_when_flag, by="store", url=url, run_id="r1", on_existing_artifacts="resume")
     assert resumed.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
-    stored = json.load(open(os.path.join(url, "r1", "_run.json")))
+    stored = json.loads(Path(url, "r1", "_run.json").read_text())
     assert (stored["status"], stored["counts"]) == ("PARTIAL_FAILURE", {"DONE": 5, "FAILED": 1})
     assert stored["finished"] is not None
     assert ManyModelRun.restore_from("r1", url).status == RunStatus.PARTIAL_FAILURE
@@ -680,12 +681,12 @@ def test_a_resume_must_write_what_its_done_groups_were_written_with(client, tmp_
     url = str(tmp_path / "m")
     ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=2)
     ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1").wait(show_progress=False)
-    before = open(os.path.join(url, "r1", "_run.json")).read()
+    before = Path(url, "r1", "_run.json").read_text()
     with pytest.raises(InvalidArgumentError, match=r"cannot resume run 'r1' with serde JsonSerde\(filename="
                        r"'model.json'\): its DONE groups were written with dask_manymodel.serde.PickleSerde"
                        r"\(filename='model.pkl'\); resume it as it was started"):
         ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", serde=JsonSerde(), on_existing_artifacts="resume")
-    assert open(os.path.join(url, "r1", "_run.json")).read() == before
+    assert Path(url, "r1", "_run.json").read_text() == before
 
     for run_id, function in (("a", constant_a), ("b", constant_b)):
         ddf.manymodel.train(function, by="store", url=url, run_id=run_id).wait(show_progress=False)

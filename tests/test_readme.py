@@ -6,12 +6,13 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def readme_blocks(language: str) -> list[str]:
-    text = open(os.path.join(ROOT, "README.md")).read()
+    text = Path(ROOT, "README.md").read_text()
     return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
 
 
@@ -28,5 +29,5 @@ def test_quickstart_runs(tmp_path):
 def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     commands = [block.strip() for block in readme_blocks("bash")]
     assert commands == ["bash scripts/demo.sh", "bash scripts/test.sh"]
-    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    ci = Path(ROOT, ".ci", "run").read_text()
     assert "bash scripts/test.sh" in ci

@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 import warnings
+from pathlib import Path
 
 import dask.dataframe as dd
 import fsspec
@@ -64,12 +65,12 @@ def test_train_round_trip_and_layout(client, ddf, store_url):
     root = os.path.join(store_url, "r1")
     assert os.path.isfile(os.path.join(root, "_run.json"))
     assert sorted(os.listdir(os.path.join(root, "store=3"))) == ["_partition.json", "model.pkl"]
-    manifest = json.load(open(os.path.join(root, "_run.json")))
+    manifest = json.loads(Path(root, "_run.json").read_text())
     assert manifest["status"] == "SUCCESS"
     assert manifest["kind"] == "train" and manifest["partition_by"] == ["store"]
     assert manifest["serde"]["filename"] == "model.pkl"
     assert manifest["counts"] == {"DONE": 12}
-    status = json.load(open(os.path.join(root, "store=3", "_partition.json")))
+    status = json.loads(Path(root, "store=3", "_partition.json").read_text())
     assert status["status"] == "DONE" and status["rows"] == 40 and status["bytes"] > 0
 
     progress = run.get_progress()
@@ -159,7 +160,7 @@ def test_errors_in_some_groups(client, ddf, store_url):
         run.get_model(3)
     with pytest.raises(PartitionNotFoundError, match="no group 99"):
         run.get_model(99)
-    stored = json.load(open(os.path.join(store_url, "r1", "store=3", "_partition.json")))
+    stored = json.loads(Path(store_url, "r1", "store=3", "_partition.json").read_text())
     assert stored["status"] == "FAILED" and "odd group 3" in stored["traceback"]
     assert not os.path.exists(os.path.join(store_url, "r1", "store=3", "model.pkl"))
 
@@ -572,7 +573,7 @@ def test_a_folder_that_is_no_run_is_never_overwritten(client, tmp_path, on_exist
 def save_through_context(data, ctx):
     df = data.to_pandas()
     ctx.upload({"mean": float(df["x"].mean())}, "stats.pkl")
-    ctx.upload(df["y"].sum(), "ysum.txt", write_function=lambda obj, path: open(path, "w").write(str(obj)))
+    ctx.upload(df["y"].sum(), "ysum.txt", write_function=lambda obj, path: Path(path).write_text(str(obj)))
     if ctx.partition_id == 1:
         # read what another group of this run saved (group 0 runs first in its task
         # or not: download from the previous run instead)
@@ -588,7 +589,7 @@ def test_dpf_saves_artifacts(client, ddf, store_url):
     assert details.artifacts.list() == ["stats.pkl", "ysum.txt"]
     expected = make_frame().query("store == 2")
     assert details.artifacts.get("stats.pkl") == {"mean": pytest.approx(expected["x"].mean())}
-    text = details.artifacts.get("ysum.txt", read_function=lambda p: open(p).read())
+    text = details.artifacts.get("ysum.txt", read_function=lambda p: Path(p).read_text())
     assert float(text) == pytest.approx(expected["y"].sum())
 
     def read_previous(data, ctx):
@@ -607,7 +608,7 @@ def upload_under_the_models_name(data, ctx):
 
 
 def download_from_beside_the_url(data, ctx):
-    return ctx.download("secret.txt", run_id="..", read_function=lambda path: open(path).read())
+    return ctx.download("secret.txt", run_id="..", read_function=lambda path: Path(path).read_text())
 
 
 def upload_a_long_name(data, ctx):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+from pathlib import Path
 
 import dask.dataframe as dd
 import fsspec
@@ -131,4 +132,4 @@ def test_a_password_in_the_url_is_never_shown_or_stored(client, tmp_path):
     assert len(pd.read_parquet(fileset.files()[0])) > 0  # its files' URLs open them
     for folder, _, files in os.walk(tmp_path / "models"):  # nothing stored holds it
         for name in files:
-            assert secret.encode() not in open(os.path.join(folder, name), "rb").read(), name
+            assert secret.encode() not in Path(folder, name).read_bytes(), name
