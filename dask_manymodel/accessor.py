@@ -6,7 +6,7 @@ Each method is a thin call into :func:`dask_manymodel.engine.start_run`.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import dask.dataframe as dd
 import pandas as pd
@@ -16,6 +16,9 @@ from .exceptions import ManyModelError
 from .options import ExecutionOptions
 from .run import ManyModelRun
 from .serde import ModelSerde
+
+if TYPE_CHECKING:
+    from .fileset import FileSet
 
 
 def _no_hidden_attribute_errors(method: Callable) -> Callable:
@@ -161,7 +164,9 @@ class ManyModelAccessor:
         )
 
     @_no_hidden_attribute_errors
-    def to_fileset(self, url: str, name: str, shuffle: bool = False, *, storage_options: dict | None = None):
+    def to_fileset(
+        self, url: str, name: str, shuffle: bool = False, *, storage_options: dict | None = None
+    ) -> FileSet:
         """Write this dataframe as an immutable :class:`~dask_manymodel.FileSet` (see ``FileSet.make``)."""
         from .fileset import FileSet
 

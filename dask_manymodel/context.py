@@ -16,6 +16,9 @@ from .exceptions import InvalidArgumentError
 from .store import PARTITION_FILE, group_path, normalize_key, scratch_folder
 
 if TYPE_CHECKING:
+    import tensorflow as tf
+    import torch.utils.data
+
     from .store import RunStore
 
 __all__ = ["DataConnector", "PartitionContext"]
@@ -93,7 +96,7 @@ class DataConnector:
         shuffle: bool = False,
         drop_last_batch: bool = True,
         seed: int | None = None,
-    ):
+    ) -> torch.utils.data.IterableDataset:
         """The rows as a ``torch.utils.data.IterableDataset`` of ``dict[column -> Tensor]``.
 
         Use it as ``DataLoader(ds, batch_size=None, num_workers=k)``. Each item
@@ -125,7 +128,7 @@ class DataConnector:
         shuffle: bool = False,
         drop_last_batch: bool = True,
         seed: int | None = None,
-    ):
+    ) -> torch.utils.data.IterableDataset:
         """As :meth:`to_torch_dataset`, as a datapipe where torch still has them
         (else the same dataset, with a DeprecationWarning)."""
         from .connectors.torch import make_torch_datapipe
@@ -142,7 +145,7 @@ class DataConnector:
         shuffle: bool = False,
         drop_last_batch: bool = True,
         seed: int | None = None,
-    ):
+    ) -> tf.data.Dataset:
         """The rows as a ``tf.data.Dataset`` of ``dict[column -> Tensor]`` batches
         (strings as ``tf.string``); works with ``model.fit``."""
         from .connectors.tensorflow import make_tf_dataset

@@ -22,7 +22,7 @@ import os
 import posixpath
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask
 import numpy as np
@@ -47,6 +47,11 @@ from .store import (
 )
 
 __all__ = ["FileSet"]
+
+if TYPE_CHECKING:
+    import dask.dataframe as dd
+    import tensorflow as tf
+    import torch.utils.data
 
 MANIFEST = "_fileset.json"
 CLAIM = "_fileset.claim"
@@ -354,7 +359,7 @@ class FileSet:
         self._check_alive()
         return _FileSource(self._fs, self._paths(), int(self._manifest["rows"]))
 
-    def to_dask_dataframe(self):
+    def to_dask_dataframe(self) -> dd.DataFrame:
         """The rows as a lazy Dask DataFrame."""
         import dask.dataframe as dd
 
@@ -376,7 +381,10 @@ class FileSet:
         _check_the_workers_can_read()
         return dd.from_map(_read_parquet_file, paths, fs=self._fs, meta=meta, label="fileset-read")
 
-    def to_torch_dataset(self, *, batch_size=None, shuffle=False, drop_last_batch=True, seed=None):
+    def to_torch_dataset(
+        self, *, batch_size: int | None = None, shuffle: bool = False, drop_last_batch: bool = True,
+        seed: int | None = None,
+    ) -> torch.utils.data.IterableDataset:
         """Stream the files as a torch ``IterableDataset`` of ``dict[column -> Tensor]``.
 
         Files are read one at a time (never the whole set into memory). With
@@ -390,7 +398,10 @@ class FileSet:
             self._source(), batch_size=batch_size, shuffle=shuffle, drop_last_batch=drop_last_batch, seed=seed
         )
 
-    def to_torch_datapipe(self, *, batch_size=None, shuffle=False, drop_last_batch=True, seed=None):
+    def to_torch_datapipe(
+        self, *, batch_size: int | None = None, shuffle: bool = False, drop_last_batch: bool = True,
+        seed: int | None = None,
+    ) -> torch.utils.data.IterableDataset:
         """As :meth:`to_torch_dataset`, as a datapipe where torch still has them."""
         from .connectors.torch import make_torch_datapipe
 
@@ -398,7 +409,9 @@ class FileSet:
             self._source(), batch_size=batch_size, shuffle=shuffle, drop_last_batch=drop_last_batch, seed=seed
         )
 
-    def to_tf_dataset(self, *, batch_size, shuffle=False, drop_last_batch=True, seed=None):
+    def to_tf_dataset(
+        self, *, batch_size: int, shuffle: bool = False, drop_last_batch: bool = True, seed: int | None = None,
+    ) -> tf.data.Dataset:
         """Stream the files as a ``tf.data.Dataset`` of ``dict[column -> Tensor]`` batches."""
         from .connectors.tensorflow import make_tf_dataset
 

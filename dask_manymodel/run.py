@@ -52,6 +52,8 @@ from .store import (
 )
 
 if TYPE_CHECKING:
+    import dask.dataframe as dd
+
     from .engine import RunSpec
 
 logger = logging.getLogger(__name__)
@@ -1255,7 +1257,7 @@ class ManyModelRun:
             meta=self._source["meta"],
         )
 
-    def progress(self, **kwargs: Any):
+    def progress(self, **kwargs: Any) -> Any:
         """Dask's own progress bar over the run's tasks (one task per output
         partition, so it counts tasks; :meth:`wait` counts groups).
 
@@ -1402,7 +1404,7 @@ class ManyModelRun:
     # ------------------------------------------------------------------
     # inference output
 
-    def to_dask_dataframe(self):
+    def to_dask_dataframe(self) -> dd.DataFrame:
         """The frames an inference run's groups returned, as a lazy Dask DataFrame.
 
         The schema (``meta``) is the ``meta=`` given to ``predict``, or else

@@ -160,7 +160,10 @@ def test_wheel_holds_every_module_and_nothing_else(built):
         entry_points = whl.read(info + "entry_points.txt").decode()
     modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "dask_manymodel").rglob("*.py")}
     package = {n for n in names if not n.startswith(info)}
-    assert package == modules  # every module, and no tests, notebooks or caches
+    # every module and the PEP 561 marker (without it mypy and pyright skip the
+    # package: "module is installed, but missing library stubs or py.typed
+    # marker"), and no tests, notebooks or caches
+    assert package == modules | {"dask_manymodel/py.typed"}
     assert {n for n in names if n.startswith(info) and n.endswith("/LICENSE")}  # licenses/ since setuptools 72
     assert f"\nVersion: {dask_manymodel.__version__}\n" in metadata
     assert "dask-manymodel = dask_manymodel.cli:main" in entry_points
