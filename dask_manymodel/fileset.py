@@ -42,8 +42,8 @@ from .engine import (
 )
 from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError, InvalidArgumentError
 from .store import (
-    RUN_MANIFEST, RunStore, _is_local, any_read_as_pattern, open_url, remove_paths, resolved_url, shown_url,
-    without_pandas_metadata_of,
+    RUN_MANIFEST, RunStore, _is_local, any_read_as_pattern, open_url, read_file, remove_paths, resolved_url,
+    shown_url, without_pandas_metadata_of,
 )
 
 __all__ = ["FileSet"]
@@ -179,7 +179,7 @@ class FileSet:
     def _read_manifest(self) -> dict | None:
         self._fs.invalidate_cache(self._root)
         try:
-            return json.loads(self._fs.cat_file(posixpath.join(self._root, MANIFEST)))
+            return json.loads(read_file(self._fs, posixpath.join(self._root, MANIFEST)))
         except FileNotFoundError:
             return None
 
@@ -313,7 +313,7 @@ class FileSet:
         # The claim, read again: a store without a true exclusive create (its
         # check, then its write) may have let another make of the name claim
         # it meanwhile; the manifest goes only under a claim that is ours.
-        if json.loads(fs.cat_file(posixpath.join(root, CLAIM))).get("id") != fileset_id:
+        if json.loads(read_file(fs, posixpath.join(root, CLAIM))).get("id") != fileset_id:
             raise _ClaimLost()
         fs.pipe_file(posixpath.join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
 
@@ -430,7 +430,7 @@ class FileSet:
     def _remove_if_ours(self, name: str, own_id: str) -> None:
         path = posixpath.join(self._root, name)
         try:
-            ours = json.loads(self._fs.cat_file(path)).get("id") == own_id
+            ours = json.loads(read_file(self._fs, path)).get("id") == own_id
         except (FileNotFoundError, ValueError, AttributeError):
             return
         if ours:
