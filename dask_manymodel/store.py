@@ -554,14 +554,18 @@ def _remove_local(local: str, tries: int = 5) -> None:
 
 
 def remove_files(fs: fsspec.AbstractFileSystem, files: list[str]) -> None:
-    """Delete these files of an object store, in the store's batches (S3
-    deletes 1,000 keys a request); one by one where fsspec would read a name
-    as a glob pattern. A file gone already is no error."""
+    """Delete these files, on an object store in the store's batches (S3
+    deletes 1,000 keys a request), not one request per file; one by one
+    where fsspec would read a name as a glob pattern. A file gone already
+    is no error."""
     if not files:
         return
     if not any_read_as_pattern(files):
-        fs.rm(files)  # not recursive: fsspec lists nothing
-        return
+        try:
+            fs.rm(files)  # not recursive: fsspec lists nothing
+            return
+        except FileNotFoundError:  # (local disk, memory://) one was gone: the rest one by one
+            pass
     for name in files:
         try:
             fs.rm_file(name)
@@ -1130,15 +1134,12 @@ class RunStore:
                         os.remove(os.path.join(folder, name))
 
     def delete_files(self, paths: list[str]) -> None:
-        """Remove these files; those already gone are no error."""
-        def delete() -> None:
-            for path in paths:
-                try:
-                    self.fs.rm_file(path)
-                except FileNotFoundError:
-                    pass
-
-        self._retry(delete, f"deleting {len(paths)} file(s) of {self.root}")
+        """Remove these files; those already gone are no error. On an object
+        store in batches (:func:`remove_files`): a resume, ``retry_failed()``
+        among them, deletes the stored status of every group it runs again
+        before its tasks start, and one request per file, one after another,
+        took minutes with thousands of failed groups."""
+        self._retry(lambda: remove_files(self.fs, paths), f"deleting {len(paths)} file(s) of {self.root}")
         self.fs.invalidate_cache(self.root)
 
     def delete_run(self, keep: tuple[str, ...] = ()) -> None:

@@ -258,6 +258,39 @@ def test_runs_lists_the_runs_another_process_wrote_since_its_last_listing(s3_opt
     assert listed == ["2026-11-01", "2026-11-02"]
 
 
+def fit_line_unless_store_ends_in_3(data, ctx):
+    if ctx.partition_id % 10 == 3:
+        print(f"store {ctx.partition_id} ends in 3")
+        raise ValueError(f"store {ctx.partition_id} ends in 3")
+    return fit_line(data, ctx)
+
+
+def test_retry_failed_deletes_the_old_statuses_in_batches(client, s3_options, tmp_path, monkeypatch):
+    """A resume (here retry_failed()) deletes the stored status of each group
+    it runs again before its tasks start. It did so one DELETE request per
+    group, one after another: minutes of requests on S3 with thousands of
+    failed groups. Now S3's batch delete takes up to 1,000 a request."""
+    url = "s3://models/stale-statuses"
+    ddf = dd.from_pandas(make_frame(n_groups=40, rows=5), npartitions=2)
+    run = ddf.manymodel.train(
+        fit_line_unless_store_ends_in_3, by="store", url=url, run_id="r1", storage_options=s3_options
+    )
+    assert run.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    monkeypatch.chdir(tmp_path)  # where the recorder writes its file
+    again = []
+    requests = _recorded(s3_options["client_kwargs"]["endpoint_url"], lambda: again.append(run.retry_failed()))
+    deletes = [
+        entry for entry in requests
+        if entry["method"] == "DELETE" or (entry["method"] == "POST" and "delete" in entry["url"])
+    ]
+    assert len(deletes) == 1, [f"{entry['method']} {entry['url']}" for entry in deletes]
+    assert again[0].wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    progress = again[0].get_progress()
+    assert sorted(d.partition_id for d in progress["FAILED"]) == [3, 13, 23, 33]
+    assert all(d.error == f"ValueError: store {d.partition_id} ends in 3" for d in progress["FAILED"])
+    assert len(progress["DONE"]) == 36
+
+
 def test_each_small_file_is_read_in_one_request(client, s3_options, tmp_path, monkeypatch):
     """s3fs (since 2025) reads a whole file by asking its size first: every
     _run.json, _groups.json and _partition.json read was a HEAD then a GET,
