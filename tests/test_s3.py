@@ -345,6 +345,36 @@ def _s3_waits(monkeypatch) -> list[str]:
     return waits
 
 
+def test_a_filesets_files_are_read_and_deleted_together(client, s3_options, tmp_path, monkeypatch):
+    """FileSet.make opened each file it wrote to count its rows, and so did
+    streaming to torch or TensorFlow to find the columns with nulls: a HEAD
+    and a GET per file, one file after another. delete() deleted the files
+    one request each. Now the footers come in one batched read, and the
+    files go in S3's batches: the same waits and requests for 2 files or 12."""
+    from dask_manymodel import FileSet
+
+    waits = _s3_waits(monkeypatch)
+    monkeypatch.chdir(tmp_path)  # where moto's recorder writes its file
+    endpoint = s3_options["client_kwargs"]["endpoint_url"]
+    seen = {}
+    for n_files in (2, 12):
+        ddf = dd.from_pandas(make_frame(n_groups=24, rows=5), npartitions=n_files)
+        waits.clear()
+        fileset = FileSet.make("s3://models/footers", f"f{n_files}", ddf, storage_options=s3_options)
+        made = len(waits)
+        assert fileset.num_rows == 120 and len(fileset.files()) == n_files
+        waits.clear()
+        fileset._source()  # what to_torch_dataset and to_tf_dataset read first
+        sourced = len(waits)
+        deletes = [
+            entry for entry in _recorded(endpoint, fileset.delete)
+            if entry["method"] == "DELETE" or (entry["method"] == "POST" and "delete" in entry["url"])
+        ]
+        seen[n_files] = (made, sourced, len(deletes))
+        assert s3fs.S3FileSystem(**s3_options).find(f"models/footers/f{n_files}") == []
+    assert seen[2] == seen[12], seen
+
+
 def test_each_small_file_is_read_in_one_request(client, s3_options, tmp_path, monkeypatch):
     """s3fs (since 2025) reads a whole file by asking its size first: every
     _run.json, _groups.json and _partition.json read was a HEAD then a GET,
