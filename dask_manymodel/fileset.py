@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import posixpath
+import struct
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -42,8 +43,8 @@ from .engine import (
 )
 from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError, InvalidArgumentError
 from .store import (
-    RUN_MANIFEST, RunStore, _is_local, any_read_as_pattern, open_url, remove_paths, resolved_url, shown_url,
-    without_pandas_metadata_of,
+    RUN_MANIFEST, RunStore, _is_local, any_read_as_pattern, open_url, read_file, remove_files, remove_paths,
+    resolved_url, shown_url, without_pandas_metadata_of,
 )
 
 __all__ = ["FileSet"]
@@ -184,7 +185,7 @@ class FileSet:
     def _read_manifest(self) -> dict | None:
         self._fs.invalidate_cache(self._root)
         try:
-            return json.loads(self._fs.cat_file(posixpath.join(self._root, MANIFEST)))
+            return json.loads(read_file(self._fs, posixpath.join(self._root, MANIFEST)))
         except FileNotFoundError:
             return None
 
@@ -253,9 +254,7 @@ class FileSet:
         except _ClaimLost:
             # another make wrote the name's claim over ours (a store whose
             # exclusive create is a check, then a write): its files stay
-            for path in _own_files(fs, root, fileset_id):
-                with contextlib.suppress(FileNotFoundError):
-                    fs.rm_file(path)
+            remove_files(fs, _own_files(fs, root, fileset_id))
             raise exists from None
         except BaseException:
             _remove_half_made(fs, root)  # nothing half-written: the name is free again
@@ -301,10 +300,7 @@ class FileSet:
                 _synchronous(client).compute(writing).result()
         fs.invalidate_cache(root)
         files = sorted(_own_files(fs, root, fileset_id), key=lambda p: int(posixpath.basename(p).split(".")[1]))
-        rows = []
-        for path in files:
-            with fs.open(path, "rb") as f:
-                rows.append(pq.ParquetFile(f).metadata.num_rows)
+        rows = [footer.num_rows for footer in _footers(fs, files)]
         manifest = {
             "name": name,
             "id": fileset_id,
@@ -318,7 +314,7 @@ class FileSet:
         # The claim, read again: a store without a true exclusive create (its
         # check, then its write) may have let another make of the name claim
         # it meanwhile; the manifest goes only under a claim that is ours.
-        if json.loads(fs.cat_file(posixpath.join(root, CLAIM))).get("id") != fileset_id:
+        if json.loads(read_file(fs, posixpath.join(root, CLAIM))).get("id") != fileset_id:
             raise _ClaimLost()
         fs.pipe_file(posixpath.join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
 
@@ -432,9 +428,9 @@ class FileSet:
             # new one under the name since the check above.
             # The manifest first: from then on nobody can open a half-deleted set.
             self._remove_if_ours(MANIFEST, own_id)
-            for path in self._paths():  # named with the id: never another set's
-                with contextlib.suppress(FileNotFoundError):
-                    self._fs.rm_file(path)
+            # named with the id: never another set's. In the store's batches
+            # (S3 deletes 1,000 a request), not a request per file
+            remove_files(self._fs, self._paths())
             self._remove_if_ours(CLAIM, own_id)
             self._remove_leftovers()
         self._fs.invalidate_cache(self._root)
@@ -443,7 +439,7 @@ class FileSet:
     def _remove_if_ours(self, name: str, own_id: str) -> None:
         path = posixpath.join(self._root, name)
         try:
-            ours = json.loads(self._fs.cat_file(path)).get("id") == own_id
+            ours = json.loads(read_file(self._fs, path)).get("id") == own_id
         except (FileNotFoundError, ValueError, AttributeError):
             return
         if ours:
@@ -504,25 +500,51 @@ def _columns_with_missing(fs, paths: list[str]) -> frozenset[str]:
     (the null counts of their column chunks; no data is read unless a chunk
     has no null count)."""
     found = set()
-    for path in paths:
-        with fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            names = set(parquet.schema_arrow.names)
-            for number in range(parquet.metadata.num_row_groups):
-                group = parquet.metadata.row_group(number)
-                for i in range(group.num_columns):
-                    chunk = group.column(i)
-                    name = chunk.path_in_schema
-                    if name not in names or name in found:
-                        continue  # a nested column's leaf: never a tensor, its nulls do not matter
-                    stats = chunk.statistics
-                    if stats is not None and stats.has_null_count:
-                        missing = stats.null_count > 0
-                    else:  # a writer that kept no statistics: count in the data
-                        missing = parquet.read_row_group(number, columns=[name]).column(0).null_count > 0
-                    if missing:
-                        found.add(name)
+    for path, metadata in zip(paths, _footers(fs, paths)):
+        names = set(metadata.schema.to_arrow_schema().names)
+        for number in range(metadata.num_row_groups):
+            group = metadata.row_group(number)
+            for i in range(group.num_columns):
+                chunk = group.column(i)
+                name = chunk.path_in_schema
+                if name not in names or name in found:
+                    continue  # a nested column's leaf: never a tensor, its nulls do not matter
+                stats = chunk.statistics
+                if stats is not None and stats.has_null_count:
+                    missing = stats.null_count > 0
+                else:  # a writer that kept no statistics: count in the data
+                    with fs.open(path, "rb") as f:
+                        missing = pq.ParquetFile(f).read_row_group(number, columns=[name]).column(0).null_count > 0
+                if missing:
+                    found.add(name)
     return frozenset(found)
+
+
+# How many bytes at the end of each parquet file one read takes to find its
+# footer (metadata: schema, row groups, statistics, then its length and
+# "PAR1"); a longer footer costs one more read of that file.
+_TAIL_BYTES = 64 * 2**10
+
+
+def _footers(fs, paths: list[str]) -> list[pq.FileMetaData]:
+    """The footers (metadata) of these parquet files, in their order, from
+    one batched read of their last bytes: s3fs and gcsfs fetch them
+    concurrently, each in one request (a range from the end needs no size
+    first). Each file opened in turn cost a HEAD and a GET, one file after
+    another: a FileSet of 2,000 files waited on 4,000 requests to be made."""
+    tails = fs.cat_ranges(list(paths), [-_TAIL_BYTES] * len(paths), [None] * len(paths))
+    footers = []
+    for path, tail in zip(paths, tails):
+        if isinstance(tail, BaseException):
+            raise tail
+        length = struct.unpack("<I", tail[-8:-4])[0] if len(tail) >= 12 and tail[-4:] == b"PAR1" else None
+        if length is not None and length + 8 <= len(tail):
+            # the footer with a header: all pyarrow reads of a file to parse it
+            footers.append(pq.read_metadata(pa.BufferReader(b"PAR1" + tail[-8 - length:])))
+        else:  # a longer footer, or no parquet file: read (and said) as before
+            with fs.open(path, "rb") as f:
+                footers.append(pq.ParquetFile(f).metadata)
+    return footers
 
 
 class _FileSource:

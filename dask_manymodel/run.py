@@ -135,12 +135,19 @@ class Artifacts:
             return (read_function or _pickle_read)(local)
 
 
+# How many groups' logs and tracebacks one read takes at most, the group asked
+# for and those after it in its listing (see _GroupTexts); each file holds up
+# to 2 * max_log_chars of them.
+_TEXT_READ_AHEAD = 100
+
+
 class _GroupText:
     """A group's logs and traceback: as the handle has them, or read from the
     group's stored ``_partition.json`` the first time one is asked for (a
-    live handle's records leave them out, see ``engine._compact``)."""
+    live handle's records leave them out, see ``engine._compact``), with
+    those of the next groups of its listing (:class:`_GroupTexts`)."""
 
-    __slots__ = ("_store", "_folder", "_outcome", "_values")
+    __slots__ = ("_store", "_folder", "_outcome", "_values", "_listing", "_place")
 
     def __init__(self, store: RunStore, folder: str, outcome: tuple | None, values: dict | None = None):
         self._store = store
@@ -150,17 +157,42 @@ class _GroupText:
         # start's: an overwrite, or a resume that ran the group again)
         self._outcome = outcome
         self._values = values
+        self._listing: _GroupTexts | None = None  # set by _GroupTexts.add
+        self._place = 0
+
+    def __getstate__(self) -> dict:
+        # alone: a pickled group's details do not carry its whole listing
+        return {name: getattr(self, name) for name in ("_store", "_folder", "_outcome", "_values")}
+
+    def __setstate__(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+        self._listing, self._place = None, 0
 
     def get(self, name: str) -> Any:
         if self._values is None:
-            try:
-                stored = self._store.read_json(self._store.path(self._folder, PARTITION_FILE))
-            except (FileNotFoundError, ValueError):  # not written (yet), or being written
-                stored = {}
-            if not (isinstance(stored, dict) and self._is_the_known_outcome(stored)):
-                stored = {}
-            self._values = {key: stored.get(key) for key in GROUP_TEXT}
+            if self._listing is not None:
+                self._listing.read(self)
+            else:
+                self._take(self._read_alone())
         return self._values.get(name)
+
+    def _read_alone(self) -> Any:
+        try:
+            return self._store.read_json(self._path)
+        except (FileNotFoundError, ValueError):  # not written (yet), or being written
+            return None
+
+    @property
+    def _path(self) -> str:
+        return self._store.path(self._folder, PARTITION_FILE)
+
+    def _take(self, stored: Any) -> None:
+        """Keep the text of ``stored`` (the group's ``_partition.json``, or
+        None), if it is of the outcome the handle knows."""
+        if not (isinstance(stored, dict) and self._is_the_known_outcome(stored)):
+            stored = {}
+        self._values = {key: stored.get(key) for key in GROUP_TEXT}
 
     def _is_the_known_outcome(self, stored: dict) -> bool:
         attempt, submission, status = self._outcome
@@ -171,6 +203,50 @@ class _GroupText:
             # written before statuses were stamped
             and (status == "DONE" or stored.get("submission") in (None, submission))
         )
+
+
+class _GroupTexts:
+    """The texts still to read of the groups of one listing (one
+    ``get_progress()``, ``summary()``, ``partition_details.values()``...).
+
+    The first one asked for is read alone. From the second on, a user goes
+    through the listing (``for d in run.get_progress()["FAILED"]:
+    print(d.traceback)``): the one asked for is read with the next groups of
+    the same status not read yet, up to :data:`_TEXT_READ_AHEAD`, in one
+    batched read (s3fs and gcsfs fetch them concurrently). Read one by one,
+    each was a request after the last: 5,000 failed groups on an object
+    store answering in 50 ms took over 4 minutes.
+    """
+
+    def __init__(self, store: RunStore):
+        self._store = store
+        self._asked = 0
+        self._by_status: dict[Any, list[_GroupText]] = {}
+
+    def add(self, text: _GroupText) -> None:
+        same = self._by_status.setdefault(text._outcome[2], [])
+        text._listing, text._place = self, len(same)
+        same.append(text)
+
+    def read(self, text: _GroupText) -> None:
+        self._asked += 1
+        wanted = [text]
+        if self._asked > 1:
+            same = self._by_status[text._outcome[2]]
+            # (a bounded look: one read now and then of a group already read stops it early)
+            for other in same[text._place + 1 : text._place + 2 * _TEXT_READ_AHEAD]:
+                if len(wanted) == _TEXT_READ_AHEAD:
+                    break
+                if other._values is None:
+                    wanted.append(other)
+        if len(wanted) == 1:
+            text._take(text._read_alone())
+            return
+        paths = {self._store.fs._strip_protocol(t._path): t for t in wanted}
+        # (missing or cut short: not written yet, or being written)
+        found = self._store.read_many_json(list(paths), being_written=True)
+        for path, other in paths.items():
+            other._take(found.get(path))
 
 
 @dataclass
@@ -942,6 +1018,7 @@ class ManyModelRun:
         groups = self._groups if paths is None else [self._group_of_path(path) for path in paths]
         # (only for groups with no outcome: a display's failed groups need no scheduler)
         running = self._running_tasks() if any(group["path"] not in records for group in groups) else set()
+        texts = _GroupTexts(self._store)  # read together when asked for, see there
         for group in groups:
             record = records.get(group["path"])
             if record is None:
@@ -957,11 +1034,11 @@ class ManyModelRun:
                 attempts=int(record.get("attempts") or 0),
                 artifacts=Artifacts(self._store, group["path"], self._artifact_names(record)),
                 output_rows=self._output_rows(record),
-                _text=self._group_text(group["path"], record),
+                _text=self._group_text(group["path"], record, texts),
             )
         return details
 
-    def _group_text(self, folder: str, record: Any) -> _GroupText | None:
+    def _group_text(self, folder: str, record: Any, texts: _GroupTexts) -> _GroupText | None:
         """The group's logs and traceback: as the record has them (an
         INTERNAL_ERROR's), or read from storage when asked for (records leave
         them out, see ``engine._compact`` and ``RunStore.read_statuses``)."""
@@ -971,7 +1048,9 @@ class ManyModelRun:
         outcome = (self._manifest.get("attempt"), self._manifest.get("submission"), status.value)
         if any(record.get(key) for key in GROUP_TEXT):
             return _GroupText(self._store, folder, outcome, {key: record.get(key) for key in GROUP_TEXT})
-        return _GroupText(self._store, folder, outcome)
+        text = _GroupText(self._store, folder, outcome)
+        texts.add(text)
+        return text
 
     def _output_rows(self, record: dict) -> int | None:
         """Rows a DONE predict group returned; a live handle's records leave

@@ -466,24 +466,49 @@ GROUP_TEXT = ("logs", "traceback")
 _STATUS_READ_CHUNK = 1_000
 
 
+def read_file(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    """The whole of one file, in one request on an object store.
+
+    s3fs (since 2025) reads a whole file by asking its size first (a HEAD,
+    to read a big file in parts), and for a missing file asks again whether
+    it is a folder (a listing): every small JSON file of a run cost two
+    requests, one after the other. A read from byte 0 to the end is one
+    GET. An empty file, which S3 refuses such a range of (416), and any
+    other error are read again as a whole, which says them as before."""
+    try:
+        return fs.cat_file(path, start=0)
+    except FileNotFoundError:
+        raise
+    except Exception:
+        logger.debug("reading %s from byte 0 failed; reading it whole", path, exc_info=True)
+        return fs.cat_file(path)
+
+
 def cat_files(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes | Exception]:
-    """The contents of these files, those missing left out; never expands a
-    path as a glob pattern (fsspec's ``cat`` of a list does).
+    """The contents of these files, those missing left out, in one batched
+    read (s3fs and gcsfs fetch them concurrently, one request each: see
+    :func:`read_file`); never expands a path as a glob pattern (fsspec's
+    ``cat`` of a list does).
 
     A file that is there but cannot be read (access denied, an I/O error)
     is not missing: its exception stands in for its contents, for the caller
     to raise or show. Read as missing, a group whose status cannot be read
     would look never run, and a resume would train it again over its model.
     """
+    found: dict[str, bytes | Exception] = {}
     if not any_read_as_pattern(paths):
-        found = fs.cat(paths, on_error="return")
-    else:
-        found = {}
-        for path in paths:
-            try:
-                found[path] = fs.cat_file(path)
-            except Exception as exc:
-                found[path] = exc
+        # (fsspec's cat_ranges reads each path as it is named)
+        contents = fs.cat_ranges(list(paths), [0] * len(paths), [None] * len(paths), on_error="return")
+        found = dict(zip(paths, contents))
+    again = [
+        path for path in paths
+        if path not in found or (isinstance(found[path], Exception) and not isinstance(found[path], FileNotFoundError))
+    ]
+    for path in again:  # an empty file, an error, or a name fsspec would read as a pattern
+        try:
+            found[path] = read_file(fs, path)
+        except Exception as exc:
+            found[path] = exc
     return {path: data for path, data in found.items() if not isinstance(data, FileNotFoundError)}
 
 
@@ -529,14 +554,18 @@ def _remove_local(local: str, tries: int = 5) -> None:
 
 
 def remove_files(fs: fsspec.AbstractFileSystem, files: list[str]) -> None:
-    """Delete these files of an object store, in the store's batches (S3
-    deletes 1,000 keys a request); one by one where fsspec would read a name
-    as a glob pattern. A file gone already is no error."""
+    """Delete these files, on an object store in the store's batches (S3
+    deletes 1,000 keys a request), not one request per file; one by one
+    where fsspec would read a name as a glob pattern. A file gone already
+    is no error."""
     if not files:
         return
     if not any_read_as_pattern(files):
-        fs.rm(files)  # not recursive: fsspec lists nothing
-        return
+        try:
+            fs.rm(files)  # not recursive: fsspec lists nothing
+            return
+        except FileNotFoundError:  # (local disk, memory://) one was gone: the rest one by one
+            pass
     for name in files:
         try:
             fs.rm_file(name)
@@ -893,7 +922,7 @@ class RunStore:
 
     # reads -----------------------------------------------------------
     def read_bytes(self, path: str) -> bytes:
-        return self._retry(lambda: self.fs.cat_file(path), f"reading {path}")
+        return self._retry(lambda: read_file(self.fs, path), f"reading {path}")
 
     def read_json(self, path: str) -> Any:
         return json.loads(self.read_bytes(path))
@@ -1105,15 +1134,12 @@ class RunStore:
                         os.remove(os.path.join(folder, name))
 
     def delete_files(self, paths: list[str]) -> None:
-        """Remove these files; those already gone are no error."""
-        def delete() -> None:
-            for path in paths:
-                try:
-                    self.fs.rm_file(path)
-                except FileNotFoundError:
-                    pass
-
-        self._retry(delete, f"deleting {len(paths)} file(s) of {self.root}")
+        """Remove these files; those already gone are no error. On an object
+        store in batches (:func:`remove_files`): a resume, ``retry_failed()``
+        among them, deletes the stored status of every group it runs again
+        before its tasks start, and one request per file, one after another,
+        took minutes with thousands of failed groups."""
+        self._retry(lambda: remove_files(self.fs, paths), f"deleting {len(paths)} file(s) of {self.root}")
         self.fs.invalidate_cache(self.root)
 
     def delete_run(self, keep: tuple[str, ...] = ()) -> None:

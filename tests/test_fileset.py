@@ -447,3 +447,23 @@ def test_a_shuffled_make_of_a_pyarrow_list_column_on_the_cluster(client, tmp_pat
     pytest.importorskip("torch")  # an extra: the FileSet's checks above ran without it
     batch = next(iter(made.to_torch_dataset(batch_size=4)))
     assert [list(pair) for pair in batch["pair"]] == [[1, 2]] * 4
+
+
+def test_footers_longer_than_the_tail_read_and_files_of_one_row(tmp_path):
+    """The footers of a FileSet's files come from one read of each file's
+    last 64 KiB: a longer footer (a frame of thousands of columns) is read
+    through the file, and a file shorter than that read whole."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dask_manymodel.fileset import _TAIL_BYTES, _footers
+
+    wide = pa.table({f"column_{i}": [float(i)] * 3 for i in range(3000)})
+    narrow = pa.table({"x": [1]})
+    pq.write_table(wide, tmp_path / "wide.parquet")
+    pq.write_table(narrow, tmp_path / "narrow.parquet")
+    assert pq.read_metadata(tmp_path / "wide.parquet").serialized_size > _TAIL_BYTES
+    fs = fsspec.filesystem("file")
+    footers = _footers(fs, [str(tmp_path / "wide.parquet"), str(tmp_path / "narrow.parquet")])
+    assert [(f.num_rows, f.num_columns) for f in footers] == [(3, 3000), (1, 1)]
