@@ -1004,7 +1004,15 @@ class ManyModelRun:
         statuses = [PartitionStatus(r["status"]) for r in records.values()]
         # _groups.json may be missing (being written, or an interrupted overwrite)
         all_groups_known = len(self._groups) >= int(self._manifest.get("n_groups") or 0)
-        finished = all_groups_known and len(records) == len(self._groups)
+        # a stored status may be a task's RUNNING mark, written before the
+        # group runs (engine._CarefulTry): a run whose every group has a
+        # status, some of them such marks, still goes on (it read FAILURE or
+        # PARTIAL_FAILURE while its last groups ran, and predict took it for ended)
+        finished = (
+            all_groups_known
+            and len(records) == len(self._groups)
+            and all(status in FINAL_STATUSES for status in statuses)
+        )
         return _aggregate(statuses, PartitionStatus.CANCELLED in statuses and bool(self._manifest.get("cancelled")), finished)
 
     @property
