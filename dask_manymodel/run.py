@@ -632,8 +632,7 @@ class ManyModelRun:
         """The store refused the final ``_run.json``: the handle keeps its
         status, and the warning says what storage shows and what to do."""
         if self._manifest.get("status") == RunStatus.IN_PROGRESS.value:  # _finalize failed before setting it
-            statuses = [PartitionStatus(r["status"]) for r in self._records.values()]
-            self._manifest["status"] = _aggregate(statuses, False, True).value
+            self._manifest["status"] = _aggregate(self._final_statuses(), False, True).value
         logger.warning(
             "run %r ended %s, but its final status could not be written to %s (%s: %s). Until it is, its "
             "_run.json says IN_PROGRESS: restore_from and the CLI tell its status from the groups' stored "
@@ -743,9 +742,21 @@ class ManyModelRun:
         except Exception:  # the client is closed: the tasks go on
             logger.debug("could not set the cancel event of run %r", self.run_id, exc_info=True)
 
+    def _final_statuses(self) -> list[PartitionStatus]:
+        """Every group's status at the run's end, PENDING for a group with no
+        outcome. Only a resume leaves one: a group that its earlier start
+        never ran (its client was killed first) and that the resumed data
+        lacks, so that no task runs it. Left out, such a run was SUCCESS,
+        with a PENDING group in ``summary()`` and counts in ``_run.json``
+        that did not add up to ``n_groups`` (the same resume with no group
+        left to run was PARTIAL_FAILURE, see ``engine._start_run``)."""
+        statuses = [PartitionStatus(r["status"]) for r in self._records.values()]
+        unrun = sum(group["path"] not in self._records for group in self._groups)
+        return statuses + [PartitionStatus.PENDING] * unrun
+
     def _finalize(self) -> None:
         superseded = self._superseded_by()
-        statuses = [PartitionStatus(r["status"]) for r in self._records.values()]
+        statuses = self._final_statuses()
         counts = {s.value: statuses.count(s) for s in PartitionStatus if statuses.count(s)}
         cancelled = bool(self._manifest.get("cancelled")) or superseded is not None
         status = _aggregate(statuses, cancelled and PartitionStatus.CANCELLED in statuses, True)
