@@ -133,6 +133,24 @@ def test_a_permanent_store_failure_is_an_internal_error(client, flaky, tmp_path)
     assert [d.partition_id for d in run.get_progress()["DONE"]] == [0, 1, 2, 4, 5]
 
 
+def test_a_model_that_could_not_be_written_counts_no_bytes(client, flaky, tmp_path):
+    """Its group said the size of the model that is not there: the run's
+    bytes (summary()["bytes"].sum()) counted a file that was never stored."""
+    url = f"flaky://{tmp_path}/models"
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=2)
+    run = ddf.manymodel.train(
+        fit_line, by="store", url=url, run_id="r1", storage_options={"fail_paths": ["store=3/model.pkl"]},
+        execution_options=ExecutionOptions(storage_retries=0),
+    )
+    assert run.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    summary = run.summary().set_index("partition_id")
+    assert summary.loc[3, "status"] == "INTERNAL_ERROR" and summary.loc[3, "bytes"] == 0
+    stored = json.loads((tmp_path / "models" / "r1" / "store=3" / "_partition.json").read_text())
+    assert stored["bytes"] == 0
+    on_disk = sum(os.path.getsize(tmp_path / "models" / "r1" / f"store={g}" / "model.pkl") for g in (0, 1, 2))
+    assert summary["bytes"].sum() == on_disk
+
+
 def test_a_store_failure_before_the_tasks_start_marks_the_run_failed(client, flaky, tmp_path):
     """_run.json is written, then _groups.json fails: the run stayed
     IN_PROGRESS with no groups for good, and the error did not say that a
