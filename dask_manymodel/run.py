@@ -1120,7 +1120,14 @@ class ManyModelRun:
             if show_progress:
                 from tqdm.auto import tqdm
 
-                bar = tqdm(total=len(self._groups), desc=f"{self.kind} {self.run_id}", unit="group")
+                # starting from the groups final already (a resume's DONE ones):
+                # counted as finished in its first moment, they made the rate
+                # thousands of groups a second and the ETA 0 for a rerun of slow groups
+                total = len(self._groups)
+                bar = tqdm(
+                    total=total, initial=min(self._finished_count(), total), desc=f"{self.kind} {self.run_id}",
+                    unit="group",
+                )
             with outside_the_worker_pool():  # (in a Dask task: see start_run)
                 while not self._finished.wait(0.2):
                     if bar is not None:

@@ -105,6 +105,18 @@ def test_a_task_that_runs_again_is_counted_once(store_url):
     assert run._finished_count() == 7 + 4
 
 
+def test_the_bar_of_a_rerun_starts_from_the_groups_kept(finished, capsys):
+    """retry_failed() keeps the 11 DONE groups: the bar counted them as
+    finished in its first moment, so its rate was thousands of groups a
+    second and its ETA 0 however slow the groups run again."""
+    rerun = finished.retry_failed()
+    capsys.readouterr()
+    assert rerun.wait(show_progress=True) == RunStatus.PARTIAL_FAILURE
+    lines = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip()]
+    assert "11/12" in lines[0] and "?group/s" in lines[0], lines[0]
+    assert "12/12" in lines[-1] and "11 DONE, 1 FAILED" in lines[-1], lines[-1]
+
+
 def test_show_progress_false_prints_nothing(client, ddf, store_url, capsys):
     run = ddf.manymodel.train(fit_line, by="store", url=store_url, run_id="quiet")
     assert run.wait(show_progress=False) == RunStatus.SUCCESS
