@@ -188,11 +188,33 @@ class PartitionDetails:
         What the user function printed or logged (capped); read as the
         traceback is.
     seconds : float
-        Time spent on the group, model saving included.
+        Time the group took in its worker: the function's calls (its
+        retries too), a predict's model read, and making the model's or
+        output's file (with a serde that writes in memory, as
+        ``PickleSerde`` does, and for a predict's output, the upload goes
+        after, with a batch of groups' files, and is not in it). 0.0 for a
+        group that did not run. A group a resume kept DONE keeps the
+        seconds of the start that ran it.
     rows : int
-        Rows of the group.
+        Rows of the group's input: those the function got.
+    bytes : int
+        Size of the file the run stored for the group: its model (train)
+        or its ``part-0.parquet`` (predict). 0 for a DPF group, and for a
+        group that stored none (FAILED, CANCELLED, a predict that returned None);
+        files saved with ``ctx.upload`` are not counted.
     path : str
         Folder of the group, relative to the run.
+    attempts : int
+        How many times the function was called for the group in the start
+        of the run that recorded its outcome: 1, plus the retries of
+        ``ExecutionOptions(max_retries=...)`` it took. 0 when it was not
+        called: CANCELLED, too big for its worker, no model to predict with,
+        lost with its task, or its worker process died in it (then the
+        error says so). A resume or ``retry_failed()`` that runs the group
+        again counts from 0 again.
+    output_rows : int or None
+        Rows a predict group returned and stored (0 for None or an empty
+        frame); None in train and DPF runs.
     artifacts : Artifacts
         ``list()``, ``get(name)``, ``download(name, local_path)``.
     """
@@ -1045,7 +1067,14 @@ class ManyModelRun:
         return progress
 
     def summary(self) -> pd.DataFrame:
-        """One row per group: partition_id, status, seconds, rows, bytes, attempts, error, path."""
+        """One row per group: partition_id, status, seconds, rows, bytes, attempts, error, path.
+
+        Each column is the :class:`PartitionDetails` field of that name. The
+        rows come in the run's group order; the counts per status
+        (``summary()["status"].value_counts()``) are those of
+        :meth:`get_progress`, and, once the run has ended, of ``counts`` in
+        its ``_run.json``.
+        """
         rows = [
             {
                 "partition_id": d.partition_id,
