@@ -1191,10 +1191,13 @@ class ManyModelRun:
 
     def _end_bar(self, bar) -> None:
         """The bar at the run's end: the groups that ran (not those
-        cancelled before they started), the count per status, and red
-        unless the run is SUCCESS (tqdm paints a full bar green)."""
+        cancelled before they started, nor those a resume left PENDING),
+        the count per status, and red unless the run is SUCCESS (tqdm
+        paints a full bar green)."""
         counts = self._counts()
-        bar.update(len(self._groups) - counts.get(PartitionStatus.CANCELLED.value, 0) - bar.n)
+        ended = {status.value for status in FINAL_STATUSES} - {PartitionStatus.CANCELLED.value}
+        ran = sum(n for status, n in counts.items() if status in ended)
+        bar.update(ran - bar.n)
         bar.set_postfix_str(", ".join(f"{n:,} {status}" for status, n in counts.items()), refresh=False)
         if self.status != RunStatus.SUCCESS:
             bar.colour = "red"

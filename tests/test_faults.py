@@ -669,7 +669,7 @@ def test_a_resume_with_no_group_left_to_run_ends_with_the_stored_outcomes(client
     assert ManyModelRun.restore_from("r1", url).status == RunStatus.PARTIAL_FAILURE
 
 
-def test_a_resume_whose_data_lacks_a_group_never_run_is_no_success(client, tmp_path):
+def test_a_resume_whose_data_lacks_a_group_never_run_is_no_success(client, tmp_path, capsys):
     """Its earlier start was killed before group 5 ran (no status), and the
     data resumed with has no group 5: nothing runs it. The run said SUCCESS,
     with group 5 PENDING in its summary and _run.json's counts one group
@@ -683,8 +683,12 @@ def test_a_resume_whose_data_lacks_a_group_never_run_is_no_success(client, tmp_p
     Path(os.environ["MANYMODEL_TEST_FLAG"]).unlink()  # group 3 runs DONE now
     without_5 = dd.from_pandas(frame[frame.store != 5], npartitions=2)
     resumed = without_5.manymodel.train(fail_when_flag, by="store", url=url, run_id="r1", on_existing_artifacts="resume")
-    assert resumed.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    capsys.readouterr()
+    assert resumed.wait(show_progress=True) == RunStatus.PARTIAL_FAILURE
     assert resumed.get_progress()["PENDING"][0].partition_id == 5
+    # the bar counts the groups that ran (it said 100%, 6/6)
+    final = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "5/6" in final and final.endswith("1 PENDING, 5 DONE]"), final
     stored = json.loads(Path(url, "r1", "_run.json").read_text())
     assert (stored["status"], stored["counts"]) == ("PARTIAL_FAILURE", {"PENDING": 1, "DONE": 5})
     assert sum(stored["counts"].values()) == stored["n_groups"] == 6
