@@ -2339,7 +2339,12 @@ class _PendingWrites:
                     status="INTERNAL_ERROR",
                     error=f"could not write {lost[0]}: {type(error).__name__}: {error}",
                     traceback="".join(traceback.format_exception(error)),
+                    # nothing stored: the sizes of the model or output that
+                    # is not there would count in the run's bytes
+                    bytes=0,
                 )
+                if "output_rows" in record:
+                    record["output_rows"] = 0
             path = store.path(record["path"], PARTITION_FILE)
             status_paths.append(path)
             statuses[path] = json.dumps(record, indent=None, default=str).encode()

@@ -266,11 +266,33 @@ class PartitionDetails:
         What the user function printed or logged (capped); read as the
         traceback is.
     seconds : float
-        Time spent on the group, model saving included.
+        Time the group took in its worker: the function's calls (its
+        retries too), a predict's model read, and making the model's or
+        output's file (with a serde that writes in memory, as
+        ``PickleSerde`` does, and for a predict's output, the upload goes
+        after, with a batch of groups' files, and is not in it). 0.0 for a
+        group that did not run. A group a resume kept DONE keeps the
+        seconds of the start that ran it.
     rows : int
-        Rows of the group.
+        Rows of the group's input: those the function got.
+    bytes : int
+        Size of the file the run stored for the group: its model (train)
+        or its ``part-0.parquet`` (predict). 0 for a DPF group, and for a
+        group that stored none (FAILED, CANCELLED, a predict that returned None);
+        files saved with ``ctx.upload`` are not counted.
     path : str
         Folder of the group, relative to the run.
+    attempts : int
+        How many times the function was called for the group in the start
+        of the run that recorded its outcome: 1, plus the retries of
+        ``ExecutionOptions(max_retries=...)`` it took. 0 when it was not
+        called: CANCELLED, too big for its worker, no model to predict with,
+        lost with its task, or its worker process died in it (then the
+        error says so). A resume or ``retry_failed()`` that runs the group
+        again counts from 0 again.
+    output_rows : int or None
+        Rows a predict group returned and stored (0 for None or an empty
+        frame); None in train and DPF runs.
     artifacts : Artifacts
         ``list()``, ``get(name)``, ``download(name, local_path)``.
     """
@@ -710,8 +732,7 @@ class ManyModelRun:
         """The store refused the final ``_run.json``: the handle keeps its
         status, and the warning says what storage shows and what to do."""
         if self._manifest.get("status") == RunStatus.IN_PROGRESS.value:  # _finalize failed before setting it
-            statuses = [PartitionStatus(r["status"]) for r in self._records.values()]
-            self._manifest["status"] = _aggregate(statuses, False, True).value
+            self._manifest["status"] = _aggregate(self._final_statuses(), False, True).value
         logger.warning(
             "run %r ended %s, but its final status could not be written to %s (%s: %s). Until it is, its "
             "_run.json says IN_PROGRESS: restore_from and the CLI tell its status from the groups' stored "
@@ -821,9 +842,21 @@ class ManyModelRun:
         except Exception:  # the client is closed: the tasks go on
             logger.debug("could not set the cancel event of run %r", self.run_id, exc_info=True)
 
+    def _final_statuses(self) -> list[PartitionStatus]:
+        """Every group's status at the run's end, PENDING for a group with no
+        outcome. Only a resume leaves one: a group that its earlier start
+        never ran (its client was killed first) and that the resumed data
+        lacks, so that no task runs it. Left out, such a run was SUCCESS,
+        with a PENDING group in ``summary()`` and counts in ``_run.json``
+        that did not add up to ``n_groups`` (the same resume with no group
+        left to run was PARTIAL_FAILURE, see ``engine._start_run``)."""
+        statuses = [PartitionStatus(r["status"]) for r in self._records.values()]
+        unrun = sum(group["path"] not in self._records for group in self._groups)
+        return statuses + [PartitionStatus.PENDING] * unrun
+
     def _finalize(self) -> None:
         superseded = self._superseded_by()
-        statuses = [PartitionStatus(r["status"]) for r in self._records.values()]
+        statuses = self._final_statuses()
         counts = {s.value: statuses.count(s) for s in PartitionStatus if statuses.count(s)}
         cancelled = bool(self._manifest.get("cancelled")) or superseded is not None
         status = _aggregate(statuses, cancelled and PartitionStatus.CANCELLED in statuses, True)
@@ -1085,7 +1118,15 @@ class ManyModelRun:
         statuses = [PartitionStatus(r["status"]) for r in records.values()]
         # _groups.json may be missing (being written, or an interrupted overwrite)
         all_groups_known = len(self._groups) >= int(self._manifest.get("n_groups") or 0)
-        finished = all_groups_known and len(records) == len(self._groups)
+        # a stored status may be a task's RUNNING mark, written before the
+        # group runs (engine._CarefulTry): a run whose every group has a
+        # status, some of them such marks, still goes on (it read FAILURE or
+        # PARTIAL_FAILURE while its last groups ran, and predict took it for ended)
+        finished = (
+            all_groups_known
+            and len(records) == len(self._groups)
+            and all(status in FINAL_STATUSES for status in statuses)
+        )
         return _aggregate(statuses, PartitionStatus.CANCELLED in statuses and bool(self._manifest.get("cancelled")), finished)
 
     @property
@@ -1107,7 +1148,14 @@ class ManyModelRun:
         return progress
 
     def summary(self) -> pd.DataFrame:
-        """One row per group: partition_id, status, seconds, rows, bytes, attempts, error, path."""
+        """One row per group: partition_id, status, seconds, rows, bytes, attempts, error, path.
+
+        Each column is the :class:`PartitionDetails` field of that name. The
+        rows come in the run's group order; the counts per status
+        (``summary()["status"].value_counts()``) are those of
+        :meth:`get_progress`, and, once the run has ended, of ``counts`` in
+        its ``_run.json``.
+        """
         rows = [
             {
                 "partition_id": d.partition_id,
@@ -1182,7 +1230,14 @@ class ManyModelRun:
             if show_progress:
                 from tqdm.auto import tqdm
 
-                bar = tqdm(total=len(self._groups), desc=f"{self.kind} {self.run_id}", unit="group")
+                # starting from the groups final already (a resume's DONE ones):
+                # counted as finished in its first moment, they made the rate
+                # thousands of groups a second and the ETA 0 for a rerun of slow groups
+                total = len(self._groups)
+                bar = tqdm(
+                    total=total, initial=min(self._finished_count(), total), desc=f"{self.kind} {self.run_id}",
+                    unit="group",
+                )
             with outside_the_worker_pool():  # (in a Dask task: see start_run)
                 while not self._finished.wait(0.2):
                     if bar is not None:
@@ -1217,10 +1272,13 @@ class ManyModelRun:
 
     def _end_bar(self, bar) -> None:
         """The bar at the run's end: the groups that ran (not those
-        cancelled before they started), the count per status, and red
-        unless the run is SUCCESS (tqdm paints a full bar green)."""
+        cancelled before they started, nor those a resume left PENDING),
+        the count per status, and red unless the run is SUCCESS (tqdm
+        paints a full bar green)."""
         counts = self._counts()
-        bar.update(len(self._groups) - counts.get(PartitionStatus.CANCELLED.value, 0) - bar.n)
+        ended = {status.value for status in FINAL_STATUSES} - {PartitionStatus.CANCELLED.value}
+        ran = sum(n for status, n in counts.items() if status in ended)
+        bar.update(ran - bar.n)
         bar.set_postfix_str(", ".join(f"{n:,} {status}" for status, n in counts.items()), refresh=False)
         if self.status != RunStatus.SUCCESS:
             bar.colour = "red"

@@ -133,6 +133,24 @@ def test_a_permanent_store_failure_is_an_internal_error(client, flaky, tmp_path)
     assert [d.partition_id for d in run.get_progress()["DONE"]] == [0, 1, 2, 4, 5]
 
 
+def test_a_model_that_could_not_be_written_counts_no_bytes(client, flaky, tmp_path):
+    """Its group said the size of the model that is not there: the run's
+    bytes (summary()["bytes"].sum()) counted a file that was never stored."""
+    url = f"flaky://{tmp_path}/models"
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=2)
+    run = ddf.manymodel.train(
+        fit_line, by="store", url=url, run_id="r1", storage_options={"fail_paths": ["store=3/model.pkl"]},
+        execution_options=ExecutionOptions(storage_retries=0),
+    )
+    assert run.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    summary = run.summary().set_index("partition_id")
+    assert summary.loc[3, "status"] == "INTERNAL_ERROR" and summary.loc[3, "bytes"] == 0
+    stored = json.loads((tmp_path / "models" / "r1" / "store=3" / "_partition.json").read_text())
+    assert stored["bytes"] == 0
+    on_disk = sum(os.path.getsize(tmp_path / "models" / "r1" / f"store={g}" / "model.pkl") for g in (0, 1, 2))
+    assert summary["bytes"].sum() == on_disk
+
+
 def test_a_store_failure_before_the_tasks_start_marks_the_run_failed(client, flaky, tmp_path):
     """_run.json is written, then _groups.json fails: the run stayed
     IN_PROGRESS with no groups for good, and the error did not say that a
@@ -648,6 +666,32 @@ def test_a_resume_with_no_group_left_to_run_ends_with_the_stored_outcomes(client
     stored = json.loads(Path(url, "r1", "_run.json").read_text())
     assert (stored["status"], stored["counts"]) == ("PARTIAL_FAILURE", {"DONE": 5, "FAILED": 1})
     assert stored["finished"] is not None
+    assert ManyModelRun.restore_from("r1", url).status == RunStatus.PARTIAL_FAILURE
+
+
+def test_a_resume_whose_data_lacks_a_group_never_run_is_no_success(client, tmp_path, capsys):
+    """Its earlier start was killed before group 5 ran (no status), and the
+    data resumed with has no group 5: nothing runs it. The run said SUCCESS,
+    with group 5 PENDING in its summary and _run.json's counts one group
+    short; the same resume with no group left to run said PARTIAL_FAILURE."""
+    frame = make_frame(n_groups=6, rows=5)
+    _, _, url = first_pass_failing_3_13_23(client, tmp_path, fail_when_flag, frame)
+    # what a client killed before group 5 ran leaves
+    os.remove(os.path.join(url, "r1", "store=5", "_partition.json"))
+    manifest = json.loads(Path(url, "r1", "_run.json").read_text())
+    Path(url, "r1", "_run.json").write_text(json.dumps({**manifest, "status": "IN_PROGRESS", "counts": {}}))
+    Path(os.environ["MANYMODEL_TEST_FLAG"]).unlink()  # group 3 runs DONE now
+    without_5 = dd.from_pandas(frame[frame.store != 5], npartitions=2)
+    resumed = without_5.manymodel.train(fail_when_flag, by="store", url=url, run_id="r1", on_existing_artifacts="resume")
+    capsys.readouterr()
+    assert resumed.wait(show_progress=True) == RunStatus.PARTIAL_FAILURE
+    assert resumed.get_progress()["PENDING"][0].partition_id == 5
+    # the bar counts the groups that ran (it said 100%, 6/6)
+    final = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "5/6" in final and final.endswith("1 PENDING, 5 DONE]"), final
+    stored = json.loads(Path(url, "r1", "_run.json").read_text())
+    assert (stored["status"], stored["counts"]) == ("PARTIAL_FAILURE", {"PENDING": 1, "DONE": 5})
+    assert sum(stored["counts"].values()) == stored["n_groups"] == 6
     assert ManyModelRun.restore_from("r1", url).status == RunStatus.PARTIAL_FAILURE
 
 

@@ -105,6 +105,18 @@ def test_a_task_that_runs_again_is_counted_once(store_url):
     assert run._finished_count() == 7 + 4
 
 
+def test_the_bar_of_a_rerun_starts_from_the_groups_kept(finished, capsys):
+    """retry_failed() keeps the 11 DONE groups: the bar counted them as
+    finished in its first moment, so its rate was thousands of groups a
+    second and its ETA 0 however slow the groups run again."""
+    rerun = finished.retry_failed()
+    capsys.readouterr()
+    assert rerun.wait(show_progress=True) == RunStatus.PARTIAL_FAILURE
+    lines = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip()]
+    assert "11/12" in lines[0] and "?group/s" in lines[0], lines[0]
+    assert "12/12" in lines[-1] and "11 DONE, 1 FAILED" in lines[-1], lines[-1]
+
+
 def test_show_progress_false_prints_nothing(client, ddf, store_url, capsys):
     run = ddf.manymodel.train(fit_line, by="store", url=store_url, run_id="quiet")
     assert run.wait(show_progress=False) == RunStatus.SUCCESS
@@ -412,3 +424,38 @@ def test_a_live_handle_reads_a_finished_group_once_while_its_task_runs(client, s
     assert run.summary()["status"].eq("DONE").all()
     # a mapping held since then, once iterated over, still shows a group still going as it is now
     assert held[19].status.value == "DONE"
+
+
+def test_a_run_whose_last_groups_run_is_in_progress_as_restored(client, store_url, capsys):
+    """Each task marks its first group RUNNING in storage before it runs it.
+    With one group per task, every group of a run had a status while its
+    last ones ran: restore_from(...).status, `dask-manymodel runs` and
+    predict's check of its training took those marks for final (here
+    PARTIAL_FAILURE) while the run went on."""
+    from dask_manymodel import InvalidArgumentError
+    from dask_manymodel.cli import main
+
+    # one group per task; uneven, so that the scheduler hands the tasks out
+    # largest first, and group 0's (the smallest, held) starts last
+    frame = make_frame(n_groups=4, rows=40)
+    frame = frame[(frame.store == 1) | (frame.index % 40 < 2 * (1 + frame.store))]
+    ddf = dd.from_pandas(frame, npartitions=2)
+    gate = os.path.join(store_url, "..", "release")
+    run = ddf.manymodel.train(functools.partial(group_zero_held, gate), by="store", url=store_url, run_id="r1",
+                              execution_options=ExecutionOptions(npartitions=4))
+    restored = ManyModelRun.restore_from("r1", store_url)
+    try:
+        # groups 1-3 DONE, group 0 running under its task's mark
+        poll(lambda: [d.status.value for d in restored.partition_details.values()] == ["RUNNING"] + ["DONE"] * 3)
+        assert restored.status == RunStatus.IN_PROGRESS
+        assert "IN_PROGRESS" in repr(restored)
+        capsys.readouterr()
+        assert main(["runs", store_url]) == 0
+        assert capsys.readouterr().out.splitlines()[1].split()[:3] == ["r1", "train", "IN_PROGRESS"]
+        with pytest.raises(InvalidArgumentError, match="training run 'r1' at .* is still in progress"):
+            ddf.manymodel.predict(lambda data, model, ctx: None, by="store", url=store_url,
+                                  training_run_id="r1", run_id="s1")
+    finally:
+        open(gate, "w").close()
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    assert ManyModelRun.restore_from("r1", store_url).status == RunStatus.SUCCESS
