@@ -44,6 +44,7 @@ from .store import (
     cat_files,
     group_path,
     is_null,
+    keep_few_file_systems,
     normalize_key,
     paths_in_zones,
     scratch_folder,
@@ -1887,6 +1888,7 @@ def _read_output(items: list[tuple[str, tuple]], fs, by: list[str], layout: pd.D
     Otherwise each group's frame is laid out alone. pandas' concat of the
     frames then reconciles their dtypes, as it did group by group.
     """
+    keep_few_file_systems(fs)  # unpickled here: made or found in fsspec's cache
     frames = []
     start, batch_files = 0, min(16, _BATCH_FILES)
     while start < len(items):
