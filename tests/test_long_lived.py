@@ -3,18 +3,22 @@ with the number of runs, in its workers, its scheduler or the client."""
 
 from __future__ import annotations
 
+import functools
+import os
 import uuid
 
 import dask.dataframe as dd
 import pytest
 
 import dask_manymodel  # noqa: F401
-from dask_manymodel import RunStatus
+from dask_manymodel import ExecutionOptions, RunStatus
 from dask_manymodel import store as store_module
 from dask_manymodel.store import open_url
 
 from . import flaky_fs
-from .conftest import fit_line, make_frame
+from .conftest import (
+    announce_cancel_event, cancel_checked_before_every_group, fit_line, held_until_cancelled, make_frame, poll,
+)
 
 KEEP = 2  # file systems kept, for these tests (fewer runs than the real bound's)
 
@@ -82,3 +86,39 @@ def test_a_file_system_taken_out_of_the_cache_still_works(tmp_path, monkeypatch)
     first.pipe_file(f"{tmp_path}/a.txt", b"still works")
     again, _ = open_url(f"flaky://{tmp_path}", {"seed": f"{tag}0"})
     assert again.cat_file(f"{tmp_path}/a.txt") == b"still works"
+
+
+def _cancel_events(dask_scheduler) -> list[str]:
+    """The runs' cancel events the scheduler holds."""
+    return [name for name in dask_scheduler.extensions["events"]._events if str(name).startswith("manymodel-cancel-")]
+
+
+def fail_on_group_1(data, ctx):
+    if ctx.partition_id == 1:
+        raise ValueError("group 1 fails")
+    return fit_line(data, ctx)
+
+
+def test_a_stopped_run_leaves_no_cancel_event_on_the_scheduler(client, store_url, tmp_path):
+    """Each run that was cancelled, or stopped by fail_fast, left its cancel
+    event set on the scheduler for as long as the cluster ran (Dask's Events
+    end only when cleared)."""
+    before = set(client.run_on_scheduler(_cancel_events))
+    ddf = dd.from_pandas(make_frame(n_groups=6, rows=5), npartitions=2)
+    stopped = ddf.manymodel.train(
+        fail_on_group_1, by="store", url=store_url, run_id="fail-fast",
+        execution_options=ExecutionOptions(fail_fast=True),
+    )
+    assert stopped.wait(show_progress=False) in (RunStatus.FAILURE, RunStatus.PARTIAL_FAILURE)
+
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    with cancel_checked_before_every_group(client):
+        cancelled = ddf.manymodel.train(
+            functools.partial(held_until_cancelled, str(gates)), by="store", url=store_url, run_id="cancelled",
+        )
+        announce_cancel_event(gates, cancelled)
+        poll(lambda: any(name.startswith("running-") for name in os.listdir(gates)))
+        assert cancelled.cancel() == RunStatus.CANCELLED
+
+    assert set(client.run_on_scheduler(_cancel_events)) - before == set()
