@@ -4,6 +4,7 @@ with the number of runs, in its workers, its scheduler or the client."""
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import uuid
 
@@ -11,7 +12,7 @@ import dask.dataframe as dd
 import pytest
 
 import dask_manymodel  # noqa: F401
-from dask_manymodel import ExecutionOptions, RunStatus
+from dask_manymodel import ExecutionOptions, PickleSerde, RunStatus
 from dask_manymodel import store as store_module
 from dask_manymodel.store import open_url
 
@@ -122,3 +123,33 @@ def test_a_stopped_run_leaves_no_cancel_event_on_the_scheduler(client, store_url
         assert cancelled.cancel() == RunStatus.CANCELLED
 
     assert set(client.run_on_scheduler(_cancel_events)) - before == set()
+
+
+def _new_serde_class() -> type:
+    """As a notebook cell that defines a serde, run again: a class of the
+    same name, a new object each time (pickled by value to the workers)."""
+
+    class CellSerde(PickleSerde):
+        pass
+
+    return CellSerde
+
+
+def _serde_classes_alive() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, type) and o.__name__ == "CellSerde")
+
+
+def test_workers_let_go_of_the_serde_classes_of_ended_runs(client, store_url):
+    """A serde class defined anew for each run (a notebook cell run again)
+    stayed in every worker for good, with all its methods refer to: the
+    answer to "does it write in memory?" was cached by class, never let go."""
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=2)
+    for number in range(3):
+        run = ddf.manymodel.train(
+            fit_line, by="store", url=store_url, run_id=f"r{number}", serde=_new_serde_class()()
+        )
+        assert run.wait(show_progress=False) == RunStatus.SUCCESS
+        del run
+    # (the last run's class goes once its workers forget its spec)
+    poll(lambda: all(alive <= 1 for alive in client.run(_serde_classes_alive).values()), timeout=10)
