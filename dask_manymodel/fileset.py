@@ -43,7 +43,8 @@ from .engine import (
 )
 from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError, InvalidArgumentError
 from .store import (
-    RUN_MANIFEST, RunStore, _is_local, any_read_as_pattern, open_url, read_file, remove_files, remove_paths,
+    RUN_MANIFEST, RunStore, _is_local, any_read_as_pattern, keep_few_file_systems, open_url, read_file,
+    remove_files, remove_paths,
     resolved_url, shown_url, without_pandas_metadata_of,
 )
 
@@ -473,6 +474,7 @@ def _identity(manifest: dict) -> tuple:
 
 
 def _read_parquet_file(path: str, fs) -> pd.DataFrame:
+    keep_few_file_systems(fs)  # unpickled here: made or found in fsspec's cache
     with fs.open(path, "rb") as f:
         return _to_pandas(pq.read_table(f))
 

@@ -44,6 +44,7 @@ from .store import (
     cat_files,
     group_path,
     is_null,
+    keep_few_file_systems,
     normalize_key,
     paths_in_zones,
     scratch_folder,
@@ -577,6 +578,7 @@ class ManyModelRun:
         # per task, the most groups its progress events said were finished
         self._task_progress: dict[Any, int] = {}
         self._finished = threading.Event()
+        self._cancel_event_set = False  # by this handle (see _clear_cancel_event)
         # the threads in wait() now, and when others left it (see end_live_runs)
         self._waiting: list[threading.Thread] = []
         self._pid = os.getpid()  # the process that follows the run (see _refuse_where_it_waits_for_ever)
@@ -683,6 +685,7 @@ class ManyModelRun:
             _live_runs.pop(self._spec.submission, None)
             with self._lock:
                 self._stored_outcomes = {}  # the collected records have them all now
+            self._clear_cancel_event()
             self._finished.set()
 
     def _keep(self, records: list[dict]) -> None:
@@ -837,6 +840,7 @@ class ManyModelRun:
     def _set_cancel_event(self) -> None:
         """Tell the run's tasks to stop before their next group (fail_fast for
         a group the client FAILED, a task cancelled outside the run)."""
+        self._cancel_event_set = True
         try:
             distributed.Event(self._spec.cancel_event, client=self._client).set()
         except Exception:  # the client is closed: the tasks go on
@@ -853,6 +857,21 @@ class ManyModelRun:
         statuses = [PartitionStatus(r["status"]) for r in self._records.values()]
         unrun = sum(group["path"] not in self._records for group in self._groups)
         return statuses + [PartitionStatus.PENDING] * unrun
+
+    def _clear_cancel_event(self) -> None:
+        """Every task of the run has ended: the scheduler may forget the run's
+        cancel event. A set event stays on the scheduler until it is cleared
+        (Dask's Events have no other end): a cluster kept up for days kept one
+        per run that was cancelled or stopped by fail_fast. A task cut off
+        outside the run that still goes on stops at the fence in ``_run.json``
+        (``engine.superseded_by``)."""
+        if not (self._manifest.get("cancelled") or self._spec.options.fail_fast or self._cancel_event_set):
+            return  # never set: nothing to forget (and no round trip)
+        try:
+            # clearing an event no one waits on deletes it
+            distributed.Event(self._spec.cancel_event, client=self._client).clear()
+        except Exception:  # the client is closed: the cluster went, or goes on without it
+            logger.debug("could not clear the cancel event of run %r", self.run_id, exc_info=True)
 
     def _finalize(self) -> None:
         superseded = self._superseded_by()
@@ -1302,6 +1321,7 @@ class ManyModelRun:
             return self.status
         self._refuse_where_it_waits_for_ever("cancel()", "run.cancel")
         self._manifest["cancelled"] = True
+        self._cancel_event_set = True
         distributed.Event(self._spec.cancel_event, client=self._client).set()
         from ._client import outside_the_worker_pool
 
@@ -1317,6 +1337,8 @@ class ManyModelRun:
                 if unrunnable:
                     self._client.cancel([f for f in self._futures if f.key in unrunnable and not f.done()])
                 if self._finished.wait(_CANCEL_RECHECK_SECONDS):
+                    # (the run may have ended just as the event was set)
+                    self._clear_cancel_event()
                     return self.status
                 if deadline is not None and time.monotonic() > deadline:
                     raise RunTimeoutError(f"run {self.run_id!r} did not stop within {timeout}s")
@@ -2026,6 +2048,7 @@ def _read_output(items: list[tuple[str, tuple]], fs, by: list[str], layout: pd.D
     Otherwise each group's frame is laid out alone. pandas' concat of the
     frames then reconciles their dtypes, as it did group by group.
     """
+    keep_few_file_systems(fs)  # unpickled here: made or found in fsspec's cache
     frames = []
     start, batch_files = 0, min(16, _BATCH_FILES)
     while start < len(items):

@@ -13,9 +13,9 @@ serde free of storage concerns, and lets libraries that want a real path
 from __future__ import annotations
 
 import abc
-import functools
 import importlib
 import pickle
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -230,14 +230,25 @@ def writes_in_memory(serde: ModelSerde) -> bool:
     return _class_writes_in_memory(type(serde))
 
 
-@functools.lru_cache(maxsize=None)
-def _class_writes_in_memory(serde_class: type) -> bool:
-    # asked once per group: the walk of the class tree is done once per class
-    def owner(name: str) -> type:
-        return next(cls for cls in serde_class.__mro__ if name in vars(cls))
+# Per serde class, the answer of _class_writes_in_memory: asked once per
+# group, worked out once per class. Weakly: a serde class defined in a
+# notebook is a new class each time its cell runs, and each run's workers
+# unpickle it anew (by value); a cache that held its classes kept every one
+# of them, and all their methods refer to, in every worker for good.
+_writes_in_memory_by_class: "weakref.WeakKeyDictionary[type, bool]" = weakref.WeakKeyDictionary()
 
-    to_bytes = owner("to_bytes")
-    return to_bytes is not ModelSerde and issubclass(to_bytes, owner("write"))
+
+def _class_writes_in_memory(serde_class: type) -> bool:
+    known = _writes_in_memory_by_class.get(serde_class)
+    if known is None:
+
+        def owner(name: str) -> type:
+            return next(cls for cls in serde_class.__mro__ if name in vars(cls))
+
+        to_bytes = owner("to_bytes")
+        known = to_bytes is not ModelSerde and issubclass(to_bytes, owner("write"))
+        _writes_in_memory_by_class[serde_class] = known
+    return known
 
 
 def serde_to_manifest(serde: ModelSerde) -> dict:

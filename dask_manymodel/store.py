@@ -33,8 +33,10 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any, Callable, Sequence, TypeVar
 from urllib.parse import quote
 
@@ -389,7 +391,43 @@ def open_url(url: str, storage_options: dict | None = None) -> tuple[fsspec.Abst
             f"cannot open url {shown_url(url)!r}: {head!r} names no home folder here ({why}). "
             f"A folder named {head!r} in the working directory is './{head}'"
         )
-    return fs, path.rstrip("/") or "/"
+    return keep_few_file_systems(fs), path.rstrip("/") or "/"
+
+
+# fsspec keeps every file system instance it makes for the life of the
+# process, one per distinct set of storage_options (its instance cache,
+# cleared only by clear_instance_cache()). A cluster kept up for days whose
+# runs each bring new temporary credentials (STS session tokens, SAS tokens,
+# OAuth tokens) kept one S3FileSystem per run, with its botocore client (~13 MB),
+# in every worker and in the client, for good. dask_manymodel keeps in that
+# cache only the few it used last; runs still going on hold their own.
+_KEEP_FILE_SYSTEMS = 8
+_used_file_systems: "OrderedDict[tuple[type, str], None]" = OrderedDict()
+_used_file_systems_lock = threading.Lock()
+
+
+def keep_few_file_systems(fs: Any) -> Any:
+    """Note that ``fs`` is used now, and take the file systems that
+    dask_manymodel used least recently beyond :data:`_KEEP_FILE_SYSTEMS` out
+    of fsspec's instance cache (so that they go once nothing holds them).
+    Returns ``fs``. Called wherever a process gets a file system for a run:
+    :func:`open_url` and a :class:`RunStore` or file system unpickled in a task."""
+    cls = type(fs)
+    token = getattr(fs, "_fs_token_", None)
+    if not isinstance(token, str) or not getattr(cls, "cachable", False):
+        return fs
+    with _used_file_systems_lock:
+        _used_file_systems[(cls, token)] = None
+        _used_file_systems.move_to_end((cls, token))
+        while len(_used_file_systems) > _KEEP_FILE_SYSTEMS:
+            (old_cls, old_token), _ = _used_file_systems.popitem(last=False)
+            cache = getattr(old_cls, "_cache", None)
+            # not the one fsspec's S3FileSystem.current() names: it reads it from the cache
+            if cache is None or getattr(old_cls, "_latest", None) == old_token:
+                continue
+            with getattr(old_cls, "_instantiation_lock", contextlib.nullcontext()):
+                cache.pop(old_token, None)
+    return fs
 
 
 def resolved_url(url: Any, fs: fsspec.AbstractFileSystem, base: str) -> str:
@@ -716,6 +754,12 @@ class RunStore:
 
     def __repr__(self) -> str:
         return f"RunStore({self.url_shown!r}, {self.run_id!r})"
+
+    def __setstate__(self, state: dict) -> None:
+        # a task's copy (the run's spec, a restored handle sent to the
+        # workers): its file system was made or found in fsspec's cache there
+        self.__dict__.update(state)
+        keep_few_file_systems(self.fs)
 
     def sibling(self, run_id: str) -> "RunStore":
         """Run ``run_id`` under the same URL, on the same file system, with
