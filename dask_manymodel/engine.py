@@ -3043,11 +3043,24 @@ def _start_run(
             # today (see _merge_for_resume): only now, as a start refused
             # before its manifest deletes nothing
             remove_paths(store.fs, [store.path(path) for path in moved])
-        if stale:
-            # the outcomes the earlier pass stored for the groups that run
-            # again (until they are gone, readers skip them: another
-            # submission's, see ManyModelRun._read_statuses)
-            store.delete_files([store.path(path, PARTITION_FILE) for path in stale])
+        # the outcomes the earlier pass stored for the groups that run again
+        # (until they are gone, readers skip them: another submission's, see
+        # ManyModelRun._read_statuses), and with them the model or
+        # part-0.parquet an earlier start of such a group wrote (it may have
+        # been killed after its file, before its status): a rerun that fails,
+        # returns None or is cancelled writes none, and the old file stayed
+        # beside its FAILED status, read by any hive reader of the run's
+        # folder (pd.read_parquet counted a FAILED group's old predictions).
+        # Of every group that runs again, status or not, in the one batched
+        # delete. ctx.upload's files stay: their names are the user's.
+        doomed = [
+            store.path(path, name)
+            for path in counted_paths if previous is not None and path not in done_paths
+            for name in sorted(spec.own_file_names)
+        ]
+        doomed += [store.path(path, PARTITION_FILE) for path in stale]
+        if doomed:
+            store.delete_files(doomed)
         for record in refused_records:
             _write_status(spec, record)
         # kept in memory by the handle for retry_failed(); never written anywhere

@@ -98,7 +98,8 @@ FINAL_STATUSES = frozenset(
 
 
 class Artifacts:
-    """The files a group saved with ``ctx.upload`` (and the model file)."""
+    """The files a group saved with ``ctx.upload``, and its model file (train) or
+    ``part-0.parquet`` (a predict group that returned a frame, one of no rows too)."""
 
     def __init__(self, store: RunStore, folder: str, names: list[str]):
         self._store = store
@@ -1116,7 +1117,12 @@ class ManyModelRun:
         serde = self._manifest.get("serde")
         if record.get("status") == "DONE" and self.kind == "train" and serde:
             names.insert(0, serde["filename"])
-        if record.get("status") == "DONE" and record.get("output_rows"):
+        # a predict group that returned a frame of no rows stored its
+        # part-0.parquet too (one returned None stored nothing): the file's
+        # bytes tell, not its rows, which left the stored file out of list()
+        if record.get("status") == "DONE" and self.kind == "predict" and (
+            record.get("bytes") or record.get("output_rows")
+        ):
             from .engine import OUTPUT_FILE
 
             names.append(OUTPUT_FILE)

@@ -1180,8 +1180,9 @@ class RunStore:
     def delete_files(self, paths: list[str]) -> None:
         """Remove these files; those already gone are no error. On an object
         store in batches (:func:`remove_files`): a resume, ``retry_failed()``
-        among them, deletes the stored status of every group it runs again
-        before its tasks start, and one request per file, one after another,
+        among them, deletes the stored status and the model or output file of
+        every group it runs again before its tasks start, and one request per
+        file, one after another,
         took minutes with thousands of failed groups."""
         self._retry(lambda: remove_files(self.fs, paths), f"deleting {len(paths)} file(s) of {self.root}")
         self.fs.invalidate_cache(self.root)

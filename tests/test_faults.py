@@ -20,6 +20,7 @@ from pathlib import Path
 import dask
 import dask.dataframe as dd
 import distributed
+import fsspec
 import numpy as np
 import pandas as pd
 import pytest
@@ -1221,3 +1222,76 @@ def test_the_died_in_group_message_reads_as_sentences_after_dasks_own():
     for others in (0, 2):
         message = engine._died_in_group_message((3,), killed, others=others)
         assert "killed.html. " in message and ".." not in message, message
+
+
+def predict_when_flag(data, model, ctx):
+    """A predict function: while the flag file exists, group 3 fails and group 4 returns None."""
+    if os.path.exists(os.environ["MANYMODEL_TEST_FLAG"]) and ctx.partition_id in (3, 4):
+        if ctx.partition_id == 3:
+            raise RuntimeError("group 3 failed this time")
+        return None
+    return data.to_pandas()[["x"]].assign(pred=float(model[0]))
+
+
+def as_if_killed_after_its_file(fs, run_folder: str) -> None:
+    """Group 3 was killed after writing its file, before its status; group 4
+    after its file, with its task's RUNNING mark as its status."""
+    fs.rm_file(f"{run_folder}/store=3/_partition.json")
+    path = f"{run_folder}/store=4/_partition.json"
+    status = json.loads(fs.cat_file(path))
+    status.update(status="RUNNING")
+    fs.pipe_file(path, json.dumps(status).encode())
+
+
+def test_a_rerun_that_writes_no_output_leaves_no_old_output_in_the_folder(client, tmp_path):
+    """A group run again whose rerun FAILED (or returned None) kept the
+    part-0.parquet an earlier start wrote: pd.read_parquet of the run's
+    folder counted a FAILED group's old predictions."""
+    url = str(tmp_path / "m")
+    flag = tmp_path / "flag"
+    set_worker_env(client, "MANYMODEL_TEST_FLAG", str(flag))
+    ddf = dd.from_pandas(make_frame(n_groups=6, rows=5), npartitions=2)
+    ddf.manymodel.train(fit_line, by="store", url=url, run_id="t").wait(show_progress=False)
+    first = ddf.manymodel.predict(predict_when_flag, by="store", url=url, training_run_id="t", run_id="p")
+    assert first.wait(show_progress=False) == RunStatus.SUCCESS
+    folder = os.path.join(url, "p")
+    as_if_killed_after_its_file(fsspec.filesystem("file"), folder)
+    kept = os.stat(os.path.join(folder, "store=0", "part-0.parquet")).st_mtime_ns
+
+    flag.touch()
+    again = ddf.manymodel.predict(predict_when_flag, by="store", url=url, training_run_id="t", run_id="p",
+                                  on_existing_artifacts="resume")
+    assert again.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    assert again.partition_details[3].status == PartitionStatus.FAILED
+    assert again.partition_details[4].status == PartitionStatus.DONE
+    for group in (3, 4):
+        assert os.listdir(os.path.join(folder, f"store={group}")) == ["_partition.json"]
+    read = pd.read_parquet(folder)
+    assert sorted(read["store"].astype(int).unique()) == [0, 1, 2, 5]
+    assert len(read) == len(again.to_dask_dataframe().compute()) == 20
+    assert os.stat(os.path.join(folder, "store=0", "part-0.parquet")).st_mtime_ns == kept  # DONE: untouched
+
+
+def test_retry_failed_removes_an_old_model_its_rerun_did_not_replace(thread_client, tmp_path):
+    """Also on an object store, and for a serde that writes through a file."""
+    url = f"memory://reruns-{uuid.uuid4().hex}"
+    flag = tmp_path / "flag"
+    set_worker_env(thread_client, "MANYMODEL_TEST_FLAG", str(flag))
+    fs = fsspec.filesystem("memory")
+    try:
+        ddf = dd.from_pandas(make_frame(n_groups=6, rows=5), npartitions=2)
+        run = ddf.manymodel.train(fail_when_flag, by="store", url=url, run_id="r", serde=FileOnlySerde())
+        assert run.wait(show_progress=False) == RunStatus.SUCCESS
+        folder = url.removeprefix("memory:/") + "/r"
+        as_if_killed_after_its_file(fs, folder)
+
+        flag.touch()  # fails group 3 (% 10 == 3) again
+        again = run.retry_failed()
+        assert again.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+        assert again.partition_details[3].status == PartitionStatus.FAILED
+        assert sorted(fs.ls(f"{folder}/store=3", detail=False)) == [f"{folder}/store=3/_partition.json"]
+        assert fs.exists(f"{folder}/store=4/model.json")  # written again by its rerun
+        assert fs.exists(f"{folder}/store=0/model.json")  # DONE: kept
+        assert again.get_model(0) == pytest.approx([1.0, 0.0])
+    finally:
+        fs.rm(url, recursive=True)

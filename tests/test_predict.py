@@ -188,6 +188,29 @@ def test_none_stores_nothing(trained, ddf, store_url):
     assert len(with_meta.to_dask_dataframe().compute()) == 0
 
 
+def empty_for_group_0_none_for_group_1(data, model, ctx):
+    if ctx.partition_id == 1:
+        return None
+    frame = predict_frame(data, model, ctx)
+    return frame.iloc[:0] if ctx.partition_id == 0 else frame
+
+
+def test_the_output_of_no_rows_a_group_stored_is_among_its_artifacts(trained, ddf, store_url):
+    """A group that returned a frame of no rows stores its part-0.parquet
+    (read by hive readers), but artifacts.list() left it out."""
+    inf = ddf.manymodel.predict(empty_for_group_0_none_for_group_1, by="store", url=store_url,
+                                training_run_id="r1", run_id="s1")
+    assert inf.wait(show_progress=False) == RunStatus.SUCCESS
+    assert os.path.exists(os.path.join(store_url, "s1", "store=0", "part-0.parquet"))
+    for handle in (inf, ManyModelRun.restore_from("s1", store_url)):
+        details = handle.partition_details
+        assert details[0].output_rows == 0 and details[0].artifacts.list() == ["part-0.parquet"]
+        assert details[1].output_rows == 0 and details[1].artifacts.list() == []  # None: no file
+        assert details[2].artifacts.list() == ["part-0.parquet"]
+        empty = details[0].artifacts.get("part-0.parquet", pd.read_parquet)
+        assert len(empty) == 0 and "pred" in empty.columns
+
+
 def test_a_wrong_return_type_fails_the_group(trained, ddf, store_url):
     inf = ddf.manymodel.predict(return_a_string, by="store", url=store_url, training_run_id="r1", run_id="s1")
     assert inf.wait(show_progress=False) == RunStatus.FAILURE

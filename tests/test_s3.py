@@ -276,6 +276,12 @@ def test_retry_failed_deletes_the_old_statuses_in_batches(client, s3_options, tm
         fit_line_unless_store_ends_in_3, by="store", url=url, run_id="r1", storage_options=s3_options
     )
     assert run.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    # models an earlier start of two failed groups wrote (killed before their
+    # statuses): deleted in the same request, else read beside a FAILED status
+    s3 = s3fs.S3FileSystem(**s3_options)
+    stale = [f"models/stale-statuses/r1/store={group}/model.pkl" for group in (3, 13)]
+    for path in stale:
+        s3.pipe_file(path, b"an old model")
     monkeypatch.chdir(tmp_path)  # where the recorder writes its file
     again = []
     requests = _recorded(s3_options["client_kwargs"]["endpoint_url"], lambda: again.append(run.retry_failed()))
@@ -289,6 +295,9 @@ def test_retry_failed_deletes_the_old_statuses_in_batches(client, s3_options, tm
     assert sorted(d.partition_id for d in progress["FAILED"]) == [3, 13, 23, 33]
     assert all(d.error == f"ValueError: store {d.partition_id} ends in 3" for d in progress["FAILED"])
     assert len(progress["DONE"]) == 36
+    s3.invalidate_cache()
+    assert not any(s3.exists(path) for path in stale)
+    assert s3.exists("models/stale-statuses/r1/store=0/model.pkl")
 
 
 @pytest.mark.parametrize("handle", ["live", "restored"])
