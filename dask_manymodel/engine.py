@@ -3053,11 +3053,8 @@ def _start_run(
         # folder (pd.read_parquet counted a FAILED group's old predictions).
         # Of every group that runs again, status or not, in the one batched
         # delete. ctx.upload's files stay: their names are the user's.
-        doomed = [
-            store.path(path, name)
-            for path in counted_paths if previous is not None and path not in done_paths
-            for name in sorted(spec.own_file_names)
-        ]
+        own_names = sorted(spec.own_file_names) if previous is not None else []  # (no earlier start: no files)
+        doomed = [store.path(path, name) for path in counted_paths if path not in done_paths for name in own_names]
         doomed += [store.path(path, PARTITION_FILE) for path in stale]
         if doomed:
             store.delete_files(doomed)
