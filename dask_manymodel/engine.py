@@ -635,6 +635,9 @@ def check_workers_environment(client: distributed.Client, serde: ModelSerde | No
     nthreads = client.nthreads()
     modules = ["dask_manymodel", *getattr(serde, "_needs", ())]
     found = _found_on_workers.setdefault(client, set())
+    # forget the workers that left, so that an elastic cluster's comings and
+    # goings over days do not pile up addresses here
+    found -= {(worker, module) for worker, module in found if worker not in nthreads}
     to_ask = sorted({worker for worker in nthreads for module in modules if (worker, module) not in found})
     if not to_ask:
         return

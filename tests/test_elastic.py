@@ -239,3 +239,24 @@ def test_no_workers_on_a_cluster_that_cannot_say_what_it_asked_for_is_not_said_t
     assert "none are asked for" not in message, message
     assert "its _ClusterWithoutPlan does not say whether any are asked for" in message
     assert "until a worker joins" in message
+
+
+def test_workers_that_left_are_forgotten_by_the_environment_check(one_worker_cluster, tmp_path):
+    # each run asks only new workers what they have installed, remembering who
+    # was asked: an elastic cluster's workers that left stayed remembered for good
+    from dask_manymodel import engine
+
+    cluster, client = one_worker_cluster
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=10), npartitions=2)
+    first = ddf.manymodel.train(fit_line, by="store", url=str(tmp_path / "models"), run_id="r1")
+    assert first.wait(timeout=120, show_progress=False) is RunStatus.SUCCESS
+    (gone,) = client.nthreads()
+    cluster.scale(2)
+    client.wait_for_workers(2, timeout=60)
+    client.retire_workers([gone], close_workers=True)
+    poll(lambda: gone not in client.nthreads(), timeout=60)
+
+    second = ddf.manymodel.train(fit_line, by="store", url=str(tmp_path / "models"), run_id="r2")
+    assert second.wait(timeout=120, show_progress=False) is RunStatus.SUCCESS
+    remembered = {worker for worker, _ in engine._found_on_workers[client]}
+    assert remembered == set(client.nthreads())
