@@ -378,3 +378,35 @@ class PartitionContext:
                 except FileNotFoundError:
                     raise missing from None
             return read(local)
+
+    # Snowflake ML's names for the two methods above: its examples (and so
+    # the code moved over from it) call these, which raised AttributeError
+    # and FAILED every group.
+    def upload_to_stage(
+        self,
+        obj: Any,
+        filename: str,
+        write_function: Callable[[Any, str], None] | None = None,
+    ) -> str:
+        """Snowflake ML's name for :meth:`upload` (the same arguments)."""
+        return self.upload(obj, filename, write_function)
+
+    def download_from_stage(
+        self,
+        filename: str,
+        stage_path: str | None = None,
+        read_function: Callable[[str], Any] | None = None,
+    ) -> Any:
+        """Snowflake ML's name for :meth:`download` of this group's file.
+
+        ``stage_path`` (a Snowflake stage folder) has no counterpart: read
+        another group's or run's file with ``download(filename,
+        partition_id=..., run_id=...)``.
+        """
+        if stage_path is not None:
+            raise InvalidArgumentError(
+                f"download_from_stage(stage_path={stage_path!r}) names a Snowflake stage folder; here a file of "
+                f"another group or run is read with ctx.download({filename!r}, partition_id=<its group>, "
+                f"run_id=<its run under the same URL>, read_function=...)"
+            )
+        return self.download(filename, read_function=read_function)

@@ -1,0 +1,60 @@
+"""Code moved over from Snowflake ML, written with its names, runs here.
+
+Each test uses a name or call shape from Snowflake ML's documentation
+(docs/snowflake.md lists them with their counterparts)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from dask_manymodel import DPF, PartitionStatus, RunStatus
+
+
+def sales() -> pd.DataFrame:
+    return pd.DataFrame({"region": ["North", "North", "South"], "amount": [1.0, 2.0, 5.0]})
+
+
+def snowflake_style_summary(data_connector, context):
+    # as in Snowflake ML's "Process data with custom logic across partitions"
+    df = data_connector.to_pandas()
+    summary = {"region": context.partition_id, "total_sales": float(df["amount"].sum())}
+    context.upload_to_stage(summary, "sales_summary.json",
+                            write_function=lambda obj, path: Path(path).write_text(json.dumps(obj)))
+    context.upload_to_stage(len(df), "count.pkl")
+    assert context.download_from_stage("count.pkl") == len(df)
+    assert context.download_from_stage(
+        "sales_summary.json", read_function=lambda path: json.loads(Path(path).read_text())
+    ) == summary
+
+
+def test_context_upload_to_stage_and_download_from_stage(thread_client):
+    run = DPF(snowflake_style_summary, "memory://sf-context").run(
+        partition_by="region", dataframe=sales(), run_id="regional"
+    )
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS, {
+        k: d.error for k, d in run.partition_details.items()
+    }
+    north = run.partition_details["North"].artifacts
+    assert sorted(north.list()) == ["count.pkl", "sales_summary.json"]
+    assert north.get("sales_summary.json", read_function=lambda p: json.loads(Path(p).read_text())) == {
+        "region": "North", "total_sales": 3.0,
+    }
+
+
+def download_from_a_snowflake_stage_path(data_connector, context):
+    context.download_from_stage("model.pkl", stage_path="@db.schema.stage/training_run/partition_0")
+
+
+def test_download_from_stage_with_a_stage_path_says_what_to_use_instead(thread_client):
+    run = DPF(download_from_a_snowflake_stage_path, "memory://sf-stage-path").run(
+        partition_by="region", dataframe=sales(), run_id="r1"
+    )
+    assert run.wait(show_progress=False) == RunStatus.FAILURE
+    details = run.partition_details["South"]
+    assert details.status == PartitionStatus.FAILED
+    assert "@db.schema.stage/training_run/partition_0" in details.error
+    assert "ctx.download('model.pkl', partition_id=" in details.error
