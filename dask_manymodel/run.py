@@ -122,8 +122,17 @@ class Artifacts:
         return self._store.path(self._folder, name)
 
     def download(self, name: str, local_path: str) -> str:
-        """Copy artifact ``name`` to ``local_path``; returns ``local_path``."""
-        self._store.download_file(self._remote(name), local_path)
+        """Copy artifact ``name`` to ``local_path`` and return the file's path.
+
+        ``local_path`` may be a folder that exists, as Snowflake ML's
+        ``download(filename, local_dir)`` takes one: the file goes into it
+        under its own name (it raised IsADirectoryError).
+        """
+        remote = self._remote(name)
+        if os.path.isdir(local_path):
+            local_path = os.path.join(local_path, name)
+            os.makedirs(os.path.dirname(local_path), exist_ok=True)  # a serde's file in a subfolder
+        self._store.download_file(remote, local_path)
         return local_path
 
     def get(self, name: str, read_function: Callable[[str], Any] | None = None) -> Any:
@@ -320,6 +329,11 @@ class PartitionDetails:
     def logs(self) -> str:
         """What the function printed or logged (read from storage when first asked for)."""
         return (self._text.get("logs") if self._text is not None else None) or ""
+
+    @property
+    def stage_artifacts_manager(self) -> Artifacts | None:
+        """Snowflake ML's name for :attr:`artifacts`."""
+        return self.artifacts
 
 
 def _executing_keys(name: str, dask_scheduler=None) -> list:

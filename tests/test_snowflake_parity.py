@@ -58,3 +58,19 @@ def test_download_from_stage_with_a_stage_path_says_what_to_use_instead(thread_c
     assert details.status == PartitionStatus.FAILED
     assert "@db.schema.stage/training_run/partition_0" in details.error
     assert "ctx.download('model.pkl', partition_id=" in details.error
+
+
+def test_partition_details_stage_artifacts_manager_downloads_into_a_folder(thread_client, tmp_path):
+    run = DPF(snowflake_style_summary, "memory://sf-artifacts").run(
+        partition_by="region", dataframe=sales(), run_id="regional"
+    )
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    manager = run.partition_details["South"].stage_artifacts_manager  # Snowflake ML's name
+    assert sorted(manager.list()) == ["count.pkl", "sales_summary.json"]
+    # Snowflake ML: download(filename, local_dir) returns the local file's path
+    local = manager.download("sales_summary.json", str(tmp_path))
+    assert local == str(tmp_path / "sales_summary.json")
+    assert json.loads(Path(local).read_text()) == {"region": "South", "total_sales": 5.0}
+    # a file path still names the file itself
+    assert manager.download("count.pkl", str(tmp_path / "n.pkl")) == str(tmp_path / "n.pkl")
+    assert (tmp_path / "n.pkl").is_file()
