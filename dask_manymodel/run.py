@@ -1676,12 +1676,16 @@ class ManyModelRun:
     def restore_from(
         cls,
         run_id: str,
-        url: str,
+        url: str | None = None,
         storage_options: dict | None = None,
         *,
         serde: ModelSerde | None = None,
+        stage_name: str | None = None,
     ) -> "ManyModelRun":
         """Rebuild a read-only handle of run ``run_id`` stored under ``url``.
+
+        ``stage_name=`` is another name for ``url``, as the class API and
+        Snowflake ML's ``restore_from(run_id=, stage_name=)`` call it.
 
         Works from any process, after the client that started the run is gone.
         ``wait()`` and ``cancel()`` raise :class:`ReadOnlyRunError`. The handle
@@ -1698,6 +1702,18 @@ class ManyModelRun:
         """
         from .engine import check_run_id, check_serde
 
+        if stage_name is not None:
+            if url is not None:
+                raise InvalidArgumentError(
+                    f"restore_from() got url={url!r} and stage_name={stage_name!r}: they are one argument "
+                    f"(stage_name is its name in the class API); give one"
+                )
+            url = stage_name
+        if url is None:
+            raise InvalidArgumentError(
+                f"restore_from({run_id!r}) needs the URL the run is stored under: "
+                f"ManyModelRun.restore_from(run_id, url) (or stage_name=url)"
+            )
         check_run_id(run_id)
         if serde is not None:
             check_serde(serde)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dask_manymodel import DPF, PartitionStatus, RunStatus
+from dask_manymodel import DPF, InvalidArgumentError, ManyModelRun, PartitionStatus, RunStatus
 
 
 def sales() -> pd.DataFrame:
@@ -74,3 +74,19 @@ def test_partition_details_stage_artifacts_manager_downloads_into_a_folder(threa
     # a file path still names the file itself
     assert manager.download("count.pkl", str(tmp_path / "n.pkl")) == str(tmp_path / "n.pkl")
     assert (tmp_path / "n.pkl").is_file()
+
+
+def test_restore_from_takes_snowflakes_stage_name_keyword(thread_client):
+    url = "memory://sf-restore"
+    DPF(snowflake_style_summary, url).run(partition_by="region", dataframe=sales(), run_id="regional").wait(
+        show_progress=False
+    )
+    # Snowflake ML: DPFRun.restore_from(run_id="regional_analytics_2024", stage_name="analytics_stage")
+    restored = ManyModelRun.restore_from(run_id="regional", stage_name=url)
+    assert restored.status == RunStatus.SUCCESS
+    assert sorted(restored.partition_details) == ["North", "South"]
+    assert ManyModelRun.restore_from("regional", url).status == RunStatus.SUCCESS  # positional as before
+    with pytest.raises(InvalidArgumentError, match="they are one argument"):
+        ManyModelRun.restore_from("regional", url, stage_name=url)
+    with pytest.raises(InvalidArgumentError, match="needs the URL"):
+        ManyModelRun.restore_from("regional")
