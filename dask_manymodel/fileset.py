@@ -343,6 +343,12 @@ class FileSet:
         self._check_alive()
         return [f"{self.url}/{self.name}/{f}" for f in self._manifest["files"]]
 
+    def fileset_stage_location(self) -> str:
+        """The URL of the FileSet's folder, ending in ``/`` (Snowflake ML's
+        name: its ``sfc://@stage/name/``); the files of :meth:`files` are in it."""
+        self._check_alive()
+        return f"{self.url}/{self.name}/"
+
     @property
     def num_rows(self) -> int:
         """The number of rows (from the manifest)."""

@@ -11,7 +11,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dask_manymodel import DPF, InvalidArgumentError, ManyModelRun, PartitionStatus, RunStatus
+from dask_manymodel import (
+    DPF,
+    FileSet,
+    FileSetDeletedError,
+    InvalidArgumentError,
+    ManyModelRun,
+    PartitionStatus,
+    RunStatus,
+)
 
 
 def sales() -> pd.DataFrame:
@@ -90,3 +98,13 @@ def test_restore_from_takes_snowflakes_stage_name_keyword(thread_client):
         ManyModelRun.restore_from("regional", url, stage_name=url)
     with pytest.raises(InvalidArgumentError, match="needs the URL"):
         ManyModelRun.restore_from("regional")
+
+
+def test_fileset_stage_location_is_the_folder_of_its_files(tmp_path):
+    fileset = FileSet.make(str(tmp_path), "train_set", sales())
+    location = fileset.fileset_stage_location()  # Snowflake ML's FileSet method
+    assert location == f"{tmp_path}/train_set/"
+    assert fileset.files() and all(f.startswith(location) for f in fileset.files())
+    fileset.delete()
+    with pytest.raises(FileSetDeletedError):
+        fileset.fileset_stage_location()
