@@ -13,10 +13,12 @@ import pytest
 
 from dask_manymodel import (
     DPF,
+    DataConnector,
     FileSet,
     FileSetDeletedError,
     InvalidArgumentError,
     ManyModelRun,
+    ManyModelTraining,
     PartitionStatus,
     RunStatus,
 )
@@ -108,3 +110,35 @@ def test_fileset_stage_location_is_the_folder_of_its_files(tmp_path):
     fileset.delete()
     with pytest.raises(FileSetDeletedError):
         fileset.fileset_stage_location()
+
+
+def test_to_pandas_gives_each_call_a_frame_of_its_own():
+    # Snowflake ML reads the data again on every to_pandas(): code moved over
+    # pops the target off one frame and reads the group again later
+    data = DataConnector.from_pandas(pd.DataFrame({"x": [1.0, 2.0, 3.0], "label": [0, 1, 0]}))
+    first = data.to_pandas()
+    first.pop("label")
+    first["x"] = first["x"] / 3
+    first.iloc[0, 0] = -1.0
+    assert data.to_pandas().to_dict("list") == {"x": [1.0, 2.0, 3.0], "label": [0, 1, 0]}
+    assert data.columns == ["x", "label"] and len(data) == 3
+    assert sorted(next(iter(data.to_torch_dataset(batch_size=3)))) == ["label", "x"]
+    limited = data.to_pandas(limit=2)
+    limited.pop("x")
+    assert data.to_pandas(limit=2).columns.tolist() == ["x", "label"]
+
+
+def pop_the_target_then_read_again(data_connector, context):
+    df = data_connector.to_pandas()
+    y = df.pop("label")
+    assert "label" in data_connector.to_pandas().columns
+    return float(y.sum())
+
+
+def test_a_function_that_changes_its_frame_can_read_the_group_again(thread_client):
+    frame = pd.DataFrame({"region": ["a", "a", "b"], "label": [1.0, 2.0, 3.0]})
+    run = ManyModelTraining(pop_the_target_then_read_again, "memory://sf-read-again").run(
+        partition_by="region", dataframe=frame, run_id="r1"
+    )
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS, {k: d.error for k, d in run.partition_details.items()}
+    assert run.get_model("a") == 3.0
