@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -142,3 +143,25 @@ def test_a_function_that_changes_its_frame_can_read_the_group_again(thread_clien
     )
     assert run.wait(show_progress=False) == RunStatus.SUCCESS, {k: d.error for k, d in run.partition_details.items()}
     assert run.get_model("a") == 3.0
+
+
+def objects_seen(data, ctx):
+    df = data.to_pandas()
+    return [type(v).__name__ for v in df["emb"]], df["mixed"].tolist(), df["text"].tolist()
+
+
+def test_a_pandas_frames_columns_of_arrays_reach_the_groups_as_arrays(thread_client):
+    # Snowpark's ARRAY columns come to pandas as lists; embeddings as arrays.
+    # Dask's convert-string made them text ("[0.  0.5]") on the way in.
+    frame = pd.DataFrame({
+        "store": ["a", "a", "b"],
+        "emb": [np.array([0.0, 0.5]), np.array([1.0, 1.5]), [2.0, 2.5]],
+        "mixed": pd.Series([1, "x", 2.5], dtype=object),
+        "text": ["p", "q", "r"],
+    })
+    run = ManyModelTraining(objects_seen, "memory://sf-objects").run(
+        partition_by="store", dataframe=frame, run_id="r1"
+    )
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS, {k: d.error for k, d in run.partition_details.items()}
+    assert run.get_model("a") == (["ndarray", "ndarray"], [1, "x"], ["p", "q"])
+    assert run.get_model("b") == (["list"], [2.5], ["r"])
