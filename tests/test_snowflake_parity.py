@@ -165,3 +165,23 @@ def test_a_pandas_frames_columns_of_arrays_reach_the_groups_as_arrays(thread_cli
     assert run.wait(show_progress=False) == RunStatus.SUCCESS, {k: d.error for k, d in run.partition_details.items()}
     assert run.get_model("a") == (["ndarray", "ndarray"], [1, "x"], ["p", "q"])
     assert run.get_model("b") == (["list"], [2.5], ["r"])
+
+
+def test_fileset_make_stores_a_pandas_frames_arrays_as_lists_and_refuses_mixed_columns(tmp_path):
+    frame = pd.DataFrame({
+        "emb": [np.array([i, i + 0.5]) for i in range(6)],
+        "raw": [bytes([i, 255]) for i in range(6)],
+        "y": np.arange(6.0),
+    })
+    for shuffle in (False, True):
+        fileset = FileSet.make(str(tmp_path), f"emb-{shuffle}", frame, shuffle=shuffle, seed=3)
+        stored = fileset.to_dask_dataframe().compute().sort_values("y")
+        assert [list(v) for v in stored["emb"]] == [[i, i + 0.5] for i in range(6)]  # not "[0.  0.5]"
+        assert stored["raw"].tolist() == [bytes([i, 255]) for i in range(6)]
+        batch = next(iter(fileset.to_torch_dataset(batch_size=6)))
+        assert sorted(map(list, batch["emb"])) == [[i, i + 0.5] for i in range(6)]
+    mixed = frame.assign(id=pd.Series([1, "x", 2, 3, 4, 5], dtype=object))
+    with pytest.raises(InvalidArgumentError, match="column 'id' holds Python objects"):
+        FileSet.make(str(tmp_path), "mixed", mixed)
+    assert not (tmp_path / "mixed").exists()  # nothing written: the name is free
+    FileSet.make(str(tmp_path), "mixed", mixed.astype({"id": str}))
