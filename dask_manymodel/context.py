@@ -73,16 +73,22 @@ class DataConnector:
     def to_pandas(self, limit: int | None = None) -> pd.DataFrame:
         """The group's rows as a pandas DataFrame (the first ``limit`` rows if given).
 
-        The same frame on every call, not a copy; change it as you like. A
+        Each call gives a frame of its own, as Snowflake ML's reads the data
+        again: change it as you like, the next ``to_pandas()`` and
+        ``to_torch_dataset()`` still get the group's rows (a ``df.pop("y")``
+        took the column from every later call). It is a shallow copy: no row
+        is copied until one is changed (pandas' copy-on-write, pandas 3;
+        under pandas 2 without it, writes into values in place, such as
+        ``df["x"] /= 10``, still reach the group's rows within one call). A
         retry (``ExecutionOptions(max_retries=)``) gets the rows as they were
         before the failed call, and a predict's returned Series or array sits
         beside the input columns as they were, not as the function left them.
         """
         if limit is None:
-            return self._frame
+            return self._frame.copy(deep=False)
         if not isinstance(limit, (int, np.integer)) or isinstance(limit, bool) or limit < 0:
             raise InvalidArgumentError(f"limit must be a non-negative int or None, got {limit!r}")
-        return self._frame.iloc[: int(limit)]
+        return self._frame.iloc[: int(limit)].copy(deep=False)
 
     def _source(self):
         from .connectors._batching import FrameSource
@@ -378,3 +384,35 @@ class PartitionContext:
                 except FileNotFoundError:
                     raise missing from None
             return read(local)
+
+    # Snowflake ML's names for the two methods above: its examples (and so
+    # the code moved over from it) call these, which raised AttributeError
+    # and FAILED every group.
+    def upload_to_stage(
+        self,
+        obj: Any,
+        filename: str,
+        write_function: Callable[[Any, str], None] | None = None,
+    ) -> str:
+        """Snowflake ML's name for :meth:`upload` (the same arguments)."""
+        return self.upload(obj, filename, write_function)
+
+    def download_from_stage(
+        self,
+        filename: str,
+        stage_path: str | None = None,
+        read_function: Callable[[str], Any] | None = None,
+    ) -> Any:
+        """Snowflake ML's name for :meth:`download` of this group's file.
+
+        ``stage_path`` (a Snowflake stage folder) has no counterpart: read
+        another group's or run's file with ``download(filename,
+        partition_id=..., run_id=...)``.
+        """
+        if stage_path is not None:
+            raise InvalidArgumentError(
+                f"download_from_stage(stage_path={stage_path!r}) names a Snowflake stage folder; here a file of "
+                f"another group or run is read with ctx.download({filename!r}, partition_id=<its group>, "
+                f"run_id=<its run under the same URL>, read_function=...)"
+            )
+        return self.download(filename, read_function=read_function)

@@ -472,6 +472,16 @@ def check_serde(serde: Any) -> ModelSerde:
     return serde
 
 
+def _holds_objects_not_text(frame: pd.DataFrame) -> bool:
+    """Whether a column of Python objects holds something other than text
+    (lists, arrays, numbers among strings); one scan of those columns."""
+    return any(
+        frame.dtypes.iloc[i] == object
+        and pd.api.types.infer_dtype(frame.iloc[:, i], skipna=True) not in ("string", "empty")
+        for i in range(frame.shape[1])
+    )
+
+
 def as_dask_dataframe(dataframe: Any) -> dd.DataFrame:
     """Accept a Dask DataFrame, or a pandas one (split into a few partitions)."""
     if isinstance(dataframe, dd.DataFrame):
@@ -493,7 +503,13 @@ def as_dask_dataframe(dataframe: Any) -> dd.DataFrame:
             dataframe = dataframe.reset_index(level=named) if named else dataframe
             if len(named) < levels:
                 dataframe = dataframe.reset_index(drop=True)
-        return dd.from_pandas(dataframe, npartitions=max(1, min(8, len(dataframe) // 100_000 + 1)))
+        # Dask's dataframe.convert-string (on by default) makes every object
+        # column text as it takes a frame in: a column of arrays or lists
+        # (embeddings; Snowpark's ARRAY columns) reached the groups as
+        # "[0.  0.5]", a mixed one's 1 as "1". Such columns stay as they are
+        keep = _holds_objects_not_text(dataframe)
+        with dask.config.set({"dataframe.convert-string": False}) if keep else contextlib.nullcontext():
+            return dd.from_pandas(dataframe, npartitions=max(1, min(8, len(dataframe) // 100_000 + 1)))
     raise InvalidArgumentError(
         f"dataframe must be a dask.dataframe.DataFrame or pandas.DataFrame, "
         f"got {type(dataframe).__name__}"

@@ -133,6 +133,30 @@ def _check_workers_share(store: RunStore, shuffle: bool = False) -> None:
 _SHUFFLE_COLUMN = "__manymodel_shuffle__"
 
 
+def _objects_as_arrow(frame: pd.DataFrame) -> pd.DataFrame:
+    """A pandas frame whose columns of Python objects other than text (lists,
+    arrays, bytes) are pyarrow columns, which parquet stores as they are:
+    Dask writes no column of objects (it takes the file's types from a
+    placeholder value), and its convert-string made them text before
+    ("[0.  0.5]"). A column mixing values of no common type is refused,
+    naming it, before anything is written."""
+    converted = None
+    for i in range(frame.shape[1]):
+        column = frame.iloc[:, i]
+        if column.dtype != object or pd.api.types.infer_dtype(column, skipna=True) in ("string", "empty"):
+            continue
+        try:
+            values = pa.array(column, from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise InvalidArgumentError(
+                f"column {frame.columns[i]!r} holds Python objects that parquet cannot store as one type "
+                f"({exc}); convert it first (to one type, or with .astype(str))"
+            ) from exc
+        converted = frame.copy(deep=False) if converted is None else converted
+        converted.isetitem(i, pd.Series(pd.arrays.ArrowExtensionArray(values), index=frame.index))
+    return frame if converted is None else converted
+
+
 def _check_name(name: Any) -> str:
     from .engine import check_run_id
 
@@ -240,6 +264,8 @@ class FileSet:
             raise exists
         # a named index is kept as a column, as DataFrame.to_parquet keeps it
         # (one named like a column is dropped, as a run drops it)
+        if isinstance(dataframe, pd.DataFrame):
+            dataframe = _objects_as_arrow(dataframe)
         ddf = index_as_column(as_dask_dataframe(dataframe), None)
         _check_labels(ddf.columns, shuffle)
         # Claimed in one exclusive write before anything else: two makes of
@@ -342,6 +368,12 @@ class FileSet:
         (with a password it holds, so that they open the files)."""
         self._check_alive()
         return [f"{self.url}/{self.name}/{f}" for f in self._manifest["files"]]
+
+    def fileset_stage_location(self) -> str:
+        """The URL of the FileSet's folder, ending in ``/`` (Snowflake ML's
+        name: its ``sfc://@stage/name/``); the files of :meth:`files` are in it."""
+        self._check_alive()
+        return f"{self.url}/{self.name}/"
 
     @property
     def num_rows(self) -> int:

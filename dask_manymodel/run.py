@@ -122,8 +122,17 @@ class Artifacts:
         return self._store.path(self._folder, name)
 
     def download(self, name: str, local_path: str) -> str:
-        """Copy artifact ``name`` to ``local_path``; returns ``local_path``."""
-        self._store.download_file(self._remote(name), local_path)
+        """Copy artifact ``name`` to ``local_path`` and return the file's path.
+
+        ``local_path`` may be a folder that exists, as Snowflake ML's
+        ``download(filename, local_dir)`` takes one: the file goes into it
+        under its own name (it raised IsADirectoryError).
+        """
+        remote = self._remote(name)
+        if os.path.isdir(local_path):
+            local_path = os.path.join(local_path, name)
+            os.makedirs(os.path.dirname(local_path), exist_ok=True)  # a serde's file in a subfolder
+        self._store.download_file(remote, local_path)
         return local_path
 
     def get(self, name: str, read_function: Callable[[str], Any] | None = None) -> Any:
@@ -320,6 +329,11 @@ class PartitionDetails:
     def logs(self) -> str:
         """What the function printed or logged (read from storage when first asked for)."""
         return (self._text.get("logs") if self._text is not None else None) or ""
+
+    @property
+    def stage_artifacts_manager(self) -> Artifacts | None:
+        """Snowflake ML's name for :attr:`artifacts`."""
+        return self.artifacts
 
 
 def _executing_keys(name: str, dask_scheduler=None) -> list:
@@ -1662,12 +1676,16 @@ class ManyModelRun:
     def restore_from(
         cls,
         run_id: str,
-        url: str,
+        url: str | None = None,
         storage_options: dict | None = None,
         *,
         serde: ModelSerde | None = None,
+        stage_name: str | None = None,
     ) -> "ManyModelRun":
         """Rebuild a read-only handle of run ``run_id`` stored under ``url``.
+
+        ``stage_name=`` is another name for ``url``, as the class API and
+        Snowflake ML's ``restore_from(run_id=, stage_name=)`` call it.
 
         Works from any process, after the client that started the run is gone.
         ``wait()`` and ``cancel()`` raise :class:`ReadOnlyRunError`. The handle
@@ -1684,6 +1702,18 @@ class ManyModelRun:
         """
         from .engine import check_run_id, check_serde
 
+        if stage_name is not None:
+            if url is not None:
+                raise InvalidArgumentError(
+                    f"restore_from() got url={url!r} and stage_name={stage_name!r}: they are one argument "
+                    f"(stage_name is its name in the class API); give one"
+                )
+            url = stage_name
+        if url is None:
+            raise InvalidArgumentError(
+                f"restore_from({run_id!r}) needs the URL the run is stored under: "
+                f"ManyModelRun.restore_from(run_id, url) (or stage_name=url)"
+            )
         check_run_id(run_id)
         if serde is not None:
             check_serde(serde)
