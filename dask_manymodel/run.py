@@ -964,12 +964,12 @@ class ManyModelRun:
         which the next read sees (see _refresh_if_running) and drops them.
         Not kept: another start's outcome other than DONE (of a group no
         longer in the data; or one a starting resume is about to delete)."""
-        submission = start[1]
+        ours = {start[1]} - {None}  # (an old version's _run.json names no start)
         final = {
             path: _kept(status)
             for path, status in statuses.items()
-            if status.get("status") in FINAL_STATUSES
-            and (status.get("status") == "DONE" or (submission is not None and status.get("submission") == submission))
+            if status.get("status") == "DONE"
+            or (status.get("status") in FINAL_STATUSES and status.get("submission") in ours)
         }
         self._final_read = (start, {**known, **final})  # one assignment: never a mix of two starts
 
