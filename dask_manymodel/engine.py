@@ -879,6 +879,11 @@ def run_exists(store: RunStore) -> bool:
     contents, and deleted them all; the "already exists" error advised
     that overwrite."""
     store.fs.invalidate_cache(store.root)
+    # a run's _run.json, asked for alone: listing its folder lists every
+    # group's (a page of 1,000 a request on S3), and an overwrite lists it
+    # all again to delete it (RunStore.delete_run)
+    if store.exists(store.path(RUN_MANIFEST)):
+        return True
     try:
         names = [posixpath.basename(name.rstrip("/")) for name in store.fs.ls(store.root, detail=False)]
     except FileNotFoundError:
