@@ -338,8 +338,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     _at_least("--top", args.top, 0)
     run = _restore(args)
-    summary = run.summary()
-    print(f"run {run.run_id} ({_visible(run.kind)}) at {shown_url(args.url)}: {run.status.value}")
+    summary, status = run._summary_and_status()  # (one read of the groups' statuses)
+    print(f"run {run.run_id} ({_visible(run.kind)}) at {shown_url(args.url)}: {status.value}")
     counts = run._counts(dict(zip(summary["path"], summary["status"].map(PartitionStatus))))
     if counts:
         print(_table([{"status": k, "groups": v} for k, v in counts.items()], ["status", "groups"]))

@@ -890,7 +890,7 @@ def some_worker_offers(resources: dict, offered: list[dict]) -> bool:
     return any(all(worker.get(name, 0) >= amount for name, amount in resources.items()) for worker in offered)
 
 
-def run_exists(store: RunStore) -> bool:
+def run_exists(store: RunStore, likely: bool = False) -> bool:
     """Whether ``url/run_id`` holds anything (the run exists), from one
     listing; refuses a folder that holds files but no ``_run.json``: not a
     run (another tool's files, a FileSet, or a folder named by mistake:
@@ -898,6 +898,12 @@ def run_exists(store: RunStore) -> bool:
     contents, and deleted them all; the "already exists" error advised
     that overwrite."""
     store.fs.invalidate_cache(store.root)
+    # ``likely`` (an overwrite): its _run.json, asked for alone; listing the
+    # folder lists every group's (a page of 1,000 a request on S3), and the
+    # overwrite lists it all again to delete it (RunStore.delete_run). Not
+    # for a first start: where nothing is there, one listing says so
+    if likely and store.exists(store.path(RUN_MANIFEST)):
+        return True
     try:
         names = [posixpath.basename(name.rstrip("/")) for name in store.fs.ls(store.root, detail=False)]
     except FileNotFoundError:
@@ -2920,7 +2926,7 @@ def _start_run(
         _check_resume_matches(previous, serde, training_run_id, training_manifest)
     # (run_exists refuses a folder that is no run, a FileSet's among them,
     # which an overwrite would delete)
-    elif run_exists(store) and on_existing_artifacts == "error":
+    elif run_exists(store, likely=on_existing_artifacts == "overwrite") and on_existing_artifacts == "error":
         raise RunExistsError(_exists_message(run_id, store))
 
     # 2. count rows per group: the only compute before anything is written --

@@ -402,6 +402,11 @@ class _KeptRecord:
 _MISSING = object()
 
 
+def _kept(record: Any) -> _KeptRecord:
+    """A record as a handle keeps it (one read from storage, or kept already)."""
+    return record if isinstance(record, _KeptRecord) else _KeptRecord(record)
+
+
 # How long a task may go on writing after its run's _run.json says the run
 # ended: it asks at most once per engine._HEARTBEAT_SECONDS (0.5 s), and a
 # write it began just before takes a moment more.
@@ -588,6 +593,10 @@ class ManyModelRun:
         self._stored_outcomes: dict[str, _KeptRecord] = {}
         # a finished run's outcomes as read once (a restored handle's)
         self._settled: dict[str, _KeptRecord] | None = None
+        # a restored handle of a run in progress: the final outcomes read so
+        # far, with the start of the run (attempt, submission) they belong
+        # to (see _read_statuses); None: none trusted
+        self._final_read: tuple[tuple, dict[str, _KeptRecord]] | None = None
         self._initial_count = len(self._records)
         self._source = source
         # per task, the most groups its progress events said were finished
@@ -937,18 +946,46 @@ class ManyModelRun:
         # as it is written is cut short, which is no damage worth a warning
         # (one per peek at a live run's summary() or status)
         running = self._manifest.get("status") == RunStatus.IN_PROGRESS.value
-        statuses = self._store.read_statuses(paths, self._manifest.get("attempt"), being_written=running)
+        start = (self._manifest.get("attempt"), self._manifest.get("submission"))
+        known = self._final_read[1] if self._final_read is not None and self._final_read[0] == start else {}
+        statuses: dict[str, Any] = self._store.read_statuses(
+            [path for path in paths if path not in known], self._manifest.get("attempt"), being_written=running
+        )
+        statuses.update((path, known[path]) for path in paths if path in known)
         self._catch_up_groups(statuses)
         if self._manifest.get("status") != RunStatus.IN_PROGRESS.value:
             return statuses
         submission = self._manifest.get("submission")
-        return {
+        statuses = {
             path: status
             for path, status in statuses.items()
             if status.get("status") == "DONE"
             or status.get("submission") in (None, submission)  # None: written before statuses were stamped
             or (self._group_of_path(path) or {}).get("task", -1) < 0  # kept from an earlier start
         }
+        if self.read_only:
+            self._keep_final(start, known, statuses)
+        return statuses
+
+    def _keep_final(self, start: tuple, known: dict[str, _KeptRecord], statuses: dict[str, Any]) -> None:
+        """A restored handle of a run in progress keeps the final outcomes it
+        read (DONE, or of this very start of the run), so that the next
+        ``status``, ``summary()`` or ``get_progress()`` reads only the groups
+        still going (each read the whole run's statuses again: 2,000 GETs
+        a look at a run of 2,000 groups on S3). Such an outcome changes only
+        when the run is started again (a resume, ``retry_failed()``, an
+        overwrite), in any process: that writes a new ``_run.json`` first,
+        which the next read sees (see _refresh_if_running) and drops them.
+        Not kept: another start's outcome other than DONE (of a group no
+        longer in the data; or one a starting resume is about to delete)."""
+        ours = {start[1]} - {None}  # (an old version's _run.json names no start)
+        final = {
+            path: _kept(status)
+            for path, status in statuses.items()
+            if status.get("status") == "DONE"
+            or (status.get("status") in FINAL_STATUSES and status.get("submission") in ours)
+        }
+        self._final_read = (start, {**known, **final})  # one assignment: never a mix of two starts
 
     def _set_groups(self, groups: list[dict]) -> None:
         self._groups = groups
@@ -968,8 +1005,10 @@ class ManyModelRun:
         try:
             fresh = self._store.read_manifest()
         except Exception:  # gone or unreadable now: what the handle has
+            self._final_read = None  # (deleted, maybe: read every group again)
             return
         if fresh.get("attempt") != self._manifest.get("attempt"):
+            self._final_read = None  # (its files go: read every group again)
             return  # started over (an overwrite): another run than this handle's
         self._manifest = fresh  # its groups: _catch_up_groups
 
@@ -1028,11 +1067,18 @@ class ManyModelRun:
         if paths is not None:
             return self._read_statuses(paths)
         groups = self._groups
-        records = self._read_statuses([g["path"] for g in groups])
-        if self._groups is not groups:  # caught up with a later start's groups: theirs too
-            records = self._read_statuses([g["path"] for g in self._groups])
+        read = [g["path"] for g in groups]
+        records = self._read_statuses(read)
+        if self._groups is not groups:  # caught up with a later start's groups: the new ones' too
+            # (the statuses read are of the same _run.json; each status was
+            # read again, two reads of every group's a first look at a run)
+            records = {path: record for path, record in records.items() if path in self._path_index}
+            read_set = set(read)
+            new = [g["path"] for g in self._groups if g["path"] not in read_set]
+            if new:
+                records.update(self._read_statuses(new))
         if self._manifest.get("status") != RunStatus.IN_PROGRESS.value:
-            self._settled = {path: _KeptRecord(record) for path, record in records.items()}
+            self._settled = {path: _kept(record) for path, record in records.items()}
         return records
 
     def _refuse_where_it_waits_for_ever(self, what: str, call: str, stored: str = "") -> None:
@@ -1077,10 +1123,13 @@ class ManyModelRun:
             return set()
         return {key[1] for key in executing}
 
-    def _details(self, paths: list[str] | None = None) -> dict[str, PartitionDetails]:
+    def _details(
+        self, paths: list[str] | None = None, records: dict[str, Any] | None = None
+    ) -> dict[str, PartitionDetails]:
         """``{path: PartitionDetails}`` of these groups (of every group
-        without ``paths``), reading only their statuses."""
-        records = self._current_records(paths)
+        without ``paths``), reading only their statuses (unless ``records``
+        are those read already)."""
+        records = self._current_records(paths) if records is None else records
         details = {}
         groups = self._groups if paths is None else [self._group_of_path(path) for path in paths]
         # (only for groups with no outcome: a display's failed groups need no scheduler)
@@ -1153,7 +1202,11 @@ class ManyModelRun:
         if stored != RunStatus.IN_PROGRESS:
             return stored
         # the client that ran it may have died before writing the final status
-        records = self._current_records()
+        return self._status_of(self._current_records())
+
+    def _status_of(self, records: dict[str, Any]) -> RunStatus:
+        """A restored handle's status of a run whose ``_run.json`` says
+        IN_PROGRESS, from these records of its groups (as read now)."""
         statuses = [PartitionStatus(r["status"]) for r in records.values()]
         # _groups.json may be missing (being written, or an interrupted overwrite)
         all_groups_known = len(self._groups) >= int(self._manifest.get("n_groups") or 0)
@@ -1195,6 +1248,19 @@ class ManyModelRun:
         :meth:`get_progress`, and, once the run has ended, of ``counts`` in
         its ``_run.json``.
         """
+        return self._summary_of(self._details())
+
+    def _summary_and_status(self) -> tuple[pd.DataFrame, RunStatus]:
+        """``summary()`` and ``status`` from one read of the groups' statuses
+        (``dask-manymodel show`` of a run in progress read them twice)."""
+        if not self.read_only or self._manifest["status"] != RunStatus.IN_PROGRESS.value:
+            return self.summary(), self.status
+        records = self._current_records()
+        stored = RunStatus(self._manifest["status"])  # read again: it may have ended meanwhile
+        status = stored if stored != RunStatus.IN_PROGRESS else self._status_of(records)
+        return self._summary_of(self._details(records=records)), status
+
+    def _summary_of(self, details: dict[str, PartitionDetails]) -> pd.DataFrame:
         rows = [
             {
                 "partition_id": d.partition_id,
@@ -1206,7 +1272,7 @@ class ManyModelRun:
                 "error": d.error,
                 "path": d.path,
             }
-            for d in self._details().values()
+            for d in details.values()
         ]
         columns = ["partition_id", "status", "seconds", "rows", "bytes", "attempts", "error", "path"]
         frame = pd.DataFrame(rows, columns=columns)

@@ -598,11 +598,16 @@ def remove_files(fs: fsspec.AbstractFileSystem, files: list[str]) -> None:
     is no error."""
     if not files:
         return
-    if not any_read_as_pattern(files):
+    # local disk and memory:// delete one file a call anyway, and their rm of
+    # a list stops at the first file missing (then it went one by one after
+    # all): a resume asks to delete the model of every group it runs again,
+    # and a FAILED group has none
+    batched = not (_is_local(fs) or isinstance(fs, MemoryFileSystem))
+    if batched and not any_read_as_pattern(files):
         try:
             fs.rm(files)  # not recursive: fsspec lists nothing
             return
-        except FileNotFoundError:  # (local disk, memory://) one was gone: the rest one by one
+        except FileNotFoundError:  # one was gone: the rest one by one
             pass
     for name in files:
         try:

@@ -459,3 +459,93 @@ def test_a_run_whose_last_groups_run_is_in_progress_as_restored(client, store_ur
         open(gate, "w").close()
     assert run.wait(show_progress=False) == RunStatus.SUCCESS
     assert ManyModelRun.restore_from("r1", store_url).status == RunStatus.SUCCESS
+
+
+def _as_if_its_client_was_killed(url: str, run_id: str, unfinished: list[int]) -> None:
+    """A finished run's files as a client killed while its tasks ran leaves
+    them: ``_run.json`` IN_PROGRESS, and no status for ``unfinished`` groups."""
+    import json
+
+    folder = os.path.join(url, run_id)
+    with open(os.path.join(folder, "_run.json")) as f:
+        manifest = json.load(f)
+    manifest.update(status="IN_PROGRESS", counts={}, finished=None)
+    with open(os.path.join(folder, "_run.json"), "w") as f:
+        json.dump(manifest, f)
+    for group in unfinished:
+        os.remove(os.path.join(folder, f"store={group}", "_partition.json"))
+
+
+def _statuses_of(run) -> dict:
+    summary = run.summary()
+    return dict(zip(summary["partition_id"], summary["status"]))
+
+
+def test_a_restored_run_in_progress_reads_only_its_unfinished_groups_again(finished, monkeypatch, capsys):
+    """A handle restored while its run is in progress (restore_from, the
+    CLI) read every group's status on each status, summary() and
+    get_progress(): 2,000 GETs a look at a run of 2,000 groups on S3, and
+    the first look read them all twice. A final outcome does not change
+    until the run is started again, and that writes a new _run.json first."""
+    from dask_manymodel.cli import main
+
+    truth = _statuses_of(finished)
+    _as_if_its_client_was_killed(finished.url, "r1", unfinished=[4, 9])
+    restored = ManyModelRun.restore_from("r1", finished.url)
+    reads = _counting_status_reads(monkeypatch)
+    assert restored.status == RunStatus.IN_PROGRESS
+    assert reads == [12]  # (read twice: [12, 12])
+    assert restored.summary()["status"].value_counts().to_dict() == {"DONE": 9, "PENDING": 2, "FAILED": 1}
+    assert {k: len(v) for k, v in restored.get_progress().items()} == {"DONE": 9, "FAILED": 1, "PENDING": 2}
+    assert restored.status == RunStatus.IN_PROGRESS and restored.partition_details[4].status.value == "PENDING"
+    assert reads == [12, 2, 2, 2, 1]  # (each read all 12)
+    expected = {**truth, 4: "PENDING", 9: "PENDING"}
+    assert _statuses_of(restored) == expected
+    # show: one read (with the first look's group list read again: [12, 12, 12])
+    del reads[:]
+    capsys.readouterr()
+    assert main(["show", finished.url, "r1"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith(": IN_PROGRESS") and "PENDING" in out
+    assert reads == [12]
+
+    # a resume (here from this process; another's is the same): the handle
+    # sees its new _run.json, and what it reruns, not the outcomes it kept
+    again = finished.retry_failed()
+    assert again.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    del reads[:]
+    assert restored.status == RunStatus.PARTIAL_FAILURE
+    assert _statuses_of(restored) == truth
+    assert reads == [12]  # (ended: read once, then kept)
+
+
+def test_a_restored_run_in_progress_sees_an_overwrite_or_a_resume_start(client, store_url, monkeypatch):
+    """The final outcomes a restored handle keeps are dropped as soon as its
+    run is started again: a resume's outcomes of the groups it reruns (gone
+    while they run), and an overwrite's deletion of the run it had."""
+    import json
+
+    ddf = dd.from_pandas(make_frame(n_groups=6, rows=5), npartitions=2)
+    run = ddf.manymodel.train(broken_2, by="store", url=store_url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    _as_if_its_client_was_killed(store_url, "r1", unfinished=[5])
+    restored = ManyModelRun.restore_from("r1", store_url)
+    assert _statuses_of(restored)[2] == "FAILED"
+    # a resume that has written its _run.json and deleted the outcome of the
+    # group it runs again, before its tasks start (as engine._start_run does)
+    manifest_path = os.path.join(store_url, "r1", "_run.json")
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    with open(manifest_path, "w") as f:
+        json.dump(dict(manifest, submission="a-resume-elsewhere"), f)
+    os.remove(os.path.join(store_url, "r1", "store=2", "_partition.json"))
+    statuses = _statuses_of(restored)
+    assert statuses[2] == "PENDING" and statuses[0] == "DONE", statuses
+    # an overwrite: a new attempt, and the old run's statuses deleted
+    with open(manifest_path, "w") as f:
+        json.dump(dict(manifest, attempt="an-overwrite-elsewhere"), f)
+    os.remove(os.path.join(store_url, "r1", "store=0", "_partition.json"))
+    assert _statuses_of(restored)[0] == "PENDING"
+    reads = _counting_status_reads(monkeypatch)
+    restored.summary()
+    assert reads == [6]  # another attempt's run: nothing kept

@@ -406,3 +406,30 @@ def test_each_small_file_is_read_in_one_request(client, s3_options, tmp_path, mo
     shown = sorted(f"{entry['method']} {entry['url'].split('?')[0].rsplit('/', 2)[-2:]}" for entry in requests)
     assert len(requests) == 42, shown  # _run.json, _groups.json and 40 statuses
     assert {entry["method"] for entry in requests} == {"GET"}, shown
+
+
+def test_an_overwrite_start_lists_the_old_run_once(client, s3_options, tmp_path, monkeypatch):
+    """Whether the run exists was a listing of its folder (a page of 1,000
+    group folders a request), and the overwrite then listed it all again to
+    delete it. Now a HEAD of its _run.json says it exists."""
+    from urllib.parse import unquote
+
+    url = "s3://models/overwrite-listed-once"
+    ddf = dd.from_pandas(make_frame(n_groups=30, rows=5), npartitions=2)
+    run = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", storage_options=s3_options)
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    monkeypatch.chdir(tmp_path)  # where the recorder writes its file, "moto_recording"
+    again = []
+    listings = _listings(
+        s3_options["client_kwargs"]["endpoint_url"],
+        lambda: again.append(ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1",
+                                                 storage_options=s3_options, on_existing_artifacts="overwrite")),
+    )
+    # (a probe of one key, max-keys=1, whether the folder is one, lists no group)
+    of_the_run = [
+        entry for entry in listings if "overwrite-listed-once/r1/" in unquote(entry) and "max-keys=1&" not in entry
+    ]
+    assert len(of_the_run) == 1, listings
+    assert again[0].wait(show_progress=False) == RunStatus.SUCCESS
+    with pytest.raises(dask_manymodel.RunExistsError, match="already exists"):
+        ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", storage_options=s3_options)

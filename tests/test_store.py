@@ -301,3 +301,33 @@ def test_deleting_a_run_while_another_deleter_removes_its_files_is_no_error(tmp_
     monkeypatch.undo()
     store.fs.invalidate_cache(store.root)
     assert [posixpath.basename(p.rstrip("/")) for p in store.fs.ls(store.root, detail=False)] == ["_run.json"]
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_deleting_files_some_of_them_missing_removes_each_once(tmp_path, monkeypatch, where):
+    """A resume deletes the model of every group it runs again, and a FAILED
+    group has none. On local disk and memory:// fsspec's rm of the list
+    removed the files up to the first missing one and raised; then each
+    file was removed again, one by one (a third more calls, and an
+    exception per file already gone)."""
+    import uuid
+
+    store = RunStore(str(tmp_path) if where == "local" else f"memory://deletes-{uuid.uuid4().hex}", "r1")
+    files = [store.path(f"g={group}", "model.pkl") for group in range(6)]
+    for path in files:
+        if not path.endswith("g=3/model.pkl"):  # a FAILED group: no model
+            store.write_bytes(path, b"m")
+    # what removes one file: os.remove on local disk, rm_file in memory://
+    owner, name = (os, "remove") if where == "local" else (store.fs, "rm_file")
+    removed: list[str] = []
+    remove = getattr(owner, name)
+
+    def counted(path, *args, **kwargs):
+        removed.append(path)
+        return remove(path, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    store.delete_files(files)
+    monkeypatch.undo()
+    assert not any(store.fs.exists(path) for path in files)
+    assert len(removed) == len(files), removed  # each once (10 calls locally, 8 in memory)
