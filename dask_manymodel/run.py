@@ -10,6 +10,7 @@ import datetime
 import enum
 import html
 import logging
+import numbers
 import os
 import threading
 import time
@@ -526,6 +527,20 @@ def _follow_progress(run: "ManyModelRun", client: distributed.Client, topic: str
         if client not in _subscribed_clients:
             client.subscribe_topic(topic, _on_progress_event)
             _subscribed_clients.add(client)
+
+
+def _check_timeout(timeout: Any, call: str) -> float | None:
+    """``wait()``'s and ``cancel()``'s ``timeout``: None, or seconds >= 0.
+    Checked first: a text failed deep inside with a TypeError (for cancel(),
+    after it had already asked the run to stop), and NaN waited for ever."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not timeout >= 0:
+        raise InvalidArgumentError(
+            f"{call}: timeout must be a number of seconds >= 0, or None to wait as long as it takes; "
+            f"got {timeout!r}"
+        )
+    return float(timeout)
 
 
 class ManyModelRun:
@@ -1220,7 +1235,8 @@ class ManyModelRun:
         Parameters
         ----------
         timeout : float, optional
-            Seconds to wait; then :class:`RunTimeoutError` (the run goes on).
+            Seconds to wait (>= 0); then :class:`RunTimeoutError` (the run
+            goes on). None waits as long as it takes.
         show_progress : bool
             Show a tqdm bar of finished groups (DONE or FAILED) out of all
             groups, on stderr; in a notebook with ipywidgets, a widget.
@@ -1236,12 +1252,15 @@ class ManyModelRun:
             ``timeout`` passed first.
         ReadOnlyRunError
             On a restored handle: it did not start the work.
+        InvalidArgumentError
+            ``timeout`` is not a number of seconds >= 0 (nor None).
         """
         if self.read_only:
             raise ReadOnlyRunError(
                 f"run {self.run_id!r} was restored from storage: it cannot be waited on; "
                 f"read .status or .get_progress() instead"
             )
+        timeout = _check_timeout(timeout, "wait()")
         from ._client import outside_the_worker_pool
 
         if not self._finished.is_set():
@@ -1319,10 +1338,13 @@ class ManyModelRun:
         never start; they are dropped, and their groups become CANCELLED
         too. Raises
         :class:`RunTimeoutError` if the run has not stopped after ``timeout``
-        seconds (None: wait as long as it takes).
+        seconds (None: wait as long as it takes), and
+        :class:`InvalidArgumentError`, before the run is asked to stop, if
+        ``timeout`` is not a number of seconds >= 0 (nor None).
         """
         if self.read_only:
             raise ReadOnlyRunError(f"run {self.run_id!r} was restored from storage: it cannot be cancelled")
+        timeout = _check_timeout(timeout, "cancel()")
         if self._finished.is_set():
             return self.status
         self._refuse_where_it_waits_for_ever("cancel()", "run.cancel")

@@ -433,3 +433,28 @@ def test_by_forms_pandas_takes_are_refused_saying_what_to_do(client, ddf, tmp_pa
             dated.manymodel.train(fit_line, by=by, url=url, run_id="r1")
         assert len(str(info.value)) < 700, str(info.value)
     assert not os.path.exists(url)
+
+
+def test_a_wait_or_cancel_timeout_that_is_no_number_of_seconds_is_refused_first(client, store_url, tmp_path):
+    # cancel(timeout="60") asked the run to stop, then died in a TypeError
+    # ('float' + 'str'), and the run was cancelled anyway; wait(timeout=nan)
+    # waited for ever
+    import functools
+
+    from .conftest import group_zero_held, make_frame
+
+    gate = str(tmp_path / "release")
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=2)
+    run = ddf.manymodel.train(
+        functools.partial(group_zero_held, gate), by="store", url=store_url, run_id="r1",
+        execution_options=ExecutionOptions(npartitions=2),
+    )
+    for call, timeout in [(run.cancel, "60"), (run.cancel, -1), (run.wait, float("nan")), (run.wait, True)]:
+        with pytest.raises(InvalidArgumentError) as info:
+            call(timeout=timeout)
+        assert str(info.value) == (
+            f"{call.__name__}(): timeout must be a number of seconds >= 0, or None to wait as long as it "
+            f"takes; got {timeout!r}"
+        )
+    open(gate, "w").close()
+    assert run.wait(timeout=np.float64(60), show_progress=False) == RunStatus.SUCCESS  # not cancelled
