@@ -458,3 +458,23 @@ def test_a_wait_or_cancel_timeout_that_is_no_number_of_seconds_is_refused_first(
         )
     open(gate, "w").close()
     assert run.wait(timeout=np.float64(60), show_progress=False) == RunStatus.SUCCESS  # not cancelled
+
+
+def test_execution_options_take_numpy_numbers_as_the_numbers_they_are():
+    # npartitions=df["store"].nunique() // 2 on a numpy value was refused:
+    # "npartitions must be a positive int or None, got np.int64(4)"
+    options = ExecutionOptions(
+        npartitions=np.int64(4), max_retries=np.int32(1), resources={"GPU": np.int64(1)},
+        max_group_memory_fraction=np.float32(0.5),
+    )
+    assert (options.npartitions, options.max_retries, options.resources) == (4, 1, {"GPU": 1})
+    assert type(options.npartitions) is int and type(options.resources["GPU"]) is int
+    assert type(options.max_group_memory_fraction) is float
+    for bad, message in [
+        ({"npartitions": np.int64(0)}, "npartitions must be a positive int or None, got 0"),
+        ({"npartitions": np.float64(4.0)}, "npartitions must be a positive int or None, got np.float64(4.0)"),
+        ({"npartitions": np.bool_(True)}, "npartitions must be a positive int or None, got np.True_"),
+    ]:
+        with pytest.raises(InvalidArgumentError) as info:
+            ExecutionOptions(**bad)
+        assert str(info.value) == message
