@@ -31,7 +31,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .connectors._batching import Columns, Rebatcher, check_batch_size, check_seed
+from .connectors._batching import Columns, Rebatcher, check_batch_size, check_flag, check_seed
 from .engine import (
     as_dask_dataframe,
     check_reachable,
@@ -218,6 +218,7 @@ class FileSet:
             A FileSet (or anything) already exists under that name.
         """
         _check_name(name)
+        shuffle = check_flag(shuffle, "shuffle")
         seed = check_seed(seed)
         fs, base = open_url(url, storage_options)
         url = resolved_url(url, fs, base)  # as the workers writing the files must read it

@@ -279,6 +279,17 @@ def test_bad_seed_is_refused_up_front(frame, bad):
         DataConnector.from_pandas(frame).to_torch_dataset(batch_size=8, shuffle=True, seed=bad)
 
 
+@pytest.mark.parametrize("flag", ["shuffle", "drop_last_batch"])
+@pytest.mark.parametrize("bad", ["no", "False", None, 0, {"anon": True}])
+def test_a_flag_that_is_not_true_or_false_is_refused(frame, flag, bad):
+    # shuffle="no" (truthy) shuffled; a flag read from a config as text or
+    # left None said nothing
+    with pytest.raises(InvalidArgumentError) as info:
+        DataConnector.from_pandas(frame).to_torch_dataset(batch_size=8, **{flag: bad})
+    assert str(info.value).startswith(f"{flag} must be True or False, got {bad!r}")
+    assert list(DataConnector.from_pandas(frame).to_torch_dataset(batch_size=8, **{flag: np.bool_(False)}))
+
+
 def test_numpy_ints_are_accepted_for_seed_and_limit(frame):
     data = DataConnector.from_pandas(frame)
     seeded = data.to_torch_dataset(batch_size=8, shuffle=True, seed=np.int64(3))

@@ -422,6 +422,18 @@ def test_make_refuses_labels_its_files_cannot_hold_before_writing(tmp_path, colu
     assert not os.path.exists(tmp_path / "sets" / "fs1")
 
 
+def test_make_refuses_a_shuffle_that_is_not_true_or_false_before_writing(tmp_path):
+    # FileSet.make(url, name, ddf, {"anon": True}) (storage_options given
+    # where shuffle goes) made a shuffled FileSet, as did shuffle="no"
+    ddf = dd.from_pandas(frame(40), npartitions=2)
+    for bad, hint in [({"anon": True}, " (storage_options is a keyword argument: storage_options={...})"),
+                      ("no", "")]:
+        with pytest.raises(InvalidArgumentError) as info:
+            FileSet.make(str(tmp_path / "sets"), "fs1", ddf, bad)
+        assert str(info.value) == f"shuffle must be True or False, got {bad!r}{hint}"
+    assert not os.path.exists(tmp_path / "sets")
+
+
 def test_a_pyarrow_list_column_reads_back(tmp_path):
     """pandas cannot read back its own metadata of a pyarrow list column
     (TypeError: data type 'list<item: int64>[pyarrow]' not understood): the
