@@ -176,6 +176,18 @@ def test_set_epoch_makes_the_order_a_function_of_seed_and_epoch(frame):
     assert rows_of(ds) == run[1] and rows_of(ds) == run[1]  # set_epoch(1) again, and iterating again
 
 
+@pytest.mark.parametrize("bad", [-1, 1.7, "2", None, True])
+def test_set_epoch_refuses_what_is_no_epoch_number_at_once(frame, bad):
+    # -1 failed only at the next iteration, in numpy ("expected non-negative
+    # integer"); 1.7 was taken as 1; "a" and None raised int()'s own errors
+    ds = DataConnector.from_pandas(frame).to_torch_dataset(batch_size=8, shuffle=True, seed=7)
+    with pytest.raises(InvalidArgumentError) as info:
+        ds.set_epoch(bad)
+    assert str(info.value) == f"set_epoch() takes the epoch's number, an int >= 0, got {bad!r}"
+    ds.set_epoch(np.int64(2))
+    assert len(rows_of(ds)) == 96
+
+
 def test_set_epoch_with_loader_workers_covers_the_epoch_once(frame):
     data = DataConnector.from_pandas(frame)
     direct = data.to_torch_dataset(batch_size=8, shuffle=True, seed=7)
