@@ -2837,7 +2837,9 @@ def _start_run(
     by = check_by(by, ddf)
     check_run_id(run_id)
     check_on_existing(on_existing_artifacts)
-    options = execution_options or ExecutionOptions()
+    # only None means the defaults: execution_options=[] (or 0, {}) ran with
+    # them without a word, where {'npartitions': 2} is refused
+    options = ExecutionOptions() if execution_options is None else execution_options
     if not isinstance(options, ExecutionOptions):
         raise InvalidArgumentError(
             f"execution_options must be an ExecutionOptions, got {type(options).__name__}"

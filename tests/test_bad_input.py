@@ -55,6 +55,8 @@ CASES = [
     ("serde-not-a-serde", {"serde": "pickle"}, InvalidArgumentError, "serde must be a ModelSerde"),
     ("unknown-protocol", {"url": "nosuchproto://bucket/x"}, InvalidURLError, "nosuchproto"),
     ("options-not-options", {"execution_options": {"npartitions": 2}}, InvalidArgumentError, "ExecutionOptions"),
+    # empty, it was taken for "no options" and the run started
+    ("options-empty", {"execution_options": []}, InvalidArgumentError, "execution_options must be an ExecutionOptions, got list"),
 ]
 
 
