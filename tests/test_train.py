@@ -591,6 +591,13 @@ def test_dpf_saves_artifacts(client, ddf, store_url):
     assert details.artifacts.get("stats.pkl") == {"mean": pytest.approx(expected["x"].mean())}
     text = details.artifacts.get("ysum.txt", read_function=lambda p: Path(p).read_text())
     assert float(text) == pytest.approx(expected["y"].sum())
+    # a name that is no text failed in os.path.join (TypeError), a
+    # read_function that is no function only after the download
+    with pytest.raises(PartitionNotFoundError, match=r"^no artifact None in .*; it has \['stats.pkl', 'ysum.txt'\]$"):
+        details.artifacts.get(None)
+    with pytest.raises(InvalidArgumentError, match="^read_function must be a function that takes the file's local "
+                       "path, got 'text'$"):
+        details.artifacts.get("ysum.txt", read_function="text")
 
     def read_previous(data, ctx):
         return ctx.download("stats.pkl", partition_id=0, run_id="d1")
