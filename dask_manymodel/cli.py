@@ -118,12 +118,18 @@ def _reach(url: str, storage_options: dict | None) -> tuple[Any, str]:
     fs.invalidate_cache(base)
     try:
         exists = fs.exists(base)
+        # `runs FILE` listed "no runs at FILE" and exited 0, as for an empty folder
+        is_file = exists and fs.isfile(base)
     except Exception as exc:
         raise InvalidURLError(
             f"cannot reach {shown_url(url)!r}: {type(exc).__name__}: {exc}; check the URL and --storage-options"
         ) from exc
     if not exists:
         raise RunNotFoundError(f"no runs at {shown_url(url)!r}: the location does not exist")
+    if is_file:
+        raise InvalidURLError(
+            f"{shown_url(url)!r} is a file, not a folder of runs; give the folder that holds the runs' folders"
+        )
     return fs, base
 
 

@@ -193,6 +193,9 @@ def test_logs_of_a_failed_and_a_done_group(runs, capsys):
         (["runs", "nosuchproto://x"], "Protocol not known: nosuchproto"),
         (["runs", "{url}", "--storage-options", "[1]"], "--storage-options must be a JSON object"),
         (["show", "{url}", "../r1"], "run_id '../r1' is not allowed"),
+        # runs listed "no runs at" the file and exited 0; show said NotADirectoryError
+        (["runs", "{url}/r1/_run.json"], "r1/_run.json' is a file, not a folder of runs"),
+        (["show", "{url}/r1/_run.json", "r1"], "r1/_run.json' is a file, not a folder of runs"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(runs, capsys, argv, message):
