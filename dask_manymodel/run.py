@@ -12,6 +12,7 @@ import html
 import logging
 import numbers
 import os
+import posixpath
 import threading
 import time
 import weakref
@@ -534,6 +535,23 @@ def _follow_progress(run: "ManyModelRun", client: distributed.Client, topic: str
         if client not in _subscribed_clients:
             client.subscribe_topic(topic, _on_progress_event)
             _subscribed_clients.add(client)
+
+
+def _no_run_message(store: RunStore) -> str:
+    """Why ``restore_from`` (and the CLI's show and logs) found no run, and
+    what to do. The URL of a run's own folder (``url/r1`` for run ``r1``)
+    is a common slip; it said only "no run 'r1' at url/r1"."""
+    message = f"no run {store.run_id!r} at {store.url_shown} (no {RUN_MANIFEST})"
+    try:
+        inside_a_run = store.fs.exists(posixpath.join(store.base, RUN_MANIFEST))
+    except Exception:  # only a hint: the store's own error is not this one's
+        inside_a_run = False
+    if inside_a_run:
+        return (
+            f"{message}: {store.url_shown} is itself the folder of a run; give the URL of the folder "
+            f"that holds the runs' folders"
+        )
+    return f"{message}; check run_id and url (`dask-manymodel runs URL` lists the runs at URL)"
 
 
 def _check_timeout(timeout: Any, call: str) -> float | None:
@@ -1720,7 +1738,7 @@ class ManyModelRun:
         try:
             manifest = store.read_manifest()
         except FileNotFoundError:
-            raise RunNotFoundError(f"no run {run_id!r} at {store.url_shown} (no {RUN_MANIFEST})") from None
+            raise RunNotFoundError(_no_run_message(store)) from None
         except ManyModelError:
             raise
         except Exception as exc:  # the backend's own: credentials, an endpoint that refuses, DNS

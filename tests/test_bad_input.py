@@ -155,8 +155,24 @@ def test_class_api_checks_the_function_at_construction(tmp_path):
 
 
 def test_restore_of_a_missing_run(tmp_path):
-    with pytest.raises(RunNotFoundError, match="no run 'nope'"):
+    with pytest.raises(RunNotFoundError) as info:
         ManyModelRun.restore_from("nope", str(tmp_path))
+    assert str(info.value) == (
+        f"no run 'nope' at {tmp_path} (no _run.json); check run_id and url (`dask-manymodel runs URL` lists the "
+        f"runs at URL)"
+    )
+
+
+def test_restore_from_the_url_of_the_runs_own_folder_says_so(client, ddf, tmp_path):
+    # restore_from("r1", "models/r1") said only "no run 'r1' at models/r1"
+    url = str(tmp_path / "models")
+    ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1").wait(show_progress=False)
+    with pytest.raises(RunNotFoundError) as info:
+        ManyModelRun.restore_from("r1", f"{url}/r1")
+    assert str(info.value) == (
+        f"no run 'r1' at {url}/r1 (no _run.json): {url}/r1 is itself the folder of a run; give the URL of the "
+        f"folder that holds the runs' folders"
+    )
 
 
 @pytest.mark.parametrize(
