@@ -399,6 +399,7 @@ def check_meta(meta: Any, by: list) -> tuple[pd.DataFrame | None, pa.Schema | No
             raise InvalidArgumentError(
                 f"meta must describe the output frame: an empty pandas DataFrame, or a dict or "
                 f"list of (column, dtype) such as {{'prediction': 'f8'}}; got {type(meta).__name__} {meta!r:.80}"
+                f"{_unknown_dtype(meta)}"
             )
         meta = made
     meta = meta.iloc[:0]
@@ -422,6 +423,26 @@ def check_meta(meta: Any, by: list) -> tuple[pd.DataFrame | None, pa.Schema | No
     typed = [field for field in schema if _has_a_type(field.type)]
     # the schema's pandas metadata too: a cast column's entry is taken from it
     return meta, pa.schema(typed, metadata=schema.metadata) if typed else None
+
+
+def _unknown_dtype(meta: Any) -> str:
+    """For a dict or list meta, which column's dtype pandas does not know
+    (``{'pred': 'float'}`` is fine, ``{'pred': 'flaot'}`` is not), as the end
+    of the message: in a meta of many columns, "got dict {...}" cut at 80
+    characters did not show the one to fix."""
+    try:
+        pairs = list(meta.items()) if isinstance(meta, dict) else [tuple(pair) for pair in meta]
+    except (TypeError, ValueError):
+        return ""
+    for pair in pairs:
+        if len(pair) != 2:
+            return ""
+        column, dtype = pair
+        try:
+            pd.api.types.pandas_dtype(dtype)
+        except (TypeError, ValueError) as exc:
+            return f": column {column!r} has dtype {dtype!r:.80}, which pandas does not know ({exc})"
+    return ""
 
 
 def _str_as_a_string_type(meta: Any) -> Any:

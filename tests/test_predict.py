@@ -587,6 +587,19 @@ def test_a_meta_that_is_not_a_frame_is_refused_before_the_run(client, store_url,
     assert not os.path.exists(f"{store_url}/s1")
 
 
+def test_a_meta_dtype_pandas_does_not_know_is_named():
+    # a meta of many columns was shown cut at 80 characters: the misspelt
+    # dtype to fix was not in the message
+    from dask_manymodel.engine import check_meta
+
+    meta = {f"feature_{i}": "float64" for i in range(10)} | {"prediction": "flaot64"}
+    with pytest.raises(InvalidArgumentError) as info:
+        check_meta(meta, ["k"])
+    assert str(info.value).endswith(
+        ": column 'prediction' has dtype 'flaot64', which pandas does not know (data type 'flaot64' not understood)"
+    )
+
+
 def series_named(name):
     def predict(data, model, ctx):
         return pd.Series(data.to_pandas()["x"].to_numpy() * 10, name=name)
