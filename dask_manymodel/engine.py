@@ -415,6 +415,16 @@ def check_meta(meta: Any, by: list) -> tuple[pd.DataFrame | None, pa.Schema | No
             )
         meta = meta.set_axis(names, axis=1)
     by_names = {str(column) for column in by}
+    if all(column in by_names for column in meta.columns):
+        # the output is read back with meta's columns: meta={} (or [], or
+        # pd.DataFrame()) gave a SUCCESS run whose to_dask_dataframe() held
+        # the by columns alone, every returned column left out
+        raise InvalidArgumentError(
+            f"meta {meta.columns.tolist()!r:.200} names no column besides the by columns {by!r:.200}, and the "
+            f"output is read back with meta's columns only; give the returned frame's columns and dtypes, "
+            f"e.g. meta={{'prediction': 'f8'}}, or leave meta=None to take them from the groups' output; "
+            f"nothing is written"
+        )
     try:
         schema = pa.Schema.from_pandas(meta.drop(columns=[c for c in meta.columns if c in by_names]),
                                        preserve_index=False)
