@@ -130,15 +130,12 @@ class Artifacts:
 
     def get(self, name: str, read_function: Callable[[str], Any] | None = None) -> Any:
         """Load artifact ``name``: with ``read_function(local_path)``, or unpickled."""
-        from .context import _pickle_read
+        from .context import _check_callable, _pickle_read
 
         # both checked before the download: a name that is no text failed in
         # os.path.join, and a read_function that is no function after the copy
         self._remote(name)
-        if read_function is not None and not callable(read_function):
-            raise InvalidArgumentError(
-                f"read_function must be a function that takes the file's local path, got {read_function!r}"
-            )
+        _check_callable(read_function, "read_function", "f(local_path) that returns the object")
         with scratch_folder() as tmp:
             local = os.path.join(tmp, name)
             os.makedirs(os.path.dirname(local), exist_ok=True)  # a serde's file in a subfolder
