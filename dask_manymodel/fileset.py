@@ -179,6 +179,12 @@ class FileSet:
         self._deleted = False
         self._manifest = self._read_manifest()
         if self._manifest is None:
+            # a run's name: "create it with FileSet.make" would be refused
+            if self._fs.exists(posixpath.join(self._root, RUN_MANIFEST)):
+                raise FileSetNotFoundError(
+                    f"no FileSet {name!r} at {shown_url(self.url)}: {name!r} there is a run of dask_manymodel; open "
+                    f"it with ManyModelRun.restore_from({name!r}, url), or give the name of a FileSet"
+                )
             raise FileSetNotFoundError(
                 f"no FileSet {name!r} at {shown_url(self.url)}; create it with FileSet.make(url, name, dataframe)"
             )

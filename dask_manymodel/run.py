@@ -538,11 +538,19 @@ def _no_run_message(store: RunStore) -> str:
     """Why ``restore_from`` (and the CLI's show and logs) found no run, and
     what to do. The URL of a run's own folder (``url/r1`` for run ``r1``)
     is a common slip; it said only "no run 'r1' at url/r1"."""
+    from .fileset import MANIFEST as FILESET_MANIFEST
+
     message = f"no run {store.run_id!r} at {store.url_shown} (no {RUN_MANIFEST})"
     try:
         inside_a_run = store.fs.exists(posixpath.join(store.base, RUN_MANIFEST))
+        a_fileset = store.fs.exists(store.path(FILESET_MANIFEST))
     except Exception:  # only a hint: the store's own error is not this one's
-        inside_a_run = False
+        inside_a_run = a_fileset = False
+    if a_fileset:
+        return (
+            f"{message}: {store.run_id!r} there is a FileSet; open it with FileSet(url, {store.run_id!r}), or give "
+            f"the run_id of a run"
+        )
     if inside_a_run:
         return (
             f"{message}: {store.url_shown} is itself the folder of a run; give the URL of the folder "
