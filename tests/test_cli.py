@@ -63,6 +63,15 @@ def test_runs_lists_every_run_as_a_table(runs, capsys):
     assert table[1][4] == created[:19] + "Z"
 
 
+def test_runs_of_a_runs_own_folder_says_so(runs, capsys):
+    # `runs URL/r1` said "no runs at URL/r1", as if the run were gone
+    assert main(["runs", f"{runs}/r1"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"no runs at {runs}/r1: it is itself the folder of a run; list the runs beside it with "
+        f"`dask-manymodel runs {runs}`, or see this one with `dask-manymodel show {runs} r1`"
+    )
+
+
 def test_runs_agrees_with_show_when_the_client_died_before_the_end(runs, capsys):
     """A client killed after its tasks had finished every group left
     _run.json IN_PROGRESS: runs said IN_PROGRESS for good, show the status
