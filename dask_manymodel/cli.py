@@ -118,12 +118,18 @@ def _reach(url: str, storage_options: dict | None) -> tuple[Any, str]:
     fs.invalidate_cache(base)
     try:
         exists = fs.exists(base)
+        # `runs FILE` listed "no runs at FILE" and exited 0, as for an empty folder
+        is_file = exists and fs.isfile(base)
     except Exception as exc:
         raise InvalidURLError(
             f"cannot reach {shown_url(url)!r}: {type(exc).__name__}: {exc}; check the URL and --storage-options"
         ) from exc
     if not exists:
         raise RunNotFoundError(f"no runs at {shown_url(url)!r}: the location does not exist")
+    if is_file:
+        raise InvalidURLError(
+            f"{shown_url(url)!r} is a file, not a folder of runs; give the folder that holds the runs' folders"
+        )
     return fs, base
 
 
@@ -173,7 +179,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         except (ValueError, KeyError, TypeError):  # a damaged manifest: list the folder anyway
             rows.append({"run_id": folder, "status": f"unreadable {RUN_MANIFEST}"})
     if not rows:
-        print(f"no runs at {shown_url(args.url)}")
+        print(f"no runs at {shown_url(args.url)}{_a_run_itself(fs, base, args.url)}")
     else:
         columns = ["run_id", "kind", "status", "groups", "created"]
         print(_table(rows, columns + ["note"] if any("note" in r for r in rows) else columns))
@@ -187,6 +193,24 @@ def cmd_runs(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _a_run_itself(fs: Any, base: str, url: str) -> str:
+    """A hint when ``url`` is the folder of one run (``runs models/r1``):
+    "no runs at models/r1" alone read as if the run were gone."""
+    try:
+        if not fs.exists(posixpath.join(base, RUN_MANIFEST)):
+            return ""
+    except Exception:  # only a hint
+        return ""
+    shown = shown_url(url).rstrip("/")
+    parent, _, name = shown.rpartition("/")
+    if not parent or not name:
+        return ""
+    return (
+        f": it is itself the folder of a run; list the runs beside it with `dask-manymodel runs {_shell_word(parent)}`, "
+        f"or see this one with `dask-manymodel show {_shell_word(parent)} {_shell_word(name)}`"
+    )
 
 
 def _could_be_run_id(name: str) -> bool:

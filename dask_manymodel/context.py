@@ -189,6 +189,14 @@ def _check_artifact_name(filename: str, taken: frozenset[str] = frozenset()) -> 
     return filename
 
 
+def _check_callable(function: Any, name: str, shape: str) -> None:
+    """``write_function``/``read_function``: None or a function. A value that
+    is none failed after the file was written or read, as "TypeError: 'str'
+    object is not callable" naming no argument."""
+    if function is not None and not callable(function):
+        raise InvalidArgumentError(f"{name} must be a function {shape}, or None; got {function!r:.200}")
+
+
 def _pickle_write(obj: Any, path: str) -> None:
     with open(path, "wb") as f:
         cloudpickle.dump(obj, f)
@@ -321,6 +329,7 @@ class PartitionContext:
         """
         _check_artifact_name(filename, self._taken_names)
         self._refuse_if_closed(filename)
+        _check_callable(write_function, "write_function", "f(obj, local_path) that writes the file")
         store, folder = self._group_folder(self.partition_id, None)
         write = write_function or _pickle_write
         with scratch_folder() as tmp:
@@ -365,6 +374,7 @@ class PartitionContext:
             from .engine import check_run_id
 
             check_run_id(run_id)  # a folder of the URL, never one beside it ("..")
+        _check_callable(read_function, "read_function", "f(local_path) that returns the object")
         partition_id = self.partition_id if partition_id is _THIS_GROUP else partition_id
         store, folder = self._group_folder(partition_id, run_id)
         read = read_function or _pickle_read

@@ -399,6 +399,7 @@ def check_meta(meta: Any, by: list) -> tuple[pd.DataFrame | None, pa.Schema | No
             raise InvalidArgumentError(
                 f"meta must describe the output frame: an empty pandas DataFrame, or a dict or "
                 f"list of (column, dtype) such as {{'prediction': 'f8'}}; got {type(meta).__name__} {meta!r:.80}"
+                f"{_unknown_dtype(meta)}"
             )
         meta = made
     meta = meta.iloc[:0]
@@ -414,6 +415,16 @@ def check_meta(meta: Any, by: list) -> tuple[pd.DataFrame | None, pa.Schema | No
             )
         meta = meta.set_axis(names, axis=1)
     by_names = {str(column) for column in by}
+    if all(column in by_names for column in meta.columns):
+        # the output is read back with meta's columns: meta={} (or [], or
+        # pd.DataFrame()) gave a SUCCESS run whose to_dask_dataframe() held
+        # the by columns alone, every returned column left out
+        raise InvalidArgumentError(
+            f"meta {meta.columns.tolist()!r:.200} names no column besides the by columns {by!r:.200}, and the "
+            f"output is read back with meta's columns only; give the returned frame's columns and dtypes, "
+            f"e.g. meta={{'prediction': 'f8'}}, or leave meta=None to take them from the groups' output; "
+            f"nothing is written"
+        )
     try:
         schema = pa.Schema.from_pandas(meta.drop(columns=[c for c in meta.columns if c in by_names]),
                                        preserve_index=False)
@@ -422,6 +433,26 @@ def check_meta(meta: Any, by: list) -> tuple[pd.DataFrame | None, pa.Schema | No
     typed = [field for field in schema if _has_a_type(field.type)]
     # the schema's pandas metadata too: a cast column's entry is taken from it
     return meta, pa.schema(typed, metadata=schema.metadata) if typed else None
+
+
+def _unknown_dtype(meta: Any) -> str:
+    """For a dict or list meta, which column's dtype pandas does not know
+    (``{'pred': 'float'}`` is fine, ``{'pred': 'flaot'}`` is not), as the end
+    of the message: in a meta of many columns, "got dict {...}" cut at 80
+    characters did not show the one to fix."""
+    try:
+        pairs = list(meta.items()) if isinstance(meta, dict) else [tuple(pair) for pair in meta]
+    except (TypeError, ValueError):
+        return ""
+    for pair in pairs:
+        if len(pair) != 2:
+            return ""
+        column, dtype = pair
+        try:
+            pd.api.types.pandas_dtype(dtype)
+        except (TypeError, ValueError) as exc:
+            return f": column {column!r} has dtype {dtype!r:.80}, which pandas does not know ({exc})"
+    return ""
 
 
 def _str_as_a_string_type(meta: Any) -> Any:
@@ -2862,7 +2893,9 @@ def _start_run(
     by = check_by(by, ddf)
     check_run_id(run_id)
     check_on_existing(on_existing_artifacts)
-    options = execution_options or ExecutionOptions()
+    # only None means the defaults: execution_options=[] (or 0, {}) ran with
+    # them without a word, where {'npartitions': 2} is refused
+    options = ExecutionOptions() if execution_options is None else execution_options
     if not isinstance(options, ExecutionOptions):
         raise InvalidArgumentError(
             f"execution_options must be an ExecutionOptions, got {type(options).__name__}"

@@ -31,7 +31,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .connectors._batching import Columns, Rebatcher, check_batch_size, check_seed
+from .connectors._batching import Columns, Rebatcher, check_batch_size, check_flag, check_seed
 from .engine import (
     as_dask_dataframe,
     check_reachable,
@@ -203,6 +203,12 @@ class FileSet:
         self._deleted = False
         self._manifest = self._read_manifest()
         if self._manifest is None:
+            # a run's name: "create it with FileSet.make" would be refused
+            if self._fs.exists(posixpath.join(self._root, RUN_MANIFEST)):
+                raise FileSetNotFoundError(
+                    f"no FileSet {name!r} at {shown_url(self.url)}: {name!r} there is a run of dask_manymodel; open "
+                    f"it with ManyModelRun.restore_from({name!r}, url), or give the name of a FileSet"
+                )
             raise FileSetNotFoundError(
                 f"no FileSet {name!r} at {shown_url(self.url)}; create it with FileSet.make(url, name, dataframe)"
             )
@@ -242,6 +248,7 @@ class FileSet:
             A FileSet (or anything) already exists under that name.
         """
         _check_name(name)
+        shuffle = check_flag(shuffle, "shuffle")
         seed = check_seed(seed)
         fs, base = open_url(url, storage_options)
         url = resolved_url(url, fs, base)  # as the workers writing the files must read it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +95,17 @@ class ExecutionOptions:
     reuse_freed_memory: bool = True
 
     def __post_init__(self) -> None:
+        # A count or an amount computed with numpy (np.int64(4), from a
+        # frame's max() or len of an array) is a number to the user: it was
+        # refused as "must be a positive int, got np.int64(4)". Kept as the
+        # Python number it stands for.
+        for name in ("npartitions", "max_retries", "storage_retries", "storage_retry_backoff",
+                     "max_log_chars", "task_retries", "max_group_memory_fraction"):
+            object.__setattr__(self, name, _plain_number(getattr(self, name)))
+        if isinstance(self.resources, dict):
+            object.__setattr__(
+                self, "resources", {name: _plain_number(amount) for name, amount in self.resources.items()}
+            )
         if self.npartitions is not None and (
             not isinstance(self.npartitions, int) or isinstance(self.npartitions, bool) or self.npartitions < 1
         ):
@@ -150,3 +162,11 @@ class ExecutionOptions:
             raise InvalidArgumentError(
                 f"max_log_chars must be an int >= 0, got {self.max_log_chars!r}"
             )
+
+
+def _plain_number(value: Any) -> Any:
+    """A numpy number as the Python int or float it stands for; anything
+    else (a bool, a text, None) as it is, for the checks to judge."""
+    if isinstance(value, (bool, int, float)) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)

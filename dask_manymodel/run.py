@@ -10,7 +10,9 @@ import datetime
 import enum
 import html
 import logging
+import numbers
 import os
+import posixpath
 import threading
 import time
 import weakref
@@ -137,8 +139,12 @@ class Artifacts:
 
     def get(self, name: str, read_function: Callable[[str], Any] | None = None) -> Any:
         """Load artifact ``name``: with ``read_function(local_path)``, or unpickled."""
-        from .context import _pickle_read
+        from .context import _check_callable, _pickle_read
 
+        # both checked before the download: a name that is no text failed in
+        # os.path.join, and a read_function that is no function after the copy
+        self._remote(name)
+        _check_callable(read_function, "read_function", "f(local_path) that returns the object")
         with scratch_folder() as tmp:
             local = os.path.join(tmp, name)
             os.makedirs(os.path.dirname(local), exist_ok=True)  # a serde's file in a subfolder
@@ -545,6 +551,45 @@ def _follow_progress(run: "ManyModelRun", client: distributed.Client, topic: str
         if client not in _subscribed_clients:
             client.subscribe_topic(topic, _on_progress_event)
             _subscribed_clients.add(client)
+
+
+def _no_run_message(store: RunStore) -> str:
+    """Why ``restore_from`` (and the CLI's show and logs) found no run, and
+    what to do. The URL of a run's own folder (``url/r1`` for run ``r1``)
+    is a common slip; it said only "no run 'r1' at url/r1"."""
+    from .fileset import MANIFEST as FILESET_MANIFEST
+
+    message = f"no run {store.run_id!r} at {store.url_shown} (no {RUN_MANIFEST})"
+    try:
+        inside_a_run = store.fs.exists(posixpath.join(store.base, RUN_MANIFEST))
+        a_fileset = store.fs.exists(store.path(FILESET_MANIFEST))
+    except Exception:  # only a hint: the store's own error is not this one's
+        inside_a_run = a_fileset = False
+    if a_fileset:
+        return (
+            f"{message}: {store.run_id!r} there is a FileSet; open it with FileSet(url, {store.run_id!r}), or give "
+            f"the run_id of a run"
+        )
+    if inside_a_run:
+        return (
+            f"{message}: {store.url_shown} is itself the folder of a run; give the URL of the folder "
+            f"that holds the runs' folders"
+        )
+    return f"{message}; check run_id and url (`dask-manymodel runs URL` lists the runs at URL)"
+
+
+def _check_timeout(timeout: Any, call: str) -> float | None:
+    """``wait()``'s and ``cancel()``'s ``timeout``: None, or seconds >= 0.
+    Checked first: a text failed deep inside with a TypeError (for cancel(),
+    after it had already asked the run to stop), and NaN waited for ever."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not timeout >= 0:
+        raise InvalidArgumentError(
+            f"{call}: timeout must be a number of seconds >= 0, or None to wait as long as it takes; "
+            f"got {timeout!r}"
+        )
+    return float(timeout)
 
 
 class ManyModelRun:
@@ -1300,7 +1345,8 @@ class ManyModelRun:
         Parameters
         ----------
         timeout : float, optional
-            Seconds to wait; then :class:`RunTimeoutError` (the run goes on).
+            Seconds to wait (>= 0); then :class:`RunTimeoutError` (the run
+            goes on). None waits as long as it takes.
         show_progress : bool
             Show a tqdm bar of finished groups (DONE or FAILED) out of all
             groups, on stderr; in a notebook with ipywidgets, a widget.
@@ -1316,12 +1362,15 @@ class ManyModelRun:
             ``timeout`` passed first.
         ReadOnlyRunError
             On a restored handle: it did not start the work.
+        InvalidArgumentError
+            ``timeout`` is not a number of seconds >= 0 (nor None).
         """
         if self.read_only:
             raise ReadOnlyRunError(
                 f"run {self.run_id!r} was restored from storage: it cannot be waited on; "
                 f"read .status or .get_progress() instead"
             )
+        timeout = _check_timeout(timeout, "wait()")
         from ._client import outside_the_worker_pool
 
         if not self._finished.is_set():
@@ -1399,10 +1448,13 @@ class ManyModelRun:
         never start; they are dropped, and their groups become CANCELLED
         too. Raises
         :class:`RunTimeoutError` if the run has not stopped after ``timeout``
-        seconds (None: wait as long as it takes).
+        seconds (None: wait as long as it takes), and
+        :class:`InvalidArgumentError`, before the run is asked to stop, if
+        ``timeout`` is not a number of seconds >= 0 (nor None).
         """
         if self.read_only:
             raise ReadOnlyRunError(f"run {self.run_id!r} was restored from storage: it cannot be cancelled")
+        timeout = _check_timeout(timeout, "cancel()")
         if self._finished.is_set():
             return self.status
         self._refuse_where_it_waits_for_ever("cancel()", "run.cancel")
@@ -1787,7 +1839,7 @@ class ManyModelRun:
         try:
             manifest = store.read_manifest()
         except FileNotFoundError:
-            raise RunNotFoundError(f"no run {run_id!r} at {store.url_shown} (no {RUN_MANIFEST})") from None
+            raise RunNotFoundError(_no_run_message(store)) from None
         except ManyModelError:
             raise
         except Exception as exc:  # the backend's own: credentials, an endpoint that refuses, DNS

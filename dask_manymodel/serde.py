@@ -158,6 +158,25 @@ class TorchSerde(ModelSerde):
 
     def __init__(self, filename: str = "model.pt", weights_only: bool = False, model_factory=None,
                  map_location: str = "cpu"):
+        from .exceptions import InvalidArgumentError
+
+        # checked here, not when a model is read back after the run:
+        # weights_only="no" (truthy) saved state_dicts only, and a module
+        # given for its class (model_factory=Net() for Net) is callable,
+        # so get_model died in its forward() ("missing 1 required argument")
+        if not isinstance(weights_only, bool):
+            raise InvalidArgumentError(f"TorchSerde weights_only must be True or False, got {weights_only!r}")
+        if model_factory is not None and (
+            not callable(model_factory) or hasattr(model_factory, "load_state_dict")
+        ):
+            hint = (
+                f"; pass the class itself: model_factory={type(model_factory).__name__}"
+                if hasattr(model_factory, "load_state_dict") else ""
+            )
+            raise InvalidArgumentError(
+                f"TorchSerde model_factory must build an empty module when called with no arguments (a class "
+                f"such as Net, or a function), got {_short_repr(model_factory)}{hint}"
+            )
         self.filename = filename
         self.weights_only = weights_only
         self.model_factory = model_factory
@@ -210,7 +229,7 @@ class TensorFlowSerde(ModelSerde):
     _needs = ("tensorflow",)
 
     def __init__(self, filename: str = "model.keras"):
-        if not filename.endswith(".keras"):
+        if not isinstance(filename, str) or not filename.endswith(".keras"):
             from .exceptions import InvalidArgumentError
 
             raise InvalidArgumentError(f"TensorFlowSerde filename must end with '.keras', got {filename!r}")
@@ -221,6 +240,13 @@ class TensorFlowSerde(ModelSerde):
 
     def read(self, file_path: str) -> Any:
         return import_optional("tensorflow").keras.models.load_model(file_path)
+
+
+def _short_repr(value: Any, limit: int = 200) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a module's repr lists
+    every layer)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def writes_in_memory(serde: ModelSerde) -> bool:
@@ -298,6 +324,8 @@ def serde_from_manifest(entry: dict) -> ModelSerde | None:
         return None  # (the caller says it cannot be rebuilt: pass serde=)
     try:
         return cls(**entry.get("params", {"filename": entry["filename"]}))
+    except ValueError:  # params it now refuses (weights_only="yes", as an older version took): serde= decides
+        return None
     except TypeError:
         try:
             serde = cls()

@@ -55,6 +55,8 @@ CASES = [
     ("serde-not-a-serde", {"serde": "pickle"}, InvalidArgumentError, "serde must be a ModelSerde"),
     ("unknown-protocol", {"url": "nosuchproto://bucket/x"}, InvalidURLError, "nosuchproto"),
     ("options-not-options", {"execution_options": {"npartitions": 2}}, InvalidArgumentError, "ExecutionOptions"),
+    # empty, it was taken for "no options" and the run started
+    ("options-empty", {"execution_options": []}, InvalidArgumentError, "execution_options must be an ExecutionOptions, got list"),
 ]
 
 
@@ -153,8 +155,24 @@ def test_class_api_checks_the_function_at_construction(tmp_path):
 
 
 def test_restore_of_a_missing_run(tmp_path):
-    with pytest.raises(RunNotFoundError, match="no run 'nope'"):
+    with pytest.raises(RunNotFoundError) as info:
         ManyModelRun.restore_from("nope", str(tmp_path))
+    assert str(info.value) == (
+        f"no run 'nope' at {tmp_path} (no _run.json); check run_id and url (`dask-manymodel runs URL` lists the "
+        f"runs at URL)"
+    )
+
+
+def test_restore_from_the_url_of_the_runs_own_folder_says_so(client, ddf, tmp_path):
+    # restore_from("r1", "models/r1") said only "no run 'r1' at models/r1"
+    url = str(tmp_path / "models")
+    ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1").wait(show_progress=False)
+    with pytest.raises(RunNotFoundError) as info:
+        ManyModelRun.restore_from("r1", f"{url}/r1")
+    assert str(info.value) == (
+        f"no run 'r1' at {url}/r1 (no _run.json): {url}/r1 is itself the folder of a run; give the URL of the "
+        f"folder that holds the runs' folders"
+    )
 
 
 @pytest.mark.parametrize(
@@ -433,3 +451,48 @@ def test_by_forms_pandas_takes_are_refused_saying_what_to_do(client, ddf, tmp_pa
             dated.manymodel.train(fit_line, by=by, url=url, run_id="r1")
         assert len(str(info.value)) < 700, str(info.value)
     assert not os.path.exists(url)
+
+
+def test_a_wait_or_cancel_timeout_that_is_no_number_of_seconds_is_refused_first(client, store_url, tmp_path):
+    # cancel(timeout="60") asked the run to stop, then died in a TypeError
+    # ('float' + 'str'), and the run was cancelled anyway; wait(timeout=nan)
+    # waited for ever
+    import functools
+
+    from .conftest import group_zero_held, make_frame
+
+    gate = str(tmp_path / "release")
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=2)
+    run = ddf.manymodel.train(
+        functools.partial(group_zero_held, gate), by="store", url=store_url, run_id="r1",
+        execution_options=ExecutionOptions(npartitions=2),
+    )
+    for call, timeout in [(run.cancel, "60"), (run.cancel, -1), (run.wait, float("nan")), (run.wait, True)]:
+        with pytest.raises(InvalidArgumentError) as info:
+            call(timeout=timeout)
+        assert str(info.value) == (
+            f"{call.__name__}(): timeout must be a number of seconds >= 0, or None to wait as long as it "
+            f"takes; got {timeout!r}"
+        )
+    open(gate, "w").close()
+    assert run.wait(timeout=np.float64(60), show_progress=False) == RunStatus.SUCCESS  # not cancelled
+
+
+def test_execution_options_take_numpy_numbers_as_the_numbers_they_are():
+    # npartitions=df["store"].nunique() // 2 on a numpy value was refused:
+    # "npartitions must be a positive int or None, got np.int64(4)"
+    options = ExecutionOptions(
+        npartitions=np.int64(4), max_retries=np.int32(1), resources={"GPU": np.int64(1)},
+        max_group_memory_fraction=np.float32(0.5),
+    )
+    assert (options.npartitions, options.max_retries, options.resources) == (4, 1, {"GPU": 1})
+    assert type(options.npartitions) is int and type(options.resources["GPU"]) is int
+    assert type(options.max_group_memory_fraction) is float
+    for bad, message in [
+        ({"npartitions": np.int64(0)}, "npartitions must be a positive int or None, got 0"),
+        ({"npartitions": np.float64(4.0)}, "npartitions must be a positive int or None, got np.float64(4.0)"),
+        ({"npartitions": np.bool_(True)}, "npartitions must be a positive int or None, got np.True_"),
+    ]:
+        with pytest.raises(InvalidArgumentError) as info:
+            ExecutionOptions(**bad)
+        assert str(info.value) == message

@@ -63,6 +63,15 @@ def test_runs_lists_every_run_as_a_table(runs, capsys):
     assert table[1][4] == created[:19] + "Z"
 
 
+def test_runs_of_a_runs_own_folder_says_so(runs, capsys):
+    # `runs URL/r1` said "no runs at URL/r1", as if the run were gone
+    assert main(["runs", f"{runs}/r1"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"no runs at {runs}/r1: it is itself the folder of a run; list the runs beside it with "
+        f"`dask-manymodel runs {runs}`, or see this one with `dask-manymodel show {runs} r1`"
+    )
+
+
 def test_runs_agrees_with_show_when_the_client_died_before_the_end(runs, capsys):
     """A client killed after its tasks had finished every group left
     _run.json IN_PROGRESS: runs said IN_PROGRESS for good, show the status
@@ -193,6 +202,9 @@ def test_logs_of_a_failed_and_a_done_group(runs, capsys):
         (["runs", "nosuchproto://x"], "Protocol not known: nosuchproto"),
         (["runs", "{url}", "--storage-options", "[1]"], "--storage-options must be a JSON object"),
         (["show", "{url}", "../r1"], "run_id '../r1' is not allowed"),
+        # runs listed "no runs at" the file and exited 0; show said NotADirectoryError
+        (["runs", "{url}/r1/_run.json"], "r1/_run.json' is a file, not a folder of runs"),
+        (["show", "{url}/r1/_run.json", "r1"], "r1/_run.json' is a file, not a folder of runs"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(runs, capsys, argv, message):

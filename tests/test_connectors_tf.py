@@ -123,6 +123,12 @@ def test_columns_of_objects_name_themselves():
     assert batch["t"].numpy().tolist() == [b"a", b"b"]
 
 
+@pytest.mark.parametrize("flag", ["shuffle", "drop_last_batch"])
+def test_a_flag_that_is_not_true_or_false_is_refused(data, flag):
+    with pytest.raises(InvalidArgumentError, match=f"^{flag} must be True or False, got 'no'$"):
+        data.to_tf_dataset(batch_size=8, **{flag: "no"})
+
+
 @pytest.mark.parametrize("bad", [-1, 2.5, True, "1"])
 def test_bad_seed(data, bad):
     with pytest.raises(InvalidArgumentError, match="seed must be a non-negative int or None"):

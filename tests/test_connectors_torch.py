@@ -176,6 +176,18 @@ def test_set_epoch_makes_the_order_a_function_of_seed_and_epoch(frame):
     assert rows_of(ds) == run[1] and rows_of(ds) == run[1]  # set_epoch(1) again, and iterating again
 
 
+@pytest.mark.parametrize("bad", [-1, 1.7, "2", None, True])
+def test_set_epoch_refuses_what_is_no_epoch_number_at_once(frame, bad):
+    # -1 failed only at the next iteration, in numpy ("expected non-negative
+    # integer"); 1.7 was taken as 1; "a" and None raised int()'s own errors
+    ds = DataConnector.from_pandas(frame).to_torch_dataset(batch_size=8, shuffle=True, seed=7)
+    with pytest.raises(InvalidArgumentError) as info:
+        ds.set_epoch(bad)
+    assert str(info.value) == f"set_epoch() takes the epoch's number, an int >= 0, got {bad!r}"
+    ds.set_epoch(np.int64(2))
+    assert len(rows_of(ds)) == 96
+
+
 def test_set_epoch_with_loader_workers_covers_the_epoch_once(frame):
     data = DataConnector.from_pandas(frame)
     direct = data.to_torch_dataset(batch_size=8, shuffle=True, seed=7)
@@ -277,6 +289,17 @@ def test_column_names_that_share_a_key_are_refused(columns, message):
 def test_bad_seed_is_refused_up_front(frame, bad):
     with pytest.raises(InvalidArgumentError, match="seed must be a non-negative int or None"):
         DataConnector.from_pandas(frame).to_torch_dataset(batch_size=8, shuffle=True, seed=bad)
+
+
+@pytest.mark.parametrize("flag", ["shuffle", "drop_last_batch"])
+@pytest.mark.parametrize("bad", ["no", "False", None, 0, {"anon": True}])
+def test_a_flag_that_is_not_true_or_false_is_refused(frame, flag, bad):
+    # shuffle="no" (truthy) shuffled; a flag read from a config as text or
+    # left None said nothing
+    with pytest.raises(InvalidArgumentError) as info:
+        DataConnector.from_pandas(frame).to_torch_dataset(batch_size=8, **{flag: bad})
+    assert str(info.value).startswith(f"{flag} must be True or False, got {bad!r}")
+    assert list(DataConnector.from_pandas(frame).to_torch_dataset(batch_size=8, **{flag: np.bool_(False)}))
 
 
 def test_numpy_ints_are_accepted_for_seed_and_limit(frame):

@@ -51,6 +51,30 @@ def test_existing_name_and_missing_name(url):
         FileSet.make(url, "../escape", frame())
 
 
+def test_a_fileset_opened_as_a_run_and_a_run_opened_as_a_fileset_say_which_they_are(tmp_path):
+    # FileSet(url, "r1") said "create it with FileSet.make", which refuses
+    # a run's name; restore_from("fs1", url) said only "no run 'fs1'"
+    from dask_manymodel import ManyModelRun, RunNotFoundError
+
+    url = str(tmp_path / "store")
+    FileSet.make(url, "fs1", frame(10))
+    os.makedirs(f"{url}/r1")
+    with open(f"{url}/r1/_run.json", "w") as f:
+        f.write("{}")
+    with pytest.raises(FileSetNotFoundError) as info:
+        FileSet(url, "r1")
+    assert str(info.value) == (
+        f"no FileSet 'r1' at {url}: 'r1' there is a run of dask_manymodel; open it with "
+        f"ManyModelRun.restore_from('r1', url), or give the name of a FileSet"
+    )
+    with pytest.raises(RunNotFoundError) as info:
+        ManyModelRun.restore_from("fs1", url)
+    assert str(info.value) == (
+        f"no run 'fs1' at {url} (no _run.json): 'fs1' there is a FileSet; open it with FileSet(url, 'fs1'), "
+        f"or give the run_id of a run"
+    )
+
+
 def test_global_shuffle_keeps_the_rows_and_changes_the_order(url):
     made = dd.from_pandas(frame(), npartitions=4).manymodel.to_fileset(url, "shuffled", shuffle=True)
     back = made.to_dask_dataframe().compute().reset_index(drop=True)
@@ -420,6 +444,18 @@ def test_make_refuses_labels_its_files_cannot_hold_before_writing(tmp_path, colu
     with pytest.raises(InvalidArgumentError, match=message):
         FileSet.make(str(tmp_path / "sets"), "fs1", dd.from_pandas(source, npartitions=2), shuffle=shuffle)
     assert not os.path.exists(tmp_path / "sets" / "fs1")
+
+
+def test_make_refuses_a_shuffle_that_is_not_true_or_false_before_writing(tmp_path):
+    # FileSet.make(url, name, ddf, {"anon": True}) (storage_options given
+    # where shuffle goes) made a shuffled FileSet, as did shuffle="no"
+    ddf = dd.from_pandas(frame(40), npartitions=2)
+    for bad, hint in [({"anon": True}, " (storage_options is a keyword argument: storage_options={...})"),
+                      ("no", "")]:
+        with pytest.raises(InvalidArgumentError) as info:
+            FileSet.make(str(tmp_path / "sets"), "fs1", ddf, bad)
+        assert str(info.value) == f"shuffle must be True or False, got {bad!r}{hint}"
+    assert not os.path.exists(tmp_path / "sets")
 
 
 def test_a_pyarrow_list_column_reads_back(tmp_path):

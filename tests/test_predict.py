@@ -587,6 +587,31 @@ def test_a_meta_that_is_not_a_frame_is_refused_before_the_run(client, store_url,
     assert not os.path.exists(f"{store_url}/s1")
 
 
+@pytest.mark.parametrize("meta", [{}, [], pd.DataFrame(), {"k": "i8"}], ids=["dict", "list", "frame", "by-only"])
+def test_a_meta_of_no_output_column_is_refused_before_the_run(client, store_url, meta):
+    # meta={} gave a SUCCESS run whose output read back as the by column
+    # alone: every column the function returned was left out
+    pdf = pd.DataFrame({"k": [1, 2], "x": [1.0, 2.0]})
+    ddf = dd.from_pandas(pdf, npartitions=1)
+    ddf.manymodel.train(fit_nothing, by="k", url=store_url, run_id="r1").wait(show_progress=False)
+    with pytest.raises(InvalidArgumentError, match=r"names no column besides the by columns \['k'\]"):
+        ddf.manymodel.predict(predict_one, by="k", url=store_url, training_run_id="r1", run_id="s1", meta=meta)
+    assert not os.path.exists(f"{store_url}/s1")
+
+
+def test_a_meta_dtype_pandas_does_not_know_is_named():
+    # a meta of many columns was shown cut at 80 characters: the misspelt
+    # dtype to fix was not in the message
+    from dask_manymodel.engine import check_meta
+
+    meta = {f"feature_{i}": "float64" for i in range(10)} | {"prediction": "flaot64"}
+    with pytest.raises(InvalidArgumentError) as info:
+        check_meta(meta, ["k"])
+    assert str(info.value).endswith(
+        ": column 'prediction' has dtype 'flaot64', which pandas does not know (data type 'flaot64' not understood)"
+    )
+
+
 def series_named(name):
     def predict(data, model, ctx):
         return pd.Series(data.to_pandas()["x"].to_numpy() * 10, name=name)

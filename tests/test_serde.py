@@ -116,6 +116,22 @@ class TestTorchSerdeWeightsOnly(TestTorchSerde):
         assert not path.exists()
 
 
+    def test_a_module_given_for_its_class_and_a_flag_that_is_no_bool_are_refused_at_once(self):
+        """model_factory=Net() (for Net) is callable: get_model died after the
+        run, in the module's forward(); weights_only="no" saved state_dicts."""
+        from dask_manymodel import InvalidArgumentError, TorchSerde
+
+        with pytest.raises(InvalidArgumentError) as info:
+            TorchSerde(weights_only=True, model_factory=self.make_model())
+        assert str(info.value) == (
+            "TorchSerde model_factory must build an empty module when called with no arguments (a class such as "
+            "Net, or a function), got Linear(in_features=1, out_features=1, bias=True); pass the class itself: "
+            "model_factory=Linear"
+        )
+        with pytest.raises(InvalidArgumentError, match="^TorchSerde weights_only must be True or False, got 'no'$"):
+            TorchSerde(weights_only="no")
+
+
 class TestTensorFlowSerde(SerdeContract):
     def make_serde(self):
         from dask_manymodel import TensorFlowSerde

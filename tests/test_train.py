@@ -591,6 +591,13 @@ def test_dpf_saves_artifacts(client, ddf, store_url):
     assert details.artifacts.get("stats.pkl") == {"mean": pytest.approx(expected["x"].mean())}
     text = details.artifacts.get("ysum.txt", read_function=lambda p: Path(p).read_text())
     assert float(text) == pytest.approx(expected["y"].sum())
+    # a name that is no text failed in os.path.join (TypeError), a
+    # read_function that is no function only after the download
+    with pytest.raises(PartitionNotFoundError, match=r"^no artifact None in .*; it has \['stats.pkl', 'ysum.txt'\]$"):
+        details.artifacts.get(None)
+    with pytest.raises(InvalidArgumentError, match="^read_function must be a function f\\(local_path\\) that returns "
+                       "the object, or None; got 'text'$"):
+        details.artifacts.get("ysum.txt", read_function="text")
 
     def read_previous(data, ctx):
         return ctx.download("stats.pkl", partition_id=0, run_id="d1")
@@ -600,6 +607,31 @@ def test_dpf_saves_artifacts(client, ddf, store_url):
     assert later.get_model(5) == details.artifacts.get("stats.pkl") | {
         "mean": pytest.approx(make_frame().query("store == 0")["x"].mean())
     }
+
+
+def upload_with_a_write_function_that_is_no_function(data, ctx):
+    ctx.upload({"a": 1}, "stats.txt", write_function="text")
+
+
+def download_with_a_read_function_that_is_no_function(data, ctx):
+    ctx.upload({"a": 1}, "stats.pkl")
+    return ctx.download("stats.pkl", read_function="pickle")
+
+
+def test_a_context_read_or_write_function_that_is_no_function_names_it(client, ddf, store_url):
+    # the group failed with "TypeError: 'str' object is not callable", from
+    # inside the context, naming no argument
+    for number, (func, message) in enumerate([
+        (upload_with_a_write_function_that_is_no_function,
+         "InvalidArgumentError: write_function must be a function f(obj, local_path) that writes the file, or None; "
+         "got 'text'"),
+        (download_with_a_read_function_that_is_no_function,
+         "InvalidArgumentError: read_function must be a function f(local_path) that returns the object, or None; "
+         "got 'pickle'"),
+    ]):
+        run = DPF(func, stage_name=store_url).run(partition_by="store", dataframe=ddf, run_id=f"d{number}")
+        assert run.wait(show_progress=False) == RunStatus.FAILURE
+        assert run.partition_details[0].error == message
 
 
 def upload_under_the_models_name(data, ctx):

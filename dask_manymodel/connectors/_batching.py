@@ -30,6 +30,15 @@ def check_batch_size(batch_size: Any, *, allow_none: bool = True) -> int | None:
     return int(batch_size)
 
 
+def check_flag(value: Any, name: str) -> bool:
+    """``shuffle`` and ``drop_last_batch`` must be True or False (numpy's too):
+    a text such as "no" or "False", being truthy, shuffled."""
+    if not isinstance(value, (bool, np.bool_)):
+        hint = " (storage_options is a keyword argument: storage_options={...})" if isinstance(value, dict) else ""
+        raise InvalidArgumentError(f"{name} must be True or False, got {value!r}{hint}")
+    return bool(value)
+
+
 def check_seed(seed: Any) -> int | None:
     """``seed`` must be a non-negative int (numpy ints too) or None."""
     if seed is None:

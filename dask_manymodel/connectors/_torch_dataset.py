@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..exceptions import InvalidArgumentError
 from ._batching import epoch_rng, new_seed
 
 
@@ -61,7 +62,13 @@ class ManyModelIterableDataset(torch.utils.data.IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Fix the epoch number (as ``DistributedSampler.set_epoch``): from
-        now on every iteration has the order of ``(seed, epoch)``."""
+        now on every iteration has the order of ``(seed, epoch)``.
+
+        ``epoch`` is an int >= 0 (numpy's too), checked here: a negative one
+        failed only at the next iteration, inside numpy, and ``1.7`` was
+        taken as 1 without a word."""
+        if not isinstance(epoch, (int, np.integer)) or isinstance(epoch, bool) or epoch < 0:
+            raise InvalidArgumentError(f"set_epoch() takes the epoch's number, an int >= 0, got {epoch!r}")
         self._epoch = int(epoch)
 
     def __iter__(self):

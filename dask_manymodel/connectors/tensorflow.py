@@ -12,7 +12,7 @@ import numpy as np
 
 from .._compat import import_optional
 from ..exceptions import InvalidArgumentError
-from ._batching import check_batch_size, check_seed, count_batches, epoch_rng, new_seed
+from ._batching import check_batch_size, check_flag, check_seed, count_batches, epoch_rng, new_seed
 
 
 def _strings(values: np.ndarray) -> np.ndarray:
@@ -61,6 +61,8 @@ def make_tf_dataset(source, *, batch_size, shuffle=False, drop_last_batch=True, 
     """Build the ``tf.data.Dataset`` over ``source`` (see the module docstring)."""
     tf = import_optional("tensorflow")
     batch_size = check_batch_size(batch_size, allow_none=False)
+    shuffle = check_flag(shuffle, "shuffle")
+    drop_last_batch = check_flag(drop_last_batch, "drop_last_batch")
     schema = source.schema
     shape = (batch_size,) if drop_last_batch else (None,)
     signature = {

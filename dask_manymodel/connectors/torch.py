@@ -16,7 +16,7 @@ from __future__ import annotations
 import warnings
 
 from .._compat import import_optional
-from ._batching import check_batch_size, check_seed
+from ._batching import check_batch_size, check_flag, check_seed
 
 
 def make_torch_dataset(source, *, batch_size=None, shuffle=False, drop_last_batch=True, seed=None):
@@ -25,8 +25,8 @@ def make_torch_dataset(source, *, batch_size=None, shuffle=False, drop_last_batc
     from ._torch_dataset import ManyModelIterableDataset
 
     return ManyModelIterableDataset(
-        source, batch_size=check_batch_size(batch_size), shuffle=shuffle, drop_last_batch=drop_last_batch,
-        seed=check_seed(seed),
+        source, batch_size=check_batch_size(batch_size), shuffle=check_flag(shuffle, "shuffle"),
+        drop_last_batch=check_flag(drop_last_batch, "drop_last_batch"), seed=check_seed(seed),
     )
 
 
