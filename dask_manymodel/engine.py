@@ -2867,6 +2867,172 @@ def start_run(kind: str, func: Callable, dataframe: Any, **arguments: Any):
         return _start_run(kind, func, dataframe, **arguments)
 
 
+def _check_training_run(store: RunStore, training_run_id: Any, run_id: str, by: list) -> tuple[RunStore, dict]:
+    """A predict's training run: its store and ``_run.json``, refused unless
+    it is a training run by the same columns (one still going on, unless
+    the groups this predict needs are trained)."""
+    check_run_id(training_run_id, "training_run_id")
+    if training_run_id == run_id:
+        raise InvalidArgumentError(
+            f"run_id {run_id!r} is the training run's id; give the inference run its own"
+        )
+    training_store = store.sibling(training_run_id)
+    training_manifest = _read_manifest_or_none(training_store)
+    if training_manifest is None:
+        raise RunNotFoundError(
+            f"training run {training_run_id!r} does not exist at {store.url_shown}; "
+            f"train it first or check training_run_id and url"
+        )
+    if training_manifest.get("kind") != "train":
+        raise InvalidArgumentError(
+            f"run {training_run_id!r} at {store.url_shown} is a {training_manifest.get('kind')} "
+            f"run, not a training run"
+        )
+    if list(training_manifest["partition_by"]) != [str(c) for c in by]:
+        raise InvalidArgumentError(
+            f"by={by!r} differs from the training run's partition_by "
+            f"{training_manifest['partition_by']!r}"
+        )
+    if training_manifest["status"] == "IN_PROGRESS":
+        _refuse_a_training_in_progress(training_store, training_manifest)
+    return training_store, training_manifest
+
+
+def _check_existing_run(
+    store: RunStore,
+    kind: str,
+    by: list,
+    on_existing_artifacts: str,
+    serde: ModelSerde | None,
+    training_run_id: str | None,
+    training_manifest: dict | None,
+) -> dict | None:
+    """What is stored under the run's id, as ``on_existing_artifacts``
+    allows: for a resume, the ``_run.json`` of the run it resumes (refused
+    unless it is the same kind of run, by the same columns, serde and
+    training run); otherwise None, refused with "error" when a run is there."""
+    run_id = store.run_id
+    if on_existing_artifacts == "resume":
+        previous = _read_manifest_or_none(store)
+        if previous is None:
+            _refuse_a_fileset(store)
+            raise RunNotFoundError(
+                f"cannot resume run {run_id!r}: it does not exist at {store.url_shown}"
+            )
+        if previous.get("kind") != kind or previous.get("partition_by") != [str(c) for c in by]:
+            raise InvalidArgumentError(
+                f"cannot resume run {run_id!r}: it is a {previous.get('kind')} run by "
+                f"{previous.get('partition_by')!r}, not a {kind} run by {[str(c) for c in by]!r}"
+            )
+        _check_resume_matches(previous, serde, training_run_id, training_manifest)
+        return previous
+    # (run_exists refuses a folder that is no run, a FileSet's among them,
+    # which an overwrite would delete)
+    if run_exists(store, likely=on_existing_artifacts == "overwrite") and on_existing_artifacts == "error":
+        raise RunExistsError(_exists_message(run_id, store))
+    return None
+
+
+@dataclass(frozen=True)
+class _TaskPlan:
+    """Which task runs each group of a run: see :func:`_plan_tasks`."""
+
+    npartitions: int  # the partitions the tasks read: the shuffle's, or the input's
+    parts: np.ndarray  # per counted group, its partition (-1: it does not run)
+    task_of_group: np.ndarray  # per counted group, its task (-1: it does not run)
+    task_part: np.ndarray  # per task, the partition it reads
+    task_keys: list  # per task, its groups' keys where its partition is split into tasks, else None
+    task_rows: np.ndarray  # per task, its rows
+
+
+def _plan_tasks(
+    counts: pd.DataFrame,
+    pending: np.ndarray,
+    shuffle: bool,
+    asked: int | None,
+    default: int,
+    input_npartitions: int,
+) -> _TaskPlan:
+    """Share the groups to run (``pending``, per row of ``counts``: the
+    count's groups in its order) out to tasks. Shuffled, into the
+    partitions ``asked`` for (``ExecutionOptions.npartitions``), else
+    ``default``, at most one per group, balanced by rows, a task each. Not
+    shuffled (the input is partitioned by the group columns already), each
+    group runs where it is, in a task of its own input partition, large
+    partitions split so that there are about ``default`` tasks.
+
+    Tasks are numbered largest first (by rows) and started in that order: a
+    big task started last would leave the other workers idle at the end.
+    """
+    sizes = counts[_ROWS].to_numpy()
+    subtask = np.zeros(len(counts), dtype=np.int64)
+    if shuffle:
+        npartitions = min(asked or default, int(pending.sum()))
+        parts = np.full(len(counts), -1, dtype=np.int64)
+        parts[pending] = assign_groups(sizes[pending], npartitions)
+    else:
+        npartitions = input_npartitions
+        parts = np.where(pending, counts[_HOME].to_numpy(), -1)
+        subtask = split_partitions(parts, sizes, pending, default)
+    # one task per (partition, subtask) with groups to run
+    pending_index = np.flatnonzero(pending)
+    stride = int(subtask.max()) + 1  # (partition, subtask) as one number
+    pairs = parts[pending] * stride + subtask[pending]
+    pair_ids, pair_of_group = np.unique(pairs, return_inverse=True)
+    pair_rows = np.bincount(pair_of_group, weights=sizes[pending])
+    largest_first = np.argsort(-pair_rows, kind="stable")  # pair of each task
+    task_of_pair = np.empty(len(pair_ids), dtype=np.int64)
+    task_of_pair[largest_first] = np.arange(len(pair_ids))
+    task_of_pending = task_of_pair[pair_of_group]
+    task_of_group = np.full(len(counts), -1, dtype=np.int64)
+    task_of_group[pending_index] = task_of_pending
+    task_part = (pair_ids // stride)[largest_first]
+    # a partition split into several tasks: each keeps only its own groups
+    split = np.bincount(task_part, minlength=npartitions) > 1
+    task_keys = [
+        counts.index[pending_index[task_of_pending == task]] if split[task_part[task]] else None
+        for task in range(len(pair_ids))
+    ]
+    return _TaskPlan(
+        npartitions=npartitions, parts=parts, task_of_group=task_of_group, task_part=task_part,
+        task_keys=task_keys, task_rows=pair_rows[largest_first],
+    )
+
+
+def _submit_tasks(
+    client: distributed.Client,
+    name: str,
+    spec_future: distributed.Future,
+    partitions: list,
+    plan: _TaskPlan,
+    options: ExecutionOptions,
+) -> list[distributed.Future]:
+    """Submit the run's tasks (one per task of ``plan``, reading its
+    partition of ``partitions``) in one go; returns their futures, largest
+    task first."""
+    # Tasks of about one size run where their input partition is: the
+    # scheduler balances them by count, and nothing moves. Uneven tasks (a
+    # split partition, a group much larger than the rest) are held in the
+    # scheduler's queue instead and handed out, largest first, as worker
+    # threads free up; left to locality, one worker got the big task and a
+    # queue besides while the other idled at the end (W3 in benchmarks/).
+    hand_out = bool(plan.task_rows.max() > 1.5 * plan.task_rows.mean())
+    # Submitted as a graph of our own rather than through map_partitions:
+    # query planning drops dask.annotate, and only these tasks (not the
+    # shuffle) may carry resources such as {"GPU": 1}. One submission for
+    # all of them, so that the scheduler sees them together.
+    graph = {
+        (name, task): _partition_task((name, task), spec_future, partitions[part], plan.task_keys[task], hand_out)
+        for task, part in enumerate(plan.task_part)
+    }
+    # largest first: the scheduler starts higher priorities first (a lambda,
+    # so that it travels by value to a scheduler without dask_manymodel)
+    with dask.annotate(priority=lambda key: -key[1] if isinstance(key, tuple) and key[0] == name else 0):
+        return list(
+            client.get(graph, list(graph), sync=False, resources=options.resources, retries=options.task_retries)
+        )
+
+
 def _start_run(
     kind: str,
     func: Callable,
@@ -2912,55 +3078,16 @@ def _start_run(
 
     training_store = training_manifest = training_zones = None
     if kind == "predict":
-        check_run_id(training_run_id, "training_run_id")
-        if training_run_id == run_id:
-            raise InvalidArgumentError(
-                f"run_id {run_id!r} is the training run's id; give the inference run its own"
-            )
-        training_store = store.sibling(training_run_id)
-        training_manifest = _read_manifest_or_none(training_store)
-        if training_manifest is None:
-            raise RunNotFoundError(
-                f"training run {training_run_id!r} does not exist at {store.url_shown}; "
-                f"train it first or check training_run_id and url"
-            )
-        if training_manifest.get("kind") != "train":
-            raise InvalidArgumentError(
-                f"run {training_run_id!r} at {store.url_shown} is a {training_manifest.get('kind')} "
-                f"run, not a training run"
-            )
-        if list(training_manifest["partition_by"]) != [str(c) for c in by]:
-            raise InvalidArgumentError(
-                f"by={by!r} differs from the training run's partition_by "
-                f"{training_manifest['partition_by']!r}"
-            )
-        if training_manifest["status"] == "IN_PROGRESS":
-            _refuse_a_training_in_progress(training_store, training_manifest)
+        training_store, training_manifest = _check_training_run(store, training_run_id, run_id, by)
         serde = _inference_serde(serde, training_manifest, training_run_id)
         training_zones = _training_zones(training_store, ddf, by)
     elif kind == "train":
         serde = check_serde(serde)
     else:
         serde = None
-
-    previous = None
-    if on_existing_artifacts == "resume":
-        previous = _read_manifest_or_none(store)
-        if previous is None:
-            _refuse_a_fileset(store)
-            raise RunNotFoundError(
-                f"cannot resume run {run_id!r}: it does not exist at {store.url_shown}"
-            )
-        if previous.get("kind") != kind or previous.get("partition_by") != [str(c) for c in by]:
-            raise InvalidArgumentError(
-                f"cannot resume run {run_id!r}: it is a {previous.get('kind')} run by "
-                f"{previous.get('partition_by')!r}, not a {kind} run by {[str(c) for c in by]!r}"
-            )
-        _check_resume_matches(previous, serde, training_run_id, training_manifest)
-    # (run_exists refuses a folder that is no run, a FileSet's among them,
-    # which an overwrite would delete)
-    elif run_exists(store, likely=on_existing_artifacts == "overwrite") and on_existing_artifacts == "error":
-        raise RunExistsError(_exists_message(run_id, store))
+    previous = _check_existing_run(
+        store, kind, by, on_existing_artifacts, serde, training_run_id, training_manifest
+    )
 
     # 2. count rows per group: the only compute before anything is written --
     client = get_or_start_client()
@@ -3141,43 +3268,14 @@ def _start_run(
 
         # 4. bring each group's rows into one partition ------------------------
         # counted groups in count order; DONE ones (resume) get -1 and are dropped
-        by_path = {g["path"]: g for g in groups}
         pending = np.array([p not in done_paths and p not in refused_paths for p in counted_paths], dtype=bool)
-        subtask = np.zeros(len(counted_paths), dtype=np.int64)
-        if shuffle:
-            npartitions = min(options.npartitions or default_npartitions(threads, len(todo)), len(todo))
-            parts = np.full(len(counted_paths), -1, dtype=np.int64)
-            parts[pending] = assign_groups(sizes[pending], npartitions)
-        else:
-            # the input is already partitioned by the group columns: each group
-            # runs where it is, in a task of its own input partition
-            npartitions = ddf.npartitions
-            parts = np.where(pending, counts[_HOME].to_numpy(), -1)
-            subtask = split_partitions(parts, sizes, pending, default_npartitions(threads, len(todo)))
-        # One task per (partition, subtask) with groups to run, numbered largest
-        # first (by rows) and started in that order (step 5): a big task started
-        # last would leave the other workers idle at the end.
-        pending_index = np.flatnonzero(pending)
-        stride = int(subtask.max()) + 1  # (partition, subtask) as one number
-        pairs = parts[pending] * stride + subtask[pending]
-        pair_ids, pair_of_group = np.unique(pairs, return_inverse=True)
-        pair_rows = np.bincount(pair_of_group, weights=sizes[pending])
-        largest_first = np.argsort(-pair_rows, kind="stable")  # pair of each task
-        task_of_pair = np.empty(len(pair_ids), dtype=np.int64)
-        task_of_pair[largest_first] = np.arange(len(pair_ids))
-        task_of_group = task_of_pair[pair_of_group]  # per pending group
-        n_tasks = len(pair_ids)
-        task_part = (pair_ids // stride)[largest_first]
-        for index, task in zip(pending_index, task_of_group):
-            by_path[counted_paths[index]]["task"] = int(task)
-        for index in np.flatnonzero(~pending):
-            by_path[counted_paths[index]]["task"] = -1
-        # a partition split into several tasks: each keeps only its own groups
-        split = np.bincount(task_part, minlength=npartitions) > 1
-        task_keys = [
-            keys[pending_index[task_of_group == task]] if split[task_part[task]] else None
-            for task in range(n_tasks)
-        ]
+        plan = _plan_tasks(
+            counts, pending, shuffle, options.npartitions, default_npartitions(threads, len(todo)), ddf.npartitions
+        )
+        npartitions, parts = plan.npartitions, plan.parts
+        by_path = {g["path"]: g for g in groups}
+        for path, task in zip(counted_paths, plan.task_of_group):
+            by_path[path]["task"] = int(task)
         store.write_json(store.path(GROUPS_FILE), groups, indent=None)
         if shuffle or done_paths:  # (refused groups only in a run that shuffles)
             tagged = ddf.map_partitions(
@@ -3204,29 +3302,7 @@ def _start_run(
         assert len(ordered) == npartitions, (len(ordered), npartitions)
 
         # 5. one task per output partition --------------------------------------
-        name = f"manymodel-{kind}-{submission}"
-        # Tasks of about one size run where their input partition is: the
-        # scheduler balances them by count, and nothing moves. Uneven tasks (a
-        # split partition, a group much larger than the rest) are held in the
-        # scheduler's queue instead and handed out, largest first, as worker
-        # threads free up; left to locality, one worker got the big task and a
-        # queue besides while the other idled at the end (W3 in benchmarks/).
-        task_rows = pair_rows[largest_first]
-        hand_out = bool(task_rows.max() > 1.5 * task_rows.mean())
-        # Submitted as a graph of our own rather than through map_partitions:
-        # query planning drops dask.annotate, and only these tasks (not the
-        # shuffle) may carry resources such as {"GPU": 1}. One submission for
-        # all of them, so that the scheduler sees them together.
-        graph = {
-            (name, task): _partition_task((name, task), spec_future, ordered[part], task_keys[task], hand_out)
-            for task, part in enumerate(task_part)
-        }
-        # largest first: the scheduler starts higher priorities first (a lambda,
-        # so that it travels by value to a scheduler without dask_manymodel)
-        with dask.annotate(priority=lambda key: -key[1] if isinstance(key, tuple) and key[0] == name else 0):
-            futures = list(
-                client.get(graph, list(graph), sync=False, resources=options.resources, retries=options.task_retries)
-            )
+        futures = _submit_tasks(client, f"manymodel-{kind}-{submission}", spec_future, ordered, plan, options)
         del ready, ordered  # the tasks hold them now
     return ManyModelRun(
         store=store, manifest=manifest, groups=groups, client=client, spec=spec, futures=futures,
