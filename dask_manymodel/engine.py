@@ -1673,6 +1673,47 @@ def _remove_folder(path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _series_as_frame(result: pd.Series, frame: pd.DataFrame, by_names: frozenset[str]) -> pd.DataFrame:
+    """A Series an inference function returned, as the group's frame with
+    it as a column (``prediction`` when unnamed)."""
+    if len(result) != len(frame):
+        raise _UserError(f"the returned Series has {len(result)} rows, the group {len(frame)}")
+    # unnamed (or ""): "prediction"; a Series named 0 is named, as in to_frame()
+    name = PREDICTION_COLUMN if result.name is None or result.name == "" else str(result.name)
+    if name in by_names:  # the by columns' values come from the path: it would be lost
+        raise _UserError(
+            f"the returned Series is named {name!r}, a by column, whose values the output takes "
+            f"from the group; name it otherwise, e.g. series.rename({PREDICTION_COLUMN!r})"
+        )
+    values = result.to_numpy()
+    if (
+        result.index.names == frame.index.names
+        and not result.index.equals(frame.index)
+        and result.index.is_unique
+    ):
+        # a Series computed from the group's frame sorted (by its date, as
+        # a time series must be) carries the frame's labels in another
+        # order: aligned on them, as df.assign aligns. Taken by position,
+        # each value landed on another row. Any other index (dates, a
+        # fresh one, a column's: set_index("day") of days 0..n-1 in any
+        # order would pass for the frame's labels, hence the names) is not
+        # the frame's: its values are taken in row order
+        positions = frame.index.get_indexer(result.index)
+        if (positions >= 0).all():
+            values = values[np.argsort(positions)]
+    # the input column it replaces, as parquet names them: named 1, it is
+    # the column 1 of a frame of int labels (a new "1" beside it would
+    # give the file two columns "1", which no reader reads)
+    target = name
+    if name not in frame.columns and frame.columns.inferred_type != "string":  # (a wide frame: no scan)
+        target = next((column for column in frame.columns if str(column) == name), name)
+    if isinstance(target, str):
+        return frame.assign(**{target: values})
+    output = frame.copy(deep=False)
+    output[target] = values
+    return output
+
+
 def _save_output(spec: RunSpec, result: Any, frame: pd.DataFrame, rel: str) -> tuple[int, dict[str, bytes]]:
     """Turn what an inference function returned into its parquet file;
     returns (rows, ``{path: bytes}`` still to write)."""
@@ -1682,42 +1723,7 @@ def _save_output(spec: RunSpec, result: Any, frame: pd.DataFrame, rel: str) -> t
     # a returned column 0 or "0" is the one the path already names
     by_names = spec.by_names
     if isinstance(result, pd.Series):
-        if len(result) != len(frame):
-            raise _UserError(f"the returned Series has {len(result)} rows, the group {len(frame)}")
-        # unnamed (or ""): "prediction"; a Series named 0 is named, as in to_frame()
-        name = PREDICTION_COLUMN if result.name is None or result.name == "" else str(result.name)
-        if name in by_names:  # the by columns' values come from the path: it would be lost
-            raise _UserError(
-                f"the returned Series is named {name!r}, a by column, whose values the output takes "
-                f"from the group; name it otherwise, e.g. series.rename({PREDICTION_COLUMN!r})"
-            )
-        values = result.to_numpy()
-        if (
-            result.index.names == frame.index.names
-            and not result.index.equals(frame.index)
-            and result.index.is_unique
-        ):
-            # a Series computed from the group's frame sorted (by its date, as
-            # a time series must be) carries the frame's labels in another
-            # order: aligned on them, as df.assign aligns. Taken by position,
-            # each value landed on another row. Any other index (dates, a
-            # fresh one, a column's: set_index("day") of days 0..n-1 in any
-            # order would pass for the frame's labels, hence the names) is not
-            # the frame's: its values are taken in row order
-            positions = frame.index.get_indexer(result.index)
-            if (positions >= 0).all():
-                values = values[np.argsort(positions)]
-        # the input column it replaces, as parquet names them: named 1, it is
-        # the column 1 of a frame of int labels (a new "1" beside it would
-        # give the file two columns "1", which no reader reads)
-        target = name
-        if name not in frame.columns and frame.columns.inferred_type != "string":  # (a wide frame: no scan)
-            target = next((column for column in frame.columns if str(column) == name), name)
-        if isinstance(target, str):
-            result = frame.assign(**{target: values})
-        else:
-            result = frame.copy(deep=False)
-            result[target] = values
+        result = _series_as_frame(result, frame, by_names)
     elif isinstance(result, np.ndarray):
         if result.ndim != 1 or len(result) != len(frame):
             raise _UserError(
