@@ -172,6 +172,8 @@ def test_show_counts_slowest_and_failed_groups(runs, capsys):
     failed = out.split("failed groups (2):\n")[1]
     assert "ValueError: group 2 is broken" in failed and "second line" not in failed
     assert "... and 1 more" in failed
+    assert main(["show", runs, "r1", "--top", "2"]) == 0
+    assert "... and" not in capsys.readouterr().out  # both failed groups listed: none more
 
 
 def test_show_an_inference_run(runs, capsys):

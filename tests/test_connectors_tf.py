@@ -44,6 +44,9 @@ def test_drop_last_and_cardinality(data):
     assert int(data.to_tf_dataset(batch_size=8).cardinality()) == 6
     kept = data.to_tf_dataset(batch_size=8, drop_last_batch=False)
     assert int(kept.cardinality()) == 7 and rows(kept) == list(range(50))
+    # a batch size that divides the rows leaves no short, nor empty, last batch
+    even = data.to_tf_dataset(batch_size=10, drop_last_batch=False)
+    assert int(even.cardinality()) == 5 and [len(b["i"]) for b in even] == [10] * 5
 
 
 def test_shuffle_per_epoch_and_seed(data):

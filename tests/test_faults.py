@@ -421,6 +421,10 @@ def test_max_retries_reruns_failing_groups(client, tmp_path, monkeypatch):
     assert run.wait(show_progress=False) == RunStatus.SUCCESS
     attempts = run.summary().set_index("partition_id")["attempts"]
     assert attempts[[0, 10, 20]].tolist() == [2, 2, 2] and attempts[5] == 1
+    # DONE on its second attempt: nothing of the first one's error is kept
+    retried = ManyModelRun.restore_from("r1", str(tmp_path / "m")).partition_details[10]
+    assert (retried.status, retried.error, retried.traceback) == ("DONE", None, None)
+    assert run.summary()["error"].isna().all()
 
 
 def fail_group_zero(data, ctx):
@@ -693,6 +697,26 @@ def test_a_resume_whose_data_lacks_a_group_never_run_is_no_success(client, tmp_p
     stored = json.loads(Path(url, "r1", "_run.json").read_text())
     assert (stored["status"], stored["counts"]) == ("PARTIAL_FAILURE", {"PENDING": 1, "DONE": 5})
     assert sum(stored["counts"].values()) == stored["n_groups"] == 6
+    assert ManyModelRun.restore_from("r1", url).status == RunStatus.PARTIAL_FAILURE
+
+
+def test_a_resume_with_no_group_left_to_run_and_a_group_never_run_is_no_success(client, tmp_path):
+    """As above, with every group of the data DONE already, so that nothing
+    runs (the run ends at its start): it said SUCCESS, its counts one group
+    short of n_groups."""
+    frame = make_frame(n_groups=6, rows=5)
+    url = str(tmp_path / "m")
+    run = dd.from_pandas(frame, npartitions=2).manymodel.train(fit_line, by="store", url=url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    # what a client killed before group 5 ran leaves
+    os.remove(os.path.join(url, "r1", "store=5", "_partition.json"))
+    manifest = json.loads(Path(url, "r1", "_run.json").read_text())
+    Path(url, "r1", "_run.json").write_text(json.dumps({**manifest, "status": "IN_PROGRESS", "counts": {}}))
+    without_5 = dd.from_pandas(frame[frame.store != 5], npartitions=2)
+    resumed = without_5.manymodel.train(fit_line, by="store", url=url, run_id="r1", on_existing_artifacts="resume")
+    assert resumed.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    stored = json.loads(Path(url, "r1", "_run.json").read_text())
+    assert (stored["status"], stored["counts"]) == ("PARTIAL_FAILURE", {"DONE": 5, "PENDING": 1})
     assert ManyModelRun.restore_from("r1", url).status == RunStatus.PARTIAL_FAILURE
 
 

@@ -33,8 +33,10 @@ def url(request, tmp_path):
 
 
 def test_make_reopen_and_read(url):
-    made = FileSet.make(url, "fs1", dd.from_pandas(frame(), npartitions=4))
-    assert len(made.files()) == 4 and made.num_rows == 400
+    # more than ten files: they come in the partitions' order (part.2 before part.10)
+    made = FileSet.make(url, "fs1", dd.from_pandas(frame(), npartitions=12))
+    assert [f.rsplit("/", 1)[1].split(".")[1] for f in made.files()] == [str(i) for i in range(12)]
+    assert made.num_rows == 400
     reopened = FileSet(url, "fs1")
     assert reopened.files() == made.files()
     back = reopened.to_dask_dataframe().compute()
@@ -89,6 +91,7 @@ def test_global_shuffle_keeps_the_rows_and_changes_the_order(url):
 def test_delete_makes_every_later_call_fail(url):
     made = FileSet.make(url, "gone", frame())
     made.delete()
+    assert repr(made).endswith(": deleted)")
     for call in (made.files, made.to_dask_dataframe, lambda: made.to_torch_dataset(batch_size=2), made.delete):
         with pytest.raises(FileSetDeletedError, match="was deleted"):
             call()

@@ -176,6 +176,34 @@ def test_a_partition_with_far_more_than_its_share_is_split_into_tasks(client, st
     assert_fitted(run, 12)
 
 
+def runs_once(folder, data, ctx):
+    """A train function (bind ``folder``): notes the group in a file of its
+    own, and fails if the group ran before. Its model is its row count."""
+    with open(os.path.join(folder, f"ran-{ctx.partition_id}"), "x"):
+        pass
+    return len(data)
+
+
+def test_a_group_split_across_balanced_partitions_runs_once_with_all_its_rows(client, store_url, tmp_path):
+    """Every input partition holds its share of the rows, but 5 rows of one
+    of its groups sit in the next partition: the rows must be shuffled, or
+    that group runs in two tasks, each time on a part of its rows."""
+    pdf = make_frame(8, 40)
+    last_5 = pdf.groupby("store").cumcount() >= 35
+    parts = []
+    for p in range(4):
+        own = pdf[(pdf["store"] // 2 == p) & ~(last_5 & (pdf["store"] == 2 * p + 1))]
+        moved_in = pdf[last_5 & (pdf["store"] == 2 * ((p - 1) % 4) + 1)]
+        parts.append(pd.concat([own, moved_in]))
+    ddf = dd.from_map(lambda i: parts[i], range(4))
+    ran = tmp_path / "ran"
+    ran.mkdir()
+    run = ddf.manymodel.train(functools.partial(runs_once, str(ran)), by="store", url=store_url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS, run.summary()
+    assert [run.get_model(g) for g in range(8)] == [40] * 8
+    assert len(os.listdir(ran)) == 8
+
+
 def every_group_held(gate, data, ctx):
     """A train function (bind ``gate``): every group waits for the test's gate."""
     hold_until_released(gate)

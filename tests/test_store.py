@@ -25,6 +25,7 @@ from dask_manymodel.store import (
     group_path,
     key_from_json,
     key_to_json,
+    normalize_key,
 )
 
 
@@ -81,6 +82,20 @@ def test_equal_numbers_share_a_folder(a, b):
     assert a == b and group_path(["k"], (a,)) == group_path(["k"], (b,))
 
 
+def test_only_values_longer_than_the_limit_are_shortened():
+    """A value of exactly MAX_SEGMENT_CHARS characters is its folder's name
+    as it is (where runs stored its model): only a longer one is hashed."""
+    assert encode_value("v" * MAX_SEGMENT_CHARS) == "v" * MAX_SEGMENT_CHARS
+    assert "~" in encode_value("v" * (MAX_SEGMENT_CHARS + 1))
+
+
+def test_a_tuple_of_one_value_names_the_group_of_one_column():
+    """pandas names the groups of by=["store"] as tuples, (7,): such a key
+    finds group 7, not a group whose value is the tuple."""
+    assert normalize_key((7,), 1) == normalize_key(7, 1) == (7,)
+    assert group_path(["store"], normalize_key((7,), 1)) == "store=7"
+
+
 def test_long_values_are_shortened_with_a_hash():
     a, b = "x" * 300, "x" * 299 + "y"
     assert len(encode_value(a)) <= MAX_SEGMENT_CHARS
@@ -91,7 +106,7 @@ def test_long_values_are_shortened_with_a_hash():
 
 
 @pytest.mark.parametrize("char", ["é", "Ж", "日", "🏪"])
-@pytest.mark.parametrize("lead", range(4))
+@pytest.mark.parametrize("lead", range(12))  # the cut at every byte of a 4-byte character
 def test_a_shortened_value_keeps_whole_characters(char, lead):
     """Hive readers decode a folder name as UTF-8, and pyarrow refused the
     whole dataset over one long value whose prefix ended within a character

@@ -174,6 +174,38 @@ def test_all_groups_failing_is_failure(client, ddf, store_url):
     assert run.wait(show_progress=False) == RunStatus.FAILURE
 
 
+def failing_but_group_zero(data, ctx):
+    if ctx.partition_id != 0:
+        raise ValueError(f"group {ctx.partition_id} is broken")
+    return fit_line(data, ctx)
+
+
+def test_one_group_done_of_many_is_a_partial_failure(client, ddf, store_url):
+    """FAILURE says no group is DONE: a run with one DONE group (its model
+    there to use, to keep on a resume) is a PARTIAL_FAILURE."""
+    run = ddf.manymodel.train(failing_but_group_zero, by="store", url=store_url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    assert run.manifest["counts"] == {"DONE": 1, "FAILED": 11}
+    assert ManyModelRun.restore_from("r1", store_url).status == RunStatus.PARTIAL_FAILURE
+
+
+def test_a_cancel_that_stops_no_group_leaves_a_success(client, store_url, tmp_path):
+    """Cancelled while its last groups ran, a run whose every group still
+    ended DONE is a SUCCESS: nothing was cancelled, every model is there."""
+    ddf = dd.from_pandas(make_frame(n_groups=2, rows=5), npartitions=2)
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    run = ddf.manymodel.train(
+        functools.partial(held_until_cancelled, str(gates)), by="store", url=store_url, run_id="r1",
+        execution_options=ExecutionOptions(npartitions=2),  # a task, and a worker, per group
+    )
+    announce_cancel_event(gates, run)
+    poll(lambda: {"running-0", "running-1"} <= set(os.listdir(gates)))
+    assert run.cancel() == RunStatus.SUCCESS
+    assert run.manifest["counts"] == {"DONE": 2}
+    assert ManyModelRun.restore_from("r1", store_url).status == RunStatus.SUCCESS
+
+
 class UsersOwnInterrupt(BaseException):
     pass
 
