@@ -31,6 +31,11 @@ class ExecutionOptions:
         before it is marked FAILED.
     fail_fast : bool
         After the first FAILED group, stop the rest of the run (CANCELLED).
+        A group that ends INTERNAL_ERROR as it runs (too big for its worker,
+        its model refused by the store where the serde writes it at once)
+        stops it too; one whose model fails to go out with its task's batch
+        of small writes (see ``storage_retries``) is marked when the batch is
+        written, and does not.
     storage_retries : int
         How many times each object write or read is retried on ``OSError``,
         with exponential backoff starting at ``storage_retry_backoff`` seconds.

@@ -4,6 +4,7 @@ groups too big for a worker."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import errno
 import functools
@@ -874,6 +875,24 @@ class FileOnlySerde(ModelSerde):
     def read(self, file_path):
         with open(file_path) as f:
             return json.load(f)
+
+
+def test_fail_fast_stops_at_a_group_whose_model_could_not_be_stored(client, flaky, tmp_path):
+    # not only a FAILED group (the user function raised): one INTERNAL_ERROR,
+    # the store refusing its model after the retries, stops the run too (a
+    # serde without to_bytes writes each model at once, not with the batch)
+    url = f"flaky://{tmp_path}/models"
+    ddf = dd.from_pandas(make_frame(n_groups=12, rows=5), npartitions=2)
+    run = ddf.manymodel.train(
+        fit_line, by="store", url=url, run_id="r1", serde=FileOnlySerde(),
+        storage_options={"fail_paths": [f"store={g}/model.json" for g in range(6)]},
+        execution_options=ExecutionOptions(fail_fast=True, npartitions=1, storage_retries=0),
+    )
+    run.wait(show_progress=False)
+    statuses = collections.Counter(d.status.value for d in run.partition_details.values())
+    # one task runs the groups one after the other: the first of the six
+    # that cannot be stored comes by the seventh group at the latest
+    assert statuses["INTERNAL_ERROR"] == 1 and statuses["CANCELLED"] >= 5, statuses
 
 
 def upload_holding_group_zero(gate_dir, data, ctx):
