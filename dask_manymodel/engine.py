@@ -2712,6 +2712,9 @@ class _CarefulTry:
             )
             if stored.get("others"):
                 record.update(status="INTERNAL_ERROR", error=_died_in_group_message(key, others=stored["others"]))
+            no_heartbeat = no_heartbeat_message(key, stored.get("worker"))
+            if no_heartbeat is not None:
+                record.update(error=no_heartbeat)
             self.pending.add(record, {})
             self.pending.flush()
             return "failed" if record["status"] == "FAILED" else "lost"
@@ -2741,6 +2744,7 @@ class _CarefulTry:
         if not numbers or self.pending.heartbeat.check_superseded():
             return
         extra = {"alone": True, "others": _other_tasks_running()} if alone else {"alone": False}
+        extra["worker"] = _worker_address()  # see no_heartbeat_message
         marks = {
             self.spec.store.path(self.rels[n], PARTITION_FILE): json.dumps(_record(
                 self.spec, self.groups.keys[n], self.rels[n], status="RUNNING", rows=self.groups.size(n),
@@ -2749,6 +2753,56 @@ class _CarefulTry:
             for n in numbers
         }
         self.spec.store.write_many(marks, atomic=False)
+
+
+def _worker_address() -> str | None:
+    try:
+        return distributed.get_worker().address
+    except Exception:  # not in a worker (unit tests)
+        return None
+
+
+def restarted_for_no_heartbeat(worker: str | None, client: distributed.Client | None = None) -> Any:
+    """The worker-ttl (seconds) if the scheduler restarted (or removed) worker
+    ``worker`` because it sent no heartbeat for longer than
+    ``distributed.scheduler.worker-ttl``; None if it did not (or cannot be
+    asked). A group that holds Python's GIL that long (native code that does
+    not release it) leaves the worker no way to answer: without this, its
+    error blamed memory or a crash, which the function did not do."""
+    if not worker:
+        return None
+    try:
+        events = (client or distributed.get_client()).get_events("scheduler")
+    except Exception:  # an old scheduler, a closed client: the usual message then
+        logger.debug("could not read the scheduler's events", exc_info=True)
+        return None
+    for _, msg in events:
+        if isinstance(msg, dict) and msg.get("action") == "worker-ttl-timed-out" and worker in msg.get("workers", ()):
+            return msg.get("ttl")
+    return None
+
+
+def no_heartbeat_text(ttl: Any) -> str:
+    return (
+        f"the worker sent no heartbeat for over {ttl} s (distributed.scheduler.worker-ttl), most often "
+        f"because a group held Python's GIL that long (native code that does not release it) and the "
+        f"worker could not answer. Set distributed.scheduler.worker-ttl, where the scheduler starts, above "
+        f"the longest group's time, then retry_failed() runs it again"
+    )
+
+
+def no_heartbeat_message(key: tuple, worker: str | None, client: distributed.Client | None = None) -> str | None:
+    """The error of a group that ran alone in its task when the scheduler
+    restarted its worker for want of heartbeats (see
+    :func:`restarted_for_no_heartbeat`); None otherwise."""
+    ttl = restarted_for_no_heartbeat(worker, client)
+    if ttl is None:
+        return None
+    partition_id = key[0] if len(key) == 1 else key
+    return (
+        f"the scheduler restarted the worker process running group {partition_id!r} while the group ran: "
+        + no_heartbeat_text(ttl)
+    )
 
 
 def _other_tasks_running() -> int:

@@ -818,7 +818,7 @@ class ManyModelRun:
         """A whole task failed: its groups without a final status become
         INTERNAL_ERROR (CANCELLED when :meth:`cancel` dropped the task before
         it started)."""
-        from .engine import _died_in_group_message
+        from .engine import _died_in_group_message, no_heartbeat_message, no_heartbeat_text, restarted_for_no_heartbeat
 
         dropped = self._manifest.get("cancelled") and isinstance(exc, concurrent.futures.CancelledError)
         superseded = self._superseded_by()
@@ -865,6 +865,19 @@ class ManyModelRun:
                         )
                     ),
                 }
+            if not dropped and existing is not None and type(exc).__name__ == "KilledWorker":
+                # a group held the GIL past the worker-ttl: not out of memory
+                ttl = restarted_for_no_heartbeat(existing.get("worker"), self._client)
+                if ttl is not None and existing.get("alone"):
+                    outcome["error"] = (
+                        f"{no_heartbeat_message(key, existing.get('worker'), self._client)}; Dask gave the "
+                        f"task up: {type(exc).__name__}"
+                    )
+                elif ttl is not None:
+                    outcome["error"] = outcome["error"].replace(
+                        "; its worker may have run out of memory",
+                        "; the scheduler restarted its worker: " + no_heartbeat_text(ttl),
+                    )
             records.append(self._client_outcome(group, key, superseded, **outcome))
         return records
 
