@@ -2783,6 +2783,8 @@ def restarted_for_no_heartbeat(worker: str | None, client: distributed.Client | 
 
 
 def no_heartbeat_text(ttl: Any) -> str:
+    """Why a worker restarted for its worker-ttl of ``ttl`` seconds was, and
+    what to do (the end of a group's error)."""
     return (
         f"the worker sent no heartbeat for over {ttl} s (distributed.scheduler.worker-ttl), most often "
         f"because a group held Python's GIL that long (native code that does not release it) and the "
