@@ -2037,13 +2037,15 @@ def run_group(
     check_memory: bool = True,
     model_prefetch: _ModelPrefetch | None = None,
     model_rel: str | None = None,
+    frame_again: Callable[[], pd.DataFrame] | None = None,
 ) -> tuple[dict, dict[str, bytes]]:
     """Run the user function on one group. Never raises.
 
     Returns the group's record and the files still to write (``{path:
     bytes}``: its model or output); the caller writes them, then the status.
     ``model_rel``: a predict group's folder in the training run, when not
-    ``rel`` (:func:`_model_folders`).
+    ``rel`` (:func:`_model_folders`). ``frame_again``: makes ``frame`` again
+    as it is now (see :class:`DataConnector`).
     """
     partition_id = key[0] if len(key) == 1 else key
     start = time.perf_counter()
@@ -2063,7 +2065,7 @@ def run_group(
                 prefetched = model_prefetch.take(model_rel) if model_prefetch is not None else None
                 model = _load_model(spec, model_rel, training_status, partition_id, prefetched)
             try:
-                result = _call_with_retries(spec, record, ctx, frame, model)
+                result = _call_with_retries(spec, record, ctx, frame, model, frame_again)
             finally:
                 ctx._close()  # a thread the function left running may not save into the group now
             if record["status"] == "DONE":
@@ -2151,15 +2153,18 @@ def unshared(frame: pd.DataFrame) -> pd.DataFrame:
 _COPY_ON_WRITE = int(pd.__version__.split(".")[0]) >= 3 or pd.options.mode.copy_on_write is True
 
 
-def _call_with_retries(spec, record, ctx, frame, model) -> Any:
+def _call_with_retries(spec, record, ctx, frame, model, frame_again=None) -> Any:
     # The function may change the frame it gets in place (df["x"] /= 10,
     # drop(inplace=True)). Where the group's rows are read again after it, a
     # retry and predict's output beside the input columns, each call gets a
-    # frame of its own; a train or DPF call without retries needs none.
+    # frame of its own; a train or DPF call without retries needs none. A
+    # second data.to_pandas() in one call gets the rows as they came too:
+    # made again (DataConnector._again), the group's frame left as it is
     own_frame = spec.options.max_retries > 0 or spec.kind == "predict"
+    again = functools.partial(unshared, frame) if own_frame else frame_again
     for attempt in range(spec.options.max_retries + 1):
         record["attempts"] = attempt + 1
-        data = DataConnector(unshared(frame) if own_frame else frame)
+        data = DataConnector(unshared(frame) if own_frame else frame, again)
         try:
             if spec.kind == "predict":
                 result = spec.func(data, model, ctx)
@@ -2277,6 +2282,17 @@ class SortedGroups:
     def rows(self, number: int) -> pd.DataFrame:
         """The rows of group ``number`` (a slice of the sorted partition)."""
         return self._ordered.iloc[self._bounds[number] : self._bounds[number + 1]]
+
+    def frame(self, number: int) -> pd.DataFrame:
+        """The frame group ``number``'s function gets: its rows, with the
+        plain RangeIndex the docs promise, not the rows' places in the
+        partition (which depend on the partitioning): a function that adds a
+        column built apart (out["date"] = df["date"] beside
+        pd.Series(predictions)) aligns on it, and got NaN for every group
+        but its partition's first. Set on the slice: no copy, a few us."""
+        group = self.rows(number)
+        group.index = pd.RangeIndex(len(group))
+        return group
 
     def size(self, number: int) -> int:
         """How many rows group ``number`` has."""
@@ -2586,13 +2602,7 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> TaskRecords:
         if remote_models:
             model_prefetch = _ModelPrefetch(spec, model_rels, training_statuses, scratch_dir)
         for number, (key, rel, model_rel) in enumerate(zip(groups.keys, rels, model_rels)):
-            group = groups.rows(number)
-            # the plain RangeIndex the docs promise, not the rows' places in the
-            # partition (which depend on the partitioning): a function that
-            # adds a column built apart (out["date"] = df["date"] beside
-            # pd.Series(predictions)) aligns on it, and got NaN for every group
-            # but its partition's first. Set on the slice: no copy, a few us
-            group.index = pd.RangeIndex(len(group))
+            group = groups.frame(number)
             if cancelled or heartbeat.beat():
                 cancelled = True
                 if careful is None or not careful.keep_if_stored(number):  # a stored DONE stays DONE
@@ -2608,7 +2618,7 @@ def _run_partition(spec: RunSpec, frame: pd.DataFrame) -> TaskRecords:
                     continue  # stored by an earlier try, or the group its worker died in
             record, files = run_group(
                 spec, key, rel, group, heartbeat, training_statuses.get(model_rel), scratch_dir, check_memory,
-                model_prefetch, model_rel,
+                model_prefetch, model_rel, functools.partial(groups.frame, number),
             )
             pending.add(record, files)
             if careful is not None:

@@ -15,6 +15,7 @@ import pytest
 from dask_manymodel import (
     DPF,
     DataConnector,
+    ExecutionOptions,
     FileSet,
     FileSetDeletedError,
     InvalidArgumentError,
@@ -131,15 +132,27 @@ def test_to_pandas_gives_each_call_a_frame_of_its_own():
 
 def pop_the_target_then_read_again(data_connector, context):
     df = data_connector.to_pandas()
+    as_it_came = df.to_dict("list")
     y = df.pop("label")
-    assert "label" in data_connector.to_pandas().columns
+    df.iloc[0, 0] = "changed"
+    again = data_connector.to_pandas()
+    assert again.to_dict("list") == as_it_came
+    assert data_connector.columns == list(as_it_came) and len(data_connector) == len(y)
+    del again["label"]
+    again["extra"] = 1
+    assert data_connector.to_pandas().to_dict("list") == as_it_came  # a third time too
+    assert data_connector.to_pandas(limit=1).to_dict("list") == {k: v[:1] for k, v in as_it_came.items()}
     return float(y.sum())
 
 
-def test_a_function_that_changes_its_frame_can_read_the_group_again(thread_client):
+@pytest.mark.parametrize("max_retries", [0, 1])
+def test_a_function_that_changes_its_frame_can_read_the_group_again(thread_client, max_retries):
+    # the group's frame itself on a first call, made again for a later one
+    # (without retries); with retries, each try's frame of its own
     frame = pd.DataFrame({"region": ["a", "a", "b"], "label": [1.0, 2.0, 3.0]})
     run = ManyModelTraining(pop_the_target_then_read_again, "memory://sf-read-again").run(
-        partition_by="region", dataframe=frame, run_id="r1"
+        partition_by="region", dataframe=frame, run_id=f"r{max_retries}",
+        execution_options=ExecutionOptions(max_retries=max_retries),
     )
     assert run.wait(show_progress=False) == RunStatus.SUCCESS, {k: d.error for k, d in run.partition_details.items()}
     assert run.get_model("a") == 3.0
