@@ -6,6 +6,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .exceptions import InvalidArgumentError
 
 __all__ = ["ExecutionOptions"]
@@ -155,6 +157,8 @@ class ExecutionOptions:
                 f"max_group_memory_fraction must be in (0, 1] or None, got {fraction!r}"
             )
         for name in ("fail_fast", "reuse_freed_memory"):
+            if isinstance(getattr(self, name), np.bool_):  # (a comparison's answer), as the connectors take it
+                object.__setattr__(self, name, bool(getattr(self, name)))
             if not isinstance(getattr(self, name), bool):
                 raise InvalidArgumentError(f"{name} must be True or False, got {getattr(self, name)!r}")
         backoff = self.storage_retry_backoff

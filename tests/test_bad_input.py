@@ -488,6 +488,8 @@ def test_execution_options_take_numpy_numbers_as_the_numbers_they_are():
     assert (options.npartitions, options.max_retries, options.resources) == (4, 1, {"GPU": 1})
     assert type(options.npartitions) is int and type(options.resources["GPU"]) is int
     assert type(options.max_group_memory_fraction) is float
+    flags = ExecutionOptions(fail_fast=np.bool_(True), reuse_freed_memory=np.bool_(False))
+    assert (flags.fail_fast, flags.reuse_freed_memory) == (True, False) and type(flags.fail_fast) is bool
     for bad, message in [
         ({"npartitions": np.int64(0)}, "npartitions must be a positive int or None, got 0"),
         ({"npartitions": np.float64(4.0)}, "npartitions must be a positive int or None, got np.float64(4.0)"),
