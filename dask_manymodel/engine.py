@@ -503,14 +503,15 @@ def check_serde(serde: Any) -> ModelSerde:
     return serde
 
 
-def _holds_objects_not_text(frame: pd.DataFrame) -> bool:
-    """Whether a column of Python objects holds something other than text
-    (lists, arrays, numbers among strings); one scan of those columns."""
-    return any(
-        frame.dtypes.iloc[i] == object
+def object_columns_not_text(frame: pd.DataFrame) -> list[int]:
+    """The positions of the columns of Python objects that hold something
+    other than text (lists, arrays, bytes, numbers among strings); one scan
+    of each column of objects."""
+    return [
+        i for i in range(frame.shape[1])
+        if frame.dtypes.iloc[i] == object
         and pd.api.types.infer_dtype(frame.iloc[:, i], skipna=True) not in ("string", "empty")
-        for i in range(frame.shape[1])
-    )
+    ]
 
 
 def as_dask_dataframe(dataframe: Any) -> dd.DataFrame:
@@ -538,7 +539,7 @@ def as_dask_dataframe(dataframe: Any) -> dd.DataFrame:
         # column text as it takes a frame in: a column of arrays or lists
         # (embeddings; Snowpark's ARRAY columns) reached the groups as
         # "[0.  0.5]", a mixed one's 1 as "1". Such columns stay as they are
-        keep = _holds_objects_not_text(dataframe)
+        keep = bool(object_columns_not_text(dataframe))
         with dask.config.set({"dataframe.convert-string": False}) if keep else contextlib.nullcontext():
             return dd.from_pandas(dataframe, npartitions=max(1, min(8, len(dataframe) // 100_000 + 1)))
     raise InvalidArgumentError(

@@ -39,6 +39,7 @@ from .engine import (
     check_workers_environment,
     check_workers_share_store,
     index_as_column,
+    object_columns_not_text,
     p2p_loses,
 )
 from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError, InvalidArgumentError
@@ -141,12 +142,9 @@ def _objects_as_arrow(frame: pd.DataFrame) -> pd.DataFrame:
     ("[0.  0.5]"). A column mixing values of no common type is refused,
     naming it, before anything is written."""
     converted = None
-    for i in range(frame.shape[1]):
-        column = frame.iloc[:, i]
-        if column.dtype != object or pd.api.types.infer_dtype(column, skipna=True) in ("string", "empty"):
-            continue
+    for i in object_columns_not_text(frame):
         try:
-            values = pa.array(column, from_pandas=True)
+            values = pa.array(frame.iloc[:, i], from_pandas=True)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise InvalidArgumentError(
                 f"column {frame.columns[i]!r} holds Python objects that parquet cannot store as one type "

@@ -544,7 +544,8 @@ def cat_files(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, byte
     ]
     for path in again:  # an empty file, an error, or a name fsspec would read as a pattern
         try:
-            found[path] = read_file(fs, path)
+            # (read from byte 0 already, where it failed: whole now, as read_file would next)
+            found[path] = fs.cat_file(path) if path in found else read_file(fs, path)
         except Exception as exc:
             found[path] = exc
     return {path: data for path, data in found.items() if not isinstance(data, FileNotFoundError)}
