@@ -2723,9 +2723,9 @@ class _CarefulTry:
             )
             if stored.get("others"):
                 record.update(status="INTERNAL_ERROR", error=_died_in_group_message(key, others=stored["others"]))
-            no_heartbeat = no_heartbeat_message(key, stored.get("worker"))
-            if no_heartbeat is not None:
-                record.update(error=no_heartbeat)
+            ttl = restarted_for_no_heartbeat(stored.get("worker"))
+            if ttl is not None:
+                record.update(error=no_heartbeat_message(key, ttl))
             self.pending.add(record, {})
             self.pending.flush()
             return "failed" if record["status"] == "FAILED" else "lost"
@@ -2804,13 +2804,10 @@ def no_heartbeat_text(ttl: Any) -> str:
     )
 
 
-def no_heartbeat_message(key: tuple, worker: str | None, client: distributed.Client | None = None) -> str | None:
+def no_heartbeat_message(key: tuple, ttl: Any) -> str:
     """The error of a group that ran alone in its task when the scheduler
-    restarted its worker for want of heartbeats (see
-    :func:`restarted_for_no_heartbeat`); None otherwise."""
-    ttl = restarted_for_no_heartbeat(worker, client)
-    if ttl is None:
-        return None
+    restarted its worker for want of heartbeats, after ``ttl`` seconds (see
+    :func:`restarted_for_no_heartbeat`)."""
     partition_id = key[0] if len(key) == 1 else key
     return (
         f"the scheduler restarted the worker process running group {partition_id!r} while the group ran: "

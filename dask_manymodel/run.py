@@ -869,10 +869,7 @@ class ManyModelRun:
                 # a group held the GIL past the worker-ttl: not out of memory
                 ttl = restarted_for_no_heartbeat(existing.get("worker"), self._client)
                 if ttl is not None and existing.get("alone"):
-                    outcome["error"] = (
-                        f"{no_heartbeat_message(key, existing.get('worker'), self._client)}; Dask gave the "
-                        f"task up: {type(exc).__name__}"
-                    )
+                    outcome["error"] = f"{no_heartbeat_message(key, ttl)}; Dask gave the task up: {type(exc).__name__}"
                 elif ttl is not None:
                     outcome["error"] = outcome["error"].replace(
                         "; its worker may have run out of memory",
