@@ -821,7 +821,16 @@ class ManyModelRun:
         from .engine import _died_in_group_message, no_heartbeat_message, no_heartbeat_text, restarted_for_no_heartbeat
 
         dropped = self._manifest.get("cancelled") and isinstance(exc, concurrent.futures.CancelledError)
+        killed = type(exc).__name__ == "KilledWorker"
         superseded = self._superseded_by()
+        ttl_by_worker: dict[str | None, Any] = {}  # the scheduler's events are read once per worker
+
+        def heartbeat_ttl(worker: str | None) -> Any:
+            """The worker-ttl if the scheduler restarted ``worker`` for want
+            of heartbeats (a group held the GIL): not out of memory then."""
+            if worker not in ttl_by_worker:
+                ttl_by_worker[worker] = restarted_for_no_heartbeat(worker, self._client)
+            return ttl_by_worker[worker]
 
         paths = [g["path"] for g in self._groups if g.get("task") == task_index]
         stored = self._read_statuses(paths)
@@ -834,6 +843,7 @@ class ManyModelRun:
                 records.append(existing)
                 continue
             key = normalize_key(self._partition_id(group), len(self.partition_by))
+            ttl = heartbeat_ttl(existing.get("worker")) if killed and not dropped and existing is not None else None
             if dropped:
                 outcome = {"status": "CANCELLED"}
             elif (
@@ -841,7 +851,7 @@ class ManyModelRun:
                 and existing.get("status") == "RUNNING"
                 and existing.get("alone")
                 and existing.get("attempt") == self._manifest.get("attempt")
-                and type(exc).__name__ == "KilledWorker"
+                and killed
             ):  # the task's last try ran it alone: its worker died in this group
                 others = existing.get("others") or 0  # other tasks ran beside it: not proven
                 outcome = {
@@ -853,28 +863,21 @@ class ManyModelRun:
                 if not others and self._spec.options.fail_fast:
                     self._set_cancel_event()
             else:
+                if not killed:
+                    why = ""
+                elif ttl is not None:
+                    why = "; the scheduler restarted its worker: " + no_heartbeat_text(ttl)
+                else:
+                    why = "; its worker may have run out of memory"
                 outcome = {
                     "status": "INTERNAL_ERROR",
                     "error": (
                         f"group {self._partition_id(group)!r} ({group.get('rows', 0):,} rows) was lost "
-                        f"with the task running it: {_with_cause(exc)}"
-                        + (
-                            "; its worker may have run out of memory"
-                            if type(exc).__name__ == "KilledWorker"
-                            else ""
-                        )
+                        f"with the task running it: {_with_cause(exc)}{why}"
                     ),
                 }
-            if not dropped and existing is not None and type(exc).__name__ == "KilledWorker":
-                # a group held the GIL past the worker-ttl: not out of memory
-                ttl = restarted_for_no_heartbeat(existing.get("worker"), self._client)
-                if ttl is not None and existing.get("alone"):
-                    outcome["error"] = f"{no_heartbeat_message(key, ttl)}; Dask gave the task up: {type(exc).__name__}"
-                elif ttl is not None:
-                    outcome["error"] = outcome["error"].replace(
-                        "; its worker may have run out of memory",
-                        "; the scheduler restarted its worker: " + no_heartbeat_text(ttl),
-                    )
+            if ttl is not None and existing.get("alone"):  # it ran alone: the GIL hold was this group's
+                outcome["error"] = f"{no_heartbeat_message(key, ttl)}; Dask gave the task up: {type(exc).__name__}"
             records.append(self._client_outcome(group, key, superseded, **outcome))
         return records
 
