@@ -116,6 +116,40 @@ def group_zero_held(gate, data, ctx):
     return len(data)
 
 
+@contextlib.contextmanager
+def out_of_the_thread_pool() -> Iterator[None]:
+    """Inside a user function, around a wait on the test: the group leaves
+    its worker's thread pool while it waits (``distributed.secede()``) and
+    takes a thread again after (``rejoin()``, once a thread is free), so it
+    keeps no other task from starting on that worker.
+
+    Which task a worker runs first is not fixed: a held group in the one
+    thread of a worker kept waiting the tasks queued behind it there, and
+    the output partitions of a p2p shuffle, which Dask pins to a worker
+    before the run's tasks start. A test that held group 0 and waited for
+    other groups then timed out now and then (their shuffle output was
+    pinned to group 0's worker, while the other worker idled), and one that
+    held other groups until group 0's failure deadlocked in CI (group 0's
+    task never started). Not for a test that needs the groups behind the
+    held ones not to start (a cancel that must find groups still PENDING):
+    held aside, each worker may start every task of the run at once."""
+    distributed.secede()
+    try:
+        yield
+    finally:
+        distributed.rejoin()
+
+
+def group_zero_held_aside(gate, data, ctx):
+    """:func:`group_zero_held`, with group 0 waiting out of its worker's
+    thread pool (:func:`out_of_the_thread_pool`): for a test that waits,
+    while group 0 is held, for the run's other groups to finish."""
+    if ctx.partition_id == 0:
+        with out_of_the_thread_pool():
+            hold_until_released(gate)
+    return len(data)
+
+
 def held_until_cancelled(folder, data, ctx):
     """A train function (bind ``folder`` with functools.partial): each group
     notes that it runs (a ``running-<id>`` file in ``folder``), then waits
