@@ -1720,8 +1720,8 @@ class ManyModelRun:
         never called on fake data. Every computed partition has exactly meta's
         columns in meta's order: a column only some groups returned is
         dropped, and one a group did not return is nulls of meta's dtype (as
-        pandas' reindex where the dtype has no null: NaN as float64 for int64,
-        as object for bool).
+        pandas' reindex where the dtype has no null: NaN as float64 for int64;
+        for bool, pandas' nullable ``boolean`` with ``<NA>``).
 
         The ``by`` columns come first, with each group's value and the dtype
         of the input's column (a null group holds that dtype's NaN, NaT or
@@ -2062,11 +2062,17 @@ _REPR_GROUPS = 10
 
 def _constant_column(value: Any, dtype: Any, index: pd.Index) -> pd.Series:
     """``value`` on every row of ``index``, as a column of ``dtype``; a null
-    becomes that dtype's own null (NaN, NaT, pd.NA). A dtype without one
-    gives what pandas' reindex gives: NaN as float64 for ints, as object for
-    bools (``pd.array([None], dtype=bool)`` would say False)."""
-    if isinstance(dtype, np.dtype) and dtype.kind in "biu" and is_null(value):
-        one = np.array([np.nan], dtype=object if dtype.kind == "b" else np.float64)
+    becomes that dtype's own null (NaN, NaT, pd.NA). A dtype without one:
+    NaN as float64 for ints, as pandas' reindex gives, and pd.NA as pandas'
+    nullable ``boolean`` for bools (``pd.array([None], dtype=bool)`` would
+    say False). Not reindex's NaN as object for bools: Dask's
+    ``dataframe.convert-string`` turned that partition's column into text,
+    the group's nulls into ``<NA>`` strings and, concatenated with a group
+    that returned the column, its True into ``"True"``."""
+    if isinstance(dtype, np.dtype) and dtype.kind == "b" and is_null(value):
+        one = pd.array([None], dtype="boolean")
+    elif isinstance(dtype, np.dtype) and dtype.kind in "iu" and is_null(value):
+        one = np.array([np.nan], dtype=np.float64)
     else:
         try:
             one = pd.array([value], dtype=dtype)
