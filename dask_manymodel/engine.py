@@ -1201,8 +1201,9 @@ def needs_shuffle(counts: pd.DataFrame, npartitions: int, threads: int, choice: 
     ``"auto"`` skips the shuffle when every group already lives in one input
     partition (e.g. after ``set_index`` on the key, or read from a
     hive-partitioned dataset) and no input partition holds much more than
-    its share of the work, ``max(rows / threads, largest group)``: then the
-    input's own partitions are the tasks. ``"never"`` insists on that (and
+    its share of the work, ``max(rows / threads, largest group)``: then each
+    group runs in a task of its own input partition (a large partition split
+    into several, :func:`split_partitions`). ``"never"`` insists on that (and
     says which group is split); ``"always"``, or an explicit
     ``npartitions``, shuffles.
     """
