@@ -344,8 +344,9 @@ class PartitionContext:
         Returns
         -------
         str
-            The URL of the saved file, as the run's URL was given (with a
-            password it holds, so that it opens the file).
+            The URL of the saved file, under the run's URL as given (with a
+            password it holds, so that it opens the file), a local path as
+            the absolute path it resolved to (see ``ManyModelRun.url``).
         """
         _check_artifact_name(filename, self._taken_names)
         self._refuse_if_closed(filename)

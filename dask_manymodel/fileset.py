@@ -370,7 +370,9 @@ class FileSet:
 
     def files(self) -> list[str]:
         """URLs of the parquet files, in order: under the URL as it was given
-        (with a password it holds, so that they open the files)."""
+        (with a password it holds, so that they open the files), a local path
+        (relative, ``~/...`` or ``file://...``) as the absolute path it
+        resolved to."""
         self._check_alive()
         return [f"{self.url}/{self.name}/{f}" for f in self._manifest["files"]]
 

@@ -675,7 +675,10 @@ class ManyModelRun:
     def url(self) -> str:
         """Base URL the run lives under (``url/run_id`` is its folder), as
         given: a password in it (``ftp://user:password@host``) is kept, so
-        that the URL opens the run again; reprs and messages show it as ``***``."""
+        that the URL opens the run again; reprs and messages show it as ``***``.
+        A local path (relative, ``~/...`` or ``file://...``) is the absolute
+        path it resolved to, so that it opens the run from any working
+        directory: ``url="models"`` gives ``"/home/me/models"``."""
         return self._store.url
 
     @property
