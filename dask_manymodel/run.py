@@ -65,7 +65,15 @@ __all__ = ["Artifacts", "ManyModelRun", "PartitionDetails", "PartitionStatus", "
 
 
 class RunStatus(str, enum.Enum):
-    """Status of a whole run."""
+    """Status of a whole run.
+
+    - ``IN_PROGRESS``: some group is not final yet.
+    - ``SUCCESS``: every group is DONE (also a run of an empty frame).
+    - ``PARTIAL_FAILURE``: some groups DONE, some not.
+    - ``FAILURE``: no group DONE.
+    - ``CANCELLED``: :meth:`ManyModelRun.cancel` stopped the run, or it was
+      started again elsewhere while it ran.
+    """
 
     SUCCESS = "SUCCESS"
     PARTIAL_FAILURE = "PARTIAL_FAILURE"
@@ -78,7 +86,20 @@ class RunStatus(str, enum.Enum):
 
 
 class PartitionStatus(str, enum.Enum):
-    """Status of one group (partition) of a run."""
+    """Status of one group (partition) of a run.
+
+    - ``PENDING``: its task has not started; a restored handle says PENDING
+      for every group not final.
+    - ``RUNNING``: not final, and a worker runs its task now (live handles).
+    - ``DONE``: its model or output is stored (final).
+    - ``FAILED``: the user function raised or returned something unusable,
+      or its model could not be saved or loaded; ``error`` and
+      ``traceback`` say why (final).
+    - ``CANCELLED``: the run was cancelled, or ``fail_fast`` stopped it,
+      before the group started (final).
+    - ``INTERNAL_ERROR``: the store failed after its retries, its task was
+      lost, or the group was too big for its worker (final).
+    """
 
     PENDING = "PENDING"
     RUNNING = "RUNNING"
@@ -1459,11 +1480,29 @@ class ManyModelRun:
         offers (``ExecutionOptions(resources=...)``) or because the cluster
         has no worker left (scaled to zero, its jobs or nodes gone), would
         never start; they are dropped, and their groups become CANCELLED
-        too. Raises
-        :class:`RunTimeoutError` if the run has not stopped after ``timeout``
-        seconds (None: wait as long as it takes), and
-        :class:`InvalidArgumentError`, before the run is asked to stop, if
-        ``timeout`` is not a number of seconds >= 0 (nor None).
+        too.
+
+        Parameters
+        ----------
+        timeout : float or None
+            Seconds to wait for the run to stop (default 60); None waits as
+            long as it takes.
+
+        Returns
+        -------
+        RunStatus
+            The final status: CANCELLED, or how the run ended if it had
+            ended already.
+
+        Raises
+        ------
+        RunTimeoutError
+            The run has not stopped after ``timeout`` seconds.
+        InvalidArgumentError
+            ``timeout`` is not a number of seconds >= 0 (nor None); raised
+            before the run is asked to stop.
+        ReadOnlyRunError
+            On a restored handle.
         """
         if self.read_only:
             raise ReadOnlyRunError(f"run {self.run_id!r} was restored from storage: it cannot be cancelled")
@@ -1530,6 +1569,22 @@ class ManyModelRun:
         restored handle has no dataframe: use
         ``ddf.manymodel.train(..., on_existing_artifacts="resume")`` (or
         ``predict``, or the class API's ``.run``).
+
+        Parameters
+        ----------
+        show_progress : bool
+            Show :meth:`wait`'s progress bar while this run finishes (default
+            False); the new run's handle is returned at once.
+
+        Returns
+        -------
+        ManyModelRun
+            The live handle of the resumed run.
+
+        Raises
+        ------
+        ReadOnlyRunError
+            On a restored handle, or one whose dataframe is not known.
         """
         if self.read_only or self._source is None:
             call = {
@@ -1671,8 +1726,21 @@ class ManyModelRun:
     def get_model(self, partition_id: Any) -> Any:
         """Load the model of one group through the run's serde.
 
+        Parameters
+        ----------
+        partition_id : object
+            The group's value (a tuple when the run has several ``by``
+            columns; None for the group of missing keys).
+
+        Returns
+        -------
+        object
+            The model, as the serde reads it.
+
         Raises
         ------
+        InvalidArgumentError
+            The run is not a train run (predict and DPF runs have no models).
         PartitionNotFoundError
             The run has no such group.
         ModelNotAvailableError
@@ -1819,11 +1887,31 @@ class ManyModelRun:
         Snowflake ML's ``restore_from(run_id=, stage_name=)`` call it.
 
         Works from any process, after the client that started the run is gone.
-        ``wait()`` and ``cancel()`` raise :class:`ReadOnlyRunError`. The handle
+        ``wait()``, ``cancel()``, ``progress()``, ``futures`` and
+        ``retry_failed()`` raise :class:`ReadOnlyRunError`. The handle
         can be pickled, so it may go to the workers (``client.map(lambda key:
         restored.get_model(key), keys)``); a live handle cannot. A missing
         run raises :class:`RunNotFoundError`; a run whose ``_run.json`` or
         ``_groups.json`` is damaged raises :class:`StorageError` naming the file.
+
+        Parameters
+        ----------
+        run_id : str
+            The run's folder under ``url``.
+        url : str
+            Where runs live, as given to ``train``/``predict``.
+        storage_options : dict, optional
+            Passed to fsspec; never written anywhere.
+        serde : ModelSerde, optional
+            How :meth:`get_model` reads models; default the serde recorded in
+            the run's ``_run.json`` (give one that cannot be rebuilt from it,
+            or ``TorchSerde(weights_only=True, model_factory=...)``).
+        stage_name : str, optional
+            Another name for ``url``; give one of the two.
+
+        Returns
+        -------
+        ManyModelRun
 
         Examples
         --------
