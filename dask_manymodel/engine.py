@@ -3,7 +3,9 @@
 On the client (:func:`start_run`): validate everything that can be checked
 without compute, count rows per group, assign groups to output partitions
 largest first, shuffle on that assignment, and submit one task per output
-partition. On the workers (:func:`run_partition`): loop over the groups of
+partition; or, when every group already lives in one input partition, skip
+the shuffle and submit a task per input partition (a large one split into
+several). On the workers (:func:`run_partition`): loop over the groups of
 one partition, run the user function on each, save what it returns, and
 write the group's ``_partition.json`` last. Errors are caught per group; a
 model never travels back to the client, only a small record per group.

@@ -718,7 +718,9 @@ class ManyModelRun:
 
     @property
     def futures(self) -> list[distributed.Future]:
-        """The Dask futures of the run's tasks (one per output partition)."""
+        """The Dask futures of the run's tasks: one per output partition of the
+        shuffle or, without one, per input partition (a large one split into
+        several tasks; see ``ExecutionOptions.shuffle``)."""
         if self.read_only:
             raise ReadOnlyRunError(f"run {self.run_id!r} was restored from storage; it has no futures")
         return list(self._futures)
@@ -1623,8 +1625,8 @@ class ManyModelRun:
         )
 
     def progress(self, **kwargs: Any) -> Any:
-        """Dask's own progress bar over the run's tasks (one task per output
-        partition, so it counts tasks; :meth:`wait` counts groups).
+        """Dask's own progress bar over the run's tasks (those of :attr:`futures`,
+        so it counts tasks; :meth:`wait` counts groups).
 
         Parameters
         ----------
