@@ -1806,14 +1806,17 @@ class ManyModelRun:
         same from a live handle and a restored one. Column names are text, as
         parquet stores them (a ``by`` column ``0`` is ``"0"``); columns of
         dates, times, decimals, bytes, lists and structs are pandas'
-        ``ArrowDtype`` of their stored type. Nothing is read until the
-        frame is computed. The same rows are a hive-partitioned parquet
-        dataset at ``url/run_id`` for any parquet reader.
+        ``ArrowDtype`` of their stored type. Besides the groups' statuses
+        and, without ``meta=``, that first group's file (for the schema),
+        nothing is read until the frame is computed. The same rows are a
+        hive-partitioned parquet dataset at ``url/run_id`` for any parquet
+        reader.
 
         Raises
         ------
         InvalidArgumentError
-            The run is not an inference run, or is still in progress.
+            The run is not an inference run, or is still in progress, or no
+            group returned rows and ``predict`` was given no ``meta=``.
         """
         import dask.dataframe as dd
 
