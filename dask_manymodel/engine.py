@@ -2111,7 +2111,7 @@ def run_group(
     return record, files
 
 
-#: The most of an error's one-line message a group's status keeps.
+#: The most of an error's ``Type: message`` (lines and all) a group's status keeps.
 MAX_ERROR_CHARS = 4_000
 
 

@@ -297,7 +297,9 @@ class PartitionDetails:
         The group value (a tuple when the run has several ``by`` columns).
     status : PartitionStatus
     error : str or None
-        One-line error for FAILED / INTERNAL_ERROR groups.
+        What went wrong in a FAILED or INTERNAL_ERROR group, as ``Type:
+        message``: the whole message, which may span lines (about 4,000
+        characters at most; ``dask-manymodel show`` prints its first line).
     traceback : str or None
         Read from the group's stored status the first time it is asked for.
     logs : str
