@@ -119,9 +119,41 @@ class ManyModelAccessor:
 
         The frames it returns are stored as hive-partitioned parquet under
         ``url/run_id`` and read back lazily with ``run.to_dask_dataframe()``.
-        ``meta`` fixes that frame's schema; by default it is the frame of the
-        first DONE group (in the run's group order) that returned rows. A ``by`` column in ``meta`` is used as given (its dtype,
-        its place); those it lacks go first, with the input's dtype.
+
+        Parameters
+        ----------
+        inference_func : callable
+            ``inference_func(data: DataConnector, model, ctx: PartitionContext)``
+            returns a DataFrame; a Series or an array of one value per row,
+            set beside the group's input columns as the column of its name
+            (``prediction`` if it has none); or None for no rows.
+        by : str or list of str
+            The group column(s); the same as the training run's ``by``.
+        url : str
+            Where runs live: the training run's and this one's.
+        training_run_id : str
+            The train run under ``url`` whose models are used.
+        run_id : str
+            This run's folder under ``url``.
+        storage_options : dict, optional
+            Passed to fsspec; never written anywhere.
+        serde : ModelSerde, optional
+            How the models are read; default the training run's serde.
+        on_existing_artifacts : {"error", "overwrite", "resume"}
+            What to do when the run already exists: refuse, replace it, or
+            run only its groups that are not DONE.
+        execution_options : ExecutionOptions, optional
+        meta : pandas.DataFrame, dict or list, optional
+            The output's schema, as Dask's ``meta=`` takes it (an empty frame,
+            or ``{"prediction": "f8"}``);
+            by default the frame of the first DONE group (in the run's group
+            order) that returned rows. A ``by`` column in ``meta`` is used as
+            given (its dtype, its place); those it lacks go first, with the
+            input's dtype.
+
+        Returns
+        -------
+        ManyModelRun
         """
         return start_run(
             "predict",
@@ -150,7 +182,15 @@ class ManyModelAccessor:
         on_existing_artifacts: str = "error",
         execution_options: ExecutionOptions | None = None,
     ) -> ManyModelRun:
-        """Run ``func(data, ctx)`` on every group; it saves files with ``ctx.upload``."""
+        """Run ``func(data, ctx)`` on every group; it saves files with ``ctx.upload``.
+
+        What ``func`` returns is ignored. The arguments are those of
+        :meth:`train`, less ``serde``.
+
+        Returns
+        -------
+        ManyModelRun
+        """
         return start_run(
             "dpf",
             func,
@@ -167,7 +207,23 @@ class ManyModelAccessor:
     def to_fileset(
         self, url: str, name: str, shuffle: bool = False, *, storage_options: dict | None = None
     ) -> FileSet:
-        """Write this dataframe as an immutable :class:`~dask_manymodel.FileSet` (see ``FileSet.make``)."""
+        """Write this dataframe as an immutable :class:`~dask_manymodel.FileSet` (see ``FileSet.make``).
+
+        Parameters
+        ----------
+        url : str
+            Folder (any fsspec URL or local path) holding FileSets.
+        name : str
+            The new FileSet's folder under ``url``.
+        shuffle : bool
+            Shuffle the rows globally before writing (default False).
+        storage_options : dict, optional
+            Passed to fsspec; never written anywhere.
+
+        Returns
+        -------
+        FileSet
+        """
         from .fileset import FileSet
 
         return FileSet.make(url, name, self._obj, shuffle=shuffle, storage_options=storage_options)

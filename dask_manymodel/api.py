@@ -63,6 +63,10 @@ class DPF:
             What to do when the run already exists: refuse, replace it, or
             run only its groups that are not DONE.
         execution_options : ExecutionOptions, optional
+
+        Returns
+        -------
+        ManyModelRun
         """
         return start_run(
             self._kind,
@@ -81,6 +85,17 @@ class DPF:
 class ManyModelTraining(DPF):
     """Train one model per group: ``train_func(data, ctx)`` returns the model,
     which ``serde`` saves as ``stage_name/run_id/<col>=<value>/<serde.filename>``.
+
+    Parameters
+    ----------
+    train_func : callable
+        ``train_func(data: DataConnector, ctx: PartitionContext) -> model``.
+    stage_name : str
+        Base URL of the runs (any fsspec URL or a local path).
+    serde : ModelSerde, optional
+        How models become files; default :class:`PickleSerde`.
+    storage_options : dict, optional
+        Passed to fsspec, never stored.
 
     Examples
     --------
@@ -112,7 +127,25 @@ class ManyModelTraining(DPF):
 class ManyModelInference(DPF):
     """Run ``inference_func(data, model, ctx)`` per group with the model of
     training run ``training_run_id``; returned frames are stored as hive
-    parquet and read back with ``run.to_dask_dataframe()``."""
+    parquet and read back with ``run.to_dask_dataframe()``.
+
+    Parameters
+    ----------
+    inference_func : callable
+        ``inference_func(data: DataConnector, model, ctx: PartitionContext)``
+        returns a DataFrame, a Series or array of one value per row, or None
+        (see ``ddf.manymodel.predict``).
+    stage_name : str
+        Base URL of the runs: the training run's and this one's.
+    training_run_id : str
+        The train run under ``stage_name`` whose models are used.
+    serde : ModelSerde, optional
+        How the models are read; default the training run's serde.
+    storage_options : dict, optional
+        Passed to fsspec, never stored.
+    meta : pandas.DataFrame, dict or list, optional
+        The output's schema (see ``ddf.manymodel.predict``).
+    """
 
     _kind = "predict"
 

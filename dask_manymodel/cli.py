@@ -439,18 +439,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", parents=[storage], help="status counts, slowest and failed groups of a run")
     p.add_argument("url")
     p.add_argument("run_id")
-    p.add_argument("--top", type=int, default=5, help="how many slow/failed groups to list")
+    p.add_argument("--top", type=int, default=5, help="how many slow/failed groups to list (default: 5)")
     p.set_defaults(func=cmd_show)
     p = sub.add_parser("logs", parents=[storage], help="captured logs and traceback of one group")
     p.add_argument("url")
     p.add_argument("run_id")
     p.add_argument("group", nargs="+", help="the group's value (one per partition_by column)")
     p.set_defaults(func=cmd_logs)
-    p = sub.add_parser("demo", help="train 1,000 models on a LocalCluster into a local folder")
-    p.add_argument("--url", default="./manymodel-demo", help="where to store the runs")
-    p.add_argument("--groups", type=int, default=1000)
-    p.add_argument("--rows", type=int, default=200)
-    p.add_argument("--workers", type=int, default=2)
+    p = sub.add_parser(
+        "demo", help="train 1,000 models on a LocalCluster into a local folder, then score with them",
+        description="Train one model per store on synthetic sales, then score with them, on a "
+        "LocalCluster of its own. The runs are demo-train and demo-scores under --url, replaced "
+        "if they are there. Exit code 1 if the training run is not a SUCCESS.",
+    )
+    p.add_argument("--url", default="./manymodel-demo", help="where to store the runs (default: ./manymodel-demo)")
+    p.add_argument("--groups", type=int, default=1000, help="how many stores, one model each (default: 1000)")
+    p.add_argument("--rows", type=int, default=200, help="rows per store (default: 200)")
+    p.add_argument("--workers", type=int, default=2, help="worker processes of the LocalCluster (default: 2)")
     p.set_defaults(func=cmd_demo)
     return parser
 

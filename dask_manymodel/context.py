@@ -71,7 +71,17 @@ class DataConnector:
 
     @classmethod
     def from_pandas(cls, df: pd.DataFrame) -> "DataConnector":
-        """Wrap a pandas DataFrame (for notebooks and tests)."""
+        """Wrap a pandas DataFrame (for notebooks and tests).
+
+        Parameters
+        ----------
+        df : pandas.DataFrame
+            The group's rows, ``by`` columns included if the function reads them.
+
+        Returns
+        -------
+        DataConnector
+        """
         return cls(df)
 
     @property
@@ -133,6 +143,22 @@ class DataConnector:
         disjoint share of the batches. Dask workers are daemonic: set
         ``distributed.worker.daemon: False`` to use ``num_workers > 0`` in a run.
 
+        Parameters
+        ----------
+        batch_size : int, optional
+            Rows per item; None (default) yields single rows.
+        shuffle : bool
+            Shuffle the rows, in a new order each epoch (each pass over it).
+        drop_last_batch : bool
+            Drop a last batch of fewer than ``batch_size`` rows (default True).
+        seed : int, optional
+            Seed of the shuffle (an int >= 0): the same seed gives the same
+            orders, epoch by epoch. None: a new seed each time.
+
+        Returns
+        -------
+        torch.utils.data.IterableDataset
+
         Examples
         --------
         >>> import pandas as pd
@@ -173,7 +199,19 @@ class DataConnector:
         seed: int | None = None,
     ) -> tf.data.Dataset:
         """The rows as a ``tf.data.Dataset`` of ``dict[column -> Tensor]`` batches
-        (strings as ``tf.string``); works with ``model.fit``."""
+        (strings as ``tf.string``); works with ``model.fit``.
+
+        Parameters
+        ----------
+        batch_size : int
+            Rows per batch (required).
+        shuffle, drop_last_batch, seed
+            As for :meth:`to_torch_dataset`.
+
+        Returns
+        -------
+        tf.data.Dataset
+        """
         from .connectors.tensorflow import make_tf_dataset
 
         return make_tf_dataset(
@@ -344,8 +382,9 @@ class PartitionContext:
         Returns
         -------
         str
-            The URL of the saved file, as the run's URL was given (with a
-            password it holds, so that it opens the file).
+            The URL of the saved file, under the run's URL as given (with a
+            password it holds, so that it opens the file), a local path as
+            the absolute path it resolved to (see ``ManyModelRun.url``).
         """
         _check_artifact_name(filename, self._taken_names)
         self._refuse_if_closed(filename)

@@ -3,7 +3,9 @@
 On the client (:func:`start_run`): validate everything that can be checked
 without compute, count rows per group, assign groups to output partitions
 largest first, shuffle on that assignment, and submit one task per output
-partition. On the workers (:func:`run_partition`): loop over the groups of
+partition; or, when every group already lives in one input partition, skip
+the shuffle and submit a task per input partition (a large one split into
+several). On the workers (:func:`run_partition`): loop over the groups of
 one partition, run the user function on each, save what it returns, and
 write the group's ``_partition.json`` last. Errors are caught per group; a
 model never travels back to the client, only a small record per group.
@@ -1201,8 +1203,9 @@ def needs_shuffle(counts: pd.DataFrame, npartitions: int, threads: int, choice: 
     ``"auto"`` skips the shuffle when every group already lives in one input
     partition (e.g. after ``set_index`` on the key, or read from a
     hive-partitioned dataset) and no input partition holds much more than
-    its share of the work, ``max(rows / threads, largest group)``: then the
-    input's own partitions are the tasks. ``"never"`` insists on that (and
+    its share of the work, ``max(rows / threads, largest group)``: then each
+    group runs in a task of its own input partition (a large partition split
+    into several, :func:`split_partitions`). ``"never"`` insists on that (and
     says which group is split); ``"always"``, or an explicit
     ``npartitions``, shuffles.
     """
@@ -2108,7 +2111,7 @@ def run_group(
     return record, files
 
 
-#: The most of an error's one-line message a group's status keeps.
+#: The most of an error's ``Type: message`` (lines and all) a group's status keeps.
 MAX_ERROR_CHARS = 4_000
 
 

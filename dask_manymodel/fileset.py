@@ -240,6 +240,25 @@ class FileSet:
         same files in the same row order. A named index is kept as a column;
         an unnamed one is dropped.
 
+        Parameters
+        ----------
+        url : str
+            Folder (any fsspec URL or local path) holding FileSets.
+        name : str
+            The new FileSet's folder under ``url``.
+        dataframe : dask.dataframe.DataFrame or pandas.DataFrame
+            The rows to write.
+        shuffle : bool
+            Shuffle the rows globally before writing (default False).
+        storage_options : dict, optional
+            Passed to fsspec; never written anywhere.
+        seed : int, optional
+            Seed of the shuffle (an int >= 0); None: a new one each time.
+
+        Returns
+        -------
+        FileSet
+
         Raises
         ------
         FileSetExistsError
@@ -370,7 +389,9 @@ class FileSet:
 
     def files(self) -> list[str]:
         """URLs of the parquet files, in order: under the URL as it was given
-        (with a password it holds, so that they open the files)."""
+        (with a password it holds, so that they open the files), a local path
+        (relative, ``~/...`` or ``file://...``) as the absolute path it
+        resolved to."""
         self._check_alive()
         return [f"{self.url}/{self.name}/{f}" for f in self._manifest["files"]]
 
@@ -425,6 +446,22 @@ class FileSet:
         ``shuffle=True`` file order and row order change every epoch. With
         DataLoader workers each worker reads a disjoint share of the files;
         with ``drop_last_batch=True`` each drops its own short last batch.
+
+        Parameters
+        ----------
+        batch_size : int, optional
+            Rows per item; None (default) yields single rows.
+        shuffle : bool
+            Shuffle file order and row order, anew each epoch.
+        drop_last_batch : bool
+            Drop a last batch of fewer than ``batch_size`` rows (default True).
+        seed : int, optional
+            Seed of the shuffle (an int >= 0): the same seed gives the same
+            orders, epoch by epoch. None: a new seed each time.
+
+        Returns
+        -------
+        torch.utils.data.IterableDataset
         """
         from .connectors.torch import make_torch_dataset
 
@@ -446,7 +483,19 @@ class FileSet:
     def to_tf_dataset(
         self, *, batch_size: int, shuffle: bool = False, drop_last_batch: bool = True, seed: int | None = None,
     ) -> tf.data.Dataset:
-        """Stream the files as a ``tf.data.Dataset`` of ``dict[column -> Tensor]`` batches."""
+        """Stream the files as a ``tf.data.Dataset`` of ``dict[column -> Tensor]`` batches.
+
+        Parameters
+        ----------
+        batch_size : int
+            Rows per batch (required).
+        shuffle, drop_last_batch, seed
+            As for :meth:`to_torch_dataset`.
+
+        Returns
+        -------
+        tf.data.Dataset
+        """
         from .connectors.tensorflow import make_tf_dataset
 
         return make_tf_dataset(

@@ -23,8 +23,10 @@ class ExecutionOptions:
         Number of tasks the groups are shuffled into (largest groups first,
         balanced by rows). Default: about four tasks per worker thread,
         never more than the number of groups; when the input is already
-        partitioned by the group columns, its own partitions are the tasks
-        (see ``shuffle``). Giving a number always shuffles.
+        partitioned by the group columns, nothing is shuffled and each input
+        partition is a task, a large one (more than 1.5 times a task's share
+        of the rows) split into several (see ``shuffle``). Giving a number
+        always shuffles.
     resources : dict, optional
         Dask worker resources every user-function task needs, e.g.
         ``{"GPU": 1}``. The shuffle before it does not carry them.
@@ -50,8 +52,9 @@ class ExecutionOptions:
         ``"auto"`` (default): skip the shuffle when every group already
         lives in one input partition (``set_index`` on the key, a
         hive-partitioned dataset, data written per group) and the input
-        partitions are balanced enough; then each input partition is one
-        task. ``"always"``, or an explicit ``npartitions``: shuffle.
+        partitions are balanced enough; then each group runs in a task of
+        its own input partition (a large partition split into several
+        tasks). ``"always"``, or an explicit ``npartitions``: shuffle.
         ``"never"``: do not shuffle, and refuse input where a group is split
         across partitions.
     shuffle_method : str, optional

@@ -65,7 +65,15 @@ __all__ = ["Artifacts", "ManyModelRun", "PartitionDetails", "PartitionStatus", "
 
 
 class RunStatus(str, enum.Enum):
-    """Status of a whole run."""
+    """Status of a whole run.
+
+    - ``IN_PROGRESS``: some group is not final yet.
+    - ``SUCCESS``: every group is DONE (also a run of an empty frame).
+    - ``PARTIAL_FAILURE``: some groups DONE, some not.
+    - ``FAILURE``: no group DONE.
+    - ``CANCELLED``: :meth:`ManyModelRun.cancel` stopped the run, or it was
+      started again elsewhere while it ran.
+    """
 
     SUCCESS = "SUCCESS"
     PARTIAL_FAILURE = "PARTIAL_FAILURE"
@@ -78,7 +86,20 @@ class RunStatus(str, enum.Enum):
 
 
 class PartitionStatus(str, enum.Enum):
-    """Status of one group (partition) of a run."""
+    """Status of one group (partition) of a run.
+
+    - ``PENDING``: its task has not started; a restored handle says PENDING
+      for every group not final.
+    - ``RUNNING``: not final, and a worker runs its task now (live handles).
+    - ``DONE``: its model or output is stored (final).
+    - ``FAILED``: the user function raised or returned something unusable,
+      or its model could not be saved or loaded; ``error`` and
+      ``traceback`` say why (final).
+    - ``CANCELLED``: the run was cancelled, or ``fail_fast`` stopped it,
+      before the group started (final).
+    - ``INTERNAL_ERROR``: the store failed after its retries, its task was
+      lost, or the group was too big for its worker (final).
+    """
 
     PENDING = "PENDING"
     RUNNING = "RUNNING"
@@ -276,7 +297,9 @@ class PartitionDetails:
         The group value (a tuple when the run has several ``by`` columns).
     status : PartitionStatus
     error : str or None
-        One-line error for FAILED / INTERNAL_ERROR groups.
+        What went wrong in a FAILED or INTERNAL_ERROR group, as ``Type:
+        message``: the whole message, which may span lines (about 4,000
+        characters at most; ``dask-manymodel show`` prints its first line).
     traceback : str or None
         Read from the group's stored status the first time it is asked for.
     logs : str
@@ -675,7 +698,10 @@ class ManyModelRun:
     def url(self) -> str:
         """Base URL the run lives under (``url/run_id`` is its folder), as
         given: a password in it (``ftp://user:password@host``) is kept, so
-        that the URL opens the run again; reprs and messages show it as ``***``."""
+        that the URL opens the run again; reprs and messages show it as ``***``.
+        A local path (relative, ``~/...`` or ``file://...``) is the absolute
+        path it resolved to, so that it opens the run from any working
+        directory: ``url="models"`` gives ``"/home/me/models"``."""
         return self._store.url
 
     @property
@@ -694,7 +720,9 @@ class ManyModelRun:
 
     @property
     def futures(self) -> list[distributed.Future]:
-        """The Dask futures of the run's tasks (one per output partition)."""
+        """The Dask futures of the run's tasks: one per output partition of the
+        shuffle or, without one, per input partition (a large one split into
+        several tasks; see ``ExecutionOptions.shuffle``)."""
         if self.read_only:
             raise ReadOnlyRunError(f"run {self.run_id!r} was restored from storage; it has no futures")
         return list(self._futures)
@@ -1459,11 +1487,29 @@ class ManyModelRun:
         offers (``ExecutionOptions(resources=...)``) or because the cluster
         has no worker left (scaled to zero, its jobs or nodes gone), would
         never start; they are dropped, and their groups become CANCELLED
-        too. Raises
-        :class:`RunTimeoutError` if the run has not stopped after ``timeout``
-        seconds (None: wait as long as it takes), and
-        :class:`InvalidArgumentError`, before the run is asked to stop, if
-        ``timeout`` is not a number of seconds >= 0 (nor None).
+        too.
+
+        Parameters
+        ----------
+        timeout : float or None
+            Seconds to wait for the run to stop (default 60); None waits as
+            long as it takes.
+
+        Returns
+        -------
+        RunStatus
+            The final status: CANCELLED, or how the run ended if it had
+            ended already.
+
+        Raises
+        ------
+        RunTimeoutError
+            The run has not stopped after ``timeout`` seconds.
+        InvalidArgumentError
+            ``timeout`` is not a number of seconds >= 0 (nor None); raised
+            before the run is asked to stop.
+        ReadOnlyRunError
+            On a restored handle.
         """
         if self.read_only:
             raise ReadOnlyRunError(f"run {self.run_id!r} was restored from storage: it cannot be cancelled")
@@ -1530,6 +1576,22 @@ class ManyModelRun:
         restored handle has no dataframe: use
         ``ddf.manymodel.train(..., on_existing_artifacts="resume")`` (or
         ``predict``, or the class API's ``.run``).
+
+        Parameters
+        ----------
+        show_progress : bool
+            Show :meth:`wait`'s progress bar while this run finishes (default
+            False); the new run's handle is returned at once.
+
+        Returns
+        -------
+        ManyModelRun
+            The live handle of the resumed run.
+
+        Raises
+        ------
+        ReadOnlyRunError
+            On a restored handle, or one whose dataframe is not known.
         """
         if self.read_only or self._source is None:
             call = {
@@ -1568,8 +1630,8 @@ class ManyModelRun:
         )
 
     def progress(self, **kwargs: Any) -> Any:
-        """Dask's own progress bar over the run's tasks (one task per output
-        partition, so it counts tasks; :meth:`wait` counts groups).
+        """Dask's own progress bar over the run's tasks (those of :attr:`futures`,
+        so it counts tasks; :meth:`wait` counts groups).
 
         Parameters
         ----------
@@ -1671,8 +1733,21 @@ class ManyModelRun:
     def get_model(self, partition_id: Any) -> Any:
         """Load the model of one group through the run's serde.
 
+        Parameters
+        ----------
+        partition_id : object
+            The group's value (a tuple when the run has several ``by``
+            columns; None for the group of missing keys).
+
+        Returns
+        -------
+        object
+            The model, as the serde reads it.
+
         Raises
         ------
+        InvalidArgumentError
+            The run is not a train run (predict and DPF runs have no models).
         PartitionNotFoundError
             The run has no such group.
         ModelNotAvailableError
@@ -1723,8 +1798,8 @@ class ManyModelRun:
         never called on fake data. Every computed partition has exactly meta's
         columns in meta's order: a column only some groups returned is
         dropped, and one a group did not return is nulls of meta's dtype (as
-        pandas' reindex where the dtype has no null: NaN as float64 for int64,
-        as object for bool).
+        pandas' reindex where the dtype has no null: NaN as float64 for int64;
+        for bool, pandas' nullable ``boolean`` with ``<NA>``).
 
         The ``by`` columns come first, with each group's value and the dtype
         of the input's column (a null group holds that dtype's NaN, NaT or
@@ -1736,14 +1811,17 @@ class ManyModelRun:
         same from a live handle and a restored one. Column names are text, as
         parquet stores them (a ``by`` column ``0`` is ``"0"``); columns of
         dates, times, decimals, bytes, lists and structs are pandas'
-        ``ArrowDtype`` of their stored type. Nothing is read until the
-        frame is computed. The same rows are a hive-partitioned parquet
-        dataset at ``url/run_id`` for any parquet reader.
+        ``ArrowDtype`` of their stored type. Besides the groups' statuses
+        and, without ``meta=``, that first group's file (for the schema),
+        nothing is read until the frame is computed. The same rows are a
+        hive-partitioned parquet dataset at ``url/run_id`` for any parquet
+        reader.
 
         Raises
         ------
         InvalidArgumentError
-            The run is not an inference run, or is still in progress.
+            The run is not an inference run, or is still in progress, or no
+            group returned rows and ``predict`` was given no ``meta=``.
         """
         import dask.dataframe as dd
 
@@ -1819,11 +1897,31 @@ class ManyModelRun:
         Snowflake ML's ``restore_from(run_id=, stage_name=)`` call it.
 
         Works from any process, after the client that started the run is gone.
-        ``wait()`` and ``cancel()`` raise :class:`ReadOnlyRunError`. The handle
+        ``wait()``, ``cancel()``, ``progress()``, ``futures`` and
+        ``retry_failed()`` raise :class:`ReadOnlyRunError`. The handle
         can be pickled, so it may go to the workers (``client.map(lambda key:
         restored.get_model(key), keys)``); a live handle cannot. A missing
         run raises :class:`RunNotFoundError`; a run whose ``_run.json`` or
         ``_groups.json`` is damaged raises :class:`StorageError` naming the file.
+
+        Parameters
+        ----------
+        run_id : str
+            The run's folder under ``url``.
+        url : str
+            Where runs live, as given to ``train``/``predict``.
+        storage_options : dict, optional
+            Passed to fsspec; never written anywhere.
+        serde : ModelSerde, optional
+            How :meth:`get_model` reads models; default the serde recorded in
+            the run's ``_run.json`` (give one that cannot be rebuilt from it,
+            or ``TorchSerde(weights_only=True, model_factory=...)``).
+        stage_name : str, optional
+            Another name for ``url``; give one of the two.
+
+        Returns
+        -------
+        ManyModelRun
 
         Examples
         --------
@@ -2065,11 +2163,17 @@ _REPR_GROUPS = 10
 
 def _constant_column(value: Any, dtype: Any, index: pd.Index) -> pd.Series:
     """``value`` on every row of ``index``, as a column of ``dtype``; a null
-    becomes that dtype's own null (NaN, NaT, pd.NA). A dtype without one
-    gives what pandas' reindex gives: NaN as float64 for ints, as object for
-    bools (``pd.array([None], dtype=bool)`` would say False)."""
-    if isinstance(dtype, np.dtype) and dtype.kind in "biu" and is_null(value):
-        one = np.array([np.nan], dtype=object if dtype.kind == "b" else np.float64)
+    becomes that dtype's own null (NaN, NaT, pd.NA). A dtype without one:
+    NaN as float64 for ints, as pandas' reindex gives, and pd.NA as pandas'
+    nullable ``boolean`` for bools (``pd.array([None], dtype=bool)`` would
+    say False). Not reindex's NaN as object for bools: Dask's
+    ``dataframe.convert-string`` turned that partition's column into text,
+    the group's nulls into ``<NA>`` strings and, concatenated with a group
+    that returned the column, its True into ``"True"``."""
+    if isinstance(dtype, np.dtype) and dtype.kind == "b" and is_null(value):
+        one = pd.array([None], dtype="boolean")
+    elif isinstance(dtype, np.dtype) and dtype.kind in "iu" and is_null(value):
+        one = np.array([np.nan], dtype=np.float64)
     else:
         try:
             one = pd.array([value], dtype=dtype)

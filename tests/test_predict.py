@@ -435,7 +435,7 @@ def bool_and_int_for_group_1(data, model, ctx):
 
 
 def test_columns_a_group_did_not_return_are_nulls(client, store_url):
-    # as pandas' reindex: NaN in float64 for int64, NaN in object for bool
+    # as pandas' reindex: NaN in float64 for int64; pd.NA in boolean for bool
     # (not False, which a bool column would make of a missing value)
     ddf = dd.from_pandas(pd.DataFrame({"store": [1, 1, 2, 2], "x": [1.0, 2.0, 3.0, 4.0]}), npartitions=1)
     ddf.manymodel.train(fit_nothing, by="store", url=store_url, run_id="r1").wait(show_progress=False)
@@ -448,6 +448,24 @@ def test_columns_a_group_did_not_return_are_nulls(client, store_url):
     assert got.loc[1, "extra"].tolist() == [7, 7] and got.loc[1, "flag"].tolist() == [True, True]
     assert got.loc[2, "extra"].isna().all() and got["extra"].dtype == "float64"
     assert got.loc[2, "flag"].isna().all()
+
+
+@pytest.mark.parametrize("npartitions", [1, 2])
+def test_a_bool_column_a_group_did_not_return_stays_bool(client, store_url, npartitions):
+    # its nulls were objects, which Dask's convert-string made text: the
+    # group's partition held "<NA>" strings (out.flag.sum() raised), and in
+    # one partition with a group that returned it, True became "True"
+    ddf = dd.from_pandas(pd.DataFrame({"store": [1, 1, 2, 2], "x": [1.0, 2.0, 3.0, 4.0]}), npartitions=1)
+    ddf.manymodel.train(fit_nothing, by="store", url=store_url, run_id="r1").wait(show_progress=False)
+    meta = pd.DataFrame({"x": pd.Series([], dtype="float64"), "flag": pd.Series([], dtype="bool")})
+    inf = ddf.manymodel.predict(bool_and_int_for_group_1, by="store", url=store_url, training_run_id="r1",
+                                run_id="s1", meta=meta, execution_options=ExecutionOptions(npartitions=npartitions))
+    assert inf.wait(show_progress=False) == RunStatus.SUCCESS
+    out = inf.to_dask_dataframe()
+    got = out.compute().set_index("store")
+    assert got["flag"].dtype == "boolean"
+    assert got.loc[1, "flag"].tolist() == [True, True] and got.loc[2, "flag"].isna().all()
+    assert out["flag"].sum().compute() == 2
 
 
 def test_a_restored_run_gives_bool_groups_as_booleans_and_all_null_ones_not(client, store_url):
