@@ -36,6 +36,7 @@ from .exceptions import (
     RunNotFoundError,
     RunTimeoutError,
 )
+from .options import check_flag
 from .serde import ModelSerde, serde_from_manifest
 from .store import (
     GROUP_TEXT,
@@ -1368,6 +1369,8 @@ class ManyModelRun:
         show_progress : bool
             Show a tqdm bar of finished groups (DONE or FAILED) out of all
             groups, on stderr; in a notebook with ipywidgets, a widget.
+            numpy's bools are taken; anything else (a text such as "no",
+            which is truthy) raises :class:`InvalidArgumentError`.
 
         Returns
         -------
@@ -1381,7 +1384,8 @@ class ManyModelRun:
         ReadOnlyRunError
             On a restored handle: it did not start the work.
         InvalidArgumentError
-            ``timeout`` is not a number of seconds >= 0 (nor None).
+            ``timeout`` is not a number of seconds >= 0 (nor None), or
+            ``show_progress`` is not True or False.
         """
         if self.read_only:
             raise ReadOnlyRunError(
@@ -1389,6 +1393,7 @@ class ManyModelRun:
                 f"read .status or .get_progress() instead"
             )
         timeout = _check_timeout(timeout, "wait()")
+        show_progress = check_flag(show_progress, "wait(): show_progress")
         from ._client import outside_the_worker_pool
 
         if not self._finished.is_set():
@@ -1569,7 +1574,7 @@ class ManyModelRun:
                 f"run {self.run_id!r} was restored from storage and has no dataframe; call "
                 f"{call}run_id={self.run_id!r}, on_existing_artifacts='resume') with the data"
             )
-        self.wait(show_progress=show_progress)
+        self.wait(show_progress=check_flag(show_progress, "retry_failed(): show_progress"))
         # on the run's own cluster (where its input may be persisted), not the
         # default client's; one closed since: the active client, as any run
         running = self._client.status == "running"
