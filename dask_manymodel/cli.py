@@ -1,8 +1,8 @@
 """``dask-manymodel``: inspect runs stored at a URL, and run the demo.
 
-Exit codes: 0 success, 1 the command ran but found failures (e.g. the demo
-run was not a SUCCESS), 2 bad input (a missing run or group, an unreachable
-URL, an unknown protocol), 141 the reader of the output went away (``| head``),
+Exit codes: 0 success, 1 the command ran but found failures (a demo run,
+training or inference, was not a SUCCESS), 2 bad input (a missing run or
+group, an unreachable URL, an unknown protocol), 141 the reader of the output went away (``| head``),
 silently, as the shell reports a Unix tool that SIGPIPE ended.
 """
 
@@ -516,7 +516,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dask-manymodel: error: {_visible(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"dask-manymodel: error: cannot read {shown_url(args.url)!r}: {_visible(exc)}", file=sys.stderr)
+        # the demo writes its runs: "cannot read" the URL sent one looking
+        # for a missing file where a folder could not be made
+        action = "write to" if args.command == "demo" else "read"
+        print(f"dask-manymodel: error: cannot {action} {shown_url(args.url)!r}: {_visible(exc)}", file=sys.stderr)
         return 2
 
 

@@ -160,10 +160,7 @@ class ExecutionOptions:
                 f"max_group_memory_fraction must be in (0, 1] or None, got {fraction!r}"
             )
         for name in ("fail_fast", "reuse_freed_memory"):
-            if isinstance(getattr(self, name), np.bool_):  # (a comparison's answer), as the connectors take it
-                object.__setattr__(self, name, bool(getattr(self, name)))
-            if not isinstance(getattr(self, name), bool):
-                raise InvalidArgumentError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, check_flag(getattr(self, name), name))
         backoff = self.storage_retry_backoff
         # a negative or NaN delay would only fail later, inside a retry
         if not (isinstance(backoff, (int, float)) and not isinstance(backoff, bool) and 0 <= backoff < float("inf")):
@@ -174,6 +171,16 @@ class ExecutionOptions:
             raise InvalidArgumentError(
                 f"max_log_chars must be an int >= 0, got {self.max_log_chars!r}"
             )
+
+
+def check_flag(value: Any, name: str, hint: str = "") -> bool:
+    """A True-or-False argument of the API, as a bool. numpy's bools (a
+    comparison's answer, ``np.True_``) are taken; anything else is refused
+    naming the value: a text such as "no" or "False", being truthy, did
+    what True does."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidArgumentError(f"{name} must be True or False, got {value!r}{hint}")
+    return bool(value)
 
 
 def _plain_number(value: Any) -> Any:

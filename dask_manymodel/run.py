@@ -36,6 +36,7 @@ from .exceptions import (
     RunNotFoundError,
     RunTimeoutError,
 )
+from .options import check_flag
 from .serde import ModelSerde, serde_from_manifest
 from .store import (
     GROUP_TEXT,
@@ -671,6 +672,10 @@ class ManyModelRun:
         self._task_progress: dict[Any, int] = {}
         self._finished = threading.Event()
         self._cancel_event_set = False  # by this handle (see _clear_cancel_event)
+        # writes of _run.json by cancel() and by the collector as the run ends
+        # come one at a time, and cancel() writes none once the run ends (see _record_cancel)
+        self._manifest_lock = threading.Lock()
+        self._ending = False
         # the threads in wait() now, and when others left it (see end_live_runs)
         self._waiting: list[threading.Thread] = []
         self._pid = os.getpid()  # the process that follows the run (see _refuse_where_it_waits_for_ever)
@@ -800,6 +805,8 @@ class ManyModelRun:
         ``engine.superseded_by``); the run's cancel event stops it at its next
         group. After that window, :meth:`_task_lost` reads what the tasks
         stored and records the rest."""
+        with self._manifest_lock:
+            self._ending = True
         if self._superseded_by() is not None:
             return  # another start's folder now: nothing of ours is written
         fence = dict(self._manifest, finished=datetime.datetime.now(datetime.timezone.utc).isoformat())
@@ -984,6 +991,8 @@ class ManyModelRun:
             logger.debug("could not clear the cancel event of run %r", self.run_id, exc_info=True)
 
     def _finalize(self) -> None:
+        with self._manifest_lock:
+            self._ending = True
         superseded = self._superseded_by()
         statuses = self._final_statuses()
         counts = {s.value: statuses.count(s) for s in PartitionStatus if statuses.count(s)}
@@ -1391,6 +1400,8 @@ class ManyModelRun:
         show_progress : bool
             Show a tqdm bar of finished groups (DONE or FAILED) out of all
             groups, on stderr; in a notebook with ipywidgets, a widget.
+            numpy's bools are taken; anything else (a text such as "no",
+            which is truthy) raises :class:`InvalidArgumentError`.
 
         Returns
         -------
@@ -1404,7 +1415,8 @@ class ManyModelRun:
         ReadOnlyRunError
             On a restored handle: it did not start the work.
         InvalidArgumentError
-            ``timeout`` is not a number of seconds >= 0 (nor None).
+            ``timeout`` is not a number of seconds >= 0 (nor None), or
+            ``show_progress`` is not True or False.
         """
         if self.read_only:
             raise ReadOnlyRunError(
@@ -1412,6 +1424,7 @@ class ManyModelRun:
                 f"read .status or .get_progress() instead"
             )
         timeout = _check_timeout(timeout, "wait()")
+        show_progress = check_flag(show_progress, "wait(): show_progress")
         from ._client import outside_the_worker_pool
 
         if not self._finished.is_set():
@@ -1517,7 +1530,7 @@ class ManyModelRun:
         if self._finished.is_set():
             return self.status
         self._refuse_where_it_waits_for_ever("cancel()", "run.cancel")
-        self._manifest["cancelled"] = True
+        self._record_cancel()
         self._cancel_event_set = True
         distributed.Event(self._spec.cancel_event, client=self._client).set()
         from ._client import outside_the_worker_pool
@@ -1539,6 +1552,29 @@ class ManyModelRun:
                     return self.status
                 if deadline is not None and time.monotonic() > deadline:
                     raise RunTimeoutError(f"run {self.run_id!r} did not stop within {timeout}s")
+
+    def _record_cancel(self) -> None:
+        """Mark the run cancelled in ``_run.json`` (``cancelled: true``)
+        before its tasks are told to stop. Its groups not run become
+        CANCELLED as a ``fail_fast`` stop leaves them, and only this flag
+        tells the two apart: a client that died before writing the final
+        status (killed, or a script that ended after ``cancel()`` timed
+        out) left a restored handle reading the run as PARTIAL_FAILURE or
+        FAILURE. A store that refuses the write does not stop the cancel."""
+        with self._manifest_lock:
+            self._manifest["cancelled"] = True
+            if self._ending:
+                return  # the collector writes the run's end, this flag with it
+            if self._superseded_by() is not None:
+                return  # another start's _run.json now: not ours to write
+            try:
+                self._store.write_json(self._store.path(RUN_MANIFEST), self._manifest)
+            except Exception as exc:
+                logger.warning(
+                    "could not record the cancel of run %r in %s (%s: %s): cancelling it anyway; should this "
+                    "client end before the run does, its _run.json will not say it was cancelled",
+                    self.run_id, self._store.display(RUN_MANIFEST), type(exc).__name__, exc,
+                )
 
     def _tasks_no_worker_can_run(self) -> set:
         """Keys of this run's tasks that have not started and that no worker
@@ -1603,7 +1639,7 @@ class ManyModelRun:
                 f"run {self.run_id!r} was restored from storage and has no dataframe; call "
                 f"{call}run_id={self.run_id!r}, on_existing_artifacts='resume') with the data"
             )
-        self.wait(show_progress=show_progress)
+        self.wait(show_progress=check_flag(show_progress, "retry_failed(): show_progress"))
         # on the run's own cluster (where its input may be persisted), not the
         # default client's; one closed since: the active client, as any run
         running = self._client.status == "running"
@@ -1988,12 +2024,13 @@ class ManyModelRun:
                 f"ManyModelRun.restore_from({self.run_id!r}, url) where the run is needed"
             )
         state = dict(self.__dict__)
-        del state["_lock"], state["_finished"]  # remade by __setstate__
+        del state["_lock"], state["_finished"], state["_manifest_lock"]  # remade by __setstate__
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._manifest_lock = threading.Lock()
         self._finished = threading.Event()
         self._finished.set()
 

@@ -159,13 +159,14 @@ class TorchSerde(ModelSerde):
     def __init__(self, filename: str = "model.pt", weights_only: bool = False, model_factory=None,
                  map_location: str = "cpu"):
         from .exceptions import InvalidArgumentError
+        from .options import check_flag
 
         # checked here, not when a model is read back after the run:
         # weights_only="no" (truthy) saved state_dicts only, and a module
         # given for its class (model_factory=Net() for Net) is callable,
-        # so get_model died in its forward() ("missing 1 required argument")
-        if not isinstance(weights_only, bool):
-            raise InvalidArgumentError(f"TorchSerde weights_only must be True or False, got {weights_only!r}")
+        # so get_model died in its forward() ("missing 1 required argument").
+        # numpy's bools are taken, as a plain bool (it goes to _run.json)
+        weights_only = check_flag(weights_only, "TorchSerde weights_only")
         if model_factory is not None and (
             not callable(model_factory) or hasattr(model_factory, "load_state_dict")
         ):

@@ -478,6 +478,30 @@ def test_a_wait_or_cancel_timeout_that_is_no_number_of_seconds_is_refused_first(
     assert run.wait(timeout=np.float64(60), show_progress=False) == RunStatus.SUCCESS  # not cancelled
 
 
+def test_wait_takes_show_progress_as_the_connectors_take_their_flags(client, store_url, tmp_path, capfd):
+    # wait(show_progress="no") drew the bar ("no" is truthy); numpy's bools
+    # are taken, as ExecutionOptions and the connectors take them
+    import functools
+
+    from .conftest import group_zero_held, make_frame
+
+    gate = str(tmp_path / "release")
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=2)
+    run = ddf.manymodel.train(
+        functools.partial(group_zero_held, gate), by="store", url=store_url, run_id="r1",
+        execution_options=ExecutionOptions(npartitions=2),
+    )
+    for call, name in [(run.wait, "wait"), (run.retry_failed, "retry_failed")]:
+        for value in ["no", "False", None, 0]:
+            with pytest.raises(InvalidArgumentError) as info:
+                call(show_progress=value)
+            assert str(info.value) == f"{name}(): show_progress must be True or False, got {value!r}"
+    assert run.status == RunStatus.IN_PROGRESS  # refused before waiting, and no rerun started
+    open(gate, "w").close()
+    assert run.wait(show_progress=np.bool_(False)) == RunStatus.SUCCESS
+    assert "group" not in capfd.readouterr().err  # no bar drawn, not even an empty one
+
+
 def test_execution_options_take_numpy_numbers_as_the_numbers_they_are():
     # npartitions=df["store"].nunique() // 2 on a numpy value was refused:
     # "npartitions must be a positive int or None, got np.int64(4)"

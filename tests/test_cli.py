@@ -261,6 +261,54 @@ def test_demo(tmp_path):
     assert main(["show", url, "demo-train"]) == 0
 
 
+@pytest.mark.parametrize("failing", ["demo-train", "demo-scores"])
+def test_demo_exits_1_when_either_run_is_not_a_success(tmp_path, monkeypatch, capsys, failing):
+    """The store refuses one group's files (in the demo's own worker
+    processes): that run is a PARTIAL_FAILURE, and the command exits 1. An
+    inference run that was not a SUCCESS exited 0."""
+    import fsspec
+
+    from . import flaky_fs
+
+    flaky_fs.register()
+    monkeypatch.setitem(fsspec.config.conf, "flaky", {"fail_paths": [f"{failing}/store=3/"]})
+    url = f"flaky://{tmp_path}/demo"
+    assert main(["demo", "--groups", "6", "--rows", "5", "--workers", "1", "--url", url]) == 1
+    out = capsys.readouterr().out
+    # (a group without a model fails in the inference run too)
+    training = "PARTIAL_FAILURE" if failing == "demo-train" else "SUCCESS"
+    assert f"training run 'demo-train': {training}" in out
+    assert "inference run 'demo-scores': PARTIAL_FAILURE" in out
+
+
+def test_demo_that_cannot_make_its_folder_says_it_cannot_write_there(capsys):
+    """/proc takes no new folder (os.makedirs: FileNotFoundError, even as
+    root): the demo said "cannot read '/proc/demo'", as if something were
+    missing there to read."""
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc here")
+    assert main(["demo", "--groups", "2", "--rows", "5", "--workers", "1", "--url", "/proc/manymodel-demo"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dask-manymodel: error: cannot write to '/proc/manymodel-demo'"), err
+    assert "Traceback" not in err
+
+
+def test_an_os_error_reading_a_run_exits_2_with_the_file_and_error(runs, capsys):
+    """A run's _groups.json that is a folder (an OSError the library does
+    not turn into its own errors; root reads past permissions): show and
+    logs say which file and what failed, exit 2, and print no traceback."""
+    groups = os.path.join(runs, "r1", "_groups.json")
+    os.remove(groups)
+    os.mkdir(groups)
+    for argv in (["show", runs, "r1"], ["logs", runs, "r1", "3"]):
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err == (
+            f"dask-manymodel: error: cannot read {runs!r}: [Errno 21] Is a directory: {groups!r}\n"
+        )
+
+
 @pytest.mark.parametrize(
     "option, value", [("--groups", "0"), ("--groups", "-3"), ("--rows", "0"), ("--workers", "0")]
 )

@@ -20,7 +20,7 @@ import pytest
 import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
 from dask_manymodel import ExecutionOptions, FileSet, InvalidArgumentError, ManyModelRun, RunStatus
 
-from .conftest import fit_line, group_zero_held, make_frame
+from .conftest import fit_line, group_zero_held, make_frame, poll
 
 
 def test_an_asynchronous_client_is_refused_before_anything_is_written(tmp_path):
@@ -281,6 +281,58 @@ def test_ctrl_c_while_the_exit_waits_for_a_run_a_thread_waits_on_cancels_it(tmp_
     assert "wait() returned CANCELLED" in out.stdout, (out.stdout, out.stderr[-3000:])
     with open(os.path.join(url, "r1", "_run.json")) as f:
         assert json.load(f)["status"] == "CANCELLED"
+
+
+CANCELS_THEN_DIES = r"""
+import functools, os, signal, sys
+import dask.dataframe as dd, distributed
+import dask_manymodel
+from dask_manymodel import ExecutionOptions, RunTimeoutError
+from tests.conftest import hold_until_released, make_frame, poll
+
+address, url, gates = sys.argv[1:]
+
+def held(gates, data, ctx):  # each task's first group runs until the test releases it
+    open(os.path.join(gates, f"running-{ctx.partition_id}"), "w").close()
+    hold_until_released(os.path.join(gates, "release"))
+    return len(data)
+
+client = distributed.Client(address)
+ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=2)
+run = ddf.manymodel.train(functools.partial(held, gates), by="store", url=url, run_id="r1",
+                          execution_options=ExecutionOptions(npartitions=2))  # a task per worker
+poll(lambda: len([n for n in os.listdir(gates) if n.startswith("running-")]) == 2)
+try:
+    run.cancel(timeout=1)  # the running groups hold it
+except RunTimeoutError:
+    print("cancel() timed out", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # before the run ends and its final status is written
+"""
+
+
+def test_a_cancelled_run_whose_client_died_reads_cancelled_when_restored(cluster, tmp_path):
+    """The flag that tells a run.cancel() from a fail_fast stop (both leave
+    the groups not run CANCELLED) was written to _run.json only with the
+    final status: a client that died before that (killed after cancel()
+    timed out on a long group) left a run that restore_from, the CLI and
+    resumes read as PARTIAL_FAILURE (FAILURE had no group finished)."""
+    url, gates = str(tmp_path / "models"), tmp_path / "gates"
+    gates.mkdir()
+    out = subprocess.run(
+        [sys.executable, "-c", CANCELS_THEN_DIES, cluster.scheduler_address, url, str(gates)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == -9 and "cancel() timed out" in out.stdout, (out.stdout, out.stderr[-3000:])
+    (gates / "release").touch()  # the running groups end DONE; their tasks' next groups CANCELLED
+
+    def restored_status():
+        return ManyModelRun.restore_from("r1", url).status
+
+    poll(lambda: restored_status() != RunStatus.IN_PROGRESS, timeout=60)
+    restored = ManyModelRun.restore_from("r1", url)
+    assert restored.manifest["status"] == "IN_PROGRESS"  # its client never wrote the end
+    assert sorted(restored.summary()["status"]) == ["CANCELLED", "CANCELLED", "DONE", "DONE"]
+    assert restored.status == RunStatus.CANCELLED
 
 
 def test_the_exit_lists_the_live_runs_again_when_another_thread_changed_them(monkeypatch):

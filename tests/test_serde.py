@@ -131,6 +131,17 @@ class TestTorchSerdeWeightsOnly(TestTorchSerde):
         with pytest.raises(InvalidArgumentError, match="^TorchSerde weights_only must be True or False, got 'no'$"):
             TorchSerde(weights_only="no")
 
+    def test_numpy_bools_are_taken_for_weights_only_as_plain_bools(self):
+        """TorchSerde(weights_only=np.True_) (a comparison's answer) was
+        refused as not True or False, where ExecutionOptions and the
+        connectors take numpy's bools; kept as a numpy bool, _run.json would
+        have said "True", a text."""
+        for value in (np.True_, np.False_):
+            serde = TorchSerde(weights_only=value)
+            assert serde.weights_only is bool(value)
+            entry = json.loads(json.dumps(serde_to_manifest(serde), default=str))
+            assert serde_from_manifest(entry).weights_only is bool(value)
+
 
 class TestTensorFlowSerde(SerdeContract):
     def make_serde(self):

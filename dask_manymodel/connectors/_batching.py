@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from .. import options
 from ..exceptions import InvalidArgumentError
 
 
@@ -33,10 +34,8 @@ def check_batch_size(batch_size: Any, *, allow_none: bool = True) -> int | None:
 def check_flag(value: Any, name: str) -> bool:
     """``shuffle`` and ``drop_last_batch`` must be True or False (numpy's too):
     a text such as "no" or "False", being truthy, shuffled."""
-    if not isinstance(value, (bool, np.bool_)):
-        hint = " (storage_options is a keyword argument: storage_options={...})" if isinstance(value, dict) else ""
-        raise InvalidArgumentError(f"{name} must be True or False, got {value!r}{hint}")
-    return bool(value)
+    hint = " (storage_options is a keyword argument: storage_options={...})" if isinstance(value, dict) else ""
+    return options.check_flag(value, name, hint)
 
 
 def check_seed(seed: Any) -> int | None:
