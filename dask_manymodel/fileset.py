@@ -155,6 +155,35 @@ def _objects_as_arrow(frame: pd.DataFrame) -> pd.DataFrame:
     return frame if converted is None else converted
 
 
+def _check_typed(ddf: dd.DataFrame) -> None:
+    """Columns whose parquet type Dask cannot tell from the frame's meta,
+    refused before the claim, naming them. Dask's to_parquet takes each
+    file's schema from a placeholder row of the meta; a column of Python
+    objects (``dtype=object``: ``ddf.x.apply(embed, meta=("x", object))``,
+    or a frame made with convert-string off) has the placeholder ``object()``
+    under pandas 3, and every make of it failed with pyarrow's "ArrowInvalid:
+    Could not convert <object object at ...>", naming no column. Unlike a
+    pandas frame's (see :func:`_objects_as_arrow`), its values cannot be
+    looked at without computing the frame twice: the user gives the type."""
+    placeholder = ddf._meta_nonempty
+    untyped = []
+    for i, name in enumerate(placeholder.columns):
+        if placeholder.dtypes.iloc[i] != object:
+            continue
+        try:
+            pa.array(placeholder.iloc[:, i], from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            untyped.append(name)
+    if untyped:
+        raise InvalidArgumentError(
+            f"column(s) {untyped[:3]!r:.200} of the Dask dataframe hold Python objects (dtype object), and "
+            f"the FileSet's parquet files need each column's type before its values are computed; give "
+            f"it one first: ddf = ddf.astype({{{untyped[0]!r:.100}: pd.ArrowDtype(pa.list_(pa.float64()))}}) "
+            f"for arrays or lists of numbers, pd.ArrowDtype(pa.binary()) for bytes, \"string\" for text "
+            f"(a pandas frame's columns of arrays are stored as lists without it); nothing is written"
+        )
+
+
 def _check_name(name: Any) -> str:
     from .engine import check_run_id
 
@@ -273,6 +302,7 @@ class FileSet:
             dataframe = _objects_as_arrow(dataframe)
         ddf = index_as_column(as_dask_dataframe(dataframe), None)
         _check_labels(ddf.columns, shuffle)
+        _check_typed(ddf)
         # Claimed in one exclusive write before anything else: two makes of
         # one name at once would otherwise both pass the check above and
         # write their files into one folder.

@@ -506,3 +506,22 @@ def test_footers_longer_than_the_tail_read_and_files_of_one_row(tmp_path):
     fs = fsspec.filesystem("file")
     footers = _footers(fs, [str(tmp_path / "wide.parquet"), str(tmp_path / "narrow.parquet")])
     assert [(f.num_rows, f.num_columns) for f in footers] == [(3, 3000), (1, 1)]
+
+
+def test_a_dask_frames_column_of_objects_is_refused_naming_it_and_its_typed_form_is_stored(tmp_path):
+    """A Dask column of Python objects (embeddings from an apply declared
+    meta=object) failed every make with pyarrow's "ArrowInvalid: Could not
+    convert <object object at ...>" (Dask's placeholder of its meta), naming
+    no column: it is refused naming it, before anything is written, and the
+    type it says to give stores the arrays as lists."""
+    import pyarrow as pa
+
+    ddf = dd.from_pandas(frame(6), npartitions=2)
+    ddf = ddf.assign(emb=ddf["i"].apply(lambda i: np.array([i, i + 0.5]), meta=("emb", object)))
+    with pytest.raises(InvalidArgumentError, match=r"column\(s\) \['emb'\] of the Dask dataframe hold Python objects"):
+        FileSet.make(str(tmp_path / "sets"), "emb", ddf)
+    assert not (tmp_path / "sets" / "emb").exists()  # nothing written: the name is free
+    typed = ddf.astype({"emb": pd.ArrowDtype(pa.list_(pa.float64()))})
+    made = FileSet.make(str(tmp_path / "sets"), "emb", typed, shuffle=True, seed=2)
+    back = made.to_dask_dataframe().compute().sort_values("i")
+    assert [list(v) for v in back["emb"]] == [[i, i + 0.5] for i in range(6)]
