@@ -338,7 +338,13 @@ class FileSet:
             ddf = keyed.shuffle(on=_SHUFFLE_COLUMN, **method).map_partitions(_order_by_random_key, meta=ddf._meta)
         # the id in every file name: a handle of a deleted FileSet never reads
         # the files of a new one made under the same name
-        writing = ddf.to_parquet(
+        # Each write task notes its file system in keep_few_file_systems:
+        # every worker kept the one it unpickled for each make's
+        # storage_options in fsspec's cache for good (a new credential per
+        # make: one S3FileSystem and its botocore client each). Dask's own
+        # here is ``fs`` (fsspec's cache gives it the same instance); given
+        # as filesystem=, Dask would read [ ] in the URL as a pattern.
+        writing = ddf.map_partitions(_file_system_noter(), fs, meta=ddf._meta, token="fileset-fs").to_parquet(
             f"{url}/{name}", write_index=False, storage_options=storage_options,
             write_metadata_file=False, name_function=lambda number: f"part.{number}.{fileset_id}.parquet",
             compute=False,
@@ -538,6 +544,25 @@ class FileSet:
 def _identity(manifest: dict) -> tuple:
     # FileSets made before the id was added are told apart by their creation time
     return manifest.get("id"), manifest.get("created")
+
+
+def _file_system_noter():
+    """A function ``(partition, fs) -> partition`` that notes ``fs``, as a
+    write task unpickled it on its worker (made or found in fsspec's cache
+    there: the very one the task writes with, one pickle holds both), in
+    keep_few_file_systems. Made in here, so that it travels by value: a
+    FileSet that is not shuffled is written by Dask's own tasks, which
+    workers without dask_manymodel run (there, the noting is left out)."""
+
+    def noted(df, fs):
+        try:
+            from dask_manymodel.store import keep_few_file_systems
+        except ImportError:
+            return df
+        keep_few_file_systems(fs)
+        return df
+
+    return noted
 
 
 def _read_parquet_file(path: str, fs) -> pd.DataFrame:
