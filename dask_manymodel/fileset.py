@@ -39,7 +39,6 @@ from .engine import (
     check_workers_environment,
     check_workers_share_store,
     index_as_column,
-    object_columns_not_text,
     p2p_loses,
 )
 from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError, InvalidArgumentError
@@ -134,15 +133,16 @@ def _check_workers_share(store: RunStore, shuffle: bool = False) -> None:
 _SHUFFLE_COLUMN = "__manymodel_shuffle__"
 
 
-def _objects_as_arrow(frame: pd.DataFrame) -> pd.DataFrame:
+def _objects_as_arrow(frame: pd.DataFrame, positions: list[int]) -> pd.DataFrame:
     """A pandas frame whose columns of Python objects other than text (lists,
-    arrays, bytes) are pyarrow columns, which parquet stores as they are:
+    arrays, bytes: those at ``positions``, see object_columns_not_text) are
+    pyarrow columns, which parquet stores as they are:
     Dask writes no column of objects (it takes the file's types from a
     placeholder value), and its convert-string made them text before
     ("[0.  0.5]"). A column mixing values of no common type is refused,
     naming it, before anything is written."""
-    converted = None
-    for i in object_columns_not_text(frame):
+    converted = frame.copy(deep=False)
+    for i in positions:
         try:
             values = pa.array(frame.iloc[:, i], from_pandas=True)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
@@ -150,9 +150,8 @@ def _objects_as_arrow(frame: pd.DataFrame) -> pd.DataFrame:
                 f"column {frame.columns[i]!r} holds Python objects that parquet cannot store as one type "
                 f"({exc}); convert it first (to one type, or with .astype(str))"
             ) from exc
-        converted = frame.copy(deep=False) if converted is None else converted
         converted.isetitem(i, pd.Series(pd.arrays.ArrowExtensionArray(values), index=frame.index))
-    return frame if converted is None else converted
+    return converted
 
 
 def _check_typed(ddf: dd.DataFrame) -> None:
@@ -298,9 +297,7 @@ class FileSet:
             raise exists
         # a named index is kept as a column, as DataFrame.to_parquet keeps it
         # (one named like a column is dropped, as a run drops it)
-        if isinstance(dataframe, pd.DataFrame):
-            dataframe = _objects_as_arrow(dataframe)
-        ddf = index_as_column(as_dask_dataframe(dataframe), None)
+        ddf = index_as_column(as_dask_dataframe(dataframe, _objects_as_arrow), None)
         _check_labels(ddf.columns, shuffle)
         _check_typed(ddf)
         # Claimed in one exclusive write before anything else: two makes of

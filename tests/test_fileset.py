@@ -525,3 +525,23 @@ def test_a_dask_frames_column_of_objects_is_refused_naming_it_and_its_typed_form
     made = FileSet.make(str(tmp_path / "sets"), "emb", typed, shuffle=True, seed=2)
     back = made.to_dask_dataframe().compute().sort_values("i")
     assert [list(v) for v in back["emb"]] == [[i, i + 0.5] for i in range(6)]
+
+
+def test_a_pandas_frames_columns_of_objects_are_looked_at_once(tmp_path, monkeypatch):
+    """FileSet.make looked at every column of objects of a pandas frame
+    twice (its own scan, then as_dask_dataframe's): one pass each now."""
+    seen = []
+    infer_dtype = pd.api.types.infer_dtype
+
+    def counted(values, *args, **kwargs):
+        seen.append(getattr(values, "name", None))
+        return infer_dtype(values, *args, **kwargs)
+
+    monkeypatch.setattr(pd.api.types, "infer_dtype", counted)
+    source = pd.DataFrame({
+        "emb": [np.array([i, i + 0.5]) for i in range(4)], "t": pd.Series(list("abcd"), dtype=object), "i": range(4),
+    })
+    made = FileSet.make(str(tmp_path / "sets"), "once", source)
+    assert sorted(n for n in seen if n in ("emb", "t")) == ["emb", "t"]
+    back = made.to_dask_dataframe().compute()
+    assert back["t"].tolist() == list("abcd") and [list(v) for v in back["emb"]] == [[i, i + 0.5] for i in range(4)]
