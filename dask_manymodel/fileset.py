@@ -648,10 +648,22 @@ class _FileSource:
     """
 
     def __init__(self, fs, paths: list[str], n_rows: int):
-        self.fs = fs
+        self._fs, self._pid = fs, os.getpid()
         self.paths = paths
         self.n_rows = n_rows
         self.with_missing = _columns_with_missing(fs, paths)
+
+    @property
+    def fs(self):
+        """The file system, made again in a process forked from the one that
+        made it: torch's DataLoader forks its workers (Linux's default), and
+        an asynchronous one (s3fs, gcsfs, adlfs) there refused every read with
+        "RuntimeError: This class is not fork-safe" (its event loop stayed in
+        the parent). As fsspec makes it again where it is unpickled."""
+        if self._pid != os.getpid():
+            fs = type(self._fs)(*self._fs.storage_args, **self._fs.storage_options)
+            self._fs, self._pid = keep_few_file_systems(fs), os.getpid()
+        return self._fs
 
     def _read(self, path: str) -> Columns:
         try:
