@@ -202,6 +202,30 @@ def _random_keys(df: pd.DataFrame, seed: int, partition_info=None) -> pd.DataFra
     return df.assign(**{_SHUFFLE_COLUMN: rng.integers(0, 2**62, len(df))})
 
 
+class _ThisProcessFileSystem:
+    """A file system attribute that is made again in a process forked from
+    the one that made it: torch's DataLoader forks its workers (Linux's
+    default), as multiprocessing's 'fork' does, and an asynchronous file
+    system (s3fs, gcsfs, adlfs) refused every call there with "RuntimeError:
+    This class is not fork-safe" (its event loop stayed in the parent).
+    Made again as fsspec makes one where it is unpickled."""
+
+    def __set_name__(self, owner, name):
+        self.name = f"_{name.lstrip('_')}_made"
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        fs, pid = getattr(obj, self.name)
+        if pid != os.getpid():
+            fs = keep_few_file_systems(type(fs)(*fs.storage_args, **fs.storage_options))
+            setattr(obj, self.name, (fs, os.getpid()))
+        return fs
+
+    def __set__(self, obj, fs):
+        setattr(obj, self.name, (fs, os.getpid()))
+
+
 class FileSet:
     """An immutable parquet snapshot: reopen with ``FileSet(url, name)``.
 
@@ -219,6 +243,8 @@ class FileSet:
     FileSetNotFoundError
         No FileSet of that name exists.
     """
+
+    _fs = _ThisProcessFileSystem()  # a handle used in a forked process
 
     def __init__(self, url: str, name: str, storage_options: dict | None = None):
         self.name = _check_name(name)
@@ -647,23 +673,13 @@ class _FileSource:
     TensorFlow's signature.
     """
 
+    fs = _ThisProcessFileSystem()  # a DataLoader's forked workers read the files
+
     def __init__(self, fs, paths: list[str], n_rows: int):
-        self._fs, self._pid = fs, os.getpid()
+        self.fs = fs
         self.paths = paths
         self.n_rows = n_rows
         self.with_missing = _columns_with_missing(fs, paths)
-
-    @property
-    def fs(self):
-        """The file system, made again in a process forked from the one that
-        made it: torch's DataLoader forks its workers (Linux's default), and
-        an asynchronous one (s3fs, gcsfs, adlfs) there refused every read with
-        "RuntimeError: This class is not fork-safe" (its event loop stayed in
-        the parent). As fsspec makes it again where it is unpickled."""
-        if self._pid != os.getpid():
-            fs = type(self._fs)(*self._fs.storage_args, **self._fs.storage_options)
-            self._fs, self._pid = keep_few_file_systems(fs), os.getpid()
-        return self._fs
 
     def _read(self, path: str) -> Columns:
         try:
