@@ -165,9 +165,11 @@ class ManyModelAccessor:
 
     @_no_hidden_attribute_errors
     def to_fileset(
-        self, url: str, name: str, shuffle: bool = False, *, storage_options: dict | None = None
+        self, url: str, name: str, shuffle: bool = False, *, storage_options: dict | None = None,
+        seed: int | None = None,
     ) -> FileSet:
-        """Write this dataframe as an immutable :class:`~dask_manymodel.FileSet` (see ``FileSet.make``)."""
+        """Write this dataframe as an immutable :class:`~dask_manymodel.FileSet` (see ``FileSet.make``;
+        ``seed`` makes a shuffled one reproducible, as there)."""
         from .fileset import FileSet
 
-        return FileSet.make(url, name, self._obj, shuffle=shuffle, storage_options=storage_options)
+        return FileSet.make(url, name, self._obj, shuffle=shuffle, storage_options=storage_options, seed=seed)

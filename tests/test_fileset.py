@@ -185,6 +185,9 @@ def test_shuffled_make_with_a_seed_is_reproducible(tmp_path):
     ]
     assert orders[0] == orders[1] == orders[2] and orders[0] != list(range(400))
     assert sorted(orders[0]) == list(range(400))
+    # the accessor's to_fileset takes the seed too (it raised TypeError)
+    made = dd.from_pandas(frame(), npartitions=4).manymodel.to_fileset(str(tmp_path), "a", shuffle=True, seed=3)
+    assert made.to_dask_dataframe().compute()["i"].tolist() == orders[0]
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
