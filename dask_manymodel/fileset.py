@@ -367,7 +367,10 @@ class FileSet:
         # make: one S3FileSystem and its botocore client each). Dask's own
         # here is ``fs`` (fsspec's cache gives it the same instance); given
         # as filesystem=, Dask would read [ ] in the URL as a pattern.
-        writing = ddf.map_partitions(_file_system_noter(), fs, meta=ddf._meta, token="fileset-fs").to_parquet(
+        noting = ddf.map_partitions(
+            _file_system_noter(), fs, meta=ddf._meta, enforce_metadata=False, token="fileset-fs"
+        )
+        writing = noting.to_parquet(
             f"{url}/{name}", write_index=False, storage_options=storage_options,
             write_metadata_file=False, name_function=lambda number: f"part.{number}.{fileset_id}.parquet",
             compute=False,
