@@ -205,7 +205,8 @@ class ManyModelAccessor:
 
     @_no_hidden_attribute_errors
     def to_fileset(
-        self, url: str, name: str, shuffle: bool = False, *, storage_options: dict | None = None
+        self, url: str, name: str, shuffle: bool = False, *, storage_options: dict | None = None,
+        seed: int | None = None,
     ) -> FileSet:
         """Write this dataframe as an immutable :class:`~dask_manymodel.FileSet` (see ``FileSet.make``).
 
@@ -219,6 +220,8 @@ class ManyModelAccessor:
             Shuffle the rows globally before writing (default False).
         storage_options : dict, optional
             Passed to fsspec; never written anywhere.
+        seed : int, optional
+            Makes a shuffled FileSet reproducible, as in ``FileSet.make``.
 
         Returns
         -------
@@ -226,4 +229,4 @@ class ManyModelAccessor:
         """
         from .fileset import FileSet
 
-        return FileSet.make(url, name, self._obj, shuffle=shuffle, storage_options=storage_options)
+        return FileSet.make(url, name, self._obj, shuffle=shuffle, storage_options=storage_options, seed=seed)

@@ -516,8 +516,15 @@ def object_columns_not_text(frame: pd.DataFrame) -> list[int]:
     ]
 
 
-def as_dask_dataframe(dataframe: Any) -> dd.DataFrame:
-    """Accept a Dask DataFrame, or a pandas one (split into a few partitions)."""
+def as_dask_dataframe(
+    dataframe: Any, objects_as: Callable[[pd.DataFrame, list[int]], pd.DataFrame] | None = None,
+) -> dd.DataFrame:
+    """Accept a Dask DataFrame, or a pandas one (split into a few partitions).
+
+    ``objects_as(frame, positions)``, if given, converts a pandas frame's
+    columns of Python objects other than text (found once, here) before it
+    goes to Dask (FileSet.make: to pyarrow lists and binary); without it
+    they stay objects (a run's groups get them as they are)."""
     if isinstance(dataframe, dd.DataFrame):
         return dataframe
     if isinstance(dataframe, pd.DataFrame):
@@ -541,7 +548,10 @@ def as_dask_dataframe(dataframe: Any) -> dd.DataFrame:
         # column text as it takes a frame in: a column of arrays or lists
         # (embeddings; Snowpark's ARRAY columns) reached the groups as
         # "[0.  0.5]", a mixed one's 1 as "1". Such columns stay as they are
-        keep = bool(object_columns_not_text(dataframe))
+        objects = object_columns_not_text(dataframe)
+        if objects and objects_as is not None:
+            dataframe, objects = objects_as(dataframe, objects), []
+        keep = bool(objects)
         with dask.config.set({"dataframe.convert-string": False}) if keep else contextlib.nullcontext():
             return dd.from_pandas(dataframe, npartitions=max(1, min(8, len(dataframe) // 100_000 + 1)))
     raise InvalidArgumentError(

@@ -39,7 +39,6 @@ from .engine import (
     check_workers_environment,
     check_workers_share_store,
     index_as_column,
-    object_columns_not_text,
     p2p_loses,
 )
 from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError, InvalidArgumentError
@@ -134,15 +133,16 @@ def _check_workers_share(store: RunStore, shuffle: bool = False) -> None:
 _SHUFFLE_COLUMN = "__manymodel_shuffle__"
 
 
-def _objects_as_arrow(frame: pd.DataFrame) -> pd.DataFrame:
+def _objects_as_arrow(frame: pd.DataFrame, positions: list[int]) -> pd.DataFrame:
     """A pandas frame whose columns of Python objects other than text (lists,
-    arrays, bytes) are pyarrow columns, which parquet stores as they are:
+    arrays, bytes: those at ``positions``, see object_columns_not_text) are
+    pyarrow columns, which parquet stores as they are:
     Dask writes no column of objects (it takes the file's types from a
     placeholder value), and its convert-string made them text before
     ("[0.  0.5]"). A column mixing values of no common type is refused,
     naming it, before anything is written."""
-    converted = None
-    for i in object_columns_not_text(frame):
+    converted = frame.copy(deep=False)
+    for i in positions:
         try:
             values = pa.array(frame.iloc[:, i], from_pandas=True)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
@@ -150,9 +150,37 @@ def _objects_as_arrow(frame: pd.DataFrame) -> pd.DataFrame:
                 f"column {frame.columns[i]!r} holds Python objects that parquet cannot store as one type "
                 f"({exc}); convert it first (to one type, or with .astype(str))"
             ) from exc
-        converted = frame.copy(deep=False) if converted is None else converted
         converted.isetitem(i, pd.Series(pd.arrays.ArrowExtensionArray(values), index=frame.index))
-    return frame if converted is None else converted
+    return converted
+
+
+def _check_typed(ddf: dd.DataFrame) -> None:
+    """Columns whose parquet type Dask cannot tell from the frame's meta,
+    refused before the claim, naming them. Dask's to_parquet takes each
+    file's schema from a placeholder row of the meta; a column of Python
+    objects (``dtype=object``: ``ddf.x.apply(embed, meta=("x", object))``,
+    or a frame made with convert-string off) has the placeholder ``object()``
+    under pandas 3, and every make of it failed with pyarrow's "ArrowInvalid:
+    Could not convert <object object at ...>", naming no column. Unlike a
+    pandas frame's (see :func:`_objects_as_arrow`), its values cannot be
+    looked at without computing the frame twice: the user gives the type."""
+    placeholder = ddf._meta_nonempty
+    untyped = []
+    for i, name in enumerate(placeholder.columns):
+        if placeholder.dtypes.iloc[i] != object:
+            continue
+        try:
+            pa.array(placeholder.iloc[:, i], from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            untyped.append(name)
+    if untyped:
+        raise InvalidArgumentError(
+            f"column(s) {untyped[:3]!r:.200} of the Dask dataframe hold Python objects (dtype object), and "
+            f"the FileSet's parquet files need each column's type before its values are computed; give "
+            f"it one first: ddf = ddf.astype({{{untyped[0]!r:.100}: pd.ArrowDtype(pa.list_(pa.float64()))}}) "
+            f"for arrays or lists of numbers, pd.ArrowDtype(pa.binary()) for bytes, \"string\" for text "
+            f"(a pandas frame's columns of arrays are stored as lists without it); nothing is written"
+        )
 
 
 def _check_name(name: Any) -> str:
@@ -174,6 +202,30 @@ def _random_keys(df: pd.DataFrame, seed: int, partition_info=None) -> pd.DataFra
     return df.assign(**{_SHUFFLE_COLUMN: rng.integers(0, 2**62, len(df))})
 
 
+class _ThisProcessFileSystem:
+    """A file system attribute that is made again in a process forked from
+    the one that made it: torch's DataLoader forks its workers (Linux's
+    default), as multiprocessing's 'fork' does, and an asynchronous file
+    system (s3fs, gcsfs, adlfs) refused every call there with "RuntimeError:
+    This class is not fork-safe" (its event loop stayed in the parent).
+    Made again as fsspec makes one where it is unpickled."""
+
+    def __set_name__(self, owner, name):
+        self.name = f"_{name.lstrip('_')}_made"
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        fs, pid = getattr(obj, self.name)
+        if pid != os.getpid():
+            fs = keep_few_file_systems(type(fs)(*fs.storage_args, **fs.storage_options))
+            setattr(obj, self.name, (fs, os.getpid()))
+        return fs
+
+    def __set__(self, obj, fs):
+        setattr(obj, self.name, (fs, os.getpid()))
+
+
 class FileSet:
     """An immutable parquet snapshot: reopen with ``FileSet(url, name)``.
 
@@ -191,6 +243,8 @@ class FileSet:
     FileSetNotFoundError
         No FileSet of that name exists.
     """
+
+    _fs = _ThisProcessFileSystem()  # a handle used in a forked process
 
     def __init__(self, url: str, name: str, storage_options: dict | None = None):
         self.name = _check_name(name)
@@ -288,10 +342,9 @@ class FileSet:
             raise exists
         # a named index is kept as a column, as DataFrame.to_parquet keeps it
         # (one named like a column is dropped, as a run drops it)
-        if isinstance(dataframe, pd.DataFrame):
-            dataframe = _objects_as_arrow(dataframe)
-        ddf = index_as_column(as_dask_dataframe(dataframe), None)
+        ddf = index_as_column(as_dask_dataframe(dataframe, _objects_as_arrow), None)
         _check_labels(ddf.columns, shuffle)
+        _check_typed(ddf)
         # Claimed in one exclusive write before anything else: two makes of
         # one name at once would otherwise both pass the check above and
         # write their files into one folder.
@@ -327,7 +380,16 @@ class FileSet:
             ddf = keyed.shuffle(on=_SHUFFLE_COLUMN, **method).map_partitions(_order_by_random_key, meta=ddf._meta)
         # the id in every file name: a handle of a deleted FileSet never reads
         # the files of a new one made under the same name
-        writing = ddf.to_parquet(
+        # Each write task notes its file system in keep_few_file_systems:
+        # every worker kept the one it unpickled for each make's
+        # storage_options in fsspec's cache for good (a new credential per
+        # make: one S3FileSystem and its botocore client each). Dask's own
+        # here is ``fs`` (fsspec's cache gives it the same instance); given
+        # as filesystem=, Dask would read [ ] in the URL as a pattern.
+        noting = ddf.map_partitions(
+            _file_system_noter(), fs, meta=ddf._meta, enforce_metadata=False, token="fileset-fs"
+        )
+        writing = noting.to_parquet(
             f"{url}/{name}", write_index=False, storage_options=storage_options,
             write_metadata_file=False, name_function=lambda number: f"part.{number}.{fileset_id}.parquet",
             compute=False,
@@ -559,6 +621,25 @@ def _identity(manifest: dict) -> tuple:
     return manifest.get("id"), manifest.get("created")
 
 
+def _file_system_noter():
+    """A function ``(partition, fs) -> partition`` that notes ``fs``, as a
+    write task unpickled it on its worker (made or found in fsspec's cache
+    there: the very one the task writes with, one pickle holds both), in
+    keep_few_file_systems. Made in here, so that it travels by value: a
+    FileSet that is not shuffled is written by Dask's own tasks, which
+    workers without dask_manymodel run (there, the noting is left out)."""
+
+    def noted(df, fs):
+        try:
+            from dask_manymodel.store import keep_few_file_systems
+        except ImportError:
+            return df
+        keep_few_file_systems(fs)
+        return df
+
+    return noted
+
+
 def _read_parquet_file(path: str, fs) -> pd.DataFrame:
     keep_few_file_systems(fs)  # unpickled here: made or found in fsspec's cache
     with fs.open(path, "rb") as f:
@@ -643,6 +724,8 @@ class _FileSource:
     float64 in every batch), so batches agree with each other and with
     TensorFlow's signature.
     """
+
+    fs = _ThisProcessFileSystem()  # a DataLoader's forked workers read the files
 
     def __init__(self, fs, paths: list[str], n_rows: int):
         self.fs = fs

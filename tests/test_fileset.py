@@ -185,6 +185,9 @@ def test_shuffled_make_with_a_seed_is_reproducible(tmp_path):
     ]
     assert orders[0] == orders[1] == orders[2] and orders[0] != list(range(400))
     assert sorted(orders[0]) == list(range(400))
+    # the accessor's to_fileset takes the seed too (it raised TypeError)
+    made = dd.from_pandas(frame(), npartitions=4).manymodel.to_fileset(str(tmp_path), "a", shuffle=True, seed=3)
+    assert made.to_dask_dataframe().compute()["i"].tolist() == orders[0]
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
@@ -506,3 +509,42 @@ def test_footers_longer_than_the_tail_read_and_files_of_one_row(tmp_path):
     fs = fsspec.filesystem("file")
     footers = _footers(fs, [str(tmp_path / "wide.parquet"), str(tmp_path / "narrow.parquet")])
     assert [(f.num_rows, f.num_columns) for f in footers] == [(3, 3000), (1, 1)]
+
+
+def test_a_dask_frames_column_of_objects_is_refused_naming_it_and_its_typed_form_is_stored(tmp_path):
+    """A Dask column of Python objects (embeddings from an apply declared
+    meta=object) failed every make with pyarrow's "ArrowInvalid: Could not
+    convert <object object at ...>" (Dask's placeholder of its meta), naming
+    no column: it is refused naming it, before anything is written, and the
+    type it says to give stores the arrays as lists."""
+    import pyarrow as pa
+
+    ddf = dd.from_pandas(frame(6), npartitions=2)
+    ddf = ddf.assign(emb=ddf["i"].apply(lambda i: np.array([i, i + 0.5]), meta=("emb", object)))
+    with pytest.raises(InvalidArgumentError, match=r"column\(s\) \['emb'\] of the Dask dataframe hold Python objects"):
+        FileSet.make(str(tmp_path / "sets"), "emb", ddf)
+    assert not (tmp_path / "sets" / "emb").exists()  # nothing written: the name is free
+    typed = ddf.astype({"emb": pd.ArrowDtype(pa.list_(pa.float64()))})
+    made = FileSet.make(str(tmp_path / "sets"), "emb", typed, shuffle=True, seed=2)
+    back = made.to_dask_dataframe().compute().sort_values("i")
+    assert [list(v) for v in back["emb"]] == [[i, i + 0.5] for i in range(6)]
+
+
+def test_a_pandas_frames_columns_of_objects_are_looked_at_once(tmp_path, monkeypatch):
+    """FileSet.make looked at every column of objects of a pandas frame
+    twice (its own scan, then as_dask_dataframe's): one pass each now."""
+    seen = []
+    infer_dtype = pd.api.types.infer_dtype
+
+    def counted(values, *args, **kwargs):
+        seen.append(getattr(values, "name", None))
+        return infer_dtype(values, *args, **kwargs)
+
+    monkeypatch.setattr(pd.api.types, "infer_dtype", counted)
+    source = pd.DataFrame({
+        "emb": [np.array([i, i + 0.5]) for i in range(4)], "t": pd.Series(list("abcd"), dtype=object), "i": range(4),
+    })
+    made = FileSet.make(str(tmp_path / "sets"), "once", source)
+    assert sorted(n for n in seen if n in ("emb", "t")) == ["emb", "t"]
+    back = made.to_dask_dataframe().compute()
+    assert back["t"].tolist() == list("abcd") and [list(v) for v in back["emb"]] == [[i, i + 0.5] for i in range(4)]

@@ -153,3 +153,24 @@ def test_workers_let_go_of_the_serde_classes_of_ended_runs(client, store_url):
         del run
     # (the last run's class goes once its workers forget its spec)
     poll(lambda: all(alive <= 1 for alive in client.run(_serde_classes_alive).values()), timeout=10)
+
+
+def test_filesets_made_with_new_credentials_each_keep_few_file_systems(client, tmp_path, few_file_systems_kept):
+    """FileSet.make's write tasks were given a file system built from the
+    make's storage_options, which every worker unpickled into fsspec's
+    cache and kept for good: one per make and worker (on S3, an
+    S3FileSystem and its botocore client each)."""
+    from dask_manymodel import FileSet
+
+    flaky_fs.register()
+    tag = f"fileset-{uuid.uuid4().hex}-"
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=4)
+    for number in range(KEEP + 3):
+        made = FileSet.make(
+            f"flaky://{tmp_path}/sets", f"s{number}", ddf, shuffle=number % 2 == 1, seed=1,
+            storage_options={"seed": f"{tag}{number}"},
+        )
+        assert made.num_rows == len(ddf)
+    on_workers = client.run(_file_systems_of, tag)
+    assert all(kept <= KEEP for kept in on_workers.values()), on_workers
+    assert sum(on_workers.values()) >= 1  # the workers wrote with them

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 
+import dask
 import dask.dataframe as dd
 import numpy as np
 import pytest
@@ -433,3 +434,43 @@ def test_an_overwrite_start_lists_the_old_run_once(client, s3_options, tmp_path,
     assert again[0].wait(show_progress=False) == RunStatus.SUCCESS
     with pytest.raises(dask_manymodel.RunExistsError, match="already exists"):
         ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", storage_options=s3_options)
+
+
+_INHERITED = {}  # what a forked child has without pickling (a pool's arguments are pickled)
+
+
+def _rows_of_inherited(key: str) -> int:
+    fileset = _INHERITED[key]
+    return fileset.num_rows + len(fileset.to_dask_dataframe().compute())
+
+
+def test_a_fileset_handle_on_s3_works_in_a_forked_process(s3_options):
+    """multiprocessing's 'fork': the handle's S3FileSystem, made in the
+    parent, refused every call in the child ("This class is not fork-safe")."""
+    import multiprocessing
+
+    from dask_manymodel import FileSet
+
+    _INHERITED["handle"] = FileSet.make(
+        "s3://models/forked", "handle", make_frame(n_groups=2, rows=5), storage_options=s3_options
+    )
+    with dask.config.set(scheduler="synchronous"), multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.map(_rows_of_inherited, ["handle"]) == [20]
+
+
+def test_a_fileset_on_s3_streams_through_forked_dataloader_workers(s3_options):
+    """torch's DataLoader forks its workers on Linux: the FileSet's
+    S3FileSystem, made in the parent, refused every read there
+    ("RuntimeError: This class is not fork-safe"), so
+    DataLoader(fileset.to_torch_dataset(), num_workers=2) failed."""
+    torch = pytest.importorskip("torch")
+    from dask_manymodel import FileSet
+
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=4)
+    fileset = FileSet.make("s3://models/forked", "f1", ddf, storage_options=s3_options)
+    loader = torch.utils.data.DataLoader(
+        fileset.to_torch_dataset(batch_size=4, drop_last_batch=False), batch_size=None, num_workers=2,
+        multiprocessing_context="fork",
+    )
+    rows = sorted(v for batch in loader for v in batch["x"].tolist())
+    assert rows == sorted(ddf["x"].compute().tolist())
