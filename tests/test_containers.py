@@ -229,13 +229,16 @@ def test_a_full_scratch_disk_is_named_when_a_model_is_read(tmp_path, scratch_clu
     run = ddf.manymodel.train(big_for_one, by="store", url=url, run_id="r1", serde=RecordingSerde())
     assert run.wait(show_progress=False) == RunStatus.SUCCESS
     scratch = str(tmp_path / "scratch")
-    # the workers' folders in it stay; their disk becomes 512 KiB from now
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", scratch], capture_output=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr!r}")
+    # each worker's folder becomes a disk of its own of 512 KiB from now: with
+    # one disk for both, group 0's small copy on the other worker failed too
+    # now and then, run while group 1's half-written 1 MiB filled it
+    mounted = []
     try:
         for worker_dir in scratch_cluster.run(lambda dask_worker: dask_worker.local_directory).values():
-            os.makedirs(worker_dir, exist_ok=True)
+            mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", worker_dir], capture_output=True)
+            if mount.returncode:
+                pytest.skip(f"cannot mount a tmpfs: {mount.stderr!r}")
+            mounted.append(worker_dir)
         scores = ddf.manymodel.predict(predict_line, by="store", url=url, training_run_id="r1", run_id="s1")
         assert scores.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
         summary = scores.summary().set_index("partition_id")
@@ -247,7 +250,8 @@ def test_a_full_scratch_disk_is_named_when_a_model_is_read(tmp_path, scratch_clu
         )
         assert "No space left on device; that disk is full (or over quota): give the workers a scratch folder" in error
     finally:
-        subprocess.run(["umount", scratch], check=True)
+        for worker_dir in mounted:
+            subprocess.run(["umount", worker_dir], check=True)
 
 
 def test_a_relative_url_in_a_deleted_working_directory(tmp_path, monkeypatch):

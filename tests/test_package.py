@@ -101,6 +101,25 @@ def test_every_import_of_the_package_is_declared():
                     assert dist in required | extras, f"{where}: add {dist} to install_requires or an extra"
 
 
+
+def test_python_3_12_and_later_get_a_distributed_that_stops_bokeh_3_10():
+    """bokeh 3.10 needs Python 3.12+ and raises when distributed before
+    2026.8 stops the dashboard as a scheduler closes (a LocalCluster stayed
+    "closing", an asynchronous one raised RuntimeError). pip still paired them:
+    with the test extras it backtracked to distributed 2026.7.1, and a user's
+    environment with dask 2026.7 kept it and got bokeh 3.10 from us."""
+    from packaging.requirements import Requirement
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    lines = [line.split("#")[0].strip() for line in config["options"]["install_requires"].splitlines()]
+    # distributed pins dask to its own version, so a floor on either is one on both
+    requirements = [r for r in map(Requirement, filter(None, lines)) if r.name in ("dask", "distributed")]
+    for python in ("3.12", "3.13"):
+        applying = [r for r in requirements if r.marker is None or r.marker.evaluate({"python_version": python})]
+        assert any(not r.specifier.contains("2026.7.1") for r in applying), (python, [str(r) for r in applying])
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """The sdist and the wheel, built from a copy of the tracked files (so

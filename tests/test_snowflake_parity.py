@@ -124,10 +124,16 @@ def test_to_pandas_gives_each_call_a_frame_of_its_own():
     first.iloc[0, 0] = -1.0
     assert data.to_pandas().to_dict("list") == {"x": [1.0, 2.0, 3.0], "label": [0, 1, 0]}
     assert data.columns == ["x", "label"] and len(data) == 3
-    assert sorted(next(iter(data.to_torch_dataset(batch_size=3)))) == ["label", "x"]
     limited = data.to_pandas(limit=2)
     limited.pop("x")
     assert data.to_pandas(limit=2).columns.tolist() == ["x", "label"]
+
+
+def test_a_torch_dataset_after_a_popped_to_pandas_has_every_column():
+    pytest.importorskip("torch")  # the torch extra (the rest of this file runs without it)
+    data = DataConnector.from_pandas(pd.DataFrame({"x": [1.0, 2.0, 3.0], "label": [0, 1, 0]}))
+    data.to_pandas().pop("label")
+    assert sorted(next(iter(data.to_torch_dataset(batch_size=3)))) == ["label", "x"]
 
 
 def pop_the_target_then_read_again(data_connector, context):
@@ -191,10 +197,21 @@ def test_fileset_make_stores_a_pandas_frames_arrays_as_lists_and_refuses_mixed_c
         stored = fileset.to_dask_dataframe().compute().sort_values("y")
         assert [list(v) for v in stored["emb"]] == [[i, i + 0.5] for i in range(6)]  # not "[0.  0.5]"
         assert stored["raw"].tolist() == [bytes([i, 255]) for i in range(6)]
-        batch = next(iter(fileset.to_torch_dataset(batch_size=6)))
-        assert sorted(map(list, batch["emb"])) == [[i, i + 0.5] for i in range(6)]
     mixed = frame.assign(id=pd.Series([1, "x", 2, 3, 4, 5], dtype=object))
     with pytest.raises(InvalidArgumentError, match="column 'id' holds Python objects"):
         FileSet.make(str(tmp_path), "mixed", mixed)
     assert not (tmp_path / "mixed").exists()  # nothing written: the name is free
     FileSet.make(str(tmp_path), "mixed", mixed.astype({"id": str}))
+
+
+def test_a_fileset_of_a_pandas_frames_arrays_gives_torch_lists(tmp_path):
+    pytest.importorskip("torch")  # the torch extra (the rest of this file runs without it)
+    frame = pd.DataFrame({
+        "emb": [np.array([i, i + 0.5]) for i in range(6)],
+        "raw": [bytes([i, 255]) for i in range(6)],
+        "y": np.arange(6.0),
+    })
+    for shuffle in (False, True):
+        fileset = FileSet.make(str(tmp_path), f"emb-{shuffle}", frame, shuffle=shuffle, seed=3)
+        batch = next(iter(fileset.to_torch_dataset(batch_size=6)))
+        assert sorted(map(list, batch["emb"])) == [[i, i + 0.5] for i in range(6)]
