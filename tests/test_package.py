@@ -101,7 +101,6 @@ def test_every_import_of_the_package_is_declared():
                     assert dist in required | extras, f"{where}: add {dist} to install_requires or an extra"
 
 
-
 def test_python_3_12_and_later_get_a_distributed_that_stops_bokeh_3_10():
     """bokeh 3.10 needs Python 3.12+ and raises when distributed before
     2026.8 stops the dashboard as a scheduler closes (a LocalCluster stayed
