@@ -426,7 +426,12 @@ _DESCRIPTION = "inspect runs stored at a URL, and run the demo"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="dask-manymodel", description=_DESCRIPTION)
+    # the first thing asked of a tool in a bug report, and of the workers'
+    # (their version must match the client's: see check_workers_environment)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     storage = argparse.ArgumentParser(add_help=False)
     storage.add_argument(

@@ -233,6 +233,13 @@ def test_usage_errors_exit_2(capsys):
     assert "usage: dask-manymodel" in capsys.readouterr().err
 
 
+def test_version_prints_the_installed_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"dask-manymodel {dask_manymodel.__version__}"
+
+
 def test_as_a_module_and_a_console_script(runs):
     out = subprocess.run([*CLI, "runs", runs], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "r1" in out.stdout
