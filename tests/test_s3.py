@@ -7,6 +7,7 @@ import socket
 
 import dask
 import dask.dataframe as dd
+import distributed
 import numpy as np
 import pytest
 
@@ -474,3 +475,41 @@ def test_a_fileset_on_s3_streams_through_forked_dataloader_workers(s3_options):
     )
     rows = sorted(v for batch in loader for v in batch["x"].tolist())
     assert rows == sorted(ddf["x"].compute().tolist())
+
+
+def _what_a_forked_child_reads(key: str) -> list:
+    trained, predicted = _INHERITED[key]
+    artifacts = trained.partition_details[1].artifacts
+    return [
+        trained.get_model(1).round(6).tolist(),
+        artifacts.get(artifacts.list()[0]).round(6).tolist(),
+        len(predicted.to_dask_dataframe().compute()),
+    ]
+
+
+def test_run_handles_on_s3_work_in_a_forked_process(s3_options):
+    """A live or restored run handle used in a process forked from the one
+    that made it (multiprocessing's 'fork', a DataLoader worker's copy):
+    get_model, an artifact and a predict run's output failed there with
+    "RuntimeError: This class is not fork-safe" (the run's S3FileSystem,
+    made in the parent, kept its event loop there)."""
+    import multiprocessing
+
+    url = "s3://models/forked-runs"
+    ddf = dd.from_pandas(make_frame(n_groups=2, rows=5), npartitions=1)
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0", silence_logs=logging.ERROR
+    ) as cluster, distributed.Client(cluster):
+        trained = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", storage_options=s3_options)
+        assert trained.wait(show_progress=False) == RunStatus.SUCCESS
+        predicted = ddf.manymodel.predict(
+            predict_frame, by="store", url=url, training_run_id="r1", run_id="s1", storage_options=s3_options
+        )
+        assert predicted.wait(show_progress=False) == RunStatus.SUCCESS
+    _INHERITED["live"] = trained, predicted
+    _INHERITED["restored"] = tuple(
+        ManyModelRun.restore_from(run_id, url, storage_options=s3_options) for run_id in ("r1", "s1")
+    )
+    expected = trained.get_model(1).round(6).tolist()
+    with dask.config.set(scheduler="synchronous"), multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.map(_what_a_forked_child_reads, ["live", "restored"]) == [[expected, expected, 10]] * 2
