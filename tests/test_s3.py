@@ -513,3 +513,29 @@ def test_run_handles_on_s3_work_in_a_forked_process(s3_options):
     expected = trained.get_model(1).round(6).tolist()
     with dask.config.set(scheduler="synchronous"), multiprocessing.get_context("fork").Pool(1) as pool:
         assert pool.map(_what_a_forked_child_reads, ["live", "restored"]) == [[expected, expected, 10]] * 2
+
+
+def test_a_predict_runs_output_is_read_in_a_process_forked_from_the_clients(client, s3_options):
+    """A DataLoader worker (forked) of a session with a Client, reading a
+    predict run's output under dask.config.set(scheduler="synchronous"):
+    to_dask_dataframe() asked the inherited Client whether its workers have
+    dask_manymodel, and waited for ever (the Client's event loop stayed in
+    the parent), though the frame is computed in the child itself."""
+    import multiprocessing
+
+    url = "s3://models/forked-output"
+    ddf = dd.from_pandas(make_frame(n_groups=2, rows=5), npartitions=1)
+    trained = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", storage_options=s3_options)
+    assert trained.wait(show_progress=False) == RunStatus.SUCCESS
+    predicted = ddf.manymodel.predict(
+        predict_frame, by="store", url=url, training_run_id="r1", run_id="s1", storage_options=s3_options
+    )
+    assert predicted.wait(show_progress=False) == RunStatus.SUCCESS
+    _INHERITED["output"] = predicted
+    with dask.config.set(scheduler="synchronous"), multiprocessing.get_context("fork").Pool(1) as pool:
+        read = pool.map_async(_rows_of_output, ["output"])
+        assert read.get(timeout=30) == [10]  # it waited for ever
+
+
+def _rows_of_output(key: str) -> int:
+    return len(_INHERITED[key].to_dask_dataframe().compute())
