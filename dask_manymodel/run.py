@@ -2347,6 +2347,12 @@ def _check_the_workers_can_read() -> None:
         # (a DataLoader worker), where the client's event loop stayed in the
         # parent and the check waited for ever
         return
+    from ._client import _inherited, _synchronous
+
+    if client in _inherited:
+        # the parent's client, in a forked process: the frame's compute (and
+        # the check) would wait on it for ever; say what to do instead
+        _synchronous(client)
     if not client.asynchronous:
         check_workers_environment(client)
 

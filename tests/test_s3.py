@@ -539,3 +539,33 @@ def test_a_predict_runs_output_is_read_in_a_process_forked_from_the_clients(clie
 
 def _rows_of_output(key: str) -> int:
     return len(_INHERITED[key].to_dask_dataframe().compute())
+
+
+def _refusal_of_output(key: str) -> str:
+    from dask_manymodel import InvalidArgumentError
+
+    try:
+        _INHERITED[key].to_dask_dataframe()
+    except InvalidArgumentError as exc:
+        return str(exc)
+    return "not refused"
+
+
+def test_a_predict_runs_output_on_the_parents_client_is_refused_in_a_forked_process(client, s3_options):
+    """Without a scheduler of its own, a forked child's to_dask_dataframe()
+    would be computed on the inherited Client, which never answers there:
+    it waited for ever; it is refused, saying what to do, as a run is."""
+    import multiprocessing
+
+    url = "s3://models/forked-refused"
+    ddf = dd.from_pandas(make_frame(n_groups=2, rows=5), npartitions=1)
+    trained = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", storage_options=s3_options)
+    assert trained.wait(show_progress=False) == RunStatus.SUCCESS
+    predicted = ddf.manymodel.predict(
+        predict_frame, by="store", url=url, training_run_id="r1", run_id="s1", storage_options=s3_options
+    )
+    assert predicted.wait(show_progress=False) == RunStatus.SUCCESS
+    _INHERITED["refused"] = predicted
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        [message] = pool.map_async(_refusal_of_output, ["refused"]).get(timeout=30)  # it waited for ever
+    assert "forked from" in message and "Make a client in this process" in message
