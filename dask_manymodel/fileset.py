@@ -43,7 +43,7 @@ from .engine import (
 )
 from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError, InvalidArgumentError
 from .store import (
-    RUN_MANIFEST, RunStore, _is_local, any_read_as_pattern, keep_few_file_systems, open_url, read_file,
+    RUN_MANIFEST, RunStore, _is_local, _ThisProcessFileSystem, any_read_as_pattern, keep_few_file_systems, open_url, read_file,
     remove_files, remove_paths,
     resolved_url, shown_url, without_pandas_metadata_of,
 )
@@ -200,30 +200,6 @@ def _random_keys(df: pd.DataFrame, seed: int, partition_info=None) -> pd.DataFra
     number = partition_info["number"] if partition_info else 0
     rng = np.random.default_rng([seed, number, 1])
     return df.assign(**{_SHUFFLE_COLUMN: rng.integers(0, 2**62, len(df))})
-
-
-class _ThisProcessFileSystem:
-    """A file system attribute that is made again in a process forked from
-    the one that made it: torch's DataLoader forks its workers (Linux's
-    default), as multiprocessing's 'fork' does, and an asynchronous file
-    system (s3fs, gcsfs, adlfs) refused every call there with "RuntimeError:
-    This class is not fork-safe" (its event loop stayed in the parent).
-    Made again as fsspec makes one where it is unpickled."""
-
-    def __set_name__(self, owner, name):
-        self.name = f"_{name.lstrip('_')}_made"
-
-    def __get__(self, obj, owner=None):
-        if obj is None:
-            return self
-        fs, pid = getattr(obj, self.name)
-        if pid != os.getpid():
-            fs = keep_few_file_systems(type(fs)(*fs.storage_args, **fs.storage_options))
-            setattr(obj, self.name, (fs, os.getpid()))
-        return fs
-
-    def __set__(self, obj, fs):
-        setattr(obj, self.name, (fs, os.getpid()))
 
 
 class FileSet:

@@ -19,6 +19,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+import dask.base
 import distributed
 import numpy as np
 import pandas as pd
@@ -2340,6 +2341,18 @@ def _check_the_workers_can_read() -> None:
         client = distributed.get_client()
     except ValueError:  # Dask's local schedulers: this process has dask_manymodel
         return
+    if getattr(dask.base.get_scheduler(), "__self__", None) is not client:
+        # computed here, not on the client's workers (dask.config.set(
+        # scheduler="synchronous")): as in a process forked from the client's
+        # (a DataLoader worker), where the client's event loop stayed in the
+        # parent and the check waited for ever
+        return
+    from ._client import _inherited, _synchronous
+
+    if client in _inherited:
+        # the parent's client, in a forked process: the frame's compute (and
+        # the check) would wait on it for ever; say what to do instead
+        _synchronous(client)
     if not client.asynchronous:
         check_workers_environment(client)
 

@@ -430,6 +430,32 @@ def keep_few_file_systems(fs: Any) -> Any:
     return fs
 
 
+class _ThisProcessFileSystem:
+    """A file system attribute that is made again in a process forked from
+    the one that made it: torch's DataLoader forks its workers (Linux's
+    default), as multiprocessing's 'fork' does, and an asynchronous file
+    system (s3fs, gcsfs, adlfs) refused every call there with "RuntimeError:
+    This class is not fork-safe" (its event loop stayed in the parent).
+    Made again as fsspec makes one where it is unpickled. Used by
+    :class:`RunStore` (a run handle's reads), and by a FileSet handle and
+    its streaming source."""
+
+    def __set_name__(self, owner, name):
+        self.name = f"_{name.lstrip('_')}_made"
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        fs, pid = getattr(obj, self.name)
+        if pid != os.getpid():
+            fs = keep_few_file_systems(type(fs)(*fs.storage_args, **fs.storage_options))
+            setattr(obj, self.name, (fs, os.getpid()))
+        return fs
+
+    def __set__(self, obj, fs):
+        setattr(obj, self.name, (fs, os.getpid()))
+
+
 def resolved_url(url: Any, fs: fsspec.AbstractFileSystem, base: str) -> str:
     """``url`` as it is shown and opened again later, in another process or
     working directory: a local path as fsspec resolved it (absolute, ``~``
@@ -738,6 +764,8 @@ class RunStore:
         How many times a failed object write or read is retried.
     """
 
+    fs = _ThisProcessFileSystem()  # a run handle used in a forked process
+
     def __init__(
         self,
         url: str,
@@ -765,7 +793,7 @@ class RunStore:
         # a task's copy (the run's spec, a restored handle sent to the
         # workers): its file system was made or found in fsspec's cache there
         self.__dict__.update(state)
-        keep_few_file_systems(self.fs)
+        self.fs = keep_few_file_systems(self.__dict__["_fs_made"][0])  # made for this process
 
     def sibling(self, run_id: str) -> "RunStore":
         """Run ``run_id`` under the same URL, on the same file system, with

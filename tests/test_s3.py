@@ -7,6 +7,7 @@ import socket
 
 import dask
 import dask.dataframe as dd
+import distributed
 import numpy as np
 import pytest
 
@@ -474,3 +475,97 @@ def test_a_fileset_on_s3_streams_through_forked_dataloader_workers(s3_options):
     )
     rows = sorted(v for batch in loader for v in batch["x"].tolist())
     assert rows == sorted(ddf["x"].compute().tolist())
+
+
+def _what_a_forked_child_reads(key: str) -> list:
+    trained, predicted = _INHERITED[key]
+    artifacts = trained.partition_details[1].artifacts
+    return [
+        trained.get_model(1).round(6).tolist(),
+        artifacts.get(artifacts.list()[0]).round(6).tolist(),
+        len(predicted.to_dask_dataframe().compute()),
+    ]
+
+
+def test_run_handles_on_s3_work_in_a_forked_process(s3_options):
+    """A live or restored run handle used in a process forked from the one
+    that made it (multiprocessing's 'fork', a DataLoader worker's copy):
+    get_model, an artifact and a predict run's output failed there with
+    "RuntimeError: This class is not fork-safe" (the run's S3FileSystem,
+    made in the parent, kept its event loop there)."""
+    import multiprocessing
+
+    url = "s3://models/forked-runs"
+    ddf = dd.from_pandas(make_frame(n_groups=2, rows=5), npartitions=1)
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0", silence_logs=logging.ERROR
+    ) as cluster, distributed.Client(cluster):
+        trained = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", storage_options=s3_options)
+        assert trained.wait(show_progress=False) == RunStatus.SUCCESS
+        predicted = ddf.manymodel.predict(
+            predict_frame, by="store", url=url, training_run_id="r1", run_id="s1", storage_options=s3_options
+        )
+        assert predicted.wait(show_progress=False) == RunStatus.SUCCESS
+    _INHERITED["live"] = trained, predicted
+    _INHERITED["restored"] = tuple(
+        ManyModelRun.restore_from(run_id, url, storage_options=s3_options) for run_id in ("r1", "s1")
+    )
+    expected = trained.get_model(1).round(6).tolist()
+    with dask.config.set(scheduler="synchronous"), multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.map(_what_a_forked_child_reads, ["live", "restored"]) == [[expected, expected, 10]] * 2
+
+
+def test_a_predict_runs_output_is_read_in_a_process_forked_from_the_clients(client, s3_options):
+    """A DataLoader worker (forked) of a session with a Client, reading a
+    predict run's output under dask.config.set(scheduler="synchronous"):
+    to_dask_dataframe() asked the inherited Client whether its workers have
+    dask_manymodel, and waited for ever (the Client's event loop stayed in
+    the parent), though the frame is computed in the child itself."""
+    import multiprocessing
+
+    url = "s3://models/forked-output"
+    ddf = dd.from_pandas(make_frame(n_groups=2, rows=5), npartitions=1)
+    trained = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", storage_options=s3_options)
+    assert trained.wait(show_progress=False) == RunStatus.SUCCESS
+    predicted = ddf.manymodel.predict(
+        predict_frame, by="store", url=url, training_run_id="r1", run_id="s1", storage_options=s3_options
+    )
+    assert predicted.wait(show_progress=False) == RunStatus.SUCCESS
+    _INHERITED["output"] = predicted
+    with dask.config.set(scheduler="synchronous"), multiprocessing.get_context("fork").Pool(1) as pool:
+        read = pool.map_async(_rows_of_output, ["output"])
+        assert read.get(timeout=30) == [10]  # it waited for ever
+
+
+def _rows_of_output(key: str) -> int:
+    return len(_INHERITED[key].to_dask_dataframe().compute())
+
+
+def _refusal_of_output(key: str) -> str:
+    from dask_manymodel import InvalidArgumentError
+
+    try:
+        _INHERITED[key].to_dask_dataframe()
+    except InvalidArgumentError as exc:
+        return str(exc)
+    return "not refused"
+
+
+def test_a_predict_runs_output_on_the_parents_client_is_refused_in_a_forked_process(client, s3_options):
+    """Without a scheduler of its own, a forked child's to_dask_dataframe()
+    would be computed on the inherited Client, which never answers there:
+    it waited for ever; it is refused, saying what to do, as a run is."""
+    import multiprocessing
+
+    url = "s3://models/forked-refused"
+    ddf = dd.from_pandas(make_frame(n_groups=2, rows=5), npartitions=1)
+    trained = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", storage_options=s3_options)
+    assert trained.wait(show_progress=False) == RunStatus.SUCCESS
+    predicted = ddf.manymodel.predict(
+        predict_frame, by="store", url=url, training_run_id="r1", run_id="s1", storage_options=s3_options
+    )
+    assert predicted.wait(show_progress=False) == RunStatus.SUCCESS
+    _INHERITED["refused"] = predicted
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        [message] = pool.map_async(_refusal_of_output, ["refused"]).get(timeout=30)  # it waited for ever
+    assert "forked from" in message and "Make a client in this process" in message
