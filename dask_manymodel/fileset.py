@@ -43,9 +43,8 @@ from .engine import (
 )
 from .exceptions import FileSetDeletedError, FileSetExistsError, FileSetNotFoundError, InvalidArgumentError
 from .store import (
-    RUN_MANIFEST, RunStore, _is_local, _ThisProcessFileSystem, any_read_as_pattern, keep_few_file_systems, open_url, read_file,
-    remove_files, remove_paths,
-    resolved_url, shown_url, without_pandas_metadata_of,
+    RUN_MANIFEST, RunStore, _is_local, _ThisProcessFileSystem, any_read_as_pattern, keep_few_file_systems,
+    open_url, read_file, remove_files, remove_paths, resolved_url, shown_url, without_pandas_metadata_of,
 )
 
 __all__ = ["FileSet"]
