@@ -455,11 +455,12 @@ def _start_and_wait_on_the_parents(run, url):
             fit_line, by="store", url=url, run_id="in-the-child"
         ),
         lambda: run.wait(timeout=5),
-        run.summary,
+        # the statuses it read, if it needed no scheduler (see the test)
+        lambda: " ".join(f"{row.partition_id}:{row.status}" for row in run.summary().itertuples()),
     ):
         try:
-            call()
-            outcome.append("no error")
+            result = call()
+            outcome.append(result if isinstance(result, str) else "no error")
         except InvalidArgumentError as exc:
             outcome.append(str(exc))
     return tuple(outcome)
@@ -480,7 +481,11 @@ def test_a_process_forked_while_a_run_goes_on_ends_and_says_its_client_is_the_pa
     started, waited, read = _in_a_forked_child(_start_and_wait_on_the_parents, run, url)
     assert "forked from" in started and "Make a client in this process" in started
     assert f"started by process {os.getpid()}" in waited and "restore_from" in waited
-    assert "forked from" in read
+    # summary() asks the scheduler which tasks run only for groups storage
+    # has nothing of: group 0's task marks it RUNNING before it runs it (a
+    # trace for a later try), so once groups 1 and 2 are DONE (a loaded host,
+    # a slow fork) every group is read from storage, rightly, with no error
+    assert "forked from" in read or read == "0:RUNNING 1:DONE 2:DONE", read
     open(gate, "w").close()
     assert run.wait(timeout=60, show_progress=False) == RunStatus.SUCCESS
     assert not os.path.exists(os.path.join(url, "in-the-child"))
