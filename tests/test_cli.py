@@ -508,3 +508,26 @@ def test_the_cli_runs_with_docstrings_stripped(runs):
     assert out.stdout.startswith("group 3: FAILED")
     out = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "usage: dask-manymodel" in out.stdout
+
+
+def test_show_tells_the_null_group_from_the_text_none(client, store_url, capsys):
+    """A string column with both the text "None" and a null: show printed both
+    groups as `None`, and `logs ... None` reached the text one only."""
+    frame = pd.DataFrame({"k": ["None", None, "a", None], "n": [1, 1, 1, 2]})
+    ddf = dd.from_pandas(frame.assign(v=1), npartitions=1)
+    ddf.manymodel.train(say_key, by=["k", "n"], url=store_url, run_id="r1").wait(show_progress=False)
+    assert main(["show", store_url, "r1", "--top", "10"]) == 0
+    slowest = capsys.readouterr().out.split("slowest groups:\n")[1].splitlines()[1:]
+    groups = sorted(line.rsplit(None, 2)[0] for line in slowest)
+    assert groups == ["NaN 1", "NaN 2", "None 1", "a 1"]
+    keys = {}
+    for group in groups:
+        assert main(["logs", store_url, "r1", *shlex.split(group)]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"group {group}: DONE\n")
+        keys[group] = out.splitlines()[1]
+    assert keys == {
+        "NaN 1": "key (None, 1)", "NaN 2": "key (None, 2)", "None 1": "key ('None', 1)", "a 1": "key ('a', 1)"
+    }
+    assert main(["logs", store_url, "r1", "x", "1"]) == 2  # the groups listed as show prints them
+    assert "NaN 2" in capsys.readouterr().err
