@@ -528,9 +528,35 @@ def _escaping_what_cannot_be_shown() -> None:
             continue
 
 
+_LOGS_OPTIONS = ("--storage-options", "--help")
+
+
+def _logs_values_as_values(argv: list[str]) -> list[str]:
+    """``logs URL RUN_ID -x`` as ``logs URL RUN_ID -- -x``: a group value that
+    starts with ``-`` (the text ``-x``, printed so by show) was taken by
+    argparse for an option ("the following arguments are required: group").
+    What names logs' own options (``-h``, ``--storage-options JSON`` or an
+    abbreviation of it) stays an option; an argv that has ``--`` already is
+    left as it is."""
+    if argv[:1] != ["logs"] or "--" in argv:
+        return argv
+    options, values = [], []
+    rest = iter(argv[1:])
+    for word in rest:
+        name = word.split("=", 1)[0]
+        if word == "-h" or (len(name) > 2 and any(o.startswith(name) for o in _LOGS_OPTIONS)):
+            options.append(word)
+            if "=" not in word and "--storage-options".startswith(name):
+                options.extend(itertools.islice(rest, 1))  # its JSON
+        else:
+            values.append(word)
+    return ["logs", *options, "--", *values]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dask-manymodel`` console script; returns the exit code."""
     _escaping_what_cannot_be_shown()
+    argv = _logs_values_as_values(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     try:
         if hasattr(args, "storage_options"):

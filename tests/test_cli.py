@@ -531,3 +531,17 @@ def test_show_tells_the_null_group_from_the_text_none(client, store_url, capsys)
     }
     assert main(["logs", store_url, "r1", "x", "1"]) == 2  # the groups listed as show prints them
     assert "NaN 2" in capsys.readouterr().err
+
+
+def test_logs_takes_a_group_value_that_starts_with_a_dash(client, store_url, capsys):
+    """show printed the text group -x as `-x`; `logs URL RUN_ID -x` copied from
+    it failed with "the following arguments are required: group" (argparse
+    read -x as an option), and --storage-options after the group still works."""
+    ddf = dd.from_pandas(pd.DataFrame({"k": ["-x", "--top", "-1", "a"], "v": 1}), npartitions=1)
+    ddf.manymodel.train(say_key, by="k", url=store_url, run_id="r1").wait(show_progress=False)
+    for words in (["-x"], ["--top"], ["-1"], ["--", "-x"], ["-x", "--storage-options", "{}"]):
+        assert main(["logs", store_url, "r1", *words]) == 0, words
+        value = [w for w in words if w not in ("--", "--storage-options", "{}")][0]
+        assert capsys.readouterr().out.startswith(f"group {value}: DONE\nkey {value!r}\n"), words
+    assert main(["logs", "--storage-options", "[1]", store_url, "r1", "-x"]) == 2  # still read as the option
+    assert "--storage-options must be a JSON object" in capsys.readouterr().err
