@@ -258,21 +258,39 @@ def _restore(args: argparse.Namespace):
 # for a null), unless the column holds that very string
 NULL_TEXT = "None"
 _NULL_WORDS = {NULL_TEXT, "nan", "NaN", "NaT", "<NA>"}
+# the words show picks from for a column's null group, the first that is no
+# other group's text in that column (see _null_texts)
+_NULL_CHOICES = (NULL_TEXT, "NaN", "NaT", "<NA>", "nan")
 
 
-def _value_text(value: Any) -> str:
+def _value_text(value: Any, null_text: str = NULL_TEXT) -> str:
     """One group value as plain text (no quotes or type names of a repr), that
     :func:`_readings` reads back into the same group."""
     if isinstance(value, np.generic):
         value = value.item()
     if is_null(value):
-        return NULL_TEXT
+        return null_text
     if isinstance(value, (datetime.date, datetime.time)):  # pd.Timestamp too: ISO, no space
         return value.isoformat()
     return str(value)
 
 
-def group_text(partition_id: Any, n_columns: int) -> str:
+def _null_texts(run: Any) -> list[str]:
+    """The word for the null group of each of ``run``'s partition_by columns:
+    ``None``, unless a group of that column is the text ``"None"`` (a string
+    column with both showed two groups as ``None``, and ``logs ... None``
+    reached the text one only); then the first of ``NaN``, ``NaT``, ``<NA>``,
+    ``nan`` that no group's text is, which ``logs`` reads as the null."""
+    n_columns = len(run.partition_by)
+    keys = [normalize_key(run._partition_id(g), n_columns) for g in run._groups]
+    words = []
+    for i in range(n_columns):
+        taken = {key[i] for key in keys if isinstance(key[i], str)}  # (only text can be these words)
+        words.append(next((w for w in _NULL_CHOICES if w not in taken), NULL_TEXT))
+    return words
+
+
+def group_text(partition_id: Any, n_columns: int, null_texts: Sequence[str] | None = None) -> str:
     """A group as show prints it and logs takes it: its values, one per
     partition_by column, quoted as a shell needs them and joined by spaces
     (one with control characters as bash's ``$'...'``, see :func:`_shell_word`).
@@ -284,7 +302,9 @@ def group_text(partition_id: Any, n_columns: int) -> str:
     >>> print(group_text("\\x1b[2J", 1))
     $'\\x1b[2J'
     """
-    return " ".join(_shell_word(_value_text(v)) for v in normalize_key(partition_id, n_columns))
+    null_texts = null_texts or [NULL_TEXT] * n_columns
+    key = normalize_key(partition_id, n_columns)
+    return " ".join(_shell_word(_value_text(v, null)) for v, null in zip(key, null_texts))
 
 
 def _readings(text: str, column: list) -> list:
@@ -369,12 +389,16 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(_table([{"status": k, "groups": v} for k, v in counts.items()], ["status", "groups"]))
     else:
         print("no groups")
-    n_columns = len(run.partition_by)
+    n_columns, nulls = len(run.partition_by), _null_texts(run)
     done = summary[summary["status"] == "DONE"].nlargest(args.top, "seconds")
     if len(done):
         print("\nslowest groups:")
         rows = [
-            {"group": group_text(r.partition_id, n_columns), "seconds": f"{r.seconds:.3f}", "rows": r.rows}
+            {
+                "group": group_text(r.partition_id, n_columns, nulls),
+                "seconds": f"{r.seconds:.3f}",
+                "rows": r.rows,
+            }
             for r in done.itertuples()
         ]
         print(_table(rows, ["group", "seconds", "rows"]))
@@ -383,7 +407,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"\nfailed groups ({len(failed)}):")
         for row in failed.head(args.top).itertuples():
             first_line = row.error.splitlines()[0] if row.error else ""
-            print(f"  {group_text(row.partition_id, n_columns)}: {row.status}: {_visible(first_line)}")
+            print(f"  {group_text(row.partition_id, n_columns, nulls)}: {row.status}: {_visible(first_line)}")
         if len(failed) > args.top:
             print(f"  ... and {len(failed) - args.top} more")
     return 0
@@ -391,17 +415,17 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     run = _restore(args)
-    n_columns = len(run.partition_by)
+    n_columns, nulls = len(run.partition_by), _null_texts(run)
     path = _find_group(run, args.group)
     if path is None:
-        sample = ", ".join(group_text(run._partition_id(g), n_columns) for g in run._groups[:5])
+        sample = ", ".join(group_text(run._partition_id(g), n_columns, nulls) for g in run._groups[:5])
         raise PartitionNotFoundError(
             f"run {args.run_id!r} has no group {' '.join(map(repr, args.group))} (partition_by "
             f"{run.partition_by!r}); groups include: {sample or 'none'}; "
             f"`dask-manymodel show {shown_url(args.url)} {args.run_id}` lists more"
         )
     group = run._details([path])[path]  # that group's status alone
-    print(f"group {group_text(group.partition_id, n_columns)}: {group.status.value}")
+    print(f"group {group_text(group.partition_id, n_columns, nulls)}: {group.status.value}")
     if group.error:
         print(f"error: {_visible(group.error.splitlines()[0])}")
     # as captured, less what would drive the terminal (colours too: shown as \x1b[...)
@@ -504,9 +528,35 @@ def _escaping_what_cannot_be_shown() -> None:
             continue
 
 
+_LOGS_OPTIONS = ("--storage-options", "--help")
+
+
+def _logs_values_as_values(argv: list[str]) -> list[str]:
+    """``logs URL RUN_ID -x`` as ``logs URL RUN_ID -- -x``: a group value that
+    starts with ``-`` (the text ``-x``, printed so by show) was taken by
+    argparse for an option ("the following arguments are required: group").
+    What names logs' own options (``-h``, ``--storage-options JSON`` or an
+    abbreviation of it) stays an option; an argv that has ``--`` already is
+    left as it is."""
+    if argv[:1] != ["logs"] or "--" in argv:
+        return argv
+    options, values = [], []
+    rest = iter(argv[1:])
+    for word in rest:
+        name = word.split("=", 1)[0]
+        if word == "-h" or (len(name) > 2 and any(o.startswith(name) for o in _LOGS_OPTIONS)):
+            options.append(word)
+            if "=" not in word and "--storage-options".startswith(name):
+                options.extend(itertools.islice(rest, 1))  # its JSON
+        else:
+            values.append(word)
+    return ["logs", *options, "--", *values]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dask-manymodel`` console script; returns the exit code."""
     _escaping_what_cannot_be_shown()
+    argv = _logs_values_as_values(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     try:
         if hasattr(args, "storage_options"):

@@ -3230,9 +3230,12 @@ def _start_run(
             f"partitions), pass on_existing_artifacts='resume'. Nothing of this start was written"
         ) from exc
     except TypeError as exc:
+        # also values of types that do not sort together (bytes next to ints
+        # in an object column): "hashable scalars" alone misled, they are
         raise InvalidArgumentError(
             f"cannot group by {by!r}: {exc}; group values must be hashable scalars "
-            f"(not lists or dicts)"
+            f"(not lists or dicts), of types that compare with each other in each column "
+            f"(not bytes next to numbers): make the column(s) one type (e.g. .astype(str))"
         ) from exc
     check_spec_loads(spec_future)
     if asked == 0:

@@ -239,6 +239,24 @@ def test_unhashable_group_values(client, tmp_path):
     assert not os.path.exists(url)
 
 
+def test_group_values_of_types_that_do_not_sort_together(client, tmp_path):
+    """bytes next to ints in an object column: the error said only that group
+    values must be "hashable scalars (not lists or dicts)", which they are."""
+    import dask.dataframe as dd
+    import pandas as pd
+
+    import dask
+
+    pdf = pd.DataFrame({"key": pd.Series([2, b"2"], dtype=object), "x": [1.0, 2.0]})
+    url = str(tmp_path / "models")
+    with dask.config.set({"dataframe.convert-string": False}):
+        mixed = dd.from_pandas(pdf, npartitions=1)
+        with pytest.raises(InvalidArgumentError, match=r"not supported between instances of 'bytes' and 'int'") as err:
+            mixed.manymodel.train(fit_line, by="key", url=url, run_id="r1")
+    assert "make the column(s) one type (e.g. .astype(str))" in str(err.value)
+    assert not os.path.exists(url)
+
+
 def test_errors_inherit_builtins():
     from dask_manymodel import PartitionNotFoundError, RunExistsError
 

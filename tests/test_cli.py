@@ -508,3 +508,40 @@ def test_the_cli_runs_with_docstrings_stripped(runs):
     assert out.stdout.startswith("group 3: FAILED")
     out = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "usage: dask-manymodel" in out.stdout
+
+
+def test_show_tells_the_null_group_from_the_text_none(client, store_url, capsys):
+    """A string column with both the text "None" and a null: show printed both
+    groups as `None`, and `logs ... None` reached the text one only."""
+    frame = pd.DataFrame({"k": ["None", None, "a", None], "n": [1, 1, 1, 2]})
+    ddf = dd.from_pandas(frame.assign(v=1), npartitions=1)
+    ddf.manymodel.train(say_key, by=["k", "n"], url=store_url, run_id="r1").wait(show_progress=False)
+    assert main(["show", store_url, "r1", "--top", "10"]) == 0
+    slowest = capsys.readouterr().out.split("slowest groups:\n")[1].splitlines()[1:]
+    groups = sorted(line.rsplit(None, 2)[0] for line in slowest)
+    assert groups == ["NaN 1", "NaN 2", "None 1", "a 1"]
+    keys = {}
+    for group in groups:
+        assert main(["logs", store_url, "r1", *shlex.split(group)]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"group {group}: DONE\n")
+        keys[group] = out.splitlines()[1]
+    assert keys == {
+        "NaN 1": "key (None, 1)", "NaN 2": "key (None, 2)", "None 1": "key ('None', 1)", "a 1": "key ('a', 1)"
+    }
+    assert main(["logs", store_url, "r1", "x", "1"]) == 2  # the groups listed as show prints them
+    assert "NaN 2" in capsys.readouterr().err
+
+
+def test_logs_takes_a_group_value_that_starts_with_a_dash(client, store_url, capsys):
+    """show printed the text group -x as `-x`; `logs URL RUN_ID -x` copied from
+    it failed with "the following arguments are required: group" (argparse
+    read -x as an option), and --storage-options after the group still works."""
+    ddf = dd.from_pandas(pd.DataFrame({"k": ["-x", "--top", "-1", "a"], "v": 1}), npartitions=1)
+    ddf.manymodel.train(say_key, by="k", url=store_url, run_id="r1").wait(show_progress=False)
+    for words in (["-x"], ["--top"], ["-1"], ["--", "-x"], ["-x", "--storage-options", "{}"]):
+        assert main(["logs", store_url, "r1", *words]) == 0, words
+        value = [w for w in words if w not in ("--", "--storage-options", "{}")][0]
+        assert capsys.readouterr().out.startswith(f"group {value}: DONE\nkey {value!r}\n"), words
+    assert main(["logs", "--storage-options", "[1]", store_url, "r1", "-x"]) == 2  # still read as the option
+    assert "--storage-options must be a JSON object" in capsys.readouterr().err
