@@ -430,6 +430,21 @@ def keep_few_file_systems(fs: Any) -> Any:
     return fs
 
 
+#: How many forks lie between this process and the first one: a file system
+#: noted at another count was made in an ancestor (see _ThisProcessFileSystem).
+#: Counted at each fork rather than asking os.getpid(), a system call, at
+#: each use of a run's file system (several a group).
+_forks_here = 0
+
+
+def _count_fork() -> None:
+    global _forks_here
+    _forks_here += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
+
+
 class _ThisProcessFileSystem:
     """A file system attribute that is made again in a process forked from
     the one that made it: torch's DataLoader forks its workers (Linux's
@@ -446,14 +461,14 @@ class _ThisProcessFileSystem:
     def __get__(self, obj, owner=None):
         if obj is None:
             return self
-        fs, pid = getattr(obj, self.name)
-        if pid != os.getpid():
+        fs, forks = getattr(obj, self.name)
+        if forks != _forks_here:  # made before a fork (or unpickled from another process: made here, harmless)
             fs = keep_few_file_systems(type(fs)(*fs.storage_args, **fs.storage_options))
-            setattr(obj, self.name, (fs, os.getpid()))
+            setattr(obj, self.name, (fs, _forks_here))
         return fs
 
     def __set__(self, obj, fs):
-        setattr(obj, self.name, (fs, os.getpid()))
+        setattr(obj, self.name, (fs, _forks_here))
 
 
 def resolved_url(url: Any, fs: fsspec.AbstractFileSystem, base: str) -> str:
