@@ -477,6 +477,18 @@ def test_a_fileset_on_s3_streams_through_forked_dataloader_workers(s3_options):
     assert rows == sorted(ddf["x"].compute().tolist())
 
 
+def _trained_and_predicted(url: str, s3_options: dict) -> tuple:
+    """A train run r1 of two groups and a predict run s1 with its models, both SUCCESS."""
+    ddf = dd.from_pandas(make_frame(n_groups=2, rows=5), npartitions=1)
+    trained = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", storage_options=s3_options)
+    assert trained.wait(show_progress=False) == RunStatus.SUCCESS
+    predicted = ddf.manymodel.predict(
+        predict_frame, by="store", url=url, training_run_id="r1", run_id="s1", storage_options=s3_options
+    )
+    assert predicted.wait(show_progress=False) == RunStatus.SUCCESS
+    return trained, predicted
+
+
 def _what_a_forked_child_reads(key: str) -> list:
     trained, predicted = _INHERITED[key]
     artifacts = trained.partition_details[1].artifacts
@@ -496,16 +508,10 @@ def test_run_handles_on_s3_work_in_a_forked_process(s3_options):
     import multiprocessing
 
     url = "s3://models/forked-runs"
-    ddf = dd.from_pandas(make_frame(n_groups=2, rows=5), npartitions=1)
     with distributed.LocalCluster(
         n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0", silence_logs=logging.ERROR
     ) as cluster, distributed.Client(cluster):
-        trained = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", storage_options=s3_options)
-        assert trained.wait(show_progress=False) == RunStatus.SUCCESS
-        predicted = ddf.manymodel.predict(
-            predict_frame, by="store", url=url, training_run_id="r1", run_id="s1", storage_options=s3_options
-        )
-        assert predicted.wait(show_progress=False) == RunStatus.SUCCESS
+        trained, predicted = _trained_and_predicted(url, s3_options)
     _INHERITED["live"] = trained, predicted
     _INHERITED["restored"] = tuple(
         ManyModelRun.restore_from(run_id, url, storage_options=s3_options) for run_id in ("r1", "s1")
@@ -524,14 +530,7 @@ def test_a_predict_runs_output_is_read_in_a_process_forked_from_the_clients(clie
     import multiprocessing
 
     url = "s3://models/forked-output"
-    ddf = dd.from_pandas(make_frame(n_groups=2, rows=5), npartitions=1)
-    trained = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", storage_options=s3_options)
-    assert trained.wait(show_progress=False) == RunStatus.SUCCESS
-    predicted = ddf.manymodel.predict(
-        predict_frame, by="store", url=url, training_run_id="r1", run_id="s1", storage_options=s3_options
-    )
-    assert predicted.wait(show_progress=False) == RunStatus.SUCCESS
-    _INHERITED["output"] = predicted
+    _INHERITED["output"] = _trained_and_predicted(url, s3_options)[1]
     with dask.config.set(scheduler="synchronous"), multiprocessing.get_context("fork").Pool(1) as pool:
         read = pool.map_async(_rows_of_output, ["output"])
         assert read.get(timeout=30) == [10]  # it waited for ever
@@ -558,14 +557,7 @@ def test_a_predict_runs_output_on_the_parents_client_is_refused_in_a_forked_proc
     import multiprocessing
 
     url = "s3://models/forked-refused"
-    ddf = dd.from_pandas(make_frame(n_groups=2, rows=5), npartitions=1)
-    trained = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", storage_options=s3_options)
-    assert trained.wait(show_progress=False) == RunStatus.SUCCESS
-    predicted = ddf.manymodel.predict(
-        predict_frame, by="store", url=url, training_run_id="r1", run_id="s1", storage_options=s3_options
-    )
-    assert predicted.wait(show_progress=False) == RunStatus.SUCCESS
-    _INHERITED["refused"] = predicted
+    _INHERITED["refused"] = _trained_and_predicted(url, s3_options)[1]
     with multiprocessing.get_context("fork").Pool(1) as pool:
         [message] = pool.map_async(_refusal_of_output, ["refused"]).get(timeout=30)  # it waited for ever
     assert "forked from" in message and "Make a client in this process" in message
