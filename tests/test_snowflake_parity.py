@@ -186,12 +186,17 @@ def test_a_pandas_frames_columns_of_arrays_reach_the_groups_as_arrays(thread_cli
     assert run.get_model("b") == (["list"], [2.5], ["r"])
 
 
-def test_fileset_make_stores_a_pandas_frames_arrays_as_lists_and_refuses_mixed_columns(tmp_path):
-    frame = pd.DataFrame({
+def _embeddings_and_bytes() -> pd.DataFrame:
+    """Six rows: a column of numpy arrays, one of bytes, one of floats."""
+    return pd.DataFrame({
         "emb": [np.array([i, i + 0.5]) for i in range(6)],
         "raw": [bytes([i, 255]) for i in range(6)],
         "y": np.arange(6.0),
     })
+
+
+def test_fileset_make_stores_a_pandas_frames_arrays_as_lists_and_refuses_mixed_columns(tmp_path):
+    frame = _embeddings_and_bytes()
     for shuffle in (False, True):
         fileset = FileSet.make(str(tmp_path), f"emb-{shuffle}", frame, shuffle=shuffle, seed=3)
         stored = fileset.to_dask_dataframe().compute().sort_values("y")
@@ -206,11 +211,7 @@ def test_fileset_make_stores_a_pandas_frames_arrays_as_lists_and_refuses_mixed_c
 
 def test_a_fileset_of_a_pandas_frames_arrays_gives_torch_lists(tmp_path):
     pytest.importorskip("torch")  # the torch extra (the rest of this file runs without it)
-    frame = pd.DataFrame({
-        "emb": [np.array([i, i + 0.5]) for i in range(6)],
-        "raw": [bytes([i, 255]) for i in range(6)],
-        "y": np.arange(6.0),
-    })
+    frame = _embeddings_and_bytes()
     for shuffle in (False, True):
         fileset = FileSet.make(str(tmp_path), f"emb-{shuffle}", frame, shuffle=shuffle, seed=3)
         batch = next(iter(fileset.to_torch_dataset(batch_size=6)))
