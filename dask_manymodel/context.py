@@ -3,6 +3,7 @@ and :class:`PartitionContext` (who it is, and a place to save files)."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import posixpath
@@ -437,21 +438,27 @@ class PartitionContext:
         partition_id = self.partition_id if partition_id is _THIS_GROUP else partition_id
         store, folder = self._group_folder(partition_id, run_id)
         read = read_function or _pickle_read
+        key = normalize_key(partition_id, len(self._by))
+        # and a long value's folder as an earlier version named it (cut
+        # within a character, see store.encode_value), in a run it wrote
+        folders = dict.fromkeys([folder, store.path(group_path(self._by, key, cut_within_characters=True))])
         with scratch_folder() as tmp:
             local = os.path.join(tmp, filename)
-            try:
-                store.download_file(posixpath.join(folder, filename), local)
-            except FileNotFoundError as missing:
-                # a long value's folder as an earlier version named it (cut
-                # within a character, see store.encode_value), in a run it wrote
-                key = normalize_key(partition_id, len(self._by))
-                old = store.path(group_path(self._by, key, cut_within_characters=True))
-                if old == folder:
-                    raise
+            for place in folders:
                 try:
-                    store.download_file(posixpath.join(old, filename), local)
+                    store.download_file(posixpath.join(place, filename), local)
+                    break
                 except FileNotFoundError:
-                    raise missing from None
+                    continue
+            else:
+                # the file system's own error names its path without the
+                # URL's protocol (memory://, s3://): the URL here, as the
+                # library's other errors name the files of a run
+                raise FileNotFoundError(
+                    errno.ENOENT,
+                    f"no file {filename!r} in group {partition_id!r} of run {store.run_id!r} (ctx.upload saves one)",
+                    store.display(group_path(self._by, key), filename),
+                )
             return read(local)
 
     # Snowflake ML's names for the two methods above: its examples (and so

@@ -52,6 +52,7 @@ def run_demo(url: str, n_stores: int = 1000, rows_per_store: int = 200, n_worker
     import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
     from .store import shown_url
 
+    _check_url(url)
     with distributed.LocalCluster(
         n_workers=n_workers, threads_per_worker=1, processes=True, silence_logs=logging.ERROR
     ) as cluster, distributed.Client(cluster) as client:
@@ -85,3 +86,23 @@ def run_demo(url: str, n_stores: int = 1000, rows_per_store: int = 200, n_worker
         # either run not a SUCCESS is a failure the command found (exit 1):
         # an inference run with groups FAILED exited 0
         return 0 if status.value == scored.value == "SUCCESS" else 1
+
+
+def _check_url(url: str) -> None:
+    """Refuse a ``url`` the demo's runs cannot be written to before its
+    cluster starts: an unknown protocol, a missing bucket, a local folder
+    that cannot be made, or memory:// (private to each process, and the
+    demo's workers are processes of their own). They were refused by the
+    first run, after seconds of starting and stopping worker processes."""
+    from .engine import check_reachable
+    from .exceptions import InvalidURLError
+    from .store import RunStore
+
+    store = RunStore(url, "demo-train")
+    check_reachable(store)
+    if "memory" in (store.fs.protocol if isinstance(store.fs.protocol, tuple) else (store.fs.protocol,)):
+        raise InvalidURLError(
+            f"{store.url_shown!r} is in-memory and private to each process, and the demo's workers are "
+            f"processes of their own; give a local folder (the default is ./manymodel-demo) or an object "
+            f"store URL"
+        )

@@ -598,11 +598,8 @@ def _check_can_hold_run(store: RunStore) -> None:
             path = parent
     if info["type"] != "directory":
         raise InvalidURLError(f"cannot write to {url!r}: {shown_url(path)!r} is a file, not a folder")
-    if store.is_local and not os.access(fs._strip_protocol(path), os.W_OK):
-        raise InvalidURLError(
-            f"cannot write to {url!r}: the folder {path!r} is not writable here (permissions, "
-            f"or a read-only disk)"
-        )
+    if store.is_local:
+        _check_local_folder_writable(fs._strip_protocol(path), url)
     if path == store.base:  # the run's own folder, where it exists, must be a folder too
         try:
             if fs.info(store.root)["type"] != "directory":
@@ -612,6 +609,29 @@ def _check_can_hold_run(store: RunStore) -> None:
                 )
         except FileNotFoundError:
             pass
+
+
+def _check_local_folder_writable(folder: str, url: str) -> None:
+    """Refuse a local ``folder`` (the nearest that exists at or above the
+    URL's) in which the run's folders cannot be made. ``os.access`` reads the
+    permission bits, which root passes everywhere: /proc and /sys take no new
+    folder from anyone (ENOENT, EPERM), and a run there failed only after the
+    count, with the bare FileNotFoundError of its folder's creation. So a
+    folder is made there, and removed at once."""
+    if not os.access(folder, os.W_OK):
+        raise InvalidURLError(
+            f"cannot write to {url!r}: the folder {folder!r} is not writable here (permissions, "
+            f"or a read-only disk)"
+        )
+    probe = posixpath.join(folder, f"{TEMP_PREFIX}{uuid.uuid4().hex}-can-hold-runs")
+    try:
+        os.mkdir(probe)
+    except OSError as exc:
+        raise InvalidURLError(
+            f"cannot write to {url!r}: no folder can be made in {folder!r} here ({exc.strerror or exc}); "
+            f"give a folder on a disk that can be written (not /proc or /sys)"
+        ) from exc
+    os.rmdir(probe)
 
 
 def check_workers_share_store(store: RunStore, client: distributed.Client) -> int | None:

@@ -147,7 +147,9 @@ class TorchSerde(ModelSerde):
         :meth:`read` returns ``model_factory()`` with the weights loaded, or
         the state_dict itself when no ``model_factory`` is given.
     model_factory : callable, optional
-        Builds an empty module to load the weights into (``weights_only=True``).
+        Builds an empty module to load the weights into; only with
+        ``weights_only=True`` (without it, the whole module is saved and read
+        back, and a factory is refused: it would never be called).
     map_location : str
         Where tensors are loaded; ``"cpu"`` by default, so models trained on
         a GPU worker load anywhere.
@@ -177,6 +179,17 @@ class TorchSerde(ModelSerde):
             raise InvalidArgumentError(
                 f"TorchSerde model_factory must build an empty module when called with no arguments (a class "
                 f"such as Net, or a function), got {_short_repr(model_factory)}{hint}"
+            )
+        if model_factory is not None and not weights_only:
+            # the whole module was saved and unpickled (running code from the
+            # file) and the factory never called: one who gives a factory
+            # means the state_dict and the safe loader
+            name = getattr(model_factory, "__qualname__", None) or _short_repr(model_factory)
+            raise InvalidArgumentError(
+                f"TorchSerde(model_factory={name}) needs weights_only=True: the factory builds the module that "
+                f"the saved state_dict is loaded into, and with weights_only={weights_only!r} the whole module is "
+                f"saved and unpickled instead, the factory never called; pass weights_only=True, or leave "
+                f"model_factory out"
             )
         self.filename = filename
         self.weights_only = weights_only

@@ -658,6 +658,12 @@ def remove_files(fs: fsspec.AbstractFileSystem, files: list[str]) -> None:
             pass
 
 
+# OSErrors that no retry can change, raised at once as they are (naming
+# their path): a name too long, or a symlink loop (ELOOP), which was retried
+# as if the store were slow, and failed after a second of backoff
+_NOT_TRANSIENT = {errno.ENAMETOOLONG, errno.ELOOP}
+
+
 def with_retries(
     action: Callable[[], T], *, what: str, retries: int = 3, backoff: float = 0.1
 ) -> T:
@@ -669,8 +675,8 @@ def with_retries(
         except (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError):
             raise  # retrying cannot change these
         except OSError as exc:
-            if exc.errno == errno.ENAMETOOLONG:
-                raise  # nor this
+            if exc.errno in _NOT_TRANSIENT:
+                raise  # nor these
             if attempt == retries:
                 raise StorageError(f"{what} failed after {retries + 1} attempts: {exc}") from exc
             delay = backoff * (2**attempt) * (0.5 + random.random())

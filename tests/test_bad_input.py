@@ -540,3 +540,29 @@ def test_execution_options_take_numpy_numbers_as_the_numbers_they_are():
         with pytest.raises(InvalidArgumentError) as info:
             ExecutionOptions(**bad)
         assert str(info.value) == message
+
+
+def never_computed(number):
+    raise AssertionError("the frame was computed: the URL was not refused first")
+
+
+@pytest.mark.parametrize("url", ["/proc/manymodel-x", "/proc/manymodel-x/models", "/sys/manymodel-x"])
+def test_a_local_folder_that_cannot_be_made_is_refused_before_compute(client, tmp_path, url):
+    """/proc and /sys take no new folder, from root either (whom os.access
+    lets through): train went on to count the groups, then failed with the
+    bare FileNotFoundError of the run's folder (/proc), naming no URL."""
+    if not os.path.isdir("/proc/self") or not os.path.isdir("/sys/kernel"):
+        pytest.skip("no /proc or /sys here")
+    ddf = dd.from_map(never_computed, [0, 1], meta=pd.DataFrame({"store": [0], "x": [0.0], "y": [0.0]}))
+    top = "/" + url.split("/")[1]
+    with pytest.raises(InvalidURLError, match=f"^cannot write to '{url}': no folder can be made in '{top}' here "
+                       r"\(.*\); give a folder on a disk that can be written \(not /proc or /sys\)$"):
+        ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1")
+    # a folder that can be made is taken, and the probe leaves nothing behind
+    url = str(tmp_path / "models")
+    frame = pd.DataFrame({"store": [0, 1], "x": [0.0, 1.0], "y": [1.0, 2.0]})
+    run = dd.from_pandas(frame, npartitions=1).manymodel.train(
+        lambda data, ctx: len(data), by="store", url=url, run_id="r1"
+    )
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    assert sorted(os.listdir(tmp_path)) == ["models"] and sorted(os.listdir(url)) == ["r1"]

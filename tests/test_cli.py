@@ -300,6 +300,25 @@ def test_demo_that_cannot_make_its_folder_says_it_cannot_write_there(capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("nosuchproto://demo", "cannot open url 'nosuchproto://demo': Protocol not known: nosuchproto"),
+        ("memory://demo", "'memory://demo' is in-memory and private to each process, and the demo's workers"),
+        ("{tmp_path}/a-file/demo", "cannot reach '{tmp_path}/a-file/demo': NotADirectoryError"),
+    ],
+)
+def test_demo_refuses_a_bad_url_before_its_cluster_starts(tmp_path, capsys, url, message):
+    """The demo started its LocalCluster (seconds of worker processes, and
+    'Dask dashboard: ...' printed) before its first run refused the URL."""
+    (tmp_path / "a-file").write_text("")
+    url, message = url.format(tmp_path=tmp_path), message.format(tmp_path=tmp_path)
+    assert main(["demo", "--groups", "2", "--rows", "5", "--workers", "1", "--url", url]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no cluster: it prints its dashboard first
+    assert captured.err.startswith(f"dask-manymodel: error: {message}"), captured.err
+
+
 def test_an_os_error_reading_a_run_exits_2_with_the_file_and_error(runs, capsys):
     """A run's _groups.json that is a folder (an OSError the library does
     not turn into its own errors; root reads past permissions): show and

@@ -101,7 +101,7 @@ def test_a_model_left_on_the_gpu_loads_on_the_cpu_and_predicts_on_the_gpu(tmp_pa
     from dask_manymodel import TorchSerde
 
     client, gpu_worker = gpu_cluster
-    serde = TorchSerde(weights_only=weights_only, model_factory=lambda: torch.nn.Linear(1, 1))
+    serde = TorchSerde(weights_only=True, model_factory=lambda: torch.nn.Linear(1, 1)) if weights_only else TorchSerde()
     frame = make_frame(n_groups=6, rows=50)
     ddf = dd.from_pandas(frame, npartitions=2)
     run = ddf.manymodel.train(

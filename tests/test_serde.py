@@ -75,7 +75,9 @@ class TestTorchSerde(SerdeContract):
         from dask_manymodel import TorchSerde
 
         pytest.importorskip("torch")
-        return TorchSerde(weights_only=self.weights_only, model_factory=lambda: __import__("torch").nn.Linear(1, 1))
+        if not self.weights_only:
+            return TorchSerde()  # (a model_factory is for weights only)
+        return TorchSerde(weights_only=True, model_factory=lambda: __import__("torch").nn.Linear(1, 1))
 
     def make_model(self):
         torch = pytest.importorskip("torch")
@@ -87,6 +89,26 @@ class TestTorchSerde(SerdeContract):
 
         with torch.no_grad():
             return model(torch.from_numpy(x).reshape(-1, 1)).numpy().ravel()
+
+
+    def test_a_factory_without_weights_only_is_refused_naming_what_to_pass(self):
+        """TorchSerde(model_factory=Net) saved and unpickled the whole module
+        (code run from the file) and never called the factory."""
+        from dask_manymodel import InvalidArgumentError, TorchSerde
+
+        def make_net():
+            return self.make_model()
+
+        for weights_only in ({}, {"weights_only": False}):
+            with pytest.raises(InvalidArgumentError) as info:
+                TorchSerde(model_factory=make_net, **weights_only)
+            assert str(info.value) == (
+                "TorchSerde(model_factory=TestTorchSerde.test_a_factory_without_weights_only_is_refused_naming_what_"
+                "to_pass.<locals>.make_net) needs weights_only=True: the factory builds the module that the saved "
+                "state_dict is loaded into, and with weights_only=False the whole module is saved and unpickled "
+                "instead, the factory never called; pass weights_only=True, or leave model_factory out"
+            )
+        assert TorchSerde(weights_only=True, model_factory=make_net).model_factory is make_net
 
 
 class TestTorchSerdeWeightsOnly(TestTorchSerde):

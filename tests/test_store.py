@@ -346,3 +346,29 @@ def test_deleting_files_some_of_them_missing_removes_each_once(tmp_path, monkeyp
     monkeypatch.undo()
     assert not any(store.fs.exists(path) for path in files)
     assert len(removed) == len(files), removed  # each once (10 calls locally, 8 in memory)
+
+
+def test_a_symlink_loop_is_not_retried_and_names_its_path(tmp_path):
+    """A run's _run.json that is a symlink to itself (ELOOP): no retry can
+    change that, yet it was retried as a slow store's error, four reads and
+    a second of backoff, before a StorageError. It fails at the first read
+    now, naming the path."""
+    from dask_manymodel import InvalidURLError, ManyModelRun
+    from dask_manymodel.store import with_retries
+
+    manifest = tmp_path / "r1" / "_run.json"
+    manifest.parent.mkdir()
+    manifest.symlink_to(manifest)
+    reads = []
+
+    def read():
+        reads.append(1)
+        return manifest.read_bytes()
+
+    with pytest.raises(OSError) as caught:
+        with_retries(read, what="reading it", retries=3, backoff=0)
+    assert reads == [1] and caught.value.errno == errno.ELOOP
+    assert caught.value.filename == str(manifest)
+    loop = f"cannot read run 'r1' at .*Too many levels of symbolic links: '{manifest}'"
+    with pytest.raises(InvalidURLError, match=loop):
+        ManyModelRun.restore_from("r1", str(tmp_path))

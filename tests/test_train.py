@@ -696,6 +696,28 @@ def test_artifact_names_the_run_uses_or_that_reach_beside_the_url(client, ddf, s
     assert long_name.get_model(3) == {"group": 3}
 
 
+def download_what_was_never_uploaded(data, ctx):
+    return ctx.download("stats.pkl", partition_id=0, run_id="d1")
+
+
+def test_downloading_a_missing_artifact_names_its_url(thread_client, ddf):
+    """On memory:// (and on object stores) the file system's error named the
+    path without its protocol: 'FileNotFoundError: /m/d1/store=0/stats.pkl'."""
+    url = "memory://missing-artifact/m"
+    try:
+        assert ddf.manymodel.train(fit_line, by="store", url=url, run_id="d1").wait(show_progress=False) == (
+            RunStatus.SUCCESS
+        )
+        run = ddf.manymodel.train(download_what_was_never_uploaded, by="store", url=url, run_id="d2")
+        assert run.wait(show_progress=False) == RunStatus.FAILURE
+        assert run.partition_details[3].error == (
+            "FileNotFoundError: [Errno 2] no file 'stats.pkl' in group 0 of run 'd1' (ctx.upload saves one): "
+            f"'{url}/d1/store=0/stats.pkl'"
+        )
+    finally:
+        MemoryFileSystem().rm("/missing-artifact", recursive=True)
+
+
 def upload_a_folder_or_nothing(data, ctx):
     def folder(obj, path):
         os.makedirs(os.path.join(path, "variables"))
