@@ -659,9 +659,10 @@ def remove_files(fs: fsspec.AbstractFileSystem, files: list[str]) -> None:
 
 
 # OSErrors that no retry can change, raised at once as they are (naming
-# their path): a name too long, or a symlink loop (ELOOP), which was retried
-# as if the store were slow, and failed after a second of backoff
-_NOT_TRANSIENT = {errno.ENAMETOOLONG, errno.ELOOP}
+# their path): a name too long, a symlink loop (ELOOP) or a read-only disk
+# (EROFS), which were retried as if the store were slow, and failed after a
+# second of backoff
+_NOT_TRANSIENT = {errno.ENAMETOOLONG, errno.ELOOP, errno.EROFS}
 
 
 def with_retries(

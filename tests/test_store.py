@@ -372,3 +372,21 @@ def test_a_symlink_loop_is_not_retried_and_names_its_path(tmp_path):
     loop = f"cannot read run 'r1' at .*Too many levels of symbolic links: '{manifest}'"
     with pytest.raises(InvalidURLError, match=loop):
         ManyModelRun.restore_from("r1", str(tmp_path))
+
+
+def test_a_read_only_disk_is_not_retried():
+    """A write refused by a disk mounted read-only (EROFS, met only when
+    writing: the start's check reads permission bits) was retried four
+    times with backoff before a StorageError; it is raised at once."""
+    from dask_manymodel.store import with_retries
+
+    writes = []
+
+    def write():
+        writes.append(1)
+        raise OSError(errno.EROFS, "Read-only file system", "/mnt/ro/r1/_run.json")
+
+    with pytest.raises(OSError) as caught:
+        with_retries(write, what="writing it", retries=3, backoff=0)
+    assert writes == [1] and caught.value.errno == errno.EROFS
+    assert caught.value.filename == "/mnt/ro/r1/_run.json"
