@@ -3158,6 +3158,10 @@ def _start_run(
     )
     check_reachable(store)
     meta, output_schema = check_meta(meta, by)
+    if options.shuffle == "always" or options.npartitions is not None:
+        # a shuffle is certain: columns no shuffle carries are refused now,
+        # not after the count has read (and computed) the whole input
+        _shuffle_method(ddf, options.shuffle_method)
 
     training_store = training_manifest = training_zones = None
     if kind == "predict":

@@ -489,6 +489,44 @@ def test_duplicate_column_names_are_refused_when_the_run_must_shuffle(client, st
     assert run.get_model(3) == ["store", "x", "x"]
 
 
+def noted_when_computed(df, folder):
+    """An input partition that notes every time Dask computes it."""
+    if len(df):
+        with open(os.path.join(folder, "computed"), "a") as f:
+            f.write(f"{df.iloc[0, 0]}\n")
+    return df
+
+
+def times_computed(folder) -> int:
+    path = os.path.join(folder, "computed")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return len(f.readlines())
+
+
+@pytest.mark.parametrize("options", [ExecutionOptions(shuffle="always"), ExecutionOptions(npartitions=2)],
+                         ids=["shuffle-always", "npartitions"])
+def test_columns_no_shuffle_carries_are_refused_before_the_input_is_read_when_a_shuffle_is_asked(
+    client, store_url, tmp_path, options
+):
+    """With a shuffle asked for, the refusal came only after the count had
+    computed the whole input (an expensive lazy frame: for nothing)."""
+    frame = make_frame(n_groups=6, rows=5)[["store", "x", "y"]]
+    frame.columns = ["store", "x", "x"]
+    ddf = dd.from_pandas(frame, npartitions=3, sort=False).map_partitions(
+        noted_when_computed, str(tmp_path), meta=frame.iloc[:0]
+    )
+    with pytest.raises(InvalidArgumentError, match=r"column name\(s\) \['x'\] name more than one column"):
+        ddf.manymodel.train(fit_line, by="store", url=store_url, run_id="r1", execution_options=options)
+    assert times_computed(tmp_path) == 0
+    assert not os.path.exists(os.path.join(store_url, "r1"))
+    # the counter counts: a run that needs no shuffle reads each partition once
+    run = ddf.manymodel.train(lambda data, ctx: len(data), by="store", url=store_url, run_id="r2")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS, run.summary()["error"].dropna().tolist()
+    assert times_computed(tmp_path) == 3
+
+
 @pytest.mark.parametrize("label", ["_partitions", np.nan, None], ids=["dasks-own", "nan", "none"])
 def test_labels_no_dask_shuffle_carries_are_refused_when_the_run_must_shuffle(client, store_url, label):
     """A column _partitions vanished from every group's frame (Dask's
