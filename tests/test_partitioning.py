@@ -3,6 +3,7 @@ shuffle; other input is shuffled. Both give the same models."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import functools
@@ -296,6 +297,70 @@ def test_a_persisted_frame_is_read_as_it_is(client, store_url):
     read = {key for key in client.run_on_scheduler(dependencies) if isinstance(key, tuple)}
     assert read == set(partition_keys), (read, partition_keys)
     assert_fitted(run, 8)
+
+
+def partitions_read(client, run) -> set:
+    """The keys of the partitions the run's tasks read (not the run's spec,
+    a task under a string key)."""
+    task_keys = [future.key for future in run.futures]
+
+    def dependencies(dask_scheduler):
+        return {dep.key for key in task_keys for dep in dask_scheduler.tasks[key].dependencies}
+
+    return {key for key in client.run_on_scheduler(dependencies) if isinstance(key, tuple)}
+
+
+def index_and_columns(data, ctx):
+    df = data.to_pandas()
+    return np.polyfit(df["x"].to_numpy(), df["y"].to_numpy(), 1), list(df.columns), type(df.index).__name__
+
+
+@pytest.mark.parametrize("index", ["store", "store-kept", "day"])
+def test_a_persisted_frame_with_a_named_index_is_read_as_it_is(client, store_url, index):
+    """set_index(key).persist(), the docs' way to skip the shuffle: the run
+    persisted the frame again with its index made a column (one more task per
+    partition, and a second copy of the input held while the run went on), and
+    its tasks read that copy, not the user's persisted partitions."""
+    from dask_manymodel.engine import persisted_partitions
+
+    rows = make_frame(8, 40).assign(day=lambda df: np.tile(np.arange(40), 8))
+    rows = rows.sample(frac=1, random_state=1).reset_index(drop=True)
+    name = index.split("-")[0]
+    persisted = client.persist(dd.from_pandas(rows, npartitions=4).set_index(name, drop=index != "store-kept"))
+    distributed.wait(persisted)
+    partition_keys = {future.key for future in persisted_partitions(persisted)}
+
+    with distributed.get_task_stream(client) as stream:
+        run = persisted.manymodel.train(index_and_columns, by="store", url=store_url, run_id="r1")
+        assert run.wait(show_progress=False) == RunStatus.SUCCESS, run.summary()["error"].dropna().tolist()
+    ran = collections.Counter(distributed.utils.key_split(task["key"]) for task in stream.data)
+    columns = ["day", "store", "x", "y"] if index == "day" else ["store", "x", "y", "day"]
+    for store in range(8):
+        (slope, intercept), seen, index_type = run.get_model(store)
+        assert slope == pytest.approx(1 + store / 10) and intercept == pytest.approx(store)
+        assert seen == columns and index_type == "RangeIndex"
+    if index == "day":  # spread over the partitions: the shuffle reads the frame through its own graph
+        assert ran["manymodel-assign"] == 4, ran
+        return
+    # the count and the tasks read the persisted partitions themselves, and nothing else ran
+    assert partitions_read(client, run) == partition_keys
+    assert set(ran) == {"manymodel-count", "manymodel-spec", "manymodel-train"}, ran
+    # a resume of it (its DONE groups filtered out) reads them too, through the same step
+    done = run.get_model(0)
+    os.remove(os.path.join(store_url, "r1", "store=5", "model.pkl"))
+    os.remove(os.path.join(store_url, "r1", "store=5", "_partition.json"))
+    again = persisted.manymodel.train(index_and_columns, by="store", url=store_url, run_id="r1",
+                                      on_existing_artifacts="resume")
+    assert again.wait(show_progress=False) == RunStatus.SUCCESS, again.summary()["error"].dropna().tolist()
+    assert again.summary().set_index("partition_id").loc[5, "status"] == "DONE"
+    assert again.get_model(5)[1] == columns
+    np.testing.assert_array_equal(again.get_model(0)[0], done[0])
+    # and so does its retry_failed(), which starts from the frame as it was given
+    with distributed.get_task_stream(client) as stream:
+        retried = again.retry_failed()
+        assert retried.wait(show_progress=False) == RunStatus.SUCCESS
+    ran = {distributed.utils.key_split(task["key"]) for task in stream.data}
+    assert ran <= {"manymodel-count", "manymodel-spec", "manymodel-train"}, ran
 
 
 def test_only_a_fragmented_partition_is_copied_to_consolidate_it():
