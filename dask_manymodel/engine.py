@@ -372,6 +372,36 @@ def index_as_column(ddf: dd.DataFrame, by: Any) -> dd.DataFrame:
     return ddf.reset_index()
 
 
+def persisted_under_index_as_column(given: dd.DataFrame, ddf: dd.DataFrame) -> tuple[list | None, str | None]:
+    """When ``ddf`` is ``index_as_column(given)`` and ``given`` is persisted
+    (``ddf.set_index(key).persist()``, the docs' way to skip the shuffle):
+    ``given``'s partition futures and what the run's own tasks do to each
+    to make ``ddf``'s partition (:func:`frame_index_as_column`); else
+    ``(None, None)``.
+
+    Persisted again as ``ddf``, the run held a second copy of the input
+    for as long as it went on (twice its bytes in the workers' memory
+    accounting), and its tasks read that copy, not the partitions the user
+    had persisted."""
+    if ddf is given:
+        return None, None
+    partitions = persisted_partitions(given)
+    if partitions is None:
+        return None, None
+    return partitions, "unname" if given.index.name in given.columns else "reset"
+
+
+def frame_index_as_column(df: pd.DataFrame, how: str | None) -> pd.DataFrame:
+    """One partition as :func:`index_as_column` makes it (Dask's
+    ``reset_index`` is pandas' on each partition): ``how`` is ``"reset"``,
+    ``"unname"`` or None (the partition as it is)."""
+    if how == "reset":
+        return df.reset_index()
+    if how == "unname":
+        return df.rename_axis(index=None)
+    return df
+
+
 def check_reserved_columns(ddf: dd.DataFrame) -> None:
     """Column names with our prefix would be overwritten by (or clash with)
     the engine's own columns while it counts and shuffles."""
@@ -1096,7 +1126,7 @@ def count_groups(ddf: dd.DataFrame, by: list, client: distributed.Client) -> pd.
 
 def submit_count(
     ddf: dd.DataFrame, by: list, client: distributed.Client, partitions: list[distributed.Future] | None = None,
-    with_bytes: bool = True,
+    with_bytes: bool = True, index_to_column: str | None = None,
 ) -> distributed.Future:
     """Start :func:`count_groups` on the workers; returns the future of its result,
     so that the client can do other work (send the run's spec) meanwhile.
@@ -1108,6 +1138,8 @@ def submit_count(
     in 8 partitions, 0.21 s -> 0.13 s for 200,000). ``with_bytes``: each
     group's estimated bytes too, for the memory guard (a deep size of every
     partition: costly only for columns of Python objects).
+    ``index_to_column``: ``partitions`` are those of the persisted frame
+    under ``ddf``, made ``ddf``'s by :func:`frame_index_as_column`.
     """
     if partitions is None:
         partitions = persisted_partitions(ddf)
@@ -1116,7 +1148,7 @@ def submit_count(
     name = f"manymodel-count-{uuid.uuid4().hex}"
     counts = client.map(
         _count_partition, partitions, [by] * len(partitions), range(len(partitions)),
-        [with_bytes] * len(partitions),
+        [with_bytes] * len(partitions), [index_to_column] * len(partitions),
         key=[(name, number) for number in range(len(partitions))],
     )
     level = 0
@@ -1134,7 +1166,10 @@ def submit_count(
             return counts[0]
 
 
-def _count_partition(df: pd.DataFrame, by: list, number: int, with_bytes: bool = True) -> pd.DataFrame:
+def _count_partition(
+    df: pd.DataFrame, by: list, number: int, with_bytes: bool = True, index_to_column: str | None = None
+) -> pd.DataFrame:
+    df = frame_index_as_column(df, index_to_column)
     sizes = df.groupby(by, dropna=False, observed=True, sort=False).size()
     out = _object_keys_stay_object(sizes.rename(_ROWS).reset_index(), df, by)
     out[_PARTS] = 1
@@ -2552,15 +2587,20 @@ def _superseded_message(spec: RunSpec) -> str:
     return superseded_or_none(spec.store, spec.submission, ended_counts=True) or "the run was started again elsewhere"
 
 
-def run_partition(spec: RunSpec, frame: pd.DataFrame, keep: pd.Index | None = None) -> TaskRecords:
+def run_partition(
+    spec: RunSpec, frame: pd.DataFrame, keep: pd.Index | None = None, index_to_column: str | None = None
+) -> TaskRecords:
     """One task: every group of one partition, one after the other.
 
     ``keep``, when given, names the groups of this task (a partition split
     into several tasks); the partition's other rows are left to the others.
+    ``index_to_column``: ``frame`` is a partition of a persisted frame whose
+    named index the run makes a column (:func:`frame_index_as_column`).
     Returns one small record per group; the models stay in storage.
     """
     if isinstance(spec, SentSpec):
         spec = spec.load()
+    frame = frame_index_as_column(frame, index_to_column)
     if keep is not None:
         frame = frame[_nulls_as_nan(keep).get_indexer(_group_index(frame, spec.by)) >= 0]
     if spec.columns is not None and list(frame.columns) != list(spec.columns):
@@ -3109,10 +3149,12 @@ def _submit_tasks(
     partitions: list,
     plan: _TaskPlan,
     options: ExecutionOptions,
+    index_to_column: str | None = None,
 ) -> list[distributed.Future]:
     """Submit the run's tasks (one per task of ``plan``, reading its
-    partition of ``partitions``) in one go; returns their futures, largest
-    task first."""
+    partition of ``partitions``, see :func:`run_partition` for
+    ``index_to_column``) in one go; returns their futures, largest task
+    first."""
     # Tasks of about one size run where their input partition is: the
     # scheduler balances them by count, and nothing moves. Uneven tasks (a
     # split partition, a group much larger than the rest) are held in the
@@ -3125,7 +3167,9 @@ def _submit_tasks(
     # shuffle) may carry resources such as {"GPU": 1}. One submission for
     # all of them, so that the scheduler sees them together.
     graph = {
-        (name, task): _partition_task((name, task), spec_future, partitions[part], plan.task_keys[task], hand_out)
+        (name, task): _partition_task(
+            (name, task), spec_future, partitions[part], plan.task_keys[task], hand_out, index_to_column
+        )
         for task, part in enumerate(plan.task_part)
     }
     # largest first: the scheduler starts higher priorities first (a lambda,
@@ -3157,7 +3201,8 @@ def _start_run(
     # 1. everything that needs no compute -----------------------------------
     check_function(func, kind)
     warn_if_function_carries_large_data(func, kind)
-    ddf = index_as_column(as_dask_dataframe(dataframe), by)
+    given = as_dask_dataframe(dataframe)
+    ddf = index_as_column(given, by)
     check_reserved_columns(ddf)
     by = check_by(by, ddf)
     check_run_id(run_id)
@@ -3178,6 +3223,10 @@ def _start_run(
     )
     check_reachable(store)
     meta, output_schema = check_meta(meta, by)
+    if options.shuffle == "always" or options.npartitions is not None:
+        # a shuffle is certain: columns no shuffle carries are refused now,
+        # not after the count has read (and computed) the whole input
+        _shuffle_method(ddf, options.shuffle_method)
 
     training_store = training_manifest = training_zones = None
     if kind == "predict":
@@ -3204,10 +3253,15 @@ def _start_run(
     # needs no more memory); an input persisted already is read as it is
     lazy = ddf
     partitions = persisted_partitions(ddf)
+    index_to_column = None  # what the count and the tasks do to each partition first
+    if partitions is None:
+        partitions, index_to_column = persisted_under_index_as_column(given, ddf)
     if partitions is None:
         ddf = client.persist(ddf)
         partitions = persisted_partitions(ddf) or _sorted_futures(ddf)
-    counting = submit_count(ddf, by, client, partitions, with_bytes=bool(options.max_group_memory_fraction))
+    counting = submit_count(
+        ddf, by, client, partitions, with_bytes=bool(options.max_group_memory_fraction), index_to_column=index_to_column
+    )
     attempt = previous["attempt"] if previous else uuid.uuid4().hex
     submission = uuid.uuid4().hex
     spec = RunSpec(
@@ -3352,7 +3406,12 @@ def _start_run(
         for record in refused_records:
             _write_status(spec, record)
         # kept in memory by the handle for retry_failed(); never written anywhere
-        source = {"dataframe": lazy, "execution_options": options, "meta": meta, "storage_options": storage_options}
+        # ("input": the frame as given, which retry_failed() starts from: a
+        # persisted one with a named index is then read as it is again)
+        source = {
+            "dataframe": lazy, "input": given, "execution_options": options, "meta": meta,
+            "storage_options": storage_options,
+        }
         todo = [p for p in counted_paths if p not in done_paths and p not in refused_paths]
         if not todo:
             # a resume whose data holds no group left to run: the outcomes stored
@@ -3403,12 +3462,15 @@ def _start_run(
                 ready = tagged.drop(columns=PARTITION_COLUMN)
             ready = client.persist(ready)
             ordered = _sorted_futures(ready)
+            index_to_column = None  # (made from ddf itself: its index is a column already)
         else:  # each task reads its input partition as it is
             ready, ordered = ddf, partitions
         assert len(ordered) == npartitions, (len(ordered), npartitions)
 
         # 5. one task per output partition --------------------------------------
-        futures = _submit_tasks(client, f"manymodel-{kind}-{submission}", spec_future, ordered, plan, options)
+        futures = _submit_tasks(
+            client, f"manymodel-{kind}-{submission}", spec_future, ordered, plan, options, index_to_column
+        )
         del ready, ordered  # the tasks hold them now
     return ManyModelRun(
         store=store, manifest=manifest, groups=groups, client=client, spec=spec, futures=futures,
@@ -3416,16 +3478,18 @@ def _start_run(
     )
 
 
-def _partition_task(key: tuple, spec: Any, frame: Any, keep: pd.Index | None, hand_out: bool) -> Any:
+def _partition_task(
+    key: tuple, spec: Any, frame: Any, keep: pd.Index | None, hand_out: bool, index_to_column: str | None = None
+) -> Any:
     """The graph node of one task. ``hand_out`` marks it as a data producer,
     which the scheduler treats as root-ish: queued on the scheduler and
     given to the next free worker thread, not placed by data locality."""
     from dask._task_spec import Task
 
     try:
-        return Task(key, run_partition, spec, frame, keep, _data_producer=hand_out)
+        return Task(key, run_partition, spec, frame, keep, index_to_column, _data_producer=hand_out)
     except TypeError:  # a Dask without the flag: placed by locality
-        return Task(key, run_partition, spec, frame, keep)
+        return Task(key, run_partition, spec, frame, keep, index_to_column)
 
 
 # The column Dask's shuffles (tasks, p2p, disk) add to say where each row

@@ -1654,7 +1654,7 @@ class ManyModelRun:
         return start_run(
             spec.kind,
             spec.func,
-            self._source["dataframe"],
+            self._source.get("input", self._source["dataframe"]),
             by=spec.by,
             url=self._store.url,
             run_id=self.run_id,

@@ -268,6 +268,25 @@ def test_demo(tmp_path):
     assert main(["show", url, "demo-train"]) == 0
 
 
+def test_the_demo_reads_the_inference_output_once_for_its_numbers():
+    """len() of the output, then the error's mean, read every output file twice."""
+    import dask
+
+    from dask_manymodel.demo import rows_and_rmse
+
+    reads = []
+
+    def read(number):
+        reads.append(number)
+        return pd.DataFrame({"y": [1.0, 2.0], "pred": [1.0, 2.0 + number]})
+
+    predictions = dd.from_map(read, range(3), meta=pd.DataFrame({"y": [0.0], "pred": [0.0]}).iloc[:0])
+    with dask.config.set(scheduler="sync"):
+        rows, rmse = rows_and_rmse(predictions)
+    assert rows == 6 and rmse == pytest.approx(np.sqrt((0 + 1 + 4) / 6))
+    assert sorted(reads) == [0, 1, 2]
+
+
 @pytest.mark.parametrize("failing", ["demo-train", "demo-scores"])
 def test_demo_exits_1_when_either_run_is_not_a_success(tmp_path, monkeypatch, capsys, failing):
     """The store refuses one group's files (in the demo's own worker

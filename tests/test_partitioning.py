@@ -3,6 +3,7 @@ shuffle; other input is shuffled. Both give the same models."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import functools
@@ -298,6 +299,70 @@ def test_a_persisted_frame_is_read_as_it_is(client, store_url):
     assert_fitted(run, 8)
 
 
+def partitions_read(client, run) -> set:
+    """The keys of the partitions the run's tasks read (not the run's spec,
+    a task under a string key)."""
+    task_keys = [future.key for future in run.futures]
+
+    def dependencies(dask_scheduler):
+        return {dep.key for key in task_keys for dep in dask_scheduler.tasks[key].dependencies}
+
+    return {key for key in client.run_on_scheduler(dependencies) if isinstance(key, tuple)}
+
+
+def index_and_columns(data, ctx):
+    df = data.to_pandas()
+    return np.polyfit(df["x"].to_numpy(), df["y"].to_numpy(), 1), list(df.columns), type(df.index).__name__
+
+
+@pytest.mark.parametrize("index", ["store", "store-kept", "day"])
+def test_a_persisted_frame_with_a_named_index_is_read_as_it_is(client, store_url, index):
+    """set_index(key).persist(), the docs' way to skip the shuffle: the run
+    persisted the frame again with its index made a column (one more task per
+    partition, and a second copy of the input held while the run went on), and
+    its tasks read that copy, not the user's persisted partitions."""
+    from dask_manymodel.engine import persisted_partitions
+
+    rows = make_frame(8, 40).assign(day=lambda df: np.tile(np.arange(40), 8))
+    rows = rows.sample(frac=1, random_state=1).reset_index(drop=True)
+    name = index.split("-")[0]
+    persisted = client.persist(dd.from_pandas(rows, npartitions=4).set_index(name, drop=index != "store-kept"))
+    distributed.wait(persisted)
+    partition_keys = {future.key for future in persisted_partitions(persisted)}
+
+    with distributed.get_task_stream(client) as stream:
+        run = persisted.manymodel.train(index_and_columns, by="store", url=store_url, run_id="r1")
+        assert run.wait(show_progress=False) == RunStatus.SUCCESS, run.summary()["error"].dropna().tolist()
+    ran = collections.Counter(distributed.utils.key_split(task["key"]) for task in stream.data)
+    columns = ["day", "store", "x", "y"] if index == "day" else ["store", "x", "y", "day"]
+    for store in range(8):
+        (slope, intercept), seen, index_type = run.get_model(store)
+        assert slope == pytest.approx(1 + store / 10) and intercept == pytest.approx(store)
+        assert seen == columns and index_type == "RangeIndex"
+    if index == "day":  # spread over the partitions: the shuffle reads the frame through its own graph
+        assert ran["manymodel-assign"] == 4, ran
+        return
+    # the count and the tasks read the persisted partitions themselves, and nothing else ran
+    assert partitions_read(client, run) == partition_keys
+    assert set(ran) == {"manymodel-count", "manymodel-spec", "manymodel-train"}, ran
+    # a resume of it (its DONE groups filtered out) reads them too, through the same step
+    done = run.get_model(0)
+    os.remove(os.path.join(store_url, "r1", "store=5", "model.pkl"))
+    os.remove(os.path.join(store_url, "r1", "store=5", "_partition.json"))
+    again = persisted.manymodel.train(index_and_columns, by="store", url=store_url, run_id="r1",
+                                      on_existing_artifacts="resume")
+    assert again.wait(show_progress=False) == RunStatus.SUCCESS, again.summary()["error"].dropna().tolist()
+    assert again.summary().set_index("partition_id").loc[5, "status"] == "DONE"
+    assert again.get_model(5)[1] == columns
+    np.testing.assert_array_equal(again.get_model(0)[0], done[0])
+    # and so does its retry_failed(), which starts from the frame as it was given
+    with distributed.get_task_stream(client) as stream:
+        retried = again.retry_failed()
+        assert retried.wait(show_progress=False) == RunStatus.SUCCESS
+    ran = {distributed.utils.key_split(task["key"]) for task in stream.data}
+    assert ran <= {"manymodel-count", "manymodel-spec", "manymodel-train"}, ran
+
+
 def test_only_a_fragmented_partition_is_copied_to_consolidate_it():
     from dask_manymodel.engine import _fragmented
 
@@ -487,6 +552,44 @@ def test_duplicate_column_names_are_refused_when_the_run_must_shuffle(client, st
                                 run_id="r2")
     assert run.wait(show_progress=False) == RunStatus.SUCCESS, run.summary()["error"].dropna().tolist()
     assert run.get_model(3) == ["store", "x", "x"]
+
+
+def noted_when_computed(df, folder):
+    """An input partition that notes every time Dask computes it."""
+    if len(df):
+        with open(os.path.join(folder, "computed"), "a") as f:
+            f.write(f"{df.iloc[0, 0]}\n")
+    return df
+
+
+def times_computed(folder) -> int:
+    path = os.path.join(folder, "computed")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return len(f.readlines())
+
+
+@pytest.mark.parametrize("options", [ExecutionOptions(shuffle="always"), ExecutionOptions(npartitions=2)],
+                         ids=["shuffle-always", "npartitions"])
+def test_columns_no_shuffle_carries_are_refused_before_the_input_is_read_when_a_shuffle_is_asked(
+    client, store_url, tmp_path, options
+):
+    """With a shuffle asked for, the refusal came only after the count had
+    computed the whole input (an expensive lazy frame: for nothing)."""
+    frame = make_frame(n_groups=6, rows=5)[["store", "x", "y"]]
+    frame.columns = ["store", "x", "x"]
+    ddf = dd.from_pandas(frame, npartitions=3, sort=False).map_partitions(
+        noted_when_computed, str(tmp_path), meta=frame.iloc[:0]
+    )
+    with pytest.raises(InvalidArgumentError, match=r"column name\(s\) \['x'\] name more than one column"):
+        ddf.manymodel.train(fit_line, by="store", url=store_url, run_id="r1", execution_options=options)
+    assert times_computed(tmp_path) == 0
+    assert not os.path.exists(os.path.join(store_url, "r1"))
+    # the counter counts: a run that needs no shuffle reads each partition once
+    run = ddf.manymodel.train(lambda data, ctx: len(data), by="store", url=store_url, run_id="r2")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS, run.summary()["error"].dropna().tolist()
+    assert times_computed(tmp_path) == 3
 
 
 @pytest.mark.parametrize("label", ["_partitions", np.nan, None], ids=["dasks-own", "nan", "none"])
