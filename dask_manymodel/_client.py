@@ -15,7 +15,7 @@ import dask
 import distributed
 
 from .exceptions import InvalidArgumentError
-from .run import end_live_runs
+from .run import dashboard_link_of, end_live_runs
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def get_or_start_client() -> distributed.Client:
                 "no Dask client was active; started a LocalCluster with %d workers, "
                 "dashboard at %s",
                 len(cluster.workers),
-                _embedded.dashboard_link,
+                dashboard_link_of(_embedded),
             )
         return _embedded
 
@@ -109,7 +109,7 @@ def _connect_to_the_configured_scheduler(address: str) -> distributed.Client:
         "no Dask client was active; connected to the scheduler %s of Dask's scheduler-address setting, "
         "dashboard at %s",
         client.scheduler.address,
-        client.dashboard_link,
+        dashboard_link_of(client),
     )
     return client
 

@@ -545,3 +545,20 @@ def test_with_no_client_a_configured_scheduler_out_of_reach_is_named(no_client_a
         with pytest.raises(InvalidArgumentError, match=f"scheduler-address setting.*{address}.*could not be conn"):
             ddf.manymodel.train(fit_line, by="store", url=str(tmp_path), run_id="r1")
     assert not os.path.exists(tmp_path / "r1")  # nothing written
+
+
+def test_a_dashboard_link_dask_cannot_make_is_none(no_client_active, tmp_path):
+    """A JupyterHub image sets Dask's dashboard link template from an
+    environment variable ("/user/{JUPYTERHUB_USER}/proxy/{port}/status"),
+    which a batch job of the same image lacks: the first run, on the cluster
+    started for it, failed with KeyError: 'JUPYTERHUB_USER' (Dask's scheduler
+    only warns of it), and every run's notebook view too."""
+    ddf = dd.from_pandas(make_frame(n_groups=4), npartitions=2)
+    variable = f"MANYMODEL_UNSET_{os.getpid()}"
+    assert variable not in os.environ
+    with dask.config.set({"distributed.dashboard.link": "/user/{%s}/proxy/{port}/status" % variable}):
+        run = ddf.manymodel.train(fit_line, by="store", url=str(tmp_path), run_id="r1")
+        assert run.wait(show_progress=False) == RunStatus.SUCCESS
+        assert run.dashboard_link is None
+        assert "no dashboard" in run._repr_html_()
+    assert run.dashboard_link.startswith("http")  # a template it can fill again
