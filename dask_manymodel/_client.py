@@ -186,11 +186,16 @@ def _synchronous(client: distributed.Client) -> distributed.Client:
     client would hand back as coroutines. Nor one this process inherited
     through a fork, which would never answer."""
     if client in _inherited:
+        address = getattr(client.scheduler, "address", None)
+        # a TLS cluster refuses a client without its certificates: the
+        # advice alone led to Dask's "TLS expects a `ssl_context` argument"
+        security = ", security=..." if str(address).startswith(("tls://", "wss://")) else ""
+        with_it = " with the same Security (TLS certificates) as the parent's client" if security else ""
         raise InvalidArgumentError(
             f"the active Dask client was made in the process this one was forked from (multiprocessing "
             f"or a ProcessPoolExecutor with the 'fork' start method, celery's prefork, os.fork()): a "
             f"client does not survive a fork, and the run would wait for ever. Make a client in this "
-            f"process, distributed.Client({getattr(client.scheduler, 'address', None)!r}), or start the "
+            f"process, distributed.Client({address!r}{security}){with_it}, or start the "
             f"processes with the 'spawn' or 'forkserver' method"
         )
     if client.asynchronous:

@@ -562,3 +562,29 @@ def test_a_dashboard_link_dask_cannot_make_is_none(no_client_active, tmp_path):
         assert run.dashboard_link is None
         assert "no dashboard" in run._repr_html_()
     assert run.dashboard_link.startswith("http")  # a template it can fill again
+
+
+def _train_in_a_forked_child(url):
+    try:
+        dd.from_pandas(make_frame(n_groups=2, rows=10), npartitions=1).manymodel.train(
+            fit_line, by="store", url=url, run_id="in-the-child"
+        )
+    except InvalidArgumentError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_of_a_tls_client_is_told_to_bring_the_security(tmp_path):
+    """The refusal in a forked child said to make
+    ``distributed.Client('tls://...')``: on a TLS cluster that fails in
+    Dask's "TLS expects a `ssl_context` argument" without the parent's
+    Security."""
+    from distributed.security import Security
+
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, protocol="tls://", security=Security.temporary(),
+        dashboard_address=":0", silence_logs=logging.ERROR,
+    ) as cluster, distributed.Client(cluster):
+        said = _in_a_forked_child(_train_in_a_forked_child, str(tmp_path))
+    assert f"distributed.Client({cluster.scheduler_address!r}, security=...) with the same Security" in said
