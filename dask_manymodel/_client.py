@@ -11,10 +11,11 @@ import threading
 import weakref
 from collections.abc import Iterator
 
+import dask
 import distributed
 
 from .exceptions import InvalidArgumentError
-from .run import end_live_runs
+from .run import dashboard_link_of, end_live_runs
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,15 @@ if hasattr(os, "register_at_fork"):
 
 
 def get_or_start_client() -> distributed.Client:
-    """The active ``distributed.Client``; with none, start a LocalCluster.
+    """The active ``distributed.Client``; with none, a client of the
+    scheduler Dask's ``scheduler-address`` setting names, else a new
+    LocalCluster's.
+
+    ``scheduler-address`` (``DASK_SCHEDULER_ADDRESS``, a dask config file) is
+    how a deployment points ``distributed.Client()`` at its cluster, with the
+    security settings of the same config (``distributed.comm.tls.*``): a run
+    goes there too, as ``Client()`` would. (It started a LocalCluster on the
+    client's machine instead, and trained there in silence.)
 
     The embedded cluster uses worker processes (user functions often hold
     the GIL) and lives until the interpreter exits. Its dashboard link is
@@ -62,6 +71,10 @@ def get_or_start_client() -> distributed.Client:
                 # its client was closed by the user: its workers would run on
                 # beside the new cluster's until the interpreter exits
                 _embedded.cluster.close()
+            address = dask.config.get("scheduler-address", None)
+            if address:
+                _embedded = _connect_to_the_configured_scheduler(address)
+                return _embedded
             with _interrupts_ignored_by_new_processes():
                 cluster = distributed.LocalCluster(processes=True, dashboard_address=":0")
             _embedded = distributed.Client(cluster, set_as_default=True)
@@ -71,9 +84,34 @@ def get_or_start_client() -> distributed.Client:
                 "no Dask client was active; started a LocalCluster with %d workers, "
                 "dashboard at %s",
                 len(cluster.workers),
-                _embedded.dashboard_link,
+                dashboard_link_of(_embedded),
             )
         return _embedded
+
+
+def _connect_to_the_configured_scheduler(address: str) -> distributed.Client:
+    """``distributed.Client()``: the scheduler at ``address`` (Dask's
+    ``scheduler-address`` setting), with the config's security. Not this
+    process's cluster: no plugin is registered on its workers, and only the
+    client is closed at exit."""
+    try:
+        client = distributed.Client(set_as_default=True)
+    except (OSError, ValueError, TypeError) as exc:  # unreachable, a refused TLS handshake, a bad address
+        raise InvalidArgumentError(
+            f"no Dask client was active, and Dask's scheduler-address setting (DASK_SCHEDULER_ADDRESS or a "
+            f"dask config file) names {address!r}, which could not be connected to: {type(exc).__name__}: "
+            f"{exc}. Start that scheduler or correct the setting (its security settings too, "
+            f"distributed.comm.tls.*), unset it to have a LocalCluster started here, or create a "
+            f"distributed.Client first"
+        ) from exc
+    atexit.register(_close_embedded)
+    logger.info(
+        "no Dask client was active; connected to the scheduler %s of Dask's scheduler-address setting, "
+        "dashboard at %s",
+        client.scheduler.address,
+        dashboard_link_of(client),
+    )
+    return client
 
 
 class IgnoreInterrupts(distributed.WorkerPlugin):
@@ -148,11 +186,16 @@ def _synchronous(client: distributed.Client) -> distributed.Client:
     client would hand back as coroutines. Nor one this process inherited
     through a fork, which would never answer."""
     if client in _inherited:
+        address = getattr(client.scheduler, "address", None)
+        # a TLS cluster refuses a client without its certificates: the
+        # advice alone led to Dask's "TLS expects a `ssl_context` argument"
+        security = ", security=..." if str(address).startswith(("tls://", "wss://")) else ""
+        with_it = " with the same Security (TLS certificates) as the parent's client" if security else ""
         raise InvalidArgumentError(
             f"the active Dask client was made in the process this one was forked from (multiprocessing "
             f"or a ProcessPoolExecutor with the 'fork' start method, celery's prefork, os.fork()): a "
             f"client does not survive a fork, and the run would wait for ever. Make a client in this "
-            f"process, distributed.Client({getattr(client.scheduler, 'address', None)!r}), or start the "
+            f"process, distributed.Client({address!r}{security}){with_it}, or start the "
             f"processes with the 'spawn' or 'forkserver' method"
         )
     if client.asynchronous:

@@ -61,13 +61,14 @@ def run_demo(url: str, n_stores: int = 1000, rows_per_store: int = 200, n_worker
     import distributed
 
     import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
+    from .run import dashboard_link_of
     from .store import shown_url
 
     _check_url(url)
     with distributed.LocalCluster(
         n_workers=n_workers, threads_per_worker=1, processes=True, silence_logs=logging.ERROR
     ) as cluster, distributed.Client(cluster) as client:
-        print(f"Dask dashboard: {client.dashboard_link}")
+        print(f"Dask dashboard: {dashboard_link_of(client)}")
         # each partition is generated on a worker, so no data travels in the graph
         chunks = np.array_split(np.arange(n_stores), 8)
         sales = dd.from_map(

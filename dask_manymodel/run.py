@@ -558,6 +558,20 @@ def _register_at_exit(function: Callable[[], None]) -> None:
         atexit.register(function)
 
 
+def dashboard_link_of(client: distributed.Client) -> str | None:
+    """``client.dashboard_link``, or None where Dask cannot make it: its
+    ``distributed.dashboard.link`` template names an environment variable
+    this process lacks (a JupyterHub image's "/user/{JUPYTERHUB_USER}/proxy/
+    {port}/status", in a batch job of the same image). The KeyError failed
+    the first run on the cluster started here, and every run's notebook view;
+    Dask's scheduler only warns of it."""
+    try:
+        return client.dashboard_link
+    except Exception:  # KeyError of the template, a client closing
+        logger.debug("no dashboard link for this client", exc_info=True)
+        return None
+
+
 def _on_progress_event(event: tuple) -> None:
     """A task's progress report, to its run if that run is live here."""
     _, msg = event
@@ -735,7 +749,9 @@ class ManyModelRun:
 
     @property
     def dashboard_link(self) -> str | None:
-        return self._client.dashboard_link if self._client is not None else None
+        """The Dask dashboard's link of the run's cluster; None on a restored
+        handle, or where Dask cannot make it (see :func:`dashboard_link_of`)."""
+        return dashboard_link_of(self._client) if self._client is not None else None
 
     @property
     def manifest(self) -> dict:

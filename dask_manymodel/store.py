@@ -727,7 +727,8 @@ def scratch_folder() -> tempfile.TemporaryDirectory:
     its cluster gave it for scratch (``dask worker --local-directory``,
     Dask's ``temporary-directory``, dask-jobqueue's ``local_directory``),
     where Dask spills and shuffles too; elsewhere in Dask's
-    ``temporary-directory`` where that is set, else in Python's (TMPDIR).
+    ``temporary-directory`` where that is set and writable here, else in
+    Python's (TMPDIR).
     On HPC nodes and in pods /tmp is often small (in memory, or the
     container's own layer): a model of GBs filled it, "No space left on
     device", while the scratch disk set aside for the workers had room."""
@@ -743,8 +744,17 @@ def _scratch_parent() -> str | None:
             pass
     dask = sys.modules.get("dask")
     folder = dask.config.get("temporary-directory", None) if dask is not None else None
-    if isinstance(folder, str) and os.path.isdir(os.path.expanduser(folder)):
-        return os.path.expanduser(folder)
+    if not isinstance(folder, str):
+        return None
+    folder = os.path.expanduser(folder)
+    # one this process may write in: a dask config shared with the workers
+    # (a site's dask.yaml, a DASK_TEMPORARY_DIRECTORY for the batch jobs) names
+    # their scratch disk, which on the client's machine may be missing, or
+    # there and not the user's (a login node's /scratch, read-only here):
+    # get_model of a run on S3 failed with "[Errno 30] Read-only file system".
+    # Dask's own workers fall back likewise, to another folder.
+    if os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK):
+        return folder
     return None
 
 

@@ -9,10 +9,12 @@ import json
 import logging
 import multiprocessing
 import os
+import socket
 import subprocess
 import sys
 import threading
 
+import dask
 import dask.dataframe as dd
 import distributed
 import pytest
@@ -489,3 +491,100 @@ def test_a_process_forked_while_a_run_goes_on_ends_and_says_its_client_is_the_pa
     open(gate, "w").close()
     assert run.wait(timeout=60, show_progress=False) == RunStatus.SUCCESS
     assert not os.path.exists(os.path.join(url, "in-the-child"))
+
+
+@pytest.fixture
+def no_client_active():
+    """No Dask client active; the one a run connects or starts for itself
+    (dask_manymodel._client._embedded) is closed after the test."""
+    from dask_manymodel import _client
+
+    with pytest.raises(ValueError):
+        distributed.get_client()
+    yield
+    embedded, _client._embedded = _client._embedded, None
+    if embedded is not None:
+        cluster = embedded.cluster
+        embedded.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def test_with_no_client_a_run_goes_to_the_scheduler_the_config_names_with_its_tls(no_client_active, tmp_path):
+    """A deployment points ``distributed.Client()`` at its cluster with Dask's
+    scheduler-address setting (DASK_SCHEDULER_ADDRESS), its TLS certificates
+    in the same config: a run with no client made in code started a
+    LocalCluster on the client's machine instead and trained there."""
+    from distributed.security import Security
+
+    security = Security.temporary()
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, protocol="tls://", security=security,
+        dashboard_address=":0", silence_logs=logging.ERROR,
+    ) as cluster, dask.config.set({
+        "scheduler-address": cluster.scheduler_address,
+        "distributed.comm.require-encryption": True,
+        "distributed.comm.tls.ca-file": security.tls_ca_file,
+        "distributed.comm.tls.client.cert": security.tls_client_cert,
+        "distributed.comm.tls.client.key": security.tls_client_key,
+    }):
+        ddf = dd.from_pandas(make_frame(n_groups=4), npartitions=2)
+        run = ddf.manymodel.train(fit_line, by="store", url=str(tmp_path), run_id="r1")
+        assert run.wait(show_progress=False) == RunStatus.SUCCESS
+        assert {f.client.scheduler.address for f in run.futures} == {cluster.scheduler_address}
+        assert set(cluster.scheduler.task_prefixes) >= {"manymodel-train"}  # it ran there
+        assert len(run.get_model(3)) == 2
+
+
+def test_with_no_client_a_configured_scheduler_out_of_reach_is_named(no_client_active, tmp_path):
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    ddf = dd.from_pandas(make_frame(n_groups=4), npartitions=2)
+    with dask.config.set({"scheduler-address": address, "distributed.comm.timeouts.connect": "1s"}):
+        with pytest.raises(InvalidArgumentError, match=f"scheduler-address setting.*{address}.*could not be conn"):
+            ddf.manymodel.train(fit_line, by="store", url=str(tmp_path), run_id="r1")
+    assert not os.path.exists(tmp_path / "r1")  # nothing written
+
+
+def test_a_dashboard_link_dask_cannot_make_is_none(no_client_active, tmp_path):
+    """A JupyterHub image sets Dask's dashboard link template from an
+    environment variable ("/user/{JUPYTERHUB_USER}/proxy/{port}/status"),
+    which a batch job of the same image lacks: the first run, on the cluster
+    started for it, failed with KeyError: 'JUPYTERHUB_USER' (Dask's scheduler
+    only warns of it), and every run's notebook view too."""
+    ddf = dd.from_pandas(make_frame(n_groups=4), npartitions=2)
+    variable = f"MANYMODEL_UNSET_{os.getpid()}"
+    assert variable not in os.environ
+    with dask.config.set({"distributed.dashboard.link": "/user/{%s}/proxy/{port}/status" % variable}):
+        run = ddf.manymodel.train(fit_line, by="store", url=str(tmp_path), run_id="r1")
+        assert run.wait(show_progress=False) == RunStatus.SUCCESS
+        assert run.dashboard_link is None
+        assert "no dashboard" in run._repr_html_()
+    assert run.dashboard_link.startswith("http")  # a template it can fill again
+
+
+def _train_in_a_forked_child(url):
+    try:
+        dd.from_pandas(make_frame(n_groups=2, rows=10), npartitions=1).manymodel.train(
+            fit_line, by="store", url=url, run_id="in-the-child"
+        )
+    except InvalidArgumentError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_of_a_tls_client_is_told_to_bring_the_security(tmp_path):
+    """The refusal in a forked child said to make
+    ``distributed.Client('tls://...')``: on a TLS cluster that fails in
+    Dask's "TLS expects a `ssl_context` argument" without the parent's
+    Security."""
+    from distributed.security import Security
+
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, protocol="tls://", security=Security.temporary(),
+        dashboard_address=":0", silence_logs=logging.ERROR,
+    ) as cluster, distributed.Client(cluster):
+        said = _in_a_forked_child(_train_in_a_forked_child, str(tmp_path))
+    assert f"distributed.Client({cluster.scheduler_address!r}, security=...) with the same Security" in said

@@ -14,6 +14,7 @@ import tempfile
 import uuid
 from typing import Iterator
 
+import dask
 import dask.dataframe as dd
 import distributed
 import pytest
@@ -252,6 +253,45 @@ def test_a_full_scratch_disk_is_named_when_a_model_is_read(tmp_path, scratch_clu
     finally:
         for worker_dir in mounted:
             subprocess.run(["umount", worker_dir], check=True)
+
+
+@contextlib.contextmanager
+def _not_writable(folder: str) -> Iterator[None]:
+    """``folder`` as one this process may not write in: a read-only tmpfs
+    mounted on it as root (permissions do not stop root), else its mode."""
+    if os.geteuid() != 0:
+        os.chmod(folder, 0o555)
+        try:
+            yield
+        finally:
+            os.chmod(folder, 0o755)
+        return
+    if shutil.which("mount") is None:
+        pytest.skip("needs mount to make a read-only folder as root")
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", folder], capture_output=True)
+    if mount.returncode:
+        pytest.skip(f"cannot mount a read-only tmpfs: {mount.stderr!r}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", folder], check=True)
+
+
+def test_a_temporary_directory_the_client_cannot_write_is_passed_over(thread_client, tmp_path):
+    """A dask config shared with the workers (a site's dask.yaml) names their
+    scratch disk as temporary-directory, there on the client's machine but
+    read-only (or not the user's): get_model of a run on remote storage
+    failed in the client, "[Errno 30] Read-only file system"."""
+    url = f"memory://ro-scratch-{uuid.uuid4().hex}"
+    ddf = dd.from_pandas(make_frame(n_groups=4), npartitions=2)
+    run = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    scratch = str(tmp_path / "scratch")
+    os.mkdir(scratch)
+    with _not_writable(scratch), dask.config.set({"temporary-directory": scratch}):
+        assert not os.access(scratch, os.W_OK)
+        assert [round(v, 6) for v in run.get_model(3)] == [1.3, 3.0]
+        assert [round(v, 6) for v in ManyModelRun.restore_from("r1", url).get_model(2)] == [1.2, 2.0]
 
 
 def test_a_relative_url_in_a_deleted_working_directory(tmp_path, monkeypatch):
