@@ -81,6 +81,7 @@ from .store import (
     PARTITION_FILE,
     RUN_MANIFEST,
     TEMP_PREFIX,
+    LocalFile,
     RunStore,
     _temp_name,
     column_segment,
@@ -1693,14 +1694,17 @@ _MODEL_BYTES_IN_MEMORY = 32 * 2**20
 def _save_pickle(
     spec: RunSpec, model: Any, path: str, partition_id: Any, scratch_dir: str | None,
     before_write: Callable[[], None], failed: Callable[[BaseException], "_UserError"],
-) -> tuple[int, dict[str, bytes]]:
+) -> tuple[int, dict[str, Any]]:
     """:func:`_save_model` for :class:`PickleSerde`: the pickle streams into
     memory while it is small (its bytes then go with the task's batch of
-    files) and on into a local file once it is not, which is then committed
-    as a ``write()``'s file would be. A model of 1 GB was pickled to bytes
-    (up to 1.5 GB as they grew) beside itself before anything was written:
-    a worker needed 2.5 times the model's size, and over 3 times for a
-    model of a class of ``__main__`` (pickled twice)."""
+    files) and on into a local file once it is not. On local disk that file
+    is renamed into place now; for remote storage it goes with the batch as
+    a :class:`LocalFile`, uploaded once the group has let go of its model
+    (s3fs reads up to 500 MB of a file at once to upload it: beside the
+    model, that doubled what the worker held). A model of 1 GB was pickled
+    to bytes (up to 1.5 GB as they grew) beside itself before anything was
+    written: a worker needed 2.5 times the model's size, and over 3 times
+    for a model of a class of ``__main__`` (pickled twice)."""
     if spec.store.is_local:  # beside its target: committed by a rename, never copied
         spill_path = _temp_name(path, uuid.uuid4().hex)
     else:
@@ -1723,10 +1727,14 @@ def _save_pickle(
         if spill.file is None:
             data = spill.buffer.getvalue()
             return len(data), {path: data}
+        if not spec.store.is_local:
+            local = LocalFile(spill_path)  # (deleted once its batch is written: _PendingWrites._flush)
+            spill_path = ""
+            return local.size, {path: local}
         before_write()  # written now, not with the batch
         return spec.store.write_via_file(path, functools.partial(_link_or_copy, spill_path), scratch_dir), {}
     finally:
-        if os.path.exists(spill_path):
+        if spill_path and os.path.exists(spill_path):
             os.remove(spill_path)
 
 
@@ -2520,8 +2528,19 @@ class _PendingWrites:
             raise error
 
     def _flush(self) -> None:
-        store = self.spec.store
         entries, self.entries, self.nbytes = self.entries, [], 0
+        # big models streamed to local files (_save_pickle): removed once
+        # written, or once they will never be (a run started again)
+        local_files = [data.path for _, files in entries for data in files.values() if isinstance(data, LocalFile)]
+        try:
+            self._write(entries)
+        finally:
+            for local in local_files:
+                if os.path.exists(local):
+                    os.remove(local)
+
+    def _write(self, entries: list[tuple[dict, dict[str, Any]]]) -> None:
+        store = self.spec.store
         # the groups that found no model (the mark is never written)
         no_model = {id(record) for record, _ in entries if record.pop(_NO_MODEL, False)}
         if entries and self.heartbeat.check_superseded():
