@@ -121,3 +121,40 @@ def test_a_big_model_is_uploaded_after_its_group_let_go_of_it(one_thread_client)
         assert run.get_model(1)[-1] == MODEL_BYTES // 8 - 1
     finally:
         fsspec.filesystem("memory").rm(url, recursive=True)
+
+
+def test_a_local_runs_artifacts_are_written_and_read_in_place(client, tmp_path):
+    """On local disk ctx.upload wrote the artifact in the temp folder and
+    copied it in, and ctx.download and Artifacts.get copied it out to read
+    it: an artifact of GBs needed that much room in /tmp (often small, or
+    in memory) where docs/deployment.md says a local run needs none. Now
+    its file is written beside its place and renamed, and read where it is."""
+    url = str(tmp_path / "models")
+    log = tmp_path / "paths.log"
+
+    def note(path):
+        with open(log, "a") as f:
+            f.write(path + "\n")
+
+    def write(obj, path):
+        note(path)
+        np.save(path, obj)
+
+    def read(path):
+        note(path)
+        return np.load(path)
+
+    def fit(data, ctx):
+        ctx.upload(np.arange(4.0), "emb.npy", write_function=write)
+        return float(ctx.download("emb.npy", read_function=read).sum())
+
+    ddf = dd.from_pandas(pd.DataFrame({"g": [0], "x": [1.0]}), npartitions=1)
+    run = ddf.manymodel.train(fit, by="g", url=url, run_id="r")
+    run.wait(show_progress=False)
+    assert run.summary()["status"].tolist() == ["DONE"] and run.get_model(0) == 6.0
+    assert run.partition_details[0].artifacts.get("emb.npy", read).tolist() == [0.0, 1.0, 2.0, 3.0]
+    written, *read_at = log.read_text().splitlines()
+    stored = os.path.join(url, "r", "g=0", "emb.npy")
+    assert os.path.dirname(written) == os.path.dirname(stored) and os.path.basename(written).startswith(".tmp-")
+    assert read_at == [stored, stored]
+    assert sorted(os.listdir(os.path.dirname(stored))) == ["_partition.json", "emb.npy", "model.pkl"]
