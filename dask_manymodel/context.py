@@ -415,7 +415,14 @@ class PartitionContext:
             # written beside its target and renamed into place, as a model is:
             # it was written in the temp folder and copied, a second copy of
             # an artifact of GBs on a disk (/tmp in a pod) that may not hold it
-            store._commit_local(target, fill)
+            made = not os.path.isdir(folder)
+            try:
+                store._commit_local(target, fill)
+            except BaseException:
+                if made:  # not written (a run started again since): no empty folder left of it
+                    with contextlib.suppress(OSError):  # (not empty: another file of the group)
+                        os.rmdir(folder)
+                raise
         else:
             with scratch_folder() as tmp:
                 local = os.path.join(tmp, filename)

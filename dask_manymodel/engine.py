@@ -1731,11 +1731,18 @@ def _save_pickle(
             local = LocalFile(spill_path)  # (deleted once its batch is written: _PendingWrites._flush)
             spill_path = ""
             return local.size, {path: local}
+        # the finished temp file beside its target, renamed into place:
+        # atomic, and never a copy (a hard link, where a disk has none, was)
+        size = os.path.getsize(spill_path)
         before_write()  # written now, not with the batch
-        return spec.store.write_via_file(path, functools.partial(_link_or_copy, spill_path), scratch_dir), {}
+        spec.store._retry(functools.partial(os.replace, spill_path, path), f"writing {path}")
+        return size, {}
     finally:
         if spill_path and os.path.exists(spill_path):
             os.remove(spill_path)
+            if spill.made_folder:  # not written (a run started again since): nothing left of it
+                with contextlib.suppress(OSError):  # (not empty: the group's other files)
+                    os.rmdir(spill.made_folder)
 
 
 class _SpillFile:
@@ -1747,10 +1754,14 @@ class _SpillFile:
         self.limit, self.path = limit, path
         self.buffer = io.BytesIO()
         self.file: Any = None
+        self.made_folder = ""  # the file's folder, where it was made for it
 
     def write(self, data: Any) -> int:
         if self.file is None and self.buffer.tell() + memoryview(data).nbytes > self.limit:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            folder = os.path.dirname(self.path)
+            if not os.path.isdir(folder):
+                os.makedirs(folder)
+                self.made_folder = folder
             self.file = open(self.path, "wb")
             self.file.write(self.buffer.getbuffer())
             self.buffer = io.BytesIO()
@@ -1765,15 +1776,6 @@ class _SpillFile:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
-
-
-def _link_or_copy(source: str, target: str) -> None:
-    """``target`` made the same file as ``source``: a hard link where the
-    disk allows one (no copy), else a copy."""
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
 
 
 #: A write that fails with one of these failed for its disk, never its model.
