@@ -3,10 +3,12 @@ and :class:`PartitionContext` (who it is, and a place to save files)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import posixpath
+import shutil
 from typing import TYPE_CHECKING, Any, Callable
 
 import cloudpickle
@@ -392,17 +394,40 @@ class PartitionContext:
         _check_callable(write_function, "write_function", "f(obj, local_path) that writes the file")
         store, folder = self._group_folder(self.partition_id, None)
         write = write_function or _pickle_write
-        with scratch_folder() as tmp:
-            local = os.path.join(tmp, filename)
-            write(obj, local)
-            # as for a serde: one file, or the upload would store an empty folder
-            problem = not_one_file(local, "write_function", f"artifact {filename!r}")
-            if problem:
-                raise InvalidArgumentError(f"{problem} (its second argument)")
+        target = posixpath.join(folder, filename)
+
+        def fill(local: str) -> None:
+            try:
+                write(obj, local)
+                # as for a serde: one file, or the upload would store an empty folder
+                problem = not_one_file(local, "write_function", f"artifact {filename!r}")
+                if problem:
+                    raise InvalidArgumentError(f"{problem} (its second argument)")
+            except BaseException:
+                if os.path.isdir(local):
+                    shutil.rmtree(local, ignore_errors=True)
+                raise
             if self._before_write is not None:
                 self._before_write()
             self._refuse_if_closed(filename)  # again: the file may have taken a while to write
-            store.upload_file(local, posixpath.join(folder, filename))
+
+        if store.is_local:
+            # written beside its target and renamed into place, as a model is:
+            # it was written in the temp folder and copied, a second copy of
+            # an artifact of GBs on a disk (/tmp in a pod) that may not hold it
+            made = not os.path.isdir(folder)
+            try:
+                store._commit_local(target, fill)
+            except BaseException:
+                if made:  # not written (a run started again since): no empty folder left of it
+                    with contextlib.suppress(OSError):  # (not empty: another file of the group)
+                        os.rmdir(folder)
+                raise
+        else:
+            with scratch_folder() as tmp:
+                local = os.path.join(tmp, filename)
+                fill(local)
+                store.upload_file(local, target)
         if filename not in self._uploaded:
             self._uploaded.append(filename)
         return store.url_of(group_path(self._by, normalize_key(self.partition_id, len(self._by))), filename)
@@ -426,7 +451,9 @@ class PartitionContext:
         run_id : str, optional
             Another run under the same URL; default this run.
         read_function : callable, optional
-            ``read_function(local_path)`` returns the object; the default unpickles.
+            ``read_function(local_path)`` returns the object; the default
+            unpickles. On local storage ``local_path`` is the stored file
+            itself (no copy is made): read it, never change or delete it.
         """
         if not isinstance(filename, str) or "/" in filename or "\\" in filename or filename in {"", ".", ".."}:
             raise InvalidArgumentError(f"filename {filename!r} must be a plain file name")
@@ -442,11 +469,12 @@ class PartitionContext:
         # and a long value's folder as an earlier version named it (cut
         # within a character, see store.encode_value), in a run it wrote
         folders = dict.fromkeys([folder, store.path(group_path(self._by, key, cut_within_characters=True))])
-        with scratch_folder() as tmp:
-            local = os.path.join(tmp, filename)
+        with contextlib.ExitStack() as stack:
             for place in folders:
                 try:
-                    store.download_file(posixpath.join(place, filename), local)
+                    # on local disk the stored file itself, as get_model reads
+                    # a model: no copy of it in the temp folder
+                    local = stack.enter_context(store.local_file(posixpath.join(place, filename), filename))
                     break
                 except FileNotFoundError:
                     continue

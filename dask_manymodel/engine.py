@@ -21,6 +21,7 @@ import errno
 import functools
 import heapq
 import inspect
+import io
 import json
 import logging
 import math
@@ -70,6 +71,7 @@ from .serde import (
     check_filename,
     serde_from_manifest,
     serde_to_manifest,
+    streams_pickle,
     writes_in_memory,
 )
 from .store import (
@@ -79,7 +81,9 @@ from .store import (
     PARTITION_FILE,
     RUN_MANIFEST,
     TEMP_PREFIX,
+    LocalFile,
     RunStore,
+    _temp_name,
     column_segment,
     group_path,
     key_from_json,
@@ -1676,6 +1680,8 @@ def _save_model(
             f"(a {type(model).__module__}.{type(model).__qualname__}): {error_line(exc)}"
         )
 
+    if streams_pickle(serde):
+        return _save_pickle(spec, model, path, partition_id, scratch_dir, before_write, failed)
     if writes_in_memory(serde):
         try:
             data = serde.to_bytes(model)
@@ -1687,7 +1693,11 @@ def _save_model(
                     f"{type(serde).__name__}.to_bytes returned a {type(data).__name__} for group "
                     f"{partition_id!r}; it must return bytes (or None to have write() save the model)"
                 )
-            return len(data), {path: bytes(data)}
+            # its size as bytes: len() of a memoryview of a float array
+            # (np's, or BytesIO.getbuffer() cast) counts its items, and the
+            # run reported a model of 8,000 bytes as 1,000
+            data = data if isinstance(data, bytes) else bytes(data)
+            return len(data), {path: data}
 
     def write(local_path: str) -> None:
         try:
@@ -1709,6 +1719,98 @@ def _save_model(
 
     before_write()  # written now, not with the batch
     return spec.store.write_via_file(path, write, scratch_dir), {}
+
+
+#: A pickled model up to this size is written with its task's next batch of
+#: files (as _PendingWrites' max_bytes: a bigger one would flush it at once).
+_MODEL_BYTES_IN_MEMORY = 32 * 2**20
+
+
+def _save_pickle(
+    spec: RunSpec, model: Any, path: str, partition_id: Any, scratch_dir: str | None,
+    before_write: Callable[[], None], failed: Callable[[BaseException], "_UserError"],
+) -> tuple[int, dict[str, Any]]:
+    """:func:`_save_model` for :class:`PickleSerde`: the pickle streams into
+    memory while it is small (its bytes then go with the task's batch of
+    files) and on into a local file once it is not. On local disk that file
+    is renamed into place now; for remote storage it goes with the batch as
+    a :class:`LocalFile`, uploaded once the group has let go of its model
+    (s3fs reads up to 500 MB of a file at once to upload it: beside the
+    model, that doubled what the worker held). A model of 1 GB was pickled
+    to bytes (up to 1.5 GB as they grew) beside itself before anything was
+    written: a worker needed 2.5 times the model's size, and over 3 times
+    for a model of a class of ``__main__`` (pickled twice)."""
+    if spec.store.is_local:  # beside its target: committed by a rename, never copied
+        spill_path = _temp_name(path, uuid.uuid4().hex)
+    else:
+        spill_path = os.path.join(scratch_dir, f"spill-{uuid.uuid4().hex}")  # (a remote store's task has one)
+    spill = _SpillFile(_MODEL_BYTES_IN_MEMORY, spill_path)
+    try:
+        try:
+            spec.serde._dump(model, spill)
+        except BaseException as exc:  # the model's own pickling may raise anything
+            if spill.file is not None and _disk_refused(exc, spill_path):
+                raise StorageError(
+                    f"{type(spec.serde).__name__} could not write the model of group {partition_id!r} to "
+                    f"{spill_path}: {error_line(exc)}; that disk is full (or over quota, or read-only): "
+                    f"free space there, then run the group again (run.retry_failed(), or "
+                    f"on_existing_artifacts='resume')"
+                ) from exc
+            raise failed(exc) from exc
+        finally:
+            spill.close()
+        if spill.file is None:
+            data = spill.buffer.getvalue()
+            return len(data), {path: data}
+        if not spec.store.is_local:
+            local = LocalFile(spill_path)  # (deleted once its batch is written: _PendingWrites._flush)
+            spill_path = ""
+            return local.size, {path: local}
+        # the finished temp file beside its target, renamed into place:
+        # atomic, and never a copy (a hard link, where a disk has none, was)
+        size = os.path.getsize(spill_path)
+        before_write()  # written now, not with the batch
+        spec.store._retry(functools.partial(os.replace, spill_path, path), f"writing {path}")
+        return size, {}
+    finally:
+        if spill_path and os.path.exists(spill_path):
+            os.remove(spill_path)
+            if spill.made_folder:  # not written (a run started again since): nothing left of it
+                with contextlib.suppress(OSError):  # (not empty: the group's other files)
+                    os.rmdir(spill.made_folder)
+
+
+class _SpillFile:
+    """A file object that holds what is written in memory up to ``limit``
+    bytes, and from there on in the local file ``path`` (what it held
+    first included); :attr:`file` is None while it is all in memory."""
+
+    def __init__(self, limit: int, path: str):
+        self.limit, self.path = limit, path
+        self.buffer = io.BytesIO()
+        self.file: Any = None
+        self.made_folder = ""  # the file's folder, where it was made for it
+
+    def write(self, data: Any) -> int:
+        if self.file is None and self.buffer.tell() + memoryview(data).nbytes > self.limit:
+            folder = os.path.dirname(self.path)
+            if not os.path.isdir(folder):
+                os.makedirs(folder)
+                self.made_folder = folder
+            self.file = open(self.path, "wb")
+            self.file.write(self.buffer.getbuffer())
+            self.buffer = io.BytesIO()
+        return (self.file or self.buffer).write(data)
+
+    def seek(self, offset: int) -> int:  # (PickleSerde starts over from 0 with cloudpickle)
+        return (self.file or self.buffer).seek(offset)
+
+    def truncate(self) -> int:
+        return (self.file or self.buffer).truncate()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 #: A write that fails with one of these failed for its disk, never its model.
@@ -2463,8 +2565,19 @@ class _PendingWrites:
             raise error
 
     def _flush(self) -> None:
-        store = self.spec.store
         entries, self.entries, self.nbytes = self.entries, [], 0
+        # big models streamed to local files (_save_pickle): removed once
+        # written, or once they will never be (a run started again)
+        local_files = [data.path for _, files in entries for data in files.values() if isinstance(data, LocalFile)]
+        try:
+            self._write(entries)
+        finally:
+            for local in local_files:
+                if os.path.exists(local):
+                    os.remove(local)
+
+    def _write(self, entries: list[tuple[dict, dict[str, Any]]]) -> None:
+        store = self.spec.store
         # the groups that found no model (the mark is never written)
         no_model = {id(record) for record, _ in entries if record.pop(_NO_MODEL, False)}
         if entries and self.heartbeat.check_superseded():

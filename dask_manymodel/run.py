@@ -51,7 +51,6 @@ from .store import (
     keep_few_file_systems,
     normalize_key,
     paths_in_zones,
-    scratch_folder,
     stored_zones,
     without_pandas_metadata_of,
 )
@@ -161,17 +160,17 @@ class Artifacts:
         return local_path
 
     def get(self, name: str, read_function: Callable[[str], Any] | None = None) -> Any:
-        """Load artifact ``name``: with ``read_function(local_path)``, or unpickled."""
+        """Load artifact ``name``: with ``read_function(local_path)``, or
+        unpickled. On local storage ``local_path`` is the stored file itself
+        (no copy in the temp folder, as ``get_model``): read it, never
+        change or delete it."""
         from .context import _check_callable, _pickle_read
 
         # both checked before the download: a name that is no text failed in
         # os.path.join, and a read_function that is no function after the copy
-        self._remote(name)
+        remote = self._remote(name)
         _check_callable(read_function, "read_function", "f(local_path) that returns the object")
-        with scratch_folder() as tmp:
-            local = os.path.join(tmp, name)
-            os.makedirs(os.path.dirname(local), exist_ok=True)  # a serde's file in a subfolder
-            self.download(name, local)
+        with self._store.local_file(remote, name) as local:
             return (read_function or _pickle_read)(local)
 
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import abc
 import importlib
+import io
 import pickle
+import re
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -103,16 +105,27 @@ class PickleSerde(ModelSerde):
 
     def write(self, model: Any, file_path: str) -> None:
         with open(file_path, "wb") as f:
-            f.write(self.to_bytes(model))
+            self._dump(model, f)
 
     def to_bytes(self, model: Any) -> bytes:
+        buffer = io.BytesIO()
+        self._dump(model, buffer)
+        return buffer.getvalue()  # (its own buffer, not a copy)
+
+    def _dump(self, model: Any, file: Any) -> None:
+        """Pickle ``model`` into ``file`` (seekable, empty), streaming: the
+        pickle is never whole in memory beside the model. A model of 1 GB was
+        pickled to bytes (1.5 GB as they grew) and only then written; one of
+        a class of ``__main__`` then pickled again by cloudpickle while the
+        first bytes were still held: over 3 GB at once for a 1 GB model."""
         # the standard library's C pickler is several times faster on small
         # models; it refuses what only cloudpickle can do (lambdas, classes
         # made in a notebook or shipped by value), which then goes to
         # cloudpickle. Both give a pickle that read() loads.
         if not getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", None):
+            watched = _MainWatch(file)
             try:
-                data = pickle.dumps(model, protocol=cloudpickle.DEFAULT_PROTOCOL)
+                pickle.Pickler(watched, protocol=cloudpickle.DEFAULT_PROTOCOL).dump(model)
             except (pickle.PicklingError, AttributeError, TypeError):
                 pass
             else:
@@ -123,9 +136,11 @@ class PickleSerde(ModelSerde):
                 # __main__ defines it. cloudpickle saves those by value. The
                 # check may also match a string that says "__main__"; that
                 # only costs the slower pickler.
-                if b"__main__" not in data:
-                    return data
-        return cloudpickle.dumps(model)
+                if not watched.saw_main:
+                    return
+            file.seek(0)
+            file.truncate()
+        cloudpickle.Pickler(file, protocol=cloudpickle.DEFAULT_PROTOCOL).dump(model)
 
     def read(self, file_path: str) -> Any:
         with open(file_path, "rb") as f:
@@ -256,6 +271,30 @@ class TensorFlowSerde(ModelSerde):
         return import_optional("tensorflow").keras.models.load_model(file_path)
 
 
+class _MainWatch:
+    """A file's ``write`` that notes whether ``b"__main__"`` went through it
+    (in one write or across two), without copying what is written (the
+    pickler hands a big array's bytes over as they are)."""
+
+    def __init__(self, file: Any):
+        self._file = file
+        self._tail = b""
+        self.saw_main = False
+
+    def write(self, data: Any) -> int:
+        if not self.saw_main:
+            view = memoryview(data).cast("B")
+            self.saw_main = (
+                _MAIN.search(view) is not None
+                or _MAIN.search(self._tail + bytes(view[: len(_MAIN.pattern) - 1])) is not None
+            )
+            self._tail = (self._tail + bytes(view[-(len(_MAIN.pattern) - 1):]))[-(len(_MAIN.pattern) - 1):]
+        return self._file.write(data)
+
+
+_MAIN = re.compile(re.escape(b"__main__"))
+
+
 def _short_repr(value: Any, limit: int = 200) -> str:
     """``repr(value)``, cut to ``limit`` characters (a module's repr lists
     every layer)."""
@@ -268,6 +307,14 @@ def writes_in_memory(serde: ModelSerde) -> bool:
     defined as deep in the class tree as ``write`` (a subclass of
     :class:`PickleSerde` that overrides only ``write`` keeps its own write)."""
     return _class_writes_in_memory(type(serde))
+
+
+def streams_pickle(serde: ModelSerde) -> bool:
+    """Whether ``serde`` saves as :class:`PickleSerde` itself does (neither
+    ``write`` nor ``to_bytes`` overridden): then the engine streams its pickle
+    with ``_dump`` (a big model never whole in memory as bytes)."""
+    cls = type(serde)
+    return isinstance(serde, PickleSerde) and cls.write is PickleSerde.write and cls.to_bytes is PickleSerde.to_bytes
 
 
 # Per serde class, the answer of _class_writes_in_memory: asked once per

@@ -777,6 +777,23 @@ def _temp_name(path: str, tag: str) -> str:
     return posixpath.join(folder, temp)
 
 
+class LocalFile:
+    """A file on this machine's disk that stands for its contents among the
+    ``{path: bytes}`` of :meth:`RunStore.write_many` (a big model's pickle,
+    streamed there): uploaded from the file, never read whole into memory.
+    ``len()`` is the file's size, as the bytes' would be."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.size = os.path.getsize(path)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __repr__(self) -> str:
+        return f"LocalFile({self.path!r})"
+
+
 class RunStore:
     """The files of one run under ``url/run_id``, written atomically.
 
@@ -934,11 +951,21 @@ class RunStore:
         stores: one ``fs.pipe`` of them all (s3fs and gcsfs upload them
         concurrently), and if that fails, each one again on its own.
 
+        A value that is a :class:`LocalFile` is uploaded from that file.
+
         ``made_folders``, when given, holds local folders known to exist; the
         ones made here are added, so that a second batch into the same
         folders (a task's statuses after its models) skips them.
         """
         failed: dict[str, Exception] = {}
+        local_files = {path: data for path, data in files.items() if isinstance(data, LocalFile)}
+        if local_files:
+            files = {path: data for path, data in files.items() if path not in local_files}
+            for path, local in local_files.items():
+                try:
+                    self.upload_file(local.path, path)
+                except Exception as exc:
+                    failed[path] = exc
         if not files:
             return failed
         if self.is_local:

@@ -972,8 +972,14 @@ class BytesSometimes(PickleSerde):
             f.write(PickleSerde.to_bytes(self, model))
 
 
+def _set_model_bytes_in_memory(limit: int) -> None:
+    from dask_manymodel import engine
+
+    engine._MODEL_BYTES_IN_MEMORY = limit
+
+
 @pytest.mark.parametrize("writes", ["batched", "by the serde at once", "by write() when to_bytes says None",
-                                    "by ctx.upload"])
+                                    "by ctx.upload", "a pickle streamed to its file"])
 def test_a_run_started_again_elsewhere_writes_nothing_more(client, tmp_path, caplog, writes):
     """A batch job retried while its first try still runs: the second start
     overwrites the run, and the first one's tasks and client must write
@@ -981,8 +987,13 @@ def test_a_run_started_again_elsewhere_writes_nothing_more(client, tmp_path, cap
     first one's group 0 wrote its files and status after the overwrite, and
     its client wrote its own _run.json over the second one's at the end)."""
     url = str(tmp_path / "m")
-    with caplog.at_level(logging.WARNING, "dask_manymodel"):
-        first, second = start_again_while_group_zero_holds(client, url, str(tmp_path), writes)
+    if writes == "a pickle streamed to its file":  # as a big model's is (engine._save_pickle)
+        client.run(_set_model_bytes_in_memory, 0)
+    try:
+        with caplog.at_level(logging.WARNING, "dask_manymodel"):
+            first, second = start_again_while_group_zero_holds(client, url, str(tmp_path), writes)
+    finally:
+        client.run(_set_model_bytes_in_memory, 32 * 2**20)
     assert os.listdir(os.path.join(url, "r1")) == ["_run.json"]  # no group's file or status
     assert_wrote_nothing_more(first, second, caplog)
 

@@ -264,6 +264,36 @@ def test_only_a_serde_whose_to_bytes_matches_its_write_is_written_from_memory():
     assert not writes_in_memory(TorchSerde())
 
 
+class FloatsSerde(ModelSerde):
+    """Writes a float array's raw bytes; to_bytes gives a memoryview of them."""
+
+    filename = "model.f8"
+
+    def to_bytes(self, model):
+        return memoryview(np.ascontiguousarray(model, dtype="float64"))
+
+    def write(self, model, file_path):
+        np.ascontiguousarray(model, dtype="float64").tofile(file_path)
+
+    def read(self, file_path):
+        return np.fromfile(file_path, dtype="float64")
+
+
+def thousand_floats(data, ctx):
+    return np.arange(1000, dtype="float64")
+
+
+def test_a_model_given_as_a_memoryview_counts_its_bytes(client, tmp_path):
+    """len() of a memoryview of floats counts its items: the run said 1,000
+    bytes for a model file of 8,000."""
+    ddf = dd.from_pandas(pd.DataFrame({"g": [0], "x": [1.0]}), npartitions=1)
+    run = ddf.manymodel.train(thousand_floats, by="g", url=str(tmp_path), run_id="r", serde=FloatsSerde())
+    run.wait()
+    assert run.summary()["bytes"].tolist() == [8000]
+    assert os.path.getsize(tmp_path / "r" / "g=0" / "model.f8") == 8000
+    assert run.get_model(0).tolist() == list(range(1000))
+
+
 def test_pickle_serde_takes_what_only_cloudpickle_can_and_reads_both(tmp_path):
     import pickle
 
