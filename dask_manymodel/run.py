@@ -383,6 +383,20 @@ _EMPTY_SUMMARY_DTYPES = {
 }
 
 
+def _connected(client: distributed.Client | None) -> bool:
+    """Whether ``client`` is connected to its scheduler. One that lost it
+    (the scheduler was killed or closed, the network broke) is
+    ``"connecting"`` for its reconnect timeout (``Client(timeout=)``,
+    ``distributed.comm.timeouts.connect``, 30 s by default), then
+    ``"closed"``; Dask cancels every future of the client as the connection
+    drops. A call to the scheduler meanwhile (``run_on_scheduler``, a
+    ``distributed.Event``) waited out that whole timeout, then raised:
+    ``summary()``, ``get_progress()``, a notebook's display of the handle and
+    ``wait()`` froze for 30 s, and ``cancel()`` raised "ConnectionPool is
+    closed". Without a scheduler the handle asks none and reads storage."""
+    return client is not None and client.status == "running"
+
+
 def _aggregate(statuses: list[PartitionStatus], cancelled: bool, finished: bool) -> RunStatus:
     if not finished:
         return RunStatus.IN_PROGRESS
@@ -959,6 +973,8 @@ class ManyModelRun:
         """Tell the run's tasks to stop before their next group (fail_fast for
         a group the client FAILED, a task cancelled outside the run)."""
         self._cancel_event_set = True
+        if not _connected(self._client):
+            return  # the tasks stop at the fence (_fence_cut_off_tasks) instead
         try:
             distributed.Event(self._spec.cancel_event, client=self._client).set()
         except Exception:  # the client is closed: the tasks go on
@@ -985,6 +1001,8 @@ class ManyModelRun:
         (``engine.superseded_by``)."""
         if not (self._manifest.get("cancelled") or self._spec.options.fail_fast or self._cancel_event_set):
             return  # never set: nothing to forget (and no round trip)
+        if not _connected(self._client):
+            return  # no scheduler to forget it (see _connected)
         try:
             # clearing an event no one waits on deletes it
             distributed.Event(self._spec.cancel_event, client=self._client).clear()
@@ -1212,6 +1230,8 @@ class ManyModelRun:
             "reading its groups' statuses (summary(), get_progress(), partition_details)", "run.summary",
             f", or read them as stored: ManyModelRun.restore_from({self.run_id!r}, url).summary()",
         )
+        if not _connected(self._client):
+            return set()  # no scheduler to ask: the groups with no outcome read as PENDING
         name = self._futures[0].key[0]
         try:
             executing = self._client.run_on_scheduler(_executing_keys, name)
@@ -1532,8 +1552,12 @@ class ManyModelRun:
             return self.status
         self._refuse_where_it_waits_for_ever("cancel()", "run.cancel")
         self._record_cancel()
-        self._cancel_event_set = True
-        distributed.Event(self._spec.cancel_event, client=self._client).set()
+        # a client that lost its scheduler (killed, closed, restarting) could
+        # not set the event: it raised "ConnectionPool is closed" from here,
+        # or waited for the client's reconnect timeout. Dask cancelled every
+        # task of the run with the connection; the collector fences and
+        # records them (CANCELLED, the run being cancelled), as waited for below
+        self._set_cancel_event()
         from ._client import outside_the_worker_pool
 
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -1584,6 +1608,8 @@ class ManyModelRun:
         went: cancel() waited for ever for them to start)."""
         from .engine import some_worker_offers, workers_resources
 
+        if not _connected(self._client):
+            return set()  # no scheduler to ask, and Dask cancelled the run's tasks with the connection
         needs = self._spec.options.resources  # every task of the run needs the same
         offered = workers_resources(self._client)
         if offered is None or (offered and (not needs or some_worker_offers(needs, offered))):

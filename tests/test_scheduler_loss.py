@@ -1,0 +1,122 @@
+"""Losing the Dask scheduler during a run: the scheduler killed or closed,
+the client's connection to it gone. The client then tries to reconnect for
+its ``timeout`` before it closes; the handle must neither wait that out nor
+fail with Dask's internals, and storage must tell the truth for a resume."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import uuid
+
+import dask
+import dask.dataframe as dd
+import distributed
+import pytest
+
+import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
+from dask_manymodel import ExecutionOptions, ManyModelRun, RunStatus
+
+from .conftest import make_frame, out_of_the_thread_pool, poll
+
+# The client's reconnect timeout in these tests: long, so that a call that
+# waits it out is seen by the client's status (still "connecting" after a
+# call that did not wait), not by timing it.
+RECONNECT_SECONDS = 90
+
+
+def noted_and_zero_held(folder, data, ctx):
+    """A train function: notes each call in ``folder`` (a file per call), and
+    group 0 waits out of its worker's thread pool until ``folder/gate``
+    exists, so that the run stays in progress while the others finish."""
+    open(os.path.join(folder, f"ran-{ctx.partition_id}-{uuid.uuid4().hex}"), "w").close()
+    if ctx.partition_id == 0:
+        with out_of_the_thread_pool():
+            poll(lambda: os.path.exists(os.path.join(folder, "gate")), timeout=120)
+    return len(data)
+
+
+def calls_per_group(folder) -> dict[int, int]:
+    calls: dict[int, int] = {}
+    for name in os.listdir(folder):
+        if name.startswith("ran-"):
+            group = int(name.split("-")[1])
+            calls[group] = calls.get(group, 0) + 1
+    return calls
+
+
+@pytest.fixture
+def run_that_lost_its_scheduler(tmp_path):
+    """A run whose groups 1-3 are DONE and group 0 runs, when the scheduler
+    of its cluster closes under it; yields (run, client, url, folder)."""
+    folder = tmp_path / "calls"
+    folder.mkdir()
+    url = str(tmp_path / "models")
+    cluster = distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
+    )
+    client = distributed.Client(cluster, timeout=RECONNECT_SECONDS, set_as_default=True)
+    try:
+        ddf = dd.from_pandas(make_frame(n_groups=4, rows=10), npartitions=2)
+        run = ddf.manymodel.train(
+            functools.partial(noted_and_zero_held, str(folder)), by="store", url=url, run_id="r1",
+            execution_options=ExecutionOptions(npartitions=4),
+        )
+        poll(lambda: len(run.get_progress().get("DONE", [])) == 3, timeout=120)  # poll
+        client.sync(cluster.scheduler.close)
+        poll(lambda: client.status != "running", timeout=30)  # poll
+        yield run, client, url, str(folder)
+    finally:
+        (folder / "gate").touch()
+        client.close()
+        # the cluster asks its closed scheduler first: each ask waited out
+        # the connect timeout (30 s)
+        with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+            cluster.close()
+
+
+def test_reads_and_cancel_of_a_run_whose_scheduler_is_gone_do_not_wait_out_the_reconnect(run_that_lost_its_scheduler):
+    # summary(), get_progress() and a notebook's display asked the scheduler
+    # which groups ran, and that waited out the client's whole reconnect
+    # timeout (30 s by default); cancel() then raised Dask's
+    # "RuntimeError: ConnectionPool is closed"
+    run, client, url, _ = run_that_lost_its_scheduler
+    summary = run.summary()
+    assert list(summary.sort_values("partition_id")["status"])[1:] == ["DONE"] * 3
+    assert "DONE=3" in repr(run)
+    assert client.status == "connecting"  # the reads did not wait for the reconnect to give up
+
+    assert run.cancel(timeout=60) is RunStatus.CANCELLED
+    assert client.status == "connecting"
+    assert run.wait(timeout=0, show_progress=False) is RunStatus.CANCELLED
+    stored = ManyModelRun.restore_from("r1", url)
+    assert stored.status is RunStatus.CANCELLED
+    assert stored.manifest["counts"] == {"DONE": 3, "CANCELLED": 1}
+
+
+def test_a_run_whose_scheduler_is_gone_ends_in_storage_and_resumes_on_another_cluster(
+    run_that_lost_its_scheduler, client
+):
+    # ``client`` is the session cluster's: another cluster than the lost one
+    run, lost_client, url, folder = run_that_lost_its_scheduler
+    assert run.wait(timeout=60, show_progress=False) is RunStatus.PARTIAL_FAILURE
+    assert lost_client.status == "connecting"  # the run's end did not wait for the reconnect to give up
+    stored = ManyModelRun.restore_from("r1", url)
+    assert stored.status is RunStatus.PARTIAL_FAILURE
+    assert stored.manifest["counts"] == {"DONE": 3, "INTERNAL_ERROR": 1}
+    error = stored.partition_details[0].error
+    assert "lost with the task running it" in error and "scheduler" in error
+
+    with client.as_current():
+        ddf = dd.from_pandas(make_frame(n_groups=4, rows=10), npartitions=2)
+        open(os.path.join(folder, "gate"), "w").close()
+        resumed = ddf.manymodel.train(
+            functools.partial(noted_and_zero_held, folder), by="store", url=url, run_id="r1",
+            on_existing_artifacts="resume",
+        )
+        assert resumed.wait(timeout=120, show_progress=False) is RunStatus.SUCCESS
+    calls = calls_per_group(folder)
+    assert {group: calls[group] for group in (1, 2, 3)} == {1: 1, 2: 1, 3: 1}  # DONE groups not run again
+    assert calls[0] >= 2
+    assert ManyModelRun.restore_from("r1", url).manifest["counts"] == {"DONE": 4}
