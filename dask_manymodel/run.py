@@ -462,10 +462,15 @@ _FENCE_SECONDS = 1.0
 # handler; weakly, so that a finished run's handle (and its records, ~60 MB at
 # 100,000 groups) goes when the user drops it.
 _live_runs: "weakref.WeakValueDictionary[str, ManyModelRun]" = weakref.WeakValueDictionary()
-# The clients whose progress topic is subscribed, once each for its life:
-# ``Client.unsubscribe_topic`` keeps the handler in the client, and a topic
-# per run kept one topic per run in the scheduler.
-_subscribed_clients: "weakref.WeakSet[distributed.Client]" = weakref.WeakSet()
+# The clients whose progress topic is subscribed, once each per connection
+# to a scheduler (``Client.unsubscribe_topic`` keeps the handler in the
+# client, and a topic per run kept one topic per run in the scheduler), with
+# that connection (``client.scheduler_comm``, weakly). A client that lost its
+# scheduler and reconnected (to one started again at the same address) has a
+# new connection, and the new scheduler knows none of its topics: Dask does
+# not subscribe them again, and the progress bar of every later run stayed
+# at 0 until a task ended.
+_subscribed_clients: "weakref.WeakKeyDictionary[distributed.Client, weakref.ref]" = weakref.WeakKeyDictionary()
 _subscribe_lock = threading.Lock()
 _exit_hook_registered = False
 
@@ -587,9 +592,12 @@ def _follow_progress(run: "ManyModelRun", client: distributed.Client, topic: str
         if not _exit_hook_registered:
             _register_at_exit(end_live_runs)
             _exit_hook_registered = True
-        if client not in _subscribed_clients:
+        connection = client.scheduler_comm
+        subscribed = _subscribed_clients.get(client)
+        if connection is None or subscribed is None or subscribed() is not connection:
             client.subscribe_topic(topic, _on_progress_event)
-            _subscribed_clients.add(client)
+            if connection is not None:
+                _subscribed_clients[client] = weakref.ref(connection)
 
 
 def _no_run_message(store: RunStore) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import socket
 import uuid
 
 import dask
@@ -120,3 +121,50 @@ def test_a_run_whose_scheduler_is_gone_ends_in_storage_and_resumes_on_another_cl
     assert {group: calls[group] for group in (1, 2, 3)} == {1: 1, 2: 1, 3: 1}  # DONE groups not run again
     assert calls[0] >= 2
     assert ManyModelRun.restore_from("r1", url).manifest["counts"] == {"DONE": 4}
+
+
+def last_group_held(gate, data, ctx):
+    """A train function: group 5 waits until the file ``gate`` exists."""
+    if ctx.partition_id == 5:
+        poll(lambda: os.path.exists(gate), timeout=120)
+    return len(data)
+
+
+def one_worker_cluster_at(port: int) -> distributed.LocalCluster:
+    return distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, scheduler_port=port, dashboard_address=":0",
+        silence_logs=logging.ERROR,
+    )
+
+
+def test_the_progress_of_a_run_started_after_the_client_reconnected_to_a_new_scheduler(tmp_path):
+    # the client subscribed the progress topic once for its life; a scheduler
+    # started again at the same address knows none of its topics (Dask does
+    # not subscribe them again as it reconnects), so the progress bar of every
+    # later run stayed at 0 until a task ended
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    url = str(tmp_path / "models")
+    ddf = dd.from_pandas(make_frame(n_groups=6, rows=5), npartitions=1)
+    first = one_worker_cluster_at(port)
+    with distributed.Client(first.scheduler_address, timeout=RECONNECT_SECONDS, set_as_default=True) as client:
+        with first:
+            open(tmp_path / "open", "w").close()
+            run = ddf.manymodel.train(
+                functools.partial(last_group_held, str(tmp_path / "open")), by="store", url=url, run_id="r1"
+            )
+            assert run.wait(timeout=60, show_progress=False) is RunStatus.SUCCESS
+        poll(lambda: client.status != "running", timeout=30)  # poll
+        with one_worker_cluster_at(port):
+            poll(lambda: client.status == "running", timeout=60)  # poll
+            gate = str(tmp_path / "gate")
+            run = ddf.manymodel.train(
+                functools.partial(last_group_held, gate), by="store", url=url, run_id="r2",
+                execution_options=ExecutionOptions(npartitions=1),
+            )
+            try:
+                poll(lambda: run._finished_count() == 5, timeout=60)  # poll: the bar's count, from the events
+            finally:
+                open(gate, "w").close()
+            assert run.wait(timeout=60, show_progress=False) is RunStatus.SUCCESS
