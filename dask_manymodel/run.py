@@ -1722,13 +1722,28 @@ class ManyModelRun:
         ReadOnlyRunError
             On a restored handle: it has no futures; use :meth:`get_progress`.
         ManyModelError
-            The run's client was closed.
+            The run's client was closed, or lost its scheduler; or tasks of
+            the run were cancelled outside it (``client.restart()``,
+            ``client.cancel()``).
         """
         futures = self.futures
         if self._client.status in ("closing", "closed"):
             raise ManyModelError(
                 f"the Dask client of run {self.run_id!r} is closed; read run.get_progress() "
                 f"or run.status instead"
+            )
+        if not _connected(self._client):
+            raise ManyModelError(
+                f"the Dask client of run {self.run_id!r} lost its scheduler (it is {self._client.status!r}); "
+                f"read run.get_progress() or run.status instead"
+            )
+        # the scheduler forgot such a task, and Dask's bar waited on it for ever
+        cancelled = sum(future.cancelled() for future in futures)
+        if cancelled:
+            raise ManyModelError(
+                f"{cancelled:,} of the {len(futures):,} tasks of run {self.run_id!r} were cancelled outside the "
+                f"run (client.restart(), client.cancel(), or its scheduler was lost), and Dask's bar would wait "
+                f"for them for ever; read run.get_progress() or run.status instead"
             )
         # the run's own scheduler, not the default client's
         kwargs.setdefault("scheduler", self._client.scheduler.address)

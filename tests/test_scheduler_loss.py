@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import socket
+import threading
 import uuid
 
 import dask
@@ -17,7 +18,7 @@ import distributed
 import pytest
 
 import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
-from dask_manymodel import ExecutionOptions, ManyModelRun, RunStatus
+from dask_manymodel import ExecutionOptions, ManyModelError, ManyModelRun, RunStatus
 
 from .conftest import make_frame, out_of_the_thread_pool, poll
 
@@ -87,6 +88,8 @@ def test_reads_and_cancel_of_a_run_whose_scheduler_is_gone_do_not_wait_out_the_r
     assert list(summary.sort_values("partition_id")["status"])[1:] == ["DONE"] * 3
     assert "DONE=3" in repr(run)
     assert client.status == "connecting"  # the reads did not wait for the reconnect to give up
+    with pytest.raises(ManyModelError, match="lost its scheduler"):  # (it waited 30 s, then OSError)
+        run.progress(notebook=False)
 
     assert run.cancel(timeout=60) is RunStatus.CANCELLED
     assert client.status == "connecting"
@@ -168,3 +171,38 @@ def test_the_progress_of_a_run_started_after_the_client_reconnected_to_a_new_sch
             finally:
                 open(gate, "w").close()
             assert run.wait(timeout=60, show_progress=False) is RunStatus.SUCCESS
+
+
+def test_dask_progress_bar_of_a_run_whose_tasks_a_restart_cancelled_says_so(tmp_path):
+    # client.restart() mid-run: the scheduler forgot the run's tasks, and
+    # run.progress() (Dask's bar over them) waited on them for ever
+    folder = tmp_path / "calls"
+    folder.mkdir()
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
+    ) as cluster, distributed.Client(cluster, set_as_default=True) as client:
+        ddf = dd.from_pandas(make_frame(n_groups=4, rows=10), npartitions=2)
+        run = ddf.manymodel.train(
+            functools.partial(noted_and_zero_held, str(folder)), by="store", url=str(tmp_path / "models"),
+            run_id="r1", execution_options=ExecutionOptions(npartitions=4),
+        )
+        poll(lambda: len(run.get_progress().get("DONE", [])) == 3, timeout=120)  # poll
+        client.restart()
+        (folder / "gate").touch()
+        assert run.wait(timeout=60, show_progress=False) is RunStatus.PARTIAL_FAILURE
+
+        outcome: list = []
+
+        def bar() -> None:
+            try:
+                outcome.append(run.progress(notebook=False))
+            except Exception as exc:
+                outcome.append(exc)
+
+        waiting = threading.Thread(target=bar, daemon=True)  # a daemon: the bug's wait must not hold the tests
+        waiting.start()
+        waiting.join(60)
+        assert not waiting.is_alive(), "run.progress() waits for tasks the restart cancelled"
+        assert isinstance(outcome[0], ManyModelError)
+        assert "cancelled outside the run (client.restart()" in str(outcome[0])
+        assert "run.get_progress()" in str(outcome[0])
