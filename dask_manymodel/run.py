@@ -1560,12 +1560,14 @@ class ManyModelRun:
             return self.status
         self._refuse_where_it_waits_for_ever("cancel()", "run.cancel")
         self._record_cancel()
-        # a client that lost its scheduler (killed, closed, restarting) could
-        # not set the event: it raised "ConnectionPool is closed" from here,
-        # or waited for the client's reconnect timeout. Dask cancelled every
-        # task of the run with the connection; the collector fences and
-        # records them (CANCELLED, the run being cancelled), as waited for below
-        self._set_cancel_event()
+        # a client that lost its scheduler (killed, closed, restarting) cannot
+        # set the event: it raised "ConnectionPool is closed" here, or waited
+        # out the client's reconnect timeout. Dask cancelled every task of the
+        # run with the connection; the collector fences them and records their
+        # groups (CANCELLED, the run being cancelled), as waited for below
+        self._cancel_event_set = True
+        if _connected(self._client):
+            distributed.Event(self._spec.cancel_event, client=self._client).set()
         from ._client import outside_the_worker_pool
 
         deadline = None if timeout is None else time.monotonic() + timeout
