@@ -1239,7 +1239,7 @@ class ManyModelRun:
             f", or read them as stored: ManyModelRun.restore_from({self.run_id!r}, url).summary()",
         )
         if not _connected(self._client):
-            return set()  # no scheduler to ask: the groups with no outcome read as PENDING
+            return set()  # no scheduler to ask: the groups read as stored
         name = self._futures[0].key[0]
         try:
             executing = self._client.run_on_scheduler(_executing_keys, name)
