@@ -39,6 +39,26 @@ def noted_and_zero_held(folder, data, ctx):
     return len(data)
 
 
+def within(seconds: float, call):
+    """``call()`` in a daemon thread (one that hangs does not hold the
+    tests): what it returned, or the error it raised; fails if it has not
+    ended after ``seconds``, a third of the client's reconnect timeout, which
+    a call that waits it out takes."""
+    outcome: list = []
+
+    def calling() -> None:
+        try:
+            outcome.append(call())
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=calling, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{call} waits on the lost scheduler"
+    return outcome[0]
+
+
 def calls_per_group(folder) -> dict[int, int]:
     calls: dict[int, int] = {}
     for name in os.listdir(folder):
@@ -80,23 +100,31 @@ def run_that_lost_its_scheduler(tmp_path):
 
 def test_reads_and_cancel_of_a_run_whose_scheduler_is_gone_do_not_wait_out_the_reconnect(run_that_lost_its_scheduler):
     # summary(), get_progress() and a notebook's display asked the scheduler
-    # which groups ran, and that waited out the client's whole reconnect
-    # timeout (30 s by default); cancel() then raised Dask's
+    # which groups ran, which waited out the client's reconnect timeout (30 s
+    # by default); cancel() waited it out too, then raised Dask's
     # "RuntimeError: ConnectionPool is closed"
     run, client, url, _ = run_that_lost_its_scheduler
-    summary = run.summary()
+    shown = within(RECONNECT_SECONDS / 3, lambda: repr(run))  # read at once: the run goes on
+    assert "DONE=3" in shown
+    summary = within(RECONNECT_SECONDS / 3, run.summary)
     assert list(summary.sort_values("partition_id")["status"])[1:] == ["DONE"] * 3
-    assert "DONE=3" in repr(run)
-    assert client.status == "connecting"  # the reads did not wait for the reconnect to give up
-    with pytest.raises(ManyModelError, match="lost its scheduler"):  # (it waited 30 s, then OSError)
-        run.progress(notebook=False)
 
-    assert run.cancel(timeout=60) is RunStatus.CANCELLED
-    assert client.status == "connecting"
-    assert run.wait(timeout=0, show_progress=False) is RunStatus.CANCELLED
+    status = within(RECONNECT_SECONDS / 3, lambda: run.cancel(timeout=60))
+    # the run ends in a second without a cancel (its tasks were lost with the
+    # scheduler): on a loaded host that second may pass before the cancel
+    expected = {
+        RunStatus.CANCELLED: {"DONE": 3, "CANCELLED": 1},
+        RunStatus.PARTIAL_FAILURE: {"DONE": 3, "INTERNAL_ERROR": 1},
+    }
+    assert status in expected
+    assert run.wait(timeout=0, show_progress=False) is status
     stored = ManyModelRun.restore_from("r1", url)
-    assert stored.status is RunStatus.CANCELLED
-    assert stored.manifest["counts"] == {"DONE": 3, "CANCELLED": 1}
+    assert stored.status is status
+    assert stored.manifest["counts"] == expected[status]
+    assert client.status == "connecting"
+    # (it waited 30 s, then raised OSError)
+    refused = within(RECONNECT_SECONDS / 3, lambda: run.progress(notebook=False))
+    assert isinstance(refused, ManyModelError) and "lost its scheduler" in str(refused)
 
 
 def test_a_run_whose_scheduler_is_gone_ends_in_storage_and_resumes_on_another_cluster(
@@ -104,8 +132,8 @@ def test_a_run_whose_scheduler_is_gone_ends_in_storage_and_resumes_on_another_cl
 ):
     # ``client`` is the session cluster's: another cluster than the lost one
     run, lost_client, url, folder = run_that_lost_its_scheduler
-    assert run.wait(timeout=60, show_progress=False) is RunStatus.PARTIAL_FAILURE
-    assert lost_client.status == "connecting"  # the run's end did not wait for the reconnect to give up
+    # the run's end did not wait for the reconnect to give up
+    assert run.wait(timeout=RECONNECT_SECONDS / 3, show_progress=False) is RunStatus.PARTIAL_FAILURE
     stored = ManyModelRun.restore_from("r1", url)
     assert stored.status is RunStatus.PARTIAL_FAILURE
     assert stored.manifest["counts"] == {"DONE": 3, "INTERNAL_ERROR": 1}
