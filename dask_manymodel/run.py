@@ -382,6 +382,20 @@ _EMPTY_SUMMARY_DTYPES = {
 }
 
 
+def _connected(client: distributed.Client | None) -> bool:
+    """Whether ``client`` is connected to its scheduler. One that lost it
+    (the scheduler was killed or closed, the network broke) is
+    ``"connecting"`` for its reconnect timeout (``Client(timeout=)``,
+    ``distributed.comm.timeouts.connect``, 30 s by default), then
+    ``"closed"``; Dask cancels every future of the client as the connection
+    drops. A call to the scheduler meanwhile (``run_on_scheduler``, a
+    ``distributed.Event``) waited out that whole timeout, then raised:
+    ``summary()``, ``get_progress()``, a notebook's display of the handle and
+    ``wait()`` froze for 30 s, and ``cancel()`` raised "ConnectionPool is
+    closed". Without a scheduler the handle asks none and reads storage."""
+    return client is not None and client.status == "running"
+
+
 def _aggregate(statuses: list[PartitionStatus], cancelled: bool, finished: bool) -> RunStatus:
     if not finished:
         return RunStatus.IN_PROGRESS
@@ -447,10 +461,15 @@ _FENCE_SECONDS = 1.0
 # handler; weakly, so that a finished run's handle (and its records, ~60 MB at
 # 100,000 groups) goes when the user drops it.
 _live_runs: "weakref.WeakValueDictionary[str, ManyModelRun]" = weakref.WeakValueDictionary()
-# The clients whose progress topic is subscribed, once each for its life:
-# ``Client.unsubscribe_topic`` keeps the handler in the client, and a topic
-# per run kept one topic per run in the scheduler.
-_subscribed_clients: "weakref.WeakSet[distributed.Client]" = weakref.WeakSet()
+# The clients whose progress topic is subscribed, once each per connection
+# to a scheduler (``Client.unsubscribe_topic`` keeps the handler in the
+# client, and a topic per run kept one topic per run in the scheduler), with
+# that connection (``client.scheduler_comm``, weakly). A client that lost its
+# scheduler and reconnected (to one started again at the same address) has a
+# new connection, and the new scheduler knows none of its topics: Dask does
+# not subscribe them again, and the progress bar of every later run stayed
+# at 0 until a task ended.
+_subscribed_clients: "weakref.WeakKeyDictionary[distributed.Client, weakref.ref]" = weakref.WeakKeyDictionary()
 _subscribe_lock = threading.Lock()
 _exit_hook_registered = False
 
@@ -586,9 +605,12 @@ def _follow_progress(run: "ManyModelRun", client: distributed.Client, topic: str
         if not _exit_hook_registered:
             _register_at_exit(end_live_runs)
             _exit_hook_registered = True
-        if client not in _subscribed_clients:
+        connection = client.scheduler_comm
+        subscribed = _subscribed_clients.get(client)
+        if connection is None or subscribed is None or subscribed() is not connection:
             client.subscribe_topic(topic, _on_progress_event)
-            _subscribed_clients.add(client)
+            if connection is not None:
+                _subscribed_clients[client] = weakref.ref(connection)
 
 
 def _no_run_message(store: RunStore) -> str:
@@ -974,6 +996,8 @@ class ManyModelRun:
         """Tell the run's tasks to stop before their next group (fail_fast for
         a group the client FAILED, a task cancelled outside the run)."""
         self._cancel_event_set = True
+        if not _connected(self._client):
+            return  # the tasks stop at the fence (_fence_cut_off_tasks) instead
         try:
             distributed.Event(self._spec.cancel_event, client=self._client).set()
         except Exception:  # the client is closed: the tasks go on
@@ -1000,6 +1024,8 @@ class ManyModelRun:
         (``engine.superseded_by``)."""
         if not (self._manifest.get("cancelled") or self._spec.options.fail_fast or self._cancel_event_set):
             return  # never set: nothing to forget (and no round trip)
+        if not _connected(self._client):
+            return  # no scheduler to forget it (see _connected)
         try:
             # clearing an event no one waits on deletes it
             distributed.Event(self._spec.cancel_event, client=self._client).clear()
@@ -1227,6 +1253,8 @@ class ManyModelRun:
             "reading its groups' statuses (summary(), get_progress(), partition_details)", "run.summary",
             f", or read them as stored: ManyModelRun.restore_from({self.run_id!r}, url).summary()",
         )
+        if not _connected(self._client):
+            return set()  # no scheduler to ask: the groups read as stored
         name = self._futures[0].key[0]
         try:
             executing = self._client.run_on_scheduler(_executing_keys, name)
@@ -1547,8 +1575,14 @@ class ManyModelRun:
             return self.status
         self._refuse_where_it_waits_for_ever("cancel()", "run.cancel")
         self._record_cancel()
+        # a client that lost its scheduler (killed, closed, restarting) cannot
+        # set the event: it raised "ConnectionPool is closed" here, or waited
+        # out the client's reconnect timeout. Dask cancelled every task of the
+        # run with the connection; the collector fences them and records their
+        # groups (CANCELLED, the run being cancelled), as waited for below
         self._cancel_event_set = True
-        distributed.Event(self._spec.cancel_event, client=self._client).set()
+        if _connected(self._client):
+            distributed.Event(self._spec.cancel_event, client=self._client).set()
         from ._client import outside_the_worker_pool
 
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -1599,6 +1633,8 @@ class ManyModelRun:
         went: cancel() waited for ever for them to start)."""
         from .engine import some_worker_offers, workers_resources
 
+        if not _connected(self._client):
+            return set()  # no scheduler to ask, and Dask cancelled the run's tasks with the connection
         needs = self._spec.options.resources  # every task of the run needs the same
         offered = workers_resources(self._client)
         if offered is None or (offered and (not needs or some_worker_offers(needs, offered))):
@@ -1703,13 +1739,28 @@ class ManyModelRun:
         ReadOnlyRunError
             On a restored handle: it has no futures; use :meth:`get_progress`.
         ManyModelError
-            The run's client was closed.
+            The run's client was closed, or lost its scheduler; or tasks of
+            the run were cancelled outside it (``client.restart()``,
+            ``client.cancel()``).
         """
         futures = self.futures
         if self._client.status in ("closing", "closed"):
             raise ManyModelError(
                 f"the Dask client of run {self.run_id!r} is closed; read run.get_progress() "
                 f"or run.status instead"
+            )
+        if not _connected(self._client):
+            raise ManyModelError(
+                f"the Dask client of run {self.run_id!r} lost its scheduler (it is {self._client.status!r}); "
+                f"read run.get_progress() or run.status instead"
+            )
+        # the scheduler forgot such a task, and Dask's bar waited on it for ever
+        cancelled = sum(future.cancelled() for future in futures)
+        if cancelled:
+            raise ManyModelError(
+                f"{cancelled:,} of the {len(futures):,} tasks of run {self.run_id!r} were cancelled outside the "
+                f"run (client.restart(), client.cancel(), or its scheduler was lost), and Dask's bar would wait "
+                f"for them for ever; read run.get_progress() or run.status instead"
             )
         # the run's own scheduler, not the default client's
         kwargs.setdefault("scheduler", self._client.scheduler.address)
