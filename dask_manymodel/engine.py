@@ -1740,19 +1740,21 @@ def _save_pickle(
     to bytes (up to 1.5 GB as they grew) beside itself before anything was
     written: a worker needed 2.5 times the model's size, and over 3 times
     for a model of a class of ``__main__`` (pickled twice)."""
-    if spec.store.is_local:  # beside its target: committed by a rename, never copied
-        spill_path = _temp_name(path, uuid.uuid4().hex)
-    else:
-        spill_path = os.path.join(scratch_dir, f"spill-{uuid.uuid4().hex}")  # (a remote store's task has one)
+    def spill_path() -> str:  # named only when the pickle outgrows memory (no uuid, no stat per group)
+        if spec.store.is_local:  # beside its target: committed by a rename, never copied
+            return _temp_name(path, uuid.uuid4().hex)
+        return os.path.join(scratch_dir, f"spill-{uuid.uuid4().hex}")  # (a remote store's task has one)
+
     spill = _SpillFile(_MODEL_BYTES_IN_MEMORY, spill_path)
+    handed_over = False  # the spilled file, once the task's batch owns it
     try:
         try:
             spec.serde._dump(model, spill)
         except BaseException as exc:  # the model's own pickling may raise anything
-            if spill.file is not None and _disk_refused(exc, spill_path):
+            if spill.path and _disk_refused(exc, spill.path):  # (its file may not have opened)
                 raise StorageError(
                     f"{type(spec.serde).__name__} could not write the model of group {partition_id!r} to "
-                    f"{spill_path}: {error_line(exc)}; that disk is full (or over quota, or read-only): "
+                    f"{spill.path}: {error_line(exc)}; that disk is full (or over quota, or read-only): "
                     f"free space there, then run the group again (run.retry_failed(), or "
                     f"on_existing_artifacts='resume')"
                 ) from exc
@@ -1763,18 +1765,18 @@ def _save_pickle(
             data = spill.buffer.getvalue()
             return len(data), {path: data}
         if not spec.store.is_local:
-            local = LocalFile(spill_path)  # (deleted once its batch is written: _PendingWrites._flush)
-            spill_path = ""
+            local = LocalFile(spill.path)  # (deleted once its batch is written: _PendingWrites._flush)
+            handed_over = True
             return local.size, {path: local}
         # the finished temp file beside its target, renamed into place:
         # atomic, and never a copy (a hard link, where a disk has none, was)
-        size = os.path.getsize(spill_path)
+        size = os.path.getsize(spill.path)
         before_write()  # written now, not with the batch
-        spec.store._retry(functools.partial(os.replace, spill_path, path), f"writing {path}")
+        spec.store._retry(functools.partial(os.replace, spill.path, path), f"writing {path}")
         return size, {}
     finally:
-        if spill_path and os.path.exists(spill_path):
-            os.remove(spill_path)
+        if spill.path and not handed_over and os.path.exists(spill.path):
+            os.remove(spill.path)
             if spill.made_folder:  # not written (a run started again since): nothing left of it
                 with contextlib.suppress(OSError):  # (not empty: the group's other files)
                     os.rmdir(spill.made_folder)
@@ -1782,17 +1784,20 @@ def _save_pickle(
 
 class _SpillFile:
     """A file object that holds what is written in memory up to ``limit``
-    bytes, and from there on in the local file ``path`` (what it held
-    first included); :attr:`file` is None while it is all in memory."""
+    bytes, and from there on in a local file (what it held first included),
+    at the :attr:`path` that ``make_path()`` names then; :attr:`file` is None
+    (and :attr:`path` empty) while it is all in memory."""
 
-    def __init__(self, limit: int, path: str):
-        self.limit, self.path = limit, path
+    def __init__(self, limit: int, make_path: Callable[[], str]):
+        self.limit, self.make_path = limit, make_path
+        self.path = ""
         self.buffer = io.BytesIO()
         self.file: Any = None
         self.made_folder = ""  # the file's folder, where it was made for it
 
     def write(self, data: Any) -> int:
         if self.file is None and self.buffer.tell() + memoryview(data).nbytes > self.limit:
+            self.path = self.make_path()
             folder = os.path.dirname(self.path)
             if not os.path.isdir(folder):
                 os.makedirs(folder)
