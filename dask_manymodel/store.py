@@ -1210,16 +1210,6 @@ class RunStore:
     def exists(self, path: str) -> bool:
         return self._retry(lambda: self.fs.exists(path), f"checking {path}")
 
-    def list_files(self, folder: str) -> list[str]:
-        """Names of the files directly in ``folder`` (relative), or [] if it does not exist."""
-        try:
-            entries = self.fs.ls(folder, detail=True)
-        except FileNotFoundError:
-            return []
-        return sorted(
-            posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "file"
-        )
-
     def remove_temp_files(self, rel: str) -> None:
         """Remove the temp files a writer killed mid-write left in group
         folder ``rel`` (local disk only: an object store's write is one PUT
