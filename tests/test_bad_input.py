@@ -566,3 +566,21 @@ def test_a_local_folder_that_cannot_be_made_is_refused_before_compute(client, tm
     )
     assert run.wait(show_progress=False) == RunStatus.SUCCESS
     assert sorted(os.listdir(tmp_path)) == ["models"] and sorted(os.listdir(url)) == ["r1"]
+
+
+def test_restore_from_takes_its_url_once():
+    with pytest.raises(InvalidArgumentError, match="got url='/a' and stage_name='/b': they are one argument"):
+        ManyModelRun.restore_from("r1", "/a", stage_name="/b")
+    with pytest.raises(InvalidArgumentError, match=r"restore_from\('r1'\) needs the URL the run is stored under"):
+        ManyModelRun.restore_from("r1")
+
+
+def test_a_dataframe_of_another_type_or_a_multiindex_named_twice_is_refused(client, tmp_path):
+    training = ManyModelTraining(fit_line, stage_name=str(tmp_path))
+    with pytest.raises(InvalidArgumentError, match="dataframe must be a dask.dataframe.DataFrame or pandas.DataFrame, got list"):
+        training.run(partition_by="store", dataframe=[1, 2], run_id="r1")
+    frame = pd.DataFrame({"store": [1, 1], "h": [0, 1], "x": [0.0, 1.0], "y": [1.0, 2.0]}).set_index(["store", "h"])
+    frame.index = frame.index.set_names(["a", "a"])
+    with pytest.raises(InvalidArgumentError, match=r"MultiIndex names levels \['a', 'a'\], one of them twice"):
+        training.run(partition_by="x", dataframe=frame, run_id="r1")
+    assert not os.path.exists(tmp_path / "r1")
