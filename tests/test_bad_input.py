@@ -584,3 +584,17 @@ def test_a_dataframe_of_another_type_or_a_multiindex_named_twice_is_refused(clie
     with pytest.raises(InvalidArgumentError, match=r"MultiIndex names levels \['a', 'a'\], one of them twice"):
         training.run(partition_by="x", dataframe=frame, run_id="r1")
     assert not os.path.exists(tmp_path / "r1")
+
+
+@pytest.mark.parametrize("values, says", [
+    # an object column of tuples: each tuple was read as the values of as
+    # many by columns, passed the check, and every group ended INTERNAL_ERROR
+    # "not run: its task ended without finding its rows"
+    ([(1, 2), (1, 2), (3,), (3,)], r"column 'g' holds tuple values such as \(1, 2\); group values must be hashable scalars"),
+    ([1, "1", 1, "1"], "two different group values map to the same folder 'g=1'"),
+])
+def test_group_values_that_cannot_each_name_a_folder_are_refused_before_any_write(client, tmp_path, values, says):
+    frame = pd.DataFrame({"g": pd.Series(values, dtype=object), "x": np.arange(4.0)})
+    with pytest.raises(InvalidArgumentError, match=says):
+        ManyModelTraining(fit_line, stage_name=str(tmp_path)).run(partition_by="g", dataframe=frame, run_id="r1")
+    assert not os.path.exists(tmp_path / "r1")
