@@ -598,3 +598,14 @@ def test_group_values_that_cannot_each_name_a_folder_are_refused_before_any_writ
     with pytest.raises(InvalidArgumentError, match=says):
         ManyModelTraining(fit_line, stage_name=str(tmp_path)).run(partition_by="g", dataframe=frame, run_id="r1")
     assert not os.path.exists(tmp_path / "r1")
+
+
+@pytest.mark.parametrize("limit", [-1, True, 1.5, "2"])
+def test_to_pandas_refuses_a_limit_that_is_no_count_of_rows(limit):
+    from dask_manymodel import DataConnector
+
+    data = DataConnector.from_pandas(pd.DataFrame({"a": [1, 2]}))
+    with pytest.raises(InvalidArgumentError, match=f"limit must be a non-negative int or None, got {re.escape(repr(limit))}"):
+        data.to_pandas(limit=limit)
+    with pytest.raises(InvalidArgumentError, match="DataConnector needs a pandas DataFrame, got list"):
+        DataConnector.from_pandas([1, 2])
