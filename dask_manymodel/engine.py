@@ -1258,12 +1258,18 @@ def _too_big_to_shuffle(
         )
         for position in np.flatnonzero(estimated > allowed)
         # the group value as the run's handle shows it
-        for key in [json_key_to_partition_id(_json_key(_as_key_tuple(counts.index[position])))]
+        for key in [json_key_to_partition_id(_json_key(_as_key_tuple(counts.index[position], counts.index)))]
     }
 
 
-def _as_key_tuple(key: Any) -> tuple:
-    return key if isinstance(key, tuple) else (key,)
+def _as_key_tuple(key: Any, index: pd.Index) -> tuple:
+    """A group's key in the counts' ``index`` as one value per ``by`` column.
+    Only a MultiIndex (several columns) holds tuples of them: a tuple in a
+    plain Index is one column's value (an object column of tuples), which
+    was read as the values of as many columns, slipped past the check that
+    group values are scalars, and failed the run's groups as "not run: its
+    task ended without finding its rows"."""
+    return key if isinstance(index, pd.MultiIndex) else (key,)
 
 
 def needs_shuffle(counts: pd.DataFrame, npartitions: int, threads: int, choice: str, npartitions_asked: bool) -> bool:
@@ -3437,7 +3443,7 @@ def _start_run(
 
     keys: pd.Index = counts.index
     sizes = counts[_ROWS].to_numpy()
-    key_tuples = [_as_key_tuple(k) for k in keys]
+    key_tuples = [_as_key_tuple(k, keys) for k in keys]
     _check_scalar_keys(by, key_tuples)
     groups = [
         {"partition_id": _json_key(k), "path": group_path(by, k), "rows": int(n)}

@@ -371,6 +371,13 @@ def open_url(url: str, storage_options: dict | None = None) -> tuple[fsspec.Abst
                 f"path, or os.chdir() to a folder that exists"
             ) from exc
         raise
+    except OSError as exc:
+        # a backend that connects as it is made (ftp://, hdfs://) and cannot:
+        # a bare "ConnectionRefusedError: [Errno 111] Connection refused",
+        # naming no URL, where one that connects later (s3://) says this
+        raise InvalidURLError(
+            f"cannot reach {shown_url(url)!r}: {type(exc).__name__}: {exc}; check the URL and storage_options"
+        ) from exc
     if _is_local(fs) and path.startswith("~"):
         # os.path.expanduser leaves "~" as it is when no home is known: HOME
         # unset and this user id not in the password database (a container
@@ -1246,16 +1253,6 @@ class RunStore:
 
     def exists(self, path: str) -> bool:
         return self._retry(lambda: self.fs.exists(path), f"checking {path}")
-
-    def list_files(self, folder: str) -> list[str]:
-        """Names of the files directly in ``folder`` (relative), or [] if it does not exist."""
-        try:
-            entries = self.fs.ls(folder, detail=True)
-        except FileNotFoundError:
-            return []
-        return sorted(
-            posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "file"
-        )
 
     def remove_temp_files(self, rel: str) -> None:
         """Remove the temp files a writer killed mid-write left in group

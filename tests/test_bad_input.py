@@ -566,3 +566,46 @@ def test_a_local_folder_that_cannot_be_made_is_refused_before_compute(client, tm
     )
     assert run.wait(show_progress=False) == RunStatus.SUCCESS
     assert sorted(os.listdir(tmp_path)) == ["models"] and sorted(os.listdir(url)) == ["r1"]
+
+
+def test_restore_from_takes_its_url_once():
+    with pytest.raises(InvalidArgumentError, match="got url='/a' and stage_name='/b': they are one argument"):
+        ManyModelRun.restore_from("r1", "/a", stage_name="/b")
+    with pytest.raises(InvalidArgumentError, match=r"restore_from\('r1'\) needs the URL the run is stored under"):
+        ManyModelRun.restore_from("r1")
+
+
+def test_a_dataframe_of_another_type_or_a_multiindex_named_twice_is_refused(client, tmp_path):
+    training = ManyModelTraining(fit_line, stage_name=str(tmp_path))
+    with pytest.raises(InvalidArgumentError, match="dataframe must be a dask.dataframe.DataFrame or pandas.DataFrame, got list"):
+        training.run(partition_by="store", dataframe=[1, 2], run_id="r1")
+    frame = pd.DataFrame({"store": [1, 1], "h": [0, 1], "x": [0.0, 1.0], "y": [1.0, 2.0]}).set_index(["store", "h"])
+    frame.index = frame.index.set_names(["a", "a"])
+    with pytest.raises(InvalidArgumentError, match=r"MultiIndex names levels \['a', 'a'\], one of them twice"):
+        training.run(partition_by="x", dataframe=frame, run_id="r1")
+    assert not os.path.exists(tmp_path / "r1")
+
+
+@pytest.mark.parametrize("values, says", [
+    # an object column of tuples: each tuple was read as the values of as
+    # many by columns, passed the check, and every group ended INTERNAL_ERROR
+    # "not run: its task ended without finding its rows"
+    ([(1, 2), (1, 2), (3,), (3,)], r"column 'g' holds tuple values such as \(1, 2\); group values must be hashable scalars"),
+    ([1, "1", 1, "1"], "two different group values map to the same folder 'g=1'"),
+])
+def test_group_values_that_cannot_each_name_a_folder_are_refused_before_any_write(client, tmp_path, values, says):
+    frame = pd.DataFrame({"g": pd.Series(values, dtype=object), "x": np.arange(4.0)})
+    with pytest.raises(InvalidArgumentError, match=says):
+        ManyModelTraining(fit_line, stage_name=str(tmp_path)).run(partition_by="g", dataframe=frame, run_id="r1")
+    assert not os.path.exists(tmp_path / "r1")
+
+
+@pytest.mark.parametrize("limit", [-1, True, 1.5, "2"])
+def test_to_pandas_refuses_a_limit_that_is_no_count_of_rows(limit):
+    from dask_manymodel import DataConnector
+
+    data = DataConnector.from_pandas(pd.DataFrame({"a": [1, 2]}))
+    with pytest.raises(InvalidArgumentError, match=f"limit must be a non-negative int or None, got {re.escape(repr(limit))}"):
+        data.to_pandas(limit=limit)
+    with pytest.raises(InvalidArgumentError, match="DataConnector needs a pandas DataFrame, got list"):
+        DataConnector.from_pandas([1, 2])

@@ -203,6 +203,7 @@ def test_logs_of_a_failed_and_a_done_group(runs, capsys):
         (["show", "{url}/does-not-exist", "r1"], "the location does not exist"),
         (["runs", "nosuchproto://x"], "Protocol not known: nosuchproto"),
         (["runs", "{url}", "--storage-options", "[1]"], "--storage-options must be a JSON object"),
+        (["runs", "{url}", "--storage-options", "{{bad"], "--storage-options must be a JSON object, got '{bad': Expecting"),
         (["show", "{url}", "../r1"], "run_id '../r1' is not allowed"),
         # runs listed "no runs at" the file and exited 0; show said NotADirectoryError
         (["runs", "{url}/r1/_run.json"], "r1/_run.json' is a file, not a folder of runs"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import textwrap
@@ -1252,3 +1253,32 @@ def test_a_refused_resume_of_a_run_of_an_earlier_version_removes_no_folder(clien
         clashing.manymodel.train(_keep_rows, by="k", url=url, run_id="r1", on_existing_artifacts="resume")
     assert sorted(os.listdir(f"{url}/r1")) == before
     assert ManyModelRun.restore_from("r1", url).get_model(long_key) == 3
+
+
+def a_series_of_one_row(data, model, ctx):
+    return pd.Series([1.0])
+
+
+def two_values_a_row(data, model, ctx):
+    return np.zeros((len(data), 2))
+
+
+@pytest.mark.parametrize("infer, says", [
+    (a_series_of_one_row, r"the returned Series has 1 rows, the group 40"),
+    (two_values_a_row, r"the returned array has shape \(40, 2\); return one value per row \(40,\)"),
+])
+def test_an_output_not_one_value_a_row_fails_the_group_and_says_its_shape(trained, ddf, store_url, infer, says):
+    run = ddf.manymodel.predict(infer, by="store", url=store_url, training_run_id="r1", run_id="p1")
+    assert run.wait(show_progress=False) == RunStatus.FAILURE
+    assert set(run.summary()["status"]) == {"FAILED"}
+    assert all(re.search(says, d.error) for d in run.partition_details.values())
+    assert not any(name.startswith("part-") for _, _, files in os.walk(os.path.join(store_url, "p1")) for name in files)
+
+
+def test_a_train_run_has_no_output_and_a_predict_run_no_models(trained, ddf, store_url):
+    run = ddf.manymodel.predict(predict_frame, by="store", url=store_url, training_run_id="r1", run_id="p1")
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    with pytest.raises(InvalidArgumentError, match="run 'p1' is a predict run; it has no models"):
+        run.get_model(0)
+    with pytest.raises(InvalidArgumentError, match="run 'r1' is a train run; only predict runs have output"):
+        trained.to_dask_dataframe()

@@ -404,6 +404,11 @@ class WritesAFolder(PickleSerde):
             f.write(b"x")
 
 
+class ToBytesGivesText(PickleSerde):
+    def to_bytes(self, model):
+        return "not bytes"
+
+
 class ReadOnlyName(PickleSerde):
     @property
     def filename(self):
@@ -429,7 +434,11 @@ def test_serdes_that_save_some_models_through_write_or_in_a_subfolder(client, tm
     assert os.path.isfile(tmp_path / "subfolder" / "store=3" / "weights" / "model.bin")
 
 
-@pytest.mark.parametrize("serde, says", [(WritesNothing(), "wrote no file"), (WritesAFolder(), "made a folder")])
+@pytest.mark.parametrize("serde, says", [
+    (WritesNothing(), "wrote no file"),
+    (WritesAFolder(), "made a folder"),
+    (ToBytesGivesText(), "ToBytesGivesText.to_bytes returned a str for group"),
+])
 def test_a_serde_that_writes_no_single_file_fails_its_groups(client, ddf, tmp_path, serde, says):
     run = ddf.manymodel.train(fit_line, by="store", url=str(tmp_path), run_id="r1", serde=serde)
     assert run.wait(show_progress=False) == RunStatus.FAILURE

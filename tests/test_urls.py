@@ -12,6 +12,7 @@ from pathlib import Path
 
 import dask.dataframe as dd
 import fsspec
+from fsspec.registry import known_implementations
 import pandas as pd
 import pytest
 
@@ -133,3 +134,44 @@ def test_a_password_in_the_url_is_never_shown_or_stored(client, tmp_path):
     for folder, _, files in os.walk(tmp_path / "models"):  # nothing stored holds it
         for name in files:
             assert secret.encode() not in Path(folder, name).read_bytes(), name
+
+
+class _RefusedFileSystem(fsspec.AbstractFileSystem):
+    """A backend that connects as it is made, as ftp:// and hdfs:// do, to a
+    server that is not there."""
+
+    protocol = "refused-here"
+
+    def __init__(self, *args, **kwargs):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+
+def test_a_backend_that_cannot_connect_as_it_is_made_names_the_url(monkeypatch, client, ddf):
+    """``ftp://host/models`` with no server there raised a bare
+    ``ConnectionRefusedError: [Errno 111] Connection refused`` from train,
+    restore_from and FileSet, naming no URL (s3:// says "cannot reach")."""
+    from dask_manymodel import InvalidURLError
+
+    monkeypatch.setitem(
+        known_implementations, "refused-here", {"class": f"{__name__}._RefusedFileSystem"}
+    )
+    url = "refused-here://host/models"
+    said = r"cannot reach 'refused-here://host/models': ConnectionRefusedError: .*Connection refused; check the URL"
+    with pytest.raises(InvalidURLError, match=said):
+        ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1")
+    with pytest.raises(InvalidURLError, match=said):
+        ManyModelRun.restore_from("r1", url)
+    with pytest.raises(InvalidURLError, match=said):
+        FileSet(url, "f1")
+
+
+def test_a_backend_not_installed_is_named_with_what_to_install(monkeypatch):
+    monkeypatch.setitem(
+        known_implementations,
+        "not-installed-here",
+        {"class": "no_such_backend_module.FileSystem", "err": "Install no-such-backend to use it"},
+    )
+    from dask_manymodel import InvalidURLError
+
+    with pytest.raises(InvalidURLError, match="cannot open url 'not-installed-here://b/m': Install no-such-backend"):
+        ManyModelRun.restore_from("r1", "not-installed-here://b/m")
