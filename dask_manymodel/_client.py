@@ -184,7 +184,8 @@ def _synchronous(client: distributed.Client) -> distributed.Client:
     """``client``, if this call is not running in its event loop: a run's
     start waits on results (``future.result()``), which an asynchronous
     client would hand back as coroutines. Nor one this process inherited
-    through a fork, which would never answer."""
+    through a fork, which would never answer; nor one that lost its
+    scheduler and tries to reconnect."""
     if client in _inherited:
         address = getattr(client.scheduler, "address", None)
         # a TLS cluster refuses a client without its certificates: the
@@ -205,6 +206,16 @@ def _synchronous(client: distributed.Client) -> distributed.Client:
             "(await asyncio.to_thread(ddf.manymodel.train, ...)), where the same client serves it, and "
             "wait on the run from a thread too (await asyncio.to_thread(run.wait)); or create the Client "
             "without asynchronous=True"
+        )
+    if client.status == "connecting":
+        # it lost its scheduler (killed, closed, the network gone) and tries
+        # to reconnect: a run's start waited out that try (Client(timeout=),
+        # 30 s by default), then failed with Dask's "ConnectionPool closing"
+        # or "Timed out trying to connect"
+        raise InvalidArgumentError(
+            f"the active Dask client lost its scheduler ({getattr(client.scheduler, 'address', None)!r}) and is "
+            f"trying to reconnect; nothing was started. Start again once it has (client.status == 'running'), "
+            f"or make a distributed.Client of another cluster"
         )
     return client
 

@@ -18,7 +18,7 @@ import distributed
 import pytest
 
 import dask_manymodel  # noqa: F401  (registers ddf.manymodel)
-from dask_manymodel import ExecutionOptions, ManyModelError, ManyModelRun, RunStatus
+from dask_manymodel import ExecutionOptions, InvalidArgumentError, ManyModelError, ManyModelRun, RunStatus
 
 from .conftest import make_frame, out_of_the_thread_pool, poll
 
@@ -125,6 +125,26 @@ def test_reads_and_cancel_of_a_run_whose_scheduler_is_gone_do_not_wait_out_the_r
     # (it waited 30 s, then raised OSError)
     refused = within(RECONNECT_SECONDS / 3, lambda: run.progress(notebook=False))
     assert isinstance(refused, ManyModelError) and "lost its scheduler" in str(refused)
+
+
+def test_a_run_started_on_a_client_that_lost_its_scheduler_is_refused_at_once(run_that_lost_its_scheduler):
+    # train() and retry_failed() on the default client while it tries to
+    # reconnect waited that out (30 s by default), then raised Dask's
+    # "CommClosedError: ConnectionPool closing" or "Timed out trying to connect"
+    run, client, url, folder = run_that_lost_its_scheduler
+    assert client.status == "connecting"
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=10), npartitions=2)
+    started = within(
+        RECONNECT_SECONDS / 3,
+        lambda: ddf.manymodel.train(functools.partial(noted_and_zero_held, folder), by="store", url=url, run_id="r2"),
+    )
+    assert isinstance(started, InvalidArgumentError), started
+    assert "lost its scheduler" in str(started) and "nothing was started" in str(started)
+    assert not os.path.exists(os.path.join(url, "r2"))  # nothing written
+    assert run.wait(timeout=RECONNECT_SECONDS / 3, show_progress=False) is RunStatus.PARTIAL_FAILURE
+    retried = within(RECONNECT_SECONDS / 3, run.retry_failed)
+    assert isinstance(retried, InvalidArgumentError) and "lost its scheduler" in str(retried), retried
+    assert ManyModelRun.restore_from("r1", url).manifest["counts"] == {"DONE": 3, "INTERNAL_ERROR": 1}
 
 
 def test_a_run_whose_scheduler_is_gone_ends_in_storage_and_resumes_on_another_cluster(
