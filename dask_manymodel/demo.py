@@ -111,7 +111,7 @@ def _check_url(url: str) -> None:
 
     store = RunStore(url, "demo-train")
     check_reachable(store)
-    if "memory" in (store.fs.protocol if isinstance(store.fs.protocol, tuple) else (store.fs.protocol,)):
+    if store.is_in_memory:
         raise InvalidURLError(
             f"{store.url_shown!r} is in-memory and private to each process, and the demo's workers are "
             f"processes of their own; give a local folder (the default is ./manymodel-demo) or an object "

@@ -621,7 +621,7 @@ def _check_can_hold_run(store: RunStore) -> None:
         except FileNotFoundError:
             parent = fs._parent(path)
             if parent in ("", path):  # the top, and nothing exists on the way
-                if store.is_local or "memory" in fs.protocol:
+                if store.is_local or store.is_in_memory:
                     return
                 if fs.exists(path):  # an empty bucket: s3fs before 2025.10 has no info() of it
                     return
@@ -675,8 +675,7 @@ def check_workers_share_store(store: RunStore, client: distributed.Client) -> in
     workers asked this returns for one."""
     if store.is_local:
         return check_workers_see_local_folder(store, client)
-    protocols = store.fs.protocol if isinstance(store.fs.protocol, tuple) else (store.fs.protocol,)
-    if "memory" not in protocols:
+    if not store.is_in_memory:
         return None
     worker_pids = set(client.run(os.getpid).values())
     if worker_pids - {os.getpid()}:

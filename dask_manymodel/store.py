@@ -864,6 +864,12 @@ class RunStore:
         """Whether the run lives on this machine's disk (files can be read in place)."""
         return _is_local(self.fs)
 
+    @property
+    def is_in_memory(self) -> bool:
+        """Whether the run lives in fsspec's memory:// (private to each process)."""
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        return "memory" in protocols
+
     # paths -------------------------------------------------------------
     def path(self, *parts: str) -> str:
         """Absolute path (for ``self.fs``) of a file under the run's folder."""
