@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[test,docs,all]"
+# --no-cache-dir: the venv takes about 3.5 GB (torch, tensorflow); pip's cache
+# of the same wheels would add more on a machine whose disk may be near full.
+.venv/bin/python -m pip install -q --no-cache-dir --upgrade pip
+.venv/bin/python -m pip install -q --no-cache-dir -c constraints.txt -e ".[test,docs,all]"
 exec .venv/bin/python -m pytest "$@"
