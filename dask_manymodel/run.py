@@ -907,6 +907,9 @@ class ManyModelRun:
 
         paths = [g["path"] for g in self._groups if g.get("task") == task_index]
         stored = self._read_statuses(paths)
+        # a task's first try marks its first group RUNNING before it runs
+        # any (engine.run_partition): nothing stored, no try of it began
+        began = any(stored.get(path) is not None for path in paths)
         records = []
         for group in self._groups:
             if group.get("task") != task_index:
@@ -942,13 +945,15 @@ class ManyModelRun:
                     why = "; the scheduler restarted its worker: " + no_heartbeat_text(ttl)
                 else:
                     why = "; its worker may have run out of memory"
-                outcome = {
-                    "status": "INTERNAL_ERROR",
-                    "error": (
-                        f"group {self._partition_id(group)!r} ({group.get('rows', 0):,} rows) was lost "
-                        f"with the task running it: {_with_cause(exc)}{why}"
-                    ),
-                }
+                group_named = f"group {self._partition_id(group)!r} ({group.get('rows', 0):,} rows)"
+                if began:
+                    error = f"{group_named} was lost with the task running it: {_with_cause(exc)}{why}"
+                else:
+                    error = (
+                        f"{group_named} was not run: its task was cancelled or lost before it began: "
+                        f"{_with_cause(exc)}{why}"
+                    )
+                outcome = {"status": "INTERNAL_ERROR", "error": error}
             if ttl is not None and existing.get("alone"):  # it ran alone: the GIL hold was this group's
                 outcome["error"] = f"{no_heartbeat_message(key, ttl)}; Dask gave the task up: {type(exc).__name__}"
             records.append(self._client_outcome(group, key, superseded, **outcome))

@@ -1130,6 +1130,43 @@ def test_a_task_cancelled_outside_the_run_writes_nothing_over_what_the_client_re
     assert not any(name == "model.pkl" for _, _, names in os.walk(url) for name in names)
 
 
+def every_group_held(folder, data, ctx):
+    """Each group notes that it runs (``running-<id>``), then waits for the
+    file ``gate``: a run's tasks beyond one per worker thread do not start
+    until the test opens it."""
+    open(os.path.join(folder, f"running-{ctx.partition_id}"), "w").close()
+    hold_until_released(os.path.join(folder, "gate"))
+    return len(data)
+
+
+def test_groups_of_a_task_cancelled_before_it_started_say_they_were_not_run(client, ddf, tmp_path):
+    # a task cancelled outside the run before any worker ran it: its groups
+    # said they "were lost with the task running it", and no task ran them
+    url = str(tmp_path / "models")
+    run = ddf.manymodel.train(
+        functools.partial(every_group_held, str(tmp_path)), by="store", url=url, run_id="r1",
+        execution_options=ExecutionOptions(npartitions=6),
+    )
+    poll(lambda: sum(name.startswith("running-") for name in os.listdir(tmp_path)) == 2, timeout=60)
+    client.cancel(run.futures)
+    try:
+        assert run.wait(timeout=120, show_progress=False) is RunStatus.FAILURE
+    finally:
+        (tmp_path / "gate").touch()
+    running = {int(name.split("-")[1]) for name in os.listdir(tmp_path) if name.startswith("running-")}
+    started_tasks = {g["task"] for g in run._groups if g["partition_id"] in running}
+    assert len(started_tasks) == 2
+    stored = ManyModelRun.restore_from("r1", url).partition_details
+    for group in run._groups:
+        for details in (run.partition_details[group["partition_id"]], stored[group["partition_id"]]):
+            assert details.status is PartitionStatus.INTERNAL_ERROR
+            if group["task"] in started_tasks:
+                assert "lost with the task running it" in details.error, details.error
+            else:
+                assert "was not run: its task was cancelled or lost before it began" in details.error, details.error
+                assert "cancelled" in details.error  # Dask's own words stay
+
+
 def fourth_group_kills_its_worker(folder, url, data, ctx):
     """Each group notes that it ran (a line in ``runs-<id>``). The fourth to
     run becomes the killer, once the first three's statuses are stored:
