@@ -1112,6 +1112,22 @@ def persisted_partitions(ddf: dd.DataFrame) -> list[distributed.Future] | None:
     return futures
 
 
+# why a frame's persisted partitions can be gone for good, said where a
+# start is refused for it and where a run's groups were lost for it
+INPUT_GONE = (
+    "the dataframe's persisted partitions are gone from the cluster (client.restart() drops every persisted "
+    "partition, and a worker that dies takes those it held), and it holds nothing to compute them again from "
+    "(persisting it again persists the same gone partitions)"
+)
+
+
+def persisted_input_gone(ddf: dd.DataFrame) -> bool:
+    """Whether ``ddf`` is persisted and some of its partitions are gone from
+    the cluster for good (Dask cancelled their futures)."""
+    partitions = persisted_partitions(ddf)
+    return bool(partitions) and any(future.cancelled() for future in partitions)
+
+
 def _sorted_futures(ddf: dd.DataFrame) -> list[distributed.Future]:
     # the persisted keys are those of the lowered graph, (name, i) for i in 0..n-1
     return sorted(distributed.futures_of(ddf), key=lambda future: future.key[1])
@@ -3419,12 +3435,10 @@ def _start_run(
         # the persisted input is gone from the cluster: Dask names only the
         # count's task ("lost dependencies"), not what happened nor what to do
         raise InvalidArgumentError(
-            f"cannot start run {run_id!r}: the dataframe's persisted partitions are gone from the cluster "
-            f"(client.restart() drops every persisted partition), and it holds nothing to compute them "
-            f"again from (persisting it again persists the same gone partitions). Build the dataframe again "
-            f"from its source (dd.read_parquet(...), then .persist() if you like) and start the run with "
-            f"it; to keep the DONE groups of an earlier start (whose retry_failed() reads the gone "
-            f"partitions), pass on_existing_artifacts='resume'. Nothing of this start was written"
+            f"cannot start run {run_id!r}: {INPUT_GONE}. Build the dataframe again from its source "
+            f"(dd.read_parquet(...), then .persist() if you like) and start the run with it; to keep the "
+            f"DONE groups of an earlier start (whose retry_failed() reads the gone partitions), pass "
+            f"on_existing_artifacts='resume'. Nothing of this start was written"
         ) from exc
     except TypeError as exc:
         # also values of types that do not sort together (bytes next to ints

@@ -891,10 +891,20 @@ class ManyModelRun:
         """A whole task failed: its groups without a final status become
         INTERNAL_ERROR (CANCELLED when :meth:`cancel` dropped the task before
         it started)."""
-        from .engine import _died_in_group_message, no_heartbeat_message, no_heartbeat_text, restarted_for_no_heartbeat
+        from .engine import (
+            INPUT_GONE, _died_in_group_message, no_heartbeat_message, no_heartbeat_text, persisted_input_gone,
+            restarted_for_no_heartbeat,
+        )
 
         dropped = self._manifest.get("cancelled") and isinstance(exc, concurrent.futures.CancelledError)
         killed = type(exc).__name__ == "KilledWorker"
+        # Dask cancels the tasks that read a persisted partition gone for
+        # good: said as that, with what to do (retry_failed() is refused)
+        input_gone = (
+            isinstance(exc, concurrent.futures.CancelledError) and not dropped and self._source is not None
+            and _connected(self._client)  # a lost scheduler took everything: its cancel says so
+            and persisted_input_gone(self._source.get("input", self._source["dataframe"]))
+        )
         superseded = self._superseded_by()
         ttl_by_worker: dict[str | None, Any] = {}  # the scheduler's events are read once per worker
 
@@ -946,7 +956,15 @@ class ManyModelRun:
                 else:
                     why = "; its worker may have run out of memory"
                 group_named = f"group {self._partition_id(group)!r} ({group.get('rows', 0):,} rows)"
-                if began:
+                if input_gone:
+                    error = (
+                        f"{group_named} was {'lost with its task' if began else 'not run'}: {INPUT_GONE}, and "
+                        f"Dask cancelled the task that reads them ({_with_cause(exc)}). Build the dataframe "
+                        f"again from its source (dd.read_parquet(...), then .persist() if you like) and start "
+                        f"the run again with it and on_existing_artifacts='resume': its DONE groups are kept "
+                        f"(retry_failed() reads the gone partitions)"
+                    )
+                elif began:
                     error = f"{group_named} was lost with the task running it: {_with_cause(exc)}{why}"
                 else:
                     error = (

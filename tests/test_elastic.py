@@ -158,6 +158,41 @@ def test_a_run_over_partitions_a_restart_dropped_says_so_and_resumes_once_persis
     assert len(resumed.get_progress()["DONE"]) == 4
 
 
+def test_a_run_whose_persisted_input_went_with_its_worker_says_so_and_what_to_do(one_worker_cluster, tmp_path):
+    # the worker holding a persisted frame's partitions died while the run
+    # went on, and the frame held nothing to compute them again from: its
+    # groups said they "were lost with the task running it", as for a task
+    # that died, and retry_failed() then refused the gone partitions
+    cluster, client = one_worker_cluster
+    url = str(tmp_path / "models")
+    frame = make_frame(n_groups=4, rows=10)
+    # scattered pieces: the cluster's copy is the only one
+    ddf = dd.from_delayed(client.scatter([frame.iloc[:20], frame.iloc[20:]]), meta=frame.iloc[:0]).persist()
+    distributed.wait(ddf)
+    gate = tmp_path / "gate"
+    run = ddf.manymodel.train(
+        functools.partial(group_zero_held, str(gate)), by="store", url=url, run_id="r1",
+        execution_options=ExecutionOptions(npartitions=4),
+    )
+    poll(lambda: os.path.exists(os.path.join(url, "r1", "store=0", "_partition.json")), timeout=60)
+    (worker_pid,) = client.run(os.getpid).values()
+    os.kill(worker_pid, signal.SIGKILL)  # its nanny starts another, without the partitions
+    try:
+        assert run.wait(timeout=120, show_progress=False) is not RunStatus.SUCCESS
+    finally:
+        gate.touch()
+    lost = [d for d in run.partition_details.values() if d.status is not PartitionStatus.DONE]
+    assert lost
+    for details in lost:
+        assert details.status is PartitionStatus.INTERNAL_ERROR
+        assert "persisted partitions are gone from the cluster" in details.error, details.error
+        assert "Build the dataframe again from its source" in details.error
+        assert "on_existing_artifacts='resume'" in details.error
+        assert "lost with the task running it" not in details.error
+    with pytest.raises(InvalidArgumentError, match="persisted partitions are gone"):
+        run.retry_failed()  # as the groups' errors say
+
+
 def test_cancel_of_a_run_whose_cluster_has_no_worker_left(tmp_path):
     # the cluster scaled to zero (its jobs hit their walltime, its nodes were
     # reclaimed) while the run waited: its tasks would never start to see the
