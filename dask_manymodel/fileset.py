@@ -430,6 +430,9 @@ class FileSet:
         (relative, ``~/...`` or ``file://...``) as the absolute path it
         resolved to."""
         self._check_alive()
+        return self._urls()
+
+    def _urls(self) -> list[str]:
         return [f"{self.url}/{self.name}/{f}" for f in self._manifest["files"]]
 
     def fileset_stage_location(self) -> str:
@@ -460,7 +463,8 @@ class FileSet:
         with self._fs.open(paths[0], "rb") as f:
             schema = pq.read_schema(f)
         if not any_read_as_pattern(paths) and not _nested(schema):
-            return dd.read_parquet(self.files(), storage_options=self._storage_options)
+            # (not files(): it reads the manifest again, as checked above)
+            return dd.read_parquet(self._urls(), storage_options=self._storage_options)
         # Dask reads a path with [ ] * ? in it as a pattern (data[v1] found
         # nothing), and cannot read a pyarrow list column back (pandas'
         # metadata of it): each file read as it is named instead

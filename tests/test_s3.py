@@ -386,6 +386,24 @@ def test_a_filesets_files_are_read_and_deleted_together(client, s3_options, tmp_
     assert seen[2] == seen[12], seen
 
 
+def test_a_filesets_dask_dataframe_reads_its_manifest_once(s3_options, tmp_path, monkeypatch):
+    """to_dask_dataframe() checked that the FileSet was still there (a read
+    of _fileset.json), then called files(), which read it again."""
+    from dask_manymodel import FileSet
+
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=2)
+    FileSet.make("s3://models/read-once", "f", ddf, storage_options=s3_options)
+    fileset = FileSet("s3://models/read-once", "f", storage_options=s3_options)
+    monkeypatch.chdir(tmp_path)  # where moto's recorder writes its file
+    made = {}
+    requests = _recorded(
+        s3_options["client_kwargs"]["endpoint_url"], lambda: made.update(frame=fileset.to_dask_dataframe())
+    )
+    manifest_reads = [entry for entry in requests if entry["url"].split("?")[0].endswith("/_fileset.json")]
+    assert len(manifest_reads) == 1, manifest_reads
+    assert len(made["frame"].compute()) == 20
+
+
 def test_each_small_file_is_read_in_one_request(client, s3_options, tmp_path, monkeypatch):
     """s3fs (since 2025) reads a whole file by asking its size first: every
     _run.json, _groups.json and _partition.json read was a HEAD then a GET,
