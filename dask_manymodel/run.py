@@ -1938,8 +1938,8 @@ class ManyModelRun:
         parquet stores them (a ``by`` column ``0`` is ``"0"``); columns of
         dates, times, decimals, bytes, lists and structs are pandas'
         ``ArrowDtype`` of their stored type. Besides the groups' statuses
-        and, without ``meta=``, that first group's file (for the schema),
-        nothing is read until the frame is computed. The same rows are a
+        and, without ``meta=``, the footer of the first group's file (for the
+        schema), nothing is read until the frame is computed. The same rows are a
         hive-partitioned parquet dataset at ``url/run_id`` for any parquet
         reader.
 
@@ -1966,7 +1966,7 @@ class ManyModelRun:
         if self._meta is not None:
             base = self._meta.iloc[:0]
         elif items:
-            base = _read_frame(self._store.fs, items[0][0]).iloc[:0]
+            base = _columns_of_file(self._store.fs, items[0][0])
         else:
             raise InvalidArgumentError(
                 f"run {self.run_id!r} stored no output (no group returned rows); pass meta= "
@@ -2374,10 +2374,13 @@ def _with_group_columns(meta: pd.DataFrame, by: list[str], dtypes: list) -> pd.D
     return meta
 
 
-def _read_frame(fs, path: str) -> pd.DataFrame:
-    """One output file as a frame, converted as the partitions are."""
+def _columns_of_file(fs, path: str) -> pd.DataFrame:
+    """One output file's columns and index as an empty frame, converted as
+    the partitions are, from the file's footer alone: a group's output may
+    be millions of rows, which the client read whole for their dtypes.
+    (A categorical column has no categories here: each group has its own.)"""
     with fs.open(path, "rb") as f:
-        return _arrow_to_pandas(pq.ParquetFile(f).read(use_pandas_metadata=True))
+        return _arrow_to_pandas(pq.read_schema(f).empty_table())
 
 
 def _as_layout(frame: pd.DataFrame, by: list[str], key: tuple, layout: pd.DataFrame) -> pd.DataFrame:

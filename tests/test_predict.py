@@ -1015,7 +1015,11 @@ def test_a_partition_of_output_reads_as_each_group_read_alone_and_concatenated(c
     import pyarrow.parquet as pq
 
     from dask_manymodel import run as run_module
-    from dask_manymodel.run import _as_layout, _one_plain_schema, _read_frame, _read_output
+    from dask_manymodel.run import _arrow_to_pandas, _as_layout, _columns_of_file, _one_plain_schema, _read_output
+
+    def read_frame(path):
+        with fs.open(path, "rb") as f:
+            return _arrow_to_pandas(pq.ParquetFile(f).read(use_pandas_metadata=True))
 
     if batch_files is not None:
         monkeypatch.setattr(run_module, "_BATCH_FILES", batch_files)
@@ -1032,8 +1036,18 @@ def test_a_partition_of_output_reads_as_each_group_read_alone_and_concatenated(c
         case not in ("dtypes differ", "batches differ", "categoricals"))
     # each file as the meta's is read: pd.read_parquet's conversion, with
     # lists (and other non-text objects) as pandas' ArrowDtype
-    expected = pd.concat([_as_layout(_read_frame(fs, path), by, key, layout) for path, key in items],
+    expected = pd.concat([_as_layout(read_frame(path), by, key, layout) for path, key in items],
                          ignore_index=True)
+    # the schema to_dask_dataframe reads from a file's footer: the columns
+    # and dtypes of the whole file read (a categorical has no categories yet)
+    first = read_frame(items[0][0]).iloc[:0]
+    footer = _columns_of_file(fs, items[0][0])
+    assert list(footer.columns) == list(first.columns) and len(footer) == 0
+    for column in first.columns:
+        if isinstance(first[column].dtype, pd.CategoricalDtype):
+            assert isinstance(footer[column].dtype, pd.CategoricalDtype)
+        else:
+            assert footer[column].dtype == first[column].dtype, column
     if case == "one schema":
         assert expected["lists"].dtype == pd.ArrowDtype(pyarrow.list_(pyarrow.int64()))
     pd.testing.assert_frame_equal(_read_output(items, fs, by, layout), expected)

@@ -16,7 +16,7 @@ from dask_manymodel import ExecutionOptions, ManyModelRun, RunStatus
 
 from . import flaky_fs
 from .conftest import fit_line, make_frame
-from .test_faults import assert_wrote_nothing_more, start_again_while_group_zero_holds
+from .test_faults import assert_wrote_nothing_more, generated_frame, start_again_while_group_zero_holds
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -402,6 +402,40 @@ def test_a_filesets_dask_dataframe_reads_its_manifest_once(s3_options, tmp_path,
     manifest_reads = [entry for entry in requests if entry["url"].split("?")[0].endswith("/_fileset.json")]
     assert len(manifest_reads) == 1, manifest_reads
     assert len(made["frame"].compute()) == 20
+
+
+def test_a_predict_runs_output_columns_are_read_from_a_files_footer(client, s3_options, tmp_path, monkeypatch):
+    """to_dask_dataframe() of a predict run without meta= learned its
+    columns by reading the first group's output file whole on the client:
+    all of it, however many rows that group returned."""
+    url = "s3://models/footer-only"
+    ddf = generated_frame(2, 200_000, npartitions=2)  # made on the workers: no big graph
+    assert ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", storage_options=s3_options).wait(
+        show_progress=False
+    ) == RunStatus.SUCCESS
+    scores = ddf.manymodel.predict(
+        predict_frame, by="store", url=url, training_run_id="r1", run_id="s1", storage_options=s3_options
+    )
+    assert scores.wait(show_progress=False) == RunStatus.SUCCESS
+    restored = ManyModelRun.restore_from("s1", url, storage_options=s3_options)
+    restored.summary()  # the statuses, read before the recording
+    monkeypatch.chdir(tmp_path)  # where moto's recorder writes its file
+    made = {}
+    requests = _recorded(
+        s3_options["client_kwargs"]["endpoint_url"], lambda: made.update(frame=restored.to_dask_dataframe())
+    )
+    fs = s3fs.S3FileSystem(**s3_options)
+    size = fs.size("models/footer-only/s1/store=0/part-0.parquet")
+    assert size > 1_000_000
+    read = 0
+    for entry in requests:
+        if entry["method"] == "GET" and entry["url"].split("?")[0].endswith("/part-0.parquet"):
+            first, last = entry["headers"]["Range"].split("=")[1].split("-")
+            read += (int(last) if last else size - 1) - int(first) + 1
+    assert 0 < read < size // 10, (read, size)
+    frame = made["frame"]
+    assert list(frame.columns) == ["store", "x", "y", "pred"]
+    assert dict(frame.compute().dtypes) == dict(frame.dtypes)
 
 
 def test_each_small_file_is_read_in_one_request(client, s3_options, tmp_path, monkeypatch):
