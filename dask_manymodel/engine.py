@@ -726,11 +726,28 @@ def check_workers_see_local_folder(store: RunStore, client: distributed.Client) 
     return len(seen)
 
 
-# (worker address, module) pairs found importable, per client: each worker is
-# asked once, and only what a run needs that it was not asked before
-_found_on_workers: "weakref.WeakKeyDictionary[distributed.Client, set[tuple[str, str]]]" = (
+# ((worker address, worker process id), module) pairs found importable, per
+# client: each worker process is asked once, and only what a run needs that
+# it was not asked before
+_found_on_workers: "weakref.WeakKeyDictionary[distributed.Client, set[tuple[tuple[str, str], str]]]" = (
     weakref.WeakKeyDictionary()
 )
+
+
+def _worker_processes(client: distributed.Client) -> dict[str, str]:
+    """Each worker's address and the id of its process (the scheduler's
+    ``WorkerState.server_id``, new each time a worker starts): a worker
+    restarted at the same address (a fixed ``--worker-port``, a container
+    restarted in its pod) is another process, perhaps in another image.
+    Where the scheduler runs no client functions, the address only."""
+    try:
+        # a local lambda travels by value: the scheduler need not have dask_manymodel
+        return client.run_on_scheduler(
+            lambda dask_scheduler: {address: ws.server_id for address, ws in dask_scheduler.workers.items()}
+        )
+    except Exception:
+        logger.debug("could not ask the scheduler for its workers' ids", exc_info=True)
+        return {address: address for address in client.nthreads()}
 
 
 def check_workers_environment(client: distributed.Client, serde: ModelSerde | None = None) -> None:
@@ -745,13 +762,16 @@ def check_workers_environment(client: distributed.Client, serde: ModelSerde | No
     """
     from . import __version__
 
-    nthreads = client.nthreads()
+    processes = _worker_processes(client)
     modules = ["dask_manymodel", *getattr(serde, "_needs", ())]
     found = _found_on_workers.setdefault(client, set())
-    # forget the workers that left, so that an elastic cluster's comings and
-    # goings over days do not pile up addresses here
-    found -= {(worker, module) for worker, module in found if worker not in nthreads}
-    to_ask = sorted({worker for worker in nthreads for module in modules if (worker, module) not in found})
+    # forget the workers that left (or were restarted), so that an elastic
+    # cluster's comings and goings over days do not pile up addresses here
+    found -= {(worker, module) for worker, module in found if processes.get(worker[0]) != worker[1]}
+    to_ask = sorted({
+        address for address, process in processes.items() for module in modules
+        if ((address, process), module) not in found
+    })
     if not to_ask:
         return
 
@@ -792,7 +812,7 @@ def check_workers_environment(client: distributed.Client, serde: ModelSerde | No
                 else f"{module}, which {type(serde).__name__} reads and writes models with"
             )
             raise MissingDependencyError(
-                f"{module} cannot be imported on {len(lacking)} of the cluster's {len(nthreads)} "
+                f"{module} cannot be imported on {len(lacking)} of the cluster's {len(processes)} "
                 f"worker(s) ({lacking[0]}: {why}). Every worker needs {needs}: install it in the "
                 f"workers' environment (their image), not only on this client; "
                 f"client.get_versions(packages=[{module!r}]) lists each worker's. Nothing is written"
@@ -807,7 +827,7 @@ def check_workers_environment(client: distributed.Client, serde: ModelSerde | No
             UserWarning,
             stacklevel=user_stack_level(),
         )
-    found.update((worker, module) for worker in answers for module in modules)
+    found.update(((worker, processes[worker]), module) for worker in answers for module in modules)
 
 
 def send_spec(spec: "RunSpec", client: distributed.Client) -> distributed.Future:

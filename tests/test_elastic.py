@@ -293,5 +293,5 @@ def test_workers_that_left_are_forgotten_by_the_environment_check(one_worker_clu
 
     second = ddf.manymodel.train(fit_line, by="store", url=str(tmp_path / "models"), run_id="r2")
     assert second.wait(timeout=120, show_progress=False) is RunStatus.SUCCESS
-    remembered = {worker for worker, _ in engine._found_on_workers[client]}
+    remembered = {address for (address, _), _ in engine._found_on_workers[client]}
     assert remembered == set(client.nthreads())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import socket
 
 import cloudpickle
 import dask.dataframe as dd
@@ -122,6 +123,46 @@ def test_workers_with_another_dask_manymodel_are_warned_of(ddf, tmp_path):
         )):
             run = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1")
         assert run.wait(show_progress=False, timeout=60) == RunStatus.SUCCESS
+
+
+# a worker preload: torch looks not installed in worker processes started
+# once the file its path names exists (a worker restarted in a changed image)
+HIDE_ONCE_MARKED = """
+import os, sys
+
+if os.path.exists({marker!r}):
+    class _Hide:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "torch":
+                raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+            return None
+
+    sys.meta_path.insert(0, _Hide())
+"""
+
+
+def test_a_worker_restarted_at_the_same_address_is_asked_again(ddf, tmp_path):
+    # the workers' answers were kept by address: a worker restarted at the
+    # same one (a fixed --worker-port) in another environment was not asked
+    # again, and every group of the run trained, then failed to save its model
+    marker = tmp_path / "torch-gone"
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR,
+        preload=[HIDE_ONCE_MARKED.format(marker=str(marker))], worker_port=port,
+    ) as cluster, distributed.Client(cluster, set_as_default=True) as client:
+        url = str(tmp_path / "models")
+        (before,) = client.nthreads()
+        run = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", serde=TorchSerde())
+        assert run.wait(show_progress=False, timeout=60) == RunStatus.SUCCESS
+        marker.touch()
+        client.restart()
+        assert list(client.nthreads()) == [before]  # the same address
+        with pytest.raises(MissingDependencyError, match="torch cannot be imported on 1 of the cluster's 1 worker"):
+            ddf.manymodel.train(fit_line, by="store", url=url, run_id="r2", serde=TorchSerde())
+        assert not os.path.exists(os.path.join(url, "r2"))
 
 
 def _load_where_sent(data: bytes):
