@@ -184,13 +184,10 @@ class TorchSerde(ModelSerde):
         # so get_model died in its forward() ("missing 1 required argument").
         # numpy's bools are taken, as a plain bool (it goes to _run.json)
         weights_only = check_flag(weights_only, "TorchSerde weights_only")
-        if model_factory is not None and (
-            not callable(model_factory) or hasattr(model_factory, "load_state_dict")
-        ):
-            hint = (
-                f"; pass the class itself: model_factory={type(model_factory).__name__}"
-                if hasattr(model_factory, "load_state_dict") else ""
-            )
+        # (a module's class has load_state_dict too, as a function: taken)
+        a_module = hasattr(model_factory, "load_state_dict") and not isinstance(model_factory, type)
+        if model_factory is not None and (not callable(model_factory) or a_module):
+            hint = f"; pass the class itself: model_factory={type(model_factory).__name__}" if a_module else ""
             raise InvalidArgumentError(
                 f"TorchSerde model_factory must build an empty module when called with no arguments (a class "
                 f"such as Net, or a function), got {_short_repr(model_factory)}{hint}"

@@ -153,6 +153,28 @@ class TestTorchSerdeWeightsOnly(TestTorchSerde):
         with pytest.raises(InvalidArgumentError, match="^TorchSerde weights_only must be True or False, got 'no'$"):
             TorchSerde(weights_only="no")
 
+    def test_a_module_class_is_taken_as_the_factory(self, tmp_path):
+        """model_factory=Net, as the docs and the refusal of Net() say to
+        pass it, was refused: a class has load_state_dict too (its function),
+        and the error said to pass 'model_factory=type'."""
+        from dask_manymodel import TorchSerde
+
+        torch = pytest.importorskip("torch")
+
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.linear = torch.nn.Linear(1, 1)
+
+        serde = TorchSerde(weights_only=True, model_factory=Net)
+        assert serde.model_factory is Net
+        path = str(tmp_path / "model.pt")
+        model = Net()
+        serde.write(model, path)
+        back = serde.read(path)
+        assert isinstance(back, Net)
+        assert all(a.equal(b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+
     def test_numpy_bools_are_taken_for_weights_only_as_plain_bools(self):
         """TorchSerde(weights_only=np.True_) (a comparison's answer) was
         refused as not True or False, where ExecutionOptions and the
