@@ -19,7 +19,7 @@ import pickle
 import re
 import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Callable
 
 import cloudpickle
 
@@ -164,7 +164,12 @@ class TorchSerde(ModelSerde):
     model_factory : callable, optional
         Builds an empty module to load the weights into; only with
         ``weights_only=True`` (without it, the whole module is saved and read
-        back, and a factory is refused: it would never be called).
+        back, and a factory is refused: it would never be called). For
+        weights of 1 MiB or more it is called on torch's meta device (its
+        module gets no memory and no random initialisation) and the weights
+        are assigned to the module; where that cannot give the same module
+        (tied weights, a tensor outside the state_dict, weights of another
+        dtype or device), it is called again as usual.
     map_location : str
         Where tensors are loaded; ``"cpu"`` by default, so models trained on
         a GPU worker load anywhere.
@@ -238,9 +243,62 @@ class TorchSerde(ModelSerde):
         state = torch.load(file_path, weights_only=True, map_location=self.map_location)
         if self.model_factory is None:
             return state
-        model = self.model_factory()
-        model.load_state_dict(state)
+        model = _built_without_init(torch, self.model_factory, state)
+        if model is None:
+            model = self.model_factory()
+            model.load_state_dict(state)
         return model
+
+
+# Weights of fewer bytes are loaded into a module built as usual: their
+# random initialisation costs less than a build on the meta device (whose
+# initialisation runs through Python), about even at 0.5 MB
+_META_BUILD_BYTES = 1 << 20
+
+
+def _built_without_init(torch: Any, factory: Callable[[], Any], state: Mapping) -> Any:
+    """``factory()``'s module with ``state``'s tensors as its own, built on
+    torch's meta device: its parameters get neither memory nor their random
+    initialisation, which ``load_state_dict`` would overwrite at once (for a
+    6 MB model, half of a read). None where that would not give
+    what ``factory()`` then ``load_state_dict(state)`` gives: a factory that
+    cannot build on the meta device, keys, shapes, dtypes or devices that
+    differ (the usual load converts or says why), weights tied together
+    (assigned, each would get its own), or a tensor left on the meta device
+    (a non-persistent buffer, a tensor the module keeps outside its state);
+    and for small weights (``_META_BUILD_BYTES``)."""
+    tensors = [value for value in state.values() if isinstance(value, torch.Tensor)]
+    if sum(tensor.numel() * tensor.element_size() for tensor in tensors) < _META_BUILD_BYTES:
+        return None
+    try:  # any failure (a factory that reads a value out of a tensor, a lazy module): built as usual
+        return _assigned(torch, factory, state)
+    except Exception:
+        return None
+
+
+def _assigned(torch: Any, factory: Callable[[], Any], state: Mapping) -> Any:
+    """:func:`_built_without_init`'s build, or None where it differs."""
+    default_device = torch.empty(()).device  # where factory() builds its module
+    with torch.device("meta"):
+        model = factory()
+    expected = model.state_dict(keep_vars=True)
+    if set(expected) != set(state) or any(
+        not isinstance(state[key], torch.Tensor) or state[key].shape != tensor.shape
+        or state[key].dtype != tensor.dtype or state[key].device != default_device
+        for key, tensor in expected.items()
+    ):
+        return None
+    if len(list(model.named_parameters(remove_duplicate=False))) != len(list(model.parameters())) or len(
+        list(model.named_buffers(remove_duplicate=False))
+    ) != len(list(model.buffers())):
+        return None
+    model.load_state_dict(state, assign=True)
+    for module in model.modules():
+        if any(isinstance(value, torch.Tensor) and value.is_meta for value in vars(module).values()) or any(
+            tensor.is_meta for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False))
+        ):
+            return None
+    return model
 
 
 class TensorFlowSerde(ModelSerde):

@@ -175,6 +175,74 @@ class TestTorchSerdeWeightsOnly(TestTorchSerde):
         assert isinstance(back, Net)
         assert all(a.equal(b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
 
+    def test_a_big_model_is_read_without_a_random_initialisation_first(self, tmp_path):
+        """The factory's module was initialised at random (drawing from
+        torch's generator), then load_state_dict overwrote every weight: for
+        a 6 MB model half the time of a read, and the reader's random numbers
+        moved on. The module is now built on the meta device, the weights
+        assigned to it."""
+        from dask_manymodel import TorchSerde
+
+        torch = pytest.importorskip("torch")
+
+        def factory():
+            return torch.nn.Sequential(torch.nn.Linear(600, 600), torch.nn.ReLU(), torch.nn.Linear(600, 1))
+
+        model = factory()  # 1.4 MB of weights
+        serde = TorchSerde(weights_only=True, model_factory=factory)
+        path = str(tmp_path / "model.pt")
+        serde.write(model, path)
+        torch.manual_seed(7)
+        back = serde.read(path)
+        drawn = torch.rand(3)
+        torch.manual_seed(7)
+        assert torch.equal(drawn, torch.rand(3))  # nothing drawn while reading
+        assert isinstance(back, torch.nn.Sequential)
+        for (name, tensor), (back_name, back_tensor) in zip(model.named_parameters(), back.named_parameters()):
+            assert name == back_name and torch.equal(tensor, back_tensor)
+            assert isinstance(back_tensor, torch.nn.Parameter) and back_tensor.requires_grad
+            assert back_tensor.device.type == "cpu"
+        x = torch.randn(4, 600)
+        with torch.no_grad():
+            assert torch.equal(model(x), back(x))
+
+    @pytest.mark.parametrize("shape", ["tied", "non-persistent buffer", "tensor attribute", "other dtype"])
+    def test_a_big_module_the_meta_device_cannot_build_alike_is_built_as_before(self, tmp_path, shape):
+        """Where a module built on the meta device and assigned the weights
+        would differ from one built and loaded (tied weights would each get
+        their own, a tensor outside the state would stay on the meta device,
+        weights of another dtype would not be converted): built as before."""
+        from dask_manymodel import TorchSerde
+
+        torch = pytest.importorskip("torch")
+
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.embed = torch.nn.Embedding(1000, 300)  # 1.2 MB
+                self.out = torch.nn.Linear(300, 1000, bias=False)
+                if shape == "tied":
+                    self.out.weight = self.embed.weight
+                if shape == "non-persistent buffer":
+                    self.register_buffer("scale", torch.full((1,), 2.0), persistent=False)
+                if shape == "tensor attribute":
+                    self.scale = torch.full((1,), 2.0)
+
+            def forward(self, x):
+                return self.out(self.embed(x)) * getattr(self, "scale", 1.0)
+
+        model = Net().double() if shape == "other dtype" else Net()
+        serde = TorchSerde(weights_only=True, model_factory=Net)
+        path = str(tmp_path / "model.pt")
+        serde.write(model, path)
+        back = serde.read(path)
+        assert not any(tensor.is_meta for tensor in (*back.parameters(), *back.buffers()))
+        assert (back.out.weight is back.embed.weight) == (shape == "tied")
+        assert back.out.weight.dtype == torch.float32  # the factory's, as load_state_dict converts
+        x = torch.tensor([1, 5, 999])
+        with torch.no_grad():
+            torch.testing.assert_close(back(x), model.float()(x))
+
     def test_numpy_bools_are_taken_for_weights_only_as_plain_bools(self):
         """TorchSerde(weights_only=np.True_) (a comparison's answer) was
         refused as not True or False, where ExecutionOptions and the
