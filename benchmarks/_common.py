@@ -5,11 +5,14 @@ dask_manymodel)."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import pickle
 import shutil
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from typing import Callable
@@ -118,11 +121,47 @@ def fresh_folder() -> str:
     """
     if not _SCRATCH:
         _SCRATCH.append(tempfile.mkdtemp(prefix="mm-bench-"))
+        _exit_on_sigterm()
         if KEEP_FILES:
             print(f"(files kept in {_SCRATCH[0]})")
+            atexit.register(_say_what_is_kept, _SCRATCH[0])
         else:
-            atexit.register(shutil.rmtree, _SCRATCH[0], True)
+            atexit.register(_remove_scratch, _SCRATCH[0])
     return tempfile.mkdtemp(dir=_SCRATCH[0])
+
+
+def _exit_on_sigterm() -> None:
+    """A SIGTERM (``timeout``, a CI job cancelled, ``kill``) ends the process
+    as Ctrl-C does, through ``finally`` and ``atexit``: by default it ended
+    it at once, and the scratch folder (GBs: W4 writes about 11 GB) stayed
+    in the temp folder for good."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        # (forked children too, a multiprocessing pool's: one killed outright
+        # while it waited for a task held the pool's lock, and the pool's
+        # terminate() in the main process waited for that lock for good)
+        signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
+
+
+def _remove_scratch(folder: str) -> None:
+    # (millions of files after W4: minutes, and Ctrl-C meanwhile leaves the rest)
+    print(f"(removing the benchmark's files in {folder})", flush=True)
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+    except BaseException:
+        print(f"(interrupted: delete what is left yourself: rm -rf {folder})", flush=True)
+        raise
+
+
+def _say_what_is_kept(folder: str) -> None:
+    """--keep-files: where the files are and how much of the disk they take."""
+    files, used = 0, 0
+    for parent, folders, names in os.walk(folder):
+        for name in [*folders, *names]:  # (a folder's own blocks too: W4 makes 880,000)
+            files += 1
+            with contextlib.suppress(OSError):
+                used += os.lstat(os.path.join(parent, name)).st_blocks * 512
+    print(f"(--keep-files: {files:,} files and folders, {used / 2**30:.2f} GiB of disk, kept in {folder}; "
+          f"delete them (rm -rf {folder}) once done, long before the next benchmark)", flush=True)
 
 
 def timed_rounds(

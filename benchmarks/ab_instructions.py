@@ -54,8 +54,10 @@ def child(groups: int, runs: int) -> None:
         ddf = client.persist(dd.from_pandas(frame, npartitions=4, sort=False))
         for _ in range(runs):
             url = tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-            assert ddf.manymodel.train(fit, by="g", url=url, run_id="r").wait(show_progress=False).value == "SUCCESS"
-            shutil.rmtree(url)
+            try:  # (/dev/shm is memory: a failed run's files held it for good)
+                assert ddf.manymodel.train(fit, by="g", url=url, run_id="r").wait(show_progress=False).value == "SUCCESS"
+            finally:
+                shutil.rmtree(url)
 
 
 def count(folder: str, groups: int, runs: int) -> tuple[int, int]:

@@ -3560,6 +3560,15 @@ def _start_run(
         doomed += [store.path(path, PARTITION_FILE) for path in stale]
         if doomed:
             store.delete_files(doomed)
+        if previous is not None and store.is_local:
+            # and the temp files of writes killed half-way (a worker out of
+            # memory while a model of GBs streamed to its file): Dask's next
+            # try of the task removes them (_CarefulTry), but where it gave
+            # the task up, none came, and the rerun wrote its model beside
+            # the dead one's file, which stayed for good
+            for path in counted_paths:
+                if path not in done_paths:
+                    store.remove_temp_files(path)
         for record in refused_records:
             _write_status(spec, record)
         # kept in memory by the handle for retry_failed(); never written anywhere

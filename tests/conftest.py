@@ -55,6 +55,18 @@ def thread_client():
 
 
 @pytest.fixture
+def children_temp(tmp_path, monkeypatch):
+    """The temp folder (TMPDIR) of the processes the test starts, in
+    ``tmp_path``: the README's and the docs' examples and the notebooks make
+    their runs' folders with ``tempfile.mkdtemp()`` and never delete them,
+    and every run of the suite left them in /tmp."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    return folder
+
+
+@pytest.fixture
 def store_url(tmp_path):
     return str(tmp_path / "models")
 

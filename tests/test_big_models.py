@@ -158,3 +158,48 @@ def test_a_local_runs_artifacts_are_written_and_read_in_place(client, tmp_path):
     assert os.path.dirname(written) == os.path.dirname(stored) and os.path.basename(written).startswith(".tmp-")
     assert read_at == [stored, stored]
     assert sorted(os.listdir(os.path.dirname(stored))) == ["_partition.json", "emb.npy", "model.pkl"]
+
+
+class DiesWhilePickled:
+    """Pickled after a big array has streamed to its temp file: takes its
+    worker process down (as running out of memory does) while ``gate`` exists."""
+
+    def __init__(self, gate):
+        self.gate = gate
+
+    def __reduce__(self):
+        if os.path.exists(self.gate):
+            os._exit(1)
+        return (DiesWhilePickled, (self.gate,))
+
+
+def big_model_whose_worker_dies(gate, data, ctx):
+    return [np.ones(MODEL_BYTES // 8), DiesWhilePickled(gate)]
+
+
+def test_a_resume_removes_the_temp_file_of_a_worker_killed_while_it_wrote_a_model(tmp_path):
+    """A worker killed while a big model streamed to its temp file left the
+    file (as big as the model) in the group's folder. Where Dask gave the
+    task up (no careful try came to remove it), retry_failed() wrote the
+    group DONE beside it, and it stayed for good."""
+    import dask
+    import functools
+
+    gate, url = tmp_path / "gate", str(tmp_path / "models")
+    gate.touch()
+    ddf = dd.from_pandas(pd.DataFrame({"g": [0], "x": [1.0]}), npartitions=1)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.CRITICAL,
+    ) as cluster, distributed.Client(cluster):
+        run = ddf.manymodel.train(functools.partial(big_model_whose_worker_dies, str(gate)), by="g", url=url,
+                                  run_id="r1")
+        run.wait(show_progress=False)
+        assert run.summary()["status"].tolist() == ["INTERNAL_ERROR"]
+        folder = os.path.join(url, "r1", "g=0")
+        left = [name for name in os.listdir(folder) if name.startswith(".tmp-")]
+        assert len(left) == 1 and os.path.getsize(os.path.join(folder, left[0])) > MODEL_BYTES  # the killed write's
+        gate.unlink()
+        again = run.retry_failed()
+        again.wait(show_progress=False)
+    assert again.summary()["status"].tolist() == ["DONE"]
+    assert sorted(os.listdir(folder)) == ["_partition.json", "model.pkl"]

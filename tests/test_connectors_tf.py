@@ -153,3 +153,30 @@ def test_a_filesets_list_column_names_itself(tmp_path):
     # raised in the dataset's generator: TensorFlow passes it on as its own error, with the message
     with pytest.raises(tf.errors.InvalidArgumentError, match="column 'pair' holds lists or structs, which a tf.Tensor"):
         next(iter(made.to_tf_dataset(batch_size=4)))
+
+
+_KILLED_AFTER_AN_EPOCH = """
+import os
+import numpy as np, pandas as pd
+from dask_manymodel import DataConnector
+data = DataConnector.from_pandas(pd.DataFrame({"x": np.arange(20.0), "i": np.arange(20)}))
+for shuffle in (False, True):
+    assert len(list(data.to_tf_dataset(batch_size=4, shuffle=shuffle, seed=3))) == 5
+os._exit(0)  # as a worker killed for its memory: no clean exit
+"""
+
+
+def test_a_process_killed_after_to_tf_dataset_leaves_no_file_in_the_temp_folder(tmp_path):
+    """TensorFlow's autograph converted the dataset's functions through a
+    __autograph_generated_file*.py in the temp folder, removed only when the
+    process exits cleanly: each worker killed after a group used
+    to_tf_dataset left one in /tmp for good."""
+    import os
+    import subprocess
+    import sys
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = dict(os.environ, TMPDIR=str(temp), TF_CPP_MIN_LOG_LEVEL="2")
+    subprocess.run([sys.executable, "-c", _KILLED_AFTER_AN_EPOCH], env=env, check=True, timeout=120)
+    assert os.listdir(temp) == []

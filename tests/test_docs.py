@@ -33,7 +33,7 @@ def python_blocks(page: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)], ids=lambda p: p.name)
-def test_docs_examples_run(page, tmp_path):
+def test_docs_examples_run(page, tmp_path, children_temp):
     code = "\n\n".join(python_blocks(page))
     # torch and TensorFlow are extras: without them (pip install -e '.[test]'
     # alone, as on Pythons that torch has no wheel for) their pages skip
@@ -42,6 +42,8 @@ def test_docs_examples_run(page, tmp_path):
             pytest.importorskip(module)
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    if "tempfile.mkdtemp()" in code:
+        assert os.listdir(children_temp)  # its runs' folders, here, not in /tmp
 
 
 def test_every_page_is_in_the_navigation():

@@ -43,8 +43,9 @@ def test_notebooks_are_what_the_script_writes(tmp_path):
         )
 
 
-def execute(path: Path, tmp_path: Path) -> tuple[str, list[dict]]:
-    """Run a notebook in a fresh kernel; return its text output and all outputs."""
+def execute(path: Path, tmp_path: Path, temp: Path) -> tuple[str, list[dict]]:
+    """Run a notebook in a fresh kernel whose temp folder (TMPDIR) is
+    ``temp``; return its text output and all outputs."""
     if path.name in NEEDS:
         pytest.importorskip(NEEDS[path.name])
     notebook = nbformat.read(path, as_version=4)
@@ -53,14 +54,15 @@ def execute(path: Path, tmp_path: Path) -> tuple[str, list[dict]]:
         notebook, timeout=60, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     )
     client.execute()
+    assert os.listdir(temp)  # the notebook's url (tempfile.mkdtemp()), here, not in /tmp
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     text = "\n".join(output.get("text", "") + str(output.get("data", {}).get("text/plain", "")) for output in outputs)
     assert "Traceback" not in text and "Error" not in text.replace("ValueError: store 13", "")
     return text, outputs
 
 
-def test_quickstart(tmp_path):
-    text, outputs = execute(FOLDER / "01_quickstart.ipynb", tmp_path)
+def test_quickstart(tmp_path, children_temp):
+    text, outputs = execute(FOLDER / "01_quickstart.ipynb", tmp_path, children_temp)
     assert "PARTIAL_FAILURE" in text and "13 ValueError: store 13 is closed" in text
     assert "INFO dask_manymodel.user: store 7: 100 rows" in text  # the group's captured log
     html = "\n".join(str(o.get("data", {}).get("text/html", "")) for o in outputs)
@@ -72,16 +74,16 @@ def test_quickstart(tmp_path):
         assert "IProgress not found" not in text
 
 
-def test_pytorch_per_group(tmp_path):
-    text, _ = execute(FOLDER / "02_pytorch_per_group.ipynb", tmp_path)
+def test_pytorch_per_group(tmp_path, children_temp):
+    text, _ = execute(FOLDER / "02_pytorch_per_group.ipynb", tmp_path, children_temp)
     assert "SUCCESS" in text
     weight, bias = map(float, re.search(r"^([-0-9.e]+) ([-0-9.e]+)$", text, flags=re.M).groups())
     assert weight == pytest.approx(2.0, abs=0.05) and bias == pytest.approx(0.5, abs=0.05)
     assert "final loss" in text
 
 
-def test_tensorflow_and_fileset(tmp_path):
-    text, _ = execute(FOLDER / "03_tensorflow_and_fileset.ipynb", tmp_path)
+def test_tensorflow_and_fileset(tmp_path, children_temp):
+    text, _ = execute(FOLDER / "03_tensorflow_and_fileset.ipynb", tmp_path, children_temp)
     assert "SUCCESS" in text and "2 files, 400 rows" in text
     prediction = float(re.search(r"array\(\[\[([-0-9.e]+)\]\]", text).group(1))
     assert prediction == pytest.approx(3.0, abs=0.1)

@@ -16,7 +16,7 @@ def readme_blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
 
 
-def test_quickstart_runs(tmp_path):
+def test_quickstart_runs(tmp_path, children_temp):
     quickstart = readme_blocks("python")[0]
     out = subprocess.run(
         [sys.executable, "-c", quickstart], cwd=tmp_path, capture_output=True, text=True, timeout=300
@@ -24,6 +24,7 @@ def test_quickstart_runs(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "SUCCESS [8.0, 7.0]" in out.stdout
     assert "pred" in out.stdout
+    assert os.listdir(children_temp)  # its url (tempfile.mkdtemp()), here, not in /tmp
 
 
 def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():

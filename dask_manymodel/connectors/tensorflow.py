@@ -115,6 +115,12 @@ def _in_memory_dataset(tf, columns, batch_size: int, shuffle: bool, n_batches: i
     order_of_columns = list(columns.arrays)
     n_rows = columns.n_rows
 
+    # Not through autograph (both functions are plain TensorFlow calls, with
+    # Python branches on Python values only): its conversion writes a
+    # __autograph_generated_file*.py into the temp folder of each process,
+    # removed only at a clean exit, so each worker killed (out of memory)
+    # after a group that used this left one in /tmp for good.
+    @tf.autograph.experimental.do_not_convert
     def one_epoch(epoch_key):
         if shuffle:
             order = tf.random.experimental.stateless_shuffle(
@@ -123,6 +129,7 @@ def _in_memory_dataset(tf, columns, batch_size: int, shuffle: bool, n_batches: i
         else:
             order = tf.range(n_rows, dtype=tf.int64)
 
+        @tf.autograph.experimental.do_not_convert
         def batch(number):
             index = order[number * batch_size : tf.minimum((number + 1) * batch_size, n_rows)]
             out = {}
