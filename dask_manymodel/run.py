@@ -792,6 +792,12 @@ class ManyModelRun:
     def _collect(self) -> None:
         try:
             cut_off: dict[int, BaseException] = {}  # cancelled outside the run: may still be running
+            # lost tasks whose stored statuses could not be read (the store
+            # failing under the client just then): read again once the other
+            # tasks have ended. Given up at once, the handle ended the run
+            # with every task still running counted INTERNAL_ERROR, while
+            # those went on to store their groups DONE
+            unread: dict[int, BaseException] = {}
             # on the run's client's loop: as_completed takes the default
             # client's, and this thread has none of the starting thread's
             # ``client.as_current()`` (a client made with set_as_default=False:
@@ -804,12 +810,20 @@ class ManyModelRun:
                     if isinstance(exc, concurrent.futures.CancelledError) and not self._manifest.get("cancelled"):
                         cut_off[task_index] = exc
                         continue
-                    records = self._task_lost(task_index, exc)
+                    try:
+                        records = self._task_lost(task_index, exc)
+                    except Exception:
+                        logger.debug("run %r: could not read what lost task %d stored; reading it again at the "
+                                     "run's end", self.run_id, task_index, exc_info=True)
+                        unread[task_index] = exc
+                        continue
                 self._keep(records)
             if cut_off:
                 self._fence_cut_off_tasks()
                 for task_index, exc in cut_off.items():
                     self._keep(self._task_lost(task_index, exc))
+            for task_index, exc in unread.items():  # (fails as before if the store still fails)
+                self._keep(self._task_lost(task_index, exc))
             self._keep(self._unreported())
         except Exception as exc:
             logger.exception("collecting the results of run %r failed", self.run_id)

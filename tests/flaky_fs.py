@@ -8,6 +8,7 @@ failures really happened in the worker processes.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 
@@ -16,13 +17,35 @@ from fsspec.implementations.local import LocalFileSystem
 
 
 class _Injector:
-    def __init__(self, fail_rate=0.0, fail_paths=(), fail_rm=False, readonly=False, log_path=None, seed=None):
+    def __init__(self, fail_rate=0.0, fail_paths=(), fail_rm=False, readonly=False, log_path=None, seed=None,
+                 fail_nth=None, count_dir=None, down_while=None):
         self.fail_rate = fail_rate
         self.fail_paths = tuple(fail_paths)
         self.fail_rm = fail_rm
         self.readonly = readonly
         self.log_path = log_path
         self.rng = random.Random(seed if seed is not None else os.getpid())
+        # {fragment: [n, ...]}: the nth writes (from 1) of paths holding the
+        # fragment fail, counted in ``count_dir`` across every process
+        self.fail_nth = {fragment: set(numbers) for fragment, numbers in (fail_nth or {}).items()}
+        self.count_dir = count_dir
+        # a file: while it exists, every write and delete fails (the store is down)
+        self.down_while = down_while
+
+    def _count(self, fragment: str) -> int:
+        """How many writes of paths holding ``fragment`` there have been, this one included."""
+        name = os.path.join(self.count_dir, "count-" + "".join(c if c.isalnum() else "_" for c in fragment))
+        with open(name + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            number = int(open(name).read()) + 1 if os.path.exists(name) else 1
+            with open(name, "w") as f:
+                f.write(str(number))
+        return number
+
+    def check_up(self, path: str) -> None:
+        if self.down_while and os.path.exists(self.down_while):
+            self.log(f"down {path}")
+            raise OSError(f"injected failure: the store is down ({path})")
 
     def log(self, what: str) -> None:
         if self.log_path:
@@ -32,6 +55,11 @@ class _Injector:
     def before_write(self, path: str) -> None:
         if self.readonly:
             raise PermissionError(f"read-only store: {path}")
+        self.check_up(path)
+        for fragment, numbers in self.fail_nth.items():
+            if fragment in path and self._count(fragment) in numbers:
+                self.log(f"nth {path}")
+                raise OSError(f"injected failure writing {path}")
         if any(fragment in path for fragment in self.fail_paths):
             self.log(f"permanent {path}")
             raise OSError(f"injected permanent failure writing {path}")
@@ -46,14 +74,16 @@ class FlakyLocalFileSystem(LocalFileSystem):
     protocol = "flaky"
 
     def __init__(self, fail_rate=0.0, fail_paths=(), fail_rm=False, readonly=False, log_path=None, seed=None,
-                 deny_reads=(), **kwargs):
+                 deny_reads=(), fail_nth=None, count_dir=None, down_while=None, **kwargs):
         super().__init__(**kwargs)
-        self.injector = _Injector(fail_rate, fail_paths, fail_rm, readonly, log_path, seed)
+        self.injector = _Injector(fail_rate, fail_paths, fail_rm, readonly, log_path, seed, fail_nth, count_dir,
+                                  down_while)
         # reads (and listings) of paths holding one of these refused, as S3's
         # AccessDenied on one object or another user's file on a shared disk
         self.deny_reads = tuple(deny_reads)
 
     def cat_file(self, path, start=None, end=None, **kwargs):
+        self.injector.check_up(str(path))
         if any(fragment in path for fragment in self.deny_reads):
             raise PermissionError(13, "Permission denied", path)
         return super().cat_file(path, start=start, end=end, **kwargs)
@@ -88,6 +118,7 @@ class FlakyLocalFileSystem(LocalFileSystem):
         return super().put_file(lpath, rpath, **kwargs)
 
     def rm(self, path, recursive=False, maxdepth=None):
+        self.injector.check_up(str(path))
         if self.injector.fail_rm:
             paths = path if isinstance(path, list) else [path]
             # delete half, then fail: an overwrite interrupted half-way
