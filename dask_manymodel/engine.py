@@ -1664,7 +1664,14 @@ def _write_status(spec: RunSpec, record: dict) -> dict:
             error=f"could not write the status of group {record['path']}: {exc}",
             traceback=traceback.format_exc(),
         )
+        record[STATUS_NOT_STORED] = True
     return record
+
+
+# A record's mark, never written: its status could not be stored (the store
+# failed just then); the run's client writes it as the run ends
+# (ManyModelRun._store_statuses_not_stored)
+STATUS_NOT_STORED = "_status_not_stored"
 
 
 def _save_model(
@@ -2629,6 +2636,7 @@ class _PendingWrites:
                     error=f"could not write the status of group {record['path']}: {error}",
                     traceback="".join(traceback.format_exception(error)),
                 )
+                record[STATUS_NOT_STORED] = True
             self.heartbeat.count(record["status"])
             # what the task returns; the full record is in storage now
             self.written.append(_compact(record))

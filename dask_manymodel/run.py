@@ -9,6 +9,7 @@ import contextlib
 import datetime
 import enum
 import html
+import json
 import logging
 import numbers
 import os
@@ -1067,7 +1068,48 @@ class ManyModelRun:
                 "finished after that were not written (CANCELLED here)", superseded, status.value,
             )
             return
+        self._store_statuses_not_stored()
         self._store.write_json(self._store.path(RUN_MANIFEST), self._manifest)
+
+    def _store_statuses_not_stored(self) -> None:
+        """Write the statuses that their task (or this client) could not
+        store, the store failing just then, as this handle recorded them
+        (INTERNAL_ERROR, saying why), before the run's final ``_run.json``.
+        Left out, storage kept what it had before: no status (a restored
+        handle and the CLI said PENDING), or the RUNNING mark a task writes
+        before it runs a group (see ``engine._CarefulTry``), shown for good
+        under a run that had ended, whose counts said INTERNAL_ERROR. A
+        status that fails again stays as it is, as the run's final status
+        would (see :meth:`_final_status_not_written`)."""
+        from .engine import STATUS_NOT_STORED, _now, _record
+
+        with self._lock:
+            unstored = {path: kept for path, kept in self._records.items() if kept.get(STATUS_NOT_STORED)}
+        files = {}
+        for path, kept in unstored.items():
+            group = self._group_of_path(path)
+            if group is None:
+                continue
+            fields = {name: kept.get(name) for name in _KeptRecord._FIELDS if kept.get(name) is not None}
+            fields.update((name, value) for name, value in kept.extra.items() if name != STATUS_NOT_STORED)
+            key = normalize_key(self._partition_id(group), len(self.partition_by))
+            record = _record(self._spec, key, path, **fields, finished=_now())
+            files[path] = json.dumps(record, indent=None, default=str).encode()
+        if not files:
+            return
+        failed = self._store.write_many(
+            {self._store.path(path, PARTITION_FILE): data for path, data in files.items()}, atomic=False
+        )
+        with self._lock:
+            for path in files:
+                if self._store.path(path, PARTITION_FILE) not in failed:
+                    unstored[path].extra.pop(STATUS_NOT_STORED, None)
+        if failed:
+            logger.warning(
+                "run %r: the statuses of %d group(s) could not be written either (such as %s: %s); until a "
+                "resume writes them, restore_from and the CLI show those groups as they were stored before "
+                "(not run, or RUNNING)", self.run_id, len(failed), next(iter(failed)), next(iter(failed.values())),
+            )
 
     def _superseded_by(self) -> str | None:
         """Why this run may no longer write into its folder (it was started

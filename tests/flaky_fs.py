@@ -37,7 +37,10 @@ class _Injector:
         name = os.path.join(self.count_dir, "count-" + "".join(c if c.isalnum() else "_" for c in fragment))
         with open(name + ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            number = int(open(name).read()) + 1 if os.path.exists(name) else 1
+            number = 1
+            if os.path.exists(name):
+                with open(name) as f:
+                    number += int(f.read())
             with open(name, "w") as f:
                 f.write(str(number))
         return number

@@ -245,6 +245,45 @@ def test_a_final_status_the_store_refuses_is_said_once_with_what_to_do(client, t
     assert json.loads((tmp_path / "models" / "r1" / "_run.json").read_text())["status"] == "SUCCESS"
 
 
+def group_0_fails(data, ctx):
+    if ctx.partition_id == 0:
+        raise ValueError("group 0 is bad")
+    return len(data)
+
+
+def test_a_status_its_task_could_not_write_is_written_as_the_run_ends(client, flaky, tmp_path):
+    """Group 0 failed, and the store failed as its task wrote the FAILED
+    status: the handle said INTERNAL_ERROR, but storage kept the RUNNING mark
+    the task writes before its first group, so that restore_from and the CLI
+    showed the ended run's group 0 RUNNING for good (and a group with no
+    mark PENDING), where _run.json counted it INTERNAL_ERROR. The client
+    writes such statuses as the run ends."""
+    url = f"flaky://{tmp_path}/models"
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=2)
+    # writes of group 0's status: 1 the task's mark, 2 its batch, 3 the batch's
+    # file again alone (after which the task gives up), 4 the client's
+    storage_options = {"fail_nth": {"store=0/_partition.json": [2, 3]}, "count_dir": str(tmp_path)}
+    run = ddf.manymodel.train(
+        group_0_fails, by="store", url=url, run_id="r1", storage_options=storage_options,
+        execution_options=ExecutionOptions(npartitions=1, storage_retries=0),
+    )
+    assert run.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    live = run.summary().set_index("partition_id")
+    assert live["status"].to_dict() == {0: "INTERNAL_ERROR", 1: "DONE", 2: "DONE", 3: "DONE"}
+    assert live.loc[0, "error"].startswith("could not write the status of group store=0: writing ")
+    assert "injected failure" in live.loc[0, "error"]
+    stored = json.loads((tmp_path / "models" / "r1" / "store=0" / "_partition.json").read_text())
+    assert stored["status"] == "INTERNAL_ERROR" and stored["attempt"] == run.manifest["attempt"]
+    restored = ManyModelRun.restore_from("r1", url)
+    assert restored.summary().set_index("partition_id")[["status", "error"]].equals(live[["status", "error"]])
+    assert restored.manifest["counts"] == {"DONE": 3, "INTERNAL_ERROR": 1}
+    assert "injected failure writing" in restored.partition_details[0].traceback
+    again = run.retry_failed()
+    assert again.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    assert again.partition_details[0].status == PartitionStatus.FAILED
+    assert again.partition_details[0].error == "ValueError: group 0 is bad"
+
+
 def test_statuses_cut_short_by_a_full_disk_are_one_warning(client, tmp_path, caplog):
     """A disk that fills up mid-run cuts short the status of every group
     that finishes after (they are written without a rename): each read of
