@@ -540,9 +540,13 @@ class FileSet:
         )
 
     def delete(self) -> None:
-        """Remove the FileSet's files; every later call on this handle raises."""
-        self._check_alive()
+        """Remove the FileSet's files; every later call on this handle raises.
+
+        A delete cut short (the store failing part-way) is finished by
+        calling ``delete()`` again on the same handle."""
         own_id = self._manifest.get("id")
+        if self._deleted or own_id is None or not self._cut_short_delete(own_id):
+            self._check_alive()
         if own_id is None:  # made before FileSets had ids: the folder, as then
             remove_paths(self._fs, [posixpath.join(self._root, MANIFEST)])
             remove_paths(self._fs, [self._root])
@@ -552,13 +556,33 @@ class FileSet:
             # new one under the name since the check above.
             # The manifest first: from then on nobody can open a half-deleted set.
             self._remove_if_ours(MANIFEST, own_id)
-            # named with the id: never another set's. In the store's batches
-            # (S3 deletes 1,000 a request), not a request per file
-            remove_files(self._fs, self._paths())
-            self._remove_if_ours(CLAIM, own_id)
-            self._remove_leftovers()
+            try:
+                # named with the id: never another set's. In the store's batches
+                # (S3 deletes 1,000 a request), not a request per file
+                remove_files(self._fs, self._paths())
+                self._remove_if_ours(CLAIM, own_id)
+                self._remove_leftovers()
+            except Exception as exc:
+                exc.add_note(
+                    f"FileSet {self.name!r} at {shown_url(self.url)} was deleted only in part (it cannot be "
+                    f"opened now); call delete() on this handle again to finish"
+                )
+                raise
         self._fs.invalidate_cache(self._root)
         self._deleted = True
+
+    def _cut_short_delete(self, own_id: str) -> bool:
+        """Whether a delete of this FileSet was cut short after its manifest
+        went: the name's claim is still its own. Taken for a FileSet deleted
+        by another handle, the delete raised FileSetDeletedError, and what
+        was left kept the name for good: ``FileSet(url, name)`` found no
+        FileSet, and ``make`` refused the folder that was not empty."""
+        if self._read_manifest() is not None:
+            return False
+        try:
+            return json.loads(read_file(self._fs, posixpath.join(self._root, CLAIM))).get("id") == own_id
+        except (FileNotFoundError, ValueError, AttributeError):
+            return False
 
     def _remove_if_ours(self, name: str, own_id: str) -> None:
         path = posixpath.join(self._root, name)

@@ -18,7 +18,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 class _Injector:
     def __init__(self, fail_rate=0.0, fail_paths=(), fail_rm=False, readonly=False, log_path=None, seed=None,
-                 fail_nth=None, count_dir=None, down_while=None):
+                 fail_nth=None, count_dir=None, down_while=None, fail_rm_nth=()):
         self.fail_rate = fail_rate
         self.fail_paths = tuple(fail_paths)
         self.fail_rm = fail_rm
@@ -29,6 +29,8 @@ class _Injector:
         # fragment fail, counted in ``count_dir`` across every process
         self.fail_nth = {fragment: set(numbers) for fragment, numbers in (fail_nth or {}).items()}
         self.count_dir = count_dir
+        # the nth calls (from 1) of rm that fail half-way, counted as fail_nth's
+        self.fail_rm_nth = set(fail_rm_nth)
         # a file: while it exists, every write and delete fails (the store is down)
         self.down_while = down_while
 
@@ -44,6 +46,9 @@ class _Injector:
             with open(name, "w") as f:
                 f.write(str(number))
         return number
+
+    def rm_fails_now(self) -> bool:
+        return bool(self.fail_rm_nth) and self._count("rm calls") in self.fail_rm_nth
 
     def check_up(self, path: str) -> None:
         if self.down_while and os.path.exists(self.down_while):
@@ -77,10 +82,10 @@ class FlakyLocalFileSystem(LocalFileSystem):
     protocol = "flaky"
 
     def __init__(self, fail_rate=0.0, fail_paths=(), fail_rm=False, readonly=False, log_path=None, seed=None,
-                 deny_reads=(), fail_nth=None, count_dir=None, down_while=None, **kwargs):
+                 deny_reads=(), fail_nth=None, count_dir=None, down_while=None, fail_rm_nth=(), **kwargs):
         super().__init__(**kwargs)
         self.injector = _Injector(fail_rate, fail_paths, fail_rm, readonly, log_path, seed, fail_nth, count_dir,
-                                  down_while)
+                                  down_while, fail_rm_nth)
         # reads (and listings) of paths holding one of these refused, as S3's
         # AccessDenied on one object or another user's file on a shared disk
         self.deny_reads = tuple(deny_reads)
@@ -122,7 +127,7 @@ class FlakyLocalFileSystem(LocalFileSystem):
 
     def rm(self, path, recursive=False, maxdepth=None):
         self.injector.check_up(str(path))
-        if self.injector.fail_rm:
+        if self.injector.fail_rm or self.injector.rm_fails_now():
             paths = path if isinstance(path, list) else [path]
             # delete half, then fail: an overwrite interrupted half-way
             super().rm(paths[: len(paths) // 2], recursive=recursive, maxdepth=maxdepth)

@@ -388,6 +388,34 @@ def test_a_delete_leaves_a_fileset_made_during_its_sweep(tmp_path, monkeypatch):
     assert FileSet(url, "snap").num_rows == 3
 
 
+def test_a_delete_cut_short_by_the_store_is_finished_by_deleting_again(tmp_path):
+    """The store failed half-way through delete()'s deletes, after the
+    manifest: a second delete() raised FileSetDeletedError, FileSet(url,
+    name) said "create it with FileSet.make", and make said "already
+    exists" (the claim and half the files were left): the name was taken
+    for good. Now the error says to call delete() again, which finishes."""
+    from . import flaky_fs
+
+    flaky_fs.register()
+    url = f"flaky://{tmp_path}/sets"
+    made = FileSet.make(url, "snap", dd.from_pandas(frame(40), npartitions=4),
+                        storage_options={"fail_rm_nth": [1], "count_dir": str(tmp_path)})
+    with pytest.raises(OSError, match="injected failure half-way through a delete") as raised:
+        made.delete()
+    assert "deleted only in part (it cannot be opened now); call delete() on this handle again" in str(
+        raised.value.__notes__
+    )
+    left = sorted(os.listdir(tmp_path / "sets" / "snap"))
+    assert "_fileset.claim" in left and len(left) == 3  # its claim, and 2 of its 4 files
+    with pytest.raises(FileSetNotFoundError):
+        FileSet(url, "snap")
+    made.delete()
+    assert not os.listdir(tmp_path / "sets" / "snap")  # (an empty folder: flaky:// is no local disk to us)
+    with pytest.raises(FileSetDeletedError, match="was deleted"):
+        made.delete()
+    assert FileSet.make(url, "snap", frame(3)).num_rows == 3
+
+
 def test_a_shuffled_make_runs_on_the_cluster_under_a_local_scheduler_setting(client, tmp_path):
     """dask.config.set(scheduler="threads") with a client: Dask picked its p2p
     shuffle (for the client) and ran it on the local scheduler, which failed
