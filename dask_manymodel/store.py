@@ -1052,7 +1052,11 @@ class RunStore:
         and fsspec's check-then-write elsewhere.
         """
 
+        tries = 0
+
         def create() -> None:
+            nonlocal tries
+            tries += 1
             if _is_local(self.fs):
                 self._commit_local(path, lambda tmp: _write_local(tmp, data, None), exclusive=True)
                 return
@@ -1065,7 +1069,25 @@ class RunStore:
                     raise FileExistsError(path) from exc
                 raise
 
-        self._retry(create, f"creating {path}")
+        try:
+            self._retry(create, f"creating {path}")
+        except FileExistsError:
+            # an earlier try failed: it may have landed with its answer lost
+            # (an object store's 500, a connection dropped after the PUT), and
+            # the file found is then this very create's. Taken for another's,
+            # a run refused itself ("created while this run was being
+            # prepared"), its _run.json left IN_PROGRESS for good, and a
+            # FileSet's claim kept the name
+            if tries > 1 and self._holds(path, data):
+                return
+            raise
+
+    def _holds(self, path: str, data: bytes) -> bool:
+        """Whether ``path`` holds exactly ``data`` (False if it cannot be read)."""
+        try:
+            return read_file(self.fs, path) == data
+        except Exception:
+            return False
 
     def write_json(self, path: str, data: Any, *, indent: int | None = 1, atomic: bool = True) -> None:
         self.write_bytes(path, json.dumps(data, indent=indent, default=str).encode(), atomic=atomic)

@@ -18,7 +18,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 class _Injector:
     def __init__(self, fail_rate=0.0, fail_paths=(), fail_rm=False, readonly=False, log_path=None, seed=None,
-                 fail_nth=None, count_dir=None, down_while=None, fail_rm_nth=()):
+                 fail_nth=None, count_dir=None, down_while=None, fail_rm_nth=(), lost_answer_nth=None):
         self.fail_rate = fail_rate
         self.fail_paths = tuple(fail_paths)
         self.fail_rm = fail_rm
@@ -33,6 +33,10 @@ class _Injector:
         self.fail_rm_nth = set(fail_rm_nth)
         # a file: while it exists, every write and delete fails (the store is down)
         self.down_while = down_while
+        # {fragment: [n, ...]}: the nth writes of paths holding the fragment
+        # land, then fail (the store's answer lost on its way back, as an
+        # object store's 500 or a dropped connection after the PUT committed)
+        self.lost_answer_nth = {fragment: set(numbers) for fragment, numbers in (lost_answer_nth or {}).items()}
 
     def _count(self, fragment: str) -> int:
         """How many writes of paths holding ``fragment`` there have been, this one included."""
@@ -46,6 +50,12 @@ class _Injector:
             with open(name, "w") as f:
                 f.write(str(number))
         return number
+
+    def after_write(self, path: str) -> None:
+        for fragment, numbers in self.lost_answer_nth.items():
+            if fragment in path and self._count("landed " + fragment) in numbers:
+                self.log(f"lost answer {path}")
+                raise OSError(f"injected failure after writing {path} (the write landed)")
 
     def rm_fails_now(self) -> bool:
         return bool(self.fail_rm_nth) and self._count("rm calls") in self.fail_rm_nth
@@ -82,10 +92,11 @@ class FlakyLocalFileSystem(LocalFileSystem):
     protocol = "flaky"
 
     def __init__(self, fail_rate=0.0, fail_paths=(), fail_rm=False, readonly=False, log_path=None, seed=None,
-                 deny_reads=(), fail_nth=None, count_dir=None, down_while=None, fail_rm_nth=(), **kwargs):
+                 deny_reads=(), fail_nth=None, count_dir=None, down_while=None, fail_rm_nth=(),
+                 lost_answer_nth=None, **kwargs):
         super().__init__(**kwargs)
         self.injector = _Injector(fail_rate, fail_paths, fail_rm, readonly, log_path, seed, fail_nth, count_dir,
-                                  down_while, fail_rm_nth)
+                                  down_while, fail_rm_nth, lost_answer_nth)
         # reads (and listings) of paths holding one of these refused, as S3's
         # AccessDenied on one object or another user's file on a shared disk
         self.deny_reads = tuple(deny_reads)
@@ -117,8 +128,9 @@ class FlakyLocalFileSystem(LocalFileSystem):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
             with os.fdopen(fd, "wb") as f:
                 f.write(value)
-            return
-        return super().pipe_file(path, value, **kwargs)
+        else:
+            super().pipe_file(path, value, **kwargs)
+        self.injector.after_write(path)
 
     def put_file(self, lpath, rpath, **kwargs):
         self.injector.before_write(rpath)

@@ -945,6 +945,30 @@ def test_a_lost_task_whose_statuses_cannot_be_read_then_ends_no_other_task(flaky
     assert restored.manifest["counts"] == {"DONE": 4 - len(lost), "INTERNAL_ERROR": len(lost)}
 
 
+def test_an_exclusive_create_whose_answer_was_lost_is_no_other_writers(client, flaky, tmp_path):
+    """The store took the exclusive create of _run.json (or of a FileSet's
+    claim) but its answer was lost (an object store's 500, a connection
+    dropped after the PUT): the retry found the file, taken for another
+    start's. The run refused itself ("it was created while this run was
+    being prepared"), leaving its _run.json IN_PROGRESS for good; the FileSet
+    said "already exists", its claim keeping the name."""
+    from dask_manymodel import FileSet
+
+    url = f"flaky://{tmp_path}/models"
+    options = {"lost_answer_nth": {"_run.json": [1], "_fileset.claim": [1]}, "count_dir": str(tmp_path),
+               "log_path": str(tmp_path / "failures.log")}
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=2)
+    run = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", storage_options=options)
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    assert ManyModelRun.restore_from("r1", url).status == RunStatus.SUCCESS
+    assert FileSet.make(url, "fs1", ddf, storage_options=options).num_rows == 20
+    lost = [line for line in (tmp_path / "failures.log").read_text().splitlines() if line.startswith("lost answer")]
+    assert [line.rsplit("/", 1)[1] for line in lost] == ["_run.json", "_fileset.claim"]
+    # another writer's file is still another's
+    with pytest.raises(RunExistsError, match="already exists"):
+        ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", storage_options=options)
+
+
 def test_two_runs_with_one_id_at_once(client, tmp_path):
     url = str(tmp_path / "m")
     ddf = dd.from_pandas(make_frame(n_groups=10, rows=5), npartitions=2)
