@@ -1093,7 +1093,8 @@ class ManyModelRun:
             fields = {name: kept.get(name) for name in _KeptRecord._FIELDS if kept.get(name) is not None}
             fields.update((name, value) for name, value in kept.extra.items() if name != STATUS_NOT_STORED)
             key = normalize_key(self._partition_id(group), len(self.partition_by))
-            record = _record(self._spec, key, path, **fields, finished=_now())
+            record = _record(self._spec, key, path, **fields)
+            record["finished"] = _now()  # (a record this client made has one)
             files[path] = json.dumps(record, indent=None, default=str).encode()
         if not files:
             return

@@ -969,6 +969,35 @@ def test_an_exclusive_create_whose_answer_was_lost_is_no_other_writers(client, f
         ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", storage_options=options)
 
 
+def exit_in_group_0(data, ctx):
+    if ctx.partition_id == 0:
+        os._exit(1)
+    return len(data)
+
+
+def test_a_lost_groups_status_the_client_could_not_write_is_written_as_the_run_ends(flaky, tmp_path):
+    """The client's own write of a lost group's status failed once: as the
+    run ended, writing it again raised TypeError (the record the client had
+    made carried its 'finished'), so that the run's final _run.json was not
+    written either, and said IN_PROGRESS though the store took writes again."""
+    url = f"flaky://{tmp_path}/models"
+    # writes of group 0's status: 1 its task's mark, 2 and 3 the client's (the
+    # batch, then the file alone), 4 the client's again as the run ends
+    options = {"fail_nth": {"store=0/_partition.json": [2, 3]}, "count_dir": str(tmp_path)}
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.CRITICAL,
+    ) as cluster, distributed.Client(cluster):
+        run = dd.from_pandas(make_frame(n_groups=4, rows=3), npartitions=1).manymodel.train(
+            exit_in_group_0, by="store", url=url, run_id="r1", storage_options=options,
+            execution_options=ExecutionOptions(npartitions=1, storage_retries=0),
+        )
+        assert run.wait(timeout=120, show_progress=False) == RunStatus.FAILURE
+    restored = ManyModelRun.restore_from("r1", url)
+    assert restored.manifest["status"] == "FAILURE" and restored.manifest["counts"] == {"INTERNAL_ERROR": 4}
+    assert restored.summary()["status"].tolist() == ["INTERNAL_ERROR"] * 4
+    assert restored.partition_details[0].error.startswith("could not write the status of group store=0")
+
+
 def test_two_runs_with_one_id_at_once(client, tmp_path):
     url = str(tmp_path / "m")
     ddf = dd.from_pandas(make_frame(n_groups=10, rows=5), npartitions=2)
