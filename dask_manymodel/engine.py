@@ -1668,6 +1668,26 @@ def _write_status(spec: RunSpec, record: dict) -> dict:
     return record
 
 
+def _write_statuses(spec: RunSpec, records: list[dict]) -> list[dict]:
+    """:func:`_write_status` of many groups, in one batch (see
+    :meth:`RunStore.write_many`)."""
+    files = {}
+    for record in records:
+        record["finished"] = _now()
+        files[spec.store.path(record["path"], PARTITION_FILE)] = json.dumps(record, indent=None, default=str).encode()
+    failed = spec.store.write_many(files, atomic=False)
+    for path, record in zip(files, records):
+        error = failed.get(path)
+        if error is not None:
+            record.update(
+                status="INTERNAL_ERROR",
+                error=f"could not write the status of group {record['path']}: {error}",
+                traceback="".join(traceback.format_exception(error)),
+            )
+            record[STATUS_NOT_STORED] = True
+    return records
+
+
 # A record's mark, never written: its status could not be stored (the store
 # failed just then); the run's client writes it as the run ends
 # (ManyModelRun._store_statuses_not_stored)

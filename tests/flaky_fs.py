@@ -8,6 +8,7 @@ failures really happened in the worker processes.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import random
@@ -18,7 +19,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 class _Injector:
     def __init__(self, fail_rate=0.0, fail_paths=(), fail_rm=False, readonly=False, log_path=None, seed=None,
-                 fail_nth=None, count_dir=None, down_while=None, fail_rm_nth=(), lost_answer_nth=None):
+                 fail_nth=None, count_dir=None, down_while=None, fail_rm_nth=(), lost_answer_nth=None,
+                 full_while=None):
         self.fail_rate = fail_rate
         self.fail_paths = tuple(fail_paths)
         self.fail_rm = fail_rm
@@ -33,6 +35,8 @@ class _Injector:
         self.fail_rm_nth = set(fail_rm_nth)
         # a file: while it exists, every write and delete fails (the store is down)
         self.down_while = down_while
+        # a file: while it exists, every write fails as on a full disk (reads work)
+        self.full_while = full_while
         # {fragment: [n, ...]}: the nth writes of paths holding the fragment
         # land, then fail (the store's answer lost on its way back, as an
         # object store's 500 or a dropped connection after the PUT committed)
@@ -74,6 +78,9 @@ class _Injector:
         if self.readonly:
             raise PermissionError(f"read-only store: {path}")
         self.check_up(path)
+        if self.full_while and os.path.exists(self.full_while):
+            self.log(f"full {path}")
+            raise OSError(errno.ENOSPC, "No space left on device (injected)", path)
         for fragment, numbers in self.fail_nth.items():
             if fragment in path and self._count(fragment) in numbers:
                 self.log(f"nth {path}")
@@ -93,10 +100,10 @@ class FlakyLocalFileSystem(LocalFileSystem):
 
     def __init__(self, fail_rate=0.0, fail_paths=(), fail_rm=False, readonly=False, log_path=None, seed=None,
                  deny_reads=(), fail_nth=None, count_dir=None, down_while=None, fail_rm_nth=(),
-                 lost_answer_nth=None, **kwargs):
+                 lost_answer_nth=None, full_while=None, **kwargs):
         super().__init__(**kwargs)
         self.injector = _Injector(fail_rate, fail_paths, fail_rm, readonly, log_path, seed, fail_nth, count_dir,
-                                  down_while, fail_rm_nth, lost_answer_nth)
+                                  down_while, fail_rm_nth, lost_answer_nth, full_while)
         # reads (and listings) of paths holding one of these refused, as S3's
         # AccessDenied on one object or another user's file on a shared disk
         self.deny_reads = tuple(deny_reads)

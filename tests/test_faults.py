@@ -998,6 +998,40 @@ def test_a_lost_groups_status_the_client_could_not_write_is_written_as_the_run_e
     assert restored.partition_details[0].error.startswith("could not write the status of group store=0")
 
 
+def disk_full_as_group_0_kills_its_worker(full, data, ctx):
+    if ctx.partition_id == 0:
+        open(full, "w").close()
+        os._exit(1)
+    return len(data)
+
+
+def test_the_statuses_of_a_lost_task_are_written_in_one_batch(flaky, tmp_path):
+    """The client wrote the outcome of each group of a lost task on its
+    own, with the store's retries each: with the disk full, the collector
+    spent the retries' backoff (~0.7 s by default) on every group, an hour
+    for a task of 5,000 groups, before wait() returned."""
+    url = f"flaky://{tmp_path}/models"
+    log = tmp_path / "failures.log"
+    full = tmp_path / "full"
+    n_groups = 30
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.CRITICAL,
+    ) as cluster, distributed.Client(cluster):
+        run = dd.from_pandas(make_frame(n_groups=n_groups, rows=3), npartitions=1).manymodel.train(
+            functools.partial(disk_full_as_group_0_kills_its_worker, str(full)), by="store", url=url, run_id="r1",
+            storage_options={"full_while": str(full), "log_path": str(log)},
+            execution_options=ExecutionOptions(npartitions=1, storage_retries=3, storage_retry_backoff=0.001),
+        )
+        assert run.wait(timeout=120, show_progress=False) == RunStatus.FAILURE
+    errors = run.summary()["error"]
+    assert errors.str.startswith("could not write the status of group store=").all()
+    assert errors.str.contains("No space left on device").all()
+    refused = [line for line in log.read_text().splitlines() if line.endswith("/_partition.json")]
+    # twice (the lost task's, then as the run ended, see _store_statuses_not_stored) each
+    # batch's write, its first file's 4 tries and the others' one; one by one, 4 tries each
+    assert len(refused) == 2 * (1 + 4 + n_groups - 1)
+
+
 def test_two_runs_with_one_id_at_once(client, tmp_path):
     url = str(tmp_path / "m")
     ddf = dd.from_pandas(make_frame(n_groups=10, rows=5), npartitions=2)
