@@ -893,26 +893,28 @@ def test_a_group_that_kills_every_worker_it_runs_on_fails_alone(tmp_path):
         assert details[3].status == PartitionStatus.FAILED and "died while the group ran" in details[3].error
 
 
-def store_down_as_group_0_kills_its_worker(folder, data, ctx):
-    """Group 2 waits (out of its worker's thread pool) for the file
-    ``gate``; group 0, once group 2 waits, takes the store down (the file
-    ``down``, see flaky_fs) and its worker process with it."""
-    if ctx.partition_id == 0:
-        with out_of_the_thread_pool():
-            hold_until_released(os.path.join(folder, "held"))
-        open(os.path.join(folder, "down"), "w").close()
-        os._exit(1)
-    if ctx.partition_id == 2:
-        open(os.path.join(folder, "held"), "w").close()
-        with out_of_the_thread_pool():
-            hold_until_released(os.path.join(folder, "gate"))
-    return len(data)
+def store_down_as_the_first_group_runs(folder, data, model, ctx):
+    """A predict function: the first group to run takes the store down (the
+    file ``down``, see flaky_fs), notes its id in ``held`` and waits, out of
+    its worker's thread pool, for the file ``gate``; so the next task to
+    start on the worker cannot read the training run, and fails whole."""
+    try:
+        os.close(os.open(os.path.join(folder, "first"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return data.to_pandas().assign(pred=model)
+    open(os.path.join(folder, "down"), "w").close()
+    with open(os.path.join(folder, "held.staged"), "w") as f:
+        f.write(json.dumps(ctx.partition_id))
+    os.replace(os.path.join(folder, "held.staged"), os.path.join(folder, "held"))
+    with out_of_the_thread_pool():
+        hold_until_released(os.path.join(folder, "gate"))
+    return data.to_pandas().assign(pred=model)
 
 
 def test_a_lost_task_whose_statuses_cannot_be_read_then_ends_no_other_task(flaky, tmp_path):
-    """A task was lost (its worker died) while the store was down, so the
-    client could not read what it had stored: the handle gave the whole run
-    up at once. wait() returned while the other tasks still ran, every group
+    """A task was lost while the store was down, so the client could not
+    read what it had stored: the handle gave the whole run up at once.
+    wait() returned while the other tasks still ran, every group
     INTERNAL_ERROR ("could not collect"), and those tasks went on to store
     their groups DONE under a _run.json left IN_PROGRESS for good. Now the
     lost task is read again once the others have ended."""
@@ -920,26 +922,33 @@ def test_a_lost_task_whose_statuses_cannot_be_read_then_ends_no_other_task(flaky
     folder.mkdir()
     url = f"flaky://{tmp_path}/models"
     log = tmp_path / "failures.log"
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.CRITICAL,
+    options = {"down_while": str(folder / "down"), "log_path": str(log)}
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=2)
+    # one worker thread: the tasks start one after the other
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.CRITICAL,
     ) as cluster, distributed.Client(cluster):
-        run = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=2).manymodel.train(
-            functools.partial(store_down_as_group_0_kills_its_worker, str(folder)), by="store", url=url,
-            run_id="r1", storage_options={"down_while": str(folder / "down"), "log_path": str(log)},
-            execution_options=ExecutionOptions(shuffle="never", storage_retries=1, storage_retry_backoff=0.001),
+        assert ddf.manymodel.train(count_rows, by="store", url=url, run_id="t1", storage_options=options).wait(
+            show_progress=False) == RunStatus.SUCCESS
+        run = ddf.manymodel.predict(
+            functools.partial(store_down_as_the_first_group_runs, str(folder)), by="store", url=url,
+            training_run_id="t1", run_id="p1", storage_options=options,
+            execution_options=ExecutionOptions(npartitions=2, task_retries=0, storage_retries=1,
+                                               storage_retry_backoff=0.001),
         )
         # the client tried to read what the lost task stored, with the store down
-        poll(lambda: log.exists() and "store=0/_partition.json" in log.read_text(), timeout=60)
-        assert run.status == RunStatus.IN_PROGRESS  # group 2's task still runs
+        poll(lambda: log.exists() and "/p1/store=" in log.read_text(), timeout=60)
+        assert run.status == RunStatus.IN_PROGRESS  # the held group's task still runs
         (folder / "down").unlink()
         (folder / "gate").touch()
         assert run.wait(timeout=120, show_progress=False) == RunStatus.PARTIAL_FAILURE
-    task_of = {json.loads(json.dumps(g["partition_id"])): g["task"] for g in run._groups}
-    lost = {g for g in task_of if task_of[g] == task_of[0]}  # (the run may give each group a task)
+    held = json.loads((folder / "held").read_text())
+    task_of = {g["partition_id"]: g["task"] for g in run._groups}
     live = run.summary().set_index("partition_id")["status"].to_dict()
-    assert live == {g: "INTERNAL_ERROR" if g in lost else "DONE" for g in range(4)}
-    assert "was lost with the task running it: KilledWorker" in run.partition_details[0].error
-    restored = ManyModelRun.restore_from("r1", url)
+    assert live == {g: "DONE" if task_of[g] == task_of[held] else "INTERNAL_ERROR" for g in range(4)}
+    lost = [g for g in range(4) if live[g] == "INTERNAL_ERROR"]
+    assert "was lost with the task running it: StorageError: cannot read" in run.partition_details[lost[0]].error
+    restored = ManyModelRun.restore_from("p1", url)
     assert restored.status == RunStatus.PARTIAL_FAILURE
     assert restored.summary().set_index("partition_id")["status"].to_dict() == live
     assert restored.manifest["counts"] == {"DONE": 4 - len(lost), "INTERNAL_ERROR": len(lost)}
