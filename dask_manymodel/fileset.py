@@ -404,7 +404,11 @@ class FileSet:
         # it meanwhile; the manifest goes only under a claim that is ours.
         if json.loads(read_file(fs, posixpath.join(root, CLAIM))).get("id") != fileset_id:
             raise _ClaimLost()
-        fs.pipe_file(posixpath.join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
+        # with the store's retries, as a run's files: a failure of this last
+        # write alone threw the whole snapshot away, its compute with it
+        RunStore(url, name, storage_options).write_bytes(
+            posixpath.join(root, MANIFEST), json.dumps(manifest, indent=1).encode()
+        )
 
     # ------------------------------------------------------------------
     def _check_alive(self) -> None:

@@ -416,6 +416,20 @@ def test_a_delete_cut_short_by_the_store_is_finished_by_deleting_again(tmp_path)
     assert FileSet.make(url, "snap", frame(3)).num_rows == 3
 
 
+def test_a_make_whose_manifest_write_fails_once_is_made(tmp_path):
+    """The manifest, the make's last write, was written without the store's
+    retries, as a run's files are: one transient failure of it threw the
+    whole snapshot away (its compute with it), raising the bare OSError."""
+    from . import flaky_fs
+
+    flaky_fs.register()
+    url = f"flaky://{tmp_path}/sets"
+    options = {"fail_nth": {"_fileset.json": [1]}, "count_dir": str(tmp_path), "log_path": str(tmp_path / "log")}
+    made = FileSet.make(url, "snap", dd.from_pandas(frame(40), npartitions=2), storage_options=options)
+    assert (tmp_path / "log").read_text().count("_fileset.json") == 1  # it did fail once
+    assert FileSet(url, "snap").num_rows == made.num_rows == 40
+
+
 def test_a_shuffled_make_runs_on_the_cluster_under_a_local_scheduler_setting(client, tmp_path):
     """dask.config.set(scheduler="threads") with a client: Dask picked its p2p
     shuffle (for the client) and ran it on the local scheduler, which failed
