@@ -1182,11 +1182,16 @@ class RunStore:
         except Exception as exc:
             if not unreadable:
                 raise
+            if isinstance(exc, PermissionError):
+                why = "the file is there, so"
+                advice = "Make the file readable (the store's permissions, or the disk) and try again"
+            else:  # after the retries: the store down or unreachable as much as the file unreadable
+                why = "it may be there, so"
+                advice = "Try again once the store answers (or, if the file is unreadable, make it readable)"
             raise StorageError(
                 f"cannot read {self._shown(unreadable[0])} of run {self.run_id!r} at "
-                f"{self.url_shown}: {type(exc).__name__}: {exc}; the file is there, so the group's outcome "
-                f"is not known (it is not taken as never run: a resume would run it again over its "
-                f"files). Make the file readable (the store's permissions, or the disk) and try again"
+                f"{self.url_shown}: {type(exc).__name__}: {exc}; {why} the group's outcome is not known "
+                f"(it is not taken as never run: a resume would run it again over its files). {advice}"
             ) from exc
         out = {}
         damaged = []

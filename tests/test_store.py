@@ -420,3 +420,23 @@ def test_a_store_that_is_down_costs_one_try_per_file_after_the_first(tmp_path):
     # store=3 has every try again, and its second is written
     assert list(failed) == [store.path(names[1])]
     assert [(tmp_path / "m" / "r1" / name).exists() for name in names[:4]] == [True, False, True, True]
+
+
+def test_a_status_the_store_could_not_read_is_not_said_to_be_there(tmp_path):
+    """With the store down, reading a group's status said "the file is
+    there ... Make the file readable (the store's permissions, or the
+    disk)": neither was known, and the advice did not fit an outage."""
+    from dask_manymodel import StorageError
+
+    from . import flaky_fs
+
+    flaky_fs.register()
+    down = tmp_path / "down"
+    down.touch()
+    store = RunStore(f"flaky://{tmp_path}/m", "r1", {"down_while": str(down)}, retries=1, retry_backoff=0.001)
+    with pytest.raises(StorageError) as raised:
+        store.read_statuses(["store=0"])
+    message = str(raised.value)
+    assert "store=0/_partition.json of run 'r1'" in message and "the store is down" in message
+    assert "it may be there, so the group's outcome is not known" in message
+    assert "Try again once the store answers" in message and "the file is there" not in message
