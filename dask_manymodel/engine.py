@@ -1659,13 +1659,24 @@ def _write_status(spec: RunSpec, record: dict) -> dict:
             spec.store.fs.makedirs(posixpath.dirname(path), exist_ok=True)
             spec.store.write_json(path, record, indent=None, atomic=False)
     except Exception as exc:
-        record.update(
-            status="INTERNAL_ERROR",
-            error=f"could not write the status of group {record['path']}: {exc}",
-            traceback=traceback.format_exc(),
-        )
-        record[STATUS_NOT_STORED] = True
+        _status_not_written(record, exc)
     return record
+
+
+def _status_not_written(record: dict, error: BaseException) -> None:
+    """Make ``record`` say that its status could not be written: INTERNAL_ERROR,
+    with the outcome it had (the user's error of a FAILED group was lost with
+    its traceback, and summary() said only that the store had failed), marked
+    for the client to write as the run ends (:data:`STATUS_NOT_STORED`)."""
+    had = record["status"]
+    if record.get("error"):
+        had += ": " + str(record["error"]).splitlines()[0][:500]
+    record.update(
+        status="INTERNAL_ERROR",
+        error=f"could not write the status of group {record['path']} (it had ended {had}): {error}",
+        traceback="".join(traceback.format_exception(error)),
+    )
+    record[STATUS_NOT_STORED] = True
 
 
 def _write_statuses(spec: RunSpec, records: list[dict]) -> list[dict]:
@@ -1679,12 +1690,7 @@ def _write_statuses(spec: RunSpec, records: list[dict]) -> list[dict]:
     for path, record in zip(files, records):
         error = failed.get(path)
         if error is not None:
-            record.update(
-                status="INTERNAL_ERROR",
-                error=f"could not write the status of group {record['path']}: {error}",
-                traceback="".join(traceback.format_exception(error)),
-            )
-            record[STATUS_NOT_STORED] = True
+            _status_not_written(record, error)
     return records
 
 
@@ -2651,12 +2657,7 @@ class _PendingWrites:
         for (record, _), path in zip(entries, status_paths):
             error = failed.get(path)
             if error is not None:
-                record.update(
-                    status="INTERNAL_ERROR",
-                    error=f"could not write the status of group {record['path']}: {error}",
-                    traceback="".join(traceback.format_exception(error)),
-                )
-                record[STATUS_NOT_STORED] = True
+                _status_not_written(record, error)
             self.heartbeat.count(record["status"])
             # what the task returns; the full record is in storage now
             self.written.append(_compact(record))

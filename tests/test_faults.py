@@ -270,7 +270,10 @@ def test_a_status_its_task_could_not_write_is_written_as_the_run_ends(client, fl
     assert run.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
     live = run.summary().set_index("partition_id")
     assert live["status"].to_dict() == {0: "INTERNAL_ERROR", 1: "DONE", 2: "DONE", 3: "DONE"}
-    assert live.loc[0, "error"].startswith("could not write the status of group store=0: writing ")
+    # with what became of the group: the user's error, which the write's took the place of
+    assert live.loc[0, "error"].startswith(
+        "could not write the status of group store=0 (it had ended FAILED: ValueError: group 0 is bad): writing "
+    )
     assert "injected failure" in live.loc[0, "error"]
     stored = json.loads((tmp_path / "models" / "r1" / "store=0" / "_partition.json").read_text())
     assert stored["status"] == "INTERNAL_ERROR" and stored["attempt"] == run.manifest["attempt"]
@@ -1004,7 +1007,10 @@ def test_a_lost_groups_status_the_client_could_not_write_is_written_as_the_run_e
     restored = ManyModelRun.restore_from("r1", url)
     assert restored.manifest["status"] == "FAILURE" and restored.manifest["counts"] == {"INTERNAL_ERROR": 4}
     assert restored.summary()["status"].tolist() == ["INTERNAL_ERROR"] * 4
-    assert restored.partition_details[0].error.startswith("could not write the status of group store=0")
+    assert restored.partition_details[0].error.startswith(
+        "could not write the status of group store=0 (it had ended INTERNAL_ERROR: group 0 (3 rows) was lost with "
+        "the task running it: KilledWorker"
+    )
 
 
 def disk_full_as_group_0_kills_its_worker(full, data, ctx):
