@@ -314,6 +314,16 @@ class FileSet:
                     f"{shown_url(url)}/{name} holds the run {name!r}, not a FileSet: a FileSet cannot take a run's "
                     f"name; choose another name"
                 )
+            if not fs.exists(posixpath.join(root, MANIFEST)):
+                # what a make or delete cut short leaves (its process killed, its
+                # store failing): "already exists ... delete() the old one", where
+                # FileSet(url, name) finds none to delete, kept the name for good
+                raise FileSetExistsError(
+                    f"FileSet {name!r} already exists at {shown_url(url)}, unfinished (no {MANIFEST}): another "
+                    f"FileSet.make of it is writing it now, or a make or delete of it was cut short (its process "
+                    f"killed, its store failing) and left its files. If none is running, delete the folder "
+                    f"{shown_url(url)}/{name} by hand, then make it again; or choose another name"
+                )
             raise exists
         # a named index is kept as a column, as DataFrame.to_parquet keeps it
         # (one named like a column is dropped, as a run drops it)

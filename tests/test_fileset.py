@@ -430,6 +430,27 @@ def test_a_make_whose_manifest_write_fails_once_is_made(tmp_path):
     assert FileSet(url, "snap").num_rows == made.num_rows == 40
 
 
+def test_a_make_refused_by_what_a_cut_short_make_left_says_so(url):
+    """A make whose process was killed after its claim (or whose clean-up
+    the store refused) left files without a manifest: the next make said
+    "already exists ... delete() the old one", and FileSet(url, name) found
+    no FileSet to delete."""
+    import fsspec
+
+    made = FileSet.make(url, "snap", frame(6))
+    fs, _ = fsspec.core.url_to_fs(url)
+    folder = made.files()[0].rsplit("/", 1)[0]
+    fs.rm_file(f"{folder}/_fileset.json")  # as a make killed before its last write leaves it
+    with pytest.raises(FileSetNotFoundError):
+        FileSet(url, "snap")
+    with pytest.raises(FileSetExistsError, match=r"FileSet 'snap' already exists at .*, unfinished \(no "
+                       r"_fileset.json\): another FileSet.make of it is writing it now, or a make or delete of it "
+                       r"was cut short .* If none is running, delete the folder .*snap by hand"):
+        FileSet.make(url, "snap", frame(3))
+    fs.rm(folder, recursive=True)
+    assert FileSet.make(url, "snap", frame(3)).num_rows == 3
+
+
 def test_a_shuffled_make_runs_on_the_cluster_under_a_local_scheduler_setting(client, tmp_path):
     """dask.config.set(scheduler="threads") with a client: Dask picked its p2p
     shuffle (for the client) and ran it on the local scheduler, which failed
