@@ -4,6 +4,14 @@ They are real fsspec file systems (local disk, or S3 through s3fs) with
 injected ``OSError``s on writes (and, on local disk, refused reads). Instances pickle to the workers with their
 options; each failure is appended to ``log_path`` so a test can check that
 failures really happened in the worker processes.
+
+On local disk (``flaky://``) also: the nth writes of a path failing, or
+landing with their answer lost (``fail_nth``, ``lost_answer_nth``, counted
+in ``count_dir`` across processes), the nth deletes failing half-way
+(``fail_rm_nth``), and a file whose existence takes the store down
+(``down_while``: reads, writes and deletes fail) or fills its disk
+(``full_while``: writes fail with ENOSPC), so that a test starts and ends
+an outage where it likes.
 """
 
 from __future__ import annotations
