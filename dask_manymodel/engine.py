@@ -1695,12 +1695,45 @@ def _write_status(spec: RunSpec, record: dict) -> dict:
             spec.store.fs.makedirs(posixpath.dirname(path), exist_ok=True)
             spec.store.write_json(path, record, indent=None, atomic=False)
     except Exception as exc:
-        record.update(
-            status="INTERNAL_ERROR",
-            error=f"could not write the status of group {record['path']}: {exc}",
-            traceback=traceback.format_exc(),
-        )
+        _status_not_written(record, exc)
     return record
+
+
+def _status_not_written(record: dict, error: BaseException) -> None:
+    """Make ``record`` say that its status could not be written: INTERNAL_ERROR,
+    with the outcome it had (the user's error of a FAILED group was lost with
+    its traceback, and summary() said only that the store had failed), marked
+    for the client to write as the run ends (:data:`STATUS_NOT_STORED`)."""
+    had = record["status"]
+    if record.get("error"):
+        had += ": " + str(record["error"]).splitlines()[0][:500]
+    record.update(
+        status="INTERNAL_ERROR",
+        error=f"could not write the status of group {record['path']} (it had ended {had}): {error}",
+        traceback="".join(traceback.format_exception(error)),
+    )
+    record[STATUS_NOT_STORED] = True
+
+
+def _write_statuses(spec: RunSpec, records: list[dict]) -> list[dict]:
+    """:func:`_write_status` of many groups, in one batch (see
+    :meth:`RunStore.write_many`)."""
+    files = {}
+    for record in records:
+        record["finished"] = _now()
+        files[spec.store.path(record["path"], PARTITION_FILE)] = json.dumps(record, indent=None, default=str).encode()
+    failed = spec.store.write_many(files, atomic=False)
+    for path, record in zip(files, records):
+        error = failed.get(path)
+        if error is not None:
+            _status_not_written(record, error)
+    return records
+
+
+# A record's mark, never written: its status could not be stored (the store
+# failed just then); the run's client writes it as the run ends
+# (ManyModelRun._store_statuses_not_stored)
+STATUS_NOT_STORED = "_status_not_stored"
 
 
 def _save_model(
@@ -2660,11 +2693,7 @@ class _PendingWrites:
         for (record, _), path in zip(entries, status_paths):
             error = failed.get(path)
             if error is not None:
-                record.update(
-                    status="INTERNAL_ERROR",
-                    error=f"could not write the status of group {record['path']}: {error}",
-                    traceback="".join(traceback.format_exception(error)),
-                )
+                _status_not_written(record, error)
             self.heartbeat.count(record["status"])
             # what the task returns; the full record is in storage now
             self.written.append(_compact(record))

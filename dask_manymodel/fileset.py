@@ -314,6 +314,16 @@ class FileSet:
                     f"{shown_url(url)}/{name} holds the run {name!r}, not a FileSet: a FileSet cannot take a run's "
                     f"name; choose another name"
                 )
+            if not fs.exists(posixpath.join(root, MANIFEST)):
+                # what a make or delete cut short leaves (its process killed, its
+                # store failing): "already exists ... delete() the old one", where
+                # FileSet(url, name) finds none to delete, kept the name for good
+                raise FileSetExistsError(
+                    f"FileSet {name!r} already exists at {shown_url(url)}, unfinished (no {MANIFEST}): another "
+                    f"FileSet.make of it is writing it now, or a make or delete of it was cut short (its process "
+                    f"killed, its store failing) and left its files. If none is running, delete the folder "
+                    f"{shown_url(url)}/{name} by hand, then make it again; or choose another name"
+                )
             raise exists
         # a named index is kept as a column, as DataFrame.to_parquet keeps it
         # (one named like a column is dropped, as a run drops it)
@@ -404,7 +414,11 @@ class FileSet:
         # it meanwhile; the manifest goes only under a claim that is ours.
         if json.loads(read_file(fs, posixpath.join(root, CLAIM))).get("id") != fileset_id:
             raise _ClaimLost()
-        fs.pipe_file(posixpath.join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
+        # with the store's retries, as a run's files: a failure of this last
+        # write alone threw the whole snapshot away, its compute with it
+        RunStore(url, name, storage_options).write_bytes(
+            posixpath.join(root, MANIFEST), json.dumps(manifest, indent=1).encode()
+        )
 
     # ------------------------------------------------------------------
     def _check_alive(self) -> None:
@@ -544,9 +558,13 @@ class FileSet:
         )
 
     def delete(self) -> None:
-        """Remove the FileSet's files; every later call on this handle raises."""
-        self._check_alive()
+        """Remove the FileSet's files; every later call on this handle raises.
+
+        A delete cut short (the store failing part-way) is finished by
+        calling ``delete()`` again on the same handle."""
         own_id = self._manifest.get("id")
+        if self._deleted or own_id is None or not self._cut_short_delete(own_id):
+            self._check_alive()
         if own_id is None:  # made before FileSets had ids: the folder, as then
             remove_paths(self._fs, [posixpath.join(self._root, MANIFEST)])
             remove_paths(self._fs, [self._root])
@@ -556,13 +574,33 @@ class FileSet:
             # new one under the name since the check above.
             # The manifest first: from then on nobody can open a half-deleted set.
             self._remove_if_ours(MANIFEST, own_id)
-            # named with the id: never another set's. In the store's batches
-            # (S3 deletes 1,000 a request), not a request per file
-            remove_files(self._fs, self._paths())
-            self._remove_if_ours(CLAIM, own_id)
-            self._remove_leftovers()
+            try:
+                # named with the id: never another set's. In the store's batches
+                # (S3 deletes 1,000 a request), not a request per file
+                remove_files(self._fs, self._paths())
+                self._remove_if_ours(CLAIM, own_id)
+                self._remove_leftovers()
+            except Exception as exc:
+                exc.add_note(
+                    f"FileSet {self.name!r} at {shown_url(self.url)} was deleted only in part (it cannot be "
+                    f"opened now); call delete() on this handle again to finish"
+                )
+                raise
         self._fs.invalidate_cache(self._root)
         self._deleted = True
+
+    def _cut_short_delete(self, own_id: str) -> bool:
+        """Whether a delete of this FileSet was cut short after its manifest
+        went: the name's claim is still its own. Taken for a FileSet deleted
+        by another handle, the delete raised FileSetDeletedError, and what
+        was left kept the name for good: ``FileSet(url, name)`` found no
+        FileSet, and ``make`` refused the folder that was not empty."""
+        if self._read_manifest() is not None:
+            return False
+        try:
+            return json.loads(read_file(self._fs, posixpath.join(self._root, CLAIM))).get("id") == own_id
+        except (FileNotFoundError, ValueError, AttributeError):
+            return False
 
     def _remove_if_ours(self, name: str, own_id: str) -> None:
         path = posixpath.join(self._root, name)

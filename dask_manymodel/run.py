@@ -9,6 +9,7 @@ import contextlib
 import datetime
 import enum
 import html
+import json
 import logging
 import numbers
 import os
@@ -792,6 +793,12 @@ class ManyModelRun:
     def _collect(self) -> None:
         try:
             cut_off: dict[int, BaseException] = {}  # cancelled outside the run: may still be running
+            # lost tasks whose stored statuses could not be read (the store
+            # failing under the client just then): read again once the other
+            # tasks have ended. Given up at once, the handle ended the run
+            # with every task still running counted INTERNAL_ERROR, while
+            # those went on to store their groups DONE
+            unread: dict[int, BaseException] = {}
             # on the run's client's loop: as_completed takes the default
             # client's, and this thread has none of the starting thread's
             # ``client.as_current()`` (a client made with set_as_default=False:
@@ -804,12 +811,20 @@ class ManyModelRun:
                     if isinstance(exc, concurrent.futures.CancelledError) and not self._manifest.get("cancelled"):
                         cut_off[task_index] = exc
                         continue
-                    records = self._task_lost(task_index, exc)
+                    try:
+                        records = self._task_lost(task_index, exc)
+                    except Exception:
+                        logger.debug("run %r: could not read what lost task %d stored; reading it again at the "
+                                     "run's end", self.run_id, task_index, exc_info=True)
+                        unread[task_index] = exc
+                        continue
                 self._keep(records)
             if cut_off:
                 self._fence_cut_off_tasks()
                 for task_index, exc in cut_off.items():
                     self._keep(self._task_lost(task_index, exc))
+            for task_index, exc in unread.items():  # (fails as before if the store still fails)
+                self._keep(self._task_lost(task_index, exc))
             self._keep(self._unreported())
         except Exception as exc:
             logger.exception("collecting the results of run %r failed", self.run_id)
@@ -921,6 +936,7 @@ class ManyModelRun:
         # any (engine.run_partition): nothing stored, no try of it began
         began = any(stored.get(path) is not None for path in paths)
         records = []
+        decided = []  # the outcomes decided here, written together
         for group in self._groups:
             if group.get("task") != task_index:
                 continue
@@ -974,19 +990,31 @@ class ManyModelRun:
                 outcome = {"status": "INTERNAL_ERROR", "error": error}
             if ttl is not None and existing.get("alone"):  # it ran alone: the GIL hold was this group's
                 outcome["error"] = f"{no_heartbeat_message(key, ttl)}; Dask gave the task up: {type(exc).__name__}"
-            records.append(self._client_outcome(group, key, superseded, **outcome))
+            decided.append(self._client_outcome(group, key, superseded, **outcome))
+            records.append(decided[-1])
+        self._write_client_outcomes(decided, superseded)
         return records
 
     def _client_outcome(self, group: dict, key: tuple, superseded: str | None, **outcome: Any) -> dict:
-        """A group's outcome decided here, not by its task: written as its
-        status, unless the folder is another run's now (kept here only)."""
-        from .engine import _record, _write_status
+        """A group's outcome decided here, not by its task, to be written as
+        its status (:meth:`_write_client_outcomes`), unless the folder is
+        another run's now (kept here only)."""
+        from .engine import _record
 
         record = _record(self._spec, key, group["path"], rows=group.get("rows", 0), **outcome)
         if superseded is not None:
             record.update(status="CANCELLED", error=f"not written: {superseded}")
-            return record
-        return _write_status(self._spec, record)
+        return record
+
+    def _write_client_outcomes(self, records: list[dict], superseded: str | None) -> None:
+        """Write :meth:`_client_outcome`'s records as their groups' statuses,
+        in one batch: one at a time, each with its own retries, a store that
+        refused writes (a full disk) held the collector ~0.7 s per group of
+        a lost task, an hour for one of 5,000 groups."""
+        from .engine import _write_statuses
+
+        if superseded is None and records:
+            _write_statuses(self._spec, records)
 
     def _unreported(self) -> list[dict]:
         """Groups of this start's tasks that no task reported, every task
@@ -1002,7 +1030,7 @@ class ManyModelRun:
             return []
         logger.warning("run %r: %d group(s) were not run by their task", self.run_id, len(missing))
         superseded = self._superseded_by()
-        return [
+        records = [
             self._client_outcome(
                 group, normalize_key(self._partition_id(group), len(self.partition_by)), superseded,
                 status="INTERNAL_ERROR",
@@ -1014,6 +1042,8 @@ class ManyModelRun:
             )
             for group in missing
         ]
+        self._write_client_outcomes(records, superseded)
+        return records
 
     def _set_cancel_event(self) -> None:
         """Tell the run's tasks to stop before their next group (fail_fast for
@@ -1076,7 +1106,49 @@ class ManyModelRun:
                 "finished after that were not written (CANCELLED here)", superseded, status.value,
             )
             return
+        self._store_statuses_not_stored()
         self._store.write_json(self._store.path(RUN_MANIFEST), self._manifest)
+
+    def _store_statuses_not_stored(self) -> None:
+        """Write the statuses that their task (or this client) could not
+        store, the store failing just then, as this handle recorded them
+        (INTERNAL_ERROR, saying why), before the run's final ``_run.json``.
+        Left out, storage kept what it had before: no status (a restored
+        handle and the CLI said PENDING), or the RUNNING mark a task writes
+        before it runs a group (see ``engine._CarefulTry``), shown for good
+        under a run that had ended, whose counts said INTERNAL_ERROR. A
+        status that fails again stays as it is, as the run's final status
+        would (see :meth:`_final_status_not_written`)."""
+        from .engine import STATUS_NOT_STORED, _now, _record
+
+        with self._lock:
+            unstored = {path: kept for path, kept in self._records.items() if kept.get(STATUS_NOT_STORED)}
+        files = {}
+        for path, kept in unstored.items():
+            group = self._group_of_path(path)
+            if group is None:
+                continue
+            fields = {name: kept.get(name) for name in _KeptRecord._FIELDS if kept.get(name) is not None}
+            fields.update((name, value) for name, value in kept.extra.items() if name != STATUS_NOT_STORED)
+            key = normalize_key(self._partition_id(group), len(self.partition_by))
+            record = _record(self._spec, key, path, **fields)
+            record["finished"] = _now()  # (a record this client made has one)
+            files[path] = json.dumps(record, indent=None, default=str).encode()
+        if not files:
+            return
+        failed = self._store.write_many(
+            {self._store.path(path, PARTITION_FILE): data for path, data in files.items()}, atomic=False
+        )
+        with self._lock:
+            for path in files:
+                if self._store.path(path, PARTITION_FILE) not in failed:
+                    unstored[path].extra.pop(STATUS_NOT_STORED, None)
+        if failed:
+            logger.warning(
+                "run %r: the statuses of %d group(s) could not be written either (such as %s: %s); until a "
+                "resume writes them, restore_from and the CLI show those groups as they were stored before "
+                "(not run, or RUNNING)", self.run_id, len(failed), next(iter(failed)), next(iter(failed.values())),
+            )
 
     def _superseded_by(self) -> str | None:
         """Why this run may no longer write into its folder (it was started

@@ -784,6 +784,23 @@ def _temp_name(path: str, tag: str) -> str:
     return posixpath.join(folder, temp)
 
 
+class _Tries:
+    """The retries of :meth:`RunStore.write_many`'s files: the store's, none
+    after a file that failed them all, the store's again after a file written."""
+
+    def __init__(self, retries: int):
+        self.full = self.retries = retries
+
+    def run(self, write: Callable[[], None], path: str, failed: dict[str, Exception]) -> None:
+        try:
+            write()
+        except Exception as exc:
+            failed[path] = exc
+            self.retries = 0
+        else:
+            self.retries = self.full
+
+
 class LocalFile:
     """A file on this machine's disk that stands for its contents among the
     ``{path: bytes}`` of :meth:`RunStore.write_many` (a big model's pickle,
@@ -903,8 +920,9 @@ class RunStore:
         return shown_url(self.url_of(*parts))
 
     # writes ----------------------------------------------------------
-    def _retry(self, action: Callable[[], T], what: str) -> T:
-        return with_retries(action, what=what, retries=self.retries, backoff=self.retry_backoff)
+    def _retry(self, action: Callable[[], T], what: str, retries: int | None = None) -> T:
+        retries = self.retries if retries is None else retries
+        return with_retries(action, what=what, retries=retries, backoff=self.retry_backoff)
 
     @staticmethod
     def _commit_local(path: str, fill: Callable[[str], None], *, exclusive: bool = False) -> int:
@@ -933,12 +951,13 @@ class RunStore:
             if os.path.exists(tmp):
                 os.remove(tmp)
 
-    def write_bytes(self, path: str, data: bytes, *, atomic: bool = True) -> None:
+    def write_bytes(self, path: str, data: bytes, *, atomic: bool = True, retries: int | None = None) -> None:
         """Write ``data`` to ``path`` so that a reader sees all of it or none.
 
         ``atomic=False`` skips the temp name and rename on local disk: only for
         JSON status files, where a reader that catches one half-written cannot
         parse it and treats it as absent (a JSON object has no valid prefix).
+        ``retries``: the store's own when None.
         """
 
         def write() -> None:
@@ -950,7 +969,7 @@ class RunStore:
                 # one PUT: object stores commit it whole or not at all
                 self.fs.pipe_file(path, data)
 
-        self._retry(write, f"writing {path}")
+        self._retry(write, f"writing {path}", retries)
 
     def write_many(
         self, files: dict[str, bytes], *, atomic: bool = True, made_folders: set[str] | None = None
@@ -966,19 +985,22 @@ class RunStore:
 
         A value that is a :class:`LocalFile` is uploaded from that file.
 
+        Once a file has failed every try, the next ones get one try each,
+        until one is written: a store that went down (or a full disk) took
+        the retries' backoff (~0.7 s by default) for every file, and a run
+        of thousands of groups hours to end with every group INTERNAL_ERROR.
+
         ``made_folders``, when given, holds local folders known to exist; the
         ones made here are added, so that a second batch into the same
         folders (a task's statuses after its models) skips them.
         """
         failed: dict[str, Exception] = {}
+        tries = _Tries(self.retries)
         local_files = {path: data for path, data in files.items() if isinstance(data, LocalFile)}
         if local_files:
             files = {path: data for path, data in files.items() if path not in local_files}
             for path, local in local_files.items():
-                try:
-                    self.upload_file(local.path, path)
-                except Exception as exc:
-                    failed[path] = exc
+                tries.run(lambda: self.upload_file(local.path, path, retries=tries.retries), path, failed)
         if not files:
             return failed
         if self.is_local:
@@ -994,10 +1016,7 @@ class RunStore:
                         folders.add(folder)
                     _write_local(path, data, temp)
 
-                try:
-                    self._retry(write, f"writing {path}")
-                except Exception as exc:
-                    failed[path] = exc
+                tries.run(lambda: self._retry(write, f"writing {path}", tries.retries), path, failed)
             return failed
         try:
             self.fs.pipe(dict(files))
@@ -1005,10 +1024,7 @@ class RunStore:
         except Exception:
             logger.debug("writing %d files at once failed; one by one now", len(files), exc_info=True)
         for path, data in files.items():
-            try:
-                self.write_bytes(path, data, atomic=atomic)
-            except Exception as exc:
-                failed[path] = exc
+            tries.run(lambda: self.write_bytes(path, data, atomic=atomic, retries=tries.retries), path, failed)
         return failed
 
     def write_via_file(self, path: str, fill: Callable[[str], None], scratch_dir: str) -> int:
@@ -1030,8 +1046,9 @@ class RunStore:
             if os.path.exists(local):
                 os.remove(local)
 
-    def upload_file(self, local_path: str, path: str) -> None:
-        """Copy a local file to ``path`` atomically (temp name and rename, or one upload)."""
+    def upload_file(self, local_path: str, path: str, *, retries: int | None = None) -> None:
+        """Copy a local file to ``path`` atomically (temp name and rename, or
+        one upload); ``retries``: the store's own when None."""
 
         def upload() -> None:
             if _is_local(self.fs):
@@ -1040,7 +1057,7 @@ class RunStore:
                 # multipart uploads commit only when the last part lands
                 self.fs.put_file(local_path, path)
 
-        self._retry(upload, f"uploading {path}")
+        self._retry(upload, f"uploading {path}", retries)
 
     def create_exclusive(self, path: str, data: bytes) -> None:
         """Write ``data`` to ``path`` only if nothing is there yet.
@@ -1052,7 +1069,11 @@ class RunStore:
         and fsspec's check-then-write elsewhere.
         """
 
+        tries = 0
+
         def create() -> None:
+            nonlocal tries
+            tries += 1
             if _is_local(self.fs):
                 self._commit_local(path, lambda tmp: _write_local(tmp, data, None), exclusive=True)
                 return
@@ -1065,7 +1086,25 @@ class RunStore:
                     raise FileExistsError(path) from exc
                 raise
 
-        self._retry(create, f"creating {path}")
+        try:
+            self._retry(create, f"creating {path}")
+        except FileExistsError:
+            # an earlier try failed: it may have landed with its answer lost
+            # (an object store's 500, a connection dropped after the PUT), and
+            # the file found is then this very create's. Taken for another's,
+            # a run refused itself ("created while this run was being
+            # prepared"), its _run.json left IN_PROGRESS for good, and a
+            # FileSet's claim kept the name
+            if tries > 1 and self._holds(path, data):
+                return
+            raise
+
+    def _holds(self, path: str, data: bytes) -> bool:
+        """Whether ``path`` holds exactly ``data`` (False if it cannot be read)."""
+        try:
+            return read_file(self.fs, path) == data
+        except Exception:
+            return False
 
     def write_json(self, path: str, data: Any, *, indent: int | None = 1, atomic: bool = True) -> None:
         self.write_bytes(path, json.dumps(data, indent=indent, default=str).encode(), atomic=atomic)
@@ -1143,11 +1182,16 @@ class RunStore:
         except Exception as exc:
             if not unreadable:
                 raise
+            if isinstance(exc, PermissionError):
+                why = "the file is there, so"
+                advice = "Make the file readable (the store's permissions, or the disk) and try again"
+            else:  # after the retries: the store down or unreachable as much as the file unreadable
+                why = "it may be there, so"
+                advice = "Try again once the store answers (or, if the file is unreadable, make it readable)"
             raise StorageError(
                 f"cannot read {self._shown(unreadable[0])} of run {self.run_id!r} at "
-                f"{self.url_shown}: {type(exc).__name__}: {exc}; the file is there, so the group's outcome "
-                f"is not known (it is not taken as never run: a resume would run it again over its "
-                f"files). Make the file readable (the store's permissions, or the disk) and try again"
+                f"{self.url_shown}: {type(exc).__name__}: {exc}; {why} the group's outcome is not known "
+                f"(it is not taken as never run: a resume would run it again over its files). {advice}"
             ) from exc
         out = {}
         damaged = []

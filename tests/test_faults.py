@@ -245,6 +245,48 @@ def test_a_final_status_the_store_refuses_is_said_once_with_what_to_do(client, t
     assert json.loads((tmp_path / "models" / "r1" / "_run.json").read_text())["status"] == "SUCCESS"
 
 
+def group_0_fails(data, ctx):
+    if ctx.partition_id == 0:
+        raise ValueError("group 0 is bad")
+    return len(data)
+
+
+def test_a_status_its_task_could_not_write_is_written_as_the_run_ends(client, flaky, tmp_path):
+    """Group 0 failed, and the store failed as its task wrote the FAILED
+    status: the handle said INTERNAL_ERROR, but storage kept the RUNNING mark
+    the task writes before its first group, so that restore_from and the CLI
+    showed the ended run's group 0 RUNNING for good (and a group with no
+    mark PENDING), where _run.json counted it INTERNAL_ERROR. The client
+    writes such statuses as the run ends."""
+    url = f"flaky://{tmp_path}/models"
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=2)
+    # writes of group 0's status: 1 the task's mark, 2 its batch, 3 the batch's
+    # file again alone (after which the task gives up), 4 the client's
+    storage_options = {"fail_nth": {"store=0/_partition.json": [2, 3]}, "count_dir": str(tmp_path)}
+    run = ddf.manymodel.train(
+        group_0_fails, by="store", url=url, run_id="r1", storage_options=storage_options,
+        execution_options=ExecutionOptions(npartitions=1, storage_retries=0),
+    )
+    assert run.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    live = run.summary().set_index("partition_id")
+    assert live["status"].to_dict() == {0: "INTERNAL_ERROR", 1: "DONE", 2: "DONE", 3: "DONE"}
+    # with what became of the group: the user's error, which the write's took the place of
+    assert live.loc[0, "error"].startswith(
+        "could not write the status of group store=0 (it had ended FAILED: ValueError: group 0 is bad): writing "
+    )
+    assert "injected failure" in live.loc[0, "error"]
+    stored = json.loads((tmp_path / "models" / "r1" / "store=0" / "_partition.json").read_text())
+    assert stored["status"] == "INTERNAL_ERROR" and stored["attempt"] == run.manifest["attempt"]
+    restored = ManyModelRun.restore_from("r1", url)
+    assert restored.summary().set_index("partition_id")[["status", "error"]].equals(live[["status", "error"]])
+    assert restored.manifest["counts"] == {"DONE": 3, "INTERNAL_ERROR": 1}
+    assert "injected failure writing" in restored.partition_details[0].traceback
+    again = run.retry_failed()
+    assert again.wait(show_progress=False) == RunStatus.PARTIAL_FAILURE
+    assert again.partition_details[0].status == PartitionStatus.FAILED
+    assert again.partition_details[0].error == "ValueError: group 0 is bad"
+
+
 def test_statuses_cut_short_by_a_full_disk_are_one_warning(client, tmp_path, caplog):
     """A disk that fills up mid-run cuts short the status of every group
     that finishes after (they are written without a rename): each read of
@@ -852,6 +894,157 @@ def test_a_group_that_kills_every_worker_it_runs_on_fails_alone(tmp_path):
         lost = sorted(g for g, d in details.items() if d.status != PartitionStatus.DONE)
         assert lost == [3], lost
         assert details[3].status == PartitionStatus.FAILED and "died while the group ran" in details[3].error
+
+
+def store_down_as_the_first_group_runs(folder, data, model, ctx):
+    """A predict function: the first group to run takes the store down (the
+    file ``down``, see flaky_fs), notes its id in ``held`` and waits, out of
+    its worker's thread pool, for the file ``gate``; so the next task to
+    start on the worker cannot read the training run, and fails whole."""
+    try:
+        os.close(os.open(os.path.join(folder, "first"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return data.to_pandas().assign(pred=model)
+    open(os.path.join(folder, "down"), "w").close()
+    with open(os.path.join(folder, "held.staged"), "w") as f:
+        f.write(json.dumps(ctx.partition_id))
+    os.replace(os.path.join(folder, "held.staged"), os.path.join(folder, "held"))
+    with out_of_the_thread_pool():
+        hold_until_released(os.path.join(folder, "gate"))
+    return data.to_pandas().assign(pred=model)
+
+
+def test_a_lost_task_whose_statuses_cannot_be_read_then_ends_no_other_task(flaky, tmp_path):
+    """A task was lost while the store was down, so the client could not
+    read what it had stored: the handle gave the whole run up at once.
+    wait() returned while the other tasks still ran, every group
+    INTERNAL_ERROR ("could not collect"), and those tasks went on to store
+    their groups DONE under a _run.json left IN_PROGRESS for good. Now the
+    lost task is read again once the others have ended."""
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    url = f"flaky://{tmp_path}/models"
+    log = tmp_path / "failures.log"
+    options = {"down_while": str(folder / "down"), "log_path": str(log)}
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=2)
+    # one worker thread: the tasks start one after the other
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.CRITICAL,
+    ) as cluster, distributed.Client(cluster):
+        assert ddf.manymodel.train(count_rows, by="store", url=url, run_id="t1", storage_options=options).wait(
+            show_progress=False) == RunStatus.SUCCESS
+        run = ddf.manymodel.predict(
+            functools.partial(store_down_as_the_first_group_runs, str(folder)), by="store", url=url,
+            training_run_id="t1", run_id="p1", storage_options=options,
+            execution_options=ExecutionOptions(npartitions=2, task_retries=0, storage_retries=1,
+                                               storage_retry_backoff=0.001),
+        )
+        # the client tried to read what the lost task stored, with the store down
+        poll(lambda: log.exists() and "/p1/store=" in log.read_text(), timeout=60)
+        assert run.status == RunStatus.IN_PROGRESS  # the held group's task still runs
+        (folder / "down").unlink()
+        (folder / "gate").touch()
+        assert run.wait(timeout=120, show_progress=False) == RunStatus.PARTIAL_FAILURE
+    held = json.loads((folder / "held").read_text())
+    task_of = {g["partition_id"]: g["task"] for g in run._groups}
+    live = run.summary().set_index("partition_id")["status"].to_dict()
+    assert live == {g: "DONE" if task_of[g] == task_of[held] else "INTERNAL_ERROR" for g in range(4)}
+    lost = [g for g in range(4) if live[g] == "INTERNAL_ERROR"]
+    assert "was lost with the task running it: StorageError: cannot read" in run.partition_details[lost[0]].error
+    restored = ManyModelRun.restore_from("p1", url)
+    assert restored.status == RunStatus.PARTIAL_FAILURE
+    assert restored.summary().set_index("partition_id")["status"].to_dict() == live
+    assert restored.manifest["counts"] == {"DONE": 4 - len(lost), "INTERNAL_ERROR": len(lost)}
+
+
+def test_an_exclusive_create_whose_answer_was_lost_is_no_other_writers(client, flaky, tmp_path):
+    """The store took the exclusive create of _run.json (or of a FileSet's
+    claim) but its answer was lost (an object store's 500, a connection
+    dropped after the PUT): the retry found the file, taken for another
+    start's. The run refused itself ("it was created while this run was
+    being prepared"), leaving its _run.json IN_PROGRESS for good; the FileSet
+    said "already exists", its claim keeping the name."""
+    from dask_manymodel import FileSet
+
+    url = f"flaky://{tmp_path}/models"
+    options = {"lost_answer_nth": {"_run.json": [1], "_fileset.claim": [1]}, "count_dir": str(tmp_path),
+               "log_path": str(tmp_path / "failures.log")}
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=2)
+    run = ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", storage_options=options)
+    assert run.wait(show_progress=False) == RunStatus.SUCCESS
+    assert ManyModelRun.restore_from("r1", url).status == RunStatus.SUCCESS
+    assert FileSet.make(url, "fs1", ddf, storage_options=options).num_rows == 20
+    lost = [line for line in (tmp_path / "failures.log").read_text().splitlines() if line.startswith("lost answer")]
+    assert [line.rsplit("/", 1)[1] for line in lost] == ["_run.json", "_fileset.claim"]
+    # another writer's file is still another's
+    with pytest.raises(RunExistsError, match="already exists"):
+        ddf.manymodel.train(fit_line, by="store", url=url, run_id="r1", storage_options=options)
+
+
+def exit_in_group_0(data, ctx):
+    if ctx.partition_id == 0:
+        os._exit(1)
+    return len(data)
+
+
+def test_a_lost_groups_status_the_client_could_not_write_is_written_as_the_run_ends(flaky, tmp_path):
+    """The client's own write of a lost group's status failed once: as the
+    run ended, writing it again raised TypeError (the record the client had
+    made carried its 'finished'), so that the run's final _run.json was not
+    written either, and said IN_PROGRESS though the store took writes again."""
+    url = f"flaky://{tmp_path}/models"
+    # writes of group 0's status: 1 its task's mark, 2 and 3 the client's (the
+    # batch, then the file alone), 4 the client's again as the run ends
+    options = {"fail_nth": {"store=0/_partition.json": [2, 3]}, "count_dir": str(tmp_path)}
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.CRITICAL,
+    ) as cluster, distributed.Client(cluster):
+        run = dd.from_pandas(make_frame(n_groups=4, rows=3), npartitions=1).manymodel.train(
+            exit_in_group_0, by="store", url=url, run_id="r1", storage_options=options,
+            execution_options=ExecutionOptions(npartitions=1, storage_retries=0),
+        )
+        assert run.wait(timeout=120, show_progress=False) == RunStatus.FAILURE
+    restored = ManyModelRun.restore_from("r1", url)
+    assert restored.manifest["status"] == "FAILURE" and restored.manifest["counts"] == {"INTERNAL_ERROR": 4}
+    assert restored.summary()["status"].tolist() == ["INTERNAL_ERROR"] * 4
+    assert restored.partition_details[0].error.startswith(
+        "could not write the status of group store=0 (it had ended INTERNAL_ERROR: group 0 (3 rows) was lost with "
+        "the task running it: KilledWorker"
+    )
+
+
+def disk_full_as_group_0_kills_its_worker(full, data, ctx):
+    if ctx.partition_id == 0:
+        open(full, "w").close()
+        os._exit(1)
+    return len(data)
+
+
+def test_the_statuses_of_a_lost_task_are_written_in_one_batch(flaky, tmp_path):
+    """The client wrote the outcome of each group of a lost task on its
+    own, with the store's retries each: with the disk full, the collector
+    spent the retries' backoff (~0.7 s by default) on every group, an hour
+    for a task of 5,000 groups, before wait() returned."""
+    url = f"flaky://{tmp_path}/models"
+    log = tmp_path / "failures.log"
+    full = tmp_path / "full"
+    n_groups = 30
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.CRITICAL,
+    ) as cluster, distributed.Client(cluster):
+        run = dd.from_pandas(make_frame(n_groups=n_groups, rows=3), npartitions=1).manymodel.train(
+            functools.partial(disk_full_as_group_0_kills_its_worker, str(full)), by="store", url=url, run_id="r1",
+            storage_options={"full_while": str(full), "log_path": str(log)},
+            execution_options=ExecutionOptions(npartitions=1, storage_retries=3, storage_retry_backoff=0.001),
+        )
+        assert run.wait(timeout=120, show_progress=False) == RunStatus.FAILURE
+    errors = run.summary()["error"]
+    assert errors.str.startswith("could not write the status of group store=").all()
+    assert errors.str.contains("No space left on device").all()
+    refused = [line for line in log.read_text().splitlines() if line.endswith("/_partition.json")]
+    # twice (the lost task's, then as the run ended, see _store_statuses_not_stored) each
+    # batch's write, its first file's 4 tries and the others' one; one by one, 4 tries each
+    assert len(refused) == 2 * (1 + 4 + n_groups - 1)
 
 
 def test_two_runs_with_one_id_at_once(client, tmp_path):

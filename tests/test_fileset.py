@@ -388,6 +388,69 @@ def test_a_delete_leaves_a_fileset_made_during_its_sweep(tmp_path, monkeypatch):
     assert FileSet(url, "snap").num_rows == 3
 
 
+def test_a_delete_cut_short_by_the_store_is_finished_by_deleting_again(tmp_path):
+    """The store failed half-way through delete()'s deletes, after the
+    manifest: a second delete() raised FileSetDeletedError, FileSet(url,
+    name) said "create it with FileSet.make", and make said "already
+    exists" (the claim and half the files were left): the name was taken
+    for good. Now the error says to call delete() again, which finishes."""
+    from . import flaky_fs
+
+    flaky_fs.register()
+    url = f"flaky://{tmp_path}/sets"
+    made = FileSet.make(url, "snap", dd.from_pandas(frame(40), npartitions=4),
+                        storage_options={"fail_rm_nth": [1], "count_dir": str(tmp_path)})
+    with pytest.raises(OSError, match="injected failure half-way through a delete") as raised:
+        made.delete()
+    assert "deleted only in part (it cannot be opened now); call delete() on this handle again" in str(
+        raised.value.__notes__
+    )
+    left = sorted(os.listdir(tmp_path / "sets" / "snap"))
+    assert "_fileset.claim" in left and len(left) == 3  # its claim, and 2 of its 4 files
+    with pytest.raises(FileSetNotFoundError):
+        FileSet(url, "snap")
+    made.delete()
+    assert not os.listdir(tmp_path / "sets" / "snap")  # (an empty folder: flaky:// is no local disk to us)
+    with pytest.raises(FileSetDeletedError, match="was deleted"):
+        made.delete()
+    assert FileSet.make(url, "snap", frame(3)).num_rows == 3
+
+
+def test_a_make_whose_manifest_write_fails_once_is_made(tmp_path):
+    """The manifest, the make's last write, was written without the store's
+    retries, as a run's files are: one transient failure of it threw the
+    whole snapshot away (its compute with it), raising the bare OSError."""
+    from . import flaky_fs
+
+    flaky_fs.register()
+    url = f"flaky://{tmp_path}/sets"
+    options = {"fail_nth": {"_fileset.json": [1]}, "count_dir": str(tmp_path), "log_path": str(tmp_path / "log")}
+    made = FileSet.make(url, "snap", dd.from_pandas(frame(40), npartitions=2), storage_options=options)
+    assert (tmp_path / "log").read_text().count("_fileset.json") == 1  # it did fail once
+    assert FileSet(url, "snap").num_rows == made.num_rows == 40
+
+
+def test_a_make_refused_by_what_a_cut_short_make_left_says_so(url):
+    """A make whose process was killed after its claim (or whose clean-up
+    the store refused) left files without a manifest: the next make said
+    "already exists ... delete() the old one", and FileSet(url, name) found
+    no FileSet to delete."""
+    import fsspec
+
+    made = FileSet.make(url, "snap", frame(6))
+    fs, _ = fsspec.core.url_to_fs(url)
+    folder = made.files()[0].rsplit("/", 1)[0]
+    fs.rm_file(f"{folder}/_fileset.json")  # as a make killed before its last write leaves it
+    with pytest.raises(FileSetNotFoundError):
+        FileSet(url, "snap")
+    with pytest.raises(FileSetExistsError, match=r"FileSet 'snap' already exists at .*, unfinished \(no "
+                       r"_fileset.json\): another FileSet.make of it is writing it now, or a make or delete of it "
+                       r"was cut short .* If none is running, delete the folder .*snap by hand"):
+        FileSet.make(url, "snap", frame(3))
+    fs.rm(folder, recursive=True)
+    assert FileSet.make(url, "snap", frame(3)).num_rows == 3
+
+
 def test_a_shuffled_make_runs_on_the_cluster_under_a_local_scheduler_setting(client, tmp_path):
     """dask.config.set(scheduler="threads") with a client: Dask picked its p2p
     shuffle (for the client) and ran it on the local scheduler, which failed

@@ -390,3 +390,53 @@ def test_a_read_only_disk_is_not_retried():
         with_retries(write, what="writing it", retries=3, backoff=0)
     assert writes == [1] and caught.value.errno == errno.EROFS
     assert caught.value.filename == "/mnt/ro/r1/_run.json"
+
+
+def test_a_store_that_is_down_costs_one_try_per_file_after_the_first(tmp_path):
+    """Each file of a batch took every retry and its backoff (~0.7 s by
+    default) when the store was down: a run of 400 groups took minutes to
+    end, every group INTERNAL_ERROR, and 10,000 groups hours. After a file
+    fails every try, the next get one each, until one is written."""
+    from . import flaky_fs
+
+    flaky_fs.register()
+    log = tmp_path / "failures.log"
+    down = tmp_path / "down"
+    down.touch()
+    store = RunStore(f"flaky://{tmp_path}/m", "r1", {"down_while": str(down), "log_path": str(log)},
+                     retries=3, retry_backoff=0.001)
+    names = [f"store={g}/_partition.json" for g in range(10)]
+    failed = store.write_many({store.path(name): b"{}" for name in names}, atomic=False)
+    assert sorted(failed) == sorted(store.path(name) for name in names)
+    tried = [line.rsplit("/m/r1/", 1)[1].rstrip(")") for line in log.read_text().splitlines()]
+    # the batch at once (fs.pipe, its first file), then the first file's 4 tries, the others' 1
+    assert tried == names[:1] + names[:1] * 4 + names[1:]
+    # a file written gives the next ones every retry again
+    down.unlink()
+    store = RunStore(f"flaky://{tmp_path}/m", "r1", {"fail_nth": {"store=1/": [1, 2, 3, 4, 5], "store=3/": [1]},
+                                                     "count_dir": str(tmp_path)}, retries=3, retry_backoff=0.001)
+    failed = store.write_many({store.path(name): b"{}" for name in names[:4]}, atomic=False)
+    # store=1 fails the batch's write and its own 4 tries; store=2, tried once, is written; so
+    # store=3 has every try again, and its second is written
+    assert list(failed) == [store.path(names[1])]
+    assert [(tmp_path / "m" / "r1" / name).exists() for name in names[:4]] == [True, False, True, True]
+
+
+def test_a_status_the_store_could_not_read_is_not_said_to_be_there(tmp_path):
+    """With the store down, reading a group's status said "the file is
+    there ... Make the file readable (the store's permissions, or the
+    disk)": neither was known, and the advice did not fit an outage."""
+    from dask_manymodel import StorageError
+
+    from . import flaky_fs
+
+    flaky_fs.register()
+    down = tmp_path / "down"
+    down.touch()
+    store = RunStore(f"flaky://{tmp_path}/m", "r1", {"down_while": str(down)}, retries=1, retry_backoff=0.001)
+    with pytest.raises(StorageError) as raised:
+        store.read_statuses(["store=0"])
+    message = str(raised.value)
+    assert "store=0/_partition.json of run 'r1'" in message and "the store is down" in message
+    assert "it may be there, so the group's outcome is not known" in message
+    assert "Try again once the store answers" in message and "the file is there" not in message
