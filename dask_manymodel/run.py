@@ -933,8 +933,12 @@ class ManyModelRun:
         paths = [g["path"] for g in self._groups if g.get("task") == task_index]
         stored = self._read_statuses(paths)
         # a task's first try marks its first group RUNNING before it runs
-        # any (engine.run_partition): nothing stored, no try of it began
-        began = any(stored.get(path) is not None for path in paths)
+        # any (engine.run_partition): nothing stored, no try of it began. A
+        # task that raised an error of its own began, mark or not (a store
+        # down as it started refused the mark too)
+        began = not (isinstance(exc, concurrent.futures.CancelledError) or killed) or any(
+            stored.get(path) is not None for path in paths
+        )
         records = []
         decided = []  # the outcomes decided here, written together
         for group in self._groups:
