@@ -933,8 +933,12 @@ class ManyModelRun:
         paths = [g["path"] for g in self._groups if g.get("task") == task_index]
         stored = self._read_statuses(paths)
         # a task's first try marks its first group RUNNING before it runs
-        # any (engine.run_partition): nothing stored, no try of it began
-        began = any(stored.get(path) is not None for path in paths)
+        # any (engine.run_partition): nothing stored, no try of it began.
+        # Unless the task raised its error itself: then a try of it ran, and
+        # failed before that mark (the training run unreadable, the store down)
+        began = (not killed and not isinstance(exc, concurrent.futures.CancelledError)) or any(
+            stored.get(path) is not None for path in paths
+        )
         records = []
         decided = []  # the outcomes decided here, written together
         for group in self._groups:
