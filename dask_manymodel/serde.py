@@ -169,7 +169,9 @@ class TorchSerde(ModelSerde):
         module gets no memory and no random initialisation) and the weights
         are assigned to the module; where that cannot give the same module
         (tied weights, a tensor outside the state_dict, weights of another
-        dtype or device), it is called again as usual.
+        dtype or device), it is called again as usual. So it may be called
+        twice a read: keep it free of side effects (a cache of tensors kept
+        between calls would keep those made on the meta device).
     map_location : str
         Where tensors are loaded; ``"cpu"`` by default, so models trained on
         a GPU worker load anywhere.
