@@ -563,8 +563,11 @@ class FileSet:
         A delete cut short (the store failing part-way) is finished by
         calling ``delete()`` again on the same handle."""
         own_id = self._manifest.get("id")
-        if self._deleted or own_id is None or not self._cut_short_delete(own_id):
+        try:
             self._check_alive()
+        except FileSetDeletedError:
+            if self._deleted or own_id is None or not self._cut_short_delete(own_id):
+                raise
         if own_id is None:  # made before FileSets had ids: the folder, as then
             remove_paths(self._fs, [posixpath.join(self._root, MANIFEST)])
             remove_paths(self._fs, [self._root])
@@ -590,13 +593,13 @@ class FileSet:
         self._deleted = True
 
     def _cut_short_delete(self, own_id: str) -> bool:
-        """Whether a delete of this FileSet was cut short after its manifest
-        went: the name's claim is still its own. Taken for a FileSet deleted
-        by another handle, the delete raised FileSetDeletedError, and what
-        was left kept the name for good: ``FileSet(url, name)`` found no
-        FileSet, and ``make`` refused the folder that was not empty."""
-        if self._read_manifest() is not None:
-            return False
+        """Whether a delete of this FileSet, which :meth:`_check_alive` found
+        gone, was cut short after its manifest went: the name's claim is
+        still its own (made again since, the claim is the new FileSet's).
+        Taken for a FileSet deleted by another handle, the delete raised
+        FileSetDeletedError, and what was left kept the name for good:
+        ``FileSet(url, name)`` found no FileSet, and ``make`` refused the
+        folder that was not empty."""
         try:
             return json.loads(read_file(self._fs, posixpath.join(self._root, CLAIM))).get("id") == own_id
         except (FileNotFoundError, ValueError, AttributeError):

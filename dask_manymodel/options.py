@@ -46,6 +46,9 @@ class ExecutionOptions:
         On an object store a task's small files are first written together in
         one batch; if the batch fails, each file is then written alone with
         these retries (so a file may be tried once more than this says).
+        Once a file of such a batch has failed every retry, the batch's next
+        files get one try each until one is written (a store that went down
+        would otherwise take the backoff again for every file).
     storage_retry_backoff : float
         First backoff delay in seconds.
     shuffle : str

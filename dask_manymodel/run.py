@@ -821,8 +821,11 @@ class ManyModelRun:
                 self._keep(records)
             if cut_off:
                 self._fence_cut_off_tasks()
+                # asked once: it reads every partition's future, and asked
+                # for each task, a run of thousands took minutes to end
+                input_gone = self._persisted_input_gone()
                 for task_index, exc in cut_off.items():
-                    self._keep(self._task_lost(task_index, exc))
+                    self._keep(self._task_lost(task_index, exc, input_gone))
             for task_index, exc in unread.items():  # (fails as before if the store still fails)
                 self._keep(self._task_lost(task_index, exc))
             self._keep(self._unreported())
@@ -902,24 +905,32 @@ class ManyModelRun:
             self.run_id, self._manifest["status"], self._store.display(RUN_MANIFEST), type(exc).__name__, exc,
         )
 
-    def _task_lost(self, task_index: int, exc: BaseException) -> list[dict]:
+    def _persisted_input_gone(self) -> bool:
+        """Whether the run's input is a persisted frame some of whose
+        partitions are gone from the cluster for good: Dask cancels the
+        tasks that read them."""
+        from .engine import persisted_input_gone
+
+        return (
+            self._source is not None
+            and _connected(self._client)  # a lost scheduler took everything: its cancel says so
+            and persisted_input_gone(self._source.get("input", self._source["dataframe"]))
+        )
+
+    def _task_lost(self, task_index: int, exc: BaseException, input_gone: bool = False) -> list[dict]:
         """A whole task failed: its groups without a final status become
         INTERNAL_ERROR (CANCELLED when :meth:`cancel` dropped the task before
-        it started)."""
+        it started). ``input_gone``: the run's persisted input is gone
+        (:meth:`_persisted_input_gone`)."""
         from .engine import (
-            INPUT_GONE, _died_in_group_message, no_heartbeat_message, no_heartbeat_text, persisted_input_gone,
-            restarted_for_no_heartbeat,
+            INPUT_GONE, _died_in_group_message, no_heartbeat_message, no_heartbeat_text, restarted_for_no_heartbeat,
         )
 
         dropped = self._manifest.get("cancelled") and isinstance(exc, concurrent.futures.CancelledError)
         killed = type(exc).__name__ == "KilledWorker"
         # Dask cancels the tasks that read a persisted partition gone for
         # good: said as that, with what to do (retry_failed() is refused)
-        input_gone = (
-            isinstance(exc, concurrent.futures.CancelledError) and not dropped and self._source is not None
-            and _connected(self._client)  # a lost scheduler took everything: its cancel says so
-            and persisted_input_gone(self._source.get("input", self._source["dataframe"]))
-        )
+        input_gone = input_gone and isinstance(exc, concurrent.futures.CancelledError) and not dropped
         superseded = self._superseded_by()
         ttl_by_worker: dict[str | None, Any] = {}  # the scheduler's events are read once per worker
 
@@ -933,10 +944,10 @@ class ManyModelRun:
         paths = [g["path"] for g in self._groups if g.get("task") == task_index]
         stored = self._read_statuses(paths)
         # a task's first try marks its first group RUNNING before it runs
-        # any (engine.run_partition): nothing stored, no try of it began. A
-        # task that raised an error of its own began, mark or not (a store
-        # down as it started refused the mark too)
-        began = not (isinstance(exc, concurrent.futures.CancelledError) or killed) or any(
+        # any (engine.run_partition): nothing stored, no try of it began.
+        # Unless the task raised its error itself: then a try of it ran, and
+        # failed before that mark (the training run unreadable, the store down)
+        began = (not killed and not isinstance(exc, concurrent.futures.CancelledError)) or any(
             stored.get(path) is not None for path in paths
         )
         records = []

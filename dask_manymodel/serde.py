@@ -169,7 +169,9 @@ class TorchSerde(ModelSerde):
         module gets no memory and no random initialisation) and the weights
         are assigned to the module; where that cannot give the same module
         (tied weights, a tensor outside the state_dict, weights of another
-        dtype or device), it is called again as usual.
+        dtype or device), it is called again as usual. So it may be called
+        twice a read: keep it free of side effects (a cache of tensors kept
+        between calls would keep those made on the meta device).
     map_location : str
         Where tensors are loaded; ``"cpu"`` by default, so models trained on
         a GPU worker load anywhere.
@@ -279,7 +281,8 @@ def _built_without_init(torch: Any, factory: Callable[[], Any], state: Mapping) 
 def _assigned(torch: Any, factory: Callable[[], Any], state: Mapping) -> Any:
     """:func:`_built_without_init`'s build, or None where it differs."""
     default_device = torch.empty(()).device  # where factory() builds its module
-    with torch.device("meta"):
+    made = _tensors_made(torch)
+    with torch.device("meta"), made:
         model = factory()
     expected = model.state_dict(keep_vars=True)
     if set(expected) != set(state) or any(
@@ -292,13 +295,37 @@ def _assigned(torch: Any, factory: Callable[[], Any], state: Mapping) -> Any:
         list(model.named_buffers(remove_duplicate=False))
     ) != len(list(model.buffers())):
         return None
+    del expected  # (it holds the meta parameters the assignment replaces)
     model.load_state_dict(state, assign=True)
-    for module in model.modules():
-        if any(isinstance(value, torch.Tensor) and value.is_meta for value in vars(module).values()) or any(
-            tensor.is_meta for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False))
-        ):
-            return None
+    # a meta tensor the factory made that is still alive is held by the
+    # module outside its state (an attribute, a non-persistent buffer, a
+    # list or dict of tensors, a helper object): its forward would fail
+    if any(tensor.is_meta for tensor in made.alive()):
+        return None
     return model
+
+
+def _tensors_made(torch: Any) -> Any:
+    """A torch function mode that keeps a weak reference to every tensor
+    made while it is on (see :func:`_assigned`)."""
+    from torch.overrides import TorchFunctionMode
+
+    class TensorsMade(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.refs: list[weakref.ref] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for value in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(value, torch.Tensor):
+                    self.refs.append(weakref.ref(value))
+            return out
+
+        def alive(self) -> list:
+            return [tensor for tensor in (ref() for ref in self.refs) if tensor is not None]
+
+    return TensorsMade()
 
 
 class TensorFlowSerde(ModelSerde):

@@ -794,9 +794,11 @@ class _Tries:
     def run(self, write: Callable[[], None], path: str, failed: dict[str, Exception]) -> None:
         try:
             write()
-        except Exception as exc:
+        except StorageError as exc:  # (with_retries': every try failed) the store may be down
             failed[path] = exc
             self.retries = 0
+        except Exception as exc:  # refused at once for this file alone (permissions, not a folder)
+            failed[path] = exc
         else:
             self.retries = self.full
 

@@ -193,6 +193,44 @@ def test_a_run_whose_persisted_input_went_with_its_worker_says_so_and_what_to_do
         run.retry_failed()  # as the groups' errors say
 
 
+def test_whether_a_runs_persisted_input_is_gone_is_asked_once_for_all_its_lost_tasks(
+    one_worker_cluster, tmp_path, monkeypatch
+):
+    # the answer reads every partition's future: asked for each task that
+    # Dask cancelled, a run of 2,000 tasks took 16 s to end (the square of
+    # its size: minutes for one of 10,000)
+    from dask_manymodel import engine
+
+    from .test_partitioning import every_group_held
+
+    asked = []
+    real = engine.persisted_input_gone
+    monkeypatch.setattr(engine, "persisted_input_gone", lambda ddf: asked.append(1) or real(ddf))
+    cluster, client = one_worker_cluster
+    url = str(tmp_path / "models")
+    frame = make_frame(n_groups=4, rows=10)
+    ddf = dd.from_delayed(client.scatter([frame.iloc[:20], frame.iloc[20:]]), meta=frame.iloc[:0]).persist()
+    distributed.wait(ddf)
+    gate = tmp_path / "gate"
+    run = ddf.manymodel.train(
+        functools.partial(every_group_held, str(gate)), by="store", url=url, run_id="r1",
+        execution_options=ExecutionOptions(npartitions=4),
+    )
+    # one worker thread: one task runs (held), the others wait behind it
+    poll(lambda: any(os.path.exists(os.path.join(url, "r1", f"store={g}", "_partition.json")) for g in range(4)),
+         timeout=60)
+    (worker_pid,) = client.run(os.getpid).values()
+    os.kill(worker_pid, signal.SIGKILL)  # its nanny starts another, without the partitions
+    try:
+        assert run.wait(timeout=120, show_progress=False) is RunStatus.FAILURE
+    finally:
+        gate.touch()
+    assert len({group["task"] for group in run._groups}) > 1
+    for details in run.partition_details.values():
+        assert "persisted partitions are gone from the cluster" in details.error, details.error
+    assert len(asked) == 1
+
+
 def test_cancel_of_a_run_whose_cluster_has_no_worker_left(tmp_path):
     # the cluster scaled to zero (its jobs hit their walltime, its nodes were
     # reclaimed) while the run waited: its tasks would never start to see the

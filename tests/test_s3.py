@@ -404,6 +404,25 @@ def test_a_filesets_dask_dataframe_reads_its_manifest_once(s3_options, tmp_path,
     assert len(made["frame"].compute()) == 20
 
 
+def test_a_filesets_delete_reads_its_manifest_twice_at_most(s3_options, tmp_path, monkeypatch):
+    """delete() read _fileset.json three times (a request each): to see
+    whether a delete of it had been cut short, to check the FileSet was
+    still there, and to check the manifest it removes is its own. The
+    first is read only where the FileSet is not there."""
+    from dask_manymodel import FileSet
+
+    ddf = dd.from_pandas(make_frame(n_groups=4, rows=5), npartitions=2)
+    fileset = FileSet.make("s3://models/delete-reads", "f", ddf, storage_options=s3_options)
+    monkeypatch.chdir(tmp_path)  # where moto's recorder writes its file
+    requests = _recorded(s3_options["client_kwargs"]["endpoint_url"], fileset.delete)
+    manifest_reads = [
+        entry for entry in requests
+        if entry["method"] == "GET" and entry["url"].split("?")[0].endswith("/_fileset.json")
+    ]
+    assert len(manifest_reads) == 2, manifest_reads
+    assert s3fs.S3FileSystem(**s3_options).find("models/delete-reads/f") == []  # (and it was deleted)
+
+
 def test_a_predict_runs_output_columns_are_read_from_a_files_footer(client, s3_options, tmp_path, monkeypatch):
     """to_dask_dataframe() of a predict run without meta= learned its
     columns by reading the first group's output file whole on the client:

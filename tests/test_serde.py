@@ -206,7 +206,9 @@ class TestTorchSerdeWeightsOnly(TestTorchSerde):
         with torch.no_grad():
             assert torch.equal(model(x), back(x))
 
-    @pytest.mark.parametrize("shape", ["tied", "non-persistent buffer", "tensor attribute", "other dtype"])
+    @pytest.mark.parametrize(
+        "shape", ["tied", "non-persistent buffer", "tensor attribute", "tensors in a list and a dict", "other dtype"]
+    )
     def test_a_big_module_the_meta_device_cannot_build_alike_is_built_as_before(self, tmp_path, shape):
         """Where a module built on the meta device and assigned the weights
         would differ from one built and loaded (tied weights would each get
@@ -227,9 +229,13 @@ class TestTorchSerdeWeightsOnly(TestTorchSerde):
                     self.register_buffer("scale", torch.full((1,), 2.0), persistent=False)
                 if shape == "tensor attribute":
                     self.scale = torch.full((1,), 2.0)
+                if shape == "tensors in a list and a dict":  # held outside the state_dict, not as attributes
+                    self.constants = [torch.full((1,), 2.0), {"shift": torch.full((1,), 0.5)}]
 
             def forward(self, x):
-                return self.out(self.embed(x)) * getattr(self, "scale", 1.0)
+                shift = self.constants[1]["shift"] if hasattr(self, "constants") else 0.0
+                scale = self.constants[0] if hasattr(self, "constants") else getattr(self, "scale", 1.0)
+                return self.out(self.embed(x)) * scale + shift
 
         model = Net().double() if shape == "other dtype" else Net()
         serde = TorchSerde(weights_only=True, model_factory=Net)

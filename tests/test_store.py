@@ -440,3 +440,23 @@ def test_a_status_the_store_could_not_read_is_not_said_to_be_there(tmp_path):
     assert "store=0/_partition.json of run 'r1'" in message and "the store is down" in message
     assert "it may be there, so the group's outcome is not known" in message
     assert "Try again once the store answers" in message and "the file is there" not in message
+
+
+def test_a_file_refused_for_itself_leaves_the_next_files_their_retries(tmp_path):
+    """A file refused at once for what it is (not a directory, permission
+    denied: retrying cannot change it) is no sign the store is down, yet
+    the batch's next files lost their retries, and one that met a transient
+    failure was given up (INTERNAL_ERROR) where a second try wrote it."""
+    from dask_manymodel import StorageError
+
+    from . import flaky_fs
+
+    flaky_fs.register()
+    (tmp_path / "m" / "r1").mkdir(parents=True)
+    (tmp_path / "m" / "r1" / "a-file").write_text("")
+    store = RunStore(f"flaky://{tmp_path}/m", "r1", {"fail_nth": {"store=1/": [1]}, "count_dir": str(tmp_path)},
+                     retries=3, retry_backoff=0.001)
+    refused, next_one = store.path("a-file/_partition.json"), store.path("store=1/_partition.json")
+    failed = store.write_many({refused: b"{}", next_one: b"{}"}, atomic=False)
+    assert list(failed) == [refused] and not isinstance(failed[refused], StorageError)  # no retries spent
+    assert (tmp_path / "m" / "r1" / "store=1" / "_partition.json").read_bytes() == b"{}"
