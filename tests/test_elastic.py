@@ -158,6 +158,22 @@ def test_a_run_over_partitions_a_restart_dropped_says_so_and_resumes_once_persis
     assert len(resumed.get_progress()["DONE"]) == 4
 
 
+def _scattered_and_persisted(client):
+    """A persisted frame of 4 groups made of scattered pieces: the cluster's
+    copy is the only one, so a worker that dies takes its partitions for good."""
+    frame = make_frame(n_groups=4, rows=10)
+    ddf = dd.from_delayed(client.scatter([frame.iloc[:20], frame.iloc[20:]]), meta=frame.iloc[:0]).persist()
+    distributed.wait(ddf)
+    return ddf
+
+
+def _kill_the_one_worker(client):
+    """SIGKILL the cluster's one worker: its nanny starts another, without
+    the partitions it held."""
+    (worker_pid,) = client.run(os.getpid).values()
+    os.kill(worker_pid, signal.SIGKILL)
+
+
 def test_a_run_whose_persisted_input_went_with_its_worker_says_so_and_what_to_do(one_worker_cluster, tmp_path):
     # the worker holding a persisted frame's partitions died while the run
     # went on, and the frame held nothing to compute them again from: its
@@ -165,18 +181,14 @@ def test_a_run_whose_persisted_input_went_with_its_worker_says_so_and_what_to_do
     # that died, and retry_failed() then refused the gone partitions
     cluster, client = one_worker_cluster
     url = str(tmp_path / "models")
-    frame = make_frame(n_groups=4, rows=10)
-    # scattered pieces: the cluster's copy is the only one
-    ddf = dd.from_delayed(client.scatter([frame.iloc[:20], frame.iloc[20:]]), meta=frame.iloc[:0]).persist()
-    distributed.wait(ddf)
+    ddf = _scattered_and_persisted(client)
     gate = tmp_path / "gate"
     run = ddf.manymodel.train(
         functools.partial(group_zero_held, str(gate)), by="store", url=url, run_id="r1",
         execution_options=ExecutionOptions(npartitions=4),
     )
     poll(lambda: os.path.exists(os.path.join(url, "r1", "store=0", "_partition.json")), timeout=60)
-    (worker_pid,) = client.run(os.getpid).values()
-    os.kill(worker_pid, signal.SIGKILL)  # its nanny starts another, without the partitions
+    _kill_the_one_worker(client)
     try:
         assert run.wait(timeout=120, show_progress=False) is not RunStatus.SUCCESS
     finally:
@@ -208,9 +220,7 @@ def test_whether_a_runs_persisted_input_is_gone_is_asked_once_for_all_its_lost_t
     monkeypatch.setattr(engine, "persisted_input_gone", lambda ddf: asked.append(1) or real(ddf))
     cluster, client = one_worker_cluster
     url = str(tmp_path / "models")
-    frame = make_frame(n_groups=4, rows=10)
-    ddf = dd.from_delayed(client.scatter([frame.iloc[:20], frame.iloc[20:]]), meta=frame.iloc[:0]).persist()
-    distributed.wait(ddf)
+    ddf = _scattered_and_persisted(client)
     gate = tmp_path / "gate"
     run = ddf.manymodel.train(
         functools.partial(every_group_held, str(gate)), by="store", url=url, run_id="r1",
@@ -219,8 +229,7 @@ def test_whether_a_runs_persisted_input_is_gone_is_asked_once_for_all_its_lost_t
     # one worker thread: one task runs (held), the others wait behind it
     poll(lambda: any(os.path.exists(os.path.join(url, "r1", f"store={g}", "_partition.json")) for g in range(4)),
          timeout=60)
-    (worker_pid,) = client.run(os.getpid).values()
-    os.kill(worker_pid, signal.SIGKILL)  # its nanny starts another, without the partitions
+    _kill_the_one_worker(client)
     try:
         assert run.wait(timeout=120, show_progress=False) is RunStatus.FAILURE
     finally:
