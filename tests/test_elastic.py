@@ -258,6 +258,9 @@ def test_cancel_of_a_run_whose_cluster_has_no_worker_left(tmp_path):
         poll(lambda: run.partition_details[0].status is PartitionStatus.RUNNING)
         cluster.scale(0)
         poll(lambda: not client.nthreads())
+        # and its nanny closed: one still up could start the worker again,
+        # which, the gate open, finished every group before the cancel
+        poll(lambda: not cluster.workers)
         open(gate, "w").close()  # (a worker that comes back would finish group 0)
 
         assert run.cancel(timeout=60) is RunStatus.CANCELLED
